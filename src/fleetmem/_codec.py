@@ -1,0 +1,136 @@
+"""JSON encoding and decoding of values: the contract's value rules, in one place.
+
+``encode_value`` validates a value (JSON types only, str dict keys, finite floats, nesting of at
+most 64 levels, no U+0000 in any string) and returns compact UTF-8 JSON. orjson does the work;
+the standard library takes over only for integers beyond 64 bits, which orjson refuses to write
+and silently turns into floats when reading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import orjson
+
+from fleetmem.errors import SerializationError, ValueTooLargeError
+
+__all__ = ["DEFAULT_MAX_VALUE_BYTES", "MAX_DEPTH", "decode_value", "encode_value"]
+
+DEFAULT_MAX_VALUE_BYTES = 8 * 1024 * 1024
+MAX_DEPTH = 64
+
+_U64_MAX = 2**64 - 1
+_I64_MIN = -(2**63)
+# 19 or more digits in a row: a number orjson might read as a float (or text we can afford to
+# decode slowly; the stdlib reads big integers exactly).
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+class _BigInt(Exception):
+    """Raised by the walk to send a value holding a >64-bit integer to the stdlib encoder."""
+
+
+def _check(value: Any, depth: int) -> bool:
+    """Validate ``value``; return True if it holds an integer orjson cannot write."""
+    kind = type(value)
+    if kind is str:
+        if "\x00" in value:
+            raise SerializationError("strings holding U+0000 cannot be stored")
+        return False
+    if kind is bool or value is None:
+        return False
+    if kind is int:
+        return not _I64_MIN <= value <= _U64_MAX
+    if kind is float:
+        if not math.isfinite(value):
+            raise SerializationError(f"{value!r} is not a JSON number")
+        return False
+    if kind is dict or kind is list or kind is tuple:
+        if depth >= MAX_DEPTH:
+            raise SerializationError(f"value is nested deeper than {MAX_DEPTH} levels")
+        big = False
+        if kind is dict:
+            for k, v in value.items():
+                if type(k) is not str:
+                    if not isinstance(k, str):
+                        raise SerializationError(
+                            f"dict keys must be str, not {type(k).__name__}"
+                        )
+                if "\x00" in k:
+                    raise SerializationError("strings holding U+0000 cannot be stored")
+                if _check(v, depth + 1):
+                    big = True
+        else:
+            for v in value:
+                if _check(v, depth + 1):
+                    big = True
+        return big
+    # Subclasses of the JSON types (IntEnum, str subclasses, OrderedDict ...) are their base type.
+    if isinstance(value, (str, int, float, dict, list, tuple)):
+        return _check(_as_base(value), depth)
+    raise SerializationError(f"values of type {kind.__name__} are not JSON")
+
+
+def _as_base(value: Any) -> Any:
+    if isinstance(value, bool):
+        return bool(value)
+    for base in (str, int, float, dict, list, tuple):
+        if isinstance(value, base):
+            return base(value)
+    raise SerializationError(f"values of type {type(value).__name__} are not JSON")  # pragma: no cover
+
+
+def _stdlib_default(value: Any) -> Any:
+    raise SerializationError(f"values of type {type(value).__name__} are not JSON")
+
+
+def encode_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
+    """Validate ``value`` and return it as compact UTF-8 JSON.
+
+    Raises :class:`SerializationError` for a value that is not JSON and
+    :class:`ValueTooLargeError` when the result is over ``max_bytes``.
+    """
+    big = _check(value, 0)
+    if big:
+        text = json.dumps(
+            value, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+            default=_stdlib_default,
+        )
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SerializationError("strings holding lone surrogates cannot be stored") from None
+    else:
+        try:
+            data = orjson.dumps(value, option=orjson.OPT_PASSTHROUGH_SUBCLASS,
+                                default=_orjson_default)
+        except orjson.JSONEncodeError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, SerializationError):
+                raise cause from None
+            raise SerializationError(f"value cannot be encoded as JSON: {exc}") from None
+    if len(data) > max_bytes:
+        raise ValueTooLargeError(
+            f"serialized value is {len(data)} bytes, over the store's max_value_bytes "
+            f"({max_bytes})"
+        )
+    return data
+
+
+def _orjson_default(value: Any) -> Any:
+    # Only subclasses of the JSON types reach here (validated by the walk).
+    return _as_base(value)
+
+
+def decode_value(data: bytes | bytearray | memoryview | str) -> Any:
+    """Decode JSON written by :func:`encode_value` (or normalised by a database)."""
+    if isinstance(data, str):
+        if len(data) >= 19 and _LONG_DIGITS.search(data.encode("utf-8")) is not None:
+            return json.loads(data)
+        return orjson.loads(data)
+    if len(data) >= 19 and _LONG_DIGITS.search(data) is not None:
+        return json.loads(bytes(data))
+    return orjson.loads(data)

@@ -1,0 +1,508 @@
+"""``BaseStore``: the public methods of every backend, validating once before any I/O.
+
+A backend subclasses :class:`BaseStore` and implements the ``_``-prefixed hooks. The hooks
+receive arguments that are already validated and encoded:
+
+* keys and partitions are valid ``str``; ``partition=None`` means "keep the entry's partition,
+  ``default`` for a new one";
+* values arrive as ``payload`` -- the compact UTF-8 JSON from :func:`fleetmem._codec.encode_value`;
+* TTLs arrive as whole milliseconds (``ttl_ms``), ``None`` for no expiry;
+* ``limit`` is ``None`` or an ``int`` > 0 (``limit=0`` never reaches a backend).
+
+Hooks return decoded values (backends decode with :func:`fleetmem._codec.decode_value`) and
+raise fleetmem errors only: each backend translates its driver's exceptions at one choke point.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, ClassVar, NamedTuple, TypeVar
+
+from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value
+from fleetmem._validate import (
+    GlobPattern,
+    compile_glob,
+    validate_amount,
+    validate_key,
+    validate_keys,
+    validate_limit,
+    validate_namespace,
+    validate_optional_partition,
+    validate_optional_ttl,
+    validate_partition,
+    validate_ttl,
+    validate_version,
+)
+from fleetmem.errors import ConfigurationError, InvalidArgumentError, StoreClosedError
+from fleetmem.protocol import TTL, Entry, Health, JSONValue, StoreStats
+
+__all__ = ["MISSING", "SET_MANY_CHUNK", "BaseStore", "EntryMeta"]
+
+#: Items per chunk handed to ``_set_many``: large batches are validated first, then re-encoded
+#: chunk by chunk, so no more than one encoded chunk is held beyond the caller's input.
+SET_MANY_CHUNK = 5000
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: Returned by ``_get`` for a missing or expired key.
+MISSING: Any = _Missing()
+
+_S = TypeVar("_S", bound="BaseStore")
+
+
+class EntryMeta(NamedTuple):
+    """The metadata of an entry a write produced (``Entry`` without key and value)."""
+
+    partition: str
+    version: int
+    created_at: Any  # datetime (tz-aware UTC)
+    updated_at: Any
+    expires_at: Any  # datetime | None
+
+
+class _Shared:
+    """State shared by a store and its ``with_namespace`` views."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
+class BaseStore(abc.ABC):
+    """Validation, encoding and lifecycle shared by every backend (see ``MemoryStore``)."""
+
+    backend_name: ClassVar[str] = "base"
+
+    def __init__(
+        self, *, namespace: str = "default", max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    ) -> None:
+        self._namespace = validate_namespace(namespace)
+        if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int) or (
+            max_value_bytes <= 0
+        ):
+            raise ConfigurationError(
+                f"max_value_bytes must be a positive int, not {max_value_bytes!r}"
+            )
+        self._max_value_bytes = max_value_bytes
+        self._shared = _Shared()
+        self._view_closed = False
+        self._is_view = False
+
+    # ---------------------------------------------------------------- identity and lifecycle
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
+    def backend(self) -> str:
+        return self.backend_name
+
+    @property
+    def max_value_bytes(self) -> int:
+        return self._max_value_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._view_closed or self._shared.closed
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} namespace={self._namespace!r}{self._repr_details()}>"
+
+    def _repr_details(self) -> str:
+        """Extra text for ``repr`` (never a password)."""
+        return ""
+
+    def with_namespace(self: _S, namespace: str) -> _S:
+        self._check_open()
+        view = copy.copy(self)
+        view._namespace = validate_namespace(namespace)
+        view._view_closed = False
+        view._is_view = True
+        view._bind_namespace()
+        return view
+
+    def _bind_namespace(self) -> None:
+        """Recompute namespace-dependent state after ``with_namespace`` (a hook)."""
+
+    def _check_open(self) -> None:
+        if self._view_closed or self._shared.closed:
+            raise StoreClosedError(f"{type(self).__name__} for namespace {self._namespace!r} "
+                                   "is closed")
+
+    async def close(self) -> None:
+        if self._is_view:
+            self._view_closed = True
+            return
+        if self._shared.closed:
+            return
+        self._shared.closed = True
+        await self._aclose()
+
+    @classmethod
+    def from_url(cls: type[_S], url: str, **options: Any) -> _S:
+        """Build a store from a URL (no I/O); ``open_store`` then awaits :meth:`connect`."""
+        raise ConfigurationError(f"{cls.__name__} cannot be built from a URL")
+
+    async def connect(self: _S) -> _S:
+        """Open connections and check the schema. Idempotent; a no-op for embedded stores."""
+        self._check_open()
+        return self
+
+    async def __aenter__(self: _S) -> _S:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _encode(self, value: Any) -> bytes:
+        return encode_value(value, self._max_value_bytes)
+
+    # ---------------------------------------------------------------- reads
+
+    async def get(self, key: str, default: JSONValue = None) -> JSONValue:
+        validate_key(key)
+        self._check_open()
+        value = await self._get(key)
+        return default if value is MISSING else value
+
+    async def get_entry(self, key: str) -> Entry | None:
+        validate_key(key)
+        self._check_open()
+        return await self._get_entry(key)
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, JSONValue]:
+        wanted = validate_keys(keys)
+        self._check_open()
+        if not wanted:
+            return {}
+        found = await self._get_many(wanted)
+        return {k: found[k] for k in wanted if k in found}
+
+    async def exists(self, key: str) -> bool:
+        validate_key(key)
+        self._check_open()
+        return await self._exists(key)
+
+    async def ttl(self, key: str) -> float | None:
+        validate_key(key)
+        self._check_open()
+        return await self._ttl(key)
+
+    async def keys(
+        self,
+        prefix: str = "",
+        *,
+        partition: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[str]:
+        if prefix != "" or not isinstance(prefix, str):
+            validate_key(prefix)  # a non-empty prefix follows the key rules
+        part = validate_optional_partition(partition)
+        lim = validate_limit(limit)
+        if after is not None:
+            validate_key(after)
+        self._check_open()
+        if lim == 0:
+            return []
+        return await self._keys(prefix, part, lim, after)
+
+    async def search(
+        self,
+        pattern: str,
+        *,
+        partition: str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, JSONValue]:
+        glob = compile_glob(pattern)
+        part = validate_optional_partition(partition)
+        lim = validate_limit(limit)
+        self._check_open()
+        if lim == 0 or not pattern:
+            return {}
+        if glob.literal is not None:
+            # No wildcard: an exact lookup.
+            if part is None:
+                value = await self._get(glob.literal)
+                return {} if value is MISSING else {glob.literal: value}
+            entry = await self._get_entry(glob.literal)
+            if entry is None or entry.partition != part:
+                return {}
+            return {entry.key: entry.value}
+        return await self._search(glob, part, lim)
+
+    async def partitions(self) -> list[str]:
+        self._check_open()
+        return await self._partitions()
+
+    async def stats(self) -> StoreStats:
+        self._check_open()
+        return await self._stats()
+
+    async def health(self) -> Health:
+        if self.closed:
+            return Health(ok=False, backend=self.backend_name, latency_ms=None,
+                          details={"error": "store is closed", "namespace": self._namespace})
+        start = time.perf_counter()
+        try:
+            details = await self._health()
+        except Exception as exc:  # health() never raises
+            return Health(ok=False, backend=self.backend_name, latency_ms=None,
+                          details={"error": f"{type(exc).__name__}: {exc}",
+                                   "namespace": self._namespace})
+        latency = (time.perf_counter() - start) * 1000.0
+        ok = bool(details.pop("ok", True))
+        details.setdefault("namespace", self._namespace)
+        return Health(ok=ok, backend=self.backend_name, latency_ms=latency, details=details)
+
+    # ---------------------------------------------------------------- writes
+
+    async def set(
+        self,
+        key: str,
+        value: JSONValue,
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+        keep_ttl: bool = False,
+    ) -> Entry:
+        validate_key(key)
+        ttl_ms = validate_optional_ttl(ttl, keep_ttl)
+        part = validate_optional_partition(partition)
+        payload = self._encode(value)
+        self._check_open()
+        meta = await self._set(key, payload, ttl_ms, part, bool(keep_ttl))
+        return Entry(key, decode_value(payload), *meta)
+
+    async def set_many(
+        self,
+        items: Mapping[str, JSONValue],
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> int:
+        if not isinstance(items, Mapping):
+            raise InvalidArgumentError(
+                f"items must be a mapping of key to value, not {type(items).__name__}"
+            )
+        ttl_ms = validate_optional_ttl(ttl)
+        part = validate_optional_partition(partition)
+        encode = self._encode
+        if len(items) <= SET_MANY_CHUNK:
+            chunk = [(validate_key(k), encode(v)) for k, v in items.items()]
+            self._check_open()
+            if not chunk:
+                return 0
+            return await self._set_many(iter([chunk]), ttl_ms, part)
+        # Validate everything first (all or nothing), then encode again chunk by chunk.
+        for k, v in items.items():
+            validate_key(k)
+            encode(v)
+        self._check_open()
+        return await self._set_many(_chunks(items, encode), ttl_ms, part)
+
+    async def set_if_absent(
+        self,
+        key: str,
+        value: JSONValue,
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> bool:
+        validate_key(key)
+        ttl_ms = validate_optional_ttl(ttl)
+        part = validate_optional_partition(partition)
+        payload = self._encode(value)
+        self._check_open()
+        return await self._set_if_absent(key, payload, ttl_ms, part)
+
+    async def compare_and_set(
+        self,
+        key: str,
+        value: JSONValue,
+        *,
+        version: int,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> Entry:
+        validate_key(key)
+        expected = validate_version(version)
+        ttl_ms = validate_optional_ttl(ttl)
+        part = validate_optional_partition(partition)
+        payload = self._encode(value)
+        self._check_open()
+        meta = await self._compare_and_set(key, payload, expected, ttl_ms, part)
+        return Entry(key, decode_value(payload), *meta)
+
+    async def incr(
+        self,
+        key: str,
+        amount: int | float = 1,
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> int | float:
+        validate_key(key)
+        delta = validate_amount(amount)
+        ttl_ms = validate_optional_ttl(ttl)
+        part = validate_optional_partition(partition)
+        self._check_open()
+        return await self._incr(key, delta, ttl_ms, part)
+
+    async def delete(self, key: str) -> bool:
+        validate_key(key)
+        self._check_open()
+        return await self._delete(key)
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        wanted = validate_keys(keys)
+        self._check_open()
+        if not wanted:
+            return 0
+        return await self._delete_many(wanted)
+
+    async def expire(self, key: str, ttl: TTL) -> bool:
+        validate_key(key)
+        ttl_ms = validate_ttl(ttl)
+        self._check_open()
+        return await self._expire(key, ttl_ms)
+
+    async def persist(self, key: str) -> bool:
+        validate_key(key)
+        self._check_open()
+        return await self._expire(key, None)
+
+    async def clear_partition(self, partition: str) -> int:
+        part = validate_partition(partition)
+        self._check_open()
+        return await self._clear(part)
+
+    async def clear(self) -> int:
+        self._check_open()
+        return await self._clear(None)
+
+    async def cleanup_expired(self) -> int:
+        self._check_open()
+        return await self._cleanup_expired()
+
+    # ---------------------------------------------------------------- hooks
+
+    @abc.abstractmethod
+    async def _get(self, key: str) -> Any:
+        """The decoded live value of ``key``, or :data:`MISSING`."""
+
+    @abc.abstractmethod
+    async def _get_entry(self, key: str) -> Entry | None: ...
+
+    @abc.abstractmethod
+    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+        """Live values of ``keys`` (distinct); any order, missing keys omitted."""
+
+    @abc.abstractmethod
+    async def _exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def _ttl(self, key: str) -> float | None:
+        """Seconds left; raise ``KeyNotFoundError`` for a missing or expired key."""
+
+    @abc.abstractmethod
+    async def _keys(
+        self, prefix: str, partition: str | None, limit: int | None, after: str | None
+    ) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def _search(
+        self, pattern: GlobPattern, partition: str | None, limit: int | None
+    ) -> dict[str, Any]:
+        """Live entries matching ``pattern`` (which has a wildcard), ascending by key."""
+
+    @abc.abstractmethod
+    async def _partitions(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def _stats(self) -> StoreStats: ...
+
+    @abc.abstractmethod
+    async def _health(self) -> dict[str, Any]:
+        """Check the backend; return details (an ``ok`` item set to False marks it unhealthy)."""
+
+    @abc.abstractmethod
+    async def _set(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+    ) -> EntryMeta: ...
+
+    @abc.abstractmethod
+    async def _set_many(
+        self,
+        chunks: Iterator[list[tuple[str, bytes]]],
+        ttl_ms: int | None,
+        partition: str | None,
+    ) -> int:
+        """Write every chunk (keys distinct within the whole call); return the count."""
+
+    @abc.abstractmethod
+    async def _set_if_absent(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    async def _compare_and_set(
+        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+    ) -> EntryMeta:
+        """Raise ``VersionConflictError(key, version, current)`` on a mismatch."""
+
+    @abc.abstractmethod
+    async def _incr(
+        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+    ) -> int | float: ...
+
+    @abc.abstractmethod
+    async def _delete(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def _delete_many(self, keys: list[str]) -> int: ...
+
+    @abc.abstractmethod
+    async def _expire(self, key: str, ttl_ms: int | None) -> bool:
+        """Set (``ttl_ms``) or remove (``None``) the expiry of a live key."""
+
+    @abc.abstractmethod
+    async def _clear(self, partition: str | None) -> int:
+        """Delete the namespace's entries (of ``partition`` when given); count the live ones."""
+
+    @abc.abstractmethod
+    async def _cleanup_expired(self) -> int: ...
+
+    @abc.abstractmethod
+    async def _aclose(self) -> None:
+        """Release what this store created (never an injected client or pool)."""
+
+
+def _chunks(
+    items: Mapping[str, Any], encode: Any, size: int = SET_MANY_CHUNK
+) -> Iterator[list[tuple[str, bytes]]]:
+    chunk: list[tuple[str, bytes]] = []
+    for k, v in items.items():
+        chunk.append((k, encode(v)))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,328 @@
+"""``InMemoryStore``: a process-local store for tests and single-process fleets.
+
+Entries live in a dict per namespace, values kept as encoded JSON so that a read never returns
+an object the caller can mutate in place. Every operation runs without awaiting anything between
+its read and its write, so each one is atomic with respect to other coroutines. Expiry uses the
+process's wall clock (there is no server clock).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value
+from fleetmem._validate import DEFAULT_PARTITION, INT64_MAX, INT64_MIN, GlobPattern
+from fleetmem.backends.base import MISSING, BaseStore, EntryMeta
+from fleetmem.errors import (
+    InvalidArgumentError,
+    KeyNotFoundError,
+    NotANumberError,
+    VersionConflictError,
+)
+from fleetmem.protocol import Entry, StoreStats
+
+__all__ = ["InMemoryStore"]
+
+
+@dataclass(slots=True)
+class _Record:
+    payload: bytes
+    partition: str
+    version: int
+    created_at: float
+    updated_at: float
+    expires_at: float | None  # epoch seconds
+
+
+def _dt(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+
+
+class InMemoryStore(BaseStore):
+    """A ``MemoryStore`` held in this process's memory; nothing survives the process."""
+
+    backend_name = "memory"
+
+    def __init__(
+        self,
+        *,
+        namespace: str = "default",
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+    ) -> None:
+        super().__init__(namespace=namespace, max_value_bytes=max_value_bytes)
+        self._spaces: dict[str, dict[str, _Record]] = {}
+        self._bind_namespace()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> InMemoryStore:
+        """``memory://`` (anything after the scheme is ignored)."""
+        return cls(**options)
+
+    def _bind_namespace(self) -> None:
+        self._data = self._spaces.setdefault(self._namespace, {})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _live(self, key: str, now: float) -> _Record | None:
+        record = self._data.get(key)
+        if record is None:
+            return None
+        if record.expires_at is not None and record.expires_at <= now:
+            del self._data[key]
+            return None
+        return record
+
+    def _iter_live(self, now: float) -> Iterator[tuple[str, _Record]]:
+        for key, record in self._data.items():
+            if record.expires_at is None or record.expires_at > now:
+                yield key, record
+
+    def _entry(self, key: str, record: _Record) -> Entry:
+        return Entry(
+            key,
+            decode_value(record.payload),
+            record.partition,
+            record.version,
+            _dt(record.created_at),  # type: ignore[arg-type]
+            _dt(record.updated_at),  # type: ignore[arg-type]
+            _dt(record.expires_at),
+        )
+
+    @staticmethod
+    def _meta(record: _Record) -> EntryMeta:
+        return EntryMeta(
+            record.partition,
+            record.version,
+            _dt(record.created_at),
+            _dt(record.updated_at),
+            _dt(record.expires_at),
+        )
+
+    def _write(
+        self,
+        key: str,
+        payload: bytes,
+        now: float,
+        ttl_ms: int | None,
+        partition: str | None,
+        keep_ttl: bool,
+        current: _Record | None,
+    ) -> _Record:
+        if current is None:
+            expires = None if ttl_ms is None else now + ttl_ms / 1000.0
+            record = _Record(payload, partition or DEFAULT_PARTITION, 1, now, now, expires)
+            self._data[key] = record
+            return record
+        current.payload = payload
+        current.version += 1
+        current.updated_at = now
+        if partition is not None:
+            current.partition = partition
+        if ttl_ms is not None:
+            current.expires_at = now + ttl_ms / 1000.0
+        elif not keep_ttl:
+            current.expires_at = None
+        return current
+
+    # ------------------------------------------------------------------ reads
+
+    async def _get(self, key: str) -> Any:
+        record = self._live(key, time.time())
+        return MISSING if record is None else decode_value(record.payload)
+
+    async def _get_entry(self, key: str) -> Entry | None:
+        record = self._live(key, time.time())
+        return None if record is None else self._entry(key, record)
+
+    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+        now = time.time()
+        out: dict[str, Any] = {}
+        for key in keys:
+            record = self._live(key, now)
+            if record is not None:
+                out[key] = decode_value(record.payload)
+        return out
+
+    async def _exists(self, key: str) -> bool:
+        return self._live(key, time.time()) is not None
+
+    async def _ttl(self, key: str) -> float | None:
+        now = time.time()
+        record = self._live(key, now)
+        if record is None:
+            raise KeyNotFoundError(f"key {key!r} does not exist")
+        return None if record.expires_at is None else max(0.0, record.expires_at - now)
+
+    def _sorted_live(self, partition: str | None, start: str, now: float) -> list[str]:
+        keys = sorted(
+            k for k, r in self._iter_live(now)
+            if k >= start and (partition is None or r.partition == partition)
+        )
+        return keys
+
+    async def _keys(
+        self, prefix: str, partition: str | None, limit: int | None, after: str | None
+    ) -> list[str]:
+        now = time.time()
+        keys = self._sorted_live(partition, prefix, now)
+        if after is not None:
+            keys = keys[bisect.bisect_right(keys, after):]
+        out: list[str] = []
+        for key in keys:
+            if not key.startswith(prefix):
+                break
+            out.append(key)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    async def _search(
+        self, pattern: GlobPattern, partition: str | None, limit: int | None
+    ) -> dict[str, Any]:
+        now = time.time()
+        out: dict[str, Any] = {}
+        prefix = pattern.prefix
+        for key in self._sorted_live(partition, prefix, now):
+            if not key.startswith(prefix):
+                break
+            if pattern.matches(key):
+                out[key] = decode_value(self._data[key].payload)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    async def _partitions(self) -> list[str]:
+        return sorted({r.partition for _, r in self._iter_live(time.time())})
+
+    async def _stats(self) -> StoreStats:
+        now = time.time()
+        counts: dict[str, int] = {}
+        live = size = 0
+        for _, record in self._iter_live(now):
+            live += 1
+            size += len(record.payload)
+            counts[record.partition] = counts.get(record.partition, 0) + 1
+        return StoreStats(
+            namespace=self._namespace,
+            keys=live,
+            partitions=dict(sorted(counts.items())),
+            expired_pending=len(self._data) - live,
+            bytes=size,
+            backend=self.backend_name,
+        )
+
+    async def _health(self) -> dict[str, Any]:
+        return {"namespaces": len(self._spaces), "entries": len(self._data)}
+
+    # ------------------------------------------------------------------ writes
+
+    async def _set(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+    ) -> EntryMeta:
+        now = time.time()
+        record = self._write(key, payload, now, ttl_ms, partition, keep_ttl,
+                             self._live(key, now))
+        return self._meta(record)
+
+    async def _set_many(
+        self,
+        chunks: Iterator[list[tuple[str, bytes]]],
+        ttl_ms: int | None,
+        partition: str | None,
+    ) -> int:
+        count = 0
+        for chunk in chunks:
+            now = time.time()
+            for key, payload in chunk:
+                self._write(key, payload, now, ttl_ms, partition, False, self._live(key, now))
+            count += len(chunk)
+        return count
+
+    async def _set_if_absent(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+    ) -> bool:
+        now = time.time()
+        if self._live(key, now) is not None:
+            return False
+        self._write(key, payload, now, ttl_ms, partition, False, None)
+        return True
+
+    async def _compare_and_set(
+        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+    ) -> EntryMeta:
+        now = time.time()
+        current = self._live(key, now)
+        current_version = 0 if current is None else current.version
+        if current_version != version:
+            raise VersionConflictError(key, version, current_version)
+        record = self._write(key, payload, now, ttl_ms, partition, True, current)
+        return self._meta(record)
+
+    async def _incr(
+        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+    ) -> int | float:
+        now = time.time()
+        current = self._live(key, now)
+        base: Any = 0 if current is None else decode_value(current.payload)
+        if isinstance(base, bool) or not isinstance(base, (int, float)):
+            raise NotANumberError(f"key {key!r} holds a {type(base).__name__}, not a number")
+        result: int | float
+        if isinstance(base, int) and isinstance(amount, int):
+            result = base + amount
+            if not INT64_MIN <= result <= INT64_MAX:
+                raise InvalidArgumentError(
+                    f"incr of key {key!r} would leave the signed 64-bit range"
+                )
+        else:
+            result = float(base) + float(amount)
+        self._write(key, encode_value(result), now, ttl_ms, partition, True, current)
+        return result
+
+    async def _delete(self, key: str) -> bool:
+        if self._live(key, time.time()) is None:
+            return False
+        del self._data[key]
+        return True
+
+    async def _delete_many(self, keys: list[str]) -> int:
+        now = time.time()
+        count = 0
+        for key in keys:
+            if self._live(key, now) is not None:
+                del self._data[key]
+                count += 1
+        return count
+
+    async def _expire(self, key: str, ttl_ms: int | None) -> bool:
+        now = time.time()
+        record = self._live(key, now)
+        if record is None:
+            return False
+        record.expires_at = None if ttl_ms is None else now + ttl_ms / 1000.0
+        return True
+
+    async def _clear(self, partition: str | None) -> int:
+        now = time.time()
+        doomed = [k for k, r in self._data.items() if partition is None or r.partition == partition]
+        live = 0
+        for key in doomed:
+            record = self._data.pop(key)
+            if record.expires_at is None or record.expires_at > now:
+                live += 1
+        return live
+
+    async def _cleanup_expired(self) -> int:
+        now = time.time()
+        doomed = [k for k, r in self._data.items()
+                  if r.expires_at is not None and r.expires_at <= now]
+        for key in doomed:
+            del self._data[key]
+        return len(doomed)
+
+    async def _aclose(self) -> None:
+        self._spaces.clear()

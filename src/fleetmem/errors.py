@@ -1,0 +1,115 @@
+"""The fleetmem error hierarchy: one root, each class's docstring is its default message.
+
+Every exception a store raises on purpose is a :class:`FleetmemError`. Driver exceptions
+(asyncpg, redis-py, sqlite3) are translated at one choke point per backend and chained with
+``raise ... from exc``; they never reach a caller unwrapped. Messages never contain a password.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "ConfigurationError",
+    "FleetmemError",
+    "InvalidArgumentError",
+    "InvalidKeyError",
+    "InvalidPatternError",
+    "KeyNotFoundError",
+    "MissingDependencyError",
+    "NotANumberError",
+    "OutcomeUnknownError",
+    "SchemaVersionError",
+    "SerializationError",
+    "StoreClosedError",
+    "ValueTooLargeError",
+    "VersionConflictError",
+]
+
+
+class FleetmemError(Exception):
+    """A fleetmem operation failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message if message is not None else (self.__doc__ or "").strip())
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; every fleetmem error prints its message as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidKeyError(FleetmemError, ValueError):
+    """The namespace, key or partition is not valid."""
+
+
+class InvalidPatternError(FleetmemError, ValueError):
+    """The glob pattern is malformed or too expensive."""
+
+
+class InvalidArgumentError(FleetmemError, ValueError):
+    """An argument is out of range (ttl, limit, amount)."""
+
+
+class SerializationError(FleetmemError, TypeError):
+    """The value cannot be stored as JSON."""
+
+
+class ValueTooLargeError(SerializationError):
+    """The serialized value is larger than the store's max_value_bytes."""
+
+
+class NotANumberError(FleetmemError, TypeError):
+    """The stored value is not a number, so it cannot be incremented."""
+
+
+class KeyNotFoundError(FleetmemError, KeyError):
+    """The key does not exist (or has expired)."""
+
+
+class VersionConflictError(FleetmemError):
+    """The entry's version is not the one expected."""
+
+    def __init__(self, key: str, expected: int, current_version: int) -> None:
+        super().__init__(
+            f"version conflict on key {key!r}: expected version {expected}, "
+            f"current version is {current_version}"
+        )
+        self.key = key
+        self.expected = expected
+        self.current_version = current_version
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.key, self.expected, self.current_version))
+
+
+class BackendUnavailableError(FleetmemError, ConnectionError):
+    """The backend is unreachable, timed out, or its pool is exhausted."""
+
+
+class OutcomeUnknownError(BackendUnavailableError):
+    """The connection died while a write was in flight: it may or may not have been applied."""
+
+
+class StoreClosedError(FleetmemError):
+    """The store is closed."""
+
+
+class ConfigurationError(FleetmemError):
+    """The store configuration is not valid."""
+
+
+class MissingDependencyError(FleetmemError, ImportError):
+    """An optional dependency is not installed."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(
+            f"{package} is not installed: install it with  pip install 'fleetmem[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.package, self.extra))
+
+
+class SchemaVersionError(FleetmemError):
+    """The database schema is newer or older than this version of fleetmem can use."""

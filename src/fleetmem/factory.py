@@ -1,0 +1,154 @@
+"""``open_store()``: a thin layer that maps a URL scheme to a backend's constructor.
+
+Every backend class offers ``from_url(url, *, namespace=..., **options)`` (no I/O) and
+``connect()`` (opens connections, checks the schema); ``open_store`` calls the one and awaits the
+other. It is awaitable and an async context manager::
+
+    store = await open_store("redis://localhost:6379/0", namespace="agents")
+    async with open_store() as store:  # FLEETMEM_* settings, else sqlite:///./fleetmem.db
+        ...
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any
+
+from fleetmem._urls import redact_url, url_scheme
+from fleetmem.backends.base import BaseStore
+from fleetmem.errors import ConfigurationError, MissingDependencyError
+from fleetmem.settings import DEFAULT_URL, FleetmemSettings
+
+__all__ = ["SCHEMES", "open_store", "store_class"]
+
+#: URL scheme -> (module, class, the driver module it needs, the extra that installs it).
+SCHEMES: dict[str, tuple[str, str, str | None, str | None]] = {
+    "memory": ("fleetmem.backends.memory", "InMemoryStore", None, None),
+    "sqlite": ("fleetmem.backends.sqlite", "SQLiteStore", None, None),
+    "postgresql": ("fleetmem.backends.postgres", "PostgresStore", "asyncpg", "postgres"),
+    "postgres": ("fleetmem.backends.postgres", "PostgresStore", "asyncpg", "postgres"),
+    "redis": ("fleetmem.backends.redis", "RedisStore", "redis", "redis"),
+    "rediss": ("fleetmem.backends.redis", "RedisStore", "redis", "redis"),
+    "unix": ("fleetmem.backends.redis", "RedisStore", "redis", "redis"),
+}
+_HYBRID = ("fleetmem.backends.hybrid", "HybridStore", None, None)
+
+
+def _load(entry: tuple[str, str, str | None, str | None]) -> Any:
+    module_name, class_name, driver, extra = entry
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if driver is not None and missing == driver:
+            raise MissingDependencyError(driver, extra or driver) from exc
+        if missing and missing != "fleetmem":
+            raise MissingDependencyError(missing, extra or "all") from exc
+        raise ConfigurationError(f"backend {class_name} is not available in this build") from exc
+    return getattr(module, class_name)
+
+
+def store_class(url: str) -> type[BaseStore]:
+    """The backend class that serves ``url`` (imports its driver)."""
+    scheme = url_scheme(url)
+    entry = SCHEMES.get(scheme)
+    if entry is None:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ConfigurationError(
+            f"unknown store URL scheme in {redact_url(url)!r}: expected one of {known}"
+        )
+    cls: type[BaseStore] = _load(entry)
+    return cls
+
+
+async def _open(
+    url: str | None,
+    namespace: str | None,
+    hybrid: tuple[str, str] | None,
+    settings: FleetmemSettings | None,
+    options: dict[str, Any],
+) -> BaseStore:
+    if url is not None and hybrid is not None:
+        raise ConfigurationError("give either url or hybrid=(postgres_url, redis_url), not both")
+    if url is not None and not isinstance(url, str):
+        raise ConfigurationError(f"url must be a str, not {type(url).__name__}")
+    if url is None and hybrid is None:
+        cfg = settings if settings is not None else FleetmemSettings()
+        if namespace is None:
+            namespace = cfg.namespace
+        options.setdefault("max_value_bytes", cfg.max_value_bytes)
+        if cfg.backend == "hybrid":
+            if cfg.postgres_url is None or cfg.redis_url is None:
+                raise ConfigurationError(
+                    "FLEETMEM_BACKEND=hybrid needs FLEETMEM_POSTGRES_URL and FLEETMEM_REDIS_URL"
+                )
+            hybrid = (cfg.postgres_url.get_secret_value(), cfg.redis_url.get_secret_value())
+            options.setdefault("cache_ttl", cfg.cache_ttl)
+        else:
+            url = cfg.url.get_secret_value() if cfg.url is not None else DEFAULT_URL
+    ns = namespace if namespace is not None else "default"
+    if hybrid is not None:
+        if not (isinstance(hybrid, tuple) and len(hybrid) == 2):
+            raise ConfigurationError("hybrid must be a (postgres_url, redis_url) tuple")
+        hybrid_cls: Any = _load(_HYBRID)
+        store: BaseStore = hybrid_cls.from_urls(hybrid[0], hybrid[1], namespace=ns, **options)
+    else:
+        assert url is not None
+        cls: Any = store_class(url)
+        try:
+            store = cls.from_url(url, namespace=ns, **options)
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"invalid option for {cls.__name__}: {exc}"
+            ) from None
+    try:
+        await store.connect()
+    except BaseException:
+        await store.close()
+        raise
+    return store
+
+
+class _OpenStore:
+    """The result of :func:`open_store`: await it, or use it as an async context manager."""
+
+    def __init__(self, coro_args: tuple[Any, ...]) -> None:
+        self._args = coro_args
+        self._store: BaseStore | None = None
+
+    def __await__(self) -> Generator[Any, None, BaseStore]:
+        return _open(*self._args).__await__()
+
+    async def __aenter__(self) -> BaseStore:
+        self._store = await _open(*self._args)
+        return self._store
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+
+def open_store(
+    url: str | None = None,
+    *,
+    namespace: str | None = None,
+    hybrid: tuple[str, str] | None = None,
+    settings: FleetmemSettings | None = None,
+    **options: Any,
+) -> _OpenStore:
+    """Open a store for ``url`` (or the ``FLEETMEM_*`` settings when ``url`` is None).
+
+    With nothing configured this opens the embedded default, ``sqlite:///./fleetmem.db``.
+    ``hybrid=(postgres_url, redis_url)`` opens a :class:`~fleetmem.HybridStore`. ``options``
+    go to the backend's constructor; every backend takes ``max_value_bytes``. An unknown
+    scheme or option raises :class:`ConfigurationError`; a missing driver raises
+    :class:`MissingDependencyError` naming the extra to install.
+    """
+    return _OpenStore((url, namespace, hybrid, settings, dict(options)))

@@ -1,0 +1,333 @@
+"""The store contract: the :class:`MemoryStore` protocol and the records it returns.
+
+Every backend (``InMemoryStore``, ``SQLiteStore``, ``PostgresStore``, ``RedisStore``,
+``HybridStore``) shows exactly this behaviour; ``fleetmem.testing.conformance`` is its
+executable form. The rules that hold for every method:
+
+Scope
+    A store is bound to one namespace (``[A-Za-z0-9_.-]{1,64}``). Nothing done through it reads,
+    lists, matches, counts, exports or deletes an entry of another namespace, including
+    namespaces that share a prefix (``a`` vs ``ab`` vs ``a.b``).
+
+Keys and partitions
+    A key is a ``str`` of 1-1024 UTF-8 bytes with no control characters (U+0000-U+001F, U+007F)
+    and no lone surrogates; every other character (``* ? [ ] \\ % _ { } :``) is literal. A
+    partition follows the same rules with at most 255 bytes; every entry has exactly one, the
+    default being ``"default"``. On a write, ``partition=None`` keeps an existing entry's partition
+    (``"default"`` for a new entry) and a given partition moves the entry. A bad namespace, key or
+    partition (including a non-``str``) raises :class:`~fleetmem.errors.InvalidKeyError` before
+    any I/O.
+
+Values
+    Any JSON value: ``dict`` (str keys), ``list``/``tuple``, ``str``, ``int`` (any size),
+    finite ``float``, ``bool``, ``None``. A read returns a value equal, as JSON, to
+    ``json.loads(json.dumps(value))``: a tuple comes back as a list, an integral float may come
+    back as an ``int`` and ``-0.0`` as ``0``, dict key order is not kept, ``True`` never becomes
+    ``1``. Refused with :class:`~fleetmem.errors.SerializationError` before any I/O: other types,
+    non-``str`` dict keys, NaN and infinities, nesting deeper than 64 levels, and any string
+    (value or dict key) holding U+0000 -- PostgreSQL's ``jsonb`` cannot store it, so every backend
+    refuses it alike rather than round-tripping it on some. A serialized value larger than the
+    store's ``max_value_bytes`` (default 8 MiB) raises
+    :class:`~fleetmem.errors.ValueTooLargeError`.
+
+TTL and expiry
+    ``ttl`` is seconds (``int``/``float`` > 0) or a ``timedelta`` > 0; ``None`` means no expiry.
+    Zero, negative, below one millisecond, above 100 years, NaN, infinities, a ``bool``, or ``ttl``
+    together with ``keep_ttl=True`` raise :class:`~fleetmem.errors.InvalidArgumentError` (a
+    ``ValueError``). Resolution is one millisecond. An expired entry is invisible on every path
+    from the moment it expires (``get``, ``get_entry``, ``get_many``, ``exists``, ``keys``,
+    ``search``, ``partitions``, ``stats``, exports) and counts as absent for ``set_if_absent``,
+    ``compare_and_set(version=0)`` and ``incr``. Expiry is measured on the server's clock where
+    there is a server. ``cleanup_expired`` and sweepers only free space.
+
+Versions
+    Every successful write of a key (``set``, ``set_many``, a ``set_if_absent`` that wrote,
+    ``compare_and_set``, ``incr``) adds 1; a new entry has version 1, also when a key is created
+    again after deletion or expiry. ``expire`` and ``persist`` change neither the version nor
+    ``updated_at``.
+
+Closing
+    ``close()`` is idempotent and closes only what the store created (never an injected client
+    or pool); closing a ``with_namespace`` view closes nothing shared. Any other call on a closed
+    store raises :class:`~fleetmem.errors.StoreClosedError` -- except ``health()``, which never
+    raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["JSONValue", "Entry", "Health", "MemoryStore", "StoreStats", "TTL"]
+
+#: A JSON value as fleetmem stores it (dict, list/tuple, str, int, float, bool, None).
+JSONValue = Any
+#: A time to live: seconds (> 0) or a positive ``timedelta``.
+TTL = float | timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored entry with its metadata.
+
+    Datetimes are timezone-aware UTC, taken from the backend server's clock where there is one.
+    ``expires_at`` is ``None`` for a persistent entry.
+    """
+
+    key: str
+    value: JSONValue
+    partition: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What a namespace holds right now.
+
+    ``keys`` counts live entries only and ``partitions`` maps each partition holding a live entry
+    to its live count. ``expired_pending`` counts expired entries not yet freed (an upper bound
+    where the server evicts by itself). ``bytes`` is an approximate size of the stored values.
+    """
+
+    namespace: str
+    keys: int
+    partitions: dict[str, int]
+    expired_pending: int
+    bytes: int
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The result of a health check: never an exception."""
+
+    ok: bool
+    backend: str
+    latency_ms: float | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class MemoryStore(Protocol):
+    """The async key-value store contract shared by every fleetmem backend."""
+
+    @property
+    def namespace(self) -> str:
+        """The namespace this store reads and writes."""
+        ...
+
+    @property
+    def backend(self) -> str:
+        """The backend's name: ``memory``, ``sqlite``, ``postgres``, ``redis`` or ``hybrid``."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called on this store (or on the store it is a view of)."""
+        ...
+
+    def with_namespace(self, namespace: str) -> MemoryStore:
+        """A view bound to ``namespace`` that shares this store's connections.
+
+        Closing the view closes nothing shared; closing this store closes the view too.
+        """
+        ...
+
+    async def get(self, key: str, default: JSONValue = None) -> JSONValue:
+        """The live value of ``key``, or ``default`` when it is missing or expired."""
+        ...
+
+    async def get_entry(self, key: str) -> Entry | None:
+        """The live entry of ``key`` with its metadata, or ``None``."""
+        ...
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, JSONValue]:
+        """The live values of ``keys``, in the order of ``keys``; missing keys are omitted.
+
+        A key given twice appears once. Every key is validated before any I/O.
+        """
+        ...
+
+    async def exists(self, key: str) -> bool:
+        """Whether ``key`` holds a live entry."""
+        ...
+
+    async def set(
+        self,
+        key: str,
+        value: JSONValue,
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+        keep_ttl: bool = False,
+    ) -> Entry:
+        """Store ``value`` under ``key`` and return the new entry (version + 1, new: 1).
+
+        Without ``ttl`` the entry becomes persistent, unless ``keep_ttl=True`` keeps the current
+        expiry of a live entry (a new entry is then persistent).
+        """
+        ...
+
+    async def set_many(
+        self,
+        items: Mapping[str, JSONValue],
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> int:
+        """Store every item of ``items``; return how many were written.
+
+        Every key and value is validated before any I/O: one bad item and nothing is written.
+        Each written entry's version is incremented as by ``set``. Large batches are sent in
+        chunks with a few round trips each.
+        """
+        ...
+
+    async def set_if_absent(
+        self,
+        key: str,
+        value: JSONValue,
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> bool:
+        """Atomically store ``value`` only if ``key`` has no live entry; ``True`` if written.
+
+        Among concurrent callers exactly one wins.
+        """
+        ...
+
+    async def compare_and_set(
+        self,
+        key: str,
+        value: JSONValue,
+        *,
+        version: int,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> Entry:
+        """Atomically store ``value`` if the live entry's version is ``version``.
+
+        ``version=0`` means the key must be absent (or expired). Without ``ttl`` an existing
+        expiry is kept. On a mismatch nothing changes and
+        :class:`~fleetmem.errors.VersionConflictError` carries the current version (0 when
+        absent). A negative or non-``int`` version is an ``InvalidArgumentError``.
+        """
+        ...
+
+    async def incr(
+        self,
+        key: str,
+        amount: int | float = 1,
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> int | float:
+        """Atomically add ``amount`` to the number under ``key`` and return the new number.
+
+        A missing or expired key starts from 0. Integers are exact in signed 64 bits; a result
+        beyond raises :class:`~fleetmem.errors.InvalidArgumentError` and changes nothing. A float
+        amount (or a float stored value) gives a float. A stored value that is not a number
+        (including a ``bool``) raises :class:`~fleetmem.errors.NotANumberError` (a
+        ``TypeError``). Without ``ttl`` the current expiry is kept.
+        """
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Delete ``key``; ``True`` if a live entry existed."""
+        ...
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        """Delete ``keys``; return how many live entries were deleted."""
+        ...
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds left before ``key`` expires, ``None`` if persistent.
+
+        A missing or expired key raises :class:`~fleetmem.errors.KeyNotFoundError`.
+        """
+        ...
+
+    async def expire(self, key: str, ttl: TTL) -> bool:
+        """Set the expiry of a live ``key``; ``True`` if it existed. Version unchanged."""
+        ...
+
+    async def persist(self, key: str) -> bool:
+        """Remove the expiry of a live ``key``; ``True`` if it existed. Version unchanged."""
+        ...
+
+    async def keys(
+        self,
+        prefix: str = "",
+        *,
+        partition: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[str]:
+        """Live keys starting with the literal ``prefix``, ascending by code point.
+
+        ``after`` is an exclusive cursor: pass the last key of a page to get the next one.
+        ``limit`` below 0 is an ``InvalidArgumentError``; ``limit=0`` returns ``[]``.
+        """
+        ...
+
+    async def search(
+        self,
+        pattern: str,
+        *,
+        partition: str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, JSONValue]:
+        """Live entries whose whole key matches the glob ``pattern``, ascending by key.
+
+        ``*`` any run of characters (``/`` included), ``?`` one character, ``[abc]``, ``[a-z]``,
+        ``[!a]``/``[^a]`` one character in / not in the set, ``\\x`` the literal ``x``; every other
+        character is literal. ``\\`` escapes inside a class too, a reversed range matches
+        nothing, ``]`` right after ``[``, ``[!`` or ``[^`` is a member. The empty pattern matches
+        nothing. Unclosed ``[``, a trailing ``\\``, more than 256 bytes or more than 16 ``*``
+        raise :class:`~fleetmem.errors.InvalidPatternError`. Matching is linear in the key.
+        """
+        ...
+
+    async def partitions(self) -> list[str]:
+        """Partitions holding at least one live entry, ascending."""
+        ...
+
+    async def clear_partition(self, partition: str) -> int:
+        """Delete every entry of ``partition``; return how many live entries were deleted."""
+        ...
+
+    async def clear(self) -> int:
+        """Delete every entry of this namespace; return how many live entries were deleted."""
+        ...
+
+    async def cleanup_expired(self) -> int:
+        """Free the space of this namespace's expired entries; return how many were removed."""
+        ...
+
+    async def stats(self) -> StoreStats:
+        """Counts and sizes for this namespace only."""
+        ...
+
+    async def health(self) -> Health:
+        """Check the backend; never raises, also when closed or unreachable."""
+        ...
+
+    async def close(self) -> None:
+        """Release what this store created. Idempotent."""
+        ...
+
+    async def __aenter__(self) -> MemoryStore: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
