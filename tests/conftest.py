@@ -1,0 +1,75 @@
+"""The one table of backends that drives every cross-backend test.
+
+``store`` yields a fresh, empty store in a namespace of its own, once per backend. A backend
+joins the conformance suite by adding one entry to ``BACKENDS``. The real-server fixtures
+(``fleetmem_postgres_server``, ``fleetmem_redis_server``, ``fleetmem_namespace``) come from the
+``fleetmem.testing`` pytest plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetmem import InMemoryStore, MemoryStore
+
+StoreFactory = Callable[[pytest.FixtureRequest, str], Awaitable[Any]]
+
+
+async def _memory(request: pytest.FixtureRequest, namespace: str) -> MemoryStore:
+    return InMemoryStore(namespace=namespace)
+
+
+async def _sqlite(request: pytest.FixtureRequest, namespace: str) -> MemoryStore:
+    from fleetmem.backends.sqlite import SQLiteStore
+
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    store = SQLiteStore(tmp_path / "fleetmem.db", namespace=namespace)
+    return await store.connect()
+
+
+async def _postgres(request: pytest.FixtureRequest, namespace: str) -> MemoryStore:
+    from fleetmem.backends.postgres import PostgresStore
+
+    server = request.getfixturevalue("fleetmem_postgres_server")
+    store = PostgresStore.from_url(server.dsn, namespace=namespace)
+    return await store.connect()
+
+
+async def _redis(request: pytest.FixtureRequest, namespace: str) -> MemoryStore:
+    from fleetmem.backends.redis import RedisStore
+
+    server = request.getfixturevalue("fleetmem_redis_server")
+    store = RedisStore.from_url(server.url, namespace=namespace)
+    return await store.connect()
+
+
+#: name -> (factory, pytest marks). Order is the order tests run in.
+BACKENDS: dict[str, tuple[StoreFactory, tuple[pytest.MarkDecorator, ...]]] = {
+    "memory": (_memory, (pytest.mark.memory,)),
+    "sqlite": (_sqlite, (pytest.mark.sqlite,)),
+}
+
+
+def backend_params(names: list[str] | None = None) -> list[Any]:
+    """``pytest.param`` objects for ``names`` (default: every backend), marked per backend."""
+    return [
+        pytest.param(name, marks=BACKENDS[name][1], id=name)
+        for name in (names if names is not None else list(BACKENDS))
+    ]
+
+
+@pytest.fixture(params=backend_params())
+async def store(request: pytest.FixtureRequest, fleetmem_namespace: str) -> AsyncIterator[Any]:
+    """A fresh, empty store on each backend, in a namespace no other test uses."""
+    factory = BACKENDS[request.param][0]
+    created = await factory(request, fleetmem_namespace)
+    try:
+        yield created
+    finally:
+        if not created.closed:
+            await created.clear()
+        await created.close()
