@@ -54,11 +54,8 @@ def _check(value: Any, depth: int) -> bool:
         big = False
         if kind is dict:
             for k, v in value.items():
-                if type(k) is not str:
-                    if not isinstance(k, str):
-                        raise SerializationError(
-                            f"dict keys must be str, not {type(k).__name__}"
-                        )
+                if type(k) is not str and not isinstance(k, str):
+                    raise SerializationError(f"dict keys must be str, not {type(k).__name__}")
                 if "\x00" in k:
                     raise SerializationError("strings holding U+0000 cannot be stored")
                 if _check(v, depth + 1):
@@ -77,10 +74,13 @@ def _check(value: Any, depth: int) -> bool:
 def _as_base(value: Any) -> Any:
     if isinstance(value, bool):
         return bool(value)
-    for base in (str, int, float, dict, list, tuple):
+    bases: tuple[type[Any], ...] = (str, int, float, dict, list, tuple)
+    for base in bases:
         if isinstance(value, base):
             return base(value)
-    raise SerializationError(f"values of type {type(value).__name__} are not JSON")  # pragma: no cover
+    raise SerializationError(
+        f"values of type {type(value).__name__} are not JSON"
+    )  # pragma: no cover
 
 
 def _stdlib_default(value: Any) -> Any:
@@ -96,7 +96,10 @@ def encode_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
     big = _check(value, 0)
     if big:
         text = json.dumps(
-            value, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+            value,
+            ensure_ascii=False,
+            separators=(",", ":"),
+            allow_nan=False,
             default=_stdlib_default,
         )
         try:
@@ -105,8 +108,9 @@ def encode_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
             raise SerializationError("strings holding lone surrogates cannot be stored") from None
     else:
         try:
-            data = orjson.dumps(value, option=orjson.OPT_PASSTHROUGH_SUBCLASS,
-                                default=_orjson_default)
+            data = orjson.dumps(
+                value, option=orjson.OPT_PASSTHROUGH_SUBCLASS, default=_orjson_default
+            )
         except orjson.JSONEncodeError as exc:
             cause = exc.__cause__
             if isinstance(cause, SerializationError):
@@ -114,8 +118,7 @@ def encode_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
             raise SerializationError(f"value cannot be encoded as JSON: {exc}") from None
     if len(data) > max_bytes:
         raise ValueTooLargeError(
-            f"serialized value is {len(data)} bytes, over the store's max_value_bytes "
-            f"({max_bytes})"
+            f"serialized value is {len(data)} bytes, over the store's max_value_bytes ({max_bytes})"
         )
     return data
 

@@ -84,7 +84,9 @@ def validate_keys(keys: object) -> list[str]:
     try:
         items = list(keys)  # type: ignore[call-overload]
     except TypeError:
-        raise InvalidKeyError(f"keys must be an iterable of str, not {type(keys).__name__}") from None
+        raise InvalidKeyError(
+            f"keys must be an iterable of str, not {type(keys).__name__}"
+        ) from None
     for key in items:
         _validate_name(key, "key", MAX_KEY_BYTES)
     return list(dict.fromkeys(items))
@@ -343,7 +345,7 @@ def compile_glob(pattern: object) -> GlobPattern:
 
 
 def _parse_class(pattern: str, start: int) -> tuple[_Class, int]:
-    """Parse ``[...]`` starting at ``pattern[start] == '['``; return the class and the next index."""
+    """Parse the class at ``pattern[start] == '['``; return it and the index after it."""
     n = len(pattern)
     i = start + 1
     negated = False
@@ -386,4 +388,3 @@ def _parse_class(pattern: str, start: int) -> tuple[_Class, int]:
             members.append(lo)
     ranges.extend((m, m) for m in members)
     return _Class(negated=negated, ranges=tuple(ranges)), i
-

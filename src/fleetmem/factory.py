@@ -100,9 +100,7 @@ async def _open(
         try:
             store = cls.from_url(url, namespace=ns, **options)
         except TypeError as exc:
-            raise ConfigurationError(
-                f"invalid option for {cls.__name__}: {exc}"
-            ) from None
+            raise ConfigurationError(f"invalid option for {cls.__name__}: {exc}") from None
     try:
         await store.connect()
     except BaseException:

@@ -61,7 +61,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["JSONValue", "Entry", "Health", "MemoryStore", "StoreStats", "TTL"]
+__all__ = ["TTL", "Entry", "Health", "JSONValue", "MemoryStore", "StoreStats"]
 
 #: A JSON value as fleetmem stores it (dict, list/tuple, str, int, float, bool, None).
 JSONValue = Any

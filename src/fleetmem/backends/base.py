@@ -88,8 +88,10 @@ class BaseStore(abc.ABC):
         self, *, namespace: str = "default", max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     ) -> None:
         self._namespace = validate_namespace(namespace)
-        if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int) or (
-            max_value_bytes <= 0
+        if (
+            isinstance(max_value_bytes, bool)
+            or not isinstance(max_value_bytes, int)
+            or (max_value_bytes <= 0)
         ):
             raise ConfigurationError(
                 f"max_value_bytes must be a positive int, not {max_value_bytes!r}"
@@ -133,13 +135,14 @@ class BaseStore(abc.ABC):
         view._bind_namespace()
         return view
 
-    def _bind_namespace(self) -> None:
+    def _bind_namespace(self) -> None:  # noqa: B027 - an optional hook
         """Recompute namespace-dependent state after ``with_namespace`` (a hook)."""
 
     def _check_open(self) -> None:
         if self._view_closed or self._shared.closed:
-            raise StoreClosedError(f"{type(self).__name__} for namespace {self._namespace!r} "
-                                   "is closed")
+            raise StoreClosedError(
+                f"{type(self).__name__} for namespace {self._namespace!r} is closed"
+            )
 
     async def close(self) -> None:
         if self._is_view:
@@ -258,15 +261,22 @@ class BaseStore(abc.ABC):
 
     async def health(self) -> Health:
         if self.closed:
-            return Health(ok=False, backend=self.backend_name, latency_ms=None,
-                          details={"error": "store is closed", "namespace": self._namespace})
+            return Health(
+                ok=False,
+                backend=self.backend_name,
+                latency_ms=None,
+                details={"error": "store is closed", "namespace": self._namespace},
+            )
         start = time.perf_counter()
         try:
             details = await self._health()
         except Exception as exc:  # health() never raises
-            return Health(ok=False, backend=self.backend_name, latency_ms=None,
-                          details={"error": f"{type(exc).__name__}: {exc}",
-                                   "namespace": self._namespace})
+            return Health(
+                ok=False,
+                backend=self.backend_name,
+                latency_ms=None,
+                details={"error": f"{type(exc).__name__}: {exc}", "namespace": self._namespace},
+            )
         latency = (time.perf_counter() - start) * 1000.0
         ok = bool(details.pop("ok", True))
         details.setdefault("namespace", self._namespace)

@@ -160,7 +160,8 @@ class InMemoryStore(BaseStore):
 
     def _sorted_live(self, partition: str | None, start: str, now: float) -> list[str]:
         keys = sorted(
-            k for k, r in self._iter_live(now)
+            k
+            for k, r in self._iter_live(now)
             if k >= start and (partition is None or r.partition == partition)
         )
         return keys
@@ -171,7 +172,7 @@ class InMemoryStore(BaseStore):
         now = time.time()
         keys = self._sorted_live(partition, prefix, now)
         if after is not None:
-            keys = keys[bisect.bisect_right(keys, after):]
+            keys = keys[bisect.bisect_right(keys, after) :]
         out: list[str] = []
         for key in keys:
             if not key.startswith(prefix):
@@ -225,8 +226,7 @@ class InMemoryStore(BaseStore):
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
     ) -> EntryMeta:
         now = time.time()
-        record = self._write(key, payload, now, ttl_ms, partition, keep_ttl,
-                             self._live(key, now))
+        record = self._write(key, payload, now, ttl_ms, partition, keep_ttl, self._live(key, now))
         return self._meta(record)
 
     async def _set_many(
@@ -318,8 +318,9 @@ class InMemoryStore(BaseStore):
 
     async def _cleanup_expired(self) -> int:
         now = time.time()
-        doomed = [k for k, r in self._data.items()
-                  if r.expires_at is not None and r.expires_at <= now]
+        doomed = [
+            k for k, r in self._data.items() if r.expires_at is not None and r.expires_at <= now
+        ]
         for key in doomed:
             del self._data[key]
         return len(doomed)

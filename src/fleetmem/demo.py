@@ -1,0 +1,301 @@
+"""``fleetmem demo``: a small fleet of simulated agents sharing one store.
+
+Agents claim work items with ``set_if_absent`` (a lease with a TTL), record results with a TTL in
+a partition of their own, count progress with ``incr`` and keep a shared scoreboard with
+``compare_and_set``. Some agents "crash" while holding a lease; the lease expires and another
+agent takes the item over. At the end the demo checks that the shared state is consistent: each
+item has exactly one result, the counter equals the number of results, the scoreboard adds up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetmem.errors import ConfigurationError, VersionConflictError
+from fleetmem.factory import open_store
+from fleetmem.protocol import MemoryStore
+
+__all__ = ["DemoReport", "run_demo"]
+
+SCOREBOARD = "fleet/scoreboard"
+DONE_COUNTER = "fleet/done"
+
+
+@dataclass
+class AgentTally:
+    done: int = 0
+    lost_claims: int = 0
+    cas_conflicts: int = 0
+    crashes: int = 0
+    takeovers: int = 0
+
+
+@dataclass
+class DemoReport:
+    """What a demo run did and found."""
+
+    url: str
+    namespace: str
+    agents: int
+    processes: int
+    items: int
+    seconds: float = 0.0
+    tally: AgentTally = field(default_factory=AgentTally)
+    results: int = 0
+    counter: int = 0
+    scoreboard_total: int = 0
+    partitions: dict[str, int] = field(default_factory=dict)
+    expired_leases: int = 0
+    operations: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        return not self.problems
+
+
+async def _add_to_scoreboard(store: MemoryStore, agent: str, tally: AgentTally) -> int:
+    """Add one to ``agent``'s score with an optimistic compare-and-set loop; return the ops."""
+    ops = 0
+    while True:
+        entry = await store.get_entry(SCOREBOARD)
+        ops += 1
+        board: dict[str, Any] = dict(entry.value) if entry is not None else {}
+        board[agent] = int(board.get(agent, 0)) + 1
+        try:
+            await store.compare_and_set(
+                SCOREBOARD, board, version=entry.version if entry is not None else 0
+            )
+            return ops + 1
+        except VersionConflictError:
+            tally.cas_conflicts += 1
+            ops += 1
+
+
+async def _agent(
+    store: MemoryStore,
+    name: str,
+    item_ids: list[str],
+    lease: float,
+    crash_rate: float,
+    work_ms: tuple[float, float],
+    tally: AgentTally,
+    rng: random.Random,
+) -> int:
+    ops = 0
+    order = item_ids[:]
+    rng.shuffle(order)
+    # Two passes: the second picks up items whose lease expired after a crash.
+    for attempt in range(2):
+        for item in order:
+            if await store.exists(f"results/{item}"):
+                ops += 1
+                continue
+            claimed = await store.set_if_absent(
+                f"claims/{item}",
+                {"agent": name, "attempt": attempt},
+                ttl=lease,
+                partition="claims",
+            )
+            ops += 2
+            if not claimed:
+                tally.lost_claims += 1
+                continue
+            if attempt == 1:
+                tally.takeovers += 1
+            await asyncio.sleep(rng.uniform(*work_ms) / 1000.0)
+            if attempt == 0 and rng.random() < crash_rate:
+                # Simulated crash: the agent walks away and its lease is left to expire; the
+                # second pass (after the lease) finds the item unclaimed again.
+                tally.crashes += 1
+                continue
+            written = await store.set_if_absent(
+                f"results/{item}",
+                {"item": item, "agent": name, "answer": rng.randint(0, 10**6)},
+                ttl=3600,
+                partition=f"agent-{name}",
+            )
+            ops += 1
+            if written:
+                await store.incr(DONE_COUNTER)
+                ops += 1 + await _add_to_scoreboard(store, name, tally)
+                tally.done += 1
+            await store.delete(f"claims/{item}")
+            ops += 1
+        if attempt == 0:
+            await asyncio.sleep(lease * 1.2)
+    return ops
+
+
+async def _run_agents_on(
+    store: MemoryStore,
+    first_agent: int,
+    agents: int,
+    items: int,
+    lease: float,
+    crash_rate: float,
+    seed: int,
+) -> tuple[AgentTally, int]:
+    tally = AgentTally()
+    item_ids = [f"item-{i:04d}" for i in range(items)]
+    rngs = [random.Random(seed * 1000 + first_agent + i) for i in range(agents)]
+    counts = await asyncio.gather(
+        *(
+            _agent(
+                store,
+                f"a{first_agent + i:02d}",
+                item_ids,
+                lease,
+                crash_rate,
+                (1, 8),
+                tally,
+                rngs[i],
+            )
+            for i in range(agents)
+        )
+    )
+    return tally, sum(counts)
+
+
+async def _run_agents(url: str | None, namespace: str, *rest: Any) -> tuple[AgentTally, int]:
+    async with open_store(url, namespace=namespace) as store:
+        return await _run_agents_on(store, *rest)
+
+
+def _process_main(args: tuple[Any, ...]) -> tuple[AgentTally, int]:
+    return asyncio.run(_run_agents(*args))
+
+
+async def run_demo(
+    url: str | None = None,
+    *,
+    namespace: str = "demo",
+    agents: int = 20,
+    items: int = 200,
+    processes: int = 1,
+    lease: float = 0.3,
+    crash_rate: float = 0.05,
+    seed: int = 7,
+    progress: Callable[[str], None] | None = None,
+) -> DemoReport:
+    """Run the fleet simulation on ``url`` (default: the settings, else the embedded SQLite)."""
+    say = progress or (lambda _msg: None)
+    async with open_store(url, namespace=namespace) as store:
+        if processes > 1 and store.backend == "memory":
+            raise ConfigurationError("memory:// lives in one process: use --processes 1")
+        where = _describe(store, url)
+        cleared = await store.clear()
+        if cleared:
+            say(f"cleared {cleared} entries left by an earlier run in namespace {namespace!r}")
+        report = DemoReport(
+            url=where, namespace=namespace, agents=agents, processes=processes, items=items
+        )
+        say(f"starting {agents} agents in {processes} process(es) on {where}")
+        start = time.perf_counter()
+        if processes <= 1:
+            tally, ops = await _run_agents_on(store, 0, agents, items, lease, crash_rate, seed)
+            tallies = [tally]
+        else:
+            per_process = max(1, agents // processes)
+            jobs = [
+                (
+                    url,
+                    namespace,
+                    p * per_process,
+                    per_process if p < processes - 1 else agents - per_process * (processes - 1),
+                    items,
+                    lease,
+                    crash_rate,
+                    seed,
+                )
+                for p in range(processes)
+            ]
+            ctx = multiprocessing.get_context("spawn")
+            loop = asyncio.get_running_loop()
+            with ctx.Pool(processes) as pool:
+                outcome = await loop.run_in_executor(None, pool.map, _process_main, jobs)
+            tallies = [t for t, _ in outcome]
+            ops = sum(o for _, o in outcome)
+        report.seconds = time.perf_counter() - start
+        for t in tallies:
+            for name in ("done", "lost_claims", "cas_conflicts", "crashes", "takeovers"):
+                setattr(report.tally, name, getattr(report.tally, name) + getattr(t, name))
+        report.operations = ops
+        await _verify(store, report)
+    return report
+
+
+def _describe(store: MemoryStore, url: str | None) -> str:
+    from fleetmem._urls import redact_url
+
+    path = getattr(store, "path", None)
+    if path is not None:
+        return f"{store.backend} file {path}"
+    return f"{store.backend} at {redact_url(url)}" if url and "@" in url else (url or store.backend)
+
+
+async def _verify(store: MemoryStore, report: DemoReport) -> None:
+    results = await store.search("results/*")
+    report.results = len(results)
+    report.counter = int(await store.get(DONE_COUNTER, 0))
+    board = await store.get(SCOREBOARD, {})
+    report.scoreboard_total = sum(int(v) for v in board.values())
+    stats = await store.stats()
+    report.partitions = stats.partitions
+    report.expired_leases = report.tally.crashes - len(await store.keys("claims/"))
+    missing = [
+        f"item-{i:04d}" for i in range(report.items) if f"results/item-{i:04d}" not in results
+    ]
+    if missing:
+        report.problems.append(f"{len(missing)} items have no result (e.g. {missing[0]})")
+    if report.counter != report.results:
+        report.problems.append(f"counter says {report.counter}, results say {report.results}")
+    if report.scoreboard_total != report.results:
+        report.problems.append(
+            f"scoreboard adds up to {report.scoreboard_total}, results say {report.results}"
+        )
+    if report.tally.done != report.results:
+        report.problems.append(f"agents recorded {report.tally.done}, store holds {report.results}")
+    by_agent: dict[str, int] = {}
+    for value in results.values():
+        by_agent[value["agent"]] = by_agent.get(value["agent"], 0) + 1
+    for agent, count in by_agent.items():
+        if board.get(agent) != count:
+            report.problems.append(f"agent {agent}: scoreboard {board.get(agent)}, results {count}")
+            break
+
+
+def format_report(report: DemoReport) -> str:
+    """A readable summary of a demo run."""
+    t = report.tally
+    rate = report.operations / report.seconds if report.seconds else 0.0
+    lines = [
+        "fleetmem demo: a fleet of agents sharing one store",
+        "",
+        f"  store          {report.url} (namespace {report.namespace!r})",
+        f"  agents         {report.agents} in {report.processes} process(es)",
+        f"  items done     {report.results} / {report.items}",
+        f"  claims lost    {t.lost_claims} (another agent held the lease: set_if_absent)",
+        f"  conflicts      {t.cas_conflicts} compare_and_set conflicts resolved by retry",
+        f"  crashes        {t.crashes} agents walked away holding a lease;"
+        f" {t.takeovers} items taken over after the lease expired",
+        f"  expired        {max(report.expired_leases, 0)} leases expired (TTL) and vanished",
+        f"  time           {report.seconds:.2f} s, {report.operations} store operations"
+        f" ({rate:,.0f} ops/s)",
+        "  partitions     " + ", ".join(f"{p}={n}" for p, n in report.partitions.items()),
+        "",
+    ]
+    if report.consistent:
+        lines.append(
+            "  consistent     yes: one result per item; counter, scoreboard and results agree"
+        )
+    else:
+        lines.append("  consistent     NO")
+        lines.extend(f"    - {p}" for p in report.problems)
+    return "\n".join(lines)
