@@ -9,6 +9,7 @@ process's wall clock (there is no server clock).
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -279,7 +280,12 @@ class InMemoryStore(BaseStore):
                     f"incr of key {key!r} would leave the signed 64-bit range"
                 )
         else:
-            result = float(base) + float(amount)
+            try:
+                result = float(base) + float(amount)
+            except OverflowError:
+                result = math.inf
+            if not math.isfinite(result):
+                raise InvalidArgumentError(f"incr of key {key!r} would overflow a float")
         self._write(key, encode_value(result), now, ttl_ms, partition, True, current)
         return result
 
