@@ -1,0 +1,26 @@
+-- ARGV: 2 partition filter ("" = every entry, "=<name>"), 3 lex cursor ("-" to start),
+-- 4 how many members to look at. Returns {cursor ("" when done), live entries deleted}.
+local pf, lo, budget = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local wanted = string.sub(pf, 2)
+local ms
+if pf == '' then
+  ms = redis.call('ZRANGE', IDX, 0, budget - 1)
+else
+  ms = redis.call('ZRANGE', IDX, lo, '+', 'BYLEX', 'LIMIT', 0, budget)
+end
+local n = 0
+for _, m in ipairs(ms) do
+  local key, part = split_member(m)
+  if pf == '' or part == wanted then
+    n = n + redis.call('DEL', EPFX .. key)
+    redis.call('ZREM', IDX, m)
+    redis.call('ZREM', XZ, key)
+    count(part, -1)
+  end
+end
+if #ms < budget then
+  if pf == '' then redis.call('DEL', IDX, XZ, CNT, PENDING) end
+  return {'', n}
+end
+if pf == '' then return {'-', n} end
+return {'(' .. ms[#ms], n}

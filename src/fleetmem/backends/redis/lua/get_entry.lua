@@ -1,0 +1,5 @@
+-- ARGV: 2 key. Returns {raw, expires_ms} or nil.
+local ekey = EPFX .. ARGV[2]
+local raw = redis.call('GET', ekey)
+if not raw then return nil end
+return {raw, redis.call('PEXPIRETIME', ekey)}

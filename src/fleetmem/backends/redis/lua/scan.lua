@@ -1,0 +1,41 @@
+-- Live keys of the index between two ZRANGE BYLEX bounds, ascending.
+-- ARGV: 2 min, 3 max, 4 how many live keys at most, 5 how many members to look at at most,
+-- 6 partition filter ("" = any, "=<name>"). Members whose entry vanished (native expiry) are
+-- removed from every index on the way. Returns {cursor, key...}: cursor is the bound to
+-- continue from, "" when the range is exhausted.
+local lo, hi = ARGV[2], ARGV[3]
+local want, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+local pf = ARGV[6]
+local wanted_part = string.sub(pf, 2)
+local out = {''}
+local found, seen = 0, 0
+while true do
+  local batch = math.min(budget - seen, math.max(want - found, 16) + 16)
+  if batch < 1 then batch = 1 end
+  local ms = redis.call('ZRANGE', IDX, lo, hi, 'BYLEX', 'LIMIT', 0, batch)
+  for _, m in ipairs(ms) do
+    seen = seen + 1
+    local key, part = split_member(m)
+    if pf == '' or part == wanted_part then
+      if redis.call('EXISTS', EPFX .. key) == 1 then
+        found = found + 1
+        out[found + 1] = key
+        if found >= want then
+          out[1] = '(' .. m
+          return out
+        end
+      else
+        redis.call('ZREM', IDX, m)
+        redis.call('ZREM', XZ, key)
+        count(part, -1)
+        redis.call('INCR', PENDING)
+      end
+    end
+  end
+  if #ms < batch then return out end
+  lo = '(' .. ms[#ms]
+  if seen >= budget then
+    out[1] = lo
+    return out
+  end
+end

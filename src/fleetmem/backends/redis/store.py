@@ -1,0 +1,616 @@
+"""``RedisStore``: the ``MemoryStore`` contract on Redis 7 (standalone or Cluster).
+
+Key layout (see ``lua/_lib.lua``): every key of a namespace starts with ``fm:{<ns>}:`` -- the
+namespace is the cluster hash tag, so all of a namespace lives in one slot and each multi-key
+script runs there; a ``{`` inside a user key comes after the tag and cannot move it.
+
+* ``fm:{ns}:e:<key>`` -- one STRING per entry: a short header (version, created, updated,
+  partition) and the JSON. Native TTL is the expiry. A plain ``GET`` reads it in one round trip.
+* ``fm:{ns}:i`` -- a sorted set, every score 0, ordered by the key's UTF-8 bytes (= code-point
+  order): ``keys`` and ``search`` read a ``BYLEX`` range, so their cost follows the result.
+* ``fm:{ns}:x`` -- a sorted set of the keys that have a TTL, scored by expiry: entries that Redis
+  expired natively are found there and dropped from the index lazily (never for correctness:
+  every read path checks that the entry key still exists).
+* ``fm:{ns}:c`` -- a hash of live entries per partition (exact once ``x`` is pruned).
+
+Every write is one Lua script (``EVALSHA``), so value, version, index, counts and TTL change
+atomically; timestamps come from the server's ``TIME``.
+
+Failure handling: each call runs under a deadline (``timeout``, default 2 s) with redis-py's own
+retry switched off. Reads, and writes that provably never left the client (the connection could
+not be opened), are retried ``retries`` times within that deadline; a write whose connection
+died or timed out while in flight raises :class:`~fleetmem.errors.OutcomeUnknownError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value
+from fleetmem._urls import redact_url, url_scheme
+from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
+from fleetmem.backends.base import MISSING, BaseStore, EntryMeta
+from fleetmem.backends.redis.scripts import SCRIPTS
+from fleetmem.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    FleetmemError,
+    InvalidArgumentError,
+    KeyNotFoundError,
+    NotANumberError,
+    OutcomeUnknownError,
+    VersionConflictError,
+)
+from fleetmem.protocol import Entry, StoreStats
+
+__all__ = ["RedisStore"]
+
+_SHA = {s.name: s.sha for s in SCRIPTS.values()}
+_SOURCE_BY_SHA = {s.sha: s.source for s in SCRIPTS.values()}
+_SET, _SET_IF_ABSENT, _CAS, _INCR = (
+    _SHA["set"],
+    _SHA["set_if_absent"],
+    _SHA["compare_and_set"],
+    _SHA["incr"],
+)
+_GET_ENTRY, _SET_MANY, _DELETE_MANY = _SHA["get_entry"], _SHA["set_many"], _SHA["delete_many"]
+_EXPIRE, _SCAN, _CLEAR, _PRUNE = _SHA["expire"], _SHA["scan"], _SHA["clear"], _SHA["prune"]
+
+#: Keys per MGET / script call in the batch operations.
+_BATCH = 5000
+#: Index members a ``scan`` / ``clear`` / ``prune`` call looks at before handing back a cursor.
+_SCAN_BUDGET = 5000
+#: Errors raised before a command was written to a socket (safe to retry, even for a write).
+_UNSENT = ("connecting to", "Timeout connecting", "Too many connections")
+_KIND = {b'"': "str", b"{": "dict", b"[": "list", b"t": "bool", b"f": "bool", b"n": "NoneType"}
+_UTC = timezone.utc
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000.0, _UTC)
+
+
+def _part_arg(partition: str | None) -> str:
+    """``partition`` as the scripts take it: "" keeps, "=<name>" sets ("=" for default)."""
+    if partition is None:
+        return ""
+    return "=" if partition == DEFAULT_PARTITION else "=" + partition
+
+
+def _part_name(raw: bytes | str) -> str:
+    name = raw.decode() if isinstance(raw, bytes) else raw
+    return name or DEFAULT_PARTITION
+
+
+def _meta(ver: int, created: int, updated: int, part: bytes, expires: int) -> EntryMeta:
+    return EntryMeta(
+        _part_name(part),
+        int(ver),
+        _dt(created),
+        _dt(updated),
+        None if expires < 0 else _dt(expires),
+    )
+
+
+def _secret(value: Any) -> str | None:
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    return str(getter() if getter is not None else value)
+
+
+class RedisStore(BaseStore):
+    """A ``MemoryStore`` on Redis 7 without modules, standalone or Redis Cluster.
+
+    Build it with :meth:`from_url` (``redis://``, ``rediss://``, ``unix://``) or from an
+    injected ``redis.asyncio.Redis`` / ``RedisCluster`` client (created with
+    ``decode_responses=False``), which the store then never closes.
+    """
+
+    backend_name = "redis"
+
+    def __init__(
+        self,
+        *,
+        client: aioredis.Redis | RedisCluster | None = None,
+        namespace: str = "default",
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        timeout: float = 2.0,
+        retries: int = 1,
+        _url: str | None = None,
+        _cluster: bool | None = None,
+        _client_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(namespace=namespace, max_value_bytes=max_value_bytes)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigurationError(f"timeout must be a positive number, not {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(f"retries must be an int >= 0, not {retries!r}")
+        self._timeout = float(timeout)
+        self._retries = retries
+        self._url = _url
+        self._client_options = _client_options or {}
+        self._owns_client = client is None
+        if client is not None:
+            if not isinstance(client, (aioredis.Redis, RedisCluster)):
+                raise ConfigurationError(
+                    "client must be a redis.asyncio.Redis or redis.asyncio.cluster.RedisCluster"
+                )
+            encoder = client.get_encoder()
+            if getattr(encoder, "decode_responses", False):
+                raise ConfigurationError("RedisStore needs a client with decode_responses=False")
+            _cluster = isinstance(client, RedisCluster)
+        elif _url is None:
+            raise ConfigurationError("RedisStore needs a client or a URL (use from_url)")
+        self._client: Any = client
+        self._cluster = _cluster
+        if client is None and _cluster is not None:
+            self._client = self._make_client(_cluster)
+        self._bind_namespace()
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_url(  # type: ignore[override]
+        cls,
+        url: str,
+        *,
+        namespace: str = "default",
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        timeout: float = 2.0,
+        socket_timeout: float | None = None,
+        connect_timeout: float | None = None,
+        retries: int = 1,
+        cluster: bool | None = None,
+        username: str | None = None,
+        password: Any = None,
+        max_connections: int | None = None,
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        ssl_cert_reqs: str | None = None,
+        ssl_check_hostname: bool | None = None,
+        client_name: str | None = None,
+    ) -> RedisStore:
+        """A store for ``url`` (no I/O; ``connect()`` opens it).
+
+        ``timeout`` is the deadline of every call in seconds, retries included;
+        ``socket_timeout`` / ``connect_timeout`` default to half of it (a first attempt then
+        fits in the deadline without a timer of its own). ``retries`` is how many times a
+        read (or a write that was never sent) is tried again within that deadline.
+        ``cluster=None`` asks the server on ``connect()`` whether it is a Redis Cluster.
+        ``username`` / ``password`` (a ``str`` or ``SecretStr``) override the URL's; the
+        password never appears in a ``repr``, log line or error. ``ssl_*`` apply to
+        ``rediss://``.
+        """
+        if not isinstance(url, str) or url_scheme(url) not in ("redis", "rediss", "unix"):
+            raise ConfigurationError(
+                f"RedisStore needs a redis://, rediss:// or unix:// URL, not "
+                f"{redact_url(url) if isinstance(url, str) else type(url).__name__!r}"
+            )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigurationError(f"timeout must be a positive number, not {timeout!r}")
+        options: dict[str, Any] = {
+            "socket_timeout": float(socket_timeout if socket_timeout is not None else timeout / 2),
+            "socket_connect_timeout": float(
+                connect_timeout if connect_timeout is not None else timeout / 2
+            ),
+            # redis-py's default retry turns a socket timeout into many seconds and may send a
+            # write twice; the store retries by itself, within its deadline.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if username is not None:
+            options["username"] = username
+        if password is not None:
+            options["password"] = _secret(password)
+        if max_connections is not None:
+            options["max_connections"] = max_connections
+        if client_name is not None:
+            options["client_name"] = client_name
+        for name, value in (
+            ("ssl_ca_certs", ssl_ca_certs),
+            ("ssl_certfile", ssl_certfile),
+            ("ssl_keyfile", ssl_keyfile),
+            ("ssl_cert_reqs", ssl_cert_reqs),
+            ("ssl_check_hostname", ssl_check_hostname),
+        ):
+            if value is not None:
+                if url_scheme(url) != "rediss":
+                    raise ConfigurationError(f"{name} needs a rediss:// URL")
+                options[name] = value
+        if url_scheme(url) == "unix":
+            if cluster:
+                raise ConfigurationError("a Redis Cluster cannot be reached over unix://")
+            cluster = False
+        return cls(
+            namespace=namespace,
+            max_value_bytes=max_value_bytes,
+            timeout=timeout,
+            retries=retries,
+            _url=url,
+            _cluster=cluster,
+            _client_options=options,
+        )
+
+    def _make_client(self, cluster: bool) -> Any:
+        assert self._url is not None
+        try:
+            if cluster:
+                return RedisCluster.from_url(self._url, **self._client_options)
+            return aioredis.Redis.from_url(self._url, **self._client_options)
+        except (ValueError, TypeError, rexc.RedisError) as exc:
+            raise ConfigurationError(
+                f"invalid Redis URL or option for {redact_url(self._url)!r}: {type(exc).__name__}"
+            ) from None
+
+    @property
+    def client(self) -> Any:
+        """The ``redis.asyncio`` client (a standalone one is made now if ``connect()`` has not
+        decided yet); the hybrid tier runs its cache commands on it."""
+        self._check_open()
+        if self._client is None:
+            self._cluster = bool(self._cluster)
+            self._client = self._make_client(self._cluster)
+        return self._client
+
+    def _bind_namespace(self) -> None:
+        prefix = f"fm:{{{self._namespace}}}:"
+        self._ep = prefix + "e:"
+        # Constant arguments of every script call, encoded once: numkeys, KEYS, entry prefix.
+        self._nsargs = (
+            5,
+            *(f"{prefix}{name}".encode() for name in "ixctg"),
+            self._ep.encode(),
+        )
+
+    def _repr_details(self) -> str:
+        where = redact_url(self._url) if self._url is not None else "injected client"
+        kind = " cluster" if self._cluster else ""
+        return f" url={where!r}{kind} timeout={self._timeout}"
+
+    async def connect(self) -> RedisStore:
+        self._check_open()
+        if self._client is None:
+            await self._detect_cluster()
+        await self._exec(False, "PING")
+        return self
+
+    async def _detect_cluster(self) -> None:
+        probe = self._make_client(False)
+        try:
+            info = await asyncio.wait_for(probe.execute_command("INFO", "cluster"), self._timeout)
+        except Exception as exc:
+            raise self._unavailable("connect", exc) from exc
+        finally:
+            await probe.aclose()
+        enabled = bool(int(info.get("cluster_enabled", 0))) if isinstance(info, dict) else False
+        if self._client is None:  # a concurrent connect() may have won
+            self._cluster = enabled
+            self._client = self._make_client(enabled)
+
+    async def _aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and self._owns_client:
+            await client.aclose()
+
+    # ---------------------------------------------------------------- the one choke point
+
+    async def _exec(self, write: bool, *args: Any) -> Any:
+        """Run one command under the deadline; translate every driver error."""
+        # The first attempt is bounded by the socket timeouts (connect and read, half the
+        # deadline each by default): an asyncio timer per call would cost ~7 us on the hot path.
+        start = time.monotonic()
+        client = self._client
+        if client is None:
+            await self.connect()
+            client = self._client
+        try:
+            return await client.execute_command(*args)
+        except Exception as exc:
+            return await self._recover(exc, write, args, start)
+
+    async def _recover(
+        self, first: Exception, write: bool, args: tuple[Any, ...], start: float
+    ) -> Any:
+        """The slow path of :meth:`_exec`: NOSCRIPT, retries, translation."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout - (time.monotonic() - start)
+        exc: Exception = first
+        attempt = 0
+        while True:
+            if isinstance(exc, rexc.NoScriptError) and args and args[0] == "EVALSHA":
+                # The server lost its script cache (restart, SCRIPT FLUSH, failover): EVAL
+                # runs the script and caches it again.
+                args = ("EVAL", _SOURCE_BY_SHA[args[1]], *args[2:])
+            elif isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not isinstance(
+                exc, rexc.RedisError
+            ):
+                raise self._unavailable(args[0], exc, in_flight=write) from exc
+            elif isinstance(
+                exc,
+                (
+                    rexc.ConnectionError,
+                    rexc.TimeoutError,
+                    rexc.TryAgainError,
+                    rexc.ClusterDownError,
+                    rexc.MasterDownError,
+                ),
+            ):
+                if isinstance(exc, rexc.AuthenticationError):
+                    raise self._unavailable(args[0], exc) from exc
+                unsent = any(marker in str(exc) for marker in _UNSENT)
+                if write and not unsent and not isinstance(exc, rexc.BusyLoadingError):
+                    raise self._unavailable(args[0], exc, in_flight=True) from exc
+                attempt += 1
+                if attempt > self._retries or loop.time() >= deadline - 0.001:
+                    raise self._unavailable(args[0], exc) from exc
+                await asyncio.sleep(min(0.02 * attempt, max(0.0, deadline - loop.time())))
+            elif isinstance(exc, rexc.ResponseError):
+                raise FleetmemError(f"Redis refused {args[0]}: {exc}") from exc
+            else:
+                raise self._unavailable(args[0], exc) from exc
+            try:
+                return await asyncio.wait_for(
+                    self._client.execute_command(*args), max(0.001, deadline - loop.time())
+                )
+            except Exception as again:
+                exc = again
+
+    def _unavailable(
+        self, what: Any, exc: BaseException, *, in_flight: bool = False
+    ) -> BackendUnavailableError:
+        name = what.decode() if isinstance(what, bytes) else str(what)
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not isinstance(
+            exc, rexc.RedisError
+        ):
+            detail = f"no reply within the {self._timeout:g} s deadline"
+        where = redact_url(self._url) if self._url is not None else "injected client"
+        if in_flight:
+            return OutcomeUnknownError(
+                f"Redis ({where}) connection failed while a write ({name}) was in flight; "
+                f"it may or may not have been applied: {detail}"
+            )
+        return BackendUnavailableError(f"Redis ({where}) unavailable during {name}: {detail}")
+
+    async def _script(self, write: bool, sha: str, *args: Any) -> Any:
+        return await self._exec(write, "EVALSHA", sha, *self._nsargs, *args)
+
+    # ---------------------------------------------------------------- reads
+
+    async def _get(self, key: str) -> Any:
+        raw = await self._exec(False, "GET", self._ep + key)
+        if raw is None:
+            return MISSING
+        return decode_value(raw[raw.index(b"\n") + 1 :])
+
+    async def _get_entry(self, key: str) -> Entry | None:
+        res = await self._script(False, _GET_ENTRY, key)
+        if res is None:
+            return None
+        raw, expires = res
+        nl = raw.index(b"\n")
+        ver, created, delta, part = raw[:nl].split(b" ", 3)
+        c = int(created)
+        return Entry(
+            key,
+            decode_value(raw[nl + 1 :]),
+            *_meta(int(ver), c, c + int(delta), part, int(expires)),
+        )
+
+    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        ep = self._ep
+        for start in range(0, len(keys), _BATCH):
+            chunk = keys[start : start + _BATCH]
+            raws = await self._exec(False, "MGET", *[ep + k for k in chunk])
+            for key, raw in zip(chunk, raws, strict=True):
+                if raw is not None:
+                    out[key] = decode_value(raw[raw.index(b"\n") + 1 :])
+        return out
+
+    async def _exists(self, key: str) -> bool:
+        return bool(await self._exec(False, "EXISTS", self._ep + key))
+
+    async def _ttl(self, key: str) -> float | None:
+        ms = await self._exec(False, "PTTL", self._ep + key)
+        if ms == -2:
+            raise KeyNotFoundError(f"key {key!r} does not exist")
+        return None if ms < 0 else ms / 1000.0
+
+    def _range(self, prefix: str, after: str | None) -> tuple[bytes, bytes]:
+        encoded = prefix.encode()
+        lo = b"[" + encoded if prefix else b"-"
+        if after is not None and after >= prefix:
+            # Members of `after` are "after" and "after\0<partition>": start just past them.
+            lo = b"[" + after.encode() + b"\x01"
+        hi = b"(" + encoded + b"\xff" if prefix else b"+"
+        return lo, hi
+
+    async def _scan_page(self, lo: bytes, hi: bytes, want: int, pf: str) -> tuple[bytes, list[str]]:
+        res = await self._script(False, _SCAN, lo, hi, want, _SCAN_BUDGET, pf)
+        return res[0], [k.decode() for k in res[1:]]
+
+    async def _keys(
+        self, prefix: str, partition: str | None, limit: int | None, after: str | None
+    ) -> list[str]:
+        lo, hi = self._range(prefix, after)
+        pf = "" if partition is None else _part_arg(partition)
+        out: list[str] = []
+        while True:
+            want = 5000 if limit is None else min(limit - len(out), 5000)
+            cursor, page = await self._scan_page(lo, hi, want, pf)
+            out.extend(page)
+            if not cursor or (limit is not None and len(out) >= limit):
+                return out
+            lo = cursor
+
+    async def _search(
+        self, pattern: GlobPattern, partition: str | None, limit: int | None
+    ) -> dict[str, Any]:
+        lo, hi = self._range(pattern.prefix, None)
+        pf = "" if partition is None else _part_arg(partition)
+        out: dict[str, Any] = {}
+        ep = self._ep
+        matches = pattern.matches
+        while True:
+            want = 1000 if limit is None else min(1000, max(2 * (limit - len(out)), 100))
+            cursor, page = await self._scan_page(lo, hi, want, pf)
+            hits = [k for k in page if matches(k)]
+            if hits:
+                raws = await self._exec(False, "MGET", *[ep + k for k in hits])
+                for key, raw in zip(hits, raws, strict=True):
+                    if raw is not None:
+                        out[key] = decode_value(raw[raw.index(b"\n") + 1 :])
+                        if limit is not None and len(out) >= limit:
+                            return out
+            if not cursor:
+                return out
+            lo = cursor
+
+    async def _prune(self, mode: str) -> list[Any]:
+        """Drop the index members of natively expired entries; the last script reply."""
+        for _ in range(100_000):
+            res: list[Any] = await self._script(False, _PRUNE, _SCAN_BUDGET, mode)
+            if int(res[1]):
+                return res
+        raise BackendUnavailableError("Redis: expired entries are pruned slower than they expire")
+
+    async def _partitions(self) -> list[str]:
+        flat = (await self._prune("stats"))[2]
+        return sorted(flat[i].decode() for i in range(0, len(flat), 2) if int(flat[i + 1]) > 0)
+
+    async def _stats(self) -> StoreStats:
+        res = await self._prune("stats")
+        flat = res[2]
+        counts = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        counts = {name: n for name, n in sorted(counts.items()) if n > 0}
+        total = sum(counts.values())
+        size, sampled = int(res[3]), int(res[4])
+        return StoreStats(
+            namespace=self._namespace,
+            keys=total,
+            partitions=counts,
+            expired_pending=int(res[5]),
+            bytes=(size * total) // sampled if sampled else 0,
+            backend=self.backend_name,
+        )
+
+    async def _health(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await self._exec(False, "PING")
+        return {
+            "rtt_ms": round((loop.time() - start) * 1000.0, 3),
+            "cluster": bool(self._cluster),
+            "url": redact_url(self._url) if self._url is not None else "injected client",
+        }
+
+    # ---------------------------------------------------------------- writes
+
+    async def _set(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+    ) -> EntryMeta:
+        ver, c, u, part, exp = await self._exec(
+            True,
+            "EVALSHA",
+            _SET,
+            *self._nsargs,
+            key,
+            payload,
+            ttl_ms or 0,
+            _part_arg(partition),
+            1 if keep_ttl else 0,
+        )
+        return _meta(ver, c, u, part, exp)
+
+    async def _set_many(
+        self,
+        chunks: Iterator[list[tuple[str, bytes]]],
+        ttl_ms: int | None,
+        partition: str | None,
+    ) -> int:
+        count = 0
+        parg = _part_arg(partition)
+        for chunk in chunks:
+            for start in range(0, len(chunk), _BATCH):
+                args: list[Any] = []
+                for key, payload in chunk[start : start + _BATCH]:
+                    args.append(key)
+                    args.append(payload)
+                count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
+        return count
+
+    async def _set_if_absent(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+    ) -> bool:
+        res = await self._script(
+            True, _SET_IF_ABSENT, key, payload, ttl_ms or 0, _part_arg(partition)
+        )
+        return bool(res)
+
+    async def _compare_and_set(
+        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+    ) -> EntryMeta:
+        res = await self._script(
+            True, _CAS, key, payload, version, ttl_ms or 0, _part_arg(partition)
+        )
+        if not res[0]:
+            raise VersionConflictError(key, version, int(res[1]))
+        return _meta(*res[1:])
+
+    async def _incr(
+        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+    ) -> int | float:
+        is_int = isinstance(amount, int)
+        text = str(amount) if is_int else repr(float(amount))
+        res = await self._script(
+            True, _INCR, key, text, "i" if is_int else "f", ttl_ms or 0, _part_arg(partition)
+        )
+        status = res[0]
+        if status == b"OK":
+            result: bytes = res[1]
+            if is_int and result.lstrip(b"-").isdigit():
+                return int(result)
+            return float(result)
+        if status == b"NAN":
+            kind = _KIND.get(bytes(res[1]), "value")
+            raise NotANumberError(f"key {key!r} holds a {kind}, not a number")
+        raise InvalidArgumentError(f"incr of key {key!r} would leave the signed 64-bit range")
+
+    async def _delete(self, key: str) -> bool:
+        return bool(await self._script(True, _DELETE_MANY, key))
+
+    async def _delete_many(self, keys: list[str]) -> int:
+        count = 0
+        for start in range(0, len(keys), _BATCH):
+            count += await self._script(True, _DELETE_MANY, *keys[start : start + _BATCH])
+        return count
+
+    async def _expire(self, key: str, ttl_ms: int | None) -> bool:
+        return bool(await self._script(True, _EXPIRE, key, ttl_ms or 0))
+
+    async def _clear(self, partition: str | None) -> int:
+        pf = "" if partition is None else _part_arg(partition)
+        cursor: bytes | str = "-"
+        count = 0
+        for _ in range(10_000_000):
+            res = await self._script(True, _CLEAR, pf, cursor, _SCAN_BUDGET)
+            count += int(res[1])
+            cursor = res[0]
+            if not cursor:
+                return count
+        return count  # pragma: no cover - bounded loop
+
+    async def _cleanup_expired(self) -> int:
+        return int((await self._prune("cleanup"))[2])

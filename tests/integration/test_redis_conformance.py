@@ -1,0 +1,61 @@
+"""The conformance suite on ``RedisStore`` from an injected client and on a Redis Cluster.
+
+(The URL-built store on a standalone server runs the same suite through the ``store`` fixture
+of tests/conftest.py.) An injected client is created by the test, so the store must leave it
+open after ``close()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from fleetmem.testing.conformance import StoreConformance
+
+pytestmark = pytest.mark.redis
+
+aioredis = pytest.importorskip("redis.asyncio")
+
+
+@pytest.fixture
+async def store(fleetmem_redis_server: Any, fleetmem_namespace: str) -> AsyncIterator[Any]:
+    from fleetmem.backends.redis import RedisStore
+
+    client = aioredis.Redis.from_url(fleetmem_redis_server.url)
+    try:
+        created = await RedisStore(client=client, namespace=fleetmem_namespace).connect()
+        try:
+            yield created
+        finally:
+            if not created.closed:
+                await created.clear()
+            await created.close()
+        # The store never closes a client it did not create.
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+class TestRedisStoreOnInjectedClient(StoreConformance):
+    pass
+
+
+@pytest.mark.cluster
+class TestRedisStoreOnCluster(StoreConformance):
+    @pytest.fixture
+    async def store(
+        self, fleetmem_redis_cluster: Any, fleetmem_namespace: str
+    ) -> AsyncIterator[Any]:
+        from fleetmem.backends.redis import RedisStore
+
+        created = await RedisStore.from_url(
+            fleetmem_redis_cluster.url, namespace=fleetmem_namespace
+        ).connect()
+        try:
+            yield created
+        finally:
+            if not created.closed:
+                await created.clear()
+            await created.close()
