@@ -47,10 +47,22 @@ async def _redis(request: pytest.FixtureRequest, namespace: str) -> MemoryStore:
     return await store.connect()
 
 
+async def _hybrid(request: pytest.FixtureRequest, namespace: str) -> MemoryStore:
+    from fleetmem.backends.hybrid import HybridStore
+
+    pg = request.getfixturevalue("fleetmem_postgres_server")
+    rs = request.getfixturevalue("fleetmem_redis_server")
+    store = HybridStore.from_urls(pg.dsn, rs.url, namespace=namespace)
+    return await store.connect()
+
+
 #: name -> (factory, pytest marks). Order is the order tests run in.
 BACKENDS: dict[str, tuple[StoreFactory, tuple[pytest.MarkDecorator, ...]]] = {
     "memory": (_memory, (pytest.mark.memory,)),
     "sqlite": (_sqlite, (pytest.mark.sqlite,)),
+    "redis": (_redis, (pytest.mark.redis,)),
+    "postgres": (_postgres, (pytest.mark.postgres,)),
+    "hybrid": (_hybrid, (pytest.mark.hybrid, pytest.mark.postgres, pytest.mark.redis)),
 }
 
 

@@ -1,0 +1,818 @@
+"""``HybridStore``: Redis as a coherent cache in front of PostgreSQL, the system of record.
+
+How it stays coherent (see docs/backends/hybrid.md for the guarantees):
+
+* **Writes** go to the durable store first; the cache is touched only after COMMIT, and only to
+  *delete* the written keys. A write that fails in PostgreSQL leaves the cache untouched.
+* **Reads** run ``read.lua``: a hit returns the cached body; a miss leaves a *lease* (a random
+  token) in the key. The reader then reads PostgreSQL and fills with ``fill.lua``, which writes
+  only while the key still holds its lease. Any write between the lease and the fill deleted
+  the lease, so a value read before a write can never be cached after it: no read/invalidate
+  race, whatever the delays, and no reliance on versions (which restart at 1 after a delete).
+* **Epochs** guard against lost invalidations. Every cached value carries its namespace's epoch;
+  a value of an older epoch is dead. The epoch's authoritative counter lives in the durable
+  store (namespace ``_fleetmem.hybrid``) and is published to Redis with ``ZADD GT`` (it never
+  goes backwards). It is bumped when a write could not invalidate the cache (Redis down, slow
+  or the breaker open), when this process saw Redis unreachable, and when Redis lost its
+  scripts (a restart, possibly with old data from its persistence, or ``SCRIPT FLUSH``). The
+  scripts' source is salted per namespace, so every namespace sees the ``NOSCRIPT`` itself, and
+  the epoch is published *before* the scripts are loaded again.
+* **Redis failures** never fail an operation: each cache call has a deadline (default 250 ms), a
+  circuit breaker stops paying it on every call, and reads fall back to PostgreSQL.
+* **Single flight**: concurrent reads of one key in one process share one cache read and at
+  most one PostgreSQL read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from importlib import resources
+from typing import Any
+
+import orjson
+
+from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value
+from fleetmem._validate import GlobPattern
+from fleetmem.backends.base import MISSING, BaseStore, EntryMeta
+from fleetmem.errors import BackendUnavailableError, ConfigurationError
+from fleetmem.protocol import Entry, StoreStats
+
+__all__ = ["HybridMetrics", "HybridStore"]
+
+log = logging.getLogger("fleetmem.hybrid")
+
+EPOCH_NAMESPACE = "_fleetmem.hybrid"
+_READ_CHUNK = 500
+_NEGATIVE = b"N"
+
+
+def _script_source(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+_READ_LUA = _script_source("read.lua")
+_FILL_LUA = _script_source("fill.lua")
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError, asyncio.TimeoutError, TimeoutError)
+
+
+class _NoScript(Exception):
+    pass
+
+
+class _LeaderGone(Exception):
+    """The caller leading a single-flight load was cancelled; the others load again."""
+
+
+class _CacheFailed(Exception):
+    """The cache could not answer in time; the caller falls back to PostgreSQL."""
+
+
+@dataclass
+class HybridMetrics:
+    """Counters of one ``HybridStore`` (shared by its ``with_namespace`` views)."""
+
+    hits: int = 0
+    negative_hits: int = 0
+    misses: int = 0
+    fills: int = 0
+    fills_voided: int = 0
+    durable_reads: int = 0
+    single_flight_joins: int = 0
+    fallbacks: int = 0
+    cache_errors: int = 0
+    invalidations: int = 0
+    invalidations_missed: int = 0
+    epoch_bumps: int = 0
+    breaker_opened: int = 0
+    stale_reads: int = 0
+    breaker_state: str = "closed"
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Breaker:
+    """Closed -> open after ``threshold`` consecutive failures -> half-open after ``cooldown``."""
+
+    def __init__(self, threshold: int, cooldown: float, metrics: HybridMetrics) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.metrics = metrics
+        self.failures = 0
+        self.state = "closed"
+        self.opened_at = 0.0
+        self.probing = False
+        #: Bumped every time the breaker opens: namespaces resync when they see a new one.
+        self.outages = 0
+
+    def allow(self) -> bool:
+        if self.state == "closed":
+            return True
+        if self.state == "open" and time.monotonic() - self.opened_at >= self.cooldown:
+            self.state = "half-open"
+            self.metrics.breaker_state = self.state
+            self.probing = False
+        if self.state == "half-open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def blocked(self) -> bool:
+        """Open and still cooling down (does not take the half-open probe)."""
+        return self.state == "open" and time.monotonic() - self.opened_at < self.cooldown
+
+    def success(self) -> None:
+        if self.state != "closed":
+            self.state = "closed"
+            self.metrics.breaker_state = "closed"
+        self.failures = 0
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.state == "half-open" or self.failures >= self.threshold:
+            if self.state != "open":
+                self.metrics.breaker_opened += 1
+                self.outages += 1
+            self.state = "open"
+            self.opened_at = time.monotonic()
+            self.metrics.breaker_state = "open"
+
+
+@dataclass
+class _Shared:
+    """State shared by a HybridStore and its namespace views."""
+
+    metrics: HybridMetrics
+    breaker: _Breaker
+    inflight: dict[tuple[str, str], asyncio.Future[bytes]] = field(default_factory=dict)
+    #: namespace -> the breaker outage count it last synced after (absent: never synced here).
+    synced: dict[str, int] = field(default_factory=dict)
+    #: namespaces whose epoch must be bumped and published before their cache is used again.
+    dirty: set[str] = field(default_factory=set)
+    durable_down: bool = False
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _us(dt: datetime | None) -> int | None:
+    """Exact microseconds since the epoch (the cache keeps the durable timestamps exactly)."""
+    return None if dt is None else (dt - _EPOCH) // _MICROSECOND
+
+
+def _dt(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
+
+
+def _body(entry: Entry | None) -> bytes:
+    """The cached form of an entry: ``V<json header>\\n<json value>``, or ``N`` for absent."""
+    if entry is None:
+        return _NEGATIVE
+    header = orjson.dumps(
+        [
+            entry.version,
+            entry.partition,
+            _us(entry.created_at),
+            _us(entry.updated_at),
+            _us(entry.expires_at),
+        ]
+    )
+    return b"V" + header + b"\n" + encode_value(entry.value, sys.maxsize)
+
+
+def _body_value(body: bytes) -> Any:
+    if body == _NEGATIVE:
+        return MISSING
+    return decode_value(memoryview(body)[body.index(b"\n") + 1 :])
+
+
+def _body_entry(key: str, body: bytes) -> Entry | None:
+    if body == _NEGATIVE:
+        return None
+    cut = body.index(b"\n")
+    version, partition, created, updated, expires = orjson.loads(body[1:cut])
+    return Entry(
+        key,
+        decode_value(memoryview(body)[cut + 1 :]),
+        partition,
+        version,
+        _dt(created),  # type: ignore[arg-type]
+        _dt(updated),  # type: ignore[arg-type]
+        _dt(expires),
+    )
+
+
+class HybridStore(BaseStore):
+    """A ``MemoryStore`` whose reads are served by Redis and whose truth is PostgreSQL.
+
+    ``durable`` is the system of record (a ``PostgresStore``; any fleetmem store works) and
+    ``cache`` a ``RedisStore`` whose client is used for the cache (its own entries are not
+    touched). Options: ``cache_ttl`` (seconds a cached value lives at most), ``cache_deadline``
+    (seconds a cache call may take before the read falls back to the durable store),
+    ``allow_stale_reads`` (serve cache hits while the durable store is known to be down),
+    ``breaker_threshold`` / ``breaker_cooldown`` (consecutive cache failures that open the
+    circuit breaker, and how long it stays open before one probe), ``lease_ttl``.
+    """
+
+    backend_name = "hybrid"
+
+    def __init__(
+        self,
+        durable: BaseStore,
+        cache: Any,
+        *,
+        namespace: str | None = None,
+        cache_ttl: float = 300.0,
+        cache_deadline: float = 0.25,
+        allow_stale_reads: bool = False,
+        breaker_threshold: int = 2,
+        breaker_cooldown: float = 1.0,
+        lease_ttl: float = 5.0,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        owns_tiers: bool = False,
+    ) -> None:
+        super().__init__(
+            namespace=namespace if namespace is not None else durable.namespace,
+            max_value_bytes=max_value_bytes,
+        )
+        for name, value in (
+            ("cache_ttl", cache_ttl),
+            ("cache_deadline", cache_deadline),
+            ("breaker_cooldown", breaker_cooldown),
+            ("lease_ttl", lease_ttl),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
+        if not hasattr(cache, "client"):
+            raise ConfigurationError("cache must be a RedisStore")
+        self._durable_root = durable
+        self._cache = cache
+        self._cache_ttl_ms = int(cache_ttl * 1000)
+        self._deadline = float(cache_deadline)
+        self._allow_stale = bool(allow_stale_reads)
+        self._lease_ms = str(int(lease_ttl * 1000))
+        self._owns_tiers = owns_tiers
+        metrics = HybridMetrics()
+        self._state = _Shared(
+            metrics, _Breaker(max(1, breaker_threshold), breaker_cooldown, metrics)
+        )
+        self._bind_namespace()
+
+    @classmethod
+    def from_urls(
+        cls,
+        postgres_url: str,
+        redis_url: str,
+        *,
+        namespace: str = "default",
+        cache_deadline: float = 0.25,
+        postgres_options: dict[str, Any] | None = None,
+        redis_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> HybridStore:
+        """Build both tiers from URLs; the hybrid store owns and closes them."""
+        from fleetmem.backends.postgres import PostgresStore
+        from fleetmem.backends.redis import RedisStore
+
+        durable = PostgresStore.from_url(
+            postgres_url, namespace=namespace, **(postgres_options or {})
+        )
+        cache = RedisStore.from_url(
+            redis_url, namespace=namespace, **_cache_client_options(cache_deadline, redis_options)
+        )
+        return cls(
+            durable,
+            cache,
+            namespace=namespace,
+            cache_deadline=cache_deadline,
+            owns_tiers=True,
+            **options,
+        )
+
+    def _bind_namespace(self) -> None:
+        ns = self._namespace
+        self._durable = (
+            self._durable_root
+            if ns == self._durable_root.namespace
+            else self._durable_root.with_namespace(ns)
+        )
+        self._epochs = self._durable_root.with_namespace(EPOCH_NAMESPACE)
+        self._prefix = f"fmh:{{{ns}}}:k:"
+        self._epoch_key = f"fmh:{{{ns}}}:e"
+        salt = f"-- fleetmem hybrid cache, namespace {ns}\n"
+        self._read_src = salt + _READ_LUA
+        self._fill_src = salt + _FILL_LUA
+        self._read_sha = hashlib.sha1(self._read_src.encode(), usedforsecurity=False).hexdigest()
+        self._fill_sha = hashlib.sha1(self._fill_src.encode(), usedforsecurity=False).hexdigest()
+
+    def _repr_details(self) -> str:
+        return f" durable={self._durable_root!r} cache={self._cache!r}"
+
+    @property
+    def metrics(self) -> HybridMetrics:
+        """Hits, misses, fills, fallbacks, breaker state (shared by namespace views)."""
+        return self._state.metrics
+
+    @property
+    def durable(self) -> BaseStore:
+        return self._durable
+
+    async def connect(self) -> HybridStore:
+        self._check_open()
+        await self._durable_root.connect()
+        try:
+            await asyncio.wait_for(self._cache.connect(), self._deadline * 4)
+        except Exception as exc:  # the cache is optional: degrade, never fail
+            log.warning("hybrid cache unavailable at connect: %s", type(exc).__name__)
+            self._state.breaker.failure()
+            self._state.breaker.failure()
+        return self
+
+    async def _aclose(self) -> None:
+        if self._owns_tiers:
+            try:
+                await self._cache.close()
+            finally:
+                await self._durable_root.close()
+
+    # ------------------------------------------------------------------ cache plumbing
+
+    @contextlib.asynccontextmanager
+    async def _cache_guard(self) -> AsyncIterator[Any]:
+        """Run a cache call under the breaker and the deadline; raise _CacheFailed on trouble."""
+        state = self._state
+        if not state.breaker.allow():
+            state.metrics.fallbacks += 1
+            raise _CacheFailed
+        client = self._cache.client
+        try:
+            async with _timeout(self._deadline):
+                yield client
+        except _NoScript:
+            raise
+        except _redis_errors() as exc:
+            if _is_noscript(exc):
+                raise _NoScript from exc
+            state.breaker.failure()
+            state.metrics.cache_errors += 1
+            state.metrics.fallbacks += 1
+            raise _CacheFailed from exc
+        state.breaker.success()
+
+    async def _sync(self) -> bool:
+        """Bump and publish this namespace's epoch, then (re)load its scripts; True if done.
+
+        The epoch goes out before the scripts: until they are loaded every reader of this
+        namespace gets NOSCRIPT and comes here too, so none can read a value of the old epoch.
+        While the breaker is open nothing is bumped (reads must not write PostgreSQL).
+        """
+        state = self._state
+        if state.breaker.blocked():
+            return False
+        epoch = await self._epochs.incr(f"epoch/{self._namespace}")
+        state.metrics.epoch_bumps += 1
+        try:
+            async with self._cache_guard() as client:
+                await client.execute_command("ZADD", self._epoch_key, "GT", epoch, "e")
+                await client.execute_command("SCRIPT", "LOAD", self._read_src)
+                await client.execute_command("SCRIPT", "LOAD", self._fill_src)
+        except (_CacheFailed, _NoScript):
+            return False
+        state.dirty.discard(self._namespace)
+        state.synced[self._namespace] = state.breaker.outages
+        return True
+
+    def _needs_sync(self) -> bool:
+        state = self._state
+        seen = state.synced.get(self._namespace)
+        if self._namespace in state.dirty:
+            return True
+        return seen is not None and seen != state.breaker.outages
+
+    async def _cache_read(self, keys: list[str], token: str) -> list[Any]:
+        """``read.lua`` over ``keys``; resync and retry once on NOSCRIPT or a missing epoch."""
+        for attempt in range(2):
+            if self._needs_sync() and not await self._sync():
+                raise _CacheFailed
+            try:
+                async with self._cache_guard() as client:
+                    result = await client.execute_command(
+                        "EVALSHA",
+                        self._read_sha,
+                        len(keys) + 1,
+                        self._epoch_key,
+                        *[self._prefix + k for k in keys],
+                        token,
+                        self._lease_ms,
+                    )
+            except _NoScript:
+                self._state.dirty.add(self._namespace)
+                continue
+            if result == -1:
+                self._state.dirty.add(self._namespace)
+                if attempt == 0:
+                    continue
+                raise _CacheFailed
+            self._state.synced.setdefault(self._namespace, self._state.breaker.outages)
+            return list(result)
+        raise _CacheFailed
+
+    async def _cache_fill(self, token: str, bodies: list[tuple[str, bytes, int]]) -> None:
+        args: list[Any] = [token]
+        for _key, body, px in bodies:
+            args.extend((body, px))
+        try:
+            async with self._cache_guard() as client:
+                filled = await client.execute_command(
+                    "EVALSHA",
+                    self._fill_sha,
+                    len(bodies) + 1,
+                    self._epoch_key,
+                    *[self._prefix + k for k, _, _ in bodies],
+                    *args,
+                )
+        except (_CacheFailed, _NoScript):
+            return  # the lease expires by itself
+        metrics = self._state.metrics
+        if isinstance(filled, int) and filled >= 0:
+            metrics.fills += filled
+            metrics.fills_voided += len(bodies) - filled
+
+    def _cache_px(self, entry: Entry | None, started: float) -> int:
+        """The cache TTL: the durable entry's remaining life at read time, capped by cache_ttl."""
+        px = self._cache_ttl_ms
+        if entry is not None and entry.expires_at is not None:
+            elapsed_ms = (time.monotonic() - started) * 1000
+            left = (entry.expires_at - datetime.now(timezone.utc)).total_seconds() * 1000
+            px = min(px, int(left - elapsed_ms) - 1)
+        return max(px, 0)
+
+    async def _invalidate(self, keys: list[str]) -> None:
+        """After a COMMIT: delete ``keys`` from the cache, or make sure the epoch moves on."""
+        state = self._state
+        try:
+            if self._needs_sync():
+                # A new epoch retires every older value, these keys' included.
+                if state.breaker.blocked():
+                    raise _CacheFailed
+                if not await self._sync():
+                    state.metrics.invalidations_missed += 1  # _sync bumped the epoch already
+                    return
+            else:
+                async with self._cache_guard() as client:
+                    for start in range(0, len(keys), _READ_CHUNK):
+                        chunk = keys[start : start + _READ_CHUNK]
+                        await client.execute_command("DEL", *[self._prefix + k for k in chunk])
+            state.metrics.invalidations += len(keys)
+        except _CacheFailed:
+            await self._missed_invalidation()
+        finally:
+            # Reads that started before the cache was cleaned must not be joined from now on.
+            for key in keys:
+                state.inflight.pop((self._namespace, key), None)
+
+    async def _missed_invalidation(self) -> None:
+        """The cache may hold an old value: bump the durable epoch before acknowledging."""
+        state = self._state
+        state.metrics.invalidations_missed += 1
+        state.dirty.add(self._namespace)
+        try:
+            await self._epochs.incr(f"epoch/{self._namespace}")
+            state.metrics.epoch_bumps += 1
+        except BackendUnavailableError:
+            log.warning("could not bump the cache epoch of namespace %r", self._namespace)
+
+    async def _durable_call(self, coro: Any) -> Any:
+        try:
+            result = await coro
+        except BackendUnavailableError:
+            self._state.durable_down = True
+            raise
+        self._state.durable_down = False
+        return result
+
+    # ------------------------------------------------------------------ reads
+
+    async def _fetch_body(self, key: str) -> bytes:
+        """The cached body of ``key``: from Redis, else from the durable store (single flight)."""
+        state = self._state
+        if state.durable_down and not self._allow_stale:
+            entry = await self._durable_call(self._durable._get_entry(key))
+            return _body(entry)
+        slot = (self._namespace, key)
+        while True:
+            waiting = state.inflight.get(slot)
+            if waiting is None:
+                break
+            state.metrics.single_flight_joins += 1
+            try:
+                return await asyncio.shield(waiting)
+            except _LeaderGone:
+                continue  # the leading caller was cancelled: load again
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        state.inflight[slot] = future
+        try:
+            body = await self._load(key)
+        except asyncio.CancelledError:
+            if not future.done():
+                future.set_exception(_LeaderGone())
+                future.exception()
+            raise
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # waiters get it; do not warn when nobody waits
+            raise
+        else:
+            if not future.done():
+                future.set_result(body)
+            return body
+        finally:
+            if state.inflight.get(slot) is future:
+                del state.inflight[slot]
+
+    async def _load(self, key: str) -> bytes:
+        state = self._state
+        token = secrets.token_hex(8)
+        leased = False
+        try:
+            item = (await self._cache_read([key], token))[0]
+        except _CacheFailed:
+            item = None
+        if isinstance(item, bytes):
+            if item == _NEGATIVE:
+                state.metrics.negative_hits += 1
+            else:
+                state.metrics.hits += 1
+            if state.durable_down:
+                state.metrics.stale_reads += 1
+            return item
+        leased = item == 1
+        state.metrics.misses += 1
+        started = time.monotonic()
+        entry = await self._durable_call(self._durable._get_entry(key))
+        state.metrics.durable_reads += 1
+        body = _body(entry)
+        if leased:
+            px = self._cache_px(entry, started)
+            await self._cache_fill(token, [(key, body, px)])
+        return body
+
+    async def _get(self, key: str) -> Any:
+        return _body_value(await self._fetch_body(key))
+
+    async def _get_entry(self, key: str) -> Entry | None:
+        return _body_entry(key, await self._fetch_body(key))
+
+    async def _exists(self, key: str) -> bool:
+        return await self._fetch_body(key) != _NEGATIVE
+
+    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+        state = self._state
+        if state.durable_down and not self._allow_stale:
+            return dict(await self._durable_call(self._durable._get_many(keys)))
+        out: dict[str, Any] = {}
+        for start in range(0, len(keys), _READ_CHUNK):
+            chunk = keys[start : start + _READ_CHUNK]
+            token = secrets.token_hex(8)
+            try:
+                items: list[Any] = await self._cache_read(chunk, token)
+            except _CacheFailed:
+                items = [None] * len(chunk)
+            missing: list[str] = []
+            leased: set[str] = set()
+            for key, item in zip(chunk, items, strict=True):
+                if isinstance(item, bytes):
+                    state.metrics.hits += 1
+                    if item != _NEGATIVE:
+                        out[key] = _body_value(item)
+                else:
+                    missing.append(key)
+                    if item == 1:
+                        leased.add(key)
+            if not missing:
+                continue
+            state.metrics.misses += len(missing)
+            started = time.monotonic()
+            entries = await self._durable_call(self._durable_entries(missing))
+            state.metrics.durable_reads += 1
+            fills = []
+            for key in missing:
+                entry = entries.get(key)
+                if entry is not None:
+                    out[key] = entry.value
+                if key in leased:
+                    fills.append((key, _body(entry), self._cache_px(entry, started)))
+            if fills:
+                await self._cache_fill(token, fills)
+        return out
+
+    async def _durable_entries(self, keys: list[str]) -> dict[str, Entry]:
+        fetch = getattr(self._durable, "get_entries", None)
+        if fetch is not None:
+            found: dict[str, Entry] = await fetch(keys)
+            return found
+        out = {}
+        for key in keys:
+            entry = await self._durable._get_entry(key)
+            if entry is not None:
+                out[key] = entry
+        return out
+
+    async def _ttl(self, key: str) -> float | None:
+        return await self._durable_call(self._durable._ttl(key))  # type: ignore[no-any-return]
+
+    async def _keys(
+        self, prefix: str, partition: str | None, limit: int | None, after: str | None
+    ) -> list[str]:
+        return await self._durable_call(  # type: ignore[no-any-return]
+            self._durable._keys(prefix, partition, limit, after)
+        )
+
+    async def _search(
+        self, pattern: GlobPattern, partition: str | None, limit: int | None
+    ) -> dict[str, Any]:
+        return await self._durable_call(  # type: ignore[no-any-return]
+            self._durable._search(pattern, partition, limit)
+        )
+
+    async def _partitions(self) -> list[str]:
+        return await self._durable_call(self._durable._partitions())  # type: ignore[no-any-return]
+
+    async def _stats(self) -> StoreStats:
+        durable: StoreStats = await self._durable_call(self._durable._stats())
+        return StoreStats(
+            namespace=durable.namespace,
+            keys=durable.keys,
+            partitions=durable.partitions,
+            expired_pending=durable.expired_pending,
+            bytes=durable.bytes,
+            backend=self.backend_name,
+        )
+
+    async def _health(self) -> dict[str, Any]:
+        durable = await self._durable.health()
+        details: dict[str, Any] = {
+            "ok": durable.ok,
+            "durable": {"ok": durable.ok, "latency_ms": durable.latency_ms, **durable.details},
+            "metrics": self._state.metrics.snapshot(),
+        }
+        start = time.perf_counter()
+        try:
+            async with _timeout(self._deadline):
+                await self._cache.client.ping()
+            details["cache"] = {
+                "ok": True,
+                "latency_ms": (time.perf_counter() - start) * 1000,
+                "breaker": self._state.breaker.state,
+            }
+        except Exception as exc:
+            details["cache"] = {
+                "ok": False,
+                "error": type(exc).__name__,
+                "breaker": self._state.breaker.state,
+            }
+            details["degraded"] = "cache unavailable: reads are served by PostgreSQL"
+        return details
+
+    # ------------------------------------------------------------------ writes
+
+    async def _set(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+    ) -> EntryMeta:
+        meta: EntryMeta = await self._durable_call(
+            self._durable._set(key, payload, ttl_ms, partition, keep_ttl)
+        )
+        await self._invalidate([key])
+        return meta
+
+    async def _set_many(
+        self,
+        chunks: Iterator[list[tuple[str, bytes]]],
+        ttl_ms: int | None,
+        partition: str | None,
+    ) -> int:
+        written: list[str] = []
+
+        def recorded() -> Iterator[list[tuple[str, bytes]]]:
+            for chunk in chunks:
+                written.extend(k for k, _ in chunk)
+                yield chunk
+
+        try:
+            count: int = await self._durable_call(
+                self._durable._set_many(recorded(), ttl_ms, partition)
+            )
+        finally:
+            if written:
+                await self._invalidate(written)
+        return count
+
+    async def _set_if_absent(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+    ) -> bool:
+        wrote: bool = await self._durable_call(
+            self._durable._set_if_absent(key, payload, ttl_ms, partition)
+        )
+        if wrote:
+            await self._invalidate([key])
+        return wrote
+
+    async def _compare_and_set(
+        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+    ) -> EntryMeta:
+        meta: EntryMeta = await self._durable_call(
+            self._durable._compare_and_set(key, payload, version, ttl_ms, partition)
+        )
+        await self._invalidate([key])
+        return meta
+
+    async def _incr(
+        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+    ) -> int | float:
+        result: int | float = await self._durable_call(
+            self._durable._incr(key, amount, ttl_ms, partition)
+        )
+        await self._invalidate([key])
+        return result
+
+    async def _delete(self, key: str) -> bool:
+        existed: bool = await self._durable_call(self._durable._delete(key))
+        await self._invalidate([key])
+        return existed
+
+    async def _delete_many(self, keys: list[str]) -> int:
+        count: int = await self._durable_call(self._durable._delete_many(keys))
+        await self._invalidate(keys)
+        return count
+
+    async def _expire(self, key: str, ttl_ms: int | None) -> bool:
+        existed: bool = await self._durable_call(self._durable._expire(key, ttl_ms))
+        if existed:
+            await self._invalidate([key])
+        return existed
+
+    async def _clear(self, partition: str | None) -> int:
+        count: int = await self._durable_call(self._durable._clear(partition))
+        # Too many keys to name: a new epoch retires every cached value of the namespace.
+        for key in [k for ns, k in self._state.inflight if ns == self._namespace]:
+            self._state.inflight.pop((self._namespace, key), None)
+        self._state.dirty.add(self._namespace)
+        if self._state.breaker.blocked():
+            await self._missed_invalidation()
+        elif not await self._sync():
+            self._state.metrics.invalidations_missed += 1
+        return count
+
+    async def _cleanup_expired(self) -> int:
+        return await self._durable_call(  # type: ignore[no-any-return]
+            self._durable._cleanup_expired()
+        )
+
+
+def _is_noscript(exc: BaseException) -> bool:
+    from redis.exceptions import NoScriptError
+
+    return isinstance(exc, NoScriptError) or "NOSCRIPT" in str(exc)
+
+
+def _cache_client_options(deadline: float, extra: dict[str, Any] | None) -> dict[str, Any]:
+    options: dict[str, Any] = dict(extra or {})
+    options.setdefault("timeout", deadline)
+    options.setdefault("socket_timeout", deadline)
+    options.setdefault("connect_timeout", deadline)
+    return options
+
+
+if sys.version_info >= (3, 11):
+    _timeout = asyncio.timeout
+else:  # pragma: no cover - Python 3.10
+
+    @contextlib.asynccontextmanager
+    async def _timeout(seconds: float) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        handle = asyncio.get_running_loop().call_later(seconds, task.cancel)
+        try:
+            yield
+        except asyncio.CancelledError as exc:
+            raise asyncio.TimeoutError from exc
+        finally:
+            handle.cancel()

@@ -1,0 +1,199 @@
+"""HybridStore on real PostgreSQL and Redis: what the cache does, seen from outside and in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from fleetmem import open_store
+from fleetmem.backends.hybrid import HybridStore
+from fleetmem.testing.servers import PostgresServer, RedisServer
+
+pytestmark = [pytest.mark.hybrid, pytest.mark.postgres, pytest.mark.redis]
+
+
+@pytest.fixture
+async def hybrid(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+) -> AsyncIterator[HybridStore]:
+    store = HybridStore.from_urls(
+        fleetmem_postgres_server.dsn, fleetmem_redis_server.url, namespace=fleetmem_namespace
+    )
+    await store.connect()
+    try:
+        yield store
+    finally:
+        await store.clear()
+        await store.close()
+
+
+@pytest.fixture
+async def raw_redis(fleetmem_redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(fleetmem_redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def cache_key(store: HybridStore, key: str) -> str:
+    return f"fmh:{{{store.namespace}}}:k:{key}"
+
+
+async def cached_body(client: aioredis.Redis, store: HybridStore, key: str) -> bytes | None:
+    """The live cached body of ``key`` (None when absent, leased or of an old epoch)."""
+    epoch = await client.zscore(f"fmh:{{{store.namespace}}}:e", "e")
+    raw: Any = await client.get(cache_key(store, key))
+    if raw is None or epoch is None:
+        return None
+    prefix = f"{int(epoch)}|".encode()
+    return raw[len(prefix) :] if raw.startswith(prefix) else None
+
+
+async def test_read_fills_and_hits(hybrid: HybridStore, raw_redis: aioredis.Redis) -> None:
+    await hybrid.set("a", {"x": 1})
+    assert await cached_body(raw_redis, hybrid, "a") is None  # writes never fill
+    before = hybrid.metrics.snapshot()
+    assert await hybrid.get("a") == {"x": 1}
+    assert hybrid.metrics.misses == before["misses"] + 1
+    body = await cached_body(raw_redis, hybrid, "a")
+    assert body is not None and body.endswith(b'{"x":1}')
+    assert await hybrid.get("a") == {"x": 1}
+    assert hybrid.metrics.hits == before["hits"] + 1
+    entry = await hybrid.get_entry("a")
+    assert entry is not None
+    assert entry.version == 1
+    assert entry.partition == "default"
+
+
+async def test_writes_invalidate_and_reads_see_them(
+    hybrid: HybridStore, raw_redis: aioredis.Redis
+) -> None:
+    await hybrid.set("k", 1)
+    assert await hybrid.get("k") == 1
+    await hybrid.set("k", 2)
+    assert await cached_body(raw_redis, hybrid, "k") is None
+    assert await hybrid.get("k") == 2
+    assert await hybrid.incr("k", 5) == 7
+    assert await hybrid.get("k") == 7
+    entry = await hybrid.compare_and_set("k", 8, version=3)
+    assert (await hybrid.get_entry("k")) == entry
+    assert await hybrid.delete("k")
+    assert await hybrid.get("k") is None
+    assert not await hybrid.exists("k")
+
+
+async def test_absent_keys_are_cached_negatively_until_written(
+    hybrid: HybridStore, raw_redis: aioredis.Redis
+) -> None:
+    assert await hybrid.get("nope") is None
+    assert await cached_body(raw_redis, hybrid, "nope") == b"N"
+    reads = hybrid.metrics.durable_reads
+    assert await hybrid.get("nope", "dflt") == "dflt"
+    assert hybrid.metrics.durable_reads == reads
+    await hybrid.set("nope", "now")
+    assert await hybrid.get("nope") == "now"
+
+
+async def test_cache_ttl_never_outlives_the_entry(
+    hybrid: HybridStore, raw_redis: aioredis.Redis
+) -> None:
+    await hybrid.set("short", "v", ttl=0.4)
+    assert await hybrid.get("short") == "v"
+    pttl = await raw_redis.pttl(cache_key(hybrid, "short"))
+    assert 0 < pttl <= 400
+    await asyncio.sleep(0.5)
+    assert await hybrid.get("short") is None
+
+
+async def test_clear_retires_the_whole_namespace_cache(
+    hybrid: HybridStore, raw_redis: aioredis.Redis
+) -> None:
+    await hybrid.set_many({f"k{i}": i for i in range(20)})
+    assert await hybrid.get_many([f"k{i}" for i in range(20)]) == {f"k{i}": i for i in range(20)}
+    assert await cached_body(raw_redis, hybrid, "k3") is not None
+    assert await hybrid.clear() == 20
+    assert await cached_body(raw_redis, hybrid, "k3") is None
+    assert await hybrid.get_many([f"k{i}" for i in range(20)]) == {}
+
+
+async def test_get_many_mixes_hits_and_misses(hybrid: HybridStore) -> None:
+    await hybrid.set_many({"a": 1, "b": 2, "c": 3})
+    assert await hybrid.get("b") == 2
+    hits = hybrid.metrics.hits
+    assert await hybrid.get_many(["a", "b", "c", "zz"]) == {"a": 1, "b": 2, "c": 3}
+    assert hybrid.metrics.hits == hits + 1
+    assert await hybrid.get_many(["a", "b", "c"]) == {"a": 1, "b": 2, "c": 3}
+    assert hybrid.metrics.hits == hits + 4
+
+
+async def test_namespaces_do_not_share_cache_entries(hybrid: HybridStore) -> None:
+    other = hybrid.with_namespace(hybrid.namespace + "b")
+    try:
+        await hybrid.set("k", "mine")
+        await other.set("k", "theirs")
+        assert await hybrid.get("k") == "mine"
+        assert await other.get("k") == "theirs"
+        await other.delete("k")
+        assert await hybrid.get("k") == "mine"
+    finally:
+        await other.clear()
+        await other.close()
+
+
+async def test_open_store_builds_a_hybrid(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+) -> None:
+    async with open_store(
+        hybrid=(fleetmem_postgres_server.dsn, fleetmem_redis_server.url),
+        namespace=fleetmem_namespace,
+        cache_ttl=60,
+    ) as store:
+        assert store.backend == "hybrid"
+        await store.set("k", [1, 2])
+        assert await store.get("k") == [1, 2]
+        health = await store.health()
+        assert health.ok
+        assert health.details["cache"]["ok"] is True
+        await store.clear()
+
+
+async def test_settings_select_the_hybrid(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLEETMEM_BACKEND", "hybrid")
+    monkeypatch.setenv("FLEETMEM_POSTGRES_URL", fleetmem_postgres_server.dsn)
+    monkeypatch.setenv("FLEETMEM_REDIS_URL", fleetmem_redis_server.url)
+    monkeypatch.setenv("FLEETMEM_NAMESPACE", fleetmem_namespace)
+    async with open_store() as store:
+        assert store.backend == "hybrid"
+        assert store.namespace == fleetmem_namespace
+
+
+async def test_health_reports_a_dead_cache_without_raising(
+    fleetmem_postgres_server: PostgresServer, fleetmem_namespace: str
+) -> None:
+    from fleetmem.testing.servers import find_free_port
+
+    dead = f"redis://127.0.0.1:{find_free_port()}/0"
+    store = HybridStore.from_urls(fleetmem_postgres_server.dsn, dead, namespace=fleetmem_namespace)
+    async with store:
+        await store.set("k", 1)
+        assert await store.get("k") == 1  # served by PostgreSQL
+        health = await store.health()
+        assert health.ok  # the system of record is fine
+        assert health.details["cache"]["ok"] is False
+        assert "degraded" in health.details
+        assert store.metrics.fallbacks > 0
+        await store.clear()
