@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
+from fleetmem._coalesce import Coalescer
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value
 from fleetmem._validate import (
     GlobPattern,
@@ -40,11 +41,11 @@ from fleetmem._validate import (
 from fleetmem.errors import ConfigurationError, InvalidArgumentError, StoreClosedError
 from fleetmem.protocol import TTL, Entry, Health, JSONValue, StoreStats
 
-__all__ = ["MISSING", "SET_MANY_CHUNK", "BaseStore", "EntryMeta"]
+__all__ = ["MISSING", "SET_MANY_CHUNK", "BaseStore", "EntryMeta", "SetOp"]
 
 #: Items per chunk handed to ``_set_many``: large batches are validated first, then re-encoded
 #: chunk by chunk, so no more than one encoded chunk is held beyond the caller's input.
-SET_MANY_CHUNK = 5000
+SET_MANY_CHUNK = 10_000
 
 
 class _Missing:
@@ -68,6 +69,24 @@ class EntryMeta(NamedTuple):
     created_at: Any  # datetime (tz-aware UTC)
     updated_at: Any
     expires_at: Any  # datetime | None
+
+
+class SetOp(NamedTuple):
+    """One ``set`` call, validated and encoded, as a batch hook receives it."""
+
+    key: str
+    payload: bytes
+    ttl_ms: int | None
+    partition: str | None
+    keep_ttl: bool
+
+
+def _same(key: str) -> str:
+    return key
+
+
+def _op_key(op: SetOp) -> str:
+    return op.key
 
 
 class _Shared:
@@ -100,6 +119,41 @@ class BaseStore(abc.ABC):
         self._shared = _Shared()
         self._view_closed = False
         self._is_view = False
+        self._coalescing = self.coalesce_max_inflight is not None
+        self._make_coalescers()
+
+    #: Concurrent single-key calls beyond this many in flight are merged into batches (see
+    #: ``fleetmem._coalesce``); ``None`` turns merging off. A backend sets it when its batch
+    #: hooks (``_get_many``, ``_get_entries``, ``_set_batch``, ``_delete_batch``) do one round
+    #: trip per batch.
+    coalesce_max_inflight: ClassVar[int | None] = None
+
+    def _make_coalescers(self) -> None:
+        limit = self.coalesce_max_inflight
+        if not self._coalescing or limit is None:
+            self._c_get: Coalescer[str, Any] | None = None
+            self._c_entry: Coalescer[str, Entry | None] | None = None
+            self._c_exists: Coalescer[str, bool] | None = None
+            self._c_set: Coalescer[SetOp, EntryMeta] | None = None
+            self._c_delete: Coalescer[str, bool] | None = None
+            return
+        self._c_get = Coalescer(self._get, self._get_batch, key=_same, max_inflight=limit)
+        self._c_entry = Coalescer(
+            self._get_entry, self._get_entry_batch, key=_same, max_inflight=limit
+        )
+        self._c_exists = Coalescer(self._exists, self._exists_batch, key=_same, max_inflight=limit)
+        self._c_set = Coalescer(self._set_op, self._set_batch, key=_op_key, max_inflight=limit)
+        self._c_delete = Coalescer(self._delete, self._delete_batch, key=_same, max_inflight=limit)
+
+    @property
+    def coalescing(self) -> bool:
+        """Whether concurrent single-key calls are merged into batches."""
+        return self._c_get is not None
+
+    def set_coalescing(self, enabled: bool) -> None:
+        """Turn the merging of concurrent calls on or off (for this store or view)."""
+        self._coalescing = bool(enabled)
+        self._make_coalescers()
 
     # ---------------------------------------------------------------- identity and lifecycle
 
@@ -133,6 +187,7 @@ class BaseStore(abc.ABC):
         view._view_closed = False
         view._is_view = True
         view._bind_namespace()
+        view._make_coalescers()
         return view
 
     def _bind_namespace(self) -> None:  # noqa: B027 - an optional hook
@@ -182,13 +237,15 @@ class BaseStore(abc.ABC):
     async def get(self, key: str, default: JSONValue = None) -> JSONValue:
         validate_key(key)
         self._check_open()
-        value = await self._get(key)
+        c = self._c_get
+        value = await (self._get(key) if c is None else c.call(key))
         return default if value is MISSING else value
 
     async def get_entry(self, key: str) -> Entry | None:
         validate_key(key)
         self._check_open()
-        return await self._get_entry(key)
+        c = self._c_entry
+        return await (self._get_entry(key) if c is None else c.call(key))
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, JSONValue]:
         wanted = validate_keys(keys)
@@ -201,7 +258,8 @@ class BaseStore(abc.ABC):
     async def exists(self, key: str) -> bool:
         validate_key(key)
         self._check_open()
-        return await self._exists(key)
+        c = self._c_exists
+        return await (self._exists(key) if c is None else c.call(key))
 
     async def ttl(self, key: str) -> float | None:
         validate_key(key)
@@ -298,7 +356,11 @@ class BaseStore(abc.ABC):
         part = validate_optional_partition(partition)
         payload = self._encode(value)
         self._check_open()
-        meta = await self._set(key, payload, ttl_ms, part, bool(keep_ttl))
+        c = self._c_set
+        if c is None:
+            meta = await self._set(key, payload, ttl_ms, part, bool(keep_ttl))
+        else:
+            meta = await c.call(SetOp(key, payload, ttl_ms, part, bool(keep_ttl)))
         return Entry(key, decode_value(payload), *meta)
 
     async def set_many(
@@ -379,7 +441,8 @@ class BaseStore(abc.ABC):
     async def delete(self, key: str) -> bool:
         validate_key(key)
         self._check_open()
-        return await self._delete(key)
+        c = self._c_delete
+        return await (self._delete(key) if c is None else c.call(key))
 
     async def delete_many(self, keys: Iterable[str]) -> int:
         wanted = validate_keys(keys)
@@ -503,6 +566,54 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     async def _aclose(self) -> None:
         """Release what this store created (never an injected client or pool)."""
+
+    # ---------------------------------------------------------------- batch hooks
+    # Used to merge concurrent single-key calls. The defaults are correct but make one call per
+    # item; a backend that sets ``coalesce_max_inflight`` overrides them with one round trip.
+
+    async def _get_entries(self, keys: list[str]) -> dict[str, Entry]:
+        """Live entries of ``keys`` (distinct); missing keys omitted."""
+        out: dict[str, Entry] = {}
+        for key in keys:
+            entry = await self._get_entry(key)
+            if entry is not None:
+                out[key] = entry
+        return out
+
+    async def _set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
+        """Apply ``ops`` (distinct keys), each exactly as ``_set`` would; one result per op."""
+        out: list[EntryMeta | BaseException] = []
+        for op in ops:
+            try:
+                out.append(await self._set_op(op))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    async def _delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
+        """Delete ``keys`` (distinct); for each, whether a live entry existed."""
+        out: list[bool | BaseException] = []
+        for key in keys:
+            try:
+                out.append(await self._delete(key))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    async def _set_op(self, op: SetOp) -> EntryMeta:
+        return await self._set(op.key, op.payload, op.ttl_ms, op.partition, op.keep_ttl)
+
+    async def _get_batch(self, keys: list[str]) -> list[Any]:
+        found = await self._get_many(keys)
+        return [found.get(key, MISSING) for key in keys]
+
+    async def _get_entry_batch(self, keys: list[str]) -> list[Entry | None]:
+        found = await self._get_entries(keys)
+        return [found.get(key) for key in keys]
+
+    async def _exists_batch(self, keys: list[str]) -> list[bool]:
+        found = await self._get_entries(keys)
+        return [key in found for key in keys]
 
 
 def _chunks(
