@@ -1,0 +1,225 @@
+-- fleetmem's PostgreSQL statements, one named block each ("-- name: NAME").
+-- {table} is replaced by the validated, double-quoted "schema"."table"; everything else is a
+-- parameter. $1 is always the namespace. An entry is live while
+-- expires_at IS NULL OR expires_at > now(); each statement runs alone, so now() is its clock.
+
+-- name: get
+SELECT value FROM {table}
+WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
+
+-- name: get_entry
+SELECT value, partition, version, created_at, updated_at, expires_at FROM {table}
+WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
+
+-- name: get_many
+SELECT key, value FROM {table}
+WHERE namespace = $1 AND key = ANY($2::text[]) AND (expires_at IS NULL OR expires_at > now())
+
+-- name: exists
+SELECT 1 FROM {table}
+WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
+
+-- name: ttl
+SELECT CASE WHEN expires_at IS NULL THEN NULL
+            ELSE greatest(0, extract(epoch FROM expires_at - now()))::float8 END
+FROM {table}
+WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
+
+-- name: keys
+-- $2 inclusive lower bound (the prefix), $3 exclusive upper bound, $4 exclusive cursor.
+SELECT key FROM {table}
+WHERE namespace = $1 AND key >= $2 AND key < $3 AND key > $4
+  AND (expires_at IS NULL OR expires_at > now())
+ORDER BY key
+LIMIT $5
+
+-- name: keys_partition
+SELECT key FROM {table}
+WHERE namespace = $1 AND partition = $6 AND key >= $2 AND key < $3 AND key > $4
+  AND (expires_at IS NULL OR expires_at > now())
+ORDER BY key
+LIMIT $5
+
+-- name: search
+-- $2/$3 the prefix range, $4 a LIKE pattern (escape \), $5 a regex or NULL, $6 the limit.
+SELECT key, value FROM {table}
+WHERE namespace = $1 AND key >= $2 AND key < $3
+  AND key LIKE $4 ESCAPE '\'
+  AND ($5::text IS NULL OR key ~ $5)
+  AND (expires_at IS NULL OR expires_at > now())
+ORDER BY key
+LIMIT $6
+
+-- name: search_partition
+SELECT key, value FROM {table}
+WHERE namespace = $1 AND partition = $7 AND key >= $2 AND key < $3
+  AND key LIKE $4 ESCAPE '\'
+  AND ($5::text IS NULL OR key ~ $5)
+  AND (expires_at IS NULL OR expires_at > now())
+ORDER BY key
+LIMIT $6
+
+-- name: partitions
+SELECT DISTINCT partition FROM {table}
+WHERE namespace = $1 AND (expires_at IS NULL OR expires_at > now())
+ORDER BY partition
+
+-- name: stats
+SELECT partition,
+       count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now()) AS live,
+       count(*) FILTER (WHERE expires_at <= now()) AS expired,
+       coalesce(sum(pg_column_size(value))
+                FILTER (WHERE expires_at IS NULL OR expires_at > now()), 0)::bigint AS bytes
+FROM {table}
+WHERE namespace = $1
+GROUP BY partition
+ORDER BY partition
+
+-- name: set
+-- $3 value, $4 partition or NULL (keep), $5 ttl in ms or NULL, $6 keep_ttl.
+-- An expired row counts as absent: the upsert recreates it (version 1, new created_at).
+INSERT INTO {table} AS e
+    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+VALUES ($1, $2, coalesce($4, 'default'), $3, 1, now(), now(),
+        now() + $5::bigint * interval '1 millisecond')
+ON CONFLICT (namespace, key) DO UPDATE SET
+    value = EXCLUDED.value,
+    partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition
+                     ELSE coalesce($4, e.partition) END,
+    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+    updated_at = now(),
+    expires_at = CASE WHEN $5::bigint IS NOT NULL THEN EXCLUDED.expires_at
+                      WHEN $6::bool AND (e.expires_at IS NULL OR e.expires_at > now())
+                          THEN e.expires_at
+                      ELSE NULL END
+RETURNING partition, version, created_at, updated_at, expires_at
+
+-- name: set_if_absent
+INSERT INTO {table} AS e
+    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+VALUES ($1, $2, coalesce($4, 'default'), $3, 1, now(), now(),
+        now() + $5::bigint * interval '1 millisecond')
+ON CONFLICT (namespace, key) DO UPDATE SET
+    value = EXCLUDED.value, partition = EXCLUDED.partition, version = 1,
+    created_at = now(), updated_at = now(), expires_at = EXCLUDED.expires_at
+WHERE e.expires_at <= now()
+RETURNING partition, version, created_at, updated_at, expires_at
+
+-- name: compare_and_set
+-- $6 the expected version (> 0); compare_and_set with version 0 uses set_if_absent.
+UPDATE {table} SET
+    value = $3,
+    partition = coalesce($4, partition),
+    version = version + 1,
+    updated_at = now(),
+    expires_at = CASE WHEN $5::bigint IS NULL THEN expires_at
+                      ELSE now() + $5::bigint * interval '1 millisecond' END
+WHERE namespace = $1 AND key = $2 AND version = $6
+  AND (expires_at IS NULL OR expires_at > now())
+RETURNING partition, version, created_at, updated_at, expires_at
+
+-- name: current_version
+SELECT version FROM {table}
+WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
+
+-- name: incr
+-- $3 the amount as text, $6 true when it is a float. Integers add as numeric and must stay in
+-- signed 64 bits; a float on either side adds as float8, printed shortest-exact and stored as
+-- numeric with at least one decimal so that it reads back as a float. A live non-number or an out-of-range result matches no row: nothing changes and
+-- the caller looks at the current value to say why.
+INSERT INTO {table} AS e
+    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+VALUES ($1, $2, coalesce($4, 'default'),
+        to_jsonb(CASE WHEN $6::bool
+                      THEN round($3::text::float8::text::numeric,
+                                 greatest(scale($3::text::float8::text::numeric), 1))
+                      ELSE $3::text::numeric END),
+        1, now(), now(), now() + $5::bigint * interval '1 millisecond')
+ON CONFLICT (namespace, key) DO UPDATE SET
+    value = CASE
+        WHEN e.expires_at <= now() THEN EXCLUDED.value
+        WHEN $6::bool OR e.value::text !~ '^-?[0-9]+$'
+            THEN to_jsonb(round(((e.value::text)::float8 + $3::text::float8)::text::numeric,
+                                greatest(scale(((e.value::text)::float8
+                                                + $3::text::float8)::text::numeric), 1)))
+        ELSE to_jsonb((e.value::text)::numeric + $3::text::numeric) END,
+    partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition
+                     ELSE coalesce($4, e.partition) END,
+    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+    updated_at = now(),
+    expires_at = CASE WHEN $5::bigint IS NOT NULL THEN EXCLUDED.expires_at
+                      WHEN e.expires_at <= now() THEN NULL
+                      ELSE e.expires_at END
+WHERE e.expires_at <= now()
+   OR (jsonb_typeof(e.value) = 'number'
+       AND ($6::bool OR e.value::text !~ '^-?[0-9]+$'
+            OR (e.value::text)::numeric + $3::text::numeric
+               BETWEEN -9223372036854775808 AND 9223372036854775807))
+RETURNING value, ($6::bool OR value::text !~ '^-?[0-9]+$') AS is_float
+
+-- name: delete
+DELETE FROM {table} WHERE namespace = $1 AND key = $2
+RETURNING expires_at IS NULL OR expires_at > now()
+
+-- name: delete_many
+WITH gone AS (
+    DELETE FROM {table} WHERE namespace = $1 AND key = ANY($2::text[]) RETURNING expires_at
+)
+SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now()) FROM gone
+
+-- name: expire
+-- $3 ttl in ms, or NULL to persist.
+UPDATE {table}
+SET expires_at = now() + $3::bigint * interval '1 millisecond'
+WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
+RETURNING 1
+
+-- name: clear
+WITH gone AS (DELETE FROM {table} WHERE namespace = $1 RETURNING expires_at)
+SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now()) FROM gone
+
+-- name: clear_partition
+WITH gone AS (
+    DELETE FROM {table} WHERE namespace = $1 AND partition = $2 RETURNING expires_at
+)
+SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now()) FROM gone
+
+-- name: cleanup_expired
+WITH gone AS (
+    DELETE FROM {table} WHERE namespace = $1 AND expires_at <= now() RETURNING 1
+)
+SELECT count(*) FROM gone
+
+-- name: sweep
+-- The background sweeper: expired rows of every namespace, a bounded batch at a time.
+WITH doomed AS (
+    SELECT ctid FROM {table} WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM doomed) RETURNING 1
+)
+SELECT count(*) FROM gone
+
+-- name: stage_create
+CREATE TEMPORARY TABLE fleetmem_stage (key text COLLATE "C" NOT NULL, value jsonb NOT NULL)
+ON COMMIT DROP
+
+-- name: set_many
+-- Upserts the staged rows; $2 partition or NULL (keep), $3 ttl in ms or NULL.
+INSERT INTO {table} AS e
+    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+SELECT $1, s.key, coalesce($2, 'default'), s.value, 1, now(), now(),
+       now() + $3::bigint * interval '1 millisecond'
+FROM fleetmem_stage s
+ON CONFLICT (namespace, key) DO UPDATE SET
+    value = EXCLUDED.value,
+    partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition
+                     ELSE coalesce($2, e.partition) END,
+    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+    updated_at = now(),
+    expires_at = EXCLUDED.expires_at
+
+-- name: ping
+SELECT 1

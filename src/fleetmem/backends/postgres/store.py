@@ -1,0 +1,818 @@
+"""``PostgresStore``: the durable backend, on asyncpg.
+
+One table (default ``fleetmem.entries``, owned by the alembic migrations in ``migrate``) holds every
+namespace; each operation is one SQL statement from ``queries.sql`` (``set_many`` is a COPY into a
+temporary table and one upsert, in one transaction). Expiry is judged by ``now()`` on the server.
+
+Connections: the store's own lean pool of asyncpg connections, opened by
+:meth:`PostgresStore.connect`, each with an orjson codec for ``jsonb`` (the store hands asyncpg the
+already-encoded payload); or an injected asyncpg pool (then never closed). A FIFO semaphore sits
+in front of either, and every acquire is bounded by ``acquire_timeout``. Driver exceptions are
+translated in :func:`_translate`, the one choke point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value
+from fleetmem._urls import redact_url, url_scheme
+from fleetmem._validate import GlobPattern
+from fleetmem.backends.base import MISSING, BaseStore, EntryMeta
+from fleetmem.backends.postgres import migrate
+from fleetmem.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    FleetmemError,
+    InvalidArgumentError,
+    KeyNotFoundError,
+    NotANumberError,
+    OutcomeUnknownError,
+    SchemaVersionError,
+    StoreClosedError,
+    VersionConflictError,
+)
+from fleetmem.protocol import Entry, StoreStats
+
+__all__ = ["PostgresStore"]
+
+_log = logging.getLogger("fleetmem.postgres")
+
+_NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+# Greater than every valid key (at most 256 characters, none above U+10FFFF).
+_KEY_CEILING = "\U0010ffff" * 300
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def _read_query_blocks() -> dict[str, str]:
+    text = Path(__file__).with_name("queries.sql").read_text(encoding="utf-8")
+    parts = _NAME_RE.split(text)
+    blocks: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        lines = [line for line in body.strip().splitlines() if not line.startswith("--")]
+        blocks[name] = "\n".join(lines).strip()
+    return blocks
+
+
+_BLOCKS = _read_query_blocks()
+
+
+@functools.lru_cache(maxsize=32)
+def _queries(schema: str, table: str) -> dict[str, str]:
+    """The named statements with ``{table}`` replaced by the quoted, validated table name."""
+    qualified = f"{migrate.quote_ident(schema)}.{migrate.quote_ident(table)}"
+    return {name: sql.replace("{table}", qualified) for name, sql in _BLOCKS.items()}
+
+
+# ------------------------------------------------------------------------------ the codec
+
+
+def _encode_jsonb(payload: bytes) -> bytes:
+    # jsonb's binary format: a version byte (1) then the JSON text.
+    return b"\x01" + payload
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return decode_value(data[1:])
+
+
+async def init_connection(conn: Any) -> None:
+    """Register fleetmem's ``jsonb`` codec on ``conn`` (use as a pool's ``init=``)."""
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        format="binary",
+    )
+
+
+# ------------------------------------------------------------------------------ errors
+
+# Errors after which the connection cannot be trusted (it is terminated, never reused).
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncio.TimeoutError,
+)
+_LOST = (*_CONNECTION_ERRORS, asyncpg.PostgresConnectionError)
+
+
+# SQLSTATEs of a server ending or refusing the session: a statement answered with one of these
+# was rolled back (admin/crash shutdown, cannot connect now, too many connections).
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def _ended_by_server(exc: BaseException) -> bool:
+    """Whether the server answered with a session-ending error (directly or as the cause)."""
+    for err in (exc, exc.__cause__):
+        if isinstance(err, asyncpg.PostgresError) and err.sqlstate in _SESSION_ENDED:
+            return True
+    return False
+
+
+def _translate(exc: BaseException, *, write: bool, sent: bool, can_retry: bool) -> Exception:
+    """The one choke point: a driver/OS exception as a fleetmem error.
+
+    Returns ``_RETRY`` when the operation may run again on another connection: a read whose
+    connection failed, or any statement that provably did not run -- the connection was known
+    closed before sending, or the server answered with a session-ending error (it then rolled
+    the statement back). A write whose connection died with the statement in flight becomes
+    :class:`OutcomeUnknownError`.
+    """
+    if isinstance(exc, FleetmemError):
+        return exc
+    lost = isinstance(exc, _LOST)
+    if lost or _ended_by_server(exc):
+        timed_out = isinstance(exc, asyncio.TimeoutError)
+        # InterfaceError "connection is closed": known dead before anything was sent.
+        never_sent = (
+            not sent
+            or _ended_by_server(exc)
+            or (isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc))
+        )
+        if can_retry and not timed_out and (never_sent or not write):
+            return _RETRY
+        what = "timed out" if timed_out else "lost its connection"
+        if write and not never_sent:
+            return OutcomeUnknownError(
+                f"PostgreSQL {what} while a write was in flight: it may or may not have been "
+                f"applied ({type(exc).__name__})"
+            )
+        return BackendUnavailableError(f"PostgreSQL {what} ({type(exc).__name__})")
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        if isinstance(
+            exc,
+            (
+                asyncpg.UndefinedTableError,
+                asyncpg.InvalidSchemaNameError,
+                asyncpg.UndefinedColumnError,
+            ),
+        ):
+            return SchemaVersionError(
+                f"fleetmem's table is missing or outdated ({state}): run  fleetmem db upgrade"
+            )
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+            return ConfigurationError(f"PostgreSQL refused the statement: {exc}")
+        if state.startswith(("53", "57", "58")) or isinstance(exc, asyncpg.QueryCanceledError):
+            return BackendUnavailableError(f"PostgreSQL is unavailable ({state}): {exc}")
+        return FleetmemError(f"PostgreSQL error {state}: {exc}")
+    return FleetmemError(f"unexpected driver error: {type(exc).__name__}: {exc}")
+
+
+def _terminate(conn: Any) -> None:
+    """Drop a connection that cannot be trusted (it may already be closed and released)."""
+    with contextlib.suppress(Exception):
+        conn.terminate()
+
+
+class _Retry(Exception):
+    pass
+
+
+_RETRY = _Retry()
+
+
+# ------------------------------------------------------------------------------ shared state
+
+
+class _ConnectionPool:
+    """The store's own pool: idle asyncpg connections on a stack, nothing more.
+
+    asyncpg's ``Pool`` costs an extra event-loop task per release (``asyncio.shield``) and a
+    scan of its holders per acquire; a store call is one statement, so that bookkeeping is a
+    large share of its latency. The store's FIFO semaphore bounds the connections in use to
+    ``max_size``; this pool hands out an idle connection, replaces closed ones, and opens new
+    ones (each with the jsonb codec) on demand.
+    """
+
+    def __init__(self, dsn: str, min_size: int, max_size: int, **connect_kwargs: Any) -> None:
+        self.dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self.connect_kwargs = connect_kwargs
+        self.idle: list[Any] = []
+        self.size = 0  # connections open or opening, idle or in use
+        self.closing = False
+
+    async def start(self) -> None:
+        for _ in range(self.min_size):
+            self.idle.append(await self.open())
+
+    async def open(self) -> Any:
+        self.size += 1
+        try:
+            conn = await asyncpg.connect(self.dsn, **self.connect_kwargs)
+            try:
+                await init_connection(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+        except BaseException:
+            self.size -= 1
+            raise
+        return conn
+
+    def take_idle(self) -> Any:
+        """A live idle connection, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.is_closed():
+                return conn
+            self.size -= 1
+        return None
+
+    def put(self, conn: Any) -> None:
+        if conn.is_closed():
+            self.size -= 1
+        elif self.closing or conn.is_in_transaction():
+            conn.terminate()
+            self.size -= 1
+        else:
+            self.idle.append(conn)
+
+    async def close(self, timeout: float) -> None:
+        self.closing = True
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            try:
+                await asyncio.wait_for(conn.close(), timeout)
+            except (Exception, asyncio.TimeoutError):
+                conn.terminate()
+            self.size -= 1
+
+
+class _PgState:
+    """State shared by a store and its ``with_namespace`` views."""
+
+    def __init__(self, pool: Any, max_size: int) -> None:
+        self.pool = pool  # an injected asyncpg pool, never closed here
+        self.own: _ConnectionPool | None = None
+        self.ready = False
+        self.lock = asyncio.Lock()
+        self.queue = asyncio.Semaphore(max_size)
+        self.sweeper: asyncio.Task[None] | None = None
+
+
+_FETCH, _FETCHROW, _FETCHVAL = 0, 1, 2
+
+
+class PostgresStore(BaseStore):
+    """A ``MemoryStore`` in a PostgreSQL table (see ``docs/backends/postgres.md``)."""
+
+    backend_name = "postgres"
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: Any = None,
+        namespace: str = "default",
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        schema: str = migrate.DEFAULT_SCHEMA,
+        table: str = migrate.DEFAULT_TABLE,
+        auto_migrate: bool = True,
+        min_size: int = 1,
+        max_size: int = 10,
+        acquire_timeout: float = 5.0,
+        command_timeout: float | None = 30.0,
+        sweeper_interval: float | None = None,
+        sweeper_batch: int = 1000,
+        ssl: Any = None,
+        server_settings: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(namespace=namespace, max_value_bytes=max_value_bytes)
+        if (dsn is None) == (pool is None):
+            raise ConfigurationError("PostgresStore needs exactly one of a dsn or a pool")
+        if dsn is not None and url_scheme(dsn) not in ("postgres", "postgresql"):
+            raise ConfigurationError(
+                f"expected a postgresql:// or postgres:// URL, not {redact_url(dsn)!r}"
+            )
+        for name, number in (
+            ("min_size", min_size),
+            ("max_size", max_size),
+            ("sweeper_batch", sweeper_batch),
+        ):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise ConfigurationError(f"{name} must be an int >= 0, not {number!r}")
+        if max_size < 1 or min_size > max_size:
+            raise ConfigurationError("need 0 <= min_size <= max_size and max_size >= 1")
+        if not acquire_timeout or acquire_timeout <= 0:
+            raise ConfigurationError("acquire_timeout must be > 0 seconds")
+        if sweeper_interval is not None and sweeper_interval <= 0:
+            raise ConfigurationError("sweeper_interval must be > 0 seconds or None")
+        self._schema = migrate.validate_identifier(schema, "schema name")
+        self._table = migrate.validate_identifier(table, "table name")
+        self._dsn = dsn
+        self._auto_migrate = bool(auto_migrate)
+        self._min_size = min_size
+        self._max_size = max_size
+        self._acquire_timeout = float(acquire_timeout)
+        self._command_timeout = command_timeout
+        self._sweeper_interval = sweeper_interval
+        self._sweeper_batch = max(1, sweeper_batch)
+        self._ssl = ssl
+        self._server_settings = server_settings
+        self._q = _queries(self._schema, self._table)
+        self._pg = _PgState(pool, max_size)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresStore:
+        """``postgresql://user:pass@host:5432/db?sslmode=verify-full`` (or ``postgres://``)."""
+        return cls(url, **options)
+
+    def _repr_details(self) -> str:
+        where = redact_url(self._dsn) if self._dsn is not None else "injected pool"
+        return f" table={self._schema}.{self._table} url={where!r}"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def connect(self) -> PostgresStore:
+        """Create the pool (unless injected) and check the schema version (migrating a fresh or
+        older database when ``auto_migrate``). Idempotent."""
+        self._check_open()
+        pg = self._pg
+        async with pg.lock:
+            if pg.ready:
+                return self
+            try:
+                if pg.pool is not None:
+                    await self._check_injected_codec()
+                elif pg.own is None:
+                    assert self._dsn is not None
+                    pg.own = _ConnectionPool(
+                        self._dsn,
+                        self._min_size,
+                        self._max_size,
+                        command_timeout=self._command_timeout,
+                        timeout=self._acquire_timeout,
+                        ssl=self._ssl,
+                        server_settings=self._server_settings,
+                    )
+                    await pg.own.start()
+                await self._check_schema()
+            except Exception as exc:
+                err = _translate(exc, write=False, sent=True, can_retry=False)
+                if err is exc:
+                    raise
+                raise err from exc
+            if self._sweeper_interval is not None and pg.sweeper is None:
+                pg.sweeper = asyncio.get_running_loop().create_task(
+                    self._sweep_forever(self._sweeper_interval), name="fleetmem-pg-sweeper"
+                )
+            pg.ready = True
+        return self
+
+    async def _check_injected_codec(self) -> None:
+        value = await self._run(_FETCHVAL, "SELECT '[1]'::jsonb", (), write=False, auto=False)
+        if value != [1]:
+            raise ConfigurationError(
+                "the injected pool has no fleetmem jsonb codec: create it with "
+                "asyncpg.create_pool(..., init=fleetmem.backends.postgres.init_connection)"
+            )
+
+    async def _check_schema(self) -> None:
+        version = await self._with_conn(self._read_version)
+        if version == migrate.HEAD_REVISION:
+            return
+        where = f"{self._schema}.{self._table}"
+        if version is not None and version not in migrate.REVISIONS:
+            raise SchemaVersionError(
+                f"{where} is at schema revision {version!r}, newer than this fleetmem knows "
+                f"(head {migrate.HEAD_REVISION!r}): upgrade fleetmem"
+            )
+        if not self._auto_migrate:
+            state = "absent" if version is None else f"at revision {version!r}"
+            raise SchemaVersionError(
+                f"{where} is {state}, this fleetmem needs {migrate.HEAD_REVISION!r}: run  "
+                "fleetmem db upgrade  (or pass auto_migrate=True)"
+            )
+        await self._migrate()
+        version = await self._with_conn(self._read_version)
+        if version != migrate.HEAD_REVISION:  # pragma: no cover - alembic would have raised
+            raise SchemaVersionError(f"{where} is at {version!r} after migrating")
+
+    async def _read_version(self, conn: Any) -> str | None:
+        return await migrate.read_version(conn, schema=self._schema, table=self._table)
+
+    async def _migrate(self) -> None:
+        pg = self._pg
+        if self._dsn is not None:
+            dsn, ssl, settings = self._dsn, self._ssl, self._server_settings
+
+            async def connect() -> Any:
+                return await asyncpg.connect(
+                    dsn, ssl=ssl, server_settings=settings, timeout=self._acquire_timeout
+                )
+        else:
+
+            async def connect() -> Any:
+                # SQLAlchemy closes this connection when done; the pool then replaces it.
+                return await pg.pool.acquire(timeout=self._acquire_timeout)
+
+        _log.info("migrating %s.%s to %s", self._schema, self._table, migrate.HEAD_REVISION)
+        await migrate.upgrade_on(connect, schema=self._schema, table=self._table)
+
+    async def _aclose(self) -> None:
+        pg = self._pg
+        if pg.sweeper is not None:
+            pg.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pg.sweeper
+            pg.sweeper = None
+        pg.ready = False
+        if pg.own is not None:
+            own, pg.own = pg.own, None
+            await own.close(self._acquire_timeout)
+
+    # ---------------------------------------------------------------- the choke point
+
+    async def _acquire(self) -> Any:
+        pg = self._pg
+        queue = pg.queue
+        if queue.locked():
+            try:
+                await asyncio.wait_for(queue.acquire(), self._acquire_timeout)
+            except asyncio.TimeoutError:
+                raise BackendUnavailableError(
+                    f"no PostgreSQL connection free within {self._acquire_timeout} s "
+                    f"(max_size={self._max_size})"
+                ) from None
+        else:
+            await queue.acquire()
+        try:
+            own = pg.own
+            if own is not None:
+                conn = own.take_idle()
+                return conn if conn is not None else await own.open()
+            if pg.pool is None:
+                raise StoreClosedError("the store is closed")
+            return await pg.pool.acquire(timeout=self._acquire_timeout)
+        except BaseException as exc:
+            queue.release()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, asyncio.TimeoutError):
+                raise BackendUnavailableError(
+                    f"no PostgreSQL connection within {self._acquire_timeout} s"
+                ) from exc
+            err = _translate(exc, write=False, sent=False, can_retry=False)
+            raise err from exc
+
+    async def _release(self, conn: Any) -> None:
+        pg = self._pg
+        if pg.own is not None:
+            pg.own.put(conn)
+            pg.queue.release()
+            return
+        try:
+            await pg.pool.release(conn)
+        except Exception:  # a broken connection is dropped by the pool; the caller has its result
+            _log.debug("releasing a PostgreSQL connection failed", exc_info=True)
+        finally:
+            self._pg.queue.release()
+
+    async def _run(
+        self, kind: int, query: str, args: tuple[Any, ...], *, write: bool, auto: bool = True
+    ) -> Any:
+        """Run one statement; retry once where that is safe (see :func:`_translate`)."""
+        pg = self._pg
+        if auto and not pg.ready:
+            await self.connect()
+        for attempt in (0, 1):
+            conn = await self._acquire()
+            try:
+                if kind == _FETCHROW:
+                    return await conn.fetchrow(query, *args)
+                if kind == _FETCHVAL:
+                    return await conn.fetchval(query, *args)
+                return await conn.fetch(query, *args)
+            except Exception as exc:
+                if isinstance(exc, _LOST):
+                    _terminate(conn)
+                err = _translate(exc, write=write, sent=True, can_retry=attempt == 0)
+                if err is _RETRY:
+                    _log.debug("retrying after %s", type(exc).__name__)
+                    continue
+                if err is exc:
+                    raise
+                raise err from exc
+            finally:
+                await self._release(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _with_conn(self, fn: Any) -> Any:
+        conn = await self._acquire()
+        try:
+            return await fn(conn)
+        finally:
+            await self._release(conn)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        """A connection in a transaction, for multi-statement writes (never retried)."""
+        if not self._pg.ready:
+            await self.connect()
+        conn = await self._acquire()
+        try:
+            try:
+                async with conn.transaction():
+                    yield conn
+            except Exception as exc:
+                if isinstance(exc, _LOST):
+                    _terminate(conn)
+                err = _translate(exc, write=True, sent=True, can_retry=False)
+                if err is exc:
+                    raise
+                raise err from exc
+        finally:
+            await self._release(conn)
+
+    # ---------------------------------------------------------------- reads
+
+    async def _get(self, key: str) -> Any:
+        row = await self._run(_FETCHROW, self._q["get"], (self._namespace, key), write=False)
+        return MISSING if row is None else row[0]
+
+    async def _get_entry(self, key: str) -> Entry | None:
+        row = await self._run(_FETCHROW, self._q["get_entry"], (self._namespace, key), write=False)
+        if row is None:
+            return None
+        return Entry(key, row[0], row[1], row[2], row[3], row[4], row[5])
+
+    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+        rows = await self._run(_FETCH, self._q["get_many"], (self._namespace, keys), write=False)
+        return {row[0]: row[1] for row in rows}
+
+    async def _exists(self, key: str) -> bool:
+        value = await self._run(_FETCHVAL, self._q["exists"], (self._namespace, key), write=False)
+        return value is not None
+
+    async def _ttl(self, key: str) -> float | None:
+        row = await self._run(_FETCHROW, self._q["ttl"], (self._namespace, key), write=False)
+        if row is None:
+            raise KeyNotFoundError(f"key {key!r} does not exist")
+        return None if row[0] is None else float(row[0])
+
+    async def _keys(
+        self, prefix: str, partition: str | None, limit: int | None, after: str | None
+    ) -> list[str]:
+        upper = _prefix_upper(prefix)
+        args: tuple[Any, ...] = (self._namespace, prefix, upper, after or "", limit)
+        if partition is None:
+            rows = await self._run(_FETCH, self._q["keys"], args, write=False)
+        else:
+            rows = await self._run(
+                _FETCH, self._q["keys_partition"], (*args, partition), write=False
+            )
+        return [row[0] for row in rows]
+
+    async def _search(
+        self, pattern: GlobPattern, partition: str | None, limit: int | None
+    ) -> dict[str, Any]:
+        prefix = pattern.prefix
+        regex = pattern.regex if pattern.has_class else None
+        args: tuple[Any, ...] = (
+            self._namespace,
+            prefix,
+            _prefix_upper(prefix),
+            pattern.like,
+            regex,
+            limit,
+        )
+        if partition is None:
+            rows = await self._run(_FETCH, self._q["search"], args, write=False)
+        else:
+            rows = await self._run(
+                _FETCH, self._q["search_partition"], (*args, partition), write=False
+            )
+        # The SQL filter is exact; .matches guards against any engine difference.
+        return {row[0]: row[1] for row in rows if pattern.matches(row[0])}
+
+    async def _partitions(self) -> list[str]:
+        rows = await self._run(_FETCH, self._q["partitions"], (self._namespace,), write=False)
+        return [row[0] for row in rows]
+
+    async def _stats(self) -> StoreStats:
+        rows = await self._run(_FETCH, self._q["stats"], (self._namespace,), write=False)
+        partitions = {row[0]: row[1] for row in rows if row[1] > 0}
+        return StoreStats(
+            namespace=self._namespace,
+            keys=sum(partitions.values()),
+            partitions=partitions,
+            expired_pending=sum(row[2] for row in rows),
+            bytes=sum(row[3] for row in rows),
+            backend=self.backend_name,
+        )
+
+    async def _health(self) -> dict[str, Any]:
+        await self._run(_FETCHVAL, self._q["ping"], (), write=False)
+        pg = self._pg
+        if pg.own is not None:
+            size, idle = pg.own.size, len(pg.own.idle)
+        else:
+            size, idle = pg.pool.get_size(), pg.pool.get_idle_size()
+        return {
+            "table": f"{self._schema}.{self._table}",
+            "schema_revision": migrate.HEAD_REVISION,
+            "pool_size": size,
+            "pool_idle": idle,
+            "pool_max": self._max_size,
+        }
+
+    # ---------------------------------------------------------------- writes
+
+    async def _set(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+    ) -> EntryMeta:
+        row = await self._run(
+            _FETCHROW,
+            self._q["set"],
+            (self._namespace, key, payload, partition, ttl_ms, keep_ttl),
+            write=True,
+        )
+        return EntryMeta(row[0], row[1], row[2], row[3], row[4])
+
+    async def _set_many(
+        self,
+        chunks: Iterator[list[tuple[str, bytes]]],
+        ttl_ms: int | None,
+        partition: str | None,
+    ) -> int:
+        count = 0
+
+        def records() -> Iterator[tuple[str, bytes]]:
+            nonlocal count
+            for chunk in chunks:
+                count += len(chunk)
+                yield from chunk
+
+        async with self._transaction() as conn:
+            await conn.execute(self._q["stage_create"])
+            # One COPY streams every chunk; only the chunk being sent is held encoded.
+            await conn.copy_records_to_table(
+                "fleetmem_stage", records=records(), columns=("key", "value")
+            )
+            await conn.execute(self._q["set_many"], self._namespace, partition, ttl_ms)
+        return count
+
+    async def _set_if_absent(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+    ) -> bool:
+        row = await self._run(
+            _FETCHROW,
+            self._q["set_if_absent"],
+            (self._namespace, key, payload, partition, ttl_ms),
+            write=True,
+        )
+        return row is not None
+
+    async def _compare_and_set(
+        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+    ) -> EntryMeta:
+        ns = self._namespace
+        for _ in range(5):
+            if version == 0:
+                row = await self._run(
+                    _FETCHROW,
+                    self._q["set_if_absent"],
+                    (ns, key, payload, partition, ttl_ms),
+                    write=True,
+                )
+            else:
+                row = await self._run(
+                    _FETCHROW,
+                    self._q["compare_and_set"],
+                    (ns, key, payload, partition, ttl_ms, version),
+                    write=True,
+                )
+            if row is not None:
+                return EntryMeta(row[0], row[1], row[2], row[3], row[4])
+            current = await self._run(_FETCHVAL, self._q["current_version"], (ns, key), write=False)
+            current = 0 if current is None else int(current)
+            if current != version:
+                raise VersionConflictError(key, version, current)
+            # The entry changed between the two statements and came back to `version`: retry.
+        raise VersionConflictError(key, version, version)  # pragma: no cover - constant churn
+
+    async def _incr(
+        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+    ) -> int | float:
+        ns = self._namespace
+        is_float = isinstance(amount, float)
+        text = repr(amount) if is_float else str(amount)
+        for _ in range(5):
+            try:
+                row = await self._run(
+                    _FETCHROW,
+                    self._q["incr"],
+                    (ns, key, text, partition, ttl_ms, is_float),
+                    write=True,
+                )
+            except FleetmemError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, asyncpg.NumericValueOutOfRangeError):
+                    raise InvalidArgumentError(
+                        f"incr of key {key!r} leaves the range of a float"
+                    ) from cause
+                raise
+            if row is not None:
+                value, float_result = row[0], row[1]
+                return float(value) if float_result else int(value)
+            # Nothing changed: say why from the current value.
+            current = await self._run(_FETCHROW, self._q["get"], (ns, key), write=False)
+            if current is None:
+                continue  # deleted in between: try again
+            base = current[0]
+            if isinstance(base, bool) or not isinstance(base, (int, float)):
+                raise NotANumberError(f"key {key!r} holds a {type(base).__name__}, not a number")
+            if (
+                isinstance(base, int)
+                and not is_float
+                and not _INT64_MIN <= base + int(amount) <= _INT64_MAX
+            ):
+                raise InvalidArgumentError(
+                    f"incr of key {key!r} would leave the signed 64-bit range"
+                )
+        raise BackendUnavailableError(f"incr of key {key!r} kept racing; try again")
+
+    async def _delete(self, key: str) -> bool:
+        value = await self._run(_FETCHVAL, self._q["delete"], (self._namespace, key), write=True)
+        return bool(value)
+
+    async def _delete_many(self, keys: list[str]) -> int:
+        value = await self._run(
+            _FETCHVAL, self._q["delete_many"], (self._namespace, keys), write=True
+        )
+        return int(value)
+
+    async def _expire(self, key: str, ttl_ms: int | None) -> bool:
+        value = await self._run(
+            _FETCHVAL, self._q["expire"], (self._namespace, key, ttl_ms), write=True
+        )
+        return value is not None
+
+    async def _clear(self, partition: str | None) -> int:
+        if partition is None:
+            value = await self._run(_FETCHVAL, self._q["clear"], (self._namespace,), write=True)
+        else:
+            value = await self._run(
+                _FETCHVAL, self._q["clear_partition"], (self._namespace, partition), write=True
+            )
+        return int(value)
+
+    async def _cleanup_expired(self) -> int:
+        value = await self._run(
+            _FETCHVAL, self._q["cleanup_expired"], (self._namespace,), write=True
+        )
+        return int(value)
+
+    async def sweep_expired(self, max_batches: int = 100) -> int:
+        """Delete expired rows of every namespace in this table, in bounded batches."""
+        self._check_open()
+        total = 0
+        for _ in range(max_batches):
+            removed = int(
+                await self._run(_FETCHVAL, self._q["sweep"], (self._sweeper_batch,), write=True)
+            )
+            total += removed
+            if removed < self._sweeper_batch:
+                break
+        return total
+
+    async def _sweep_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                removed = await self.sweep_expired()
+                if removed:
+                    _log.debug("sweeper removed %d expired entries", removed)
+            except FleetmemError as exc:
+                _log.warning("expiry sweep failed: %s", exc)
+
+
+def _prefix_upper(prefix: str) -> str:
+    """The smallest string above every string starting with ``prefix`` (code-point order)."""
+    if not prefix:
+        return _KEY_CEILING
+    last = ord(prefix[-1])
+    if last == 0x10FFFF:
+        # Nothing follows U+10FFFF: the bound moves to the previous character.
+        return _prefix_upper(prefix[:-1]) if len(prefix) > 1 else _KEY_CEILING
+    nxt = last + 1
+    if 0xD800 <= nxt <= 0xDFFF:  # surrogates never occur in a key
+        nxt = 0xE000
+    return prefix[:-1] + chr(nxt)

@@ -1,0 +1,44 @@
+"""The conformance suite on ``PostgresStore`` built from an injected asyncpg pool.
+
+(The URL-built store runs the same suite through the ``store`` fixture of tests/conftest.py.)
+The pool is created by the test, so the store must leave it open after ``close()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from fleetmem.testing.conformance import StoreConformance
+
+pytestmark = pytest.mark.postgres
+
+asyncpg = pytest.importorskip("asyncpg")
+
+
+@pytest.fixture
+async def store(fleetmem_postgres_server: Any, fleetmem_namespace: str) -> AsyncIterator[Any]:
+    from fleetmem.backends.postgres import PostgresStore, init_connection
+
+    pool = await asyncpg.create_pool(
+        fleetmem_postgres_server.dsn, min_size=1, max_size=10, init=init_connection
+    )
+    try:
+        created = await PostgresStore(pool=pool, namespace=fleetmem_namespace).connect()
+        try:
+            yield created
+        finally:
+            if not created.closed:
+                await created.clear()
+            await created.close()
+        # The store never closes a pool it did not create.
+        assert not pool._closed
+        assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+
+
+class TestPostgresStoreOnInjectedPool(StoreConformance):
+    pass

@@ -1,0 +1,238 @@
+"""The alembic migrations of the PostgreSQL schema, on real empty databases."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+from fleetmem.errors import ConfigurationError
+
+pytestmark = pytest.mark.postgres
+
+asyncpg = pytest.importorskip("asyncpg")
+pytest.importorskip("alembic")
+
+from fleetmem.backends.postgres import migrate  # noqa: E402
+
+# The declared schema: (column, data type, nullable, collation).
+EXPECTED_COLUMNS = [
+    ("namespace", "text", "NO", "C"),
+    ("key", "text", "NO", "C"),
+    ("partition", "text", "NO", "C"),
+    ("value", "jsonb", "NO", None),
+    ("version", "bigint", "NO", None),
+    ("created_at", "timestamp with time zone", "NO", None),
+    ("updated_at", "timestamp with time zone", "NO", None),
+    ("expires_at", "timestamp with time zone", "YES", None),
+]
+
+
+def _expected_indexes(schema: str, table: str) -> dict[str, str]:
+    return {
+        f"{table}_pkey": f"CREATE UNIQUE INDEX {table}_pkey ON {schema}.{table} "
+        "USING btree (namespace, key)",
+        f"{table}_partition_idx": f"CREATE INDEX {table}_partition_idx ON {schema}.{table} "
+        "USING btree (namespace, partition, key)",
+        f"{table}_expires_idx": f"CREATE INDEX {table}_expires_idx ON {schema}.{table} "
+        "USING btree (namespace, expires_at) WHERE (expires_at IS NOT NULL)",
+    }
+
+
+def _query(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    async def run() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [tuple(r) for r in await conn.fetch(query, *args)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _schema_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict[str, Any]:
+    columns = _query(
+        dsn,
+        "SELECT column_name, data_type, is_nullable, collation_name "
+        "FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 "
+        "ORDER BY ordinal_position",
+        schema,
+        table,
+    )
+    indexes = dict(
+        _query(
+            dsn,
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = $2",
+            schema,
+            table,
+        )
+    )
+    return {"columns": columns, "indexes": indexes}
+
+
+def test_upgrade_on_an_empty_database_gives_the_declared_schema(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    dsn = fleetmem_postgres_empty_database
+    assert migrate.current(dsn) is None
+    migrate.upgrade(dsn)
+    assert migrate.current(dsn) == migrate.HEAD_REVISION
+    found = _schema_of(dsn)
+    assert found["columns"] == EXPECTED_COLUMNS
+    assert found["indexes"] == _expected_indexes("fleetmem", "entries")
+    assert _query(dsn, "SELECT version_num FROM fleetmem.alembic_version") == [
+        (migrate.HEAD_REVISION,)
+    ]
+
+
+def test_custom_schema_and_table(fleetmem_postgres_empty_database: str) -> None:
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn, schema="mem_schema", table="kv")
+    assert migrate.current(dsn, schema="mem_schema", table="kv") == migrate.HEAD_REVISION
+    assert migrate.current(dsn) is None  # the default table is untouched
+    found = _schema_of(dsn, "mem_schema", "kv")
+    assert found["columns"] == EXPECTED_COLUMNS
+    assert found["indexes"] == _expected_indexes("mem_schema", "kv")
+
+
+def test_upgrading_twice_is_a_no_op(fleetmem_postgres_empty_database: str) -> None:
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn)
+    oid = _query(dsn, "SELECT 'fleetmem.entries'::regclass::oid")
+    migrate.upgrade(dsn)
+    assert _query(dsn, "SELECT 'fleetmem.entries'::regclass::oid") == oid
+    assert migrate.current(dsn) == migrate.HEAD_REVISION
+
+
+def test_downgrade_then_upgrade_round_trips(fleetmem_postgres_empty_database: str) -> None:
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn)
+    before = _schema_of(dsn)
+    migrate.downgrade(dsn, "base")
+    assert migrate.current(dsn) is None
+    assert _query(dsn, "SELECT to_regclass('fleetmem.entries')") == [(None,)]
+    migrate.upgrade(dsn)
+    assert _schema_of(dsn) == before
+    assert migrate.current(dsn) == migrate.HEAD_REVISION
+
+
+def test_four_concurrent_upgraders_apply_it_once(fleetmem_postgres_empty_database: str) -> None:
+    dsn = fleetmem_postgres_empty_database
+    script = textwrap.dedent(
+        """
+        import sys
+        from fleetmem.backends.postgres import migrate
+        migrate.upgrade(sys.argv[1])
+        print(migrate.current(sys.argv[1]))
+        """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, dsn],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+        assert out.strip() == migrate.HEAD_REVISION
+    assert _query(dsn, "SELECT version_num FROM fleetmem.alembic_version") == [
+        (migrate.HEAD_REVISION,)
+    ]
+    assert _schema_of(dsn)["indexes"] == _expected_indexes("fleetmem", "entries")
+
+
+def test_upgrade_inside_a_running_event_loop(fleetmem_postgres_empty_database: str) -> None:
+    async def main() -> None:
+        migrate.upgrade(fleetmem_postgres_empty_database)  # runs in a worker thread
+
+    asyncio.run(main())
+    assert migrate.current(fleetmem_postgres_empty_database) == migrate.HEAD_REVISION
+
+
+def test_offline_sql_names_the_schema_and_takes_the_lock() -> None:
+    text = migrate.sql(schema="ops", table="mem")
+    assert 'CREATE SCHEMA IF NOT EXISTS "ops"' in text
+    assert 'CREATE TABLE "ops"."mem"' in text
+    assert 'COLLATE "C"' in text
+    assert f"pg_advisory_xact_lock({migrate.advisory_lock_key('ops', 'mem')})" in text
+    assert "alembic_version_mem" in text
+    assert text.strip().startswith("BEGIN;") and text.strip().endswith("COMMIT;")
+
+
+def test_offline_sql_applies_cleanly(fleetmem_postgres_empty_database: str) -> None:
+    dsn = fleetmem_postgres_empty_database
+
+    async def run_script() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(migrate.sql())  # the simple protocol: a whole script
+        finally:
+            await conn.close()
+
+    asyncio.run(run_script())
+    assert migrate.current(dsn) == migrate.HEAD_REVISION
+    assert _schema_of(dsn)["columns"] == EXPECTED_COLUMNS
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "a-b", 'a"b', "a b", "1abc", "x" * 41, None])
+def test_identifiers_are_validated(name: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        migrate.sql(schema=name)
+    with pytest.raises(ConfigurationError):
+        migrate.sql(table=name)
+
+
+def test_known_revisions_match_the_scripts() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrate.migrations_dir()))
+    script = ScriptDirectory.from_config(cfg)
+    chain = [rev.revision for rev in script.walk_revisions("base", "heads")]
+    assert tuple(reversed(chain)) == migrate.REVISIONS
+    assert script.get_current_head() == migrate.HEAD_REVISION
+
+
+def test_db_command(
+    fleetmem_postgres_empty_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn = fleetmem_postgres_empty_database
+    assert migrate.run_db_command(["current", "--url", dsn]) == 0
+    assert capsys.readouterr().out.strip() == "none"
+    assert migrate.run_db_command(["upgrade", "--url", dsn]) == 0
+    capsys.readouterr()
+    assert migrate.run_db_command(["current", "--url", dsn]) == 0
+    assert capsys.readouterr().out.strip() == migrate.HEAD_REVISION
+    assert migrate.run_db_command(["sql", "--schema", "s2"]) == 0
+    assert 'CREATE TABLE "s2"."entries"' in capsys.readouterr().out
+    assert migrate.run_db_command(["downgrade", "--url", dsn, "base"]) == 0
+    capsys.readouterr()
+    assert migrate.current(dsn) is None
+    assert migrate.run_db_command(["upgrade", "--url", dsn, "--table", "Bad"]) == 1
+    assert "invalid table name" in capsys.readouterr().err
+
+
+def test_db_command_takes_a_parsed_namespace(
+    fleetmem_postgres_empty_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    dsn = fleetmem_postgres_empty_database
+    args = argparse.Namespace(
+        db_command="upgrade", revision=None, schema="fleetmem", table="entries", url=dsn
+    )
+    assert migrate.run_db_command(args) == 0
+    assert migrate.current(dsn) == migrate.HEAD_REVISION
+    args = argparse.Namespace(db_command="current", revision=None, schema=None, table=None, url=dsn)
+    capsys.readouterr()
+    assert migrate.run_db_command(args) == 0
+    assert capsys.readouterr().out.strip() == migrate.HEAD_REVISION
