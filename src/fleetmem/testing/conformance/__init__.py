@@ -1,0 +1,75 @@
+"""The fleetmem conformance suite: the store contract (``CONTRACT.md``) as pytest tests.
+
+Check any ``MemoryStore`` implementation by subclassing :class:`StoreConformance` in a test
+module where a ``store`` fixture yields a fresh, empty store in a namespace no other test uses::
+
+    import pytest
+    from fleetmem.testing.conformance import StoreConformance
+
+    @pytest.fixture
+    async def store():
+        async with MyStore(namespace=unique_namespace()) as s:
+            yield s
+            if not s.closed:
+                await s.clear()
+
+    class TestMyStore(StoreConformance):
+        pass
+
+The tests are ``async`` and marked ``asyncio``: they run with pytest-asyncio in strict or auto
+mode (in strict mode declare the fixture with ``@pytest_asyncio.fixture``). They use only the public
+``MemoryStore`` API and never look at the backend's type. Some tests derive extra namespaces
+from the fixture's by appending a suffix (``x``, ``xb``, ``x.b``, ...), write to them and clear
+them afterwards, so the fixture's namespace must be unique (including as a prefix) and at most
+60 characters long. Tolerances and optional capabilities are class attributes, documented on
+:class:`StoreConformance`; override them in the subclass.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetmem.testing.conformance._concurrency import ConcurrencyConformance
+from fleetmem.testing.conformance._expiry import ExpiryConformance
+from fleetmem.testing.conformance._keys import KeyConformance
+from fleetmem.testing.conformance._lifecycle import LifecycleConformance
+from fleetmem.testing.conformance._search import SearchConformance
+from fleetmem.testing.conformance._values import ValueConformance
+from fleetmem.testing.conformance._writes import WriteConformance
+
+__all__ = ["StoreConformance"]
+
+
+class StoreConformance(
+    KeyConformance,
+    ValueConformance,
+    WriteConformance,
+    ExpiryConformance,
+    SearchConformance,
+    LifecycleConformance,
+    ConcurrencyConformance,
+):
+    """Every rule of the store contract, as tests of the ``store`` fixture.
+
+    Class attributes (override in a subclass):
+
+    ``ttl_slack``
+        Seconds of tolerance on TTL measurements (``ttl()``, ``expires_at``).
+    ``expiry_ttl``
+        The short TTL (seconds) used by the expiry tests; they wait a little longer than that.
+        Raise it for a slow remote server, where writing a test's entries takes longer.
+    ``clock_skew``
+        Seconds the store's clock may differ from this process's (``created_at`` and friends).
+    ``max_value_bytes``
+        The ``max_value_bytes`` of the fixture's store (default 8 MiB).
+    ``exact_expiry_accounting``
+        ``stats().expired_pending`` and ``cleanup_expired()`` count exactly the expired entries
+        not freed yet. Turn off for a server that evicts expired entries by itself (then those
+        numbers are upper bounds and the exact checks are skipped).
+    ``pathological_pattern_seconds``
+        A generous bound for matching 16 ``*`` against a 1 KiB key (backtracking blows it up).
+    ``concurrency``
+        How many coroutines the atomicity tests run at once.
+    """
+
+    pytestmark = [pytest.mark.asyncio]

@@ -1,0 +1,9 @@
+"""Every backend in the ``BACKENDS`` table against the whole store contract."""
+
+from __future__ import annotations
+
+from fleetmem.testing.conformance import StoreConformance
+
+
+class TestConformance(StoreConformance):
+    """The conformance suite on the ``store`` fixture (one run per backend)."""
