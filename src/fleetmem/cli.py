@@ -322,6 +322,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, default=20)
     p.add_argument("--items", type=int, default=200)
     p.add_argument("--processes", type=int, default=1)
+    sub.add_parser(
+        "bench", help="benchmarks against the raw drivers (see fleetmem bench -h)", add_help=False
+    )
+    # db actions take --url too, but --table there names the PostgreSQL table.
+    db_common = argparse.ArgumentParser(add_help=False)
+    db_common.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help="PostgreSQL URL (default: FLEETMEM_POSTGRES_URL or FLEETMEM_URL)",
+    )
     p = sub.add_parser("db", help="PostgreSQL schema migrations (alembic)")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     for name, text in (
@@ -330,7 +340,7 @@ def _parser() -> argparse.ArgumentParser:
         ("current", "print the schema's revision"),
         ("sql", "print the SQL of an upgrade, for a DBA to apply"),
     ):
-        q = dbsub.add_parser(name, help=text)
+        q = dbsub.add_parser(name, help=text, parents=[db_common])
         q.add_argument(
             "revision",
             nargs="?" if name != "downgrade" else None,
@@ -356,6 +366,11 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, _Output], Coroutine[Any, Any,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from fleetmem.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     for name in ("url", "namespace", "fmt"):
         if not hasattr(args, name):
