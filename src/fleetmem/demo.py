@@ -271,6 +271,13 @@ async def _verify(store: MemoryStore, report: DemoReport) -> None:
             break
 
 
+def _partition_summary(partitions: dict[str, int], shown: int = 4) -> str:
+    items = [f"{p}={n}" for p, n in partitions.items()]
+    return ", ".join(items[:shown]) + (
+        f", ... ({len(items) - shown} more)" if len(items) > shown else ""
+    )
+
+
 def format_report(report: DemoReport) -> str:
     """A readable summary of a demo run."""
     t = report.tally
@@ -283,12 +290,14 @@ def format_report(report: DemoReport) -> str:
         f"  items done     {report.results} / {report.items}",
         f"  claims lost    {t.lost_claims} (another agent held the lease: set_if_absent)",
         f"  conflicts      {t.cas_conflicts} compare_and_set conflicts resolved by retry",
-        f"  crashes        {t.crashes} agents walked away holding a lease;"
-        f" {t.takeovers} items taken over after the lease expired",
+        f"  crashes        {t.crashes} agents walked away holding a lease; each item was"
+        " claimed again once its lease expired",
         f"  expired        {max(report.expired_leases, 0)} leases expired (TTL) and vanished",
         f"  time           {report.seconds:.2f} s, {report.operations} store operations"
         f" ({rate:,.0f} ops/s)",
-        "  partitions     " + ", ".join(f"{p}={n}" for p, n in report.partitions.items()),
+        f"  partitions     {len(report.partitions)} (one per agent for results, default for"
+        " the shared counters): " + _partition_summary(report.partitions),
+        "  inspect        fleetmem -n demo keys results/ --limit 5;  fleetmem -n demo stats",
         "",
     ]
     if report.consistent:

@@ -23,8 +23,9 @@ def test_set_get_keys_search_ttl_del_on_sqlite(
     code, out, _ = run(capsys, "--url", url, "set", "agents/a1", '{"state": "idle"}', "--ttl", "60")
     assert code == 0
     assert json.loads(out)["version"] == 1
-    code, out, _ = run(capsys, "--url", url, "set", "agents/a2", "plain text", "--raw",
-                       "--partition", "p2")
+    code, out, _ = run(
+        capsys, "--url", url, "set", "agents/a2", "plain text", "--raw", "--partition", "p2"
+    )
     assert code == 0
     code, out, _ = run(capsys, "--url", url, "--json", "get", "agents/a1")
     assert code == 0

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 import fleetmem
 from fleetmem import (
@@ -61,7 +62,7 @@ async def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_settings_hide_passwords() -> None:
-    settings = FleetmemSettings(url="redis://user:s3cret@host:6379/0")  # type: ignore[arg-type]
+    settings = FleetmemSettings(url=SecretStr("redis://user:s3cret@host:6379/0"))
     assert "s3cret" not in repr(settings)
     assert "s3cret" not in str(settings)
 
@@ -129,4 +130,4 @@ def test_import_fleetmem_imports_no_optional_driver() -> None:
 def test_lazy_backend_names() -> None:
     assert fleetmem.InMemoryStore is InMemoryStore
     with pytest.raises(AttributeError):
-        _ = fleetmem.NoSuchStore  # type: ignore[attr-defined]
+        _ = fleetmem.NoSuchStore

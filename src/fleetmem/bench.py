@@ -1,0 +1,961 @@
+"""``fleetmem bench``: fleetmem against the raw drivers (and peers), measured in one run.
+
+Every workload runs the raw driver and fleetmem doing the same work in the same process,
+alternating which goes first, for several repetitions; the report gives min/median/max per
+subject and the ratio of medians. Peers (LangGraph's ``AsyncPostgresStore``, aiocache, cashews)
+run too when the ``bench`` extra is installed. Servers come from ``FLEETMEM_BENCH_POSTGRES_URL``
+/ ``FLEETMEM_BENCH_REDIS_URL`` or are started from the local binaries by the test harness.
+
+Benchmarks are not tests: nothing here fails on a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["Measurement", "main", "run"]
+
+VALUE = {
+    "agent": "agent-0042",
+    "state": "running",
+    "step": 17,
+    "score": 0.8734,
+    "tags": ["plan", "search", "tool-call"],
+    "note": "x" * 96,
+}  # about 200 bytes of JSON
+VALUE_BYTES = orjson.dumps(VALUE)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Measurement:
+    """One figure for one subject over several repetitions."""
+
+    workload: str
+    subject: str  # "fleetmem", "raw", "raw-merged", "langgraph", ...
+    unit: str  # "us" (lower is better) or "ops/s" / "keys/s" (higher is better) or "bytes"
+    values: list[float] = field(default_factory=list)
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.unit in ("us", "bytes", "ms")
+
+
+@dataclass
+class Report:
+    started: str
+    machine: str
+    command: str
+    rows: list[Measurement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, workload: str, subject: str) -> Measurement | None:
+        for row in self.rows:
+            if row.workload == workload and row.subject == subject:
+                return row
+        return None
+
+    def add(self, row: Measurement) -> Measurement:
+        self.rows.append(row)
+        return row
+
+
+class Progress:
+    """A one-line progress display on stderr (plain lines when not a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.tty = sys.stderr.isatty()
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        line = f"[{self.done}/{self.total}] {text}"
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + line[:150])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+
+async def sequential_latency(op: Callable[[int], Awaitable[Any]], n: int) -> tuple[float, float]:
+    """Run ``op(i)`` ``n`` times one at a time; return (p50 in µs, ops/s)."""
+    lat = []
+    clock = time.perf_counter_ns
+    start = clock()
+    for i in range(n):
+        t0 = clock()
+        await op(i)
+        lat.append(clock() - t0)
+    total = (clock() - start) / 1e9
+    lat.sort()
+    return lat[len(lat) // 2] / 1000.0, n / total
+
+
+async def concurrent_load(
+    op: Callable[[int, int], Awaitable[Any]], workers: int, per_worker: int
+) -> tuple[float, float, float]:
+    """``workers`` coroutines each run ``op(worker, i)`` ``per_worker`` times.
+
+    Returns (ops/s, p50 µs, p99 µs).
+    """
+    lat: list[int] = []
+    clock = time.perf_counter_ns
+
+    async def worker(w: int) -> None:
+        for i in range(per_worker):
+            t0 = clock()
+            await op(w, i)
+            lat.append(clock() - t0)
+
+    start = clock()
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    total = (clock() - start) / 1e9
+    lat.sort()
+    return (
+        workers * per_worker / total,
+        lat[len(lat) // 2] / 1000.0,
+        lat[int(len(lat) * 0.99)] / 1000.0,
+    )
+
+
+async def alternate(
+    repetitions: int, subjects: dict[str, Callable[[], Awaitable[float]]]
+) -> dict[str, list[float]]:
+    """Run each subject once per repetition, rotating which goes first."""
+    names = list(subjects)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repetitions):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            gc.collect()
+            out[name].append(await subjects[name]())
+    return out
+
+
+# --------------------------------------------------------------------------- raw merged clients
+
+
+class _TickMerger:
+    """Raw-driver baseline for merged calls: calls issued in one event-loop tick share a batch."""
+
+    def __init__(self, flush: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+        self._flush = flush
+        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, item: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._go)
+        return fut
+
+    def _go(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._flush([item for item, _ in batch])
+        except Exception as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@contextlib.asynccontextmanager
+async def _servers(need_pg: bool, need_redis: bool) -> AsyncIterator[tuple[str | None, str | None]]:
+    """Find the servers (``FLEETMEM_BENCH_*_URL``) or start them from the local binaries."""
+    pg_url = os.environ.get("FLEETMEM_BENCH_POSTGRES_URL")
+    redis_url = os.environ.get("FLEETMEM_BENCH_REDIS_URL")
+    started: list[Any] = []
+    try:
+        if (need_pg and not pg_url) or (need_redis and not redis_url):
+            from fleetmem.testing import servers
+
+            if need_pg and not pg_url:
+                # fsync stays on: the durable upsert figures must pay for durability.
+                pg = servers.start_local_postgres(durable=True)
+                started.append(pg)
+                pg_url = pg.dsn
+            if need_redis and not redis_url:
+                rs = servers.start_local_redis()
+                started.append(rs)
+                redis_url = rs.url
+        yield (pg_url if need_pg else None, redis_url if need_redis else None)
+    finally:
+        for server in started:
+            server.close()
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+class Bench:
+    def __init__(
+        self, report: Report, progress: Progress, repetitions: int, quick: bool, peers: bool
+    ) -> None:
+        self.report = report
+        self.progress = progress
+        self.reps = repetitions
+        self.quick = quick
+        self.peers = peers
+        self.n_single = 1000 if quick else 3000
+
+    def record(self, workload: str, unit: str, results: dict[str, list[float]]) -> None:
+        for subject, values in results.items():
+            self.report.add(Measurement(workload, subject, unit, values))
+
+    # ----- single calls
+
+    async def single(
+        self,
+        workload: str,
+        subjects: dict[str, Callable[[int], Awaitable[Any]]],
+    ) -> None:
+        self.progress.step(workload)
+        lat: dict[str, list[float]] = {s: [] for s in subjects}
+        rate: dict[str, list[float]] = {s: [] for s in subjects}
+
+        def runner(name: str) -> Callable[[], Awaitable[float]]:
+            async def go() -> float:
+                p50, ops = await sequential_latency(subjects[name], self.n_single)
+                lat[name].append(p50)
+                rate[name].append(ops)
+                return p50
+
+            return go
+
+        for name in subjects:  # warm up (prepared statements, connections, scripts)
+            await sequential_latency(subjects[name], 200)
+        await alternate(self.reps, {name: runner(name) for name in subjects})
+        self.record(workload + " p50", "us", lat)
+        self.record(workload, "ops/s", rate)
+
+    async def batch(
+        self, workload: str, subjects: dict[str, Callable[[], Awaitable[Any]]], size: int
+    ) -> None:
+        self.progress.step(workload)
+
+        def runner(name: str) -> Callable[[], Awaitable[float]]:
+            async def go() -> float:
+                t0 = time.perf_counter()
+                await subjects[name]()
+                return size / (time.perf_counter() - t0)
+
+            return go
+
+        for name in subjects:
+            await subjects[name]()
+        self.record(
+            workload, "keys/s", await alternate(self.reps, {n: runner(n) for n in subjects})
+        )
+
+    async def concurrent(
+        self,
+        workload: str,
+        subjects: dict[str, Callable[[int, int], Awaitable[Any]]],
+        workers: int = 64,
+    ) -> None:
+        self.progress.step(workload)
+        per = 100 if self.quick else 300
+        p50s: dict[str, list[float]] = {s: [] for s in subjects}
+        p99s: dict[str, list[float]] = {s: [] for s in subjects}
+
+        def runner(name: str) -> Callable[[], Awaitable[float]]:
+            async def go() -> float:
+                ops, p50, p99 = await concurrent_load(subjects[name], workers, per)
+                p50s[name].append(p50)
+                p99s[name].append(p99)
+                return ops
+
+            return go
+
+        for name in subjects:
+            await concurrent_load(subjects[name], workers, 20)
+        self.record(workload, "ops/s", await alternate(self.reps, {n: runner(n) for n in subjects}))
+        self.record(workload + " p50", "us", p50s)
+        self.record(workload + " p99", "us", p99s)
+
+
+# --------------------------------------------------------------------------- postgres
+
+
+async def bench_postgres(bench: Bench, dsn: str) -> None:
+    import asyncpg
+
+    from fleetmem.backends.postgres import PostgresStore
+
+    async def init(conn: Any) -> None:
+        await conn.set_type_codec(
+            "jsonb",
+            encoder=lambda v: b"\x01" + orjson.dumps(v),
+            decoder=lambda b: orjson.loads(b[1:]),
+            schema="pg_catalog",
+            format="binary",
+        )
+
+    pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10, init=init)
+    # Single awaited calls: the raw baseline is one bare connection (no pool bookkeeping).
+    conn1 = await asyncpg.connect(dsn)
+    await init(conn1)
+    store = await PostgresStore.from_url(dsn, namespace="bench").connect()
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                'CREATE TABLE IF NOT EXISTS bench_raw (key text COLLATE "C" PRIMARY KEY, '
+                "value jsonb NOT NULL)"
+            )
+            await conn.execute("TRUNCATE bench_raw")
+        await store.clear()
+        keys = [f"k{i:06d}" for i in range(10_000)]
+        await store.set_many(dict.fromkeys(keys, VALUE))
+        async with pool.acquire() as conn:
+            await conn.executemany(
+                "INSERT INTO bench_raw(key, value) VALUES($1, $2)", [(k, VALUE) for k in keys]
+            )
+        upsert = (
+            "INSERT INTO bench_raw(key, value) VALUES($1, $2) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+        )
+
+        async def raw_get(i: int) -> Any:
+            return await pool.fetchval(
+                "SELECT value FROM bench_raw WHERE key = $1", keys[i % 10000]
+            )
+
+        async def fm_get(i: int) -> Any:
+            return await store.get(keys[i % 10000])
+
+        async def raw_set(i: int) -> Any:
+            return await conn1.execute(upsert, keys[i % 10000], VALUE)
+
+        async def fm_set(i: int) -> Any:
+            return await store.set(keys[i % 10000], VALUE)
+
+        await bench.single("postgres get", {"raw": raw_get, "fleetmem": fm_get})
+        await bench.single("postgres set", {"raw": raw_set, "fleetmem": fm_set})
+
+        # Batches of 10,000: the best raw methods (COPY + upsert; = ANY).
+        batch_keys = [f"b{i:06d}" for i in range(10_000)]
+        items = dict.fromkeys(batch_keys, VALUE)
+
+        async def raw_set_many() -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    'CREATE TEMP TABLE IF NOT EXISTS bench_in (key text COLLATE "C", '
+                    "value jsonb) ON COMMIT DELETE ROWS"
+                )
+                await conn.copy_records_to_table(
+                    "bench_in", records=[(k, VALUE) for k in batch_keys]
+                )
+                await conn.execute(
+                    "INSERT INTO bench_raw SELECT key, value FROM bench_in "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                )
+
+        async def fm_set_many() -> None:
+            await store.set_many(items)
+
+        async def raw_get_many() -> None:
+            rows = await pool.fetch(
+                "SELECT key, value FROM bench_raw WHERE key = ANY($1::text[])", batch_keys
+            )
+            assert len(rows) == len(batch_keys)
+
+        async def fm_get_many() -> None:
+            got = await store.get_many(batch_keys)
+            assert len(got) == len(batch_keys)
+
+        await bench.batch(
+            "postgres set_many 10k", {"raw": raw_set_many, "fleetmem": fm_set_many}, 10_000
+        )
+        await bench.batch(
+            "postgres get_many 10k", {"raw": raw_get_many, "fleetmem": fm_get_many}, 10_000
+        )
+
+        # 64 coroutines: raw one-call-per-op, raw merged per tick, fleetmem.
+        async def flush_get(batch: list[str]) -> list[Any]:
+            rows = await pool.fetch(
+                "SELECT key, value FROM bench_raw WHERE key = ANY($1::text[])", list(set(batch))
+            )
+            found = {r["key"]: r["value"] for r in rows}
+            return [found.get(k) for k in batch]
+
+        merged_get = _TickMerger(flush_get)
+
+        async def c_raw(w: int, i: int) -> Any:
+            return await pool.fetchval(
+                "SELECT value FROM bench_raw WHERE key = $1", keys[(w * 131 + i) % 10000]
+            )
+
+        async def c_merged(w: int, i: int) -> Any:
+            return await merged_get.submit(keys[(w * 131 + i) % 10000])
+
+        async def c_fm(w: int, i: int) -> Any:
+            return await store.get(keys[(w * 131 + i) % 10000])
+
+        subjects: dict[str, Callable[[int, int], Awaitable[Any]]] = {
+            "raw": c_raw,
+            "raw-merged": c_merged,
+            "fleetmem": c_fm,
+        }
+        lg = await _langgraph(bench, dsn) if bench.peers else None
+        if lg is not None:
+            lg_store, lg_close = lg
+            for k in keys[:2000]:
+                await lg_store.aput(("bench",), k, VALUE)
+
+            async def c_lg(w: int, i: int) -> Any:
+                return await lg_store.aget(("bench",), keys[(w * 131 + i) % 2000])
+
+            subjects["langgraph"] = c_lg
+        try:
+            await bench.concurrent("postgres 64 coroutines get", subjects)
+
+            async def flush_set(batch: list[str]) -> list[Any]:
+                uniq = list(dict.fromkeys(batch))
+                await pool.execute(
+                    "INSERT INTO bench_raw(key, value) SELECT k, $2::jsonb "
+                    "FROM unnest($1::text[]) k "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    uniq,
+                    VALUE,
+                )
+                return [None] * len(batch)
+
+            merged_set = _TickMerger(flush_set)
+
+            async def s_raw(w: int, i: int) -> Any:
+                return await pool.execute(upsert, keys[(w * 131 + i) % 10000], VALUE)
+
+            async def s_merged(w: int, i: int) -> Any:
+                return await merged_set.submit(keys[(w * 131 + i) % 10000])
+
+            async def s_fm(w: int, i: int) -> Any:
+                return await store.set(keys[(w * 131 + i) % 10000], VALUE)
+
+            set_subjects: dict[str, Callable[[int, int], Awaitable[Any]]] = {
+                "raw": s_raw,
+                "raw-merged": s_merged,
+                "fleetmem": s_fm,
+            }
+            if lg is not None:
+
+                async def s_lg(w: int, i: int) -> Any:
+                    return await lg_store.aput(("bench",), keys[(w * 131 + i) % 2000], VALUE)
+
+                set_subjects["langgraph"] = s_lg
+            await bench.concurrent("postgres 64 coroutines set", set_subjects)
+        finally:
+            if lg is not None:
+                await lg_close()
+
+        await _prefix_scaling(bench, "postgres", store)
+    finally:
+        with contextlib.suppress(Exception):
+            await store.clear()
+        await store.close()
+        await conn1.close()
+        await pool.close()
+
+
+async def _langgraph(bench: Bench, dsn: str) -> tuple[Any, Callable[[], Awaitable[None]]] | None:
+    try:
+        from langgraph.store.postgres import AsyncPostgresStore
+        from psycopg_pool import AsyncConnectionPool
+    except ImportError:
+        bench.report.notes.append("LangGraph store not installed: pip install 'fleetmem[bench]'")
+        return None
+    from psycopg.rows import dict_row
+
+    pool: Any = AsyncConnectionPool(
+        dsn,
+        min_size=10,
+        max_size=10,
+        open=False,
+        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+    )
+    await pool.open()
+    store = AsyncPostgresStore(pool)
+    await store.setup()
+
+    async def close() -> None:
+        await pool.close()
+
+    return store, close
+
+
+async def _prefix_scaling(bench: Bench, name: str, store: Any) -> None:
+    """keys(prefix) and a prefix search at 10k and at 1M keys in the namespace."""
+    sizes = [10_000, 100_000] if bench.quick else [10_000, 1_000_000]
+    ns = store.with_namespace(f"bench-prefix-{name}")
+    try:
+        await ns.clear()
+        have = 0
+        for size in sizes:
+            bench.progress.step(f"{name} keys(prefix)/search at {size:,} keys (loading)")
+            while have < size:
+                chunk = min(50_000, size - have)
+                await ns.set_many(
+                    {f"p{j % 1000:03d}/item-{j:07d}": {"i": j} for j in range(have, have + chunk)}
+                )
+                have += chunk
+
+            async def keys_op(i: int) -> Any:
+                found = await ns.keys(f"p{i % 1000:03d}/", limit=100)
+                assert found
+
+            async def search_op(i: int) -> Any:
+                return await ns.search(f"p{i % 1000:03d}/item-*5", limit=100)
+
+            for op, label in ((keys_op, "keys(prefix)"), (search_op, "search(prefix*)")):
+                values = []
+                for _ in range(bench.reps):
+                    p50, _ops = await sequential_latency(op, 300)
+                    values.append(p50)
+                bench.report.add(
+                    Measurement(f"{name} {label} p50 @{size:,}", "fleetmem", "us", values)
+                )
+    finally:
+        await ns.clear()
+
+
+# --------------------------------------------------------------------------- redis
+
+
+async def bench_redis(bench: Bench, url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from fleetmem.backends.redis import RedisStore
+
+    raw = aioredis.from_url(url)
+    store = await RedisStore.from_url(url, namespace="bench").connect()
+    try:
+        await store.clear()
+        keys = [f"k{i:06d}" for i in range(10_000)]
+        await store.set_many(dict.fromkeys(keys, VALUE))
+        await raw.mset({f"raw:{k}": VALUE_BYTES for k in keys})
+
+        async def raw_get(i: int) -> Any:
+            data = await raw.get(f"raw:{keys[i % 10000]}")
+            assert data is not None
+            return orjson.loads(data)
+
+        async def fm_get(i: int) -> Any:
+            return await store.get(keys[i % 10000])
+
+        async def raw_set(i: int) -> Any:
+            return await raw.set(f"raw:{keys[i % 10000]}", orjson.dumps(VALUE))
+
+        async def fm_set(i: int) -> Any:
+            return await store.set(keys[i % 10000], VALUE)
+
+        subjects_get: dict[str, Callable[[int], Awaitable[Any]]] = {
+            "raw": raw_get,
+            "fleetmem": fm_get,
+        }
+        subjects_set: dict[str, Callable[[int], Awaitable[Any]]] = {
+            "raw": raw_set,
+            "fleetmem": fm_set,
+        }
+        peers = await _redis_peers(bench, url) if bench.peers else {}
+        for peer, (get, put, _close) in peers.items():
+            await put("k000000", VALUE)
+
+            def mk_get(g: Any) -> Callable[[int], Awaitable[Any]]:
+                return lambda i: g(keys[i % 10000])
+
+            def mk_put(p: Any) -> Callable[[int], Awaitable[Any]]:
+                return lambda i: p(keys[i % 10000], VALUE)
+
+            for k in keys[:10000]:
+                await put(k, VALUE)
+            subjects_get[peer] = mk_get(get)
+            subjects_set[peer] = mk_put(put)
+        try:
+            await bench.single("redis get", subjects_get)
+            await bench.single("redis set", subjects_set)
+        finally:
+            for _get, _put, close in peers.values():
+                await close()
+
+        batch_keys = [f"b{i:06d}" for i in range(10_000)]
+        items = dict.fromkeys(batch_keys, VALUE)
+        raw_keys = [f"raw:{k}" for k in batch_keys]
+
+        async def raw_mset() -> None:
+            await raw.mset({k: orjson.dumps(VALUE) for k in raw_keys})
+
+        async def fm_set_many() -> None:
+            await store.set_many(items)
+
+        async def raw_mget() -> None:
+            values = await raw.mget(raw_keys)
+            out = [orjson.loads(v) for v in values if v is not None]
+            assert len(out) == len(raw_keys)
+
+        async def fm_get_many() -> None:
+            got = await store.get_many(batch_keys)
+            assert len(got) == len(batch_keys)
+
+        await bench.batch("redis set_many 10k", {"raw": raw_mset, "fleetmem": fm_set_many}, 10_000)
+        await bench.batch("redis get_many 10k", {"raw": raw_mget, "fleetmem": fm_get_many}, 10_000)
+
+        async def flush_get(batch: list[str]) -> list[Any]:
+            values = await raw.mget(batch)
+            return [None if v is None else orjson.loads(v) for v in values]
+
+        merged = _TickMerger(flush_get)
+
+        async def c_raw(w: int, i: int) -> Any:
+            return await raw.get(f"raw:{keys[(w * 131 + i) % 10000]}")
+
+        async def c_merged(w: int, i: int) -> Any:
+            return await merged.submit(f"raw:{keys[(w * 131 + i) % 10000]}")
+
+        async def c_fm(w: int, i: int) -> Any:
+            return await store.get(keys[(w * 131 + i) % 10000])
+
+        await bench.concurrent(
+            "redis 64 coroutines get", {"raw": c_raw, "raw-merged": c_merged, "fleetmem": c_fm}
+        )
+
+        async def flush_set(batch: list[str]) -> list[Any]:
+            await raw.mset(dict.fromkeys(batch, VALUE_BYTES))
+            return [None] * len(batch)
+
+        merged_set = _TickMerger(flush_set)
+
+        async def s_raw(w: int, i: int) -> Any:
+            return await raw.set(f"raw:{keys[(w * 131 + i) % 10000]}", orjson.dumps(VALUE))
+
+        async def s_merged(w: int, i: int) -> Any:
+            return await merged_set.submit(f"raw:{keys[(w * 131 + i) % 10000]}")
+
+        async def s_fm(w: int, i: int) -> Any:
+            return await store.set(keys[(w * 131 + i) % 10000], VALUE)
+
+        await bench.concurrent(
+            "redis 64 coroutines set", {"raw": s_raw, "raw-merged": s_merged, "fleetmem": s_fm}
+        )
+        await _prefix_scaling(bench, "redis", store)
+        await _redis_memory(bench, raw, store)
+    finally:
+        with contextlib.suppress(Exception):
+            await store.clear()
+        with contextlib.suppress(Exception):
+            for chunk in _chunked(
+                [f"raw:k{i:06d}" for i in range(10_000)] + [f"raw:b{i:06d}" for i in range(10_000)],
+                5000,
+            ):
+                await raw.delete(*chunk)
+        await store.close()
+        await raw.aclose()
+
+
+def _chunked(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+async def _redis_memory(bench: Bench, raw: Any, store: Any) -> None:
+    """Bytes per entry: fleetmem's whole footprint vs a plain ``SET key json``."""
+    bench.progress.step("redis bytes per entry")
+    n = 20_000
+    ns = store.with_namespace("bench-memory")
+    await ns.clear()
+    values = [{**VALUE, "step": i} for i in range(n)]
+
+    async def used() -> int:
+        info = await raw.info("memory")
+        return int(info["used_memory"])
+
+    before = await used()
+    await raw.mset({f"plain:{i:06d}": orjson.dumps(v) for i, v in enumerate(values)})
+    plain = (await used() - before) / n
+    before = await used()
+    await ns.set_many({f"{i:06d}": v for i, v in enumerate(values)})
+    fleet = (await used() - before) / n
+    bench.report.add(Measurement("redis bytes per entry", "raw", "bytes", [plain]))
+    bench.report.add(Measurement("redis bytes per entry", "fleetmem", "bytes", [fleet]))
+    await ns.clear()
+    for chunk in _chunked([f"plain:{i:06d}" for i in range(n)], 5000):
+        await raw.delete(*chunk)
+
+
+async def _redis_peers(
+    bench: Bench, url: str
+) -> dict[
+    str,
+    tuple[
+        Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]], Callable[[], Awaitable[None]]
+    ],
+]:
+    peers: dict[str, Any] = {}
+    try:
+        from aiocache import RedisCache
+        from aiocache.serializers import JsonSerializer
+    except ImportError:
+        bench.report.notes.append("aiocache not installed: pip install 'fleetmem[bench]'")
+    else:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        cache = RedisCache(
+            endpoint=parts.hostname,
+            port=parts.port or 6379,
+            namespace="aio",
+            serializer=JsonSerializer(),
+        )
+
+        async def aio_close() -> None:
+            await cache.close()
+
+        peers["aiocache"] = (cache.get, lambda k, v: cache.set(k, v), aio_close)
+    try:
+        from cashews import Cache
+    except ImportError:
+        bench.report.notes.append("cashews not installed: pip install 'fleetmem[bench]'")
+    else:
+        cashews = Cache()
+        cashews.setup(url, client_side=False)
+
+        async def cashews_close() -> None:
+            await cashews.close()
+
+        peers["cashews"] = (
+            lambda k: cashews.get(f"cw:{k}"),
+            lambda k, v: cashews.set(f"cw:{k}", v),
+            cashews_close,
+        )
+    return peers
+
+
+# --------------------------------------------------------------------------- hybrid
+
+
+async def bench_hybrid(bench: Bench, dsn: str, url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from fleetmem.factory import open_store
+
+    raw = aioredis.from_url(url)
+    store = await open_store(hybrid=(dsn, url), namespace="bench-hybrid")
+    try:
+        keys = [f"h{i:05d}" for i in range(2000)]
+        await store.set_many(dict.fromkeys(keys, VALUE))
+        for k in keys:  # fill the cache
+            await store.get(k)
+        await raw.mset({f"rawh:{k}": VALUE_BYTES for k in keys})
+
+        async def raw_get(i: int) -> Any:
+            data = await raw.get(f"rawh:{keys[i % 2000]}")
+            assert data is not None
+            return orjson.loads(data)
+
+        async def fm_get(i: int) -> Any:
+            return await store.get(keys[i % 2000])
+
+        await bench.single("hybrid get (cache hit)", {"raw": raw_get, "fleetmem": fm_get})
+    finally:
+        with contextlib.suppress(Exception):
+            await store.clear()
+        await store.close()
+        for chunk in _chunked([f"rawh:h{i:05d}" for i in range(2000)], 1000):
+            await raw.delete(*chunk)
+        await raw.aclose()
+
+
+# --------------------------------------------------------------------------- report
+
+
+TARGETS: list[tuple[str, str, str, float]] = [
+    # (workload, ratio kind, description, bound)
+    ("postgres get p50", "le", "latency ≤ 1.10x raw", 1.10),
+    ("postgres set p50", "le", "latency ≤ 1.10x raw", 1.10),
+    ("redis get p50", "le", "latency ≤ 1.10x raw", 1.10),
+    ("redis set p50", "le", "latency ≤ 1.10x raw", 1.10),
+    ("hybrid get (cache hit) p50", "le", "latency ≤ 1.15x raw Redis GET", 1.15),
+    ("postgres set_many 10k", "ge", "≥ 0.8x COPY + upsert", 0.8),
+    ("postgres get_many 10k", "ge", "≥ 0.8x = ANY", 0.8),
+    ("redis set_many 10k", "ge", "≥ 0.8x MSET", 0.8),
+    ("redis get_many 10k", "ge", "≥ 0.8x MGET", 0.8),
+]
+
+
+def format_report(report: Report) -> str:
+    lines = [f"fleetmem bench — {report.started} — {report.machine}", ""]
+    header = f"{'workload':44} {'subject':11} {'unit':6} {'min':>10} {'median':>10} {'max':>10}"
+    lines += [header, "-" * len(header)]
+    for row in report.rows:
+        vals = row.values or [float("nan")]
+        lines.append(
+            f"{row.workload:44} {row.subject:11} {row.unit:6} {min(vals):10.1f} "
+            f"{row.median:10.1f} {max(vals):10.1f}"
+        )
+    lines += ["", "ratios (fleetmem / reference, medians):"]
+    for workload, subject, text, value in ratios(report):
+        lines.append(f"  {workload:44} vs {subject:11} {value:6.2f}  {text}")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def ratios(report: Report) -> list[tuple[str, str, str, float]]:
+    out = []
+    for row in report.rows:
+        if row.subject != "fleetmem":
+            continue
+        for ref in report.rows:
+            if ref.workload != row.workload or ref.subject == "fleetmem" or not ref.values:
+                continue
+            ratio = row.median / ref.median if ref.median else float("nan")
+            target = next(
+                (t for t in TARGETS if t[0] == row.workload and ref.subject == "raw"), None
+            )
+            text = ""
+            if target is not None:
+                ok = ratio <= target[3] if target[1] == "le" else ratio >= target[3]
+                text = f"target {target[2]}: {'met' if ok else 'NOT met'}"
+            out.append((row.workload, ref.subject, text, ratio))
+    return out
+
+
+def _chart(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(ratios(report))
+    if not rows:
+        return
+    labels = [f"{w} vs {s}" for w, s, _, _ in rows]
+    values = [v for _, _, _, v in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), values, color=["#3b7dd8" if v >= 1 else "#e0873a" for v in values])
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("fleetmem / reference (median; latency rows: lower is better)")
+    ax.set_title(f"fleetmem vs raw drivers and peers — {report.started[:10]}")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+async def run(args: argparse.Namespace) -> Report:
+    """Run the selected workloads and return the report."""
+    only = set(args.only.split(",")) if args.only else {"postgres", "redis", "hybrid"}
+    report = Report(
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, Python "
+        f"{platform.python_version()}",
+        command="fleetmem bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
+    )
+    steps = (
+        (6 if "postgres" in only else 0)
+        + (8 if "redis" in only else 0)
+        + (1 if "hybrid" in only else 0)
+    )
+    progress = Progress(steps + 4)
+    bench = Bench(report, progress, args.repetitions, args.quick, not args.no_peers)
+    async with _servers(
+        "postgres" in only or "hybrid" in only, "redis" in only or "hybrid" in only
+    ) as (pg, rs):
+        if "postgres" in only and pg:
+            await bench_postgres(bench, pg)
+        if "redis" in only and rs:
+            await bench_redis(bench, rs)
+        if "hybrid" in only and pg and rs:
+            try:
+                await bench_hybrid(bench, pg, rs)
+            except ImportError as exc:
+                report.notes.append(f"hybrid skipped: {exc}")
+    progress.finish()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleetmem bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help="comma-separated: postgres,redis,hybrid")
+    parser.add_argument("--repetitions", "-r", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer calls; 100k instead of 1M")
+    parser.add_argument("--no-peers", action="store_true", help="skip LangGraph/aiocache/cashews")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
+    args = parser.parse_args(argv)
+    report = asyncio.run(run(args))
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "started": report.started,
+                    "machine": report.machine,
+                    "command": report.command,
+                    "rows": [
+                        {
+                            "workload": r.workload,
+                            "subject": r.subject,
+                            "unit": r.unit,
+                            "values": r.values,
+                        }
+                        for r in report.rows
+                    ],
+                    "notes": report.notes,
+                },
+                indent=2,
+            )
+        )
+    if args.chart:
+        _chart(report, args.chart)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
