@@ -17,7 +17,10 @@ from fleetmem.testing.servers import (
     start_redis_container,
 )
 
-pytestmark = pytest.mark.skipif(not docker_available(), reason="no Docker engine answers")
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.skipif(not docker_available(), reason="no Docker engine answers"),
+]
 
 
 @pytest.fixture(scope="module")
