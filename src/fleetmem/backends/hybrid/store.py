@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import secrets
 import sys
@@ -42,7 +43,7 @@ import orjson
 
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value
 from fleetmem._validate import GlobPattern
-from fleetmem.backends.base import MISSING, BaseStore, EntryMeta
+from fleetmem.backends.base import MISSING, BaseStore, EntryMeta, SetOp
 from fleetmem.errors import BackendUnavailableError, ConfigurationError
 from fleetmem.protocol import Entry, StoreStats
 
@@ -52,6 +53,16 @@ log = logging.getLogger("fleetmem.hybrid")
 
 EPOCH_NAMESPACE = "_fleetmem.hybrid"
 _READ_CHUNK = 500
+# Lease tokens: unique per process (random prefix) and per call (a counter); cheaper than
+# secrets.token_hex on the read path, and as unguessable as a lease needs to be.
+_TOKEN_PREFIX = secrets.token_hex(6)
+_token_counter = itertools.count()
+
+
+def _token() -> str:
+    return f"{_TOKEN_PREFIX}{next(_token_counter):x}"
+
+
 _NEGATIVE = b"N"
 
 
@@ -63,10 +74,9 @@ _READ_LUA = _script_source("read.lua")
 _FILL_LUA = _script_source("fill.lua")
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError  # noqa: E402 - after the script files
 
-    return (RedisError, OSError, asyncio.TimeoutError, TimeoutError)
+_REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError, TimeoutError)
 
 
 class _NoScript(Exception):
@@ -166,6 +176,7 @@ class _Shared:
     #: namespaces whose epoch must be bumped and published before their cache is used again.
     dirty: set[str] = field(default_factory=set)
     durable_down: bool = False
+    client: Any = None
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -232,6 +243,9 @@ class HybridStore(BaseStore):
     """
 
     backend_name = "hybrid"
+    #: Concurrent get/get_entry/exists/set/delete beyond this many in flight are merged: one
+    #: read.lua over the batch, one PostgreSQL statement, one fill, one DEL.
+    coalesce_max_inflight = 4
 
     def __init__(
         self,
@@ -354,27 +368,35 @@ class HybridStore(BaseStore):
 
     # ------------------------------------------------------------------ cache plumbing
 
-    @contextlib.asynccontextmanager
-    async def _cache_guard(self) -> AsyncIterator[Any]:
-        """Run a cache call under the breaker and the deadline; raise _CacheFailed on trouble."""
+    async def _cache_call(self, *args: Any) -> Any:
+        """One cache command under the breaker; raise _CacheFailed (or _NoScript) on trouble.
+
+        The deadline is the cache client's socket timeouts (``from_urls`` sets them to
+        ``cache_deadline``): no timer of our own on the hot path.
+        """
         state = self._state
-        if not state.breaker.allow():
+        breaker = state.breaker
+        if breaker.state != "closed" and not breaker.allow():
             state.metrics.fallbacks += 1
             raise _CacheFailed
-        client = self._cache.client
         try:
-            async with _timeout(self._deadline):
-                yield client
-        except _NoScript:
-            raise
-        except _redis_errors() as exc:
+            result = await self._client().execute_command(*args)
+        except _REDIS_ERRORS as exc:
             if _is_noscript(exc):
                 raise _NoScript from exc
-            state.breaker.failure()
+            breaker.failure()
             state.metrics.cache_errors += 1
             state.metrics.fallbacks += 1
             raise _CacheFailed from exc
-        state.breaker.success()
+        if breaker.failures or breaker.state != "closed":
+            breaker.success()
+        return result
+
+    def _client(self) -> Any:
+        client = self._state.client
+        if client is None:
+            client = self._state.client = self._cache.client
+        return client
 
     async def _sync(self) -> bool:
         """Bump and publish this namespace's epoch, then (re)load its scripts; True if done.
@@ -389,10 +411,9 @@ class HybridStore(BaseStore):
         epoch = await self._epochs.incr(f"epoch/{self._namespace}")
         state.metrics.epoch_bumps += 1
         try:
-            async with self._cache_guard() as client:
-                await client.execute_command("ZADD", self._epoch_key, "GT", epoch, "e")
-                await client.execute_command("SCRIPT", "LOAD", self._read_src)
-                await client.execute_command("SCRIPT", "LOAD", self._fill_src)
+            await self._cache_call("ZADD", self._epoch_key, "GT", epoch, "e")
+            await self._cache_call("SCRIPT", "LOAD", self._read_src)
+            await self._cache_call("SCRIPT", "LOAD", self._fill_src)
         except (_CacheFailed, _NoScript):
             return False
         state.dirty.discard(self._namespace)
@@ -412,16 +433,15 @@ class HybridStore(BaseStore):
             if self._needs_sync() and not await self._sync():
                 raise _CacheFailed
             try:
-                async with self._cache_guard() as client:
-                    result = await client.execute_command(
-                        "EVALSHA",
-                        self._read_sha,
-                        len(keys) + 1,
-                        self._epoch_key,
-                        *[self._prefix + k for k in keys],
-                        token,
-                        self._lease_ms,
-                    )
+                result = await self._cache_call(
+                    "EVALSHA",
+                    self._read_sha,
+                    len(keys) + 1,
+                    self._epoch_key,
+                    *[self._prefix + k for k in keys],
+                    token,
+                    self._lease_ms,
+                )
             except _NoScript:
                 self._state.dirty.add(self._namespace)
                 continue
@@ -439,15 +459,14 @@ class HybridStore(BaseStore):
         for _key, body, px in bodies:
             args.extend((body, px))
         try:
-            async with self._cache_guard() as client:
-                filled = await client.execute_command(
-                    "EVALSHA",
-                    self._fill_sha,
-                    len(bodies) + 1,
-                    self._epoch_key,
-                    *[self._prefix + k for k, _, _ in bodies],
-                    *args,
-                )
+            filled = await self._cache_call(
+                "EVALSHA",
+                self._fill_sha,
+                len(bodies) + 1,
+                self._epoch_key,
+                *[self._prefix + k for k, _, _ in bodies],
+                *args,
+            )
         except (_CacheFailed, _NoScript):
             return  # the lease expires by itself
         metrics = self._state.metrics
@@ -476,10 +495,9 @@ class HybridStore(BaseStore):
                     state.metrics.invalidations_missed += 1  # _sync bumped the epoch already
                     return
             else:
-                async with self._cache_guard() as client:
-                    for start in range(0, len(keys), _READ_CHUNK):
-                        chunk = keys[start : start + _READ_CHUNK]
-                        await client.execute_command("DEL", *[self._prefix + k for k in chunk])
+                for start in range(0, len(keys), _READ_CHUNK):
+                    chunk = keys[start : start + _READ_CHUNK]
+                    await self._cache_call("DEL", *[self._prefix + k for k in chunk])
             state.metrics.invalidations += len(keys)
         except _CacheFailed:
             await self._missed_invalidation()
@@ -549,31 +567,54 @@ class HybridStore(BaseStore):
                 del state.inflight[slot]
 
     async def _load(self, key: str) -> bytes:
+        return (await self._fetch_bodies([key]))[key]
+
+    async def _fetch_bodies(self, keys: list[str]) -> dict[str, bytes]:
+        """The cached bodies of ``keys`` (distinct): Redis first, misses from the durable store,
+        filled back under the leases the read took. One cache round trip per 500 keys."""
         state = self._state
-        token = secrets.token_hex(8)
-        leased = False
-        try:
-            item = (await self._cache_read([key], token))[0]
-        except _CacheFailed:
-            item = None
-        if isinstance(item, bytes):
-            if item == _NEGATIVE:
-                state.metrics.negative_hits += 1
-            else:
-                state.metrics.hits += 1
-            if state.durable_down:
-                state.metrics.stale_reads += 1
-            return item
-        leased = item == 1
-        state.metrics.misses += 1
-        started = time.monotonic()
-        entry = await self._durable_call(self._durable._get_entry(key))
-        state.metrics.durable_reads += 1
-        body = _body(entry)
-        if leased:
-            px = self._cache_px(entry, started)
-            await self._cache_fill(token, [(key, body, px)])
-        return body
+        metrics = state.metrics
+        if state.durable_down and not self._allow_stale:
+            entries = await self._durable_call(self._durable_entries(keys))
+            return {key: _body(entries.get(key)) for key in keys}
+        out: dict[str, bytes] = {}
+        for start in range(0, len(keys), _READ_CHUNK):
+            chunk = keys[start : start + _READ_CHUNK]
+            token = _token()
+            try:
+                items: list[Any] = await self._cache_read(chunk, token)
+            except _CacheFailed:
+                items = [None] * len(chunk)
+            missing: list[str] = []
+            leased: set[str] = set()
+            for key, item in zip(chunk, items, strict=True):
+                if isinstance(item, bytes):
+                    out[key] = item
+                    if item == _NEGATIVE:
+                        metrics.negative_hits += 1
+                    else:
+                        metrics.hits += 1
+                    if state.durable_down:
+                        metrics.stale_reads += 1
+                else:
+                    missing.append(key)
+                    if item == 1:
+                        leased.add(key)
+            if not missing:
+                continue
+            metrics.misses += len(missing)
+            started = time.monotonic()
+            entries = await self._durable_call(self._durable_entries(missing))
+            metrics.durable_reads += 1
+            fills = []
+            for key in missing:
+                entry = entries.get(key)
+                body = out[key] = _body(entry)
+                if key in leased:
+                    fills.append((key, body, self._cache_px(entry, started)))
+            if fills:
+                await self._cache_fill(token, fills)
+        return out
 
     async def _get(self, key: str) -> Any:
         return _body_value(await self._fetch_body(key))
@@ -585,56 +626,25 @@ class HybridStore(BaseStore):
         return await self._fetch_body(key) != _NEGATIVE
 
     async def _get_many(self, keys: list[str]) -> dict[str, Any]:
-        state = self._state
-        if state.durable_down and not self._allow_stale:
-            return dict(await self._durable_call(self._durable._get_many(keys)))
         out: dict[str, Any] = {}
-        for start in range(0, len(keys), _READ_CHUNK):
-            chunk = keys[start : start + _READ_CHUNK]
-            token = secrets.token_hex(8)
-            try:
-                items: list[Any] = await self._cache_read(chunk, token)
-            except _CacheFailed:
-                items = [None] * len(chunk)
-            missing: list[str] = []
-            leased: set[str] = set()
-            for key, item in zip(chunk, items, strict=True):
-                if isinstance(item, bytes):
-                    state.metrics.hits += 1
-                    if item != _NEGATIVE:
-                        out[key] = _body_value(item)
-                else:
-                    missing.append(key)
-                    if item == 1:
-                        leased.add(key)
-            if not missing:
-                continue
-            state.metrics.misses += len(missing)
-            started = time.monotonic()
-            entries = await self._durable_call(self._durable_entries(missing))
-            state.metrics.durable_reads += 1
-            fills = []
-            for key in missing:
-                entry = entries.get(key)
-                if entry is not None:
-                    out[key] = entry.value
-                if key in leased:
-                    fills.append((key, _body(entry), self._cache_px(entry, started)))
-            if fills:
-                await self._cache_fill(token, fills)
+        for key, body in (await self._fetch_bodies(keys)).items():
+            if body != _NEGATIVE:
+                out[key] = _body_value(body)
         return out
 
-    async def _durable_entries(self, keys: list[str]) -> dict[str, Entry]:
-        fetch = getattr(self._durable, "get_entries", None)
-        if fetch is not None:
-            found: dict[str, Entry] = await fetch(keys)
-            return found
-        out = {}
-        for key in keys:
-            entry = await self._durable._get_entry(key)
+    async def _get_entries(self, keys: list[str]) -> dict[str, Entry]:
+        out: dict[str, Entry] = {}
+        for key, body in (await self._fetch_bodies(keys)).items():
+            entry = _body_entry(key, body)
             if entry is not None:
                 out[key] = entry
         return out
+
+    async def _durable_entries(self, keys: list[str]) -> dict[str, Entry]:
+        if len(keys) == 1:
+            entry = await self._durable._get_entry(keys[0])
+            return {} if entry is None else {keys[0]: entry}
+        return await self._durable._get_entries(keys)
 
     async def _ttl(self, key: str) -> float | None:
         return await self._durable_call(self._durable._ttl(key))  # type: ignore[no-any-return]
@@ -702,6 +712,24 @@ class HybridStore(BaseStore):
         )
         await self._invalidate([key])
         return meta
+
+    async def _set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
+        results: list[EntryMeta | BaseException] = await self._durable_call(
+            self._durable._set_batch(ops)
+        )
+        written = [
+            op.key for op, r in zip(ops, results, strict=True) if not isinstance(r, BaseException)
+        ]
+        if written:
+            await self._invalidate(written)
+        return results
+
+    async def _delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
+        results: list[bool | BaseException] = await self._durable_call(
+            self._durable._delete_batch(keys)
+        )
+        await self._invalidate(keys)
+        return results
 
     async def _set_many(
         self,
@@ -788,8 +816,6 @@ class HybridStore(BaseStore):
 
 
 def _is_noscript(exc: BaseException) -> bool:
-    from redis.exceptions import NoScriptError
-
     return isinstance(exc, NoScriptError) or "NOSCRIPT" in str(exc)
 
 
