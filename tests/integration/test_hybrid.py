@@ -197,3 +197,56 @@ async def test_health_reports_a_dead_cache_without_raising(
         assert "degraded" in health.details
         assert store.metrics.fallbacks > 0
         await store.clear()
+
+
+async def _commandstats(client: aioredis.Redis) -> dict[str, int]:
+    info: Any = await client.info("commandstats")
+    return {name: int(stats["calls"]) for name, stats in info.items()}
+
+
+async def test_a_miss_costs_one_cache_read_one_durable_read_one_fill(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_factory: Any,
+    fleetmem_namespace: str,
+) -> None:
+    rs = fleetmem_redis_factory()  # a Redis of its own: its command counts are this test's
+    try:
+        store = HybridStore.from_urls(
+            fleetmem_postgres_server.dsn, rs.url, namespace=fleetmem_namespace
+        )
+        async with store:
+            await store.set("k", {"v": 1})
+            await store.get("warm-up")  # loads the scripts and the epoch
+            durable_reads = 0
+            original = store.durable._get_entry
+
+            async def counting(key: str) -> Any:
+                nonlocal durable_reads
+                durable_reads += 1
+                return await original(key)
+
+            store.durable._get_entry = counting  # type: ignore[method-assign]
+            client = aioredis.from_url(rs.url)
+            try:
+                before = await _commandstats(client)
+                assert await store.get("k") == {"v": 1}  # a miss
+                after = await _commandstats(client)
+                # Commands the scripts run inside count too; they are not round trips.
+                inside = {"cmdstat_get", "cmdstat_set", "cmdstat_zscore", "cmdstat_info"}
+                spent = {
+                    name: after[name] - before.get(name, 0)
+                    for name in after
+                    if name not in inside and after[name] != before.get(name, 0)
+                }
+                assert spent == {"cmdstat_evalsha": 2}  # read.lua, then fill.lua
+                assert durable_reads == 1
+                before = await _commandstats(client)
+                assert await store.get("k") == {"v": 1}  # a hit: one round trip, no PG
+                after = await _commandstats(client)
+                assert after["cmdstat_evalsha"] - before["cmdstat_evalsha"] == 1
+                assert durable_reads == 1
+            finally:
+                await client.aclose()
+            await store.clear()
+    finally:
+        rs.close()
