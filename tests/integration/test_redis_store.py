@@ -275,3 +275,155 @@ async def test_memory_per_entry_against_plain_set(
     finally:
         await admin.aclose()
     assert ours <= 1.65 * plain, (ours, plain)
+
+
+async def test_merged_calls_keep_the_semantics_of_single_calls(
+    store: RedisStore, admin: Any
+) -> None:
+    """Concurrent calls beyond ``coalesce_max_inflight`` go out as batches (one script call
+    or MGET each): every caller still gets exactly what its own call would have returned."""
+    assert store.coalescing
+    ns = store.namespace
+    await store.set_many({f"m/{i:03d}": i for i in range(0, 60, 2)}, partition="old")
+    await store.set("m/ttl", 1, ttl=60)
+
+    def write(i: int) -> Any:
+        key = f"m/{i:03d}"
+        if i % 4 == 0:
+            return store.set(key, {"i": i}, partition="new")  # existing: moves partition
+        if i % 4 == 1:
+            return store.set(key, [i], ttl=30)  # new, with a TTL
+        if i % 4 == 2:
+            return store.set(key, i * 10)  # existing: keeps its partition
+        return store.set(key, str(i), partition="p3")  # new, in a named partition
+
+    entries = await asyncio.gather(
+        *(write(i) for i in range(60)), store.set("m/ttl", 2, keep_ttl=True)
+    )
+    assert store._c_set is not None and store._c_set.batches > 0  # some calls were merged
+    for i, entry in enumerate(entries[:60]):
+        assert entry.key == f"m/{i:03d}"
+        assert entry.version == (2 if i % 2 == 0 else 1)
+        assert entry.partition == ("new", None, "old", "p3")[i % 4] or i % 4 == 1
+        assert (entry.expires_at is not None) == (i % 4 == 1)
+        assert entry.updated_at >= entry.created_at
+    assert entries[1].partition == "default"
+    kept = entries[60]
+    assert kept.version == 2 and kept.expires_at is not None
+    assert (await store.get_entry("m/ttl")).expires_at == kept.expires_at  # type: ignore[union-attr]
+    stats = await store.stats()
+    assert stats.partitions == {"default": 16, "new": 15, "old": 15, "p3": 15}
+    assert await admin.hgetall(f"fm:{{{ns}}}:c") == {
+        b"default": b"16",
+        b"new": b"15",
+        b"old": b"15",
+        b"p3": b"15",
+    }
+    assert len(await store.keys("m/")) == 61
+
+    keys = [f"m/{i:03d}" for i in range(70)]
+    values, got, flags = await asyncio.gather(
+        asyncio.gather(*(store.get(k, "none") for k in keys)),
+        asyncio.gather(*(store.get_entry(k) for k in keys)),
+        asyncio.gather(*(store.exists(k) for k in keys)),
+    )
+    for i, (value, entry, flag) in enumerate(zip(values, got, flags, strict=True)):
+        if i >= 60:
+            assert (value, entry, flag) == ("none", None, False)
+            continue
+        assert value == entries[i].value and flag is True
+        assert entry is not None and entry.version == entries[i].version
+        assert (entry.partition, entry.expires_at) == (entries[i].partition, entries[i].expires_at)
+    deleted = await asyncio.gather(*(store.delete(k) for k in keys))
+    assert deleted == [i < 60 for i in range(70)]
+    assert (await store.stats()).partitions == {"default": 1}
+    assert await store.keys("m/") == ["m/ttl"]
+
+
+async def test_function_library_is_reloaded_after_function_flush(
+    store: RedisStore, admin: Any
+) -> None:
+    await store.set("k", 1)
+    for _ in range(3):
+        await admin.execute_command("FUNCTION", "FLUSH")
+        assert (await store.incr("k")) >= 2
+    assert (await store.set("k", 10)).version == 5
+    libraries = await admin.execute_command("FUNCTION", "LIST")
+    assert len(libraries) == 1
+
+
+async def test_scripts_are_used_when_function_load_is_not_allowed(
+    fleetmem_redis_factory: Callable[..., Any],
+) -> None:
+    server = fleetmem_redis_factory(
+        extra_args=["--user", "nofn", "on", ">pw", "~*", "&*", "+@all", "-function"]
+    )
+    url = server.url.replace("redis://", "redis://nofn:pw@")
+    async with RedisStore.from_url(url, namespace="nofn") as store:
+        assert (await store.set("k", 1)).version == 1
+        assert (await store.set("k", 2, partition="p")).version == 2
+        assert await store.keys() == ["k"]
+        assert await store.delete("k") is True
+        admin = aioredis.Redis.from_url(server.url)
+        try:
+            stats = await admin.info("commandstats")
+        finally:
+            await admin.aclose()
+    assert "cmdstat_fcall" in stats  # tried once, refused ...
+    assert stats["cmdstat_evalsha"]["calls"] >= 3  # ... then scripts
+
+
+async def test_set_many_over_existing_new_and_expired_keys(store: RedisStore, admin: Any) -> None:
+    ns = store.namespace
+    await store.set_many({f"s/{i}": i for i in range(10)}, partition="a")
+    await store.set_many({f"s/{i}": i for i in range(5)}, ttl=0.05, partition="b")
+    await asyncio.sleep(0.1)  # s/0..4 expired natively, still indexed under "b"
+    assert await store.set_many({f"s/{i}": -i for i in range(15)}) == 15
+    entries = [await store.get_entry(f"s/{i}") for i in range(15)]
+    assert [e.version for e in entries if e] == [1] * 5 + [2] * 5 + [1] * 5
+    assert [e.partition for e in entries if e] == ["default"] * 5 + ["a"] * 5 + ["default"] * 5
+    assert all(e is not None and e.expires_at is None for e in entries)
+    assert (await store.stats()).partitions == {"a": 5, "default": 10}
+    assert await admin.zcard(f"fm:{{{ns}}}:i") == 15
+    assert await store.set_many({f"s/{i}": i for i in range(0, 15, 3)}, ttl=60, partition="c") == 5
+    assert (await store.stats()).partitions == {"a": 3, "c": 5, "default": 7}
+    ttl = await store.ttl("s/3")
+    assert ttl is not None and 59 < ttl <= 60
+    assert (await store.get_entry("s/6")).version == 3  # type: ignore[union-attr]
+
+
+async def test_long_digit_runs_and_long_partitions_round_trip(
+    store: RedisStore, admin: Any
+) -> None:
+    """Values with a run of 19+ digits are marked in the entry string and read back exactly
+    on every path; a partition name too long for the first header read is read in full."""
+    big = {"n": 2**70, "s": "1234567890123456789012", "f": 1e300}
+    plain = {"n": 10**17, "s": "abc"}
+    part = "p" * 255
+    await store.set("big", big, partition=part)
+    await store.set("plain", plain)
+    await store.set_many({"big2": big, "num": 2**80})
+    ns = store.namespace
+    raw_big = await admin.get(f"fm:{{{ns}}}:e:big")
+    assert raw_big[0] == 255 and raw_big[19 : 19 + 255] == part.encode()
+    assert raw_big[19 + 255 : 19 + 256] == b"!"
+    raw_plain = await admin.get(f"fm:{{{ns}}}:e:plain")
+    assert raw_plain[0] == 0 and raw_plain[19:20] == b"{"
+    assert await store.get("big") == big
+    assert await store.get_many(["big", "plain", "big2", "num"]) == {
+        "big": big,
+        "plain": plain,
+        "big2": big,
+        "num": 2**80,
+    }
+    entry = await store.get_entry("big")
+    assert entry is not None and (entry.value, entry.partition, entry.version) == (big, part, 1)
+    assert await store.search("b*") == {"big": big, "big2": big}
+    values = await asyncio.gather(*(store.get(k) for k in ("big", "plain", "big2", "num")))
+    assert values == [big, plain, big, 2**80]
+    with pytest.raises(InvalidArgumentError):
+        await store.incr("num")
+    assert await store.incr("num", 0.5) == float(2**80) + 0.5
+    moved = await store.set("big", 1, partition="q")
+    assert (moved.version, moved.partition) == (2, "q")
+    assert (await store.stats()).partitions == {"default": 3, "q": 1}

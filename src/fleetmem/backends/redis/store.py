@@ -4,17 +4,20 @@ Key layout (see ``lua/_lib.lua``): every key of a namespace starts with ``fm:{<n
 namespace is the cluster hash tag, so all of a namespace lives in one slot and each multi-key
 script runs there; a ``{`` inside a user key comes after the tag and cannot move it.
 
-* ``fm:{ns}:e:<key>`` -- one STRING per entry: a short header (version, created, updated,
-  partition) and the JSON. Native TTL is the expiry. A plain ``GET`` reads it in one round trip.
+* ``fm:{ns}:e:<key>`` -- one STRING per entry: a 19-byte binary header (partition name length,
+  version, created, updated), the partition name and the JSON. Native TTL is the expiry. A
+  plain ``GET`` reads it in one round trip.
 * ``fm:{ns}:i`` -- a sorted set, every score 0, ordered by the key's UTF-8 bytes (= code-point
   order): ``keys`` and ``search`` read a ``BYLEX`` range, so their cost follows the result.
-* ``fm:{ns}:x`` -- a sorted set of the keys that have a TTL, scored by expiry: entries that Redis
-  expired natively are found there and dropped from the index lazily (never for correctness:
-  every read path checks that the entry key still exists).
+* ``fm:{ns}:x`` -- a sorted set of the keys that have (or had) a TTL, scored by expiry: entries
+  that Redis expired natively are found there and dropped from the index lazily (never for
+  correctness: every read path checks that the entry key still exists).
 * ``fm:{ns}:c`` -- a hash of live entries per partition (exact once ``x`` is pruned).
 
-Every write is one Lua script (``EVALSHA``), so value, version, index, counts and TTL change
-atomically; timestamps come from the server's ``TIME``.
+Every write is one Lua script (a function called with ``FCALL`` on a standalone server,
+``EVALSHA`` on a cluster; see ``scripts.py``), so value, version, index, counts and TTL change
+atomically; timestamps come from the server's ``TIME``. Concurrent single-key calls beyond
+``coalesce_max_inflight`` are merged into one ``MGET`` or one script call per batch.
 
 Failure handling: each call runs under a deadline (``timeout``, default 2 s) with redis-py's own
 retry switched off. Reads, and writes that provably never left the client (the connection could
@@ -30,6 +33,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
@@ -39,8 +43,8 @@ from redis.retry import Retry
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value
 from fleetmem._urls import redact_url, url_scheme
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
-from fleetmem.backends.base import MISSING, BaseStore, EntryMeta
-from fleetmem.backends.redis.scripts import SCRIPTS
+from fleetmem.backends.base import MISSING, BaseStore, EntryMeta, SetOp
+from fleetmem.backends.redis.scripts import LIBRARY, SCRIPTS, Script
 from fleetmem.errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -55,25 +59,52 @@ from fleetmem.protocol import Entry, StoreStats
 
 __all__ = ["RedisStore"]
 
-_SHA = {s.name: s.sha for s in SCRIPTS.values()}
 _SOURCE_BY_SHA = {s.sha: s.source for s in SCRIPTS.values()}
+_SHA_BY_FUNCTION = {s.function: s.sha for s in SCRIPTS.values()}
 _SET, _SET_IF_ABSENT, _CAS, _INCR = (
-    _SHA["set"],
-    _SHA["set_if_absent"],
-    _SHA["compare_and_set"],
-    _SHA["incr"],
+    SCRIPTS["set"],
+    SCRIPTS["set_if_absent"],
+    SCRIPTS["compare_and_set"],
+    SCRIPTS["incr"],
 )
-_GET_ENTRY, _SET_MANY, _DELETE_MANY = _SHA["get_entry"], _SHA["set_many"], _SHA["delete_many"]
-_EXPIRE, _SCAN, _CLEAR, _PRUNE = _SHA["expire"], _SHA["scan"], _SHA["clear"], _SHA["prune"]
+_GET_ENTRY, _GET_ENTRIES = SCRIPTS["get_entry"], SCRIPTS["get_entries"]
+_EXISTS_MANY, _SET_MANY = SCRIPTS["exists_many"], SCRIPTS["set_many"]
+_SET_BATCH, _DELETE_MANY = SCRIPTS["set_batch"], SCRIPTS["delete_many"]
+_EXPIRE, _SCAN = SCRIPTS["expire"], SCRIPTS["scan"]
+_CLEAR, _PRUNE = SCRIPTS["clear"], SCRIPTS["prune"]
 
 #: Keys per MGET / script call in the batch operations.
-_BATCH = 5000
+_BATCH = 10_000
+#: Merged ``set`` calls per script call (five arguments each).
+_OPS_BATCH = 1000
 #: Index members a ``scan`` / ``clear`` / ``prune`` call looks at before handing back a cursor.
 _SCAN_BUDGET = 5000
 #: Errors raised before a command was written to a socket (safe to retry, even for a write).
 _UNSENT = ("connecting to", "Timeout connecting", "Too many connections")
 _KIND = {b'"': "str", b"{": "dict", b"[": "list", b"t": "bool", b"f": "bool", b"n": "NoneType"}
 _UTC = timezone.utc
+
+
+# A stored JSON that holds a run of 19+ digits (a number orjson might not read exactly) is
+# written as "!" + JSON and read back with decode_value; any other is read with orjson directly,
+# which skips decode_value's scan of every value read.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN_ZEROS = b"0" * 19
+
+
+def _mark(payload: bytes) -> bytes:
+    """``payload`` as stored: "!"-prefixed when only ``decode_value`` reads it exactly."""
+    if len(payload) >= 19 and payload.translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS) >= 0:
+        return b"!" + payload
+    return payload
+
+
+def _value(raw: bytes) -> Any:
+    """The value of an entry string (19-byte header, partition name, stored JSON)."""
+    start = 19 + raw[0]
+    if raw[start] == 33:  # "!"
+        return decode_value(raw[start + 1 :])
+    return orjson.loads(memoryview(raw)[start:])
 
 
 def _dt(ms: int) -> datetime:
@@ -102,6 +133,22 @@ def _meta(ver: int, created: int, updated: int, part: bytes, expires: int) -> En
     )
 
 
+def _entry(key: str, raw: bytes, expires: int) -> Entry:
+    """An ``Entry`` from an entry string and its ``PEXPIRETIME``."""
+    from_bytes = int.from_bytes
+    return Entry(
+        key,
+        _value(raw),
+        *_meta(
+            from_bytes(raw[1:7], "big"),
+            from_bytes(raw[7:13], "big"),
+            from_bytes(raw[13:19], "big"),
+            raw[19 : 19 + raw[0]],
+            expires,
+        ),
+    )
+
+
 def _secret(value: Any) -> str | None:
     if value is None:
         return None
@@ -118,6 +165,9 @@ class RedisStore(BaseStore):
     """
 
     backend_name = "redis"
+    #: Concurrent get / get_entry / exists / set / delete calls beyond this many in flight are
+    #: merged: one MGET or one script call per batch (see ``fleetmem._coalesce``).
+    coalesce_max_inflight = 2
 
     def __init__(
         self,
@@ -154,6 +204,8 @@ class RedisStore(BaseStore):
             raise ConfigurationError("RedisStore needs a client or a URL (use from_url)")
         self._client: Any = client
         self._cluster = _cluster
+        #: Scripts run as Redis functions (FCALL) until the server refuses FUNCTION LOAD.
+        self._functions = True
         if client is None and _cluster is not None:
             self._client = self._make_client(_cluster)
         self._bind_namespace()
@@ -261,17 +313,26 @@ class RedisStore(BaseStore):
         if self._client is None:
             self._cluster = bool(self._cluster)
             self._client = self._make_client(self._cluster)
+            self._refresh_calls()
         return self._client
 
     def _bind_namespace(self) -> None:
         prefix = f"fm:{{{self._namespace}}}:"
         self._ep = prefix + "e:"
-        # Constant arguments of every script call, encoded once: numkeys, KEYS, entry prefix.
-        self._nsargs = (
-            5,
-            *(f"{prefix}{name}".encode() for name in "ixctg"),
-            self._ep.encode(),
-        )
+        # Constant arguments of every script call, encoded once: numkeys and KEYS[1], the
+        # namespace prefix (it routes the call to the namespace's slot; the scripts derive
+        # every key from it).
+        self._nsargs = (b"1", prefix.encode())
+        self._refresh_calls()
+
+    def _refresh_calls(self) -> None:
+        """Prepare the constant head of the common ``set`` call (None until the kind of
+        server is known)."""
+        self._fast_set: tuple[Any, ...] | None = None
+        if self._cluster is False and self._functions:
+            self._fast_set = ("FCALL", _SET.function, *self._nsargs)
+        elif self._cluster is not None:
+            self._fast_set = ("EVALSHA", _SET.sha, *self._nsargs)
 
     def _repr_details(self) -> str:
         where = redact_url(self._url) if self._url is not None else "injected client"
@@ -297,6 +358,7 @@ class RedisStore(BaseStore):
         if self._client is None:  # a concurrent connect() may have won
             self._cluster = enabled
             self._client = self._make_client(enabled)
+            self._refresh_calls()
 
     async def _aclose(self) -> None:
         client, self._client = self._client, None
@@ -327,11 +389,23 @@ class RedisStore(BaseStore):
         deadline = loop.time() + self._timeout - (time.monotonic() - start)
         exc: Exception = first
         attempt = 0
+        loaded = False
         while True:
             if isinstance(exc, rexc.NoScriptError) and args and args[0] == "EVALSHA":
                 # The server lost its script cache (restart, SCRIPT FLUSH, failover): EVAL
                 # runs the script and caches it again.
                 args = ("EVAL", _SOURCE_BY_SHA[args[1]], *args[2:])
+            elif (
+                isinstance(exc, rexc.ResponseError)
+                and args[0] == "FCALL"
+                and "function not found" in str(exc).lower()
+                and not loaded
+            ):
+                # First use on this server, or it lost its functions (restart without
+                # persistence, FUNCTION FLUSH): load the library; nothing ran, so send again.
+                loaded = True
+                if not await self._load_library(args[0], deadline):
+                    args = ("EVALSHA", _SHA_BY_FUNCTION[args[1]], *args[2:])
             elif isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not isinstance(
                 exc, rexc.RedisError
             ):
@@ -366,6 +440,22 @@ class RedisStore(BaseStore):
             except Exception as again:
                 exc = again
 
+    async def _load_library(self, what: Any, deadline: float) -> bool:
+        """Load the function library; False (and scripts from now on) if the server refuses."""
+        remaining = max(0.001, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(
+                self._client.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY), remaining
+            )
+        except rexc.ResponseError:
+            # No FUNCTION command (Redis < 7) or not allowed for this user: use EVALSHA.
+            self._functions = False
+            self._refresh_calls()
+            return False
+        except Exception as exc:
+            raise self._unavailable(what, exc) from exc
+        return True
+
     def _unavailable(
         self, what: Any, exc: BaseException, *, in_flight: bool = False
     ) -> BackendUnavailableError:
@@ -383,8 +473,12 @@ class RedisStore(BaseStore):
             )
         return BackendUnavailableError(f"Redis ({where}) unavailable during {name}: {detail}")
 
-    async def _script(self, write: bool, sha: str, *args: Any) -> Any:
-        return await self._exec(write, "EVALSHA", sha, *self._nsargs, *args)
+    async def _script(self, write: bool, script: Script, *args: Any) -> Any:
+        if self._client is None:
+            await self.connect()
+        if self._functions and not self._cluster:
+            return await self._exec(write, "FCALL", script.function, *self._nsargs, *args)
+        return await self._exec(write, "EVALSHA", script.sha, *self._nsargs, *args)
 
     # ---------------------------------------------------------------- reads
 
@@ -392,31 +486,58 @@ class RedisStore(BaseStore):
         raw = await self._exec(False, "GET", self._ep + key)
         if raw is None:
             return MISSING
-        return decode_value(raw[raw.index(b"\n") + 1 :])
+        return _value(raw)
 
     async def _get_entry(self, key: str) -> Entry | None:
         res = await self._script(False, _GET_ENTRY, key)
         if res is None:
             return None
-        raw, expires = res
-        nl = raw.index(b"\n")
-        ver, created, delta, part = raw[:nl].split(b" ", 3)
-        c = int(created)
-        return Entry(
-            key,
-            decode_value(raw[nl + 1 :]),
-            *_meta(int(ver), c, c + int(delta), part, int(expires)),
-        )
+        return _entry(key, res[0], res[1])
+
+    async def _get_entries(self, keys: list[str]) -> dict[str, Entry]:
+        out: dict[str, Entry] = {}
+        for start in range(0, len(keys), _BATCH):
+            chunk = keys[start : start + _BATCH]
+            res = await self._script(False, _GET_ENTRIES, *chunk)
+            for i, key in enumerate(chunk):
+                raw = res[2 * i]
+                if raw is not None:
+                    out[key] = _entry(key, raw, res[2 * i + 1])
+        return out
+
+    async def _exists_batch(self, keys: list[str]) -> list[bool]:
+        out: list[bool] = []
+        for start in range(0, len(keys), _BATCH):
+            res = await self._script(False, _EXISTS_MANY, *keys[start : start + _BATCH])
+            out.extend(flag == 1 for flag in res)
+        return out
 
     async def _get_many(self, keys: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         ep = self._ep
+        loads = orjson.loads
         for start in range(0, len(keys), _BATCH):
             chunk = keys[start : start + _BATCH]
             raws = await self._exec(False, "MGET", *[ep + k for k in chunk])
             for key, raw in zip(chunk, raws, strict=True):
                 if raw is not None:
-                    out[key] = decode_value(raw[raw.index(b"\n") + 1 :])
+                    at = 19 + raw[0]  # _value(), inlined
+                    out[key] = loads(raw[at:]) if raw[at] != 33 else decode_value(raw[at + 1 :])
+        return out
+
+    async def _get_batch(self, keys: list[str]) -> list[Any]:
+        """Values of merged ``get`` calls, in order (one MGET)."""
+        ep = self._ep
+        loads = orjson.loads
+        out: list[Any] = []
+        for start in range(0, len(keys), _BATCH):
+            raws = await self._exec(False, "MGET", *[ep + k for k in keys[start : start + _BATCH]])
+            for raw in raws:
+                if raw is None:
+                    out.append(MISSING)
+                    continue
+                at = 19 + raw[0]  # _value(), inlined
+                out.append(loads(raw[at:]) if raw[at] != 33 else decode_value(raw[at + 1 :]))
         return out
 
     async def _exists(self, key: str) -> bool:
@@ -471,7 +592,7 @@ class RedisStore(BaseStore):
                 raws = await self._exec(False, "MGET", *[ep + k for k in hits])
                 for key, raw in zip(hits, raws, strict=True):
                     if raw is not None:
-                        out[key] = decode_value(raw[raw.index(b"\n") + 1 :])
+                        out[key] = _value(raw)
                         if limit is not None and len(out) >= limit:
                             return out
             if not cursor:
@@ -521,18 +642,46 @@ class RedisStore(BaseStore):
     async def _set(
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
     ) -> EntryMeta:
-        ver, c, u, part, exp = await self._exec(
-            True,
-            "EVALSHA",
-            _SET,
-            *self._nsargs,
-            key,
-            payload,
-            ttl_ms or 0,
-            _part_arg(partition),
-            1 if keep_ttl else 0,
-        )
-        return _meta(ver, c, u, part, exp)
+        if ttl_ms is None and partition is None and not keep_ttl and self._fast_set:
+            # The common call, with its constant arguments ready.
+            res = await self._exec(True, *self._fast_set, key, _mark(payload))
+        else:
+            res = await self._script(
+                True,
+                _SET,
+                key,
+                _mark(payload),
+                ttl_ms or 0,
+                _part_arg(partition),
+                b"1" if keep_ttl else b"0",
+            )
+        return _meta(*res)
+
+    async def _set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
+        out: list[EntryMeta | BaseException] = []
+        for start in range(0, len(ops), _OPS_BATCH):
+            args: list[Any] = []
+            for key, payload, ttl_ms, partition, keep_ttl in ops[start : start + _OPS_BATCH]:
+                if ttl_ms is None and partition is None and not keep_ttl:
+                    args += (key, _mark(payload), b"")
+                else:
+                    opts = f"{ttl_ms or 0} {1 if keep_ttl else 0} {_part_arg(partition)}"
+                    args += (key, _mark(payload), opts)
+            res = await self._script(True, _SET_BATCH, *args)
+            now = res[0]
+            updated = _dt(now)
+            for i in range(1, len(res), 4):
+                ver, c, part, exp = res[i : i + 4]
+                out.append(
+                    EntryMeta(
+                        _part_name(part),
+                        ver,
+                        updated if c == now else _dt(c),
+                        updated,
+                        None if exp < 0 else _dt(exp),
+                    )
+                )
+        return out
 
     async def _set_many(
         self,
@@ -542,12 +691,11 @@ class RedisStore(BaseStore):
     ) -> int:
         count = 0
         parg = _part_arg(partition)
+        mark = _mark
         for chunk in chunks:
             for start in range(0, len(chunk), _BATCH):
-                args: list[Any] = []
-                for key, payload in chunk[start : start + _BATCH]:
-                    args.append(key)
-                    args.append(payload)
+                part = chunk[start : start + _BATCH]
+                args: list[Any] = [x for key, payload in part for x in (key, mark(payload))]
                 count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
         return count
 
@@ -555,7 +703,7 @@ class RedisStore(BaseStore):
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
     ) -> bool:
         res = await self._script(
-            True, _SET_IF_ABSENT, key, payload, ttl_ms or 0, _part_arg(partition)
+            True, _SET_IF_ABSENT, key, _mark(payload), ttl_ms or 0, _part_arg(partition)
         )
         return bool(res)
 
@@ -563,7 +711,7 @@ class RedisStore(BaseStore):
         self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
     ) -> EntryMeta:
         res = await self._script(
-            True, _CAS, key, payload, version, ttl_ms or 0, _part_arg(partition)
+            True, _CAS, key, _mark(payload), version, ttl_ms or 0, _part_arg(partition)
         )
         if not res[0]:
             raise VersionConflictError(key, version, int(res[1]))
@@ -589,13 +737,21 @@ class RedisStore(BaseStore):
         raise InvalidArgumentError(f"incr of key {key!r} would leave the signed 64-bit range")
 
     async def _delete(self, key: str) -> bool:
-        return bool(await self._script(True, _DELETE_MANY, key))
+        res: list[int] = await self._script(True, _DELETE_MANY, key)
+        return res[0] == 1
 
     async def _delete_many(self, keys: list[str]) -> int:
         count = 0
         for start in range(0, len(keys), _BATCH):
-            count += await self._script(True, _DELETE_MANY, *keys[start : start + _BATCH])
+            count += sum(await self._script(True, _DELETE_MANY, *keys[start : start + _BATCH]))
         return count
+
+    async def _delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
+        out: list[bool | BaseException] = []
+        for start in range(0, len(keys), _BATCH):
+            res = await self._script(True, _DELETE_MANY, *keys[start : start + _BATCH])
+            out += [flag == 1 for flag in res]
+        return out
 
     async def _expire(self, key: str, ttl_ms: int | None) -> bool:
         return bool(await self._script(True, _EXPIRE, key, ttl_ms or 0))

@@ -1,19 +1,27 @@
 -- Shared by every script (prepended at load time).
 --
 -- Layout of a namespace (all keys share the hash tag {<ns>}, so one slot in a cluster):
---   fm:{ns}:e:<key>  STRING  "<version> <created_ms> <updated-created ms> <partition>\n<json>"
---                            (partition written as "" for "default"); native TTL = expiry
+--   fm:{ns}:e:<key>  STRING  a 19-byte header (struct ">BI6I6I6": length of the partition
+--                            name, version, created ms, updated ms), the partition name
+--                            ("" for "default"), then the JSON ("!" + JSON when it holds a
+--                            run of 19+ digits); native TTL = the entry's expiry
 --   fm:{ns}:i        ZSET    score 0, member "<key>" or "<key>\0<partition>": sorted key index
---   fm:{ns}:x        ZSET    score = expiry (ms), member "<key>": entries that have a TTL
+--   fm:{ns}:x        ZSET    score = expiry (ms), member "<key>": entries that have a TTL (a
+--                            member left by an entry made persistent is dropped by prune)
 --   fm:{ns}:c        HASH    partition -> number of indexed entries
 --   fm:{ns}:t        STRING  scratch for exact 64-bit arithmetic, deleted before returning
 --   fm:{ns}:g        STRING  expired entries dropped from the index by a read, not yet
 --                            counted by cleanup_expired (stats().expired_pending)
 -- Keys and partitions never hold control characters, so "\0" and "\n" cannot be ambiguous.
 --
--- KEYS[1..5] = index, expiry set, counts, scratch, pending; ARGV[1] = entry key prefix.
-local IDX, XZ, CNT, TMP, PENDING = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local EPFX = ARGV[1]
+-- KEYS[1] = "fm:{ns}:" (the namespace prefix: it routes the call to the namespace's slot;
+-- every key a script touches starts with it). ARGV holds the script's own arguments.
+-- The lines between the "bind" markers are replaced in the function library (scripts.py).
+-- <bind>
+local P = KEYS[1]
+local IDX, XZ, CNT, TMP, PENDING = P .. 'i', P .. 'x', P .. 'c', P .. 't', P .. 'g'
+local EPFX = P .. 'e:'
+-- </bind>
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -37,12 +45,27 @@ local function count(part, delta)
   if redis.call('HINCRBY', CNT, name, delta) <= 0 then redis.call('HDEL', CNT, name) end
 end
 
+local HEAD = '>BI6I6I6'
+
+-- The entry string of a value: header, partition name, stored JSON.
+local function entry(ver, c, updated, part, payload)
+  return struct.pack(HEAD, #part, ver, c, updated) .. part .. payload
+end
+
+-- The stored JSON of an entry string (without a "!" marker).
+local function payload_of(raw)
+  local p = string.sub(raw, 20 + string.byte(raw, 1))
+  if string.byte(p, 1) == 33 then p = string.sub(p, 2) end
+  return p
+end
+
 -- version, created_ms, partition of the live entry at ekey; nil when absent or expired.
 local function header(ekey)
-  local h = redis.call('GETRANGE', ekey, 0, 319)
+  local h = redis.call('GETRANGE', ekey, 0, 63)
   if h == '' then return nil end
-  local v, c, _, p = string.match(h, '^(%d+) (%d+) (%d+) ([^\n]*)\n')
-  return tonumber(v), tonumber(c), p
+  local plen, v, c = struct.unpack(HEAD, h)
+  if plen > 44 then h = redis.call('GETRANGE', ekey, 0, 18 + plen) end -- a long partition
+  return v, c, string.sub(h, 20, 19 + plen)
 end
 
 -- Remove every index member of key (an entry that vanished through native expiry).
@@ -57,12 +80,12 @@ local function unindex(key)
   return #ms
 end
 
--- Write one entry. parg: "" keeps the partition (default for a new entry), "=<name>" sets it.
+-- Write one entry whose current state (ver, c, old: from header(); nil = absent) is known.
+-- parg: "" keeps the partition (default for a new entry), "=<name>" sets it.
 -- ttl: ms (0 = none). keep: keep the current expiry when ttl is 0.
+-- mset: nil, or a table collecting "ekey, value" pairs of plain writes for one MSET later.
 -- Returns version, created_ms, partition, expires_ms (-1 = persistent).
-local function write(key, payload, ttl, parg, keep, now)
-  local ekey = EPFX .. key
-  local ver, c, old = header(ekey)
+local function put(key, ekey, ver, c, old, payload, ttl, parg, keep, now, mset)
   if ver == nil then
     if redis.call('ZSCORE', XZ, key) then unindex(key) end
     ver, c = 0, now
@@ -70,7 +93,7 @@ local function write(key, payload, ttl, parg, keep, now)
   local part = old or ''
   if parg ~= '' then part = string.sub(parg, 2) end
   ver = ver + 1
-  local value = string.format('%d %d %d %s\n', ver, c, math.max(0, now - c), part) .. payload
+  local value = entry(ver, c, math.max(c, now), part, payload)
   local exp = -1
   if ttl > 0 then
     exp = now + ttl
@@ -79,9 +102,12 @@ local function write(key, payload, ttl, parg, keep, now)
   elseif keep and old then
     redis.call('SET', ekey, value, 'KEEPTTL')
     exp = redis.call('PEXPIRETIME', ekey)
+  elseif mset then
+    -- A member of XZ left by an expiry this write removes is dropped later by prune.
+    mset[#mset + 1] = ekey
+    mset[#mset + 1] = value
   else
     redis.call('SET', ekey, value)
-    if old then redis.call('ZREM', XZ, key) end
   end
   if old == nil then
     if redis.call('ZADD', IDX, 0, member(key, part)) == 1 then count(part, 1) end
@@ -92,6 +118,12 @@ local function write(key, payload, ttl, parg, keep, now)
     count(part, 1)
   end
   return ver, c, part, exp
+end
+
+local function write(key, payload, ttl, parg, keep, now)
+  local ekey = EPFX .. key
+  local ver, c, old = header(ekey)
+  return put(key, ekey, ver, c, old, payload, ttl, parg, keep, now)
 end
 
 -- Delete the live entry key; returns 1 if it was live.

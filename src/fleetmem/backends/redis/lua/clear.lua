@@ -1,6 +1,6 @@
--- ARGV: 2 partition filter ("" = every entry, "=<name>"), 3 lex cursor ("-" to start),
--- 4 how many members to look at. Returns {cursor ("" when done), live entries deleted}.
-local pf, lo, budget = ARGV[2], ARGV[3], tonumber(ARGV[4])
+-- ARGV: 1 partition filter ("" = every entry, "=<name>"), 2 lex cursor ("-" to start),
+-- 3 how many members to look at. Returns {cursor ("" when done), live entries deleted}.
+local pf, lo, budget = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local wanted = string.sub(pf, 2)
 local ms
 if pf == '' then

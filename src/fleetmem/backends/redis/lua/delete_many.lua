@@ -1,4 +1,4 @@
--- ARGV: 2.. keys. Returns how many live entries were deleted.
-local n = 0
-for i = 2, #ARGV do n = n + remove(ARGV[i]) end
-return n
+-- ARGV: keys. Returns, per key, 1 if a live entry was deleted, else 0.
+local out = {}
+for i = 1, #ARGV do out[i] = remove(ARGV[i]) end
+return out

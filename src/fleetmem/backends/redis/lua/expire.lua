@@ -1,8 +1,8 @@
--- ARGV: 2 key, 3 ttl_ms (0 = persist). Returns 1 if the entry is live. Version unchanged.
-local key = ARGV[2]
+-- ARGV: 1 key, 2 ttl_ms (0 = persist). Returns 1 if the entry is live. Version unchanged.
+local key = ARGV[1]
 local ekey = EPFX .. key
 if redis.call('EXISTS', ekey) == 0 then return 0 end
-local ttl = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[2])
 if ttl > 0 then
   local exp = now_ms() + ttl
   redis.call('PEXPIREAT', ekey, exp)

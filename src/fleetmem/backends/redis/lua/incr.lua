@@ -1,16 +1,16 @@
--- ARGV: 2 key, 3 amount (decimal text), 4 "i" (int amount) or "f" (float), 5 ttl_ms,
--- 6 partition arg. Integers use INCRBY on a scratch key: exact in signed 64 bits, an error
+-- ARGV: 1 key, 2 amount (decimal text), 3 "i" (int amount) or "f" (float), 4 ttl_ms,
+-- 5 partition arg. Integers use INCRBY on a scratch key: exact in signed 64 bits, an error
 -- (nothing written) beyond. Returns {"OK", text} | {"NAN", first byte} | {"RANGE"}.
-local key = ARGV[2]
+local key = ARGV[1]
 local raw = redis.call('GET', EPFX .. key)
 local v = '0'
-if raw then v = string.sub(raw, string.find(raw, '\n', 1, true) + 1) end
+if raw then v = payload_of(raw) end
 local b = string.byte(v, 1)
 if not (b == 45 or (b >= 48 and b <= 57)) then return {'NAN', string.sub(v, 1, 1)} end
 local result
-if ARGV[4] == 'i' and string.find(v, '^%-?%d+$') then
+if ARGV[3] == 'i' and string.find(v, '^%-?%d+$') then
   redis.call('SET', TMP, v)
-  local r = redis.pcall('INCRBY', TMP, ARGV[3])
+  local r = redis.pcall('INCRBY', TMP, ARGV[2])
   if type(r) == 'table' and r.err then
     redis.call('DEL', TMP)
     return {'RANGE'}
@@ -18,7 +18,7 @@ if ARGV[4] == 'i' and string.find(v, '^%-?%d+$') then
   result = redis.call('GET', TMP)
   redis.call('DEL', TMP)
 else
-  local x = tonumber(v) + tonumber(ARGV[3])
+  local x = tonumber(v) + tonumber(ARGV[2])
   if x ~= x or x == math.huge or x == -math.huge then return {'RANGE'} end
   for _, f in ipairs({'%.15g', '%.16g', '%.17g'}) do
     result = string.format(f, x)
@@ -26,5 +26,5 @@ else
   end
   if not string.find(result, '[%.eE]') then result = result .. '.0' end
 end
-write(key, result, tonumber(ARGV[5]), ARGV[6], true, now_ms())
+write(key, result, tonumber(ARGV[4]), ARGV[5], true, now_ms())
 return {'OK', result}

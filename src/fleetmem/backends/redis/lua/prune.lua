@@ -1,8 +1,8 @@
--- Drop the index members of entries that expired natively (at most ARGV[2] of them).
--- ARGV: 2 budget, 3 mode: "stats" also returns the per-partition counts, the pending count
+-- Drop the index members of entries that expired natively (at most ARGV[1] of them).
+-- ARGV: 1 budget, 2 mode: "stats" also returns the per-partition counts, the pending count
 -- and a size sample; "cleanup" returns (and resets) the pending count.
 -- Returns {pruned, done, ...}.
-local budget = tonumber(ARGV[2])
+local budget = tonumber(ARGV[1])
 local now = now_ms()
 local ks = redis.call('ZRANGE', XZ, '-inf', now, 'BYSCORE', 'LIMIT', 0, budget)
 local pruned = 0
@@ -19,7 +19,7 @@ for _, key in ipairs(ks) do
 end
 if pruned > 0 then redis.call('INCRBY', PENDING, pruned) end
 if #ks >= budget then return {pruned, 0} end
-if ARGV[3] == 'cleanup' then
+if ARGV[2] == 'cleanup' then
   return {pruned, 1, tonumber(redis.call('GETDEL', PENDING) or '0')}
 end
 local size, sampled = 0, 0

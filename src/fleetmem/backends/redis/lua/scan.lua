@@ -1,11 +1,11 @@
 -- Live keys of the index between two ZRANGE BYLEX bounds, ascending.
--- ARGV: 2 min, 3 max, 4 how many live keys at most, 5 how many members to look at at most,
--- 6 partition filter ("" = any, "=<name>"). Members whose entry vanished (native expiry) are
+-- ARGV: 1 min, 2 max, 3 how many live keys at most, 4 how many members to look at at most,
+-- 5 partition filter ("" = any, "=<name>"). Members whose entry vanished (native expiry) are
 -- removed from every index on the way. Returns {cursor, key...}: cursor is the bound to
 -- continue from, "" when the range is exhausted.
-local lo, hi = ARGV[2], ARGV[3]
-local want, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
-local pf = ARGV[6]
+local lo, hi = ARGV[1], ARGV[2]
+local want, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+local pf = ARGV[5]
 local wanted_part = string.sub(pf, 2)
 local out = {''}
 local found, seen = 0, 0

@@ -1,4 +1,7 @@
--- ARGV: 2 key, 3 payload, 4 ttl_ms (0 none), 5 partition arg, 6 keep_ttl ("1"/"0")
+-- ARGV: 1 key, 2 payload, then (all or none) 3 ttl_ms (0 none), 4 partition arg,
+-- 5 keep_ttl ("1"/"0"). Returns {version, created, updated, partition, expires}.
+local ttl, parg, keep = 0, '', false
+if ARGV[3] then ttl, parg, keep = tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1' end
 local now = now_ms()
-local ver, c, part, exp = write(ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6] == '1', now)
+local ver, c, part, exp = write(ARGV[1], ARGV[2], ttl, parg, keep, now)
 return {ver, c, now, part, exp}

@@ -1,4 +1,4 @@
--- ARGV: 2 key, 3 payload, 4 ttl_ms, 5 partition arg. Returns 1 if written.
-if redis.call('EXISTS', EPFX .. ARGV[2]) == 1 then return 0 end
-write(ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], false, now_ms())
+-- ARGV: 1 key, 2 payload, 3 ttl_ms, 4 partition arg. Returns 1 if written.
+if redis.call('EXISTS', EPFX .. ARGV[1]) == 1 then return 0 end
+write(ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], false, now_ms())
 return 1

@@ -1,9 +1,73 @@
--- ARGV: 2 ttl_ms, 3 partition arg, then key, payload pairs. Returns the count written.
+-- ARGV: 1 ttl_ms (0 none), 2 partition arg, then key, payload pairs (distinct keys).
+-- Returns the count written. Each item is written as set() would (keep_ttl off), but the
+-- writes go out in bulk: one MSET (no TTL), ZMSCORE, ZADD and HINCRBY per slice of items.
 local now = now_ms()
-local ttl, parg = tonumber(ARGV[2]), ARGV[3]
+local ttl, parg = tonumber(ARGV[1]), ARGV[2]
+local named = string.sub(parg, 2)
+local deltas = {}             -- partition -> change of its count
+local mset, nm = {}, 0        -- MSET arguments (ttl == 0)
+local xadd, nx = {}, 0        -- ZADD XZ arguments (ttl > 0)
+local fresh, nf = {}, 0       -- keys without a live entry, all going to partition newp
+local newp = ''
+if parg ~= '' then newp = named end
+
+local function delta(part, d)
+  deltas[part] = (deltas[part] or 0) + d
+end
+
+local function flush()
+  if nf > 0 then
+    -- A key whose entry expired natively may still be indexed: drop it first.
+    local scores = redis.call('ZMSCORE', XZ, unpack(fresh, 1, nf))
+    local members = {}
+    for j = 1, nf do
+      if scores[j] then unindex(fresh[j]) end
+      members[2 * j - 1], members[2 * j] = 0, member(fresh[j], newp)
+    end
+    delta(newp, redis.call('ZADD', IDX, unpack(members, 1, 2 * nf)))
+    fresh, nf = {}, 0
+  end
+  if nm > 0 then
+    redis.call('MSET', unpack(mset, 1, nm))
+    mset, nm = {}, 0
+  end
+  if nx > 0 then
+    redis.call('ZADD', XZ, unpack(xadd, 1, nx))
+    xadd, nx = {}, 0
+  end
+end
+
 local n = 0
-for i = 4, #ARGV, 2 do
-  write(ARGV[i], ARGV[i + 1], ttl, parg, false, now)
+for i = 3, #ARGV, 2 do
+  local key = ARGV[i]
+  local ekey = EPFX .. key
+  local ver, c, old = header(ekey)
+  if ver == nil then ver, c = 0, now end
+  local part = old or ''
+  if parg ~= '' then part = named end
+  local value = entry(ver + 1, c, math.max(c, now), part, ARGV[i + 1])
+  if ttl > 0 then
+    redis.call('SET', ekey, value, 'PXAT', now + ttl)
+    xadd[nx + 1], xadd[nx + 2] = now + ttl, key
+    nx = nx + 2
+  else
+    mset[nm + 1], mset[nm + 2] = ekey, value
+    nm = nm + 2
+  end
+  if old == nil then
+    nf = nf + 1
+    fresh[nf] = key
+  elseif old ~= part then
+    redis.call('ZREM', IDX, member(key, old))
+    delta(old, -1)
+    redis.call('ZADD', IDX, 0, member(key, part))
+    delta(part, 1)
+  end
   n = n + 1
+  if nm >= 1000 or nx >= 1000 or nf >= 500 then flush() end
+end
+flush()
+for part, d in pairs(deltas) do
+  if d ~= 0 then count(part, d) end
 end
 return n
