@@ -9,14 +9,20 @@ and silently turns into floats when reading.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import orjson
 
 from fleetmem.errors import SerializationError, ValueTooLargeError
 
-__all__ = ["DEFAULT_MAX_VALUE_BYTES", "MAX_DEPTH", "decode_value", "encode_value"]
+__all__ = [
+    "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_DEPTH",
+    "decode_value",
+    "encode_value",
+    "encode_value_ex",
+    "stored_form",
+]
 
 DEFAULT_MAX_VALUE_BYTES = 8 * 1024 * 1024
 MAX_DEPTH = 64
@@ -38,45 +44,65 @@ class _BigInt(Exception):
     """Raised by the walk to send a value holding a >64-bit integer to the stdlib encoder."""
 
 
+_NUL_MESSAGE = "strings holding U+0000 cannot be stored"
+
+
 def _check(value: Any, depth: int) -> bool:
     """Validate ``value``; return True if orjson cannot write it (an int over 64 bits, a
     str-subclass dict key): the stdlib encoder then does."""
     kind = type(value)
+    if kind is dict or kind is list or kind is tuple:
+        return _check_container(value, kind, depth)
     if kind is str:
         if "\x00" in value:
-            raise SerializationError("strings holding U+0000 cannot be stored")
+            raise SerializationError(_NUL_MESSAGE)
         return False
     if kind is bool or value is None:
         return False
     if kind is int:
         return not _I64_MIN <= value <= _U64_MAX
     if kind is float:
-        if not math.isfinite(value):
+        if value - value != 0.0:  # NaN and the infinities
             raise SerializationError(f"{value!r} is not a JSON number")
         return False
-    if kind is dict or kind is list or kind is tuple:
-        if depth >= MAX_DEPTH:
-            raise SerializationError(f"value is nested deeper than {MAX_DEPTH} levels")
-        big = False
-        if kind is dict:
-            for k, v in value.items():
-                if type(k) is not str:
-                    if not isinstance(k, str):
-                        raise SerializationError(f"dict keys must be str, not {type(k).__name__}")
-                    big = True  # orjson refuses str-subclass keys; the stdlib encoder takes them
-                if "\x00" in k:
-                    raise SerializationError("strings holding U+0000 cannot be stored")
-                if _check(v, depth + 1):
-                    big = True
-        else:
-            for v in value:
-                if _check(v, depth + 1):
-                    big = True
-        return big
     # Subclasses of the JSON types (IntEnum, str subclasses, OrderedDict ...) are their base type.
     if isinstance(value, (str, int, float, dict, list, tuple)):
         return _check(_as_base(value), depth)
     raise SerializationError(f"values of type {kind.__name__} are not JSON")
+
+
+def _check_container(value: Any, kind: type, depth: int) -> bool:
+    # Scalars are checked inline: only nested containers (and odd types) cost a call.
+    if depth >= MAX_DEPTH:
+        raise SerializationError(f"value is nested deeper than {MAX_DEPTH} levels")
+    big = False
+    if kind is dict:
+        for k in value:
+            if type(k) is not str:
+                if not isinstance(k, str):
+                    raise SerializationError(f"dict keys must be str, not {type(k).__name__}")
+                big = True  # orjson refuses str-subclass keys; the stdlib encoder takes them
+            if "\x00" in k:
+                raise SerializationError(_NUL_MESSAGE)
+        items = value.values()
+    else:
+        items = value
+    for v in items:
+        t = type(v)
+        if t is str:
+            if "\x00" in v:
+                raise SerializationError(_NUL_MESSAGE)
+        elif t is int:
+            if not _I64_MIN <= v <= _U64_MAX:
+                big = True
+        elif t is float:
+            if v - v != 0.0:
+                raise SerializationError(f"{v!r} is not a JSON number")
+        elif t is bool or v is None:
+            pass
+        elif _check(v, depth + 1):
+            big = True
+    return big
 
 
 def _as_base(value: Any) -> Any:
@@ -101,6 +127,12 @@ def encode_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
     Raises :class:`SerializationError` for a value that is not JSON and
     :class:`ValueTooLargeError` when the result is over ``max_bytes``.
     """
+    return encode_value_ex(value, max_bytes)[0]
+
+
+def encode_value_ex(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> tuple[bytes, bool]:
+    """:func:`encode_value`, also telling whether orjson reads the result back exactly
+    (False when the value holds an integer beyond 64 bits)."""
     big = _check(value, 0)
     if big:
         text = json.dumps(
@@ -128,7 +160,7 @@ def encode_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
         raise ValueTooLargeError(
             f"serialized value is {len(data)} bytes, over the store's max_value_bytes ({max_bytes})"
         )
-    return data
+    return data, not big
 
 
 def _orjson_default(value: Any) -> Any:
@@ -145,3 +177,13 @@ def decode_value(data: bytes | bytearray | memoryview | str) -> Any:
     if len(data) >= 19 and _has_long_digit_run(data):
         return json.loads(bytes(data))
     return orjson.loads(data)
+
+
+_EXACT_AS_GIVEN = (str, int, float, bool, type(None))
+
+
+def stored_form(value: Any, data: bytes, orjson_exact: bool) -> Any:
+    """The value as a read returns it: a scalar as given, a container decoded from ``data``."""
+    if type(value) in _EXACT_AS_GIVEN:
+        return value
+    return orjson.loads(data) if orjson_exact else json.loads(data)

@@ -23,7 +23,12 @@ from types import TracebackType
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from fleetmem._coalesce import Coalescer
-from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value
+from fleetmem._codec import (
+    DEFAULT_MAX_VALUE_BYTES,
+    encode_value,
+    encode_value_ex,
+    stored_form,
+)
 from fleetmem._validate import (
     GlobPattern,
     compile_glob,
@@ -149,6 +154,20 @@ class BaseStore(abc.ABC):
     def coalescing(self) -> bool:
         """Whether concurrent single-key calls are merged into batches."""
         return self._c_get is not None
+
+    def merge_counts(self) -> dict[str, tuple[int, int]]:
+        """Per operation, (batches sent, calls they carried) since the store was made."""
+        pairs = {
+            "get": self._c_get,
+            "get_entry": self._c_entry,
+            "exists": self._c_exists,
+            "set": self._c_set,
+            "delete": self._c_delete,
+        }
+        return {
+            name: (c.batches, c.batched_calls) if c is not None else (0, 0)
+            for name, c in pairs.items()
+        }
 
     def set_coalescing(self, enabled: bool) -> None:
         """Turn the merging of concurrent calls on or off (for this store or view)."""
@@ -354,14 +373,14 @@ class BaseStore(abc.ABC):
         validate_key(key)
         ttl_ms = validate_optional_ttl(ttl, keep_ttl)
         part = validate_optional_partition(partition)
-        payload = self._encode(value)
+        payload, exact = encode_value_ex(value, self._max_value_bytes)
         self._check_open()
         c = self._c_set
         if c is None:
             meta = await self._set(key, payload, ttl_ms, part, bool(keep_ttl))
         else:
             meta = await c.call(SetOp(key, payload, ttl_ms, part, bool(keep_ttl)))
-        return Entry(key, decode_value(payload), *meta)
+        return Entry(key, stored_form(value, payload, exact), *meta)
 
     async def set_many(
         self,
@@ -418,10 +437,10 @@ class BaseStore(abc.ABC):
         expected = validate_version(version)
         ttl_ms = validate_optional_ttl(ttl)
         part = validate_optional_partition(partition)
-        payload = self._encode(value)
+        payload, exact = encode_value_ex(value, self._max_value_bytes)
         self._check_open()
         meta = await self._compare_and_set(key, payload, expected, ttl_ms, part)
-        return Entry(key, decode_value(payload), *meta)
+        return Entry(key, stored_form(value, payload, exact), *meta)
 
     async def incr(
         self,
