@@ -539,3 +539,36 @@ async def test_least_privilege_role_from_the_docs_is_enough(
     finally:
         await _fetch(dsn, f'DROP OWNED BY "{role}"')
         await _fetch(dsn, f'DROP ROLE "{role}"')
+
+
+async def test_command_timeout_bounds_a_blocked_statement(fleetmem_postgres_database: str) -> None:
+    from fleetmem import OutcomeUnknownError
+
+    dsn = fleetmem_postgres_database
+    async with PostgresStore.from_url(dsn, namespace="slow", command_timeout=0.3) as store:
+        await store.set("k", 1)
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT 1 FROM fleetmem.entries WHERE namespace = 'slow' FOR UPDATE"
+                )
+                started = time.monotonic()
+                with pytest.raises(OutcomeUnknownError, match="timed out"):
+                    await store.set("k", 2)
+                assert 0.25 < time.monotonic() - started < 1.5
+                assert await store.get("k") == 1  # reads still work meanwhile
+                # The server was asked to cancel the statement: wait for it to be gone.
+                for _ in range(100):
+                    waiting = await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    )
+                    if waiting == 0:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+        assert (await store.set("k", 3)).version == 2
+        health = await store.health()
+        assert health.ok

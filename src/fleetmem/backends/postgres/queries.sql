@@ -15,6 +15,14 @@ WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
 SELECT key, value FROM {table}
 WHERE namespace = $1 AND key = ANY($2::text[]) AND (expires_at IS NULL OR expires_at > now())
 
+-- name: get_entries
+SELECT key, value, partition, version, created_at, updated_at, expires_at FROM {table}
+WHERE namespace = $1 AND key = ANY($2::text[]) AND (expires_at IS NULL OR expires_at > now())
+
+-- name: exists_many
+SELECT key FROM {table}
+WHERE namespace = $1 AND key = ANY($2::text[]) AND (expires_at IS NULL OR expires_at > now())
+
 -- name: exists
 SELECT 1 FROM {table}
 WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
@@ -95,6 +103,31 @@ ON CONFLICT (namespace, key) DO UPDATE SET
                       ELSE NULL END
 RETURNING partition, version, created_at, updated_at, expires_at
 
+-- name: set_batch
+-- Many `set`s (distinct keys) in one statement: $2 keys, $3 values, $4 partitions (NULL: keep),
+-- $5 ttls in ms (NULL: none); $6 the keys whose given partition replaces a live entry's,
+-- $7 the keys written with keep_ttl. (ON CONFLICT DO UPDATE sees only the proposed row, whose
+-- partition is already 'default' and whose expiry is NULL for both flags; the two short
+-- arrays -- empty in the common case -- carry them.)
+INSERT INTO {table} AS e
+    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+SELECT $1, b.key, coalesce(b.partition, 'default'), b.value, 1, now(), now(),
+       now() + b.ttl_ms * interval '1 millisecond'
+FROM unnest($2::text[], $3::jsonb[], $4::text[], $5::bigint[]) AS b(key, value, partition, ttl_ms)
+ON CONFLICT (namespace, key) DO UPDATE SET
+    value = EXCLUDED.value,
+    partition = CASE WHEN e.expires_at <= now() OR EXCLUDED.key = ANY($6::text[])
+                     THEN EXCLUDED.partition ELSE e.partition END,
+    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+    updated_at = now(),
+    expires_at = CASE WHEN EXCLUDED.expires_at IS NOT NULL THEN EXCLUDED.expires_at
+                      WHEN (e.expires_at IS NULL OR e.expires_at > now())
+                           AND EXCLUDED.key = ANY($7::text[])
+                          THEN e.expires_at
+                      ELSE NULL END
+RETURNING key, partition, version, created_at, updated_at, expires_at
+
 -- name: set_if_absent
 INSERT INTO {table} AS e
     (namespace, key, partition, value, version, created_at, updated_at, expires_at)
@@ -163,6 +196,10 @@ RETURNING value, ($6::bool OR value::text !~ '^-?[0-9]+$') AS is_float
 DELETE FROM {table} WHERE namespace = $1 AND key = $2
 RETURNING expires_at IS NULL OR expires_at > now()
 
+-- name: delete_batch
+DELETE FROM {table} WHERE namespace = $1 AND key = ANY($2::text[])
+RETURNING key, expires_at IS NULL OR expires_at > now()
+
 -- name: delete_many
 WITH gone AS (
     DELETE FROM {table} WHERE namespace = $1 AND key = ANY($2::text[]) RETURNING expires_at
@@ -202,8 +239,11 @@ WITH doomed AS (
 SELECT count(*) FROM gone
 
 -- name: stage_create
-CREATE TEMPORARY TABLE fleetmem_stage (key text COLLATE "C" NOT NULL, value jsonb NOT NULL)
-ON COMMIT DROP
+-- Created once per session and emptied by every commit: creating and dropping a table per call
+-- would cost catalog writes on every set_many.
+CREATE TEMPORARY TABLE IF NOT EXISTS fleetmem_stage_1
+    (key text COLLATE "C" NOT NULL, value jsonb NOT NULL)
+ON COMMIT DELETE ROWS
 
 -- name: set_many
 -- Upserts the staged rows; $2 partition or NULL (keep), $3 ttl in ms or NULL.
@@ -211,7 +251,7 @@ INSERT INTO {table} AS e
     (namespace, key, partition, value, version, created_at, updated_at, expires_at)
 SELECT $1, s.key, coalesce($2, 'default'), s.value, 1, now(), now(),
        now() + $3::bigint * interval '1 millisecond'
-FROM fleetmem_stage s
+FROM fleetmem_stage_1 s
 ON CONFLICT (namespace, key) DO UPDATE SET
     value = EXCLUDED.value,
     partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition

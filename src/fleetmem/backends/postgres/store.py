@@ -6,9 +6,12 @@ temporary table and one upsert, in one transaction). Expiry is judged by ``now()
 
 Connections: the store's own lean pool of asyncpg connections, opened by
 :meth:`PostgresStore.connect`, each with an orjson codec for ``jsonb`` (the store hands asyncpg the
-already-encoded payload); or an injected asyncpg pool (then never closed). A FIFO semaphore sits
-in front of either, and every acquire is bounded by ``acquire_timeout``. Driver exceptions are
-translated in :func:`_translate`, the one choke point.
+already-encoded payload); or an injected asyncpg pool (then never closed). A FIFO gate sits in
+front of either, and every acquire is bounded by ``acquire_timeout``; taking an idle connection of
+the own pool while the gate is free costs no await. ``command_timeout`` on the own pool is a
+deadline watched by one task (see ``_watch``), not asyncpg's per-statement timer. Concurrent
+single-key calls are merged into one statement per batch (the ``_*_batch`` hooks). Driver
+exceptions are translated in :func:`_translate`, the one choke point.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ import contextlib
 import functools
 import logging
 import re
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 
+from fleetmem._coalesce import Coalescer
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value
 from fleetmem._urls import redact_url, url_scheme
 from fleetmem._validate import GlobPattern
-from fleetmem.backends.base import MISSING, BaseStore, EntryMeta
+from fleetmem.backends.base import MISSING, BaseStore, EntryMeta, SetOp
 from fleetmem.backends.postgres import migrate
 from fleetmem.errors import (
     BackendUnavailableError,
@@ -225,6 +231,20 @@ class _ConnectionPool:
             raise
         return conn
 
+    async def cancel_backends(self, pids: list[int]) -> None:
+        """Cancel the statements of the server processes ``pids`` (best effort)."""
+        try:
+            conn = await asyncpg.connect(self.dsn, **self.connect_kwargs)
+        except Exception:
+            return
+        try:
+            for pid in pids:
+                await conn.execute("SELECT pg_cancel_backend($1)", pid)
+        except Exception:
+            _log.debug("cancelling a timed-out statement failed", exc_info=True)
+        finally:
+            _terminate(conn)
+
     def take_idle(self) -> Any:
         """A live idle connection, or None."""
         idle = self.idle
@@ -255,6 +275,60 @@ class _ConnectionPool:
             self.size -= 1
 
 
+class _Gate:
+    """A FIFO semaphore whose uncontended entry is a plain method call (no await).
+
+    ``leave`` hands the slot straight to the oldest waiter, so a caller arriving later can
+    never overtake one already queued.
+    """
+
+    __slots__ = ("free", "waiters")
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_enter(self) -> bool:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def enter(self, timeout: float) -> bool:
+        """Wait for a slot: True once held, False after ``timeout`` seconds."""
+        if self.try_enter():
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self.waiters.append(waiter)
+        timer = loop.call_later(timeout, _expire_waiter, waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.leave()  # the slot arrived together with the cancellation: pass it on
+            raise
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            timer.cancel()
+        return True
+
+    def leave(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot moves to the waiter
+                return
+        self.free += 1
+
+
+def _expire_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
+
+
 class _PgState:
     """State shared by a store and its ``with_namespace`` views."""
 
@@ -263,8 +337,40 @@ class _PgState:
         self.own: _ConnectionPool | None = None
         self.ready = False
         self.lock = asyncio.Lock()
-        self.queue = asyncio.Semaphore(max_size)
+        self.gate = _Gate(max_size)
         self.sweeper: asyncio.Task[None] | None = None
+        # command_timeout on the store's own connections: a deadline per connection in use,
+        # enforced by the watchdog task (asyncpg's own per-statement timer costs more than a
+        # tenth of a primary-key lookup). None when there is no timeout.
+        self.deadlines: dict[Any, float] | None = None
+        self.timed_out: set[Any] = set()
+        self.watchdog: asyncio.Task[None] | None = None
+        self.cancels: set[asyncio.Task[None]] = set()
+
+
+async def _watch(pg: _PgState, interval: float) -> None:
+    """Terminate every connection whose statement has run past its deadline."""
+    while True:
+        await asyncio.sleep(interval)
+        deadlines = pg.deadlines
+        if not deadlines:
+            continue
+        now = time.monotonic()
+        pids: list[int] = []
+        for conn, deadline in list(deadlines.items()):
+            if deadline <= now:
+                del deadlines[conn]
+                pg.timed_out.add(conn)
+                _log.warning("a PostgreSQL statement ran past command_timeout: connection dropped")
+                with contextlib.suppress(Exception):
+                    pids.append(conn.get_server_pid())
+                _terminate(conn)
+        own = pg.own
+        if pids and own is not None:
+            # As asyncpg does on a timeout: ask the server to cancel the statement too.
+            task = asyncio.get_running_loop().create_task(own.cancel_backends(pids))
+            pg.cancels.add(task)
+            task.add_done_callback(pg.cancels.discard)
 
 
 _FETCH, _FETCHROW, _FETCHVAL = 0, 1, 2
@@ -274,6 +380,13 @@ class PostgresStore(BaseStore):
     """A ``MemoryStore`` in a PostgreSQL table (see ``docs/backends/postgres.md``)."""
 
     backend_name = "postgres"
+    # Past this many single-key calls in flight, concurrent get/get_entry/exists calls are
+    # merged: one `= ANY` statement per batch (see fleetmem._coalesce). With one in flight the
+    # callers that arrive meanwhile leave together: the largest batches, the fewest round trips.
+    coalesce_max_inflight = 1
+    #: The same for set/delete: each batch is a commit, and commits in flight together share
+    #: the WAL flush, so writes keep a few batches going at once.
+    coalesce_max_inflight_writes: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -329,6 +442,15 @@ class PostgresStore(BaseStore):
         self._q = _queries(self._schema, self._table)
         self._pg = _PgState(pool, max_size)
 
+    def _make_coalescers(self) -> None:
+        super()._make_coalescers()
+        limit = self.coalesce_max_inflight_writes
+        if self._c_set is not None and self._c_delete is not None:
+            self._c_set = Coalescer(self._set_op, self._set_batch, key=_op_key, max_inflight=limit)
+            self._c_delete = Coalescer(
+                self._delete, self._delete_batch, key=_same, max_inflight=limit
+            )
+
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
         """``postgresql://user:pass@host:5432/db?sslmode=verify-full`` (or ``postgres://``)."""
@@ -357,12 +479,18 @@ class PostgresStore(BaseStore):
                         self._dsn,
                         self._min_size,
                         self._max_size,
-                        command_timeout=self._command_timeout,
                         timeout=self._acquire_timeout,
                         ssl=self._ssl,
                         server_settings=self._server_settings,
                     )
                     await pg.own.start()
+                    timeout = self._command_timeout
+                    if timeout is not None and pg.watchdog is None:
+                        pg.deadlines = {}
+                        pg.watchdog = asyncio.get_running_loop().create_task(
+                            _watch(pg, min(max(timeout / 4, 0.005), 1.0)),
+                            name="fleetmem-pg-watchdog",
+                        )
                 await self._check_schema()
             except Exception as exc:
                 err = _translate(exc, write=False, sent=True, can_retry=False)
@@ -434,25 +562,37 @@ class PostgresStore(BaseStore):
                 await pg.sweeper
             pg.sweeper = None
         pg.ready = False
+        if pg.watchdog is not None:
+            pg.watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pg.watchdog
+            pg.watchdog = None
         if pg.own is not None:
             own, pg.own = pg.own, None
             await own.close(self._acquire_timeout)
 
     # ---------------------------------------------------------------- the choke point
 
+    def _take(self) -> Any:
+        """An idle connection of the store's own pool if one is free right now, else None."""
+        pg = self._pg
+        own = pg.own
+        if own is not None and own.idle and pg.gate.try_enter():
+            conn = own.idle.pop()
+            if not conn.is_closed():
+                return conn
+            own.size -= 1
+            pg.gate.leave()
+        return None
+
     async def _acquire(self) -> Any:
         pg = self._pg
-        queue = pg.queue
-        if queue.locked():
-            try:
-                await asyncio.wait_for(queue.acquire(), self._acquire_timeout)
-            except asyncio.TimeoutError:
-                raise BackendUnavailableError(
-                    f"no PostgreSQL connection free within {self._acquire_timeout} s "
-                    f"(max_size={self._max_size})"
-                ) from None
-        else:
-            await queue.acquire()
+        gate = pg.gate
+        if not await gate.enter(self._acquire_timeout):
+            raise BackendUnavailableError(
+                f"no PostgreSQL connection free within {self._acquire_timeout} s "
+                f"(max_size={self._max_size})"
+            )
         try:
             own = pg.own
             if own is not None:
@@ -462,7 +602,7 @@ class PostgresStore(BaseStore):
                 raise StoreClosedError("the store is closed")
             return await pg.pool.acquire(timeout=self._acquire_timeout)
         except BaseException as exc:
-            queue.release()
+            gate.leave()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if isinstance(exc, asyncio.TimeoutError):
@@ -472,28 +612,62 @@ class PostgresStore(BaseStore):
             err = _translate(exc, write=False, sent=False, can_retry=False)
             raise err from exc
 
+    def _arm(self, conn: Any) -> None:
+        """Start the command_timeout clock of the statement about to run on ``conn``."""
+        deadlines = self._pg.deadlines
+        if deadlines is not None and self._command_timeout is not None:
+            deadlines[conn] = time.monotonic() + self._command_timeout
+
+    def _failure(self, conn: Any, exc: Exception) -> Exception:
+        """``exc``, or a TimeoutError when the watchdog dropped ``conn`` (past its deadline)."""
+        timed_out = self._pg.timed_out
+        if conn in timed_out:
+            timed_out.discard(conn)
+            return asyncio.TimeoutError()
+        return exc
+
+    def _give_back(self, conn: Any) -> None:
+        """Return a connection of the store's own pool (dropped if the pool has closed)."""
+        pg = self._pg
+        if pg.deadlines:
+            pg.deadlines.pop(conn, None)
+        if pg.timed_out:
+            pg.timed_out.discard(conn)
+        own = pg.own
+        if own is not None:
+            own.put(conn)
+        else:
+            _terminate(conn)
+        pg.gate.leave()
+
     async def _release(self, conn: Any) -> None:
         pg = self._pg
-        if pg.own is not None:
-            pg.own.put(conn)
-            pg.queue.release()
+        if self._dsn is not None:
+            self._give_back(conn)
             return
         try:
             await pg.pool.release(conn)
         except Exception:  # a broken connection is dropped by the pool; the caller has its result
             _log.debug("releasing a PostgreSQL connection failed", exc_info=True)
         finally:
-            self._pg.queue.release()
+            pg.gate.leave()
 
     async def _run(
         self, kind: int, query: str, args: tuple[Any, ...], *, write: bool, auto: bool = True
     ) -> Any:
         """Run one statement; retry once where that is safe (see :func:`_translate`)."""
-        pg = self._pg
-        if auto and not pg.ready:
+        if auto and not self._pg.ready:
             await self.connect()
+        own_pool = self._dsn is not None
+        pg = self._pg
         for attempt in (0, 1):
-            conn = await self._acquire()
+            # Fast path: an idle connection is at hand, taken and given back without an await.
+            conn = self._take()
+            if conn is None:
+                conn = await self._acquire()
+            deadlines = pg.deadlines
+            if deadlines is not None and own_pool:
+                deadlines[conn] = time.monotonic() + self._command_timeout  # type: ignore[operator]
             try:
                 if kind == _FETCHROW:
                     return await conn.fetchrow(query, *args)
@@ -503,7 +677,9 @@ class PostgresStore(BaseStore):
             except Exception as exc:
                 if isinstance(exc, _LOST):
                     _terminate(conn)
-                err = _translate(exc, write=write, sent=True, can_retry=attempt == 0)
+                err = _translate(
+                    self._failure(conn, exc), write=write, sent=True, can_retry=attempt == 0
+                )
                 if err is _RETRY:
                     _log.debug("retrying after %s", type(exc).__name__)
                     continue
@@ -511,13 +687,23 @@ class PostgresStore(BaseStore):
                     raise
                 raise err from exc
             finally:
-                await self._release(conn)
+                if own_pool:
+                    self._give_back(conn)
+                else:
+                    await self._release(conn)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _with_conn(self, fn: Any) -> Any:
         conn = await self._acquire()
         try:
-            return await fn(conn)
+            self._arm(conn)
+            try:
+                return await fn(conn)
+            except Exception as exc:
+                failure = self._failure(conn, exc)
+                if failure is exc:
+                    raise
+                raise failure from exc
         finally:
             await self._release(conn)
 
@@ -529,12 +715,14 @@ class PostgresStore(BaseStore):
         conn = await self._acquire()
         try:
             try:
+                self._arm(conn)
                 async with conn.transaction():
                     yield conn
+                    self._arm(conn)  # COMMIT
             except Exception as exc:
                 if isinstance(exc, _LOST):
                     _terminate(conn)
-                err = _translate(exc, write=True, sent=True, can_retry=False)
+                err = _translate(self._failure(conn, exc), write=True, sent=True, can_retry=False)
                 if err is exc:
                     raise
                 raise err from exc
@@ -556,6 +744,17 @@ class PostgresStore(BaseStore):
     async def _get_many(self, keys: list[str]) -> dict[str, Any]:
         rows = await self._run(_FETCH, self._q["get_many"], (self._namespace, keys), write=False)
         return {row[0]: row[1] for row in rows}
+
+    async def _get_entries(self, keys: list[str]) -> dict[str, Entry]:
+        rows = await self._run(_FETCH, self._q["get_entries"], (self._namespace, keys), write=False)
+        return {
+            row[0]: Entry(row[0], row[1], row[2], row[3], row[4], row[5], row[6]) for row in rows
+        }
+
+    async def _exists_batch(self, keys: list[str]) -> list[bool]:
+        rows = await self._run(_FETCH, self._q["exists_many"], (self._namespace, keys), write=False)
+        found = {row[0] for row in rows}
+        return [key in found for key in keys]
 
     async def _exists(self, key: str) -> bool:
         value = await self._run(_FETCHVAL, self._q["exists"], (self._namespace, key), write=False)
@@ -646,6 +845,31 @@ class PostgresStore(BaseStore):
         )
         return EntryMeta(row[0], row[1], row[2], row[3], row[4])
 
+    async def _set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
+        keys: list[str] = []
+        payloads: list[bytes] = []
+        partitions: list[str | None] = []
+        ttls: list[int | None] = []
+        moved: list[str] = []
+        kept: list[str] = []
+        for op in ops:
+            keys.append(op.key)
+            payloads.append(op.payload)
+            partitions.append(op.partition)
+            ttls.append(op.ttl_ms)
+            if op.partition is not None:
+                moved.append(op.key)
+            if op.keep_ttl:
+                kept.append(op.key)
+        rows = await self._run(
+            _FETCH,
+            self._q["set_batch"],
+            (self._namespace, keys, payloads, partitions, ttls, moved, kept),
+            write=True,
+        )
+        metas = {row[0]: EntryMeta(row[1], row[2], row[3], row[4], row[5]) for row in rows}
+        return [metas[key] for key in keys]
+
     async def _set_many(
         self,
         chunks: Iterator[list[tuple[str, bytes]]],
@@ -663,9 +887,11 @@ class PostgresStore(BaseStore):
         async with self._transaction() as conn:
             await conn.execute(self._q["stage_create"])
             # One COPY streams every chunk; only the chunk being sent is held encoded.
+            self._arm(conn)
             await conn.copy_records_to_table(
-                "fleetmem_stage", records=records(), columns=("key", "value")
+                "fleetmem_stage_1", records=records(), columns=("key", "value")
             )
+            self._arm(conn)
             await conn.execute(self._q["set_many"], self._namespace, partition, ttl_ms)
         return count
 
@@ -753,6 +979,11 @@ class PostgresStore(BaseStore):
         value = await self._run(_FETCHVAL, self._q["delete"], (self._namespace, key), write=True)
         return bool(value)
 
+    async def _delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
+        rows = await self._run(_FETCH, self._q["delete_batch"], (self._namespace, keys), write=True)
+        live = {row[0]: bool(row[1]) for row in rows}
+        return [live.get(key, False) for key in keys]
+
     async def _delete_many(self, keys: list[str]) -> int:
         value = await self._run(
             _FETCHVAL, self._q["delete_many"], (self._namespace, keys), write=True
@@ -802,6 +1033,14 @@ class PostgresStore(BaseStore):
                     _log.debug("sweeper removed %d expired entries", removed)
             except FleetmemError as exc:
                 _log.warning("expiry sweep failed: %s", exc)
+
+
+def _same(key: str) -> str:
+    return key
+
+
+def _op_key(op: SetOp) -> str:
+    return op.key
 
 
 def _prefix_upper(prefix: str) -> str:
