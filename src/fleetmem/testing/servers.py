@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from fleetmem._urls import redact_url
@@ -425,76 +425,39 @@ def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-@dataclass(eq=False)
-class PostgresServer:
-    """A PostgreSQL server for tests: where it is, and (when owned) its fault handles.
+class _FaultHandles:
+    """The fault handles of a test server; they refuse unless the harness started it."""
 
-    ``dsn`` is ``postgresql://user@host:port/database``, usable by asyncpg and ``open_store``.
-    ``stop(mode)`` takes ``pg_ctl``'s modes: ``"smart"``, ``"fast"`` (default), ``"immediate"``.
-    """
-
+    _kind: ClassVar[str]
+    _factory_fixture: ClassVar[str]
+    _control: _Control | None
     host: str
     port: int
-    user: str
-    database: str
-    password: str | None = field(default=None, repr=False)
-    query: str = field(default="", repr=False)
-    _control: _Control | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_url(cls, url: str) -> PostgresServer:
-        """A server that is already running (never owned: its fault handles refuse)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
-            raise HarnessError(f"not a postgresql://user@host:port/db URL: {redact_url(url)}")
-        return cls(
-            host=parts.hostname,
-            port=parts.port or 5432,
-            user=unquote(parts.username or "postgres"),
-            database=unquote(parts.path.lstrip("/")) or "postgres",
-            password=unquote(parts.password) if parts.password is not None else None,
-            query=parts.query,
-        )
 
     @property
     def owned(self) -> bool:
         """True when the harness started this server (and so may kill, stop or pause it)."""
         return self._control is not None
 
-    @property
-    def dsn(self) -> str:
-        return self.dsn_for(self.database)
-
-    def dsn_for(self, database: str) -> str:
-        """The DSN of another database on this server."""
-        userinfo = quote(self.user, safe="")
-        if self.password is not None:
-            userinfo += ":" + quote(self.password, safe="")
-        netloc = f"{userinfo}@{_host_for_url(self.host)}:{self.port}"
-        return urlunsplit(("postgresql", netloc, "/" + quote(database, safe=""), self.query, ""))
-
-    def __repr__(self) -> str:
-        return f"PostgresServer({redact_url(self.dsn)}, owned={self.owned})"
-
     def _owned_control(self) -> _Control:
         if self._control is None:
             raise NotOwnedError(
-                f"the PostgreSQL server at {self.host}:{self.port} was not started by the test "
+                f"the {self._kind} server at {self.host}:{self.port} was not started by the test "
                 "harness, so it cannot be killed, stopped, started or paused: use "
-                "fleetmem_postgres_factory for a dedicated server"
+                f"{self._factory_fixture} for a dedicated server"
             )
         return self._control
 
     def kill(self) -> None:
-        """SIGKILL the postmaster (a crash: no shutdown checkpoint)."""
+        """SIGKILL the server (a crash: only what reached its durable storage survives)."""
         self._owned_control().kill()
 
     def stop(self, mode: str = "fast") -> None:
-        """Shut the server down (``"smart"``, ``"fast"`` or ``"immediate"``) and wait."""
+        """Shut the server down (see the class for the modes) and wait."""
         self._owned_control().stop(mode)
 
     def start(self) -> None:
-        """Start it again on the same port and data; return once it accepts connections."""
+        """Start it again on the same port and data; return once it answers."""
         self._owned_control().start()
 
     def restart(self, mode: str = "fast") -> None:
@@ -514,6 +477,55 @@ class PostgresServer:
         """Stop and remove an owned server (its data is deleted); nothing for any other."""
         if self._control is not None:
             self._control.close()
+
+
+@dataclass(eq=False)
+class PostgresServer(_FaultHandles):
+    """A PostgreSQL server for tests: where it is, and (when owned) its fault handles.
+
+    ``dsn`` is ``postgresql://user@host:port/database``, usable by asyncpg and ``open_store``.
+    ``stop(mode)`` takes ``pg_ctl``'s modes: ``"smart"``, ``"fast"`` (default), ``"immediate"``.
+    """
+
+    host: str
+    port: int
+    user: str
+    database: str
+    password: str | None = field(default=None, repr=False)
+    query: str = field(default="", repr=False)
+    _control: _Control | None = field(default=None, repr=False)
+    _kind: ClassVar[str] = "PostgreSQL"
+    _factory_fixture: ClassVar[str] = "fleetmem_postgres_factory"
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresServer:
+        """A server that is already running (never owned: its fault handles refuse)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise HarnessError(f"not a postgresql://user@host:port/db URL: {redact_url(url)}")
+        return cls(
+            host=parts.hostname,
+            port=parts.port or 5432,
+            user=unquote(parts.username or "postgres"),
+            database=unquote(parts.path.lstrip("/")) or "postgres",
+            password=unquote(parts.password) if parts.password is not None else None,
+            query=parts.query,
+        )
+
+    @property
+    def dsn(self) -> str:
+        return self.dsn_for(self.database)
+
+    def dsn_for(self, database: str) -> str:
+        """The DSN of another database on this server."""
+        userinfo = quote(self.user, safe="")
+        if self.password is not None:
+            userinfo += ":" + quote(self.password, safe="")
+        netloc = f"{userinfo}@{_host_for_url(self.host)}:{self.port}"
+        return urlunsplit(("postgresql", netloc, "/" + quote(database, safe=""), self.query, ""))
+
+    def __repr__(self) -> str:
+        return f"PostgresServer({redact_url(self.dsn)}, owned={self.owned})"
 
 
 def postgres_accepts(host: str, port: int, user: str, database: str, timeout: float = 1.0) -> bool:
@@ -652,7 +664,7 @@ def start_local_postgres(
 
 
 @dataclass(eq=False)
-class RedisServer:
+class RedisServer(_FaultHandles):
     """A Redis server for tests: where it is, and (when owned) its fault handles.
 
     ``url`` is ``redis://host:port/0``. ``stop(mode)``: ``"fast"`` (SIGTERM: Redis flushes its
@@ -666,6 +678,8 @@ class RedisServer:
     password: str | None = field(default=None, repr=False)
     scheme: str = field(default="redis", repr=False)
     _control: _Control | None = field(default=None, repr=False)
+    _kind: ClassVar[str] = "Redis"
+    _factory_fixture: ClassVar[str] = "fleetmem_redis_factory"
 
     @classmethod
     def from_url(cls, url: str) -> RedisServer:
@@ -684,11 +698,6 @@ class RedisServer:
         )
 
     @property
-    def owned(self) -> bool:
-        """True when the harness started this server (and so may kill, stop or pause it)."""
-        return self._control is not None
-
-    @property
     def url(self) -> str:
         return self.url_for(self.db)
 
@@ -704,43 +713,6 @@ class RedisServer:
 
     def __repr__(self) -> str:
         return f"RedisServer({redact_url(self.url)}, owned={self.owned})"
-
-    def _owned_control(self) -> _Control:
-        if self._control is None:
-            raise NotOwnedError(
-                f"the Redis server at {self.host}:{self.port} was not started by the test "
-                "harness, so it cannot be killed, stopped, started or paused: use "
-                "fleetmem_redis_factory for a dedicated server"
-            )
-        return self._control
-
-    def kill(self) -> None:
-        """SIGKILL redis-server (a crash: only what reached the AOF survives)."""
-        self._owned_control().kill()
-
-    def stop(self, mode: str = "fast") -> None:
-        self._owned_control().stop(mode)
-
-    def start(self) -> None:
-        """Start it again on the same port and data directory; wait until it answers PING."""
-        self._owned_control().start()
-
-    def restart(self, mode: str = "fast") -> None:
-        control = self._owned_control()
-        control.stop(mode)
-        control.start()
-
-    def pause(self) -> None:
-        """SIGSTOP the server: commands hang until :meth:`resume`."""
-        self._owned_control().pause()
-
-    def resume(self) -> None:
-        self._owned_control().resume()
-
-    def close(self) -> None:
-        """Stop and remove an owned server (its data is deleted); nothing for any other."""
-        if self._control is not None:
-            self._control.close()
 
 
 def _resp_encode(*args: str) -> bytes:
