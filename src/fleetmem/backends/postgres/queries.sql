@@ -114,6 +114,8 @@ INSERT INTO {table} AS e
 SELECT $1, b.key, coalesce(b.partition, 'default'), b.value, 1, now(), now(),
        now() + b.ttl_ms * interval '1 millisecond'
 FROM unnest($2::text[], $3::jsonb[], $4::text[], $5::bigint[]) AS b(key, value, partition, ttl_ms)
+-- Rows are locked in key order, so concurrent batches never wait on each other in a cycle.
+ORDER BY b.key COLLATE "C"
 ON CONFLICT (namespace, key) DO UPDATE SET
     value = EXCLUDED.value,
     partition = CASE WHEN e.expires_at <= now() OR EXCLUDED.key = ANY($6::text[])
@@ -252,6 +254,7 @@ INSERT INTO {table} AS e
 SELECT $1, s.key, coalesce($2, 'default'), s.value, 1, now(), now(),
        now() + $3::bigint * interval '1 millisecond'
 FROM fleetmem_stage_1 s
+ORDER BY s.key COLLATE "C"  -- lock rows in key order (see set_batch)
 ON CONFLICT (namespace, key) DO UPDATE SET
     value = EXCLUDED.value,
     partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition

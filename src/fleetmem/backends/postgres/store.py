@@ -120,6 +120,10 @@ _LOST = (*_CONNECTION_ERRORS, asyncpg.PostgresConnectionError)
 _SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "53300"})
 
 
+# Deadlock detected / serialization failure: the statement was rolled back as a whole.
+_ROLLED_BACK = frozenset({"40P01", "40001"})
+
+
 def _ended_by_server(exc: BaseException) -> bool:
     """Whether the server answered with a session-ending error (directly or as the cause)."""
     for err in (exc, exc.__cause__):
@@ -159,6 +163,8 @@ def _translate(exc: BaseException, *, write: bool, sent: bool, can_retry: bool) 
         return BackendUnavailableError(f"PostgreSQL {what} ({type(exc).__name__})")
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
+        if state in _ROLLED_BACK and can_retry:
+            return _RETRY  # the server rolled the statement back: running it again is safe
         if isinstance(
             exc,
             (
