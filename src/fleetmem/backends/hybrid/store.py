@@ -83,6 +83,20 @@ class _NoScript(Exception):
     pass
 
 
+class _Flight:
+    """A read in flight; its future is made only when a second reader joins."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[bytes] | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(exc)
+            self.future.exception()  # waiters get it; do not warn when nobody waits
+
+
 class _LeaderGone(Exception):
     """The caller leading a single-flight load was cancelled; the others load again."""
 
@@ -170,7 +184,7 @@ class _Shared:
 
     metrics: HybridMetrics
     breaker: _Breaker
-    inflight: dict[tuple[str, str], asyncio.Future[bytes]] = field(default_factory=dict)
+    inflight: dict[tuple[str, str], _Flight] = field(default_factory=dict)
     #: namespace -> the breaker outage count it last synced after (absent: never synced here).
     synced: dict[str, int] = field(default_factory=dict)
     #: namespaces whose epoch must be bumped and published before their cache is used again.
@@ -334,6 +348,10 @@ class HybridStore(BaseStore):
         self._read_src = salt + _READ_LUA
         self._fill_src = salt + _FILL_LUA
         self._read_sha = hashlib.sha1(self._read_src.encode(), usedforsecurity=False).hexdigest()
+        # The hot path's constant arguments, encoded once.
+        self._read_sha_b = self._read_sha.encode()
+        self._epoch_key_b = self._epoch_key.encode()
+        self._prefix_b = self._prefix.encode()
         self._fill_sha = hashlib.sha1(self._fill_src.encode(), usedforsecurity=False).hexdigest()
 
     def _repr_details(self) -> str:
@@ -535,41 +553,73 @@ class HybridStore(BaseStore):
             entry = await self._durable_call(self._durable._get_entry(key))
             return _body(entry)
         slot = (self._namespace, key)
+        inflight = state.inflight
         while True:
-            waiting = state.inflight.get(slot)
-            if waiting is None:
+            flight = inflight.get(slot)
+            if flight is None:
                 break
             state.metrics.single_flight_joins += 1
+            if flight.future is None:
+                flight.future = asyncio.get_running_loop().create_future()
             try:
-                return await asyncio.shield(waiting)
+                return await asyncio.shield(flight.future)
             except _LeaderGone:
                 continue  # the leading caller was cancelled: load again
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        state.inflight[slot] = future
+        flight = inflight[slot] = _Flight()
         try:
             body = await self._load(key)
         except asyncio.CancelledError:
-            if not future.done():
-                future.set_exception(_LeaderGone())
-                future.exception()
+            flight.fail(_LeaderGone())
             raise
         except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # waiters get it; do not warn when nobody waits
+            flight.fail(exc)
             raise
         else:
-            if not future.done():
-                future.set_result(body)
+            if flight.future is not None and not flight.future.done():
+                flight.future.set_result(body)
             return body
         finally:
-            if state.inflight.get(slot) is future:
-                del state.inflight[slot]
+            if inflight.get(slot) is flight:
+                del inflight[slot]
 
     async def _load(self, key: str) -> bytes:
-        return (await self._fetch_bodies([key]))[key]
+        """One key: a lean cache read, and the shared miss path when it misses."""
+        state = self._state
+        token = _token()
+        item: Any = None
+        if not self._needs_sync():
+            try:
+                item = await self._cache_call(
+                    b"EVALSHA",
+                    self._read_sha_b,
+                    2,
+                    self._epoch_key_b,
+                    self._prefix_b + key.encode(),
+                    token,
+                    self._lease_ms,
+                )
+            except _NoScript:
+                state.dirty.add(self._namespace)
+            except _CacheFailed:
+                return (await self._fetch_bodies([key], cache_failed=True))[key]
+        if item is None or item == -1:
+            return (await self._fetch_bodies([key]))[key]
+        if self._namespace not in state.synced:
+            state.synced[self._namespace] = state.breaker.outages
+        item = item[0]
+        if isinstance(item, bytes):
+            if item == _NEGATIVE:
+                state.metrics.negative_hits += 1
+            else:
+                state.metrics.hits += 1
+            if state.durable_down:
+                state.metrics.stale_reads += 1
+            return item
+        return (await self._load_missing([key], {key} if item == 1 else set(), token))[key]
 
-    async def _fetch_bodies(self, keys: list[str]) -> dict[str, bytes]:
+    async def _fetch_bodies(
+        self, keys: list[str], *, cache_failed: bool = False
+    ) -> dict[str, bytes]:
         """The cached bodies of ``keys`` (distinct): Redis first, misses from the durable store,
         filled back under the leases the read took. One cache round trip per 500 keys."""
         state = self._state
@@ -581,10 +631,10 @@ class HybridStore(BaseStore):
         for start in range(0, len(keys), _READ_CHUNK):
             chunk = keys[start : start + _READ_CHUNK]
             token = _token()
-            try:
-                items: list[Any] = await self._cache_read(chunk, token)
-            except _CacheFailed:
-                items = [None] * len(chunk)
+            items: list[Any] = [None] * len(chunk)
+            if not cache_failed:
+                with contextlib.suppress(_CacheFailed):
+                    items = await self._cache_read(chunk, token)
             missing: list[str] = []
             leased: set[str] = set()
             for key, item in zip(chunk, items, strict=True):
@@ -600,20 +650,28 @@ class HybridStore(BaseStore):
                     missing.append(key)
                     if item == 1:
                         leased.add(key)
-            if not missing:
-                continue
-            metrics.misses += len(missing)
-            started = time.monotonic()
-            entries = await self._durable_call(self._durable_entries(missing))
-            metrics.durable_reads += 1
-            fills = []
-            for key in missing:
-                entry = entries.get(key)
-                body = out[key] = _body(entry)
-                if key in leased:
-                    fills.append((key, body, self._cache_px(entry, started)))
-            if fills:
-                await self._cache_fill(token, fills)
+            if missing:
+                out.update(await self._load_missing(missing, leased, token))
+        return out
+
+    async def _load_missing(
+        self, missing: list[str], leased: set[str], token: str
+    ) -> dict[str, bytes]:
+        """Read ``missing`` from the durable store; fill the ``leased`` ones back."""
+        metrics = self._state.metrics
+        metrics.misses += len(missing)
+        started = time.monotonic()
+        entries = await self._durable_call(self._durable_entries(missing))
+        metrics.durable_reads += 1
+        out: dict[str, bytes] = {}
+        fills = []
+        for key in missing:
+            entry = entries.get(key)
+            body = out[key] = _body(entry)
+            if key in leased:
+                fills.append((key, body, self._cache_px(entry, started)))
+        if fills:
+            await self._cache_fill(token, fills)
         return out
 
     async def _get(self, key: str) -> Any:
