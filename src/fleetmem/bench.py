@@ -941,27 +941,73 @@ def targets(report: Report) -> list[tuple[str, float, bool]]:
     return out
 
 
+_COLORS = {
+    "raw": "#4c72b0",
+    "raw-merged": "#8172b2",
+    "langgraph": "#dd8452",
+    "aiocache": "#55a868",
+    "cashews": "#c44e52",
+}
+
+
 def _chart(report: Report, path: Path) -> None:
+    """One axis for every row: fleetmem's speed relative to the reference (> 1: faster).
+
+    Latency rows are inverted (reference latency / fleetmem latency), throughput rows are
+    fleetmem / reference; the p50/p99 rows of the concurrent loads are left to the table.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    rows = list(ratios(report))
+    rows: list[tuple[str, str, float]] = []
+    for workload, subject, _text, ratio in ratios(report):
+        if " 64 coroutines " in workload and workload.endswith(("p50", "p99")):
+            continue
+        mine = report.get(workload, "fleetmem")
+        if mine is None or ratio != ratio or ratio == 0:
+            continue
+        if workload.endswith(" p50") or mine.unit == "bytes":
+            label = workload.removesuffix(" p50") + (
+                " (memory)" if mine.unit == "bytes" else " (latency)"
+            )
+            rows.append((label, subject, 1 / ratio))
+        else:
+            rows.append((workload + " (throughput)", subject, ratio))
     if not rows:
         return
-    labels = [f"{w} vs {s}" for w, s, _, _ in rows]
-    values = [v for _, _, _, v in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
-    ax.barh(range(len(rows)), values, color=["#3b7dd8" if v >= 1 else "#e0873a" for v in values])
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
+    ax.barh(
+        range(len(rows)),
+        [v for _, _, v in rows],
+        color=[_COLORS.get(subject, "#999999") for _, subject, _ in rows],
+    )
+    ax.set_yticks(range(len(rows)), [f"{w}  vs {s}" for w, s, _ in rows], fontsize=7)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("fleetmem / reference (median; latency rows: lower is better)")
-    ax.set_title(f"fleetmem vs raw drivers and peers — {report.started[:10]}")
+    for i, (_, _, v) in enumerate(rows):
+        ax.text(v + 0.02, i, f"{v:.2f}", va="center", fontsize=6)
+    ax.set_xlabel("fleetmem relative to the reference (> 1: fleetmem is faster or smaller)")
+    ax.set_title(f"fleetmem vs raw drivers and peers, one run, {report.started[:10]}")
+    handles = [
+        Patch(color=c) for s, c in _COLORS.items() if any(subject == s for _, subject, _ in rows)
+    ]
+    names = [s for s in _COLORS if any(subject == s for _, subject, _ in rows)]
+    ax.legend(handles, [f"vs {n}" for n in names], loc="lower right", fontsize=7)
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _load_report(path: Path) -> Report:
+    data = json.loads(path.read_text())
+    report = Report(started=data["started"], machine=data["machine"], command=data["command"])
+    for row in data["rows"]:
+        report.add(Measurement(row["workload"], row["subject"], row["unit"], row["values"]))
+    report.notes.extend(data.get("notes", []))
+    return report
 
 
 async def run(args: argparse.Namespace) -> Report:
@@ -1004,8 +1050,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peers", action="store_true", help="skip LangGraph/aiocache/cashews")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
+    parser.add_argument(
+        "--from-json", type=Path, help="do not measure: report (and chart) a saved --json file"
+    )
     args = parser.parse_args(argv)
-    report = asyncio.run(run(args))
+    report = _load_report(args.from_json) if args.from_json else asyncio.run(run(args))
     print(format_report(report))
     if args.json:
         args.json.write_text(
