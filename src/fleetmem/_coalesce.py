@@ -6,8 +6,9 @@ do new calls queue; each time one finishes, the whole queue leaves as one batch 
 one ``= ANY($1)`` query...). So batches form by themselves under load and never delay a caller
 that has the connection to itself.
 
-Guarantees: each call's result or error reaches its own caller; a batch never holds two calls on
-the same key (the later one waits for the next batch, so calls on a key keep their order); a
+Guarantees: each call's result or error reaches its own caller; with a ``key`` function (writes)
+a batch never holds two calls on the same key (the later one waits for the next batch, so calls
+on a key keep their order); without one (reads) any calls may share a batch; a
 batch runs in a task of its own, so a cancelled caller never cancels the others, and a caller
 cancelled while still queued is dropped before its batch is sent.
 """
@@ -50,7 +51,7 @@ class Coalescer(Generic[T, R]):
         single: Callable[[T], Awaitable[R]],
         batch: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
         *,
-        key: Callable[[T], Hashable],
+        key: Callable[[T], Hashable] | None,
         max_inflight: int,
         max_batch: int = 1000,
     ) -> None:
@@ -82,6 +83,9 @@ class Coalescer(Generic[T, R]):
         return await future
 
     def _launch(self) -> None:
+        if self._key is None:
+            self._launch_any()
+            return
         while self._queue and self._inflight < self._max_inflight:
             items: list[T] = []
             futures: list[asyncio.Future[R]] = []
@@ -101,14 +105,32 @@ class Coalescer(Generic[T, R]):
             self._queue.extendleft(reversed(deferred))
             if not items:
                 return
-            self._inflight += 1
-            self.batches += 1
-            self.batched_calls += len(items)
-            task = asyncio.ensure_future(self._run(items, futures))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(items, futures)
             if deferred:
                 return  # a later call on a key of this batch waits until the batch is done
+
+    def _launch_any(self) -> None:
+        """Reads: any calls may share a batch (the same key twice is harmless)."""
+        queue = self._queue
+        while queue and self._inflight < self._max_inflight:
+            items: list[T] = []
+            futures: list[asyncio.Future[R]] = []
+            for _ in range(min(len(queue), self._max_batch)):
+                item, future = queue.popleft()
+                if not future.done():  # cancelled while queued: never sent
+                    items.append(item)
+                    futures.append(future)
+            if not items:
+                return
+            self._start(items, futures)
+
+    def _start(self, items: list[T], futures: list[asyncio.Future[R]]) -> None:
+        self._inflight += 1
+        self.batches += 1
+        self.batched_calls += len(items)
+        task = asyncio.ensure_future(self._run(items, futures))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run(self, items: list[T], futures: list[asyncio.Future[R]]) -> None:
         try:

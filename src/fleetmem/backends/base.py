@@ -142,11 +142,11 @@ class BaseStore(abc.ABC):
             self._c_set: Coalescer[SetOp, EntryMeta] | None = None
             self._c_delete: Coalescer[str, bool] | None = None
             return
-        self._c_get = Coalescer(self._get, self._get_batch, key=_same, max_inflight=limit)
+        self._c_get = Coalescer(self._get, self._get_batch, key=None, max_inflight=limit)
         self._c_entry = Coalescer(
-            self._get_entry, self._get_entry_batch, key=_same, max_inflight=limit
+            self._get_entry, self._get_entry_batch, key=None, max_inflight=limit
         )
-        self._c_exists = Coalescer(self._exists, self._exists_batch, key=_same, max_inflight=limit)
+        self._c_exists = Coalescer(self._exists, self._exists_batch, key=None, max_inflight=limit)
         self._c_set = Coalescer(self._set_op, self._set_batch, key=_op_key, max_inflight=limit)
         self._c_delete = Coalescer(self._delete, self._delete_batch, key=_same, max_inflight=limit)
 
@@ -622,16 +622,18 @@ class BaseStore(abc.ABC):
     async def _set_op(self, op: SetOp) -> EntryMeta:
         return await self._set(op.key, op.payload, op.ttl_ms, op.partition, op.keep_ttl)
 
+    # Merged reads may repeat a key; the hooks above take distinct keys.
+
     async def _get_batch(self, keys: list[str]) -> list[Any]:
-        found = await self._get_many(keys)
+        found = await self._get_many(list(dict.fromkeys(keys)))
         return [found.get(key, MISSING) for key in keys]
 
     async def _get_entry_batch(self, keys: list[str]) -> list[Entry | None]:
-        found = await self._get_entries(keys)
+        found = await self._get_entries(list(dict.fromkeys(keys)))
         return [found.get(key) for key in keys]
 
     async def _exists_batch(self, keys: list[str]) -> list[bool]:
-        found = await self._get_entries(keys)
+        found = await self._get_entries(list(dict.fromkeys(keys)))
         return [key in found for key in keys]
 
 
