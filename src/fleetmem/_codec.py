@@ -28,6 +28,8 @@ DEFAULT_MAX_VALUE_BYTES = 8 * 1024 * 1024
 MAX_DEPTH = 64
 
 _U64_MAX = 2**64 - 1
+# orjson writes floats of this magnitude or more in exponent form (1e+16); see _write.
+_EXPONENT_FORM = 1e16
 _I64_MIN = -(2**63)
 # 19 or more digits in a row: a number orjson might read as a float (or text we can afford to
 # decode slowly; the stdlib reads big integers exactly). Mapping every digit to "0" and looking
@@ -64,7 +66,7 @@ def _check(value: Any, depth: int) -> bool:
     if kind is float:
         if value - value != 0.0:  # NaN and the infinities
             raise SerializationError(f"{value!r} is not a JSON number")
-        return False
+        return not -_EXPONENT_FORM < value < _EXPONENT_FORM
     # Subclasses of the JSON types (IntEnum, str subclasses, OrderedDict ...) are their base type.
     if isinstance(value, (str, int, float, dict, list, tuple)):
         return _check(_as_base(value), depth)
@@ -98,6 +100,8 @@ def _check_container(value: Any, kind: type, depth: int) -> bool:
         elif t is float:
             if v - v != 0.0:
                 raise SerializationError(f"{v!r} is not a JSON number")
+            if not -_EXPONENT_FORM < v < _EXPONENT_FORM:
+                big = True
         elif t is bool or v is None:
             pass
         elif _check(v, depth + 1):
@@ -117,8 +121,51 @@ def _as_base(value: Any) -> Any:
     )  # pragma: no cover
 
 
-def _stdlib_default(value: Any) -> Any:
-    raise SerializationError(f"values of type {type(value).__name__} are not JSON")
+def _write(value: Any, out: list[str]) -> list[str]:
+    """Exact JSON for the rare values orjson cannot write as fleetmem stores them.
+
+    Integers of any size; str-subclass dict keys; and integral floats of 1e16 or more, which
+    orjson writes in exponent form (``1e+300``) -- a form PostgreSQL's ``jsonb`` keeps as an
+    integer. They are written as plain decimals with ``.0`` so that every backend reads (and
+    ``incr`` treats) them as the floats they are. ``value`` was validated by ``_check``.
+    """
+    kind = type(value)
+    if kind is dict or isinstance(value, dict):
+        out.append("{")
+        for index, (k, v) in enumerate(value.items()):
+            if index:
+                out.append(",")
+            out.append(_string(str(k)))
+            out.append(":")
+            _write(v, out)
+        out.append("}")
+    elif kind is list or kind is tuple or isinstance(value, (list, tuple)):
+        out.append("[")
+        for index, v in enumerate(value):
+            if index:
+                out.append(",")
+            _write(v, out)
+        out.append("]")
+    elif kind is str or isinstance(value, str):
+        out.append(_string(str(value)))
+    elif value is None or isinstance(value, bool):
+        out.append("null" if value is None else "true" if value else "false")
+    elif isinstance(value, int):
+        out.append(str(int(value)))
+    else:
+        number = float(value)
+        if -_EXPONENT_FORM < number < _EXPONENT_FORM:
+            out.append(orjson.dumps(number).decode())
+        else:
+            out.append(f"{int(number)}.0")  # exactly the float's value
+    return out
+
+
+def _string(text: str) -> str:
+    try:
+        return orjson.dumps(text).decode()
+    except orjson.JSONEncodeError:
+        raise SerializationError("strings holding lone surrogates cannot be stored") from None
 
 
 def encode_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
@@ -135,17 +182,7 @@ def encode_value_ex(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> tup
     (False when the value holds an integer beyond 64 bits)."""
     big = _check(value, 0)
     if big:
-        text = json.dumps(
-            value,
-            ensure_ascii=False,
-            separators=(",", ":"),
-            allow_nan=False,
-            default=_stdlib_default,
-        )
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise SerializationError("strings holding lone surrogates cannot be stored") from None
+        data = "".join(_write(value, [])).encode("utf-8")
     else:
         try:
             data = orjson.dumps(

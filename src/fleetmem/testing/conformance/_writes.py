@@ -263,6 +263,19 @@ class WriteConformance(ConformanceBase):
                 await store.incr("g", amount)
         assert float(await store.get("g")) == 3.5
 
+    async def test_incr_on_large_stored_floats_is_float_arithmetic(
+        self, store: MemoryStore
+    ) -> None:
+        # Floats of 1e16 and more have no fractional digits; they must stay floats on every
+        # backend (not become integers that overflow or add exactly).
+        for stored in (1e300, -1e300, 1e17, 2.0**64):
+            await store.set("big", stored)
+            assert await store.get("big") == stored
+            result = await store.incr("big", 1)
+            assert type(result) is float
+            assert result == stored + 1.0
+            assert float(await store.get("big")) == stored + 1.0
+
     async def test_incr_refuses_non_numbers(self, store: MemoryStore) -> None:
         values: list[Any] = ["12", True, False, {"a": 1}, [1], None, ""]
         for index, value in enumerate(values):
