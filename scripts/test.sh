@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-echo "== ruff format --check"; "$PY" -m ruff format --check src tests bench
-echo "== ruff check";          "$PY" -m ruff check src tests bench
+echo "== ruff format --check"; "$PY" -m ruff format --check src tests bench migrations
+echo "== ruff check";          "$PY" -m ruff check src tests bench migrations
 echo "== mypy --strict";       "$PY" -m mypy
 if ! "$PY" -c "from fleetmem.testing.servers import docker_available as up; raise SystemExit(not up())"
 then

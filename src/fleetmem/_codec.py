@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "MAX_DEPTH",
     "decode_value",
+    "decode_value_at",
     "encode_value",
     "encode_value_ex",
     "stored_form",
@@ -224,3 +225,11 @@ def stored_form(value: Any, data: bytes, orjson_exact: bool) -> Any:
     if type(value) in _EXACT_AS_GIVEN:
         return value
     return orjson.loads(data) if orjson_exact else json.loads(data)
+
+
+def decode_value_at(data: bytes, start: int) -> Any:
+    """:func:`decode_value` of ``data[start:]`` (a database's framing before the JSON), in one
+    pass over ``bytes``: the hot path of bulk reads."""
+    if data.translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS, start) >= 0:
+        return json.loads(data[start:])
+    return orjson.loads(data[start:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleetmem.backends.postgres import migrate
 from fleetmem.cli import main
 
 pytestmark = pytest.mark.postgres
@@ -20,11 +21,11 @@ def test_db_upgrade_current_downgrade_sql(
     assert main(["db", "current", "--url", dsn]) == 0
     after = capsys.readouterr().out
     assert after != before
-    assert "0001" in after
+    assert migrate.HEAD_REVISION in after
     assert main(["db", "downgrade", "base", "--url", dsn]) == 0
     capsys.readouterr()
     assert main(["db", "current", "--url", dsn]) == 0
-    assert "0001" not in capsys.readouterr().out
+    assert migrate.HEAD_REVISION not in capsys.readouterr().out
     assert main(["db", "sql", "--url", dsn]) == 0
     sql = capsys.readouterr().out
     assert "CREATE TABLE" in sql

@@ -236,3 +236,40 @@ def test_db_command_takes_a_parsed_namespace(
     capsys.readouterr()
     assert migrate.run_db_command(args) == 0
     assert capsys.readouterr().out.strip() == migrate.HEAD_REVISION
+
+
+def _fillfactor(dsn: str) -> list[tuple[Any, ...]]:
+    return _query(
+        dsn,
+        "SELECT reloptions FROM pg_class WHERE oid = 'fleetmem.entries'::regclass",
+    )
+
+
+def test_head_leaves_room_for_updates_in_place(fleetmem_postgres_empty_database: str) -> None:
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn, revision="0001")
+    assert _fillfactor(dsn) == [(None,)]
+    migrate.upgrade(dsn)
+    assert _fillfactor(dsn) == [(["fillfactor=80"],)]
+    migrate.downgrade(dsn, "0001")
+    assert _fillfactor(dsn) == [(None,)]
+    assert migrate.current(dsn) == "0001"
+
+
+async def test_an_older_schema_is_migrated_at_connect_or_refused(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    from fleetmem.backends.postgres import PostgresStore
+    from fleetmem.errors import SchemaVersionError
+
+    dsn = fleetmem_postgres_empty_database
+    await asyncio.to_thread(migrate.upgrade, dsn, revision="0001")
+    refusing = PostgresStore.from_url(dsn, auto_migrate=False)
+    with pytest.raises(SchemaVersionError, match="0001"):
+        await refusing.connect()
+    await refusing.close()
+    assert await asyncio.to_thread(migrate.current, dsn) == "0001"
+    async with PostgresStore.from_url(dsn) as store:
+        await store.set("k", 1)
+        assert await store.get("k") == 1
+    assert await asyncio.to_thread(migrate.current, dsn) == migrate.HEAD_REVISION

@@ -46,7 +46,7 @@ __all__ = [
 DEFAULT_SCHEMA = "fleetmem"
 DEFAULT_TABLE = "entries"
 #: Every revision this fleetmem knows, oldest first; the last is the head the store needs.
-REVISIONS: tuple[str, ...] = ("0001",)
+REVISIONS: tuple[str, ...] = ("0001", "0002")
 HEAD_REVISION = REVISIONS[-1]
 
 # Lower-case ASCII identifiers only: no quoting surprises, and room for index-name suffixes

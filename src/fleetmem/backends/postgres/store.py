@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import asyncpg
 
 from fleetmem._coalesce import Coalescer
-from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value
+from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value_at
 from fleetmem._urls import redact_url, url_scheme
 from fleetmem._validate import GlobPattern
 from fleetmem.backends.base import MISSING, BaseStore, EntryMeta, SetOp
@@ -89,7 +89,8 @@ def _encode_jsonb(payload: bytes) -> bytes:
 
 
 def _decode_jsonb(data: bytes) -> Any:
-    return decode_value(data[1:])
+    # The version byte, then the JSON text.
+    return decode_value_at(data, 1)
 
 
 async def init_connection(conn: Any) -> None:
