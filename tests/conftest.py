@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from fleetmem import InMemoryStore, MemoryStore
+from fleetmem.testing import connected_store
 
 StoreFactory = Callable[[pytest.FixtureRequest, str], Awaitable[Any]]
 
@@ -78,10 +79,5 @@ def backend_params(names: list[str] | None = None) -> list[Any]:
 async def store(request: pytest.FixtureRequest, fleetmem_namespace: str) -> AsyncIterator[Any]:
     """A fresh, empty store on each backend, in a namespace no other test uses."""
     factory = BACKENDS[request.param][0]
-    created = await factory(request, fleetmem_namespace)
-    try:
+    async with connected_store(await factory(request, fleetmem_namespace)) as created:
         yield created
-    finally:
-        if not created.closed:
-            await created.clear()
-        await created.close()

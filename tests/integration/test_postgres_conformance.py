@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fleetmem.testing import connected_store
 from fleetmem.testing.conformance import StoreConformance
 
 pytestmark = pytest.mark.postgres
@@ -26,13 +27,8 @@ async def store(fleetmem_postgres_server: Any, fleetmem_namespace: str) -> Async
         fleetmem_postgres_server.dsn, min_size=1, max_size=10, init=init_connection
     )
     try:
-        created = await PostgresStore(pool=pool, namespace=fleetmem_namespace).connect()
-        try:
-            yield created
-        finally:
-            if not created.closed:
-                await created.clear()
-            await created.close()
+        async with connected_store(PostgresStore(pool=pool, namespace=fleetmem_namespace)) as s:
+            yield s
         # The store never closes a pool it did not create.
         assert not pool._closed
         assert await pool.fetchval("SELECT 1") == 1

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from fleetmem.testing import connected_store
 from fleetmem.testing.conformance import StoreConformance
 
 pytestmark = pytest.mark.redis
@@ -25,13 +26,8 @@ async def store(fleetmem_redis_server: Any, fleetmem_namespace: str) -> AsyncIte
 
     client = aioredis.Redis.from_url(fleetmem_redis_server.url)
     try:
-        created = await RedisStore(client=client, namespace=fleetmem_namespace).connect()
-        try:
-            yield created
-        finally:
-            if not created.closed:
-                await created.clear()
-            await created.close()
+        async with connected_store(RedisStore(client=client, namespace=fleetmem_namespace)) as s:
+            yield s
         # The store never closes a client it did not create.
         assert await client.ping() is True
     finally:
@@ -50,12 +46,6 @@ class TestRedisStoreOnCluster(StoreConformance):
     ) -> AsyncIterator[Any]:
         from fleetmem.backends.redis import RedisStore
 
-        created = await RedisStore.from_url(
-            fleetmem_redis_cluster.url, namespace=fleetmem_namespace
-        ).connect()
-        try:
+        store = RedisStore.from_url(fleetmem_redis_cluster.url, namespace=fleetmem_namespace)
+        async with connected_store(store) as created:
             yield created
-        finally:
-            if not created.closed:
-                await created.clear()
-            await created.close()

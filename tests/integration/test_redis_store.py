@@ -10,6 +10,7 @@ import pytest
 
 from fleetmem import BackendUnavailableError, ConfigurationError, InvalidArgumentError
 from fleetmem.backends.redis import RedisStore
+from fleetmem.testing import connected_store
 
 pytestmark = pytest.mark.redis
 
@@ -28,15 +29,9 @@ async def admin(fleetmem_redis_server: Any) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def store(fleetmem_redis_server: Any, fleetmem_namespace: str) -> AsyncIterator[RedisStore]:
-    created = await RedisStore.from_url(
-        fleetmem_redis_server.url, namespace=fleetmem_namespace
-    ).connect()
-    try:
+    store = RedisStore.from_url(fleetmem_redis_server.url, namespace=fleetmem_namespace)
+    async with connected_store(store) as created:
         yield created
-    finally:
-        if not created.closed:
-            await created.clear()
-        await created.close()
 
 
 async def _redis_keys(admin: Any, namespace: str) -> list[bytes]:
