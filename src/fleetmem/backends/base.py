@@ -132,6 +132,9 @@ class BaseStore(abc.ABC):
     #: hooks (``_get_many``, ``_get_entries``, ``_set_batch``, ``_delete_batch``) do one round
     #: trip per batch.
     coalesce_max_inflight: ClassVar[int | None] = None
+    #: The same for set/delete (``None``: as for reads). A backend whose write batches each
+    #: wait for a commit may want a few more of them in flight than read batches.
+    coalesce_max_inflight_writes: ClassVar[int | None] = None
 
     def _make_coalescers(self) -> None:
         limit = self.coalesce_max_inflight
@@ -147,8 +150,9 @@ class BaseStore(abc.ABC):
             self._get_entry, self._get_entry_batch, key=None, max_inflight=limit
         )
         self._c_exists = Coalescer(self._exists, self._exists_batch, key=None, max_inflight=limit)
-        self._c_set = Coalescer(self._set_op, self._set_batch, key=_op_key, max_inflight=limit)
-        self._c_delete = Coalescer(self._delete, self._delete_batch, key=_same, max_inflight=limit)
+        writes = self.coalesce_max_inflight_writes or limit
+        self._c_set = Coalescer(self._set_op, self._set_batch, key=_op_key, max_inflight=writes)
+        self._c_delete = Coalescer(self._delete, self._delete_batch, key=_same, max_inflight=writes)
 
     @property
     def coalescing(self) -> bool:

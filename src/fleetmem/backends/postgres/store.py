@@ -25,11 +25,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import asyncpg
 
-from fleetmem._coalesce import Coalescer
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value_at
 from fleetmem._urls import redact_url, url_scheme
 from fleetmem._validate import GlobPattern
@@ -393,7 +392,7 @@ class PostgresStore(BaseStore):
     coalesce_max_inflight = 1
     #: The same for set/delete: each batch is a commit, and commits in flight together share
     #: the WAL flush, so writes keep a few batches going at once.
-    coalesce_max_inflight_writes: ClassVar[int] = 2
+    coalesce_max_inflight_writes = 2
 
     def __init__(
         self,
@@ -448,15 +447,6 @@ class PostgresStore(BaseStore):
         self._server_settings = server_settings
         self._q = _queries(self._schema, self._table)
         self._pg = _PgState(pool, max_size)
-
-    def _make_coalescers(self) -> None:
-        super()._make_coalescers()
-        limit = self.coalesce_max_inflight_writes
-        if self._c_set is not None and self._c_delete is not None:
-            self._c_set = Coalescer(self._set_op, self._set_batch, key=_op_key, max_inflight=limit)
-            self._c_delete = Coalescer(
-                self._delete, self._delete_batch, key=_same, max_inflight=limit
-            )
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
@@ -1040,14 +1030,6 @@ class PostgresStore(BaseStore):
                     _log.debug("sweeper removed %d expired entries", removed)
             except FleetmemError as exc:
                 _log.warning("expiry sweep failed: %s", exc)
-
-
-def _same(key: str) -> str:
-    return key
-
-
-def _op_key(op: SetOp) -> str:
-    return op.key
 
 
 def _prefix_upper(prefix: str) -> str:
