@@ -40,11 +40,11 @@ _NAMES = (
 )
 
 _BIND_START, _BIND_END = b"-- <bind>\n", b"-- </bind>\n"
-_BIND_FUNCTION = b"""local P, IDX, XZ, CNT, TMP, PENDING, EPFX
+_BIND_FUNCTION = b"""local P, DIR, XZ, CNT, TMP, PENDING, EPFX, BPFX
 local function bind(keys)
   P = keys[1]
-  IDX, XZ, CNT, TMP, PENDING = P .. 'i', P .. 'x', P .. 'c', P .. 't', P .. 'g'
-  EPFX = P .. 'e:'
+  DIR, XZ, CNT, TMP, PENDING = P .. 'd', P .. 'x', P .. 'c', P .. 't', P .. 'g'
+  EPFX, BPFX = P .. 'e:', P .. 'b:'
 end
 """
 

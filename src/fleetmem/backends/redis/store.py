@@ -7,8 +7,10 @@ script runs there; a ``{`` inside a user key comes after the tag and cannot move
 * ``fm:{ns}:e:<key>`` -- one STRING per entry: a 19-byte binary header (partition name length,
   version, created, updated), the partition name and the JSON. Native TTL is the expiry. A
   plain ``GET`` reads it in one round trip.
-* ``fm:{ns}:i`` -- a sorted set, every score 0, ordered by the key's UTF-8 bytes (= code-point
-  order): ``keys`` and ``search`` read a ``BYLEX`` range, so their cost follows the result.
+* ``fm:{ns}:b:<lo>`` and ``fm:{ns}:d`` -- the sorted key index, split into buckets of under
+  128 members (small sorted sets, every score 0, ordered by the key's UTF-8 bytes = code-point
+  order) that Redis keeps as compact listpacks; ``d`` holds each bucket's lower bound. ``keys``
+  and ``search`` read a ``BYLEX`` range bucket after bucket, so their cost follows the result.
 * ``fm:{ns}:x`` -- a sorted set of the keys that have (or had) a TTL, scored by expiry: entries
   that Redis expired natively are found there and dropped from the index lazily (never for
   correctness: every read path checks that the entry key still exists).

@@ -5,7 +5,13 @@
 --                            name, version, created ms, updated ms), the partition name
 --                            ("" for "default"), then the JSON ("!" + JSON when it holds a
 --                            run of 19+ digits); native TTL = the entry's expiry
---   fm:{ns}:i        ZSET    score 0, member "<key>" or "<key>\0<partition>": sorted key index
+--   fm:{ns}:d        ZSET    score 0: the lower bounds of the index buckets but the first
+--   fm:{ns}:b:<lo>   ZSET    an index bucket: score 0, members "<key>" or "<key>\0<partition>"
+--                            from <lo> (inclusive; "" for the first bucket) up to the next
+--                            bound of fm:{ns}:d. Together the buckets form one sorted key
+--                            index (a two-level B-tree); each holds at most BUCKET_MAX - 1
+--                            members, so Redis keeps it in a compact listpack (~10 bytes a
+--                            member instead of ~110 in a large sorted set)
 --   fm:{ns}:x        ZSET    score = expiry (ms), member "<key>": entries that have a TTL (a
 --                            member left by an entry made persistent is dropped by prune)
 --   fm:{ns}:c        HASH    partition -> number of indexed entries
@@ -19,8 +25,8 @@
 -- The lines between the "bind" markers are replaced in the function library (scripts.py).
 -- <bind>
 local P = KEYS[1]
-local IDX, XZ, CNT, TMP, PENDING = P .. 'i', P .. 'x', P .. 'c', P .. 't', P .. 'g'
-local EPFX = P .. 'e:'
+local DIR, XZ, CNT, TMP, PENDING = P .. 'd', P .. 'x', P .. 'c', P .. 't', P .. 'g'
+local EPFX, BPFX = P .. 'e:', P .. 'b:'
 -- </bind>
 
 local function now_ms()
@@ -43,6 +49,94 @@ local function count(part, delta)
   local name = part
   if name == '' then name = 'default' end
   if redis.call('HINCRBY', CNT, name, delta) <= 0 then redis.call('HDEL', CNT, name) end
+end
+
+-- The sorted index: buckets of at most BUCKET_MAX - 1 members (Redis's default
+-- zset-max-listpack-entries is 128), found through the directory DIR of their lower bounds.
+local BUCKET_MAX, BUCKET_FILL = 128, 64
+
+-- The lower bound of the bucket that holds (or would hold) index member m.
+local function bound_of(m)
+  return redis.call('ZRANGE', DIR, '[' .. m, '-', 'BYLEX', 'REV', 'LIMIT', 0, 1)[1] or ''
+end
+
+-- The bound of the bucket after the one at bound b, if it is at most hi (a ZRANGE BYLEX max).
+local function next_bound(b, hi)
+  return redis.call('ZRANGE', DIR, '(' .. b, hi, 'BYLEX', 'LIMIT', 0, 1)[1]
+end
+
+-- Add members ms (a list) that all belong to the bucket at bound b; returns how many were
+-- new. A bucket that reaches BUCKET_MAX is rewritten as buckets of BUCKET_FILL members.
+local function bucket_add(b, ms)
+  local bkey, args = BPFX .. b, {}
+  for i, m in ipairs(ms) do args[2 * i - 1], args[2 * i] = 0, m end
+  local added = redis.call('ZADD', bkey, unpack(args))
+  if added > 0 and redis.call('ZCARD', bkey) >= BUCKET_MAX then
+    local all = redis.call('ZRANGE', bkey, 0, -1)
+    redis.call('DEL', bkey)
+    for i = 1, #all, BUCKET_FILL do
+      local lo = b
+      if i > 1 then
+        lo = all[i]
+        redis.call('ZADD', DIR, 0, lo)
+      end
+      args = {}
+      for j = i, math.min(i + BUCKET_FILL - 1, #all) do
+        args[#args + 1], args[#args + 2] = 0, all[j]
+      end
+      redis.call('ZADD', BPFX .. lo, unpack(args))
+    end
+  end
+  return added
+end
+
+-- Add index member m; returns 1 if it was new.
+local function idx_add(m)
+  return bucket_add(bound_of(m), {m})
+end
+
+-- Add index members ms (any order); returns how many were new.
+local function idx_add_many(ms)
+  local groups, order = {}, {}
+  for _, m in ipairs(ms) do
+    local b = bound_of(m)
+    local g = groups[b]
+    if g == nil then
+      g = {}
+      groups[b] = g
+      order[#order + 1] = b
+    end
+    g[#g + 1] = m
+  end
+  local added = 0
+  for _, b in ipairs(order) do added = added + bucket_add(b, groups[b]) end
+  return added
+end
+
+-- Remove index member m; returns 1 if it was there. An emptied bucket leaves the directory.
+local function idx_rem(m)
+  local b = bound_of(m)
+  local bkey = BPFX .. b
+  local removed = redis.call('ZREM', bkey, m)
+  if removed == 1 and b ~= '' and redis.call('EXISTS', bkey) == 0 then
+    redis.call('ZREM', DIR, b)
+  end
+  return removed
+end
+
+-- Up to n index members between two ZRANGE BYLEX bounds (lo "-" or "[x"/"(x", hi "+" or
+-- "[x"/"(x"), ascending, across buckets.
+local function idx_range(lo, hi, n)
+  local out = {}
+  local b = ''
+  if lo ~= '-' then b = bound_of(string.sub(lo, 2)) end
+  while b do
+    local ms = redis.call('ZRANGE', BPFX .. b, lo, hi, 'BYLEX', 'LIMIT', 0, n - #out)
+    for _, m in ipairs(ms) do out[#out + 1] = m end
+    if #out >= n then break end
+    b = next_bound(b, hi)
+  end
+  return out
 end
 
 local HEAD = '>BI6I6I6'
@@ -70,9 +164,9 @@ end
 
 -- Remove every index member of key (an entry that vanished through native expiry).
 local function unindex(key)
-  local ms = redis.call('ZRANGE', IDX, '[' .. key, '[' .. key .. '\0\255', 'BYLEX')
+  local ms = idx_range('[' .. key, '[' .. key .. '\0\255', 1000)
   for _, m in ipairs(ms) do
-    redis.call('ZREM', IDX, m)
+    idx_rem(m)
     local _, part = split_member(m)
     count(part, -1)
   end
@@ -110,11 +204,11 @@ local function put(key, ekey, ver, c, old, payload, ttl, parg, keep, now, mset)
     redis.call('SET', ekey, value)
   end
   if old == nil then
-    if redis.call('ZADD', IDX, 0, member(key, part)) == 1 then count(part, 1) end
+    if idx_add(member(key, part)) == 1 then count(part, 1) end
   elseif old ~= part then
-    redis.call('ZREM', IDX, member(key, old))
+    idx_rem(member(key, old))
     count(old, -1)
-    redis.call('ZADD', IDX, 0, member(key, part))
+    idx_add(member(key, part))
     count(part, 1)
   end
   return ver, c, part, exp
@@ -135,7 +229,7 @@ local function remove(key)
     return 0
   end
   redis.call('DEL', ekey)
-  redis.call('ZREM', IDX, member(key, part))
+  idx_rem(member(key, part))
   redis.call('ZREM', XZ, key)
   count(part, -1)
   return 1

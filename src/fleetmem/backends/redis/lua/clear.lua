@@ -2,24 +2,19 @@
 -- 3 how many members to look at. Returns {cursor ("" when done), live entries deleted}.
 local pf, lo, budget = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local wanted = string.sub(pf, 2)
-local ms
-if pf == '' then
-  ms = redis.call('ZRANGE', IDX, 0, budget - 1)
-else
-  ms = redis.call('ZRANGE', IDX, lo, '+', 'BYLEX', 'LIMIT', 0, budget)
-end
+local ms = idx_range(lo, '+', budget)
 local n = 0
 for _, m in ipairs(ms) do
   local key, part = split_member(m)
   if pf == '' or part == wanted then
     n = n + redis.call('DEL', EPFX .. key)
-    redis.call('ZREM', IDX, m)
+    idx_rem(m)
     redis.call('ZREM', XZ, key)
     count(part, -1)
   end
 end
 if #ms < budget then
-  if pf == '' then redis.call('DEL', IDX, XZ, CNT, PENDING) end
+  if pf == '' then redis.call('DEL', DIR, BPFX, XZ, CNT, PENDING) end
   return {'', n}
 end
 if pf == '' then return {'-', n} end

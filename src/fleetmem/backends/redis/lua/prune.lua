@@ -23,7 +23,7 @@ if ARGV[2] == 'cleanup' then
   return {pruned, 1, tonumber(redis.call('GETDEL', PENDING) or '0')}
 end
 local size, sampled = 0, 0
-local sample = redis.call('ZRANDMEMBER', IDX, 16)
+local sample = redis.call('ZRANDMEMBER', BPFX .. (redis.call('ZRANDMEMBER', DIR) or ''), 16)
 for _, m in ipairs(sample) do
   local key = split_member(m)
   local len = redis.call('STRLEN', EPFX .. key)

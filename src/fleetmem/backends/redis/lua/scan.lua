@@ -12,7 +12,7 @@ local found, seen = 0, 0
 while true do
   local batch = math.min(budget - seen, math.max(want - found, 16) + 16)
   if batch < 1 then batch = 1 end
-  local ms = redis.call('ZRANGE', IDX, lo, hi, 'BYLEX', 'LIMIT', 0, batch)
+  local ms = idx_range(lo, hi, batch)
   for _, m in ipairs(ms) do
     seen = seen + 1
     local key, part = split_member(m)
@@ -25,7 +25,7 @@ while true do
           return out
         end
       else
-        redis.call('ZREM', IDX, m)
+        idx_rem(m)
         redis.call('ZREM', XZ, key)
         count(part, -1)
         redis.call('INCR', PENDING)

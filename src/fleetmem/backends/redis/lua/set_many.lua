@@ -22,9 +22,9 @@ local function flush()
     local members = {}
     for j = 1, nf do
       if scores[j] then unindex(fresh[j]) end
-      members[2 * j - 1], members[2 * j] = 0, member(fresh[j], newp)
+      members[j] = member(fresh[j], newp)
     end
-    delta(newp, redis.call('ZADD', IDX, unpack(members, 1, 2 * nf)))
+    delta(newp, idx_add_many(members))
     fresh, nf = {}, 0
   end
   if nm > 0 then
@@ -58,9 +58,9 @@ for i = 3, #ARGV, 2 do
     nf = nf + 1
     fresh[nf] = key
   elseif old ~= part then
-    redis.call('ZREM', IDX, member(key, old))
+    idx_rem(member(key, old))
     delta(old, -1)
-    redis.call('ZADD', IDX, 0, member(key, part))
+    idx_add(member(key, part))
     delta(part, 1)
   end
   n = n + 1
