@@ -19,7 +19,7 @@ __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "MAX_DEPTH",
     "decode_value",
-    "decode_value_at",
+    "decode_value_after_byte",
     "encode_value",
     "encode_value_ex",
     "stored_form",
@@ -227,9 +227,10 @@ def stored_form(value: Any, data: bytes, orjson_exact: bool) -> Any:
     return orjson.loads(data) if orjson_exact else json.loads(data)
 
 
-def decode_value_at(data: bytes, start: int) -> Any:
-    """:func:`decode_value` of ``data[start:]`` (a database's framing before the JSON), in one
-    pass over ``bytes``: the hot path of bulk reads."""
-    if data.translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS, start) >= 0:
-        return json.loads(data[start:])
-    return orjson.loads(data[start:])
+def decode_value_after_byte(data: bytes) -> Any:
+    """:func:`decode_value` of ``data[1:]`` (PostgreSQL's binary ``jsonb``: a version byte, then
+    the JSON text), in one pass over ``bytes`` and one Python call per value: the decoder that
+    bulk reads run once per row."""
+    if data.translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS, 1) >= 0:
+        return json.loads(data[1:])
+    return orjson.loads(data[1:])

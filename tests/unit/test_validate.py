@@ -94,6 +94,36 @@ def test_validate_keys_dedups_in_order() -> None:
             validate_keys(bad)
 
 
+def test_validate_keys_bulk_check_agrees_with_the_single_key_rules() -> None:
+    """The all-printable-ASCII shortcut of a bulk call refuses exactly what validate_key does."""
+
+    class Name(str):
+        pass
+
+    good = ["a", "k" * 1024, "with space", "\u00e9t\u00e9", Name("sub"), "\U0001f600" * 256]
+    assert validate_keys(good) == good
+    bad_items: list[object] = [
+        "",
+        "k" * 1025,
+        "tab\there",
+        "del\x7f",
+        "nul\x00",
+        "\u00e9" * 513,
+        "\ud800",
+        7,
+        None,
+        b"bytes",
+    ]
+    for bad in bad_items:
+        with pytest.raises(InvalidKeyError):
+            validate_key(bad)
+        for where in (0, 5):
+            keys = ["x", "y", "z", "w", "v"]
+            keys.insert(where, bad)  # type: ignore[arg-type]
+            with pytest.raises(InvalidKeyError):
+                validate_keys(keys)
+
+
 def test_partitions() -> None:
     assert validate_partition("p" * 255) == "p" * 255
     assert validate_partition("\u00e9" * 127 + "a") == "\u00e9" * 127 + "a"

@@ -29,7 +29,7 @@ from typing import Any
 
 import asyncpg
 
-from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value_at
+from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value_after_byte
 from fleetmem._urls import redact_url, url_scheme
 from fleetmem._validate import GlobPattern
 from fleetmem.backends.base import MISSING, BaseStore, EntryMeta, SetOp
@@ -87,18 +87,13 @@ def _encode_jsonb(payload: bytes) -> bytes:
     return b"\x01" + payload
 
 
-def _decode_jsonb(data: bytes) -> Any:
-    # The version byte, then the JSON text.
-    return decode_value_at(data, 1)
-
-
 async def init_connection(conn: Any) -> None:
     """Register fleetmem's ``jsonb`` codec on ``conn`` (use as a pool's ``init=``)."""
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
         encoder=_encode_jsonb,
-        decoder=_decode_jsonb,
+        decoder=decode_value_after_byte,
         format="binary",
     )
 
