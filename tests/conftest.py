@@ -81,3 +81,13 @@ async def store(request: pytest.FixtureRequest, fleetmem_namespace: str) -> Asyn
     factory = BACKENDS[request.param][0]
     async with connected_store(await factory(request, fleetmem_namespace)) as created:
         yield created
+
+
+@pytest.fixture(params=backend_params(["sqlite", "redis", "postgres", "hybrid"]))
+async def out_of_process_store(
+    request: pytest.FixtureRequest, fleetmem_namespace: str
+) -> AsyncIterator[Any]:
+    """``store`` on the backends that keep their data outside the Python process."""
+    factory = BACKENDS[request.param][0]
+    async with connected_store(await factory(request, fleetmem_namespace)) as created:
+        yield created

@@ -176,3 +176,20 @@ def test_depth_limit_counts_containers() -> None:
     encode_value([[[nested(MAX_DEPTH - 3, "dict")]]])
     with pytest.raises(SerializationError, match="64"):
         encode_value([[[nested(MAX_DEPTH - 2, "dict")]]])
+
+
+def test_encoded_payloads_cost_their_length_not_the_encoders_buffer() -> None:
+    """A batch or the in-memory store holds many payloads: each must cost about its length."""
+    import tracemalloc
+
+    values = [{"agent": f"a-{i}", "notes": "x" * 150} for i in range(1000)] + ["y" * 5000] * 100
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [encode_value(v) for v in values]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    payload_bytes = sum(len(p) for p in kept)
+    overhead = 40 + 8  # a bytes object's header, a list slot
+    assert held < payload_bytes + overhead * len(kept) + 64 * 1024, (held, payload_bytes)

@@ -644,11 +644,15 @@ class BaseStore(abc.ABC):
 def _chunks(
     items: Mapping[str, Any], encode: Any, size: int = SET_MANY_CHUNK
 ) -> Iterator[list[tuple[str, bytes]]]:
+    """``items`` encoded, ``size`` at a time, in one list that is emptied before it is filled
+    again: a consumer is done with a chunk when it asks for the next, so a ``set_many`` never
+    holds more than one chunk of encoded values (the consumer's loop variable would otherwise
+    keep the previous chunk alive while the next one is built)."""
     chunk: list[tuple[str, bytes]] = []
     for k, v in items.items():
         chunk.append((k, encode(v)))
         if len(chunk) >= size:
             yield chunk
-            chunk = []
+            chunk.clear()
     if chunk:
         yield chunk

@@ -42,6 +42,7 @@ _NAMES = (
 _BIND_START, _BIND_END = b"-- <bind>\n", b"-- </bind>\n"
 _BIND_FUNCTION = b"""local P, DIR, XZ, CNT, TMP, PENDING, EPFX, BPFX
 local function bind(keys)
+  if keys[1] == P then return end -- the same namespace as the last call: names still bound
   P = keys[1]
   DIR, XZ, CNT, TMP, PENDING = P .. 'd', P .. 'x', P .. 'c', P .. 't', P .. 'g'
   EPFX, BPFX = P .. 'e:', P .. 'b:'

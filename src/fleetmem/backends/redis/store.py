@@ -77,6 +77,9 @@ _CLEAR, _PRUNE = SCRIPTS["clear"], SCRIPTS["prune"]
 
 #: Keys per MGET / script call in the batch operations.
 _BATCH = 10_000
+#: Items per ``set_many`` script call: the packed command is the driver's copy of the values,
+#: so a slice keeps it a fifth of a ``set_many`` chunk (the round trips it adds cost ~2%).
+_SET_MANY_SLICE = 2000
 #: Merged ``set`` calls per script call (five arguments each).
 _OPS_BATCH = 1000
 #: Index members a ``scan`` / ``clear`` / ``prune`` call looks at before handing back a cursor.
@@ -695,8 +698,8 @@ class RedisStore(BaseStore):
         parg = _part_arg(partition)
         mark = _mark
         for chunk in chunks:
-            for start in range(0, len(chunk), _BATCH):
-                part = chunk[start : start + _BATCH]
+            for start in range(0, len(chunk), _SET_MANY_SLICE):
+                part = chunk[start : start + _SET_MANY_SLICE]
                 args: list[Any] = [x for key, payload in part for x in (key, mark(payload))]
                 count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
         return count
