@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -1026,6 +1027,11 @@ async def run(args: argparse.Namespace) -> Report:
     )
     progress = Progress(steps + 4)
     bench = Bench(report, progress, args.repetitions, args.quick, not args.no_peers)
+    # SIGTERM (a CI timeout, `kill`) cancels the run like Ctrl-C: the servers it started stop.
+    task = asyncio.current_task()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     async with _servers(
         "postgres" in only or "hybrid" in only, "redis" in only or "hybrid" in only
     ) as (pg, rs):
@@ -1054,7 +1060,11 @@ def main(argv: list[str] | None = None) -> int:
         "--from-json", type=Path, help="do not measure: report (and chart) a saved --json file"
     )
     args = parser.parse_args(argv)
-    report = _load_report(args.from_json) if args.from_json else asyncio.run(run(args))
+    try:
+        report = _load_report(args.from_json) if args.from_json else asyncio.run(run(args))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("\nfleetmem bench: interrupted; the servers it started are stopped", file=sys.stderr)
+        return 130
     print(format_report(report))
     if args.json:
         args.json.write_text(
