@@ -123,6 +123,29 @@ async def sequential_latency(op: Callable[[int], Awaitable[Any]], n: int) -> tup
     return lat[len(lat) // 2] / 1000.0, n / total
 
 
+async def interleaved_latency(
+    subjects: dict[str, Callable[[int], Awaitable[Any]]], n: int, rotate: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Run ``op(i)`` of every subject for i in ``range(n)``, one call at a time, the subjects
+    taking turns call by call (the first of each turn rotates), so that the machine's drift
+    over seconds weighs on every subject alike. Returns {subject: (p50 in µs, ops/s)}, ops/s
+    being calls per second of that subject's own time."""
+    names = list(subjects)
+    lat: dict[str, list[int]] = {name: [] for name in names}
+    clock = time.perf_counter_ns
+    for i in range(n):
+        first = (i + rotate) % len(names)
+        for name in names[first:] + names[:first]:
+            t0 = clock()
+            await subjects[name](i)
+            lat[name].append(clock() - t0)
+    out: dict[str, tuple[float, float]] = {}
+    for name, values in lat.items():
+        values.sort()
+        out[name] = (values[len(values) // 2] / 1000.0, n * 1e9 / sum(values))
+    return out
+
+
 async def concurrent_load(
     op: Callable[[int, int], Awaitable[Any]], workers: int, per_worker: int
 ) -> tuple[float, float, float]:
@@ -260,19 +283,14 @@ class Bench:
         self.progress.step(workload)
         lat: dict[str, list[float]] = {s: [] for s in subjects}
         rate: dict[str, list[float]] = {s: [] for s in subjects}
-
-        def runner(name: str) -> Callable[[], Awaitable[float]]:
-            async def go() -> float:
-                p50, ops = await sequential_latency(subjects[name], self.n_single)
-                lat[name].append(p50)
-                rate[name].append(ops)
-                return p50
-
-            return go
-
         for name in subjects:  # warm up (prepared statements, connections, scripts)
             await sequential_latency(subjects[name], 200)
-        await alternate(self.reps, {name: runner(name) for name in subjects})
+        for rep in range(self.reps):
+            gc.collect()
+            figures = await interleaved_latency(subjects, self.n_single, rotate=rep)
+            for name, (p50, ops) in figures.items():
+                lat[name].append(p50)
+                rate[name].append(ops)
         self.record(workload + " p50", "us", lat)
         self.record(workload, "ops/s", rate)
 
