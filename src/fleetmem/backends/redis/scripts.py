@@ -64,7 +64,8 @@ def _load() -> tuple[dict[str, Script], bytes]:
     folder = resources.files(__package__).joinpath("lua")
     lib = folder.joinpath("_lib.lua").read_bytes()
     bodies = {name: folder.joinpath(f"{name}.lua").read_bytes() for name in _NAMES}
-    tag = hashlib.sha1(lib + b"".join(bodies.values())).hexdigest()[:12]  # noqa: S324
+    # The tag names the library: it covers every byte the library is built from.
+    tag = hashlib.sha1(_BIND_FUNCTION + lib + b"".join(bodies.values())).hexdigest()[:12]  # noqa: S324
     start, end = lib.index(_BIND_START), lib.index(_BIND_END) + len(_BIND_END)
     parts = [b"#!lua name=fleetmem_" + tag.encode() + b"\n", lib[:start], _BIND_FUNCTION, lib[end:]]
     scripts: dict[str, Script] = {}
