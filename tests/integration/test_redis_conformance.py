@@ -49,3 +49,28 @@ class TestRedisStoreOnCluster(StoreConformance):
         store = RedisStore.from_url(fleetmem_redis_cluster.url, namespace=fleetmem_namespace)
         async with connected_store(store) as created:
             yield created
+
+
+@pytest.mark.cluster
+@pytest.mark.hybrid
+@pytest.mark.postgres
+class TestHybridStoreOnRedisCluster(StoreConformance):
+    """The hybrid tier's scripts and epochs on a 3-master cluster (one slot per namespace)."""
+
+    @pytest.fixture
+    async def store(
+        self,
+        fleetmem_redis_cluster: Any,
+        fleetmem_postgres_server: Any,
+        fleetmem_namespace: str,
+    ) -> AsyncIterator[Any]:
+        from fleetmem.backends.hybrid import HybridStore
+
+        store = HybridStore.from_urls(
+            fleetmem_postgres_server.dsn, fleetmem_redis_cluster.url, namespace=fleetmem_namespace
+        )
+        async with connected_store(store) as created:
+            yield created
+        # Every read above went through the cluster (no silent fallback to PostgreSQL).
+        metrics = created.metrics
+        assert metrics.cache_errors == 0 and metrics.fallbacks == 0, metrics

@@ -74,9 +74,13 @@ _READ_LUA = _script_source("read.lua")
 _FILL_LUA = _script_source("fill.lua")
 
 
-from redis.exceptions import NoScriptError, RedisError  # noqa: E402 - after the script files
+from redis.exceptions import (  # noqa: E402 - after the script files
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+)
 
-_REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError, TimeoutError)
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError, TimeoutError)
 
 
 class _NoScript(Exception):
@@ -288,7 +292,9 @@ class HybridStore(BaseStore):
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
-        if not hasattr(cache, "client"):
+        # Looked up on the type: reading ``cache.client`` would make a standalone client before
+        # ``connect()`` has asked the server whether it is a Redis Cluster.
+        if not hasattr(type(cache), "client"):
             raise ConfigurationError("cache must be a RedisStore")
         self._durable_root = durable
         self._cache = cache
@@ -430,8 +436,9 @@ class HybridStore(BaseStore):
         state.metrics.epoch_bumps += 1
         try:
             await self._cache_call("ZADD", self._epoch_key, "GT", epoch, "e")
-            await self._cache_call("SCRIPT", "LOAD", self._read_src)
-            await self._cache_call("SCRIPT", "LOAD", self._fill_src)
+            # "SCRIPT LOAD" as one name: a cluster client sends it to every primary.
+            await self._cache_call("SCRIPT LOAD", self._read_src)
+            await self._cache_call("SCRIPT LOAD", self._fill_src)
         except (_CacheFailed, _NoScript):
             return False
         state.dirty.discard(self._namespace)
@@ -590,7 +597,7 @@ class HybridStore(BaseStore):
         if not self._needs_sync():
             try:
                 item = await self._cache_call(
-                    b"EVALSHA",
+                    "EVALSHA",  # a str: a cluster client looks the name up
                     self._read_sha_b,
                     2,
                     self._epoch_key_b,
