@@ -38,3 +38,37 @@ async def store(fleetmem_postgres_server: Any, fleetmem_namespace: str) -> Async
 
 class TestPostgresStoreOnInjectedPool(StoreConformance):
     pass
+
+
+@pytest.mark.hybrid
+@pytest.mark.redis
+class TestHybridStoreOnInjectedTiers(StoreConformance):
+    """``HybridStore(PostgresStore(pool=...), RedisStore(client=...))``: tiers the caller made
+    and keeps (closing the hybrid store closes neither the pool nor the client)."""
+
+    @pytest.fixture
+    async def store(
+        self, fleetmem_postgres_server: Any, fleetmem_redis_server: Any, fleetmem_namespace: str
+    ) -> AsyncIterator[Any]:
+        import redis.asyncio as aioredis
+
+        from fleetmem.backends.hybrid import HybridStore
+        from fleetmem.backends.postgres import PostgresStore, init_connection
+        from fleetmem.backends.redis import RedisStore
+
+        pool = await asyncpg.create_pool(
+            fleetmem_postgres_server.dsn, min_size=1, max_size=10, init=init_connection
+        )
+        client = aioredis.Redis.from_url(fleetmem_redis_server.url, socket_timeout=0.25)
+        try:
+            durable = PostgresStore(pool=pool, namespace=fleetmem_namespace)
+            cache = RedisStore(client=client, namespace=fleetmem_namespace)
+            async with connected_store(HybridStore(durable, cache)) as created:
+                yield created
+            metrics = created.metrics
+            assert metrics.cache_errors == 0 and metrics.fallbacks == 0, metrics
+            assert await pool.fetchval("SELECT 1") == 1
+            assert await client.ping() is True
+        finally:
+            await client.aclose()
+            await pool.close()
