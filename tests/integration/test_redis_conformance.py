@@ -74,3 +74,26 @@ class TestHybridStoreOnRedisCluster(StoreConformance):
         # Every read above went through the cluster (no silent fallback to PostgreSQL).
         metrics = created.metrics
         assert metrics.cache_errors == 0 and metrics.fallbacks == 0, metrics
+
+
+@pytest.mark.cluster
+class TestRedisStoreOnInjectedClusterClient(StoreConformance):
+    """``RedisStore(client=RedisCluster(...))``: the kind of client decides the call path."""
+
+    @pytest.fixture
+    async def store(
+        self, fleetmem_redis_cluster: Any, fleetmem_namespace: str
+    ) -> AsyncIterator[Any]:
+        from redis.asyncio.cluster import RedisCluster
+
+        from fleetmem.backends.redis import RedisStore
+
+        client = RedisCluster.from_url(fleetmem_redis_cluster.url)
+        try:
+            async with connected_store(
+                RedisStore(client=client, namespace=fleetmem_namespace)
+            ) as s:
+                yield s
+            assert await client.ping() is True
+        finally:
+            await client.aclose()
