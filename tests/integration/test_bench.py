@@ -1,0 +1,79 @@
+"""``fleetmem bench`` end to end on servers the harness owns: every workload, every target.
+
+A smoke test of the command, not a timed test: it checks that each workload was measured on
+both sides and that each target of PERFORMANCE.md was computed, never what a figure is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetmem import bench
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.hybrid]
+
+#: Workloads measured on both sides (the prefix-scaling rows are fleetmem's alone).
+PAIRED = [
+    "postgres get p50",
+    "postgres set p50",
+    "postgres set_many 10k",
+    "postgres get_many 10k",
+    "postgres 64 coroutines get",
+    "postgres 64 coroutines set",
+    "redis get p50",
+    "redis set p50",
+    "redis set_many 10k",
+    "redis get_many 10k",
+    "redis 64 coroutines get",
+    "redis 64 coroutines set",
+    "redis bytes per entry",
+    "hybrid get (cache hit) p50",
+]
+
+
+def test_bench_measures_every_workload_and_computes_every_target(
+    fleetmem_postgres_empty_database: str,
+    fleetmem_redis_factory: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FLEETMEM_BENCH_POSTGRES_URL", fleetmem_postgres_empty_database)
+    monkeypatch.setenv("FLEETMEM_BENCH_REDIS_URL", fleetmem_redis_factory().url)
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--no-peers", "--repetitions", "1", "--json", str(out)]
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out
+
+    data = json.loads(out.read_text())
+    rows: dict[tuple[str, str], list[float]] = {
+        (row["workload"], row["subject"]): row["values"] for row in data["rows"]
+    }
+    for workload in PAIRED:
+        for subject in ("raw", "fleetmem"):
+            values = rows.get((workload, subject))
+            assert values is not None, (workload, subject)
+            assert len(values) == 1 and math.isfinite(values[0]) and values[0] > 0
+    for size in ("10,000", "100,000"):
+        for what in ("keys(prefix)", "search(prefix*)"):
+            for backend in ("postgres", "redis"):
+                assert (f"{backend} {what} p50 @{size}", "fleetmem") in rows
+    assert ("postgres 64 coroutines get", "raw-merged") in rows
+    assert ("redis 64 coroutines set", "raw-merged") in rows
+    targets = data["targets"]
+    assert len(targets) == 22
+    assert all(math.isfinite(t["figure"]) and isinstance(t["met"], bool) for t in targets)
+    assert "targets (PERFORMANCE.md)" in printed
+
+    # --from-json reports the saved run again without measuring.
+    assert bench.main(["--from-json", str(out)]) == 0
+    again = capsys.readouterr().out
+    section = again[again.index("targets (PERFORMANCE.md)") :].splitlines()[1:]
+    verdicts = [line.split()[0] for line in section if line.strip()]
+    assert verdicts == ["met" if t["met"] else "NOT" for t in targets]
