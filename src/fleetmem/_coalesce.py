@@ -1,10 +1,11 @@
 """Merging of concurrent single-key calls into batched round trips.
 
-A :class:`Coalescer` lets up to ``max_inflight`` calls run on their own, exactly as if it were
-not there: a lone caller pays one counter increment. Only when that many are already in flight
-do new calls queue; each time one finishes, the whole queue leaves as one batch (one ``MGET``,
-one ``= ANY($1)`` query...). So batches form by themselves under load and never delay a caller
-that has the connection to itself.
+A :class:`Coalescer` lets a caller run on its own, exactly as if it were not there, whenever
+nothing else is in flight: a lone caller pays one counter increment. Otherwise calls queue. A
+batch (one ``MGET``, one ``= ANY($1)`` query...) leaves at the end of the event-loop tick in
+which one of the ``max_inflight`` slots is free, so the callers woken together by a finished
+batch share the next one instead of the first of them taking a slot for itself. So batches form
+by themselves under load and never delay a caller that has the backend to itself.
 
 Guarantees: each call's result or error reaches its own caller; with a ``key`` function (writes)
 a batch never holds two calls on the same key (the later one waits for the next batch, so calls
@@ -40,6 +41,8 @@ class Coalescer(Generic[T, R]):
         "_max_batch",
         "_max_inflight",
         "_queue",
+        "_scheduled",
+        "_settling",
         "_single",
         "_tasks",
         "batched_calls",
@@ -62,13 +65,16 @@ class Coalescer(Generic[T, R]):
         self._max_batch = max(1, max_batch)
         self._inflight = 0
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
+        self._scheduled = False
+        self._settling = False
         self._tasks: set[asyncio.Task[None]] = set()
         #: Counters: how many batches were sent and how many calls they carried.
         self.batches = 0
         self.batched_calls = 0
 
     async def call(self, item: T) -> R:
-        if self._inflight < self._max_inflight and not self._queue:
+        if self._inflight == 0 and not self._queue and not self._settling:
+            # Nothing in flight: the caller has the backend to itself.
             self._inflight += 1
             try:
                 return await self._single(item)
@@ -76,11 +82,25 @@ class Coalescer(Generic[T, R]):
                 self._inflight -= 1
                 if self._queue:
                     self._launch()
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, future))
-        if self._inflight < self._max_inflight:
-            self._launch()
+        if self._inflight < self._max_inflight and not self._scheduled:
+            # A slot is free: the batch leaves at the end of this event-loop tick, so that the
+            # callers woken together (by the batch that just finished) share it.
+            self._scheduled = True
+            loop.call_soon(self._launch_soon)
         return await future
+
+    def _settled(self) -> None:
+        self._settling = False
+        if self._queue and not self._scheduled:
+            self._launch()
+
+    def _launch_soon(self) -> None:
+        self._scheduled = False
+        if self._queue:
+            self._launch()
 
     def _launch(self) -> None:
         if self._key is None:
@@ -157,3 +177,8 @@ class Coalescer(Generic[T, R]):
             self._inflight -= 1
             if self._queue:
                 self._launch()
+            elif self._inflight == 0 and not self._settling:
+                # Until the callers this batch woke have run, none of them goes alone: their
+                # next calls leave together.
+                self._settling = True
+                asyncio.get_running_loop().call_soon(self._settled)

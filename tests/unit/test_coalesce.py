@@ -59,6 +59,33 @@ async def test_concurrent_calls_are_merged_and_each_gets_its_result() -> None:
     assert c.batches == len(backend.batches)
 
 
+async def test_with_a_free_slot_callers_of_one_tick_share_one_batch() -> None:
+    """Only a caller with nothing else in flight runs alone; the others of its tick leave
+    together through the free slot, and so do the callers a finished batch wakes together."""
+    backend = Backend()
+    c = make(backend, limit=2)
+    first = await asyncio.gather(*(c.call(f"a{i}") for i in range(10)))
+    assert first == [f"A{i}" for i in range(10)]
+    assert backend.singles == ["a0"]
+    assert backend.batches == [[f"a{i}" for i in range(1, 10)]]
+
+    async def caller(n: int) -> None:
+        for i in range(5):
+            await c.call(f"c{n}#{i}")
+
+    backend.singles.clear()
+    backend.batches.clear()
+    await asyncio.gather(*(caller(n) for n in range(8)))
+    # Only the very first call went alone. Callers that one batch woke leave together again:
+    # c1..c7 stay one group in every round (c0, first served alone, keeps its own rhythm).
+    assert backend.singles == ["c0#0"]
+    groups = [
+        sorted(x.split("#")[0] for x in b if not x.startswith("c0#")) for b in backend.batches
+    ]
+    assert [g for g in groups if g] == [[f"c{n}" for n in range(1, 8)]] * 5, backend.batches
+    assert sum(len(b) for b in backend.batches) == 39
+
+
 async def test_errors_reach_their_own_caller_only() -> None:
     backend = Backend()
     c = make(backend, limit=1)

@@ -608,9 +608,9 @@ class HybridStore(BaseStore):
             except _NoScript:
                 state.dirty.add(self._namespace)
             except _CacheFailed:
-                return (await self._fetch_bodies([key], cache_failed=True))[key]
+                return (await self._read_bodies([key], cache_failed=True))[key]
         if item is None or item == -1:
-            return (await self._fetch_bodies([key]))[key]
+            return (await self._read_bodies([key]))[key]
         if self._namespace not in state.synced:
             state.synced[self._namespace] = state.breaker.outages
         item = item[0]
@@ -624,7 +624,51 @@ class HybridStore(BaseStore):
             return item
         return (await self._load_missing([key], {key} if item == 1 else set(), token))[key]
 
-    async def _fetch_bodies(
+    async def _fetch_bodies(self, keys: list[str]) -> dict[str, bytes]:
+        """The bodies of ``keys`` (distinct), in single flight with every other read of this
+        process: a key another read is loading is waited for, not read again, and the keys read
+        here are waited for by the reads that come meanwhile."""
+        state = self._state
+        ns = self._namespace
+        inflight = state.inflight
+        joined: dict[str, asyncio.Future[bytes]] = {}
+        own: dict[str, _Flight] = {}
+        for key in keys:
+            flight = inflight.get((ns, key))
+            if flight is None:
+                own[key] = inflight[(ns, key)] = _Flight()
+                continue
+            # The future now, before any await: its reader sets it only if it exists when done.
+            if flight.future is None:
+                flight.future = asyncio.get_running_loop().create_future()
+            joined[key] = flight.future
+        try:
+            out = await self._read_bodies(list(own)) if own else {}
+        except asyncio.CancelledError:
+            for flight in own.values():
+                flight.fail(_LeaderGone())
+            raise
+        except BaseException as exc:
+            for flight in own.values():
+                flight.fail(exc)
+            raise
+        else:
+            for key, flight in own.items():
+                if flight.future is not None and not flight.future.done():
+                    flight.future.set_result(out[key])
+        finally:
+            for key, flight in own.items():
+                if inflight.get((ns, key)) is flight:
+                    del inflight[(ns, key)]
+        for key, future in joined.items():
+            state.metrics.single_flight_joins += 1
+            try:
+                out[key] = await asyncio.shield(future)
+            except _LeaderGone:
+                out.update(await self._fetch_bodies([key]))  # its reader was cancelled
+        return out
+
+    async def _read_bodies(
         self, keys: list[str], *, cache_failed: bool = False
     ) -> dict[str, bytes]:
         """The cached bodies of ``keys`` (distinct): Redis first, misses from the durable store,

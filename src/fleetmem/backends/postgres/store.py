@@ -127,6 +127,21 @@ def _ended_by_server(exc: BaseException) -> bool:
     return False
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """True if the statement provably never ran: the server ended the session instead (and
+    rolled it back), the connection was known closed (InterfaceError "connection is closed"),
+    or the protocol refused to start it (InternalClientError "cannot switch to state": the
+    connection was still taking in the server's goodbye after a restart)."""
+    return (
+        _ended_by_server(exc)
+        or (isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc))
+        or (
+            isinstance(exc, asyncpg.InternalClientError)
+            and str(exc).startswith("cannot switch to state")
+        )
+    )
+
+
 def _translate(exc: BaseException, *, write: bool, sent: bool, can_retry: bool) -> Exception:
     """The one choke point: a driver/OS exception as a fleetmem error.
 
@@ -141,12 +156,7 @@ def _translate(exc: BaseException, *, write: bool, sent: bool, can_retry: bool) 
     lost = isinstance(exc, _LOST)
     if lost or _ended_by_server(exc):
         timed_out = isinstance(exc, asyncio.TimeoutError)
-        # InterfaceError "connection is closed": known dead before anything was sent.
-        never_sent = (
-            not sent
-            or _ended_by_server(exc)
-            or (isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc))
-        )
+        never_sent = not sent or _never_sent(exc)
         if can_retry and not timed_out and (never_sent or not write):
             return _RETRY
         what = "timed out" if timed_out else "lost its connection"
@@ -283,9 +293,10 @@ class _Gate:
     never overtake one already queued.
     """
 
-    __slots__ = ("free", "waiters")
+    __slots__ = ("free", "size", "waiters")
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self.free = size
         self.waiters: deque[asyncio.Future[None]] = deque()
 
@@ -647,12 +658,15 @@ class PostgresStore(BaseStore):
     async def _run(
         self, kind: int, query: str, args: tuple[Any, ...], *, write: bool, auto: bool = True
     ) -> Any:
-        """Run one statement; retry once where that is safe (see :func:`_translate`)."""
+        """Run one statement; retry where that is safe (see :func:`_translate`): once after a
+        read lost its connection, and as many times as the pool has connections while the
+        connection at hand turns out dead before the statement started (after a restart every
+        idle connection may be; each is terminated on the way)."""
         if auto and not self._pg.ready:
             await self.connect()
         own_pool = self._dsn is not None
         pg = self._pg
-        for attempt in (0, 1):
+        for attempt in range(pg.gate.size + 1):
             # Fast path: an idle connection is at hand, taken and given back without an await.
             conn = self._take()
             if conn is None:
@@ -669,8 +683,12 @@ class PostgresStore(BaseStore):
             except Exception as exc:
                 if isinstance(exc, _LOST):
                     _terminate(conn)
+                failure = self._failure(conn, exc)
                 err = _translate(
-                    self._failure(conn, exc), write=write, sent=True, can_retry=attempt == 0
+                    failure,
+                    write=write,
+                    sent=True,
+                    can_retry=attempt == 0 or (isinstance(exc, _LOST) and _never_sent(failure)),
                 )
                 if err is _RETRY:
                     _log.debug("retrying after %s", type(exc).__name__)
