@@ -75,11 +75,16 @@ def backend_params(names: list[str] | None = None) -> list[Any]:
     ]
 
 
+async def _fresh_store(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Any]:
+    factory = BACKENDS[request.param][0]
+    async with connected_store(await factory(request, namespace)) as created:
+        yield created
+
+
 @pytest.fixture(params=backend_params())
 async def store(request: pytest.FixtureRequest, fleetmem_namespace: str) -> AsyncIterator[Any]:
     """A fresh, empty store on each backend, in a namespace no other test uses."""
-    factory = BACKENDS[request.param][0]
-    async with connected_store(await factory(request, fleetmem_namespace)) as created:
+    async for created in _fresh_store(request, fleetmem_namespace):
         yield created
 
 
@@ -88,6 +93,5 @@ async def out_of_process_store(
     request: pytest.FixtureRequest, fleetmem_namespace: str
 ) -> AsyncIterator[Any]:
     """``store`` on the backends that keep their data outside the Python process."""
-    factory = BACKENDS[request.param][0]
-    async with connected_store(await factory(request, fleetmem_namespace)) as created:
+    async for created in _fresh_store(request, fleetmem_namespace):
         yield created

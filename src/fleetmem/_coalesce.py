@@ -93,9 +93,8 @@ class Coalescer(Generic[T, R]):
         return await future
 
     def _settled(self) -> None:
+        # A call queued meanwhile found a free slot and scheduled its own launch.
         self._settling = False
-        if self._queue and not self._scheduled:
-            self._launch()
 
     def _launch_soon(self) -> None:
         self._scheduled = False

@@ -1048,6 +1048,8 @@ async def run(args: argparse.Namespace) -> Report:
     # SIGTERM (a CI timeout, `kill`) cancels the run like Ctrl-C: the servers it started stop.
     task = asyncio.current_task()
     if task is not None:
+        # Event loops without signal handlers (Windows: NotImplementedError) or a run outside the
+        # main thread (RuntimeError) keep the default SIGTERM; Ctrl-C still stops the servers.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     async with _servers(

@@ -87,6 +87,10 @@ class _NoScript(Exception):
     pass
 
 
+class _LeaderGone(Exception):
+    """The caller leading a single-flight load was cancelled; the others load again."""
+
+
 class _Flight:
     """A read in flight; its future is made only when a second reader joins."""
 
@@ -95,14 +99,24 @@ class _Flight:
     def __init__(self) -> None:
         self.future: asyncio.Future[bytes] | None = None
 
-    def fail(self, exc: BaseException) -> None:
+    def join(self) -> asyncio.Future[bytes]:
+        """The future a joining reader waits on. Take it before any await: the reader in
+        flight sets it only if it exists when that read ends."""
+        if self.future is None:
+            self.future = asyncio.get_running_loop().create_future()
+        return self.future
+
+    def succeed(self, body: bytes) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(body)
+
+    def end(self, exc: BaseException) -> None:
+        """Pass the read's failure on; a cancelled reader's joiners load again."""
+        if isinstance(exc, asyncio.CancelledError):
+            exc = _LeaderGone()
         if self.future is not None and not self.future.done():
             self.future.set_exception(exc)
             self.future.exception()  # waiters get it; do not warn when nobody waits
-
-
-class _LeaderGone(Exception):
-    """The caller leading a single-flight load was cancelled; the others load again."""
 
 
 class _CacheFailed(Exception):
@@ -566,24 +580,18 @@ class HybridStore(BaseStore):
             if flight is None:
                 break
             state.metrics.single_flight_joins += 1
-            if flight.future is None:
-                flight.future = asyncio.get_running_loop().create_future()
             try:
-                return await asyncio.shield(flight.future)
+                return await asyncio.shield(flight.join())
             except _LeaderGone:
                 continue  # the leading caller was cancelled: load again
         flight = inflight[slot] = _Flight()
         try:
             body = await self._load(key)
-        except asyncio.CancelledError:
-            flight.fail(_LeaderGone())
-            raise
         except BaseException as exc:
-            flight.fail(exc)
+            flight.end(exc)
             raise
         else:
-            if flight.future is not None and not flight.future.done():
-                flight.future.set_result(body)
+            flight.succeed(body)
             return body
         finally:
             if inflight.get(slot) is flight:
@@ -637,25 +645,17 @@ class HybridStore(BaseStore):
             flight = inflight.get((ns, key))
             if flight is None:
                 own[key] = inflight[(ns, key)] = _Flight()
-                continue
-            # The future now, before any await: its reader sets it only if it exists when done.
-            if flight.future is None:
-                flight.future = asyncio.get_running_loop().create_future()
-            joined[key] = flight.future
+            else:
+                joined[key] = flight.join()
         try:
             out = await self._read_bodies(list(own)) if own else {}
-        except asyncio.CancelledError:
-            for flight in own.values():
-                flight.fail(_LeaderGone())
-            raise
         except BaseException as exc:
             for flight in own.values():
-                flight.fail(exc)
+                flight.end(exc)
             raise
         else:
             for key, flight in own.items():
-                if flight.future is not None and not flight.future.done():
-                    flight.future.set_result(out[key])
+                flight.succeed(out[key])
         finally:
             for key, flight in own.items():
                 if inflight.get((ns, key)) is flight:

@@ -174,6 +174,14 @@ local function unindex(key)
   return #ms
 end
 
+-- Move key's index member from partition old to part; adjust(partition, delta) keeps the counts.
+local function refile(key, old, part, adjust)
+  idx_rem(member(key, old))
+  adjust(old, -1)
+  idx_add(member(key, part))
+  adjust(part, 1)
+end
+
 -- Write one entry whose current state (ver, c, old: from header(); nil = absent) is known.
 -- parg: "" keeps the partition (default for a new entry), "=<name>" sets it.
 -- ttl: ms (0 = none). keep: keep the current expiry when ttl is 0.
@@ -206,10 +214,7 @@ local function put(key, ekey, ver, c, old, payload, ttl, parg, keep, now, mset)
   if old == nil then
     if idx_add(member(key, part)) == 1 then count(part, 1) end
   elseif old ~= part then
-    idx_rem(member(key, old))
-    count(old, -1)
-    idx_add(member(key, part))
-    count(part, 1)
+    refile(key, old, part, count)
   end
   return ver, c, part, exp
 end

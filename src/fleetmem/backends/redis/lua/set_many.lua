@@ -58,10 +58,7 @@ for i = 3, #ARGV, 2 do
     nf = nf + 1
     fresh[nf] = key
   elseif old ~= part then
-    idx_rem(member(key, old))
-    delta(old, -1)
-    idx_add(member(key, part))
-    delta(part, 1)
+    refile(key, old, part, delta)
   end
   n = n + 1
   if nm >= 1000 or nx >= 1000 or nf >= 500 then flush() end
