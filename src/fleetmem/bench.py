@@ -340,6 +340,22 @@ class Bench:
         self.record(workload + " p99", "us", p99s)
 
 
+#: The 64-coroutine mixed load: one call in MIXED_WRITE_EVERY is a set, the others are gets.
+MIXED_WRITE_EVERY = 5
+
+
+def mixed(
+    get: Callable[[int, int], Awaitable[Any]], put: Callable[[int, int], Awaitable[Any]]
+) -> Callable[[int, int], Awaitable[Any]]:
+    """The mixed load's call ``i`` of worker ``w``: 80% ``get``, 20% ``put``, on the same keys
+    the get and set loads use, the same calls for every subject."""
+
+    def op(w: int, i: int) -> Awaitable[Any]:
+        return put(w, i) if (w * 131 + i) % MIXED_WRITE_EVERY == 0 else get(w, i)
+
+    return op
+
+
 # --------------------------------------------------------------------------- postgres
 
 
@@ -361,9 +377,6 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
         """The baseline leaves no session state: skip asyncpg's reset round trip on release."""
 
     pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10, init=init, reset=no_reset)
-    # Single awaited calls: the raw baseline is one bare connection (no pool bookkeeping).
-    conn1 = await asyncpg.connect(dsn)
-    await init(conn1)
     store = await PostgresStore.from_url(dsn, namespace="bench").connect()
     try:
         async with pool.acquire() as conn:
@@ -383,6 +396,15 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
             "INSERT INTO bench_raw(key, value) VALUES($1, $2) "
             "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
         )
+        # Single awaited calls: the raw side runs on the connection the store's lone calls use
+        # (no pool bookkeeping), so both talk to the same server process. On a 2-vCPU VM two
+        # connections' round trips differ by up to 2x, by where their backends get scheduled.
+        await store.get(keys[0])
+        conn1 = store._next_lone_connection()
+        if conn1 is None:  # pragma: no cover - a store from a URL has its own pool
+            raise RuntimeError("the store has no connection of its own to share")
+        # It carries the store's jsonb codec: the raw side encodes with orjson itself, and its
+        # reads decode with the store's decoder (~0.3 us a row more than a bare orjson.loads).
 
         async def raw_get(i: int) -> Any:
             return await conn1.fetchval(
@@ -393,7 +415,7 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
             return await store.get(keys[i % 10000])
 
         async def raw_set(i: int) -> Any:
-            return await conn1.execute(upsert, keys[i % 10000], VALUE)
+            return await conn1.execute(upsert, keys[i % 10000], orjson.dumps(VALUE))
 
         async def fm_set(i: int) -> Any:
             return await store.set(keys[i % 10000], VALUE)
@@ -513,16 +535,18 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
 
                 set_subjects["langgraph"] = s_lg
             await bench.concurrent("postgres 64 coroutines set", set_subjects)
+            await bench.concurrent(
+                "postgres 64 coroutines mixed",
+                {name: mixed(subjects[name], set_subjects[name]) for name in set_subjects},
+            )
         finally:
             if lg is not None:
                 await lg_close()
 
-        await _prefix_scaling(bench, "postgres", store)
     finally:
         with contextlib.suppress(Exception):
             await store.clear()
         await store.close()
-        await conn1.close()
         await pool.close()
 
 
@@ -712,8 +736,14 @@ async def bench_redis(bench: Bench, url: str) -> None:
         await bench.concurrent(
             "redis 64 coroutines set", {"raw": s_raw, "raw-merged": s_merged, "fleetmem": s_fm}
         )
-        await _prefix_scaling(bench, "redis", store)
-        await _redis_memory(bench, raw, store)
+        await bench.concurrent(
+            "redis 64 coroutines mixed",
+            {
+                "raw": mixed(c_raw, s_raw),
+                "raw-merged": mixed(c_merged, s_merged),
+                "fleetmem": mixed(c_fm, s_fm),
+            },
+        )
     finally:
         with contextlib.suppress(Exception):
             await store.clear()
@@ -852,6 +882,34 @@ async def bench_hybrid(bench: Bench, dsn: str, url: str) -> None:
         await raw.aclose()
 
 
+# --------------------------------------------------------------------------- the big namespaces
+
+
+async def bench_scaling(bench: Bench, dsn: str | None, url: str | None) -> None:
+    """Redis memory per entry, then ``keys(prefix)`` and ``search`` at 10k and 1M keys.
+
+    Last in a run: loading and dropping a million keys leaves the servers busy for a while
+    (autovacuum, freeing memory), which would weigh on the latency figures measured after.
+    """
+    if dsn is not None:
+        from fleetmem.backends.postgres import PostgresStore
+
+        async with PostgresStore.from_url(dsn, namespace="bench") as pg_store:
+            await _prefix_scaling(bench, "postgres", pg_store)
+    if url is not None:
+        import redis.asyncio as aioredis
+
+        from fleetmem.backends.redis import RedisStore
+
+        raw = aioredis.from_url(url)
+        try:
+            async with RedisStore.from_url(url, namespace="bench") as redis_store:
+                await _redis_memory(bench, raw, redis_store)
+                await _prefix_scaling(bench, "redis", redis_store)
+        finally:
+            await raw.aclose()
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -870,7 +928,7 @@ TARGETS: list[tuple[str, str, str, str, float]] = [
 ] + [
     (f"{backend} 64 coroutines {op}", ref, "ge", text, bound)
     for backend in ("postgres", "redis")
-    for op in ("get", "set")
+    for op in ("get", "set", "mixed")
     for ref, text, bound in (
         ("raw-merged", "≥ 0.7x the merged-per-tick raw figure", 0.7),
         ("langgraph", "≥ 2x LangGraph's store", 2.0),
@@ -937,7 +995,7 @@ def targets(report: Report) -> list[tuple[str, float, bool]]:
             )
         )
     for backend in ("postgres", "redis"):
-        for op in ("get", "set"):
+        for op in ("get", "set", "mixed"):
             p50 = report.get(f"{backend} 64 coroutines {op} p50", "fleetmem")
             p99 = report.get(f"{backend} 64 coroutines {op} p99", "fleetmem")
             if p50 is not None and p99 is not None:
@@ -1038,12 +1096,13 @@ async def run(args: argparse.Namespace) -> Report:
         f"{platform.python_version()}",
         command="fleetmem bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
     )
+    # Workloads of each section; each prefix-scaling section also has two loading steps.
     steps = (
-        (6 if "postgres" in only else 0)
-        + (8 if "redis" in only else 0)
+        (9 if "postgres" in only else 0)
+        + (10 if "redis" in only else 0)
         + (1 if "hybrid" in only else 0)
     )
-    progress = Progress(steps + 4)
+    progress = Progress(steps)
     bench = Bench(report, progress, args.repetitions, args.quick, not args.no_peers)
     # SIGTERM (a CI timeout, `kill`) cancels the run like Ctrl-C: the servers it started stop.
     task = asyncio.current_task()
@@ -1064,6 +1123,9 @@ async def run(args: argparse.Namespace) -> Report:
                 await bench_hybrid(bench, pg, rs)
             except ImportError as exc:
                 report.notes.append(f"hybrid skipped: {exc}")
+        await bench_scaling(
+            bench, pg if "postgres" in only else None, rs if "redis" in only else None
+        )
     progress.finish()
     return report
 

@@ -26,12 +26,14 @@ PAIRED = [
     "postgres get_many 10k",
     "postgres 64 coroutines get",
     "postgres 64 coroutines set",
+    "postgres 64 coroutines mixed",
     "redis get p50",
     "redis set p50",
     "redis set_many 10k",
     "redis get_many 10k",
     "redis 64 coroutines get",
     "redis 64 coroutines set",
+    "redis 64 coroutines mixed",
     "redis bytes per entry",
     "hybrid get (cache hit) p50",
 ]
@@ -66,8 +68,10 @@ def test_bench_measures_every_workload_and_computes_every_target(
                 assert (f"{backend} {what} p50 @{size}", "fleetmem") in rows
     assert ("postgres 64 coroutines get", "raw-merged") in rows
     assert ("redis 64 coroutines set", "raw-merged") in rows
+    assert ("postgres 64 coroutines mixed", "raw-merged") in rows
+    assert ("redis 64 coroutines mixed", "raw-merged") in rows
     targets = data["targets"]
-    assert len(targets) == 22
+    assert len(targets) == 26
     assert all(math.isfinite(t["figure"]) and isinstance(t["met"], bool) for t in targets)
     assert "targets (PERFORMANCE.md)" in printed
 

@@ -72,6 +72,27 @@ async def test_read_fills_and_hits(hybrid: HybridStore, raw_redis: aioredis.Redi
     assert entry.partition == "default"
 
 
+async def test_cache_hits_keep_every_number_exact(
+    hybrid: HybridStore, raw_redis: aioredis.Redis
+) -> None:
+    """A body orjson wrote whole is marked ``O`` and read back by orjson alone; one holding
+    an integer beyond 64 bits is marked ``V`` and read by the exact decoder."""
+    plain = {"n": 2**64 - 1, "f": 0.1, "digits": "1" * 40}
+    big = {"n": 2**64, "m": -(2**70), "f": 1e300}
+    await hybrid.set_many({"plain": plain, "big": big})
+    for key, value, marker in (("plain", plain, b"O"), ("big", big, b"V")):
+        assert await hybrid.get(key) == value  # the miss fills
+        body = await cached_body(raw_redis, hybrid, key)
+        assert body is not None and body[:1] == marker
+        hits = hybrid.metrics.hits
+        assert await hybrid.get(key) == value
+        entry = await hybrid.get_entry(key)
+        assert entry is not None and entry.value == value
+        assert hybrid.metrics.hits == hits + 2
+    assert type((await hybrid.get("big"))["n"]) is int
+    assert type((await hybrid.get("big"))["f"]) is float
+
+
 async def test_writes_invalidate_and_reads_see_them(
     hybrid: HybridStore, raw_redis: aioredis.Redis
 ) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value
+from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value_ex
 from fleetmem._validate import GlobPattern
 from fleetmem.backends.base import MISSING, BaseStore, EntryMeta, SetOp
 from fleetmem.errors import BackendUnavailableError, ConfigurationError
@@ -64,6 +64,8 @@ def _token() -> str:
 
 
 _NEGATIVE = b"N"
+_ORJSON = b"O"
+_ORJSON_BYTE = _ORJSON[0]
 
 
 def _script_source(name: str) -> str:
@@ -225,7 +227,10 @@ def _dt(us: int | None) -> datetime | None:
 
 
 def _body(entry: Entry | None) -> bytes:
-    """The cached form of an entry: ``V<json header>\\n<json value>``, or ``N`` for absent."""
+    """The cached form of an entry: a marker, ``<json header>\n<json value>``; ``N`` for absent.
+
+    The marker is ``O`` when orjson wrote the whole value (orjson reads it back exactly, with no
+    scan for long digit runs on every hit) and ``V`` otherwise (integers beyond 64 bits...)."""
     if entry is None:
         return _NEGATIVE
     header = orjson.dumps(
@@ -237,13 +242,19 @@ def _body(entry: Entry | None) -> bytes:
             _us(entry.expires_at),
         ]
     )
-    return b"V" + header + b"\n" + encode_value(entry.value, sys.maxsize)
+    data, exact = encode_value_ex(entry.value, sys.maxsize)
+    return (_ORJSON if exact else b"V") + header + b"\n" + data
+
+
+def _value_of(body: bytes, cut: int) -> Any:
+    data = memoryview(body)[cut + 1 :]
+    return orjson.loads(data) if body[0] == _ORJSON_BYTE else decode_value(data)
 
 
 def _body_value(body: bytes) -> Any:
     if body == _NEGATIVE:
         return MISSING
-    return decode_value(memoryview(body)[body.index(b"\n") + 1 :])
+    return _value_of(body, body.index(b"\n"))
 
 
 def _body_entry(key: str, body: bytes) -> Entry | None:
@@ -253,7 +264,7 @@ def _body_entry(key: str, body: bytes) -> Entry | None:
     version, partition, created, updated, expires = orjson.loads(body[1:cut])
     return Entry(
         key,
-        decode_value(memoryview(body)[cut + 1 :]),
+        _value_of(body, cut),
         partition,
         version,
         _dt(created),  # type: ignore[arg-type]

@@ -576,6 +576,13 @@ class PostgresStore(BaseStore):
 
     # ---------------------------------------------------------------- the choke point
 
+    def _next_lone_connection(self) -> Any:
+        """The connection the next lone call will take (the top of the own pool's idle stack),
+        left in place; None with an injected pool. For ``fleetmem bench``: its raw side runs on
+        this very connection, hence on the same server process as the store's calls."""
+        own = self._pg.own
+        return own.idle[-1] if own is not None and own.idle else None
+
     def _take(self) -> Any:
         """An idle connection of the store's own pool if one is free right now, else None."""
         pg = self._pg
