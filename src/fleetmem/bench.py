@@ -22,6 +22,7 @@ import signal
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -340,6 +341,11 @@ class Bench:
         self.record(workload + " p99", "us", p99s)
 
 
+#: A workload's call: batch (no argument), single (call number), concurrent (worker, number).
+Op0 = Callable[[], Awaitable[Any]]
+Op1 = Callable[[int], Awaitable[Any]]
+Op2 = Callable[[int, int], Awaitable[Any]]
+
 #: The 64-coroutine mixed load: one call in MIXED_WRITE_EVERY is a set, the others are gets.
 MIXED_WRITE_EVERY = 5
 
@@ -378,6 +384,7 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
 
     pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10, init=init, reset=no_reset)
     store = await PostgresStore.from_url(dsn, namespace="bench").connect()
+    lg = await _langgraph(bench, dsn) if bench.peers else None
     try:
         async with pool.acquire() as conn:
             await conn.execute(
@@ -392,6 +399,8 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
             await conn.executemany(
                 "INSERT INTO bench_raw(key, value) VALUES($1, $2)", [(k, VALUE) for k in keys]
             )
+        if lg is not None:
+            await lg.put_many(keys)
         upsert = (
             "INSERT INTO bench_raw(key, value) VALUES($1, $2) "
             "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
@@ -420,8 +429,13 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
         async def fm_set(i: int) -> Any:
             return await store.set(keys[i % 10000], VALUE)
 
-        await bench.single("postgres get", {"raw": raw_get, "fleetmem": fm_get})
-        await bench.single("postgres set", {"raw": raw_set, "fleetmem": fm_set})
+        gets: dict[str, Op1] = {"raw": raw_get, "fleetmem": fm_get}
+        sets: dict[str, Op1] = {"raw": raw_set, "fleetmem": fm_set}
+        if lg is not None:
+            gets["langgraph"] = lambda i: lg.get(keys[i % 10000])
+            sets["langgraph"] = lambda i: lg.put(keys[i % 10000])
+        await bench.single("postgres get", gets)
+        await bench.single("postgres set", sets)
 
         # Batches of 10,000: the best raw methods (COPY + upsert; = ANY).
         batch_keys = [f"b{i:06d}" for i in range(10_000)]
@@ -454,12 +468,23 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
             got = await store.get_many(batch_keys)
             assert len(got) == len(batch_keys)
 
-        await bench.batch(
-            "postgres set_many 10k", {"raw": raw_set_many, "fleetmem": fm_set_many}, 10_000
-        )
-        await bench.batch(
-            "postgres get_many 10k", {"raw": raw_get_many, "fleetmem": fm_get_many}, 10_000
-        )
+        set_manys: dict[str, Op0] = {
+            "raw": raw_set_many,
+            "fleetmem": fm_set_many,
+        }
+        get_manys: dict[str, Op0] = {
+            "raw": raw_get_many,
+            "fleetmem": fm_get_many,
+        }
+        if lg is not None:
+
+            async def lg_get_many() -> None:
+                assert await lg.get_many(batch_keys) == len(batch_keys)
+
+            set_manys["langgraph"] = lambda: lg.put_many(batch_keys)
+            get_manys["langgraph"] = lg_get_many
+        await bench.batch("postgres set_many 10k", set_manys, 10_000)
+        await bench.batch("postgres get_many 10k", get_manys, 10_000)
 
         # 64 coroutines: raw one-call-per-op, raw merged per tick, fleetmem.
         async def flush_get(batch: list[str]) -> list[Any]:
@@ -482,75 +507,89 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
         async def c_fm(w: int, i: int) -> Any:
             return await store.get(keys[(w * 131 + i) % 10000])
 
-        subjects: dict[str, Callable[[int, int], Awaitable[Any]]] = {
+        async def flush_set(batch: list[tuple[str, Any]]) -> list[Any]:
+            # Each call's own value, serialized per call, as fleetmem does.
+            latest = dict(batch)
+            await pool.execute(
+                "INSERT INTO bench_raw(key, value) SELECT k, v "
+                "FROM unnest($1::text[], $2::jsonb[]) AS t(k, v) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                list(latest),
+                list(latest.values()),
+            )
+            return [None] * len(batch)
+
+        merged_set = _TickMerger(flush_set)
+
+        async def s_raw(w: int, i: int) -> Any:
+            return await pool.execute(upsert, keys[(w * 131 + i) % 10000], VALUE)
+
+        async def s_merged(w: int, i: int) -> Any:
+            return await merged_set.submit((keys[(w * 131 + i) % 10000], VALUE))
+
+        async def s_fm(w: int, i: int) -> Any:
+            return await store.set(keys[(w * 131 + i) % 10000], VALUE)
+
+        c_gets: dict[str, Op2] = {
             "raw": c_raw,
             "raw-merged": c_merged,
             "fleetmem": c_fm,
         }
-        lg = await _langgraph(bench, dsn) if bench.peers else None
+        c_sets: dict[str, Op2] = {
+            "raw": s_raw,
+            "raw-merged": s_merged,
+            "fleetmem": s_fm,
+        }
         if lg is not None:
-            lg_store, lg_close = lg
-            for k in keys[:2000]:
-                await lg_store.aput(("bench",), k, VALUE)
-
-            async def c_lg(w: int, i: int) -> Any:
-                return await lg_store.aget(("bench",), keys[(w * 131 + i) % 2000])
-
-            subjects["langgraph"] = c_lg
-        try:
-            await bench.concurrent("postgres 64 coroutines get", subjects)
-
-            async def flush_set(batch: list[tuple[str, Any]]) -> list[Any]:
-                # Each call's own value, serialized per call, as fleetmem does.
-                latest = dict(batch)
-                await pool.execute(
-                    "INSERT INTO bench_raw(key, value) SELECT k, v "
-                    "FROM unnest($1::text[], $2::jsonb[]) AS t(k, v) "
-                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                    list(latest),
-                    list(latest.values()),
-                )
-                return [None] * len(batch)
-
-            merged_set = _TickMerger(flush_set)
-
-            async def s_raw(w: int, i: int) -> Any:
-                return await pool.execute(upsert, keys[(w * 131 + i) % 10000], VALUE)
-
-            async def s_merged(w: int, i: int) -> Any:
-                return await merged_set.submit((keys[(w * 131 + i) % 10000], VALUE))
-
-            async def s_fm(w: int, i: int) -> Any:
-                return await store.set(keys[(w * 131 + i) % 10000], VALUE)
-
-            set_subjects: dict[str, Callable[[int, int], Awaitable[Any]]] = {
-                "raw": s_raw,
-                "raw-merged": s_merged,
-                "fleetmem": s_fm,
-            }
-            if lg is not None:
-
-                async def s_lg(w: int, i: int) -> Any:
-                    return await lg_store.aput(("bench",), keys[(w * 131 + i) % 2000], VALUE)
-
-                set_subjects["langgraph"] = s_lg
-            await bench.concurrent("postgres 64 coroutines set", set_subjects)
-            await bench.concurrent(
-                "postgres 64 coroutines mixed",
-                {name: mixed(subjects[name], set_subjects[name]) for name in set_subjects},
-            )
-        finally:
-            if lg is not None:
-                await lg_close()
-
+            c_gets["langgraph"] = lambda w, i: lg.get(keys[(w * 131 + i) % 10000])
+            c_sets["langgraph"] = lambda w, i: lg.put(keys[(w * 131 + i) % 10000])
+        await bench.concurrent("postgres 64 coroutines get", c_gets)
+        await bench.concurrent("postgres 64 coroutines set", c_sets)
+        await bench.concurrent(
+            "postgres 64 coroutines mixed",
+            {name: mixed(c_gets[name], c_sets[name]) for name in c_gets},
+        )
     finally:
         with contextlib.suppress(Exception):
             await store.clear()
+        if lg is not None:
+            await lg.close()
         await store.close()
         await pool.close()
 
 
-async def _langgraph(bench: Bench, dsn: str) -> tuple[Any, Callable[[], Awaitable[None]]] | None:
+@dataclass
+class _LangGraph:
+    """LangGraph's ``AsyncPostgresStore`` on the bench's workloads (namespace ``("bench",)``)."""
+
+    store: Any
+    pool: Any
+
+    async def get(self, key: str) -> Any:
+        return await self.store.aget(("bench",), key)
+
+    async def put(self, key: str) -> None:
+        await self.store.aput(("bench",), key, VALUE)
+
+    async def put_many(self, keys: list[str]) -> None:
+        from langgraph.store.base import PutOp
+
+        await self.store.abatch([PutOp(("bench",), key, VALUE) for key in keys])
+
+    async def get_many(self, keys: list[str]) -> int:
+        from langgraph.store.base import GetOp
+
+        items = await self.store.abatch([GetOp(("bench",), key) for key in keys])
+        return sum(item is not None for item in items)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            async with self.pool.connection() as conn:
+                await conn.execute("DELETE FROM store WHERE prefix = 'bench'")
+        await self.pool.close()
+
+
+async def _langgraph(bench: Bench, dsn: str) -> _LangGraph | None:
     try:
         from langgraph.store.postgres import AsyncPostgresStore
         from psycopg_pool import AsyncConnectionPool
@@ -569,11 +608,7 @@ async def _langgraph(bench: Bench, dsn: str) -> tuple[Any, Callable[[], Awaitabl
     await pool.open()
     store = AsyncPostgresStore(pool)
     await store.setup()
-
-    async def close() -> None:
-        await pool.close()
-
-    return store, close
+    return _LangGraph(store, pool)
 
 
 async def _prefix_scaling(bench: Bench, name: str, store: Any) -> None:
@@ -627,11 +662,14 @@ async def bench_redis(bench: Bench, url: str) -> None:
 
     raw = aioredis.from_url(url)
     store = await RedisStore.from_url(url, namespace="bench").connect()
+    peers = await _redis_peers(bench, url) if bench.peers else {}
     try:
         await store.clear()
         keys = [f"k{i:06d}" for i in range(10_000)]
         await store.set_many(dict.fromkeys(keys, VALUE))
         await raw.mset({f"raw:{k}": VALUE_BYTES for k in keys})
+        for peer in peers.values():
+            await peer.set_many(dict.fromkeys(keys, VALUE))
 
         async def raw_get(i: int) -> Any:
             data = await raw.get(f"raw:{keys[i % 10000]}")
@@ -647,34 +685,16 @@ async def bench_redis(bench: Bench, url: str) -> None:
         async def fm_set(i: int) -> Any:
             return await store.set(keys[i % 10000], VALUE)
 
-        subjects_get: dict[str, Callable[[int], Awaitable[Any]]] = {
-            "raw": raw_get,
-            "fleetmem": fm_get,
-        }
-        subjects_set: dict[str, Callable[[int], Awaitable[Any]]] = {
-            "raw": raw_set,
-            "fleetmem": fm_set,
-        }
-        peers = await _redis_peers(bench, url) if bench.peers else {}
-        for peer, (get, put, _close) in peers.items():
-            await put("k000000", VALUE)
+        gets: dict[str, Op1] = {"raw": raw_get, "fleetmem": fm_get}
+        sets: dict[str, Op1] = {"raw": raw_set, "fleetmem": fm_set}
 
-            def mk_get(g: Any) -> Callable[[int], Awaitable[Any]]:
-                return lambda i: g(keys[i % 10000])
+        def peer_single(peer: _RedisPeer) -> tuple[Op1, Op1]:
+            return (lambda i: peer.get(keys[i % 10000]), lambda i: peer.put(keys[i % 10000], VALUE))
 
-            def mk_put(p: Any) -> Callable[[int], Awaitable[Any]]:
-                return lambda i: p(keys[i % 10000], VALUE)
-
-            for k in keys[:10000]:
-                await put(k, VALUE)
-            subjects_get[peer] = mk_get(get)
-            subjects_set[peer] = mk_put(put)
-        try:
-            await bench.single("redis get", subjects_get)
-            await bench.single("redis set", subjects_set)
-        finally:
-            for _get, _put, close in peers.values():
-                await close()
+        for name, peer in peers.items():
+            gets[name], sets[name] = peer_single(peer)
+        await bench.single("redis get", gets)
+        await bench.single("redis set", sets)
 
         batch_keys = [f"b{i:06d}" for i in range(10_000)]
         items = dict.fromkeys(batch_keys, VALUE)
@@ -695,8 +715,25 @@ async def bench_redis(bench: Bench, url: str) -> None:
             got = await store.get_many(batch_keys)
             assert len(got) == len(batch_keys)
 
-        await bench.batch("redis set_many 10k", {"raw": raw_mset, "fleetmem": fm_set_many}, 10_000)
-        await bench.batch("redis get_many 10k", {"raw": raw_mget, "fleetmem": fm_get_many}, 10_000)
+        set_manys: dict[str, Op0] = {
+            "raw": raw_mset,
+            "fleetmem": fm_set_many,
+        }
+        get_manys: dict[str, Op0] = {
+            "raw": raw_mget,
+            "fleetmem": fm_get_many,
+        }
+
+        def peer_batch(peer: _RedisPeer) -> tuple[Op0, Op0]:
+            async def get_many() -> None:
+                assert await peer.get_many(batch_keys) == len(batch_keys)
+
+            return (lambda: peer.set_many(items)), get_many
+
+        for name, peer in peers.items():
+            set_manys[name], get_manys[name] = peer_batch(peer)
+        await bench.batch("redis set_many 10k", set_manys, 10_000)
+        await bench.batch("redis get_many 10k", get_manys, 10_000)
 
         async def flush_get(batch: list[str]) -> list[Any]:
             values = await raw.mget(batch)
@@ -712,10 +749,6 @@ async def bench_redis(bench: Bench, url: str) -> None:
 
         async def c_fm(w: int, i: int) -> Any:
             return await store.get(keys[(w * 131 + i) % 10000])
-
-        await bench.concurrent(
-            "redis 64 coroutines get", {"raw": c_raw, "raw-merged": c_merged, "fleetmem": c_fm}
-        )
 
         async def flush_set(batch: list[tuple[str, Any]]) -> list[Any]:
             # Each call's own value, serialized per call, as fleetmem does.
@@ -733,20 +766,37 @@ async def bench_redis(bench: Bench, url: str) -> None:
         async def s_fm(w: int, i: int) -> Any:
             return await store.set(keys[(w * 131 + i) % 10000], VALUE)
 
-        await bench.concurrent(
-            "redis 64 coroutines set", {"raw": s_raw, "raw-merged": s_merged, "fleetmem": s_fm}
-        )
+        c_gets: dict[str, Op2] = {
+            "raw": c_raw,
+            "raw-merged": c_merged,
+            "fleetmem": c_fm,
+        }
+        c_sets: dict[str, Op2] = {
+            "raw": s_raw,
+            "raw-merged": s_merged,
+            "fleetmem": s_fm,
+        }
+
+        def peer_concurrent(peer: _RedisPeer) -> tuple[Op2, Op2]:
+            return (
+                lambda w, i: peer.get(keys[(w * 131 + i) % 10000]),
+                lambda w, i: peer.put(keys[(w * 131 + i) % 10000], VALUE),
+            )
+
+        for name, peer in peers.items():
+            c_gets[name], c_sets[name] = peer_concurrent(peer)
+        await bench.concurrent("redis 64 coroutines get", c_gets)
+        await bench.concurrent("redis 64 coroutines set", c_sets)
         await bench.concurrent(
             "redis 64 coroutines mixed",
-            {
-                "raw": mixed(c_raw, s_raw),
-                "raw-merged": mixed(c_merged, s_merged),
-                "fleetmem": mixed(c_fm, s_fm),
-            },
+            {name: mixed(c_gets[name], c_sets[name]) for name in c_gets},
         )
     finally:
         with contextlib.suppress(Exception):
             await store.clear()
+        for peer in peers.values():
+            with contextlib.suppress(Exception):
+                await peer.close()
         with contextlib.suppress(Exception):
             for chunk in _chunked(
                 [f"raw:k{i:06d}" for i in range(10_000)] + [f"raw:b{i:06d}" for i in range(10_000)],
@@ -799,15 +849,28 @@ async def _redis_memory(bench: Bench, raw: Any, store: Any) -> None:
         bench.report.add(Measurement("redis bytes per entry", subject, "bytes", figures))
 
 
-async def _redis_peers(
-    bench: Bench, url: str
-) -> dict[
-    str,
-    tuple[
-        Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]], Callable[[], Awaitable[None]]
-    ],
-]:
-    peers: dict[str, Any] = {}
+@contextlib.contextmanager
+def _peer_deprecations() -> Iterator[None]:
+    """The peers close their clients through redis-py's deprecated ``close()``; a warning
+    turned into an error (``-W error``) would stop them half way, connections left open."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+@dataclass
+class _RedisPeer:
+    """A peer cache on the bench's Redis workloads: single get/set and its batch calls."""
+
+    get: Callable[[str], Awaitable[Any]]
+    put: Callable[[str, Any], Awaitable[Any]]
+    get_many: Callable[[list[str]], Awaitable[int]]  # how many keys were found
+    set_many: Callable[[dict[str, Any]], Awaitable[Any]]
+    close: Callable[[], Awaitable[None]]
+
+
+async def _redis_peers(bench: Bench, url: str) -> dict[str, _RedisPeer]:
+    peers: dict[str, _RedisPeer] = {}
     try:
         from aiocache import RedisCache
         from aiocache.serializers import JsonSerializer
@@ -824,10 +887,22 @@ async def _redis_peers(
             serializer=JsonSerializer(),
         )
 
-        async def aio_close() -> None:
-            await cache.close()
+        async def aio_get_many(keys: list[str]) -> int:
+            return sum(v is not None for v in await cache.multi_get(keys))
 
-        peers["aiocache"] = (cache.get, lambda k, v: cache.set(k, v), aio_close)
+        async def aio_close() -> None:
+            with contextlib.suppress(Exception):
+                await cache.clear(namespace="aio")
+            with _peer_deprecations():
+                await cache.close()
+
+        peers["aiocache"] = _RedisPeer(
+            cache.get,
+            lambda k, v: cache.set(k, v),
+            aio_get_many,
+            lambda items: cache.multi_set(list(items.items())),
+            aio_close,
+        )
     try:
         from cashews import Cache
     except ImportError:
@@ -836,12 +911,21 @@ async def _redis_peers(
         cashews = Cache()
         cashews.setup(url, client_side=False)
 
-        async def cashews_close() -> None:
-            await cashews.close()
+        async def cw_get_many(keys: list[str]) -> int:
+            found = await cashews.get_many(*[f"cw:{k}" for k in keys])
+            return sum(v is not None for v in found)
 
-        peers["cashews"] = (
+        async def cashews_close() -> None:
+            with contextlib.suppress(Exception):
+                await cashews.delete_match("cw:*")
+            with _peer_deprecations():
+                await cashews.close()
+
+        peers["cashews"] = _RedisPeer(
             lambda k: cashews.get(f"cw:{k}"),
             lambda k, v: cashews.set(f"cw:{k}", v),
+            cw_get_many,
+            lambda items: cashews.set_many({f"cw:{k}": v for k, v in items.items()}),
             cashews_close,
         )
     return peers

@@ -48,17 +48,24 @@ def test_bench_measures_every_workload_and_computes_every_target(
 ) -> None:
     monkeypatch.setenv("FLEETMEM_BENCH_POSTGRES_URL", fleetmem_postgres_empty_database)
     monkeypatch.setenv("FLEETMEM_BENCH_REDIS_URL", fleetmem_redis_factory().url)
-    out = tmp_path / "bench.json"
-    args = ["--quick", "--no-peers", "--repetitions", "1", "--json", str(out)]
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["--quick", "--repetitions", "1", "--json", str(out), "--chart", str(chart)]
     assert bench.main(args) == 0
     printed = capsys.readouterr().out
+    assert chart.read_bytes().startswith(b"\x89PNG")
 
     data = json.loads(out.read_text())
     rows: dict[tuple[str, str], list[float]] = {
         (row["workload"], row["subject"]): row["values"] for row in data["rows"]
     }
     for workload in PAIRED:
-        for subject in ("raw", "fleetmem"):
+        # The peers (the bench extra) run every workload they have a call for.
+        peers = {"postgres": ("langgraph",), "redis": ("aiocache", "cashews")}.get(
+            workload.split()[0], ()
+        )
+        if workload == "redis bytes per entry":
+            peers = ()
+        for subject in ("raw", "fleetmem", *peers):
             values = rows.get((workload, subject))
             assert values is not None, (workload, subject)
             assert len(values) == 1 and math.isfinite(values[0]) and values[0] > 0
@@ -71,7 +78,7 @@ def test_bench_measures_every_workload_and_computes_every_target(
     assert ("postgres 64 coroutines mixed", "raw-merged") in rows
     assert ("redis 64 coroutines mixed", "raw-merged") in rows
     targets = data["targets"]
-    assert len(targets) == 26
+    assert len(targets) == 29
     assert all(math.isfinite(t["figure"]) and isinstance(t["met"], bool) for t in targets)
     assert "targets (PERFORMANCE.md)" in printed
 
