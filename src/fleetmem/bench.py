@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import random
 import signal
 import statistics
 import sys
@@ -125,18 +126,21 @@ async def sequential_latency(op: Callable[[int], Awaitable[Any]], n: int) -> tup
 
 
 async def interleaved_latency(
-    subjects: dict[str, Callable[[int], Awaitable[Any]]], n: int, rotate: int = 0
+    subjects: dict[str, Callable[[int], Awaitable[Any]]], n: int, seed: int = 0
 ) -> dict[str, tuple[float, float]]:
     """Run ``op(i)`` of every subject for i in ``range(n)``, one call at a time, the subjects
-    taking turns call by call (the first of each turn rotates), so that the machine's drift
-    over seconds weighs on every subject alike. Returns {subject: (p50 in µs, ops/s)}, ops/s
-    being calls per second of that subject's own time."""
+    taking turns call by call in a fresh random order each turn (seeded), so that the machine's
+    drift over seconds weighs on every subject alike, and so does the call before: a call that
+    follows a slow peer's may run slower, and a fixed rotation of three or more subjects would
+    make one subject follow it more often than another. Returns {subject: (p50 in µs, ops/s)},
+    ops/s being calls per second of that subject's own time."""
     names = list(subjects)
+    order = random.Random(seed)
     lat: dict[str, list[int]] = {name: [] for name in names}
     clock = time.perf_counter_ns
     for i in range(n):
-        first = (i + rotate) % len(names)
-        for name in names[first:] + names[:first]:
+        order.shuffle(names)
+        for name in names:
             t0 = clock()
             await subjects[name](i)
             lat[name].append(clock() - t0)
@@ -288,7 +292,7 @@ class Bench:
             await sequential_latency(subjects[name], 200)
         for rep in range(self.reps):
             gc.collect()
-            figures = await interleaved_latency(subjects, self.n_single, rotate=rep)
+            figures = await interleaved_latency(subjects, self.n_single, seed=rep)
             for name, (p50, ops) in figures.items():
                 lat[name].append(p50)
                 rate[name].append(ops)
