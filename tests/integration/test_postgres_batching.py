@@ -82,6 +82,45 @@ async def test_set_batch_matches_set_op_by_op(fleetmem_postgres_database: str) -
         await batch.clear()
 
 
+#: Calls with no ttl, partition or keep_ttl: the batch takes the two-array statement.
+PLAIN_OPS = [
+    SetOp("new", b'{"a":1}', None, None, False),
+    SetOp("live", b"5", None, None, False),
+    SetOp("live-ttl", b"6", None, None, False),  # a plain set makes it persistent
+    SetOp("in-part", b"7", None, None, False),  # keeps its partition
+    SetOp("expired", b"8", None, None, False),  # recreated: version 1, default partition
+    SetOp("expired-keep", b"9", None, None, False),
+]
+
+
+async def test_plain_set_batch_matches_set_op_by_op(fleetmem_postgres_database: str) -> None:
+    async with PostgresStore.from_url(fleetmem_postgres_database, namespace="single") as single:
+        batch = single.with_namespace("batch")
+        await _prepare(single)
+        await _prepare(batch)
+        await asyncio.sleep(0.1)
+        one_by_one = [
+            await single._set(op.key, op.payload, op.ttl_ms, op.partition, op.keep_ttl)
+            for op in PLAIN_OPS
+        ]
+        batched = await batch._set_batch(PLAIN_OPS)
+        assert [_meta(m) for m in batched] == [_meta(m) for m in one_by_one]
+        assert [_meta(m) for m in batched] == [
+            ("default", 1, False),
+            ("default", 2, False),
+            ("default", 3, False),
+            ("p1", 2, False),
+            ("default", 1, False),
+            ("default", 1, False),
+        ]
+        for op in PLAIN_OPS:
+            a, b = await single.get_entry(op.key), await batch.get_entry(op.key)
+            assert a is not None and b is not None
+            assert (a.value, *_meta(a)) == (b.value, *_meta(b)), op.key
+        await single.clear()
+        await batch.clear()
+
+
 async def test_delete_and_read_batches(fleetmem_postgres_database: str) -> None:
     async with PostgresStore.from_url(fleetmem_postgres_database, namespace="del") as store:
         other = store.with_namespace("del-other")

@@ -130,6 +130,23 @@ ON CONFLICT (namespace, key) DO UPDATE SET
                       ELSE NULL END
 RETURNING key, partition, version, created_at, updated_at, expires_at
 
+-- name: set_batch_plain
+-- set_batch when no call of the batch has a ttl, a partition or keep_ttl (the common case):
+-- two arrays to send instead of four, and no per-row test against the flag arrays.
+INSERT INTO {table} AS e
+    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+SELECT $1, b.key, 'default', b.value, 1, now(), now(), NULL
+FROM unnest($2::text[], $3::jsonb[]) AS b(key, value)
+ORDER BY b.key COLLATE "C"  -- lock rows in key order (see set_batch)
+ON CONFLICT (namespace, key) DO UPDATE SET
+    value = EXCLUDED.value,
+    partition = CASE WHEN e.expires_at <= now() THEN 'default' ELSE e.partition END,
+    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+    updated_at = now(),
+    expires_at = NULL
+RETURNING key, partition, version, created_at, updated_at, expires_at
+
 -- name: set_if_absent
 INSERT INTO {table} AS e
     (namespace, key, partition, value, version, created_at, updated_at, expires_at)

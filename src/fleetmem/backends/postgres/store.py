@@ -869,6 +869,7 @@ class PostgresStore(BaseStore):
         ttls: list[int | None] = []
         moved: list[str] = []
         kept: list[str] = []
+        timed = False
         for op in ops:
             keys.append(op.key)
             payloads.append(op.payload)
@@ -878,12 +879,17 @@ class PostgresStore(BaseStore):
                 moved.append(op.key)
             if op.keep_ttl:
                 kept.append(op.key)
-        rows = await self._run(
-            _FETCH,
-            self._q["set_batch"],
-            (self._namespace, keys, payloads, partitions, ttls, moved, kept),
-            write=True,
-        )
+            if op.ttl_ms is not None:
+                timed = True
+        args: tuple[Any, ...]
+        if timed or moved or kept:
+            query, args = (
+                self._q["set_batch"],
+                (self._namespace, keys, payloads, partitions, ttls, moved, kept),
+            )
+        else:
+            query, args = self._q["set_batch_plain"], (self._namespace, keys, payloads)
+        rows = await self._run(_FETCH, query, args, write=True)
         metas = {row[0]: EntryMeta(row[1], row[2], row[3], row[4], row[5]) for row in rows}
         return [metas[key] for key in keys]
 
