@@ -90,6 +90,46 @@ _KIND = {b'"': "str", b"{": "dict", b"[": "list", b"t": "bool", b"f": "bool", b"
 _UTC = timezone.utc
 
 
+_hiredis_pack: Any
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - the redis extra installs hiredis
+    _hiredis_pack = None
+
+#: Commands up to this many bytes of arguments are packed by hiredis in C; larger ones by
+#: redis-py, which sends big arguments without copying them.
+_C_PACK_LIMIT = 1 << 20
+_FAST_CLASSES: dict[type[Any], type[Any]] = {}
+
+
+def _c_packing(base: type[Any]) -> type[Any]:
+    """A subclass of the connection class ``base`` whose ``pack_command`` runs in C.
+
+    redis-py builds every command in Python: ~1.5 us an argument, so a merged batch of 64
+    ``set`` calls spends ~90 us packing and a 10,000-key ``MGET`` ~15 ms. hiredis's
+    ``pack_command`` writes the same bytes 5-6x faster. Anything it refuses (a bool, a
+    bytearray, a str it cannot encode) goes to redis-py's packer, which raises its own error.
+    """
+    fast = _FAST_CLASSES.get(base)
+    if fast is None:
+
+        def pack_command(self: Any, *args: Any) -> Any:
+            if isinstance(args[0], str) and " " in args[0]:
+                # As redis-py does: a command name of two words ("SCRIPT LOAD") is two.
+                args = (*args[0].split(), *args[1:])
+            try:
+                # An int has no len(): such a command goes to redis-py (the hot ones have none).
+                if sum(map(len, args)) <= _C_PACK_LIMIT:
+                    return [_hiredis_pack(args)]
+            except (TypeError, ValueError):
+                pass
+            return base.pack_command(self, *args)
+
+        fast = type(base.__name__, (base,), {"pack_command": pack_command})
+        _FAST_CLASSES[base] = fast
+    return fast
+
+
 # A stored JSON that holds a run of 19+ digits (a number orjson might not read exactly) is
 # written as "!" + JSON and read back with decode_value; any other is read with orjson directly,
 # which skips decode_value's scan of every value read.
@@ -304,7 +344,14 @@ class RedisStore(BaseStore):
         try:
             if cluster:
                 return RedisCluster.from_url(self._url, **self._client_options)
-            return aioredis.Redis.from_url(self._url, **self._client_options)
+            client = aioredis.Redis.from_url(self._url, **self._client_options)
+            pool = client.connection_pool
+            if _hiredis_pack is not None and pool.connection_kwargs.get(
+                "encoding", "utf-8"
+            ).lower().replace("-", "") in ("utf8",):
+                # No connection exists yet: every one the pool makes packs in C.
+                pool.connection_class = _c_packing(pool.connection_class)
+            return client
         except (ValueError, TypeError, rexc.RedisError) as exc:
             raise ConfigurationError(
                 f"invalid Redis URL or option for {redact_url(self._url)!r}: {type(exc).__name__}"
@@ -696,12 +743,13 @@ class RedisStore(BaseStore):
     ) -> int:
         count = 0
         parg = _part_arg(partition)
+        ttl = b"%d" % (ttl_ms or 0)  # bytes, like every argument: the command is packed in C
         mark = _mark
         for chunk in chunks:
             for start in range(0, len(chunk), _SET_MANY_SLICE):
                 part = chunk[start : start + _SET_MANY_SLICE]
                 args: list[Any] = [x for key, payload in part for x in (key, mark(payload))]
-                count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
+                count += await self._script(True, _SET_MANY, ttl, parg, *args)
         return count
 
     async def _set_if_absent(

@@ -162,6 +162,13 @@ local function header(ekey)
   return v, c, string.sub(h, 20, 19 + plen)
 end
 
+-- header() of an entry string already read (GET / MGET: false or nil when absent).
+local function parse(raw)
+  if not raw then return nil end
+  local plen, v, c = struct.unpack(HEAD, raw)
+  return v, c, string.sub(raw, 20, 19 + plen)
+end
+
 -- Remove every index member of key (an entry that vanished through native expiry).
 local function unindex(key)
   local ms = idx_range('[' .. key, '[' .. key .. '\0\255', 1000)

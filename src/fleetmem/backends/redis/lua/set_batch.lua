@@ -4,6 +4,10 @@
 -- writes go out as one MSET per slice.
 local now = now_ms()
 local out, mset = {now}, {}
+-- Every current header in one MGET (the keys are distinct).
+local ekeys = {}
+for i = 1, #ARGV, 3 do ekeys[#ekeys + 1] = EPFX .. ARGV[i] end
+local raws = redis.call('MGET', unpack(ekeys))
 local j = 2
 for i = 1, #ARGV, 3 do
   local key, opts = ARGV[i], ARGV[i + 2]
@@ -12,8 +16,9 @@ for i = 1, #ARGV, 3 do
     local t, k, p = string.match(opts, '^(%d+) ([01]) (.*)$')
     ttl, keep, parg = tonumber(t), k == '1', p
   end
-  local ekey = EPFX .. key
-  local ver, c, old = header(ekey)
+  local n = (i + 2) / 3
+  local ekey = ekeys[n]
+  local ver, c, old = parse(raws[n])
   out[j], out[j + 1], out[j + 2], out[j + 3] = put(
     key, ekey, ver, c, old, ARGV[i + 1], ttl, parg, keep, now, mset
   )

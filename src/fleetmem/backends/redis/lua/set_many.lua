@@ -37,31 +37,44 @@ local function flush()
   end
 end
 
+-- The current headers are read in blocks of READ keys with one MGET (keys are distinct, so a
+-- block's writes cannot change a header read for it).
+local READ = 500
 local n = 0
-for i = 3, #ARGV, 2 do
-  local key = ARGV[i]
-  local ekey = EPFX .. key
-  local ver, c, old = header(ekey)
-  if ver == nil then ver, c = 0, now end
-  local part = old or ''
-  if parg ~= '' then part = named end
-  local value = entry(ver + 1, c, math.max(c, now), part, ARGV[i + 1])
-  if ttl > 0 then
-    redis.call('SET', ekey, value, 'PXAT', now + ttl)
-    xadd[nx + 1], xadd[nx + 2] = now + ttl, key
-    nx = nx + 2
-  else
-    mset[nm + 1], mset[nm + 2] = ekey, value
-    nm = nm + 2
+for first = 3, #ARGV, 2 * READ do
+  local last = math.min(#ARGV - 1, first + 2 * READ - 2)
+  local ekeys, m = {}, 0
+  for i = first, last, 2 do
+    m = m + 1
+    ekeys[m] = EPFX .. ARGV[i]
   end
-  if old == nil then
-    nf = nf + 1
-    fresh[nf] = key
-  elseif old ~= part then
-    refile(key, old, part, delta)
+  local raws = redis.call('MGET', unpack(ekeys, 1, m))
+  m = 0
+  for i = first, last, 2 do
+    m = m + 1
+    local key, ekey = ARGV[i], ekeys[m]
+    local ver, c, old = parse(raws[m])
+    if ver == nil then ver, c = 0, now end
+    local part = old or ''
+    if parg ~= '' then part = named end
+    local value = entry(ver + 1, c, math.max(c, now), part, ARGV[i + 1])
+    if ttl > 0 then
+      redis.call('SET', ekey, value, 'PXAT', now + ttl)
+      xadd[nx + 1], xadd[nx + 2] = now + ttl, key
+      nx = nx + 2
+    else
+      mset[nm + 1], mset[nm + 2] = ekey, value
+      nm = nm + 2
+    end
+    if old == nil then
+      nf = nf + 1
+      fresh[nf] = key
+    elseif old ~= part then
+      refile(key, old, part, delta)
+    end
+    n = n + 1
+    if nm >= 1000 or nx >= 1000 or nf >= 500 then flush() end
   end
-  n = n + 1
-  if nm >= 1000 or nx >= 1000 or nf >= 500 then flush() end
 end
 flush()
 for part, d in pairs(deltas) do
