@@ -1129,7 +1129,8 @@ def _chart(report: Report, path: Path) -> None:
     """One axis for every row: fleetmem's speed relative to the reference (> 1: faster).
 
     Latency rows are inverted (reference latency / fleetmem latency), throughput rows are
-    fleetmem / reference; the p50/p99 rows of the concurrent loads are left to the table.
+    fleetmem / reference; the p50/p99 rows of the concurrent loads, the throughput of single
+    calls and the peers pass's raw rows are left to the table.
     """
     import matplotlib
 
@@ -1139,8 +1140,13 @@ def _chart(report: Report, path: Path) -> None:
 
     rows: list[tuple[str, str, float]] = []
     for workload, subject, _text, ratio in ratios(report):
-        if " 64 coroutines " in workload and workload.endswith(("p50", "p99")):
+        concurrent = " 64 coroutines " in workload
+        if concurrent and workload.endswith(("p50", "p99")):
             continue
+        if not concurrent and report.get(workload + " p50", "fleetmem") is not None:
+            continue  # single calls: their latency row says it
+        if "(with peers)" in workload and subject == "raw":
+            continue  # the pair measured alone says it
         mine = report.get(workload, "fleetmem")
         if mine is None or ratio != ratio or ratio == 0:
             continue

@@ -346,9 +346,8 @@ class RedisStore(BaseStore):
                 return RedisCluster.from_url(self._url, **self._client_options)
             client = aioredis.Redis.from_url(self._url, **self._client_options)
             pool = client.connection_pool
-            if _hiredis_pack is not None and pool.connection_kwargs.get(
-                "encoding", "utf-8"
-            ).lower().replace("-", "") in ("utf8",):
+            encoding = pool.connection_kwargs.get("encoding", "utf-8")
+            if _hiredis_pack is not None and encoding.lower().replace("-", "") == "utf8":
                 # No connection exists yet: every one the pool makes packs in C.
                 pool.connection_class = _c_packing(pool.connection_class)
             return client
