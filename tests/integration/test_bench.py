@@ -66,7 +66,7 @@ def test_bench_measures_every_workload_and_computes_every_target(
         if workload == "redis bytes per entry":
             peers = ()
         # Single calls: the target's pair alone, then a pass with the peers too.
-        passes = [(workload, ("raw", "fleetmem"))]
+        passes: list[tuple[str, tuple[str, ...]]] = [(workload, ("raw", "fleetmem"))]
         if peers and workload.endswith(" p50"):
             passes.append((workload.replace(" p50", " (with peers) p50"), ("raw", "fleetmem")))
         passes.append((passes[-1][0], peers))
