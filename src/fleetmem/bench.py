@@ -354,6 +354,15 @@ class Bench:
         self.record(workload + " p50", "us", p50s)
         self.record(workload + " p99", "us", p99s)
 
+    async def loads(self, backend: str, gets: dict[str, Op2], sets: dict[str, Op2]) -> None:
+        """The 64-coroutine get, set and mixed loads of one backend, every subject."""
+        await self.concurrent(f"{backend} 64 coroutines get", gets)
+        await self.concurrent(f"{backend} 64 coroutines set", sets)
+        await self.concurrent(
+            f"{backend} 64 coroutines mixed",
+            {name: mixed(gets[name], sets[name]) for name in gets},
+        )
+
 
 #: A workload's call: batch (no argument), single (call number), concurrent (worker, number).
 Op0 = Callable[[], Awaitable[Any]]
@@ -557,12 +566,7 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
         if lg is not None:
             c_gets["langgraph"] = lambda w, i: lg.get(keys[(w * 131 + i) % 10000])
             c_sets["langgraph"] = lambda w, i: lg.put(keys[(w * 131 + i) % 10000])
-        await bench.concurrent("postgres 64 coroutines get", c_gets)
-        await bench.concurrent("postgres 64 coroutines set", c_sets)
-        await bench.concurrent(
-            "postgres 64 coroutines mixed",
-            {name: mixed(c_gets[name], c_sets[name]) for name in c_gets},
-        )
+        await bench.loads("postgres", c_gets, c_sets)
     finally:
         with contextlib.suppress(Exception):
             await store.clear()
@@ -799,12 +803,7 @@ async def bench_redis(bench: Bench, url: str) -> None:
 
         for name, peer in peers.items():
             c_gets[name], c_sets[name] = peer_concurrent(peer)
-        await bench.concurrent("redis 64 coroutines get", c_gets)
-        await bench.concurrent("redis 64 coroutines set", c_sets)
-        await bench.concurrent(
-            "redis 64 coroutines mixed",
-            {name: mixed(c_gets[name], c_sets[name]) for name in c_gets},
-        )
+        await bench.loads("redis", c_gets, c_sets)
     finally:
         with contextlib.suppress(Exception):
             await store.clear()

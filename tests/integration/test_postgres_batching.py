@@ -51,22 +51,30 @@ OPS = [
 ]
 
 
+async def _both_ways(
+    single: PostgresStore, batch: PostgresStore, ops: list[SetOp]
+) -> list[EntryMeta | BaseException]:
+    """Apply ``ops`` to two namespaces prepared alike, one by one and as one batch; check that
+    they answer and end alike; return the batch's answers."""
+    await _prepare(single)
+    await _prepare(batch)
+    await asyncio.sleep(0.1)
+    one_by_one = [
+        await single._set(op.key, op.payload, op.ttl_ms, op.partition, op.keep_ttl) for op in ops
+    ]
+    batched = await batch._set_batch(ops)
+    assert [_meta(m) for m in batched] == [_meta(m) for m in one_by_one]
+    for op in ops:
+        a, b = await single.get_entry(op.key), await batch.get_entry(op.key)
+        assert a is not None and b is not None
+        assert (a.value, *_meta(a)) == (b.value, *_meta(b)), op.key
+    return batched
+
+
 async def test_set_batch_matches_set_op_by_op(fleetmem_postgres_database: str) -> None:
     async with PostgresStore.from_url(fleetmem_postgres_database, namespace="single") as single:
         batch = single.with_namespace("batch")
-        await _prepare(single)
-        await _prepare(batch)
-        await asyncio.sleep(0.1)
-        one_by_one = [
-            await single._set(op.key, op.payload, op.ttl_ms, op.partition, op.keep_ttl)
-            for op in OPS
-        ]
-        batched = await batch._set_batch(OPS)
-        assert [_meta(m) for m in batched] == [_meta(m) for m in one_by_one]
-        for op in OPS:
-            a, b = await single.get_entry(op.key), await batch.get_entry(op.key)
-            assert a is not None and b is not None
-            assert (a.value, *_meta(a)) == (b.value, *_meta(b)), op.key
+        batched = await _both_ways(single, batch, OPS)
         assert _meta(batched[7]) == ("default", 1, False)
         assert _meta(batched[5]) == ("default", 3, True)
         assert _meta(batched[6]) == ("p1", 2, False)
@@ -96,15 +104,7 @@ PLAIN_OPS = [
 async def test_plain_set_batch_matches_set_op_by_op(fleetmem_postgres_database: str) -> None:
     async with PostgresStore.from_url(fleetmem_postgres_database, namespace="single") as single:
         batch = single.with_namespace("batch")
-        await _prepare(single)
-        await _prepare(batch)
-        await asyncio.sleep(0.1)
-        one_by_one = [
-            await single._set(op.key, op.payload, op.ttl_ms, op.partition, op.keep_ttl)
-            for op in PLAIN_OPS
-        ]
-        batched = await batch._set_batch(PLAIN_OPS)
-        assert [_meta(m) for m in batched] == [_meta(m) for m in one_by_one]
+        batched = await _both_ways(single, batch, PLAIN_OPS)
         assert [_meta(m) for m in batched] == [
             ("default", 1, False),
             ("default", 2, False),
@@ -113,10 +113,6 @@ async def test_plain_set_batch_matches_set_op_by_op(fleetmem_postgres_database: 
             ("default", 1, False),
             ("default", 1, False),
         ]
-        for op in PLAIN_OPS:
-            a, b = await single.get_entry(op.key), await batch.get_entry(op.key)
-            assert a is not None and b is not None
-            assert (a.value, *_meta(a)) == (b.value, *_meta(b)), op.key
         await single.clear()
         await batch.clear()
 
