@@ -227,7 +227,7 @@ def _dt(us: int | None) -> datetime | None:
 
 
 def _body(entry: Entry | None) -> bytes:
-    """The cached form of an entry: a marker, ``<json header>\n<json value>``; ``N`` for absent.
+    """The cached form of an entry: a marker, ``<json header>\\n<json value>``; ``N`` for absent.
 
     The marker is ``O`` when orjson wrote the whole value (orjson reads it back exactly, with no
     scan for long digit runs on every hit) and ``V`` otherwise (integers beyond 64 bits...)."""
