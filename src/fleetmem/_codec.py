@@ -22,6 +22,7 @@ __all__ = [
     "decode_value_after_byte",
     "encode_value",
     "encode_value_ex",
+    "needs_exact_decoder",
     "stored_form",
 ]
 
@@ -41,6 +42,12 @@ _NINETEEN_ZEROS = b"0" * 19
 
 def _has_long_digit_run(data: bytes | bytearray | memoryview) -> bool:
     return bytes(data).translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS) >= 0
+
+
+def needs_exact_decoder(data: bytes | bytearray | memoryview) -> bool:
+    """True if JSON ``data`` holds a run of 19 or more digits: a number orjson might not read
+    exactly, so :func:`decode_value` must (any other is safe for ``orjson.loads``)."""
+    return len(data) >= 19 and _has_long_digit_run(data)
 
 
 class _BigInt(Exception):
@@ -215,7 +222,7 @@ def decode_value(data: bytes | bytearray | memoryview | str) -> Any:
         if len(data) >= 19 and _has_long_digit_run(data.encode("utf-8")):
             return json.loads(data)
         return orjson.loads(data)
-    if len(data) >= 19 and _has_long_digit_run(data):
+    if needs_exact_decoder(data):
         return json.loads(bytes(data))
     return orjson.loads(data)
 

@@ -373,9 +373,7 @@ Op2 = Callable[[int, int], Awaitable[Any]]
 MIXED_WRITE_EVERY = 5
 
 
-def mixed(
-    get: Callable[[int, int], Awaitable[Any]], put: Callable[[int, int], Awaitable[Any]]
-) -> Callable[[int, int], Awaitable[Any]]:
+def mixed(get: Op2, put: Op2) -> Op2:
     """The mixed load's call ``i`` of worker ``w``: 80% ``get``, 20% ``put``, on the same keys
     the get and set loads use, the same calls for every subject."""
 

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from fleetmem import open_store
 from fleetmem.backends.hybrid import HybridStore
+from fleetmem.testing import connected_store
 from fleetmem.testing.servers import PostgresServer, RedisServer
 
 pytestmark = [pytest.mark.hybrid, pytest.mark.postgres, pytest.mark.redis]
@@ -25,12 +26,8 @@ async def hybrid(
     store = HybridStore.from_urls(
         fleetmem_postgres_server.dsn, fleetmem_redis_server.url, namespace=fleetmem_namespace
     )
-    await store.connect()
-    try:
-        yield store
-    finally:
-        await store.clear()
-        await store.close()
+    async with connected_store(store) as connected:
+        yield connected
 
 
 @pytest.fixture

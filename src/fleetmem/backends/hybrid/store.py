@@ -486,7 +486,7 @@ class HybridStore(BaseStore):
                 result = await self._cache_call(
                     "EVALSHA",
                     self._read_sha,
-                    b"%d" % (len(keys) + 1),
+                    len(keys) + 1,
                     self._epoch_key,
                     *[self._prefix + k for k in keys],
                     token,
@@ -507,12 +507,12 @@ class HybridStore(BaseStore):
     async def _cache_fill(self, token: str, bodies: list[tuple[str, bytes, int]]) -> None:
         args: list[Any] = [token]
         for _key, body, px in bodies:
-            args.extend((body, b"%d" % px))
+            args.extend((body, px))
         try:
             filled = await self._cache_call(
                 "EVALSHA",
                 self._fill_sha,
-                b"%d" % (len(bodies) + 1),
+                len(bodies) + 1,
                 self._epoch_key,
                 *[self._prefix + k for k, _, _ in bodies],
                 *args,
@@ -618,7 +618,7 @@ class HybridStore(BaseStore):
                 item = await self._cache_call(
                     "EVALSHA",  # a str: a cluster client looks the name up
                     self._read_sha_b,
-                    b"2",  # every argument bytes or str: the cache client packs it in C
+                    b"2",
                     self._epoch_key_b,
                     self._prefix_b + key.encode(),
                     token,

@@ -33,16 +33,18 @@ import asyncio
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from itertools import compress, repeat
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value
+from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, needs_exact_decoder
 from fleetmem._urls import redact_url, url_scheme
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
 from fleetmem.backends.base import MISSING, BaseStore, EntryMeta, SetOp
@@ -99,49 +101,51 @@ except ImportError:  # pragma: no cover - the redis extra installs hiredis
 #: Commands up to this many bytes of arguments are packed by hiredis in C; larger ones by
 #: redis-py, which sends big arguments without copying them.
 _C_PACK_LIMIT = 1 << 20
-_FAST_CLASSES: dict[type[Any], type[Any]] = {}
+_SIZED = (str, bytes, memoryview)
 
 
-def _c_packing(base: type[Any]) -> type[Any]:
-    """A subclass of the connection class ``base`` whose ``pack_command`` runs in C.
+class _PackInC(AbstractConnection):
+    """Put before a redis-py connection class: its ``pack_command`` runs in C.
 
     redis-py builds every command in Python: ~1.5 us an argument, so a merged batch of 64
     ``set`` calls spends ~90 us packing and a 10,000-key ``MGET`` ~15 ms. hiredis's
     ``pack_command`` writes the same bytes 5-6x faster. Anything it refuses (a bool, a
     bytearray, a str it cannot encode) goes to redis-py's packer, which raises its own error.
     """
-    fast = _FAST_CLASSES.get(base)
-    if fast is None:
 
-        def pack_command(self: Any, *args: Any) -> Any:
-            if isinstance(args[0], str) and " " in args[0]:
-                # As redis-py does: a command name of two words ("SCRIPT LOAD") is two.
-                args = (*args[0].split(), *args[1:])
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:
+            # As redis-py does: a command name of two words ("SCRIPT LOAD") is two.
+            args = (*args[0].split(), *args[1:])
+        try:
+            size = sum(map(len, args))
+        except TypeError:  # numbers among the arguments: count the rest (in C iterators)
+            size = sum(map(len, compress(args, map(isinstance, args, repeat(_SIZED)))))
+        if size <= _C_PACK_LIMIT:
             try:
-                # An int has no len(): such a command goes to redis-py (the hot ones have none).
-                if sum(map(len, args)) <= _C_PACK_LIMIT:
-                    return [_hiredis_pack(args)]
+                return [_hiredis_pack(args)]
             except (TypeError, ValueError):
                 pass
-            return base.pack_command(self, *args)
+        return super().pack_command(*args)
 
-        fast = type(base.__name__, (base,), {"pack_command": pack_command})
-        _FAST_CLASSES[base] = fast
+
+_FAST_CLASSES: dict[type[Any], type[Any]] = {}
+
+
+def _c_packing(base: type[Any]) -> type[Any]:
+    """``base`` (a redis-py connection class) with :class:`_PackInC` in front, made once."""
+    fast = _FAST_CLASSES.get(base)
+    if fast is None:
+        fast = _FAST_CLASSES[base] = type(base.__name__, (_PackInC, base), {})
     return fast
 
 
 # A stored JSON that holds a run of 19+ digits (a number orjson might not read exactly) is
 # written as "!" + JSON and read back with decode_value; any other is read with orjson directly,
 # which skips decode_value's scan of every value read.
-_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_NINETEEN_ZEROS = b"0" * 19
-
-
 def _mark(payload: bytes) -> bytes:
     """``payload`` as stored: "!"-prefixed when only ``decode_value`` reads it exactly."""
-    if len(payload) >= 19 and payload.translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS) >= 0:
-        return b"!" + payload
-    return payload
+    return b"!" + payload if needs_exact_decoder(payload) else payload
 
 
 def _value(raw: bytes) -> Any:
@@ -742,13 +746,12 @@ class RedisStore(BaseStore):
     ) -> int:
         count = 0
         parg = _part_arg(partition)
-        ttl = b"%d" % (ttl_ms or 0)  # bytes, like every argument: the command is packed in C
         mark = _mark
         for chunk in chunks:
             for start in range(0, len(chunk), _SET_MANY_SLICE):
                 part = chunk[start : start + _SET_MANY_SLICE]
                 args: list[Any] = [x for key, payload in part for x in (key, mark(payload))]
-                count += await self._script(True, _SET_MANY, ttl, parg, *args)
+                count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
         return count
 
     async def _set_if_absent(
