@@ -35,19 +35,23 @@ _EXPONENT_FORM = 1e16
 _I64_MIN = -(2**63)
 # 19 or more digits in a row: a number orjson might read as a float (or text we can afford to
 # decode slowly; the stdlib reads big integers exactly). Mapping every digit to "0" and looking
-# for a run of 19 is ~10x faster than a regular expression.
+# for a run of 19 is ~10x faster than a regular expression; counting the digits first (one
+# C pass that deletes them) is faster still and rules most values out.
+_DIGITS = b"0123456789"
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _NINETEEN_ZEROS = b"0" * 19
 
 
-def _has_long_digit_run(data: bytes | bytearray | memoryview) -> bool:
-    return bytes(data).translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS) >= 0
+def _has_long_digit_run(data: bytes) -> bool:
+    if len(data) - len(data.translate(None, _DIGITS)) < 19:
+        return False
+    return data.translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS) >= 0
 
 
 def needs_exact_decoder(data: bytes | bytearray | memoryview) -> bool:
     """True if JSON ``data`` holds a run of 19 or more digits: a number orjson might not read
     exactly, so :func:`decode_value` must (any other is safe for ``orjson.loads``)."""
-    return len(data) >= 19 and _has_long_digit_run(data)
+    return len(data) >= 19 and _has_long_digit_run(bytes(data))
 
 
 class _BigInt(Exception):
@@ -241,6 +245,6 @@ def decode_value_after_byte(data: bytes) -> Any:
     """:func:`decode_value` of ``data[1:]`` (PostgreSQL's binary ``jsonb``: a version byte, then
     the JSON text), in one pass over ``bytes`` and one Python call per value: the decoder that
     bulk reads run once per row."""
-    if data.translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS, 1) >= 0:
+    if _has_long_digit_run(data):  # data[0] is the version byte, never a digit
         return json.loads(data[1:])
     return orjson.loads(data[1:])

@@ -56,7 +56,7 @@ Closing
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -84,6 +84,38 @@ class Entry:
     created_at: datetime
     updated_at: datetime
     expires_at: datetime | None
+
+
+def _entry_init() -> Any:
+    """``Entry.__init__`` with the generated one's signature, setting the slots through their
+    descriptors: a frozen dataclass's own ``__init__`` goes through ``object.__setattr__`` by
+    name for each field, twice as slow, and every write and every entry read builds one."""
+    setters = [Entry.__dict__[f.name].__set__ for f in fields(Entry)]
+    (s_key, s_value, s_partition, s_version, s_created, s_updated, s_expires) = setters
+
+    def __init__(
+        self: Entry,
+        key: str,
+        value: JSONValue,
+        partition: str,
+        version: int,
+        created_at: datetime,
+        updated_at: datetime,
+        expires_at: datetime | None,
+    ) -> None:
+        s_key(self, key)
+        s_value(self, value)
+        s_partition(self, partition)
+        s_version(self, version)
+        s_created(self, created_at)
+        s_updated(self, updated_at)
+        s_expires(self, expires_at)
+
+    __init__.__qualname__ = "Entry.__init__"
+    return __init__
+
+
+Entry.__init__ = _entry_init()  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,16 @@ import enum
 import json
 from typing import Any
 
+import orjson
 import pytest
 
-from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, MAX_DEPTH, decode_value, encode_value
+from fleetmem._codec import (
+    DEFAULT_MAX_VALUE_BYTES,
+    MAX_DEPTH,
+    decode_value,
+    decode_value_after_byte,
+    encode_value,
+)
 from fleetmem.errors import FleetmemError, SerializationError, ValueTooLargeError
 
 
@@ -95,6 +102,22 @@ def test_big_integers_are_exact_both_ways() -> None:
     value = decode_value(b'["1234567890123456789012", 1.2345678901234567891]')
     assert value == ["1234567890123456789012", 1.2345678901234567891]
     assert decode_value(b"1e300") == 1e300
+
+
+def test_a_big_integer_is_found_among_many_digits() -> None:
+    # Over 19 digits in all but no run of 19: orjson reads it. A run of 20 among them: exact.
+    many = [1234567890, 123456789, 98765, 4321]
+    assert decode_value(orjson.dumps(many)) == many
+    big = [*many, 2**64 + 1]
+    data = encode_value(big)
+    for decoded in (
+        decode_value(data),
+        decode_value(data.decode()),
+        decode_value_after_byte(b"\x01" + data),
+    ):
+        assert decoded == big
+        assert type(decoded[-1]) is int
+    assert decode_value_after_byte(b"\x01" + orjson.dumps(many)) == many
 
 
 def test_subclasses_are_their_base_type() -> None:

@@ -760,7 +760,7 @@ class PostgresStore(BaseStore):
 
     async def _get_many(self, keys: list[str]) -> dict[str, Any]:
         rows = await self._run(_FETCH, self._q["get_many"], (self._namespace, keys), write=False)
-        return {row[0]: row[1] for row in rows}
+        return dict(rows)  # (key, value) records
 
     async def _get_entries(self, keys: list[str]) -> dict[str, Entry]:
         rows = await self._run(_FETCH, self._q["get_entries"], (self._namespace, keys), write=False)
