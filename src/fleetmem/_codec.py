@@ -198,11 +198,17 @@ def encode_value_ex(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> tup
     else:
         try:
             # orjson's result keeps its whole output buffer: at least 4 KiB, and about 10x
-            # the length of a long string. A copy (~0.1 us for a small value) makes a payload
-            # that a batch or the in-memory store holds cost its length, not the buffer's.
-            data = memoryview(
-                orjson.dumps(value, option=orjson.OPT_PASSTHROUGH_SUBCLASS, default=_orjson_default)
-            ).tobytes()
+            # the length of a long string. A copy makes a payload that a batch or the
+            # in-memory store holds cost its length, not the buffer's. (Joined with b"": ~80 ns
+            # for a small value, against ~190 ns through a memoryview.)
+            data = b"".join(
+                (
+                    orjson.dumps(
+                        value, option=orjson.OPT_PASSTHROUGH_SUBCLASS, default=_orjson_default
+                    ),
+                    b"",
+                )
+            )
         except orjson.JSONEncodeError as exc:
             cause = exc.__cause__
             if isinstance(cause, SerializationError):
