@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Hashable, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Generic, TypeVar
 
-__all__ = ["Coalescer", "Started"]
+__all__ = ["Coalescer"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -73,30 +73,15 @@ class Coalescer(Generic[T, R]):
         self.batched_calls = 0
 
     async def call(self, item: T) -> R:
-        if self.enter_alone():
+        if self._inflight == 0 and not self._queue and not self._settling:
+            # Nothing in flight: the caller has the backend to itself.
+            self._inflight += 1
             try:
                 return await self._single(item)
             finally:
-                self.leave_alone()
-        return await self.queued(item)
-
-    def enter_alone(self) -> bool:
-        """Claim the backend for one lone call if nothing is in flight or queued; the caller
-        then runs its single call itself and must call :meth:`leave_alone` when it ends. (The
-        hottest paths do this inline instead of through :meth:`call`: one coroutine layer
-        fewer on a lone call's latency.)"""
-        if self._inflight == 0 and not self._queue and not self._settling:
-            self._inflight += 1
-            return True
-        return False
-
-    def leave_alone(self) -> None:
-        self._inflight -= 1
-        if self._queue:
-            self._launch()
-
-    async def queued(self, item: T) -> R:
-        """Queue ``item`` for the next batch (the caller found the backend busy)."""
+                self._inflight -= 1
+                if self._queue:
+                    self._launch()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, future))
@@ -196,50 +181,3 @@ class Coalescer(Generic[T, R]):
                 # next calls leave together.
                 self._settling = True
                 asyncio.get_running_loop().call_soon(self._settled)
-
-
-class Started(Generic[R]):
-    """A coroutine already run to its first suspension, to be awaited later.
-
-    ``Started(store_call(...))`` sends the request there and then (a lone call reaches its first
-    suspension only once the request is written), so the caller can do work that does not need
-    the reply -- such as decoding the value it returns -- while the server works, then ``await``
-    the result. The await resumes the coroutine exactly as awaiting it directly would: results,
-    exceptions and cancellation pass through unchanged. An exception raised before the first
-    suspension is raised by the constructor.
-    """
-
-    __slots__ = ("_coro", "_done", "_first", "_result")
-
-    def __init__(self, coro: Coroutine[Any, Any, R]) -> None:
-        self._coro = coro
-        try:
-            self._first = coro.send(None)
-        except StopIteration as stop:
-            self._done = True
-            self._result: R = stop.value
-        else:
-            self._done = False
-
-    def __await__(self) -> Generator[Any, Any, R]:
-        if self._done:
-            return self._result
-        coro = self._coro
-        pending = self._first
-        del self._first
-        while True:
-            try:
-                sent = yield pending
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # cancellation included: it goes where it would have
-                try:
-                    pending = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
-            else:
-                try:
-                    pending = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]

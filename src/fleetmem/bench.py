@@ -354,8 +354,11 @@ class Bench:
         self.record(workload + " p50", "us", p50s)
         self.record(workload + " p99", "us", p99s)
 
-    async def loads(self, backend: str, gets: dict[str, Op2], sets: dict[str, Op2]) -> None:
-        """The 64-coroutine get, set and mixed loads of one backend, every subject."""
+    async def loads(self, backend: str, subjects: dict[str, tuple[Op1, Op1]]) -> None:
+        """The 64-coroutine get, set and mixed loads of one backend: each subject's ``(get,
+        set)`` takes a key index; worker ``w``'s call ``i`` uses key :func:`load_key`."""
+        gets = {name: _on_load_keys(get) for name, (get, _) in subjects.items()}
+        sets = {name: _on_load_keys(put) for name, (_, put) in subjects.items()}
         await self.concurrent(f"{backend} 64 coroutines get", gets)
         await self.concurrent(f"{backend} 64 coroutines set", sets)
         await self.concurrent(
@@ -373,12 +376,21 @@ Op2 = Callable[[int, int], Awaitable[Any]]
 MIXED_WRITE_EVERY = 5
 
 
+def load_key(w: int, i: int) -> int:
+    """The key index of worker ``w``'s call ``i`` in the 64-coroutine loads (10,000 keys)."""
+    return (w * 131 + i) % 10000
+
+
+def _on_load_keys(op: Op1) -> Op2:
+    return lambda w, i: op(load_key(w, i))
+
+
 def mixed(get: Op2, put: Op2) -> Op2:
     """The mixed load's call ``i`` of worker ``w``: 80% ``get``, 20% ``put``, on the same keys
     the get and set loads use, the same calls for every subject."""
 
     def op(w: int, i: int) -> Awaitable[Any]:
-        return put(w, i) if (w * 131 + i) % MIXED_WRITE_EVERY == 0 else get(w, i)
+        return put(w, i) if load_key(w, i) % MIXED_WRITE_EVERY == 0 else get(w, i)
 
     return op
 
@@ -517,17 +529,6 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
 
         merged_get = _TickMerger(flush_get)
 
-        async def c_raw(w: int, i: int) -> Any:
-            return await pool.fetchval(
-                "SELECT value FROM bench_raw WHERE key = $1", keys[(w * 131 + i) % 10000]
-            )
-
-        async def c_merged(w: int, i: int) -> Any:
-            return await merged_get.submit(keys[(w * 131 + i) % 10000])
-
-        async def c_fm(w: int, i: int) -> Any:
-            return await store.get(keys[(w * 131 + i) % 10000])
-
         async def flush_set(batch: list[tuple[str, Any]]) -> list[Any]:
             # Each call's own value, serialized per call, as fleetmem does.
             latest = dict(batch)
@@ -541,30 +542,20 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
             return [None] * len(batch)
 
         merged_set = _TickMerger(flush_set)
-
-        async def s_raw(w: int, i: int) -> Any:
-            return await pool.execute(upsert, keys[(w * 131 + i) % 10000], VALUE)
-
-        async def s_merged(w: int, i: int) -> Any:
-            return await merged_set.submit((keys[(w * 131 + i) % 10000], VALUE))
-
-        async def s_fm(w: int, i: int) -> Any:
-            return await store.set(keys[(w * 131 + i) % 10000], VALUE)
-
-        c_gets: dict[str, Op2] = {
-            "raw": c_raw,
-            "raw-merged": c_merged,
-            "fleetmem": c_fm,
-        }
-        c_sets: dict[str, Op2] = {
-            "raw": s_raw,
-            "raw-merged": s_merged,
-            "fleetmem": s_fm,
+        loads: dict[str, tuple[Op1, Op1]] = {
+            "raw": (
+                lambda k: pool.fetchval("SELECT value FROM bench_raw WHERE key = $1", keys[k]),
+                lambda k: pool.execute(upsert, keys[k], VALUE),
+            ),
+            "raw-merged": (
+                lambda k: merged_get.submit(keys[k]),
+                lambda k: merged_set.submit((keys[k], VALUE)),
+            ),
+            "fleetmem": (lambda k: store.get(keys[k]), lambda k: store.set(keys[k], VALUE)),
         }
         if lg is not None:
-            c_gets["langgraph"] = lambda w, i: lg.get(keys[(w * 131 + i) % 10000])
-            c_sets["langgraph"] = lambda w, i: lg.put(keys[(w * 131 + i) % 10000])
-        await bench.loads("postgres", c_gets, c_sets)
+            loads["langgraph"] = (lambda k: lg.get(keys[k]), lambda k: lg.put(keys[k]))
+        await bench.loads("postgres", loads)
     finally:
         with contextlib.suppress(Exception):
             await store.clear()
@@ -757,51 +748,30 @@ async def bench_redis(bench: Bench, url: str) -> None:
 
         merged = _TickMerger(flush_get)
 
-        async def c_raw(w: int, i: int) -> Any:
-            return await raw.get(f"raw:{keys[(w * 131 + i) % 10000]}")
-
-        async def c_merged(w: int, i: int) -> Any:
-            return await merged.submit(f"raw:{keys[(w * 131 + i) % 10000]}")
-
-        async def c_fm(w: int, i: int) -> Any:
-            return await store.get(keys[(w * 131 + i) % 10000])
-
         async def flush_set(batch: list[tuple[str, Any]]) -> list[Any]:
             # Each call's own value, serialized per call, as fleetmem does.
             await raw.mset({k: orjson.dumps(v) for k, v in batch})
             return [None] * len(batch)
 
         merged_set = _TickMerger(flush_set)
-
-        async def s_raw(w: int, i: int) -> Any:
-            return await raw.set(f"raw:{keys[(w * 131 + i) % 10000]}", orjson.dumps(VALUE))
-
-        async def s_merged(w: int, i: int) -> Any:
-            return await merged_set.submit((f"raw:{keys[(w * 131 + i) % 10000]}", VALUE))
-
-        async def s_fm(w: int, i: int) -> Any:
-            return await store.set(keys[(w * 131 + i) % 10000], VALUE)
-
-        c_gets: dict[str, Op2] = {
-            "raw": c_raw,
-            "raw-merged": c_merged,
-            "fleetmem": c_fm,
-        }
-        c_sets: dict[str, Op2] = {
-            "raw": s_raw,
-            "raw-merged": s_merged,
-            "fleetmem": s_fm,
+        loads: dict[str, tuple[Op1, Op1]] = {
+            "raw": (
+                lambda k: raw.get(f"raw:{keys[k]}"),
+                lambda k: raw.set(f"raw:{keys[k]}", orjson.dumps(VALUE)),
+            ),
+            "raw-merged": (
+                lambda k: merged.submit(f"raw:{keys[k]}"),
+                lambda k: merged_set.submit((f"raw:{keys[k]}", VALUE)),
+            ),
+            "fleetmem": (lambda k: store.get(keys[k]), lambda k: store.set(keys[k], VALUE)),
         }
 
-        def peer_concurrent(peer: _RedisPeer) -> tuple[Op2, Op2]:
-            return (
-                lambda w, i: peer.get(keys[(w * 131 + i) % 10000]),
-                lambda w, i: peer.put(keys[(w * 131 + i) % 10000], VALUE),
-            )
+        def peer_load(peer: _RedisPeer) -> tuple[Op1, Op1]:
+            return (lambda k: peer.get(keys[k]), lambda k: peer.put(keys[k], VALUE))
 
         for name, peer in peers.items():
-            c_gets[name], c_sets[name] = peer_concurrent(peer)
-        await bench.loads("redis", c_gets, c_sets)
+            loads[name] = peer_load(peer)
+        await bench.loads("redis", loads)
     finally:
         with contextlib.suppress(Exception):
             await store.clear()

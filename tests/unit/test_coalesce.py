@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from fleetmem._coalesce import Coalescer, Started
+from fleetmem._coalesce import Coalescer
 
 
 class Backend:
@@ -164,71 +164,3 @@ async def test_a_failing_batch_fails_each_of_its_callers() -> None:
     results = await asyncio.gather(*(c.call(f"k{i}") for i in range(4)), return_exceptions=True)
     assert results[0] == "k0"
     assert all(isinstance(r, ConnectionError) for r in results[1:])
-
-
-# --------------------------------------------------------------------------- Started
-
-
-async def test_started_runs_to_the_first_suspension_then_resumes_as_an_await() -> None:
-    log: list[str] = []
-    gate: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    async def call() -> int:
-        log.append("sent")
-        got = await gate
-        log.append("replied")
-        await asyncio.sleep(0)  # a second suspension
-        return got * 2
-
-    started = Started(call())
-    assert log == ["sent"]  # the request went out before the caller's own work
-    log.append("caller works")
-    asyncio.get_running_loop().call_soon(gate.set_result, 21)
-    assert await started == 42
-    assert log == ["sent", "caller works", "replied"]
-
-
-async def test_started_without_a_suspension_returns_its_result() -> None:
-    async def at_once() -> str:
-        return "done"
-
-    assert await Started(at_once()) == "done"
-
-
-async def test_started_raises_errors_before_and_after_the_first_suspension() -> None:
-    async def refused() -> None:
-        raise ValueError("before")
-
-    with pytest.raises(ValueError, match="before"):
-        Started(refused())
-
-    async def failing() -> None:
-        await asyncio.sleep(0)
-        raise KeyError("after")
-
-    started = Started(failing())
-    with pytest.raises(KeyError, match="after"):
-        await started
-
-
-async def test_cancelling_the_awaiting_task_cancels_the_started_call() -> None:
-    seen: list[str] = []
-    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def call() -> None:
-        try:
-            await never
-        except asyncio.CancelledError:
-            seen.append("cancelled inside")
-            raise
-
-    async def caller() -> None:
-        await Started(call())
-
-    task = asyncio.create_task(caller())
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert seen == ["cancelled inside"]
-    assert never.cancelled()

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
-from fleetmem._coalesce import Coalescer, Started
+from fleetmem._coalesce import Coalescer
 from fleetmem._codec import (
     DEFAULT_MAX_VALUE_BYTES,
     encode_value,
@@ -261,15 +261,7 @@ class BaseStore(abc.ABC):
         validate_key(key)
         self._check_open()
         c = self._c_get
-        if c is None:
-            value = await self._get(key)
-        elif c.enter_alone():
-            try:
-                value = await self._get(key)
-            finally:
-                c.leave_alone()
-        else:
-            value = await c.queued(key)
+        value = await (self._get(key) if c is None else c.call(key))
         return default if value is MISSING else value
 
     async def get_entry(self, key: str) -> Entry | None:
@@ -390,17 +382,11 @@ class BaseStore(abc.ABC):
         payload, exact = encode_value_ex(value, self._max_value_bytes)
         self._check_open()
         c = self._c_set
-        if c is not None and not c.enter_alone():
-            meta = await c.queued(SetOp(key, payload, ttl_ms, part, bool(keep_ttl)))
-            return Entry(key, stored_form(value, payload, exact), *meta)
-        try:
-            # A lone write is sent first; the value it returns is decoded while the server works.
-            write = Started(self._set(key, payload, ttl_ms, part, bool(keep_ttl)))
-            stored = stored_form(value, payload, exact)
-            return Entry(key, stored, *await write)
-        finally:
-            if c is not None:
-                c.leave_alone()
+        if c is None:
+            meta = await self._set(key, payload, ttl_ms, part, bool(keep_ttl))
+        else:
+            meta = await c.call(SetOp(key, payload, ttl_ms, part, bool(keep_ttl)))
+        return Entry(key, stored_form(value, payload, exact), *meta)
 
     async def set_many(
         self,
@@ -459,9 +445,8 @@ class BaseStore(abc.ABC):
         part = validate_optional_partition(partition)
         payload, exact = encode_value_ex(value, self._max_value_bytes)
         self._check_open()
-        write = Started(self._compare_and_set(key, payload, expected, ttl_ms, part))
-        stored = stored_form(value, payload, exact)  # while the server works
-        return Entry(key, stored, *await write)
+        meta = await self._compare_and_set(key, payload, expected, ttl_ms, part)
+        return Entry(key, stored_form(value, payload, exact), *meta)
 
     async def incr(
         self,
