@@ -45,11 +45,10 @@ def cache_key(store: HybridStore, key: str) -> str:
 
 async def cached_body(client: aioredis.Redis, store: HybridStore, key: str) -> bytes | None:
     """The live cached body of ``key`` (None when absent, leased or of an old epoch)."""
-    epoch = await client.zscore(f"fmh:{{{store.namespace}}}:e", "e")
+    prefix = await client.get(f"fmh:{{{store.namespace}}}:E")  # b"<epoch>|"
     raw: Any = await client.get(cache_key(store, key))
-    if raw is None or epoch is None:
+    if raw is None or prefix is None:
         return None
-    prefix = f"{int(epoch)}|".encode()
     return raw[len(prefix) :] if raw.startswith(prefix) else None
 
 
@@ -250,7 +249,7 @@ async def test_a_miss_costs_one_cache_read_one_durable_read_one_fill(
                 assert await store.get("k") == {"v": 1}  # a miss
                 after = await _commandstats(client)
                 # Commands the scripts run inside count too; they are not round trips.
-                inside = {"cmdstat_get", "cmdstat_set", "cmdstat_zscore", "cmdstat_info"}
+                inside = {"cmdstat_get", "cmdstat_set", "cmdstat_info"}
                 spent = {
                     name: after[name] - before.get(name, 0)
                     for name in after
@@ -263,6 +262,42 @@ async def test_a_miss_costs_one_cache_read_one_durable_read_one_fill(
                 after = await _commandstats(client)
                 assert after["cmdstat_evalsha"] - before["cmdstat_evalsha"] == 1
                 assert durable_reads == 1
+            finally:
+                await client.aclose()
+            await store.clear()
+    finally:
+        rs.close()
+
+
+async def test_a_resync_never_moves_the_published_epoch_back(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_factory: Any,
+    fleetmem_namespace: str,
+) -> None:
+    rs = fleetmem_redis_factory()  # a Redis of its own: SCRIPT FLUSH touches nobody else
+    try:
+        store = HybridStore.from_urls(
+            fleetmem_postgres_server.dsn, rs.url, namespace=fleetmem_namespace
+        )
+        async with store:
+            await store.set("k", {"v": 1})
+            assert await store.get("k") == {"v": 1}  # a miss: filled under the epoch
+            client = aioredis.from_url(rs.url)
+            try:
+                epoch_key = f"fmh:{{{fleetmem_namespace}}}:E"
+                published = await client.get(epoch_key)
+                assert published is not None and published.endswith(b"|")
+                assert await cached_body(client, store, "k") is not None
+                ahead = int(published[:-1]) + 1000  # a later epoch, published by another process
+                await client.set(epoch_key, f"{ahead}|")
+                assert await cached_body(client, store, "k") is None  # its fill is dead now
+                bumps = store.metrics.epoch_bumps
+                await client.script_flush()  # as after a restart: the store resyncs
+                assert await store.get("k") == {"v": 1}
+                assert store.metrics.epoch_bumps == bumps + 1  # bumped below `ahead`...
+                assert await client.get(epoch_key) == f"{ahead}|".encode()  # ...not published
+                assert await store.get("k") == {"v": 1}
+                assert await cached_body(client, store, "k") is not None  # filled under `ahead`
             finally:
                 await client.aclose()
             await store.clear()

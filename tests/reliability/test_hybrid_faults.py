@@ -30,14 +30,14 @@ async def cache_mismatches(store: HybridStore, rs: RedisServer, keys: list[str])
     """Keys whose live cached value differs from what the durable store holds."""
     client = aioredis.from_url(rs.url)
     try:
-        epoch = await client.zscore(f"fmh:{{{store.namespace}}}:e", "e")
+        epoch = await client.get(f"fmh:{{{store.namespace}}}:E")  # b"<epoch>|"
         bad = []
         for key in keys:
             truth = await store.durable.get(key)
             raw: Any = await client.get(f"fmh:{{{store.namespace}}}:k:{key}")
-            if raw is None or epoch is None or not raw.startswith(f"{int(epoch)}|".encode()):
+            if raw is None or epoch is None or not raw.startswith(epoch):
                 continue  # nothing live cached
-            body = raw[len(f"{int(epoch)}|") :]
+            body = raw[len(epoch) :]
             if body == b"N":
                 if truth is not None:
                     bad.append(key)

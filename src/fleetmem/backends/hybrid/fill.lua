@@ -3,7 +3,7 @@
 -- time to live in ms. A key is filled only while it still holds this reader's lease: any write
 -- (which deletes the key after its COMMIT) or a newer lease in between voids the fill, so a value
 -- read from PostgreSQL before a write can never be cached after it.
-local ep = redis.call('ZSCORE', KEYS[1], 'e')
+local ep = redis.call('GET', KEYS[1])
 if not ep then
   return -1
 end
@@ -13,7 +13,7 @@ for i = 2, #KEYS do
   if redis.call('GET', KEYS[i]) == lease then
     local px = tonumber(ARGV[2 * i - 1])
     if px > 0 then
-      redis.call('SET', KEYS[i], ep .. '|' .. ARGV[2 * i - 2], 'PX', px)
+      redis.call('SET', KEYS[i], ep .. ARGV[2 * i - 2], 'PX', px)
       filled = filled + 1
     else
       redis.call('DEL', KEYS[i])

@@ -11,10 +11,11 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
   race, whatever the delays, and no reliance on versions (which restart at 1 after a delete).
 * **Epochs** guard against lost invalidations. Every cached value carries its namespace's epoch;
   a value of an older epoch is dead. The epoch's authoritative counter lives in the durable
-  store (namespace ``_fleetmem.hybrid``) and is published to Redis with ``ZADD GT`` (it never
-  goes backwards). It is bumped when a write could not invalidate the cache (Redis down, slow
-  or the breaker open), when this process saw Redis unreachable, and when Redis lost its
-  scripts (a restart, possibly with old data from its persistence, or ``SCRIPT FLUSH``). The
+  store (namespace ``_fleetmem.hybrid``) and is published to Redis by ``epoch.lua`` (it never
+  goes backwards) as the string ``<epoch>|``, the prefix of every value cached under it. It is
+  bumped when a write could not invalidate the cache (Redis down, slow or the breaker open),
+  when this process saw Redis unreachable, and when Redis lost its scripts (a restart,
+  possibly with old data from its persistence, or ``SCRIPT FLUSH``). The
   scripts' source is salted per namespace, so every namespace sees the ``NOSCRIPT`` itself, and
   the epoch is published *before* the scripts are loaded again.
 * **Redis failures** never fail an operation: each cache call has a deadline (default 250 ms), a
@@ -37,7 +38,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from importlib import resources
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -74,6 +75,7 @@ def _script_source(name: str) -> str:
 
 _READ_LUA = _script_source("read.lua")
 _FILL_LUA = _script_source("fill.lua")
+_EPOCH_LUA = _script_source("epoch.lua")
 
 
 from redis.exceptions import (  # noqa: E402 - after the script files
@@ -247,8 +249,14 @@ def _body(entry: Entry | None) -> bytes:
 
 
 def _value_of(body: bytes, cut: int) -> Any:
-    data = memoryview(body)[cut + 1 :]
+    # A slice, not a memoryview: orjson reads bytes faster, and the copy is of a cache-sized value.
+    data = body[cut + 1 :]
     return orjson.loads(data) if body[0] == _ORJSON_BYTE else decode_value(data)
+
+
+def _cached_body(value: bytes) -> bytes:
+    """The body of a cached value ``<epoch>|<body>``."""
+    return value[value.index(b"|") + 1 :]
 
 
 def _body_value(body: bytes) -> Any:
@@ -374,7 +382,7 @@ class HybridStore(BaseStore):
         )
         self._epochs = self._durable_root.with_namespace(EPOCH_NAMESPACE)
         self._prefix = f"fmh:{{{ns}}}:k:"
-        self._epoch_key = f"fmh:{{{ns}}}:e"
+        self._epoch_key = f"fmh:{{{ns}}}:E"
         salt = f"-- fleetmem hybrid cache, namespace {ns}\n"
         self._read_src = salt + _READ_LUA
         self._fill_src = salt + _FILL_LUA
@@ -431,15 +439,20 @@ class HybridStore(BaseStore):
         try:
             result = await self._client().execute_command(*args)
         except _REDIS_ERRORS as exc:
-            if _is_noscript(exc):
-                raise _NoScript from exc
-            breaker.failure()
-            state.metrics.cache_errors += 1
-            state.metrics.fallbacks += 1
-            raise _CacheFailed from exc
+            self._cache_failure(exc)
         if breaker.failures or breaker.state != "closed":
             breaker.success()
         return result
+
+    def _cache_failure(self, exc: BaseException) -> NoReturn:
+        """A cache command failed: raise _NoScript, or count the failure and raise _CacheFailed."""
+        if _is_noscript(exc):
+            raise _NoScript from exc
+        state = self._state
+        state.breaker.failure()
+        state.metrics.cache_errors += 1
+        state.metrics.fallbacks += 1
+        raise _CacheFailed from exc
 
     def _client(self) -> Any:
         client = self._state.client
@@ -460,7 +473,7 @@ class HybridStore(BaseStore):
         epoch = await self._epochs.incr(f"epoch/{self._namespace}")
         state.metrics.epoch_bumps += 1
         try:
-            await self._cache_call("ZADD", self._epoch_key, "GT", epoch, "e")
+            await self._cache_call("EVAL", _EPOCH_LUA, 1, self._epoch_key, epoch)
             # "SCRIPT LOAD" as one name: a cluster client sends it to every primary.
             await self._cache_call("SCRIPT LOAD", self._read_src)
             await self._cache_call("SCRIPT LOAD", self._fill_src)
@@ -501,7 +514,7 @@ class HybridStore(BaseStore):
                     continue
                 raise _CacheFailed
             self._state.synced.setdefault(self._namespace, self._state.breaker.outages)
-            return list(result)
+            return [result] if len(keys) == 1 else list(result)
         raise _CacheFailed
 
     async def _cache_fill(self, token: str, bodies: list[tuple[str, bytes, int]]) -> None:
@@ -609,13 +622,12 @@ class HybridStore(BaseStore):
                 del inflight[slot]
 
     async def _load(self, key: str) -> bytes:
-        """One key: a lean cache read, and the shared miss path when it misses."""
+        """One key: the cache read inline (the hot path), the shared paths for the rest."""
         state = self._state
         token = _token()
-        item: Any = None
-        if not self._needs_sync():
+        if state.breaker.state == "closed" and not self._needs_sync():
             try:
-                item = await self._cache_call(
+                item = await self._client().execute_command(
                     "EVALSHA",  # a str: a cluster client looks the name up
                     self._read_sha_b,
                     b"2",
@@ -624,24 +636,35 @@ class HybridStore(BaseStore):
                     token,
                     self._lease_ms,
                 )
-            except _NoScript:
-                state.dirty.add(self._namespace)
-            except _CacheFailed:
-                return (await self._read_bodies([key], cache_failed=True))[key]
-        if item is None or item == -1:
-            return (await self._read_bodies([key]))[key]
-        if self._namespace not in state.synced:
-            state.synced[self._namespace] = state.breaker.outages
-        item = item[0]
-        if isinstance(item, bytes):
-            if item == _NEGATIVE:
-                state.metrics.negative_hits += 1
+            except _REDIS_ERRORS as exc:
+                try:
+                    self._cache_failure(exc)
+                except _CacheFailed:
+                    return (await self._read_bodies([key], cache_failed=True))[key]
+                except _NoScript:
+                    state.dirty.add(self._namespace)
             else:
-                state.metrics.hits += 1
-            if state.durable_down:
-                state.metrics.stale_reads += 1
-            return item
-        return (await self._load_missing([key], {key} if item == 1 else set(), token))[key]
+                if state.breaker.failures:
+                    state.breaker.success()
+                if isinstance(item, bytes):  # a hit
+                    if self._namespace not in state.synced:
+                        state.synced[self._namespace] = state.breaker.outages
+                    body = _cached_body(item)
+                    if body == _NEGATIVE:
+                        state.metrics.negative_hits += 1
+                    else:
+                        state.metrics.hits += 1
+                    if state.durable_down:
+                        state.metrics.stale_reads += 1
+                    return body
+                if item != -1:  # a miss: 1 with the fill lease, 0 without
+                    if self._namespace not in state.synced:
+                        state.synced[self._namespace] = state.breaker.outages
+                    leased = {key} if item == 1 else set()
+                    return (await self._load_missing([key], leased, token))[key]
+        # The breaker is not closed, the namespace must resync, or Redis lost the scripts or
+        # the epoch: the general path handles each.
+        return (await self._read_bodies([key]))[key]
 
     async def _fetch_bodies(self, keys: list[str]) -> dict[str, bytes]:
         """The bodies of ``keys`` (distinct), in single flight with every other read of this
@@ -701,7 +724,7 @@ class HybridStore(BaseStore):
             leased: set[str] = set()
             for key, item in zip(chunk, items, strict=True):
                 if isinstance(item, bytes):
-                    out[key] = item
+                    item = out[key] = _cached_body(item)
                     if item == _NEGATIVE:
                         metrics.negative_hits += 1
                     else:
