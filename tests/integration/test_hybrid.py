@@ -285,7 +285,7 @@ async def test_a_resync_never_moves_the_published_epoch_back(
             client = aioredis.from_url(rs.url)
             try:
                 epoch_key = f"fmh:{{{fleetmem_namespace}}}:E"
-                published = await client.get(epoch_key)
+                published: Any = await client.get(epoch_key)
                 assert published is not None and published.endswith(b"|")
                 assert await cached_body(client, store, "k") is not None
                 ahead = int(published[:-1]) + 1000  # a later epoch, published by another process
