@@ -9,6 +9,7 @@ if not ep then
   return -1
 end
 local plen = #ep
+local lease = 'L:' .. ARGV[1]
 local function read(key)
   local v = redis.call('GET', key)
   if v then
@@ -16,10 +17,13 @@ local function read(key)
       return v
     end
     if string.sub(v, 1, 2) == 'L:' then
+      if v == lease then
+        return 1  -- left by this reader's first attempt (HybridStore._hit_or_lease)
+      end
       return 0
     end
   end
-  redis.call('SET', key, 'L:' .. ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', key, lease, 'PX', ARGV[2])
   return 1
 end
 if #KEYS == 2 then

@@ -4,11 +4,12 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
 
 * **Writes** go to the durable store first; the cache is touched only after COMMIT, and only to
   *delete* the written keys. A write that fails in PostgreSQL leaves the cache untouched.
-* **Reads** run ``read.lua``: a hit returns the cached body; a miss leaves a *lease* (a random
-  token) in the key. The reader then reads PostgreSQL and fills with ``fill.lua``, which writes
-  only while the key still holds its lease. Any write between the lease and the fill deleted
-  the lease, so a value read before a write can never be cached after it: no read/invalidate
-  race, whatever the delays, and no reliance on versions (which restart at 1 after a delete).
+* **Reads** run ``read.lua`` (a lone read: the same in two plain commands, see
+  ``_hit_or_lease``): a hit returns the cached body; a miss leaves a *lease* (a random token)
+  in the key. The reader then reads PostgreSQL and fills with ``fill.lua``, which writes only
+  while the key still holds its lease. Any write between the lease and the fill deleted the
+  lease, so a value read before a write can never be cached after it: no read/invalidate race,
+  whatever the delays, and no reliance on versions (which restart at 1 after a delete).
 * **Epochs** guard against lost invalidations. Every cached value carries its namespace's epoch;
   a value of an older epoch is dead. The epoch's authoritative counter lives in the durable
   store (namespace ``_fleetmem.hybrid``) and is published to Redis by ``epoch.lua`` (it never
@@ -17,7 +18,9 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
   when this process saw Redis unreachable, and when Redis lost its scripts (a restart,
   possibly with old data from its persistence, or ``SCRIPT FLUSH``). The
   scripts' source is salted per namespace, so every namespace sees the ``NOSCRIPT`` itself, and
-  the epoch is published *before* the scripts are loaded again.
+  the epoch is published *before* the scripts are loaded again. A lone read, which runs no
+  script, sees a restart by the server's ``run_id``: the one ``epoch.lua`` stored with the
+  epoch differs from the one its (necessarily new) connection learned.
 * **Redis failures** never fail an operation: each cache call has a deadline (default 250 ms), a
   circuit breaker stops paying it on every call, and reads fall back to PostgreSQL.
 * **Single flight**: concurrent reads of one key in one process share one cache read and at
@@ -213,6 +216,9 @@ class _Shared:
     dirty: set[str] = field(default_factory=set)
     durable_down: bool = False
     client: Any = None
+    #: The standalone cache client's connection pool when its connections know their server's
+    #: run_id: lone reads then take the one-round-trip path of ``_hit_or_lease``.
+    pool: Any = None
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -331,6 +337,8 @@ class HybridStore(BaseStore):
             raise ConfigurationError("cache must be a RedisStore")
         self._durable_root = durable
         self._cache = cache
+        track = getattr(cache, "_track_run_ids", None)
+        self._run_ids = bool(track()) if track is not None else False
         self._cache_ttl_ms = int(cache_ttl * 1000)
         self._deadline = float(cache_deadline)
         self._allow_stale = bool(allow_stale_reads)
@@ -383,6 +391,7 @@ class HybridStore(BaseStore):
         self._epochs = self._durable_root.with_namespace(EPOCH_NAMESPACE)
         self._prefix = f"fmh:{{{ns}}}:k:"
         self._epoch_key = f"fmh:{{{ns}}}:E"
+        self._run_id_key = f"fmh:{{{ns}}}:R"
         salt = f"-- fleetmem hybrid cache, namespace {ns}\n"
         self._read_src = salt + _READ_LUA
         self._fill_src = salt + _FILL_LUA
@@ -390,8 +399,13 @@ class HybridStore(BaseStore):
         # The hot path's constant arguments, encoded once.
         self._read_sha_b = self._read_sha.encode()
         self._epoch_key_b = self._epoch_key.encode()
+        self._run_id_key_b = self._run_id_key.encode()
         self._prefix_b = self._prefix.encode()
         self._fill_sha = hashlib.sha1(self._fill_src.encode(), usedforsecurity=False).hexdigest()
+        # _hit_or_lease's two commands in RESP, but for the entry key and the lease token.
+        self._hit_head = _resp(b"MGET", self._epoch_key_b, self._run_id_key_b) + b"*7\r\n"
+        self._hit_head += _resp_args(b"SET")
+        self._hit_tail = _resp_args(b"NX", b"GET", b"PX", self._lease_ms.encode())
 
     def _repr_details(self) -> str:
         return f" durable={self._durable_root!r} cache={self._cache!r}"
@@ -458,6 +472,8 @@ class HybridStore(BaseStore):
         client = self._state.client
         if client is None:
             client = self._state.client = self._cache.client
+            if self._run_ids and not self._cache._cluster:
+                self._state.pool = client.connection_pool
         return client
 
     async def _sync(self) -> bool:
@@ -473,7 +489,7 @@ class HybridStore(BaseStore):
         epoch = await self._epochs.incr(f"epoch/{self._namespace}")
         state.metrics.epoch_bumps += 1
         try:
-            await self._cache_call("EVAL", _EPOCH_LUA, 1, self._epoch_key, epoch)
+            await self._cache_call("EVAL", _EPOCH_LUA, 2, self._epoch_key, self._run_id_key, epoch)
             # "SCRIPT LOAD" as one name: a cluster client sends it to every primary.
             await self._cache_call("SCRIPT LOAD", self._read_src)
             await self._cache_call("SCRIPT LOAD", self._fill_src)
@@ -626,16 +642,20 @@ class HybridStore(BaseStore):
         state = self._state
         token = _token()
         if state.breaker.state == "closed" and not self._needs_sync():
+            client = self._client()
             try:
-                item = await self._client().execute_command(
-                    "EVALSHA",  # a str: a cluster client looks the name up
-                    self._read_sha_b,
-                    b"2",
-                    self._epoch_key_b,
-                    self._prefix_b + key.encode(),
-                    token,
-                    self._lease_ms,
-                )
+                if state.pool is not None:
+                    item = await self._hit_or_lease(state.pool, key, token)
+                else:
+                    item = await client.execute_command(
+                        "EVALSHA",  # a str: a cluster client looks the name up
+                        self._read_sha_b,
+                        b"2",
+                        self._epoch_key_b,
+                        self._prefix_b + key.encode(),
+                        token,
+                        self._lease_ms,
+                    )
             except _REDIS_ERRORS as exc:
                 try:
                     self._cache_failure(exc)
@@ -657,14 +677,66 @@ class HybridStore(BaseStore):
                     if state.durable_down:
                         state.metrics.stale_reads += 1
                     return body
-                if item != -1:  # a miss: 1 with the fill lease, 0 without
+                if item == 1 or item == 0:  # a miss: 1 with the fill lease, 0 without
                     if self._namespace not in state.synced:
                         state.synced[self._namespace] = state.breaker.outages
                     leased = {key} if item == 1 else set()
                     return (await self._load_missing([key], leased, token))[key]
-        # The breaker is not closed, the namespace must resync, or Redis lost the scripts or
-        # the epoch: the general path handles each.
-        return (await self._read_bodies([key]))[key]
+                if item == -1:
+                    state.dirty.add(self._namespace)
+        # The breaker is not closed, the namespace must resync, Redis lost the scripts or the
+        # epoch, or the key holds a value of an older epoch: the general path handles each
+        # (with this token, so that a lease the read above left is still this reader's).
+        return (await self._read_bodies([key], token=token))[key]
+
+    async def _hit_or_lease(self, pool: Any, key: str, token: str) -> Any:
+        """``read.lua``'s answer for one key in one round trip without a script.
+
+        Two commands, sent in one write: ``MGET`` of the epoch and of the run_id of the server
+        it was published on, and ``SET <key> L:<token> NX GET``, which returns the cached value
+        or, when the key holds nothing, leaves this reader's lease (as ``read.lua`` would).
+        A restart breaks every connection and this connection learned its server's run_id when
+        it was made, so a run_id that differs means the epoch is from before a restart (-1:
+        resync, as for a missing epoch). None: let ``read.lua`` answer (a value of an older
+        epoch is to be replaced by a lease; a run_id that cannot be compared).
+        """
+        conn = await pool.get_connection()
+        try:
+            run_id = getattr(conn, "fleetmem_run_id", None)
+            if run_id is None:
+                return None
+            entry_key = self._prefix_b + key.encode()
+            lease = b"L:" + token.encode()
+            packed = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+                self._hit_head,
+                len(entry_key),
+                entry_key,
+                len(lease),
+                lease,
+                self._hit_tail,
+            )
+            await conn.send_packed_command(packed, check_health=False)
+            head = await conn.read_response()
+            item = await conn.read_response()
+        except BaseException:
+            # A reply left unread (an error, a timeout, a cancelled caller) would answer the
+            # connection's next command: drop the connection.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+        epoch, published_on = head
+        if epoch is None:
+            return -1
+        if published_on != run_id:
+            return -1 if published_on is not None else None
+        if item is None:
+            return 1
+        if item.startswith(epoch):
+            return item
+        if item.startswith(b"L:"):
+            return 0
+        return None
 
     async def _fetch_bodies(self, keys: list[str]) -> dict[str, bytes]:
         """The bodies of ``keys`` (distinct), in single flight with every other read of this
@@ -703,7 +775,7 @@ class HybridStore(BaseStore):
         return out
 
     async def _read_bodies(
-        self, keys: list[str], *, cache_failed: bool = False
+        self, keys: list[str], *, cache_failed: bool = False, token: str | None = None
     ) -> dict[str, bytes]:
         """The cached bodies of ``keys`` (distinct): Redis first, misses from the durable store,
         filled back under the leases the read took. One cache round trip per 500 keys."""
@@ -713,9 +785,9 @@ class HybridStore(BaseStore):
             entries = await self._durable_call(self._durable_entries(keys))
             return {key: _body(entries.get(key)) for key in keys}
         out: dict[str, bytes] = {}
+        token = token if token is not None else _token()  # one per call: the keys are distinct
         for start in range(0, len(keys), _READ_CHUNK):
             chunk = keys[start : start + _READ_CHUNK]
-            token = _token()
             items: list[Any] = [None] * len(chunk)
             if not cache_failed:
                 with contextlib.suppress(_CacheFailed):
@@ -956,6 +1028,15 @@ class HybridStore(BaseStore):
         return await self._durable_call(  # type: ignore[no-any-return]
             self._durable._cleanup_expired()
         )
+
+
+def _resp_args(*args: bytes) -> bytes:
+    return b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args)
+
+
+def _resp(*args: bytes) -> bytes:
+    """A command in the Redis protocol (RESP), as a client sends it."""
+    return b"*%d\r\n%s" % (len(args), _resp_args(*args))
 
 
 def _is_noscript(exc: BaseException) -> bool:

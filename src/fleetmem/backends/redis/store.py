@@ -30,6 +30,7 @@ died or timed out while in flight raises :class:`~fleetmem.errors.OutcomeUnknown
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -130,6 +131,34 @@ class _PackInC(AbstractConnection):
 
 
 _FAST_CLASSES: dict[type[Any], type[Any]] = {}
+_RUN_ID_CLASSES: dict[type[Any], type[Any]] = {}
+_RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
+
+
+def _tracking_run_id(base: type[Any]) -> type[Any]:
+    """``base`` (a redis-py connection class) whose every (re)connection asks the server for its
+    ``run_id`` and keeps it as ``fleetmem_run_id`` (None when ``INFO`` is refused). A restarted
+    server breaks every connection, so a connection's ``run_id`` is that of the server it talks
+    to: the hybrid tier compares it with the one its cache epoch was published under."""
+    tracking = _RUN_ID_CLASSES.get(base)
+    if tracking is not None:
+        return tracking
+    # redis-py 6+ runs on_connect_check_health on connect; older versions on_connect.
+    hook = "on_connect_check_health" if hasattr(base, "on_connect_check_health") else "on_connect"
+
+    async def connected(self: Any, *args: Any, **kwargs: Any) -> None:
+        self.fleetmem_run_id = None
+        await getattr(super(tracking, self), hook)(*args, **kwargs)
+        await self.send_command("INFO", "server", check_health=False)
+        try:
+            info = await self.read_response()
+        except rexc.ResponseError:  # INFO not allowed for this user: no run_id
+            return
+        found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
+        self.fleetmem_run_id = found.group(1) if found else None
+
+    tracking = _RUN_ID_CLASSES[base] = type(base.__name__, (base,), {hook: connected})
+    return tracking
 
 
 def _c_packing(base: type[Any]) -> type[Any]:
@@ -255,6 +284,8 @@ class RedisStore(BaseStore):
         self._cluster = _cluster
         #: Scripts run as Redis functions (FCALL) until the server refuses FUNCTION LOAD.
         self._functions = True
+        #: Connections learn their server's run_id (see ``_track_run_ids``).
+        self._track_run_id = False
         if client is None and _cluster is not None:
             self._client = self._make_client(_cluster)
         self._bind_namespace()
@@ -354,11 +385,22 @@ class RedisStore(BaseStore):
             if _hiredis_pack is not None and encoding.lower().replace("-", "") == "utf8":
                 # No connection exists yet: every one the pool makes packs in C.
                 pool.connection_class = _c_packing(pool.connection_class)
+            if self._track_run_id:
+                pool.connection_class = _tracking_run_id(pool.connection_class)
             return client
         except (ValueError, TypeError, rexc.RedisError) as exc:
             raise ConfigurationError(
                 f"invalid Redis URL or option for {redact_url(self._url)!r}: {type(exc).__name__}"
             ) from None
+
+    def _track_run_ids(self) -> bool:
+        """Have every connection of a standalone client made from now on learn its server's
+        ``run_id`` (``fleetmem_run_id``: one ``INFO`` per connection made). For the hybrid
+        tier, before the client exists; False (and nothing changes) once it does."""
+        if self._client is not None or self._url is None:
+            return False
+        self._track_run_id = True
+        return True
 
     @property
     def client(self) -> Any:
