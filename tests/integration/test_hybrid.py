@@ -332,3 +332,18 @@ async def test_each_cache_connection_knows_its_servers_run_id(
         published = await raw_redis.get(f"fmh:{{{fleetmem_namespace}}}:R")
         assert published == info["run_id"].encode()
         await store.clear()
+
+
+async def test_a_cold_get_many_reads_postgresql_once_per_call_and_fills(
+    hybrid: HybridStore, raw_redis: aioredis.Redis
+) -> None:
+    items = {f"many/{i:04d}": {"i": i} for i in range(1200)}  # entries read by key array
+    await hybrid.set_many(items)
+    reads = hybrid.metrics.durable_reads
+    assert await hybrid.get_many(list(items)) == items  # 3 cache chunks of up to 500 keys
+    assert hybrid.metrics.durable_reads == reads + 3
+    assert await cached_body(raw_redis, hybrid, "many/1199") is not None
+    assert await hybrid.get_many(list(items)) == items  # now from the cache
+    assert hybrid.metrics.durable_reads == reads + 3
+    entry = await hybrid.get_entry("many/0042")
+    assert entry is not None and entry.value == {"i": 42} and entry.version == 1
