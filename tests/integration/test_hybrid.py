@@ -216,100 +216,92 @@ async def test_health_reports_a_dead_cache_without_raising(
         await store.clear()
 
 
-async def _commandstats(client: aioredis.Redis) -> dict[str, int]:
-    info: Any = await client.info("commandstats")
-    return {name: int(stats["calls"]) for name, stats in info.items()}
+@pytest.fixture
+async def own_redis(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_factory: Any,
+    fleetmem_namespace: str,
+) -> AsyncIterator[tuple[HybridStore, aioredis.Redis]]:
+    """A hybrid store whose cache is a Redis of its own (its command counts, its script cache
+    are this test's), and a raw client of that Redis."""
+    rs = fleetmem_redis_factory()
+    client = aioredis.from_url(rs.url)
+    try:
+        store = HybridStore.from_urls(
+            fleetmem_postgres_server.dsn, rs.url, namespace=fleetmem_namespace
+        )
+        async with connected_store(store) as connected:
+            yield connected, client
+    finally:
+        await client.aclose()
+        rs.close()
+
+
+async def _commands_run(client: aioredis.Redis, call: Any) -> dict[str, int]:
+    """Await ``call``; return how many times each Redis command ran meanwhile (the commands
+    the scripts run inside count too; INFO is this helper's own)."""
+    before: Any = await client.info("commandstats")
+    await call
+    after: Any = await client.info("commandstats")
+    spent = {
+        name: int(stats["calls"]) - int(before.get(name, {"calls": 0})["calls"])
+        for name, stats in after.items()
+        if name != "cmdstat_info"
+    }
+    return {name: n for name, n in spent.items() if n}
 
 
 async def test_a_miss_costs_one_cache_read_one_durable_read_one_fill(
-    fleetmem_postgres_server: PostgresServer,
-    fleetmem_redis_factory: Any,
-    fleetmem_namespace: str,
+    own_redis: tuple[HybridStore, aioredis.Redis],
 ) -> None:
-    rs = fleetmem_redis_factory()  # a Redis of its own: its command counts are this test's
-    try:
-        store = HybridStore.from_urls(
-            fleetmem_postgres_server.dsn, rs.url, namespace=fleetmem_namespace
-        )
-        async with store:
-            await store.set("k", {"v": 1})
-            await store.get("warm-up")  # loads the scripts and the epoch
-            durable_reads = 0
-            original = store.durable._get_entry
+    store, client = own_redis
+    await store.set("k", {"v": 1})
+    await store.get("warm-up")  # loads the scripts and the epoch
+    durable_reads = 0
+    original = store.durable._get_entry
 
-            async def counting(key: str) -> Any:
-                nonlocal durable_reads
-                durable_reads += 1
-                return await original(key)
+    async def counting(key: str) -> Any:
+        nonlocal durable_reads
+        durable_reads += 1
+        return await original(key)
 
-            store.durable._get_entry = counting  # type: ignore[method-assign]
-            client = aioredis.from_url(rs.url)
-            try:
-                before = await _commandstats(client)
-                assert await store.get("k") == {"v": 1}  # a miss
-                after = await _commandstats(client)
-                # The GETs fill.lua runs inside count too (INFO is this test's own).
-                inside = {"cmdstat_get", "cmdstat_info"}
-                spent = {
-                    name: after[name] - before.get(name, 0)
-                    for name in after
-                    if name not in inside and after[name] != before.get(name, 0)
-                }
-                # One write of two commands (MGET epoch + run_id; SET NX GET, which leaves the
-                # lease), then fill.lua, whose SET counts too.
-                assert spent == {"cmdstat_mget": 1, "cmdstat_set": 2, "cmdstat_evalsha": 1}
-                assert durable_reads == 1
-                before = await _commandstats(client)
-                assert await store.get("k") == {"v": 1}  # a hit: no script, no PG
-                after = await _commandstats(client)
-                spent = {
-                    name: after[name] - before.get(name, 0)
-                    for name in after
-                    if name not in inside and after[name] != before.get(name, 0)
-                }
-                assert spent == {"cmdstat_mget": 1, "cmdstat_set": 1}  # SET NX GET: no write
-                assert durable_reads == 1
-            finally:
-                await client.aclose()
-            await store.clear()
-    finally:
-        rs.close()
+    store.durable._get_entry = counting  # type: ignore[method-assign]
+    got: list[Any] = []
+
+    async def get() -> None:
+        got.append(await store.get("k"))
+
+    # A miss: one write of two commands (MGET epoch + run_id; SET NX GET, which leaves the
+    # lease), then fill.lua (its GETs and its SET count too).
+    spent = await _commands_run(client, get())
+    assert spent == {"cmdstat_mget": 1, "cmdstat_set": 2, "cmdstat_evalsha": 1, "cmdstat_get": 2}
+    assert durable_reads == 1
+    # A hit: the same two commands (SET NX GET writes nothing), no script, no PostgreSQL.
+    assert await _commands_run(client, get()) == {"cmdstat_mget": 1, "cmdstat_set": 1}
+    assert durable_reads == 1
+    assert got == [{"v": 1}, {"v": 1}]
 
 
 async def test_a_resync_never_moves_the_published_epoch_back(
-    fleetmem_postgres_server: PostgresServer,
-    fleetmem_redis_factory: Any,
-    fleetmem_namespace: str,
+    own_redis: tuple[HybridStore, aioredis.Redis], fleetmem_namespace: str
 ) -> None:
-    rs = fleetmem_redis_factory()  # a Redis of its own: SCRIPT FLUSH touches nobody else
-    try:
-        store = HybridStore.from_urls(
-            fleetmem_postgres_server.dsn, rs.url, namespace=fleetmem_namespace
-        )
-        async with store:
-            await store.set("k", {"v": 1})
-            assert await store.get("k") == {"v": 1}  # a miss: filled under the epoch
-            client = aioredis.from_url(rs.url)
-            try:
-                epoch_key = f"fmh:{{{fleetmem_namespace}}}:E"
-                published: Any = await client.get(epoch_key)
-                assert published is not None and published.endswith(b"|")
-                assert await cached_body(client, store, "k") is not None
-                ahead = int(published[:-1]) + 1000  # a later epoch, published by another process
-                await client.set(epoch_key, f"{ahead}|")
-                assert await cached_body(client, store, "k") is None  # its fill is dead now
-                bumps = store.metrics.epoch_bumps
-                await client.script_flush()  # as after a restart: the store resyncs
-                assert await store.get("k") == {"v": 1}
-                assert store.metrics.epoch_bumps == bumps + 1  # bumped below `ahead`...
-                assert await client.get(epoch_key) == f"{ahead}|".encode()  # ...not published
-                assert await store.get("k") == {"v": 1}
-                assert await cached_body(client, store, "k") is not None  # filled under `ahead`
-            finally:
-                await client.aclose()
-            await store.clear()
-    finally:
-        rs.close()
+    store, client = own_redis
+    await store.set("k", {"v": 1})
+    assert await store.get("k") == {"v": 1}  # a miss: filled under the epoch
+    epoch_key = f"fmh:{{{fleetmem_namespace}}}:E"
+    published: Any = await client.get(epoch_key)
+    assert published is not None and published.endswith(b"|")
+    assert await cached_body(client, store, "k") is not None
+    ahead = int(published[:-1]) + 1000  # a later epoch, published by another process
+    await client.set(epoch_key, f"{ahead}|")
+    assert await cached_body(client, store, "k") is None  # its fill is dead now
+    bumps = store.metrics.epoch_bumps
+    await client.script_flush()  # as after a restart: the store resyncs
+    assert await store.get("k") == {"v": 1}
+    assert store.metrics.epoch_bumps == bumps + 1  # bumped below `ahead`...
+    assert await client.get(epoch_key) == f"{ahead}|".encode()  # ...not published
+    assert await store.get("k") == {"v": 1}
+    assert await cached_body(client, store, "k") is not None  # filled under `ahead`
 
 
 async def test_each_cache_connection_knows_its_servers_run_id(
