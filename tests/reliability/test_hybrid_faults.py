@@ -6,6 +6,7 @@ Each test carries the pass criterion of the hybrid issue as its assertion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import random
 import time
@@ -465,4 +466,42 @@ async def test_single_flight_on_a_cold_cache(
         results = await asyncio.gather(*(store.get("popular") for _ in range(500)))
         assert results == [{"v": 1}] * 500
         assert reads == 1
+        await store.clear()
+
+
+# Cancellation ---------------------------------------------------------------------------------
+
+
+async def test_cancelled_lone_reads_leave_no_stray_reply(
+    tiers: tuple[PostgresServer, RedisServer], fleetmem_namespace: str
+) -> None:
+    """A lone read cancelled while its two commands are in flight drops its connection: the
+    replies that arrive later are nobody's, and every read after it gets its own answer."""
+    pg, rs = tiers
+    async with make_hybrid(pg, rs, fleetmem_namespace) as store:
+        items = {f"k{i}": f"value-{i}" for i in range(50)}
+        await store.set_many(items)
+        for key, value in items.items():
+            assert await store.get(key) == value  # cached
+        hits = store.metrics.hits
+        rs.pause()
+        try:
+            for key in ("k1", "k2"):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(store.get(key), 0.05)  # under the cache deadline
+        finally:
+            rs.resume()
+        for _ in range(10):
+            assert await store.get("k3") == "value-3"
+            assert await store.exists("absent") is False
+        for i in range(200):  # cancelled at every step of the read
+            task = asyncio.ensure_future(store.get(f"k{i % 50}"))
+            for _ in range(i % 4):
+                await asyncio.sleep(0)
+            if i % 2:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                assert await task == f"value-{i % 50}"
+        assert await asyncio.gather(*(store.get(k) for k in items)) == list(items.values())
+        assert store.metrics.hits > hits  # served by the cache all along
         await store.clear()

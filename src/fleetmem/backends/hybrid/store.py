@@ -719,8 +719,9 @@ class HybridStore(BaseStore):
             head = await conn.read_response()
             item = await conn.read_response()
         except BaseException:
-            # A reply left unread (an error, a timeout, a cancelled caller) would answer the
-            # connection's next command: drop the connection.
+            # A reply left unread would answer the connection's next command. redis-py drops
+            # the connection when a read times out or is cancelled, but not after an error
+            # reply to the first command, which leaves the second unread: drop it always.
             await conn.disconnect(nowait=True)
             raise
         finally:
