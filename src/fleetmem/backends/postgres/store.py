@@ -398,9 +398,10 @@ class PostgresStore(BaseStore):
 
     backend_name = "postgres"
     # Past this many single-key calls in flight, concurrent get/get_entry/exists calls are
-    # merged: one `= ANY` statement per batch (see fleetmem._coalesce). With one in flight the
-    # callers that arrive meanwhile leave together: the largest batches, the fewest round trips.
-    coalesce_max_inflight = 1
+    # merged: one `= ANY` statement per batch (see fleetmem._coalesce). Two batches in flight
+    # keep the server busy while the client decodes the other: 64 coroutines reading got 107k
+    # reads/s against 89k with one (and 105k with three), on a server of its own.
+    coalesce_max_inflight = 2
     #: The same for set/delete: each batch is a commit, and commits in flight together share
     #: the WAL flush, so writes keep a few batches going at once.
     coalesce_max_inflight_writes = 2
