@@ -143,7 +143,7 @@ def _tracking_run_id(base: type[Any]) -> type[Any]:
     tracking = _RUN_ID_CLASSES.get(base)
     if tracking is not None:
         return tracking
-    # redis-py 6+ runs on_connect_check_health on connect; older versions on_connect.
+    # Recent redis-py versions run on_connect_check_health on connect, older ones on_connect.
     hook = "on_connect_check_health" if hasattr(base, "on_connect_check_health") else "on_connect"
 
     async def connected(self: Any, *args: Any, **kwargs: Any) -> None:
