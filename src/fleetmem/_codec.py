@@ -251,6 +251,8 @@ def decode_value_after_byte(data: bytes) -> Any:
     """:func:`decode_value` of ``data[1:]`` (PostgreSQL's binary ``jsonb``: a version byte, then
     the JSON text), in one pass over ``bytes`` and one Python call per value: the decoder that
     bulk reads run once per row."""
-    if _has_long_digit_run(data):  # data[0] is the version byte, never a digit
+    # data[0] is the version byte, never a digit. The digit count of _has_long_digit_run is
+    # repeated inline: one Python call less per row (~60 ns, 0.6 ms per 10,000 rows).
+    if len(data) - len(data.translate(None, _DIGITS)) >= 19 and _has_long_digit_run(data):
         return json.loads(data[1:])
     return orjson.loads(data[1:])
