@@ -43,8 +43,11 @@ _NINETEEN_ZEROS = b"0" * 19
 
 
 def _has_long_digit_run(data: bytes) -> bool:
-    if len(data) - len(data.translate(None, _DIGITS)) < 19:
-        return False
+    return len(data) - len(data.translate(None, _DIGITS)) >= 19 and _has_run_of_19(data)
+
+
+def _has_run_of_19(data: bytes) -> bool:
+    """The second step of :func:`_has_long_digit_run`, for a value holding 19+ digits."""
     return data.translate(_DIGITS_TO_ZERO).find(_NINETEEN_ZEROS) >= 0
 
 
@@ -251,8 +254,8 @@ def decode_value_after_byte(data: bytes) -> Any:
     """:func:`decode_value` of ``data[1:]`` (PostgreSQL's binary ``jsonb``: a version byte, then
     the JSON text), in one pass over ``bytes`` and one Python call per value: the decoder that
     bulk reads run once per row."""
-    # data[0] is the version byte, never a digit. The digit count of _has_long_digit_run is
-    # repeated inline: one Python call less per row (~60 ns, 0.6 ms per 10,000 rows).
-    if len(data) - len(data.translate(None, _DIGITS)) >= 19 and _has_long_digit_run(data):
+    # data[0] is the version byte, never a digit. _has_long_digit_run's two steps, the first
+    # inline: one Python call less per row (~60 ns, 0.6 ms per 10,000 rows).
+    if len(data) - len(data.translate(None, _DIGITS)) >= 19 and _has_run_of_19(data):
         return json.loads(data[1:])
     return orjson.loads(data[1:])

@@ -12,7 +12,7 @@ from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocket
 from redis.exceptions import DataError
 
 from fleetmem.backends.redis import RedisStore
-from fleetmem.backends.redis.store import _C_PACK_LIMIT, _c_packing
+from fleetmem.backends.redis.store import _C_PACK_LIMIT, _in_front, _PackInC
 
 COMMANDS: list[tuple[Any, ...]] = [
     ("GET", "k"),
@@ -33,11 +33,11 @@ def _packed(conn: Any, args: tuple[Any, ...]) -> bytes:
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: str(a[0]))
 def test_c_packing_writes_what_redis_py_writes(args: tuple[Any, ...]) -> None:
-    assert _packed(_c_packing(Connection)(), args) == _packed(Connection(), args)
+    assert _packed(_in_front(_PackInC, Connection)(), args) == _packed(Connection(), args)
 
 
 def test_what_hiredis_refuses_goes_to_redis_py() -> None:
-    fast, plain = _c_packing(Connection)(), Connection()
+    fast, plain = _in_front(_PackInC, Connection)(), Connection()
     for bad in (True, None):
         with pytest.raises(DataError):
             fast.pack_command("SET", "k", bad)

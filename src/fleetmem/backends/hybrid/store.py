@@ -48,6 +48,7 @@ import orjson
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value_ex
 from fleetmem._validate import GlobPattern
 from fleetmem.backends.base import MISSING, BaseStore, EntryMeta, SetOp
+from fleetmem.backends.redis.store import _hiredis_pack as _pack  # the store's C packer
 from fleetmem.errors import BackendUnavailableError, ConfigurationError
 from fleetmem.protocol import Entry, StoreStats
 
@@ -402,10 +403,9 @@ class HybridStore(BaseStore):
         self._run_id_key_b = self._run_id_key.encode()
         self._prefix_b = self._prefix.encode()
         self._fill_sha = hashlib.sha1(self._fill_src.encode(), usedforsecurity=False).hexdigest()
-        # _hit_or_lease's two commands in RESP, but for the entry key and the lease token.
-        self._hit_head = _resp(b"MGET", self._epoch_key_b, self._run_id_key_b) + b"*7\r\n"
-        self._hit_head += _resp_args(b"SET")
-        self._hit_tail = _resp_args(b"NX", b"GET", b"PX", self._lease_ms.encode())
+        # _hit_or_lease's first command, packed once.
+        self._hit_mget = _pack((b"MGET", self._epoch_key_b, self._run_id_key_b))
+        self._lease_ms_b = self._lease_ms.encode()
 
     def _repr_details(self) -> str:
         return f" durable={self._durable_root!r} cache={self._cache!r}"
@@ -472,7 +472,7 @@ class HybridStore(BaseStore):
         client = self._state.client
         if client is None:
             client = self._state.client = self._cache.client
-            if self._run_ids and not self._cache._cluster:
+            if self._run_ids and not self._cache._cluster and _pack is not None:
                 self._state.pool = client.connection_pool
         return client
 
@@ -666,24 +666,22 @@ class HybridStore(BaseStore):
             else:
                 if state.breaker.failures:
                     state.breaker.success()
-                if isinstance(item, bytes):  # a hit
-                    if self._namespace not in state.synced:
-                        state.synced[self._namespace] = state.breaker.outages
-                    body = _cached_body(item)
-                    if body == _NEGATIVE:
-                        state.metrics.negative_hits += 1
-                    else:
-                        state.metrics.hits += 1
-                    if state.durable_down:
-                        state.metrics.stale_reads += 1
-                    return body
-                if item == 1 or item == 0:  # a miss: 1 with the fill lease, 0 without
-                    if self._namespace not in state.synced:
-                        state.synced[self._namespace] = state.breaker.outages
-                    leased = {key} if item == 1 else set()
-                    return (await self._load_missing([key], leased, token))[key]
                 if item == -1:
                     state.dirty.add(self._namespace)
+                elif item is not None:  # an answer: the cached value, or a miss
+                    if self._namespace not in state.synced:
+                        state.synced[self._namespace] = state.breaker.outages
+                    if isinstance(item, bytes):  # a hit
+                        body = _cached_body(item)
+                        if body == _NEGATIVE:
+                            state.metrics.negative_hits += 1
+                        else:
+                            state.metrics.hits += 1
+                        if state.durable_down:
+                            state.metrics.stale_reads += 1
+                        return body
+                    leased = {key} if item == 1 else set()  # 1: with the fill lease, 0: without
+                    return (await self._load_missing([key], leased, token))[key]
         # The breaker is not closed, the namespace must resync, Redis lost the scripts or the
         # epoch, or the key holds a value of an older epoch: the general path handles each
         # (with this token, so that a lease the read above left is still this reader's).
@@ -705,17 +703,16 @@ class HybridStore(BaseStore):
             run_id = getattr(conn, "fleetmem_run_id", None)
             if run_id is None:
                 return None
-            entry_key = self._prefix_b + key.encode()
-            lease = b"L:" + token.encode()
-            packed = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
-                self._hit_head,
-                len(entry_key),
-                entry_key,
-                len(lease),
-                lease,
-                self._hit_tail,
+            lease = (
+                b"SET",
+                self._prefix_b + key.encode(),
+                b"L:" + token.encode(),
+                b"NX",
+                b"GET",
+                b"PX",
+                self._lease_ms_b,
             )
-            await conn.send_packed_command(packed, check_health=False)
+            await conn.send_packed_command(self._hit_mget + _pack(lease), check_health=False)
             head = await conn.read_response()
             item = await conn.read_response()
         except BaseException:
@@ -1029,15 +1026,6 @@ class HybridStore(BaseStore):
         return await self._durable_call(  # type: ignore[no-any-return]
             self._durable._cleanup_expired()
         )
-
-
-def _resp_args(*args: bytes) -> bytes:
-    return b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args)
-
-
-def _resp(*args: bytes) -> bytes:
-    """A command in the Redis protocol (RESP), as a client sends it."""
-    return b"*%d\r\n%s" % (len(args), _resp_args(*args))
 
 
 def _is_noscript(exc: BaseException) -> bool:

@@ -766,14 +766,16 @@ class PostgresStore(BaseStore):
             return None
         return Entry(key, row[0], row[1], row[2], row[3], row[4], row[5])
 
-    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+    async def _read_by_keys(self, name: str, keys: list[str]) -> Any:
+        """The rows of read ``name`` for a key array (planned for it from _PLANNED_MIN_KEYS)."""
         kind = _FETCH_PLANNED if len(keys) >= _PLANNED_MIN_KEYS else _FETCH
-        rows = await self._run(kind, self._q["get_many"], (self._namespace, keys), write=False)
-        return dict(rows)  # (key, value) records
+        return await self._run(kind, self._q[name], (self._namespace, keys), write=False)
+
+    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+        return dict(await self._read_by_keys("get_many", keys))  # (key, value) records
 
     async def _get_entries(self, keys: list[str]) -> dict[str, Entry]:
-        kind = _FETCH_PLANNED if len(keys) >= _PLANNED_MIN_KEYS else _FETCH
-        rows = await self._run(kind, self._q["get_entries"], (self._namespace, keys), write=False)
+        rows = await self._read_by_keys("get_entries", keys)
         return {
             row[0]: Entry(row[0], row[1], row[2], row[3], row[4], row[5], row[6]) for row in rows
         }

@@ -130,25 +130,26 @@ class _PackInC(AbstractConnection):
         return super().pack_command(*args)
 
 
-_FAST_CLASSES: dict[type[Any], type[Any]] = {}
-_RUN_ID_CLASSES: dict[type[Any], type[Any]] = {}
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
+# Recent redis-py versions run on_connect_check_health on connect, older ones on_connect.
+_CONNECT_HOOK = (
+    "on_connect_check_health"
+    if hasattr(AbstractConnection, "on_connect_check_health")
+    else "on_connect"
+)
 
 
-def _tracking_run_id(base: type[Any]) -> type[Any]:
-    """``base`` (a redis-py connection class) whose every (re)connection asks the server for its
+class _TracksRunId(AbstractConnection):
+    """Put before a redis-py connection class: every (re)connection asks the server for its
     ``run_id`` and keeps it as ``fleetmem_run_id`` (None when ``INFO`` is refused). A restarted
     server breaks every connection, so a connection's ``run_id`` is that of the server it talks
     to: the hybrid tier compares it with the one its cache epoch was published under."""
-    tracking = _RUN_ID_CLASSES.get(base)
-    if tracking is not None:
-        return tracking
-    # Recent redis-py versions run on_connect_check_health on connect, older ones on_connect.
-    hook = "on_connect_check_health" if hasattr(base, "on_connect_check_health") else "on_connect"
 
-    async def connected(self: Any, *args: Any, **kwargs: Any) -> None:
+    fleetmem_run_id: bytes | None = None
+
+    async def _connected(self, *args: Any, **kwargs: Any) -> None:
         self.fleetmem_run_id = None
-        await getattr(super(tracking, self), hook)(*args, **kwargs)
+        await getattr(super(), _CONNECT_HOOK)(*args, **kwargs)
         await self.send_command("INFO", "server", check_health=False)
         try:
             info = await self.read_response()
@@ -157,16 +158,18 @@ def _tracking_run_id(base: type[Any]) -> type[Any]:
         found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
         self.fleetmem_run_id = found.group(1) if found else None
 
-    tracking = _RUN_ID_CLASSES[base] = type(base.__name__, (base,), {hook: connected})
-    return tracking
+
+setattr(_TracksRunId, _CONNECT_HOOK, _TracksRunId._connected)
+
+_COMPOSED: dict[tuple[type[Any], type[Any]], type[Any]] = {}
 
 
-def _c_packing(base: type[Any]) -> type[Any]:
-    """``base`` (a redis-py connection class) with :class:`_PackInC` in front, made once."""
-    fast = _FAST_CLASSES.get(base)
-    if fast is None:
-        fast = _FAST_CLASSES[base] = type(base.__name__, (_PackInC, base), {})
-    return fast
+def _in_front(mixin: type[Any], base: type[Any]) -> type[Any]:
+    """``base`` (a redis-py connection class) with ``mixin`` in front, made once per pair."""
+    composed = _COMPOSED.get((mixin, base))
+    if composed is None:
+        composed = _COMPOSED[(mixin, base)] = type(base.__name__, (mixin, base), {})
+    return composed
 
 
 # A stored JSON that holds a run of 19+ digits (a number orjson might not read exactly) is
@@ -384,9 +387,9 @@ class RedisStore(BaseStore):
             encoding = pool.connection_kwargs.get("encoding", "utf-8")
             if _hiredis_pack is not None and encoding.lower().replace("-", "") == "utf8":
                 # No connection exists yet: every one the pool makes packs in C.
-                pool.connection_class = _c_packing(pool.connection_class)
+                pool.connection_class = _in_front(_PackInC, pool.connection_class)
             if self._track_run_id:
-                pool.connection_class = _tracking_run_id(pool.connection_class)
+                pool.connection_class = _in_front(_TracksRunId, pool.connection_class)
             return client
         except (ValueError, TypeError, rexc.RedisError) as exc:
             raise ConfigurationError(
