@@ -19,6 +19,7 @@ import abc
 import copy
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -603,6 +604,25 @@ class BaseStore(abc.ABC):
             entry = await self._get_entry(key)
             if entry is not None:
                 out[key] = entry
+        return out
+
+    async def _get_entries_ttl(self, keys: list[str]) -> dict[str, tuple[Entry, int | None]]:
+        """Live entries of ``keys`` (distinct) with their remaining life in milliseconds
+        measured **on the server's clock** (None: persistent); missing keys omitted.
+
+        A cache in front of this store (``HybridStore``) sizes its TTLs with it. The default
+        reads the local clock, which is the server's clock only for embedded stores (memory,
+        SQLite); a store with a server of its own overrides it and computes the remaining life
+        where the expiry is measured.
+        """
+        entries = await self._get_entries(keys)
+        now = datetime.now(timezone.utc)
+        out: dict[str, tuple[Entry, int | None]] = {}
+        for key, entry in entries.items():
+            left = None
+            if entry.expires_at is not None:
+                left = max(0, int((entry.expires_at - now).total_seconds() * 1000))
+            out[key] = (entry, left)
         return out
 
     async def _set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
