@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import re
 import time
 from collections import deque
@@ -57,6 +58,10 @@ _NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _KEY_CEILING = "\U0010ffff" * 300
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
+#: Backoff between tries to open a connection while the server refuses new ones (too many
+#: clients): from 10 ms, doubling (with jitter) up to 250 ms.
+_OPEN_BACKOFF_MIN = 0.01
+_OPEN_BACKOFF_MAX = 0.25
 
 
 def _read_query_blocks() -> dict[str, str]:
@@ -153,6 +158,11 @@ def _translate(exc: BaseException, *, write: bool, sent: bool, can_retry: bool) 
     """
     if isinstance(exc, FleetmemError):
         return exc
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        # Only ever an answer to opening a connection: nothing ran, nothing was lost.
+        return BackendUnavailableError(
+            f"PostgreSQL refused a new connection: too many clients (SQLSTATE 53300: {exc})"
+        )
     lost = isinstance(exc, _LOST)
     if lost or _ended_by_server(exc):
         timed_out = isinstance(exc, asyncio.TimeoutError)
@@ -213,25 +223,49 @@ class _ConnectionPool:
     large share of its latency. The store's FIFO semaphore bounds the connections in use to
     ``max_size``; this pool hands out an idle connection, replaces closed ones, and opens new
     ones (each with the jsonb codec) on demand.
+
+    When the server refuses a new connection because it has too many clients (SQLSTATE 53300,
+    ``max_connections`` or a role's or database's connection limit), the caller is not failed:
+    it queues (FIFO) for a connection another caller gives back, while one open is tried again
+    per backoff interval (10 ms doubling to 250 ms), until the caller's deadline (see
+    :meth:`get`); only then does it fail, saying that the server refused a new connection.
     """
 
-    def __init__(self, dsn: str, min_size: int, max_size: int, **connect_kwargs: Any) -> None:
+    def __init__(
+        self, dsn: str, min_size: int, max_size: int, timeout: float, **connect_kwargs: Any
+    ) -> None:
         self.dsn = dsn
         self.min_size = min_size
         self.max_size = max_size
+        self.timeout = timeout  # acquire_timeout: bounds each open, and get()
         self.connect_kwargs = connect_kwargs
         self.idle: list[Any] = []
         self.size = 0  # connections open or opening, idle or in use
         self.closing = False
+        # Callers holding a gate slot but no connection (the server refused a new one). A
+        # future's result is a connection handed over by put(), or None: "try opening now".
+        self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.retry_at = 0.0  # no open is tried before this (monotonic) after a refusal
+        self.backoff = _OPEN_BACKOFF_MIN
+        self.refusal: BaseException | None = None  # the last too-many-clients error
 
     async def start(self) -> None:
-        for _ in range(self.min_size):
-            self.idle.append(await self.open())
+        """Open ``min_size`` connections: the first one waits out refusals until the acquire
+        timeout; past it, a refusal (too many clients) ends the warm-up without an error."""
+        for i in range(self.min_size):
+            if i == 0:
+                conn = await self.get(time.monotonic() + self.timeout)
+            else:
+                try:
+                    conn = await self.open(self.timeout)
+                except asyncpg.TooManyConnectionsError:
+                    return
+            self.idle.append(conn)
 
-    async def open(self) -> Any:
+    async def open(self, timeout: float) -> Any:
         self.size += 1
         try:
-            conn = await asyncpg.connect(self.dsn, **self.connect_kwargs)
+            conn = await asyncpg.connect(self.dsn, timeout=timeout, **self.connect_kwargs)
             try:
                 await init_connection(conn)
             except BaseException:
@@ -242,10 +276,88 @@ class _ConnectionPool:
             raise
         return conn
 
+    async def get(self, deadline: float) -> Any:
+        """An idle connection, else a new one; if the server refuses it (too many clients),
+        one given back by another caller or opened on a later try, waiting until ``deadline``.
+
+        Raises ``BackendUnavailableError`` saying the server refused a new connection when
+        ``deadline`` passes; other failures to open propagate (translated by the caller).
+        """
+        while True:
+            # (Again after each refusal: a connection given back meanwhile went to the idle
+            # stack if no caller was waiting yet.)
+            conn = self.take_idle()
+            if conn is not None:
+                return conn
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._refused_error()
+            if now >= self.retry_at:
+                if self.refusal is not None:
+                    # While the server refuses, one try per backoff interval, not one per
+                    # waiter: the others wait for its outcome or for a connection.
+                    self.retry_at = now + self.backoff * (0.5 + random.random())
+                try:
+                    conn = await self.open(min(self.timeout, deadline - now))
+                except asyncpg.TooManyConnectionsError as exc:
+                    if self.refusal is None:
+                        self.retry_at = time.monotonic() + self.backoff * (0.5 + random.random())
+                    self.refusal = exc
+                    self.backoff = min(self.backoff * 2, _OPEN_BACKOFF_MAX)
+                else:
+                    if self.refusal is not None:
+                        # The server took a connection again: let the next waiter try too.
+                        self.refusal = None
+                        self.backoff = _OPEN_BACKOFF_MIN
+                        self.retry_at = 0.0
+                        self.wake_one()
+                    return conn
+            conn = await self._wait(min(deadline, max(self.retry_at, time.monotonic())))
+            if conn is not None:
+                return conn
+
+    async def _wait(self, until: float) -> Any:
+        """A connection handed over by :meth:`put`, or None at ``until`` or when woken."""
+        if self.closing:
+            raise StoreClosedError("the store is closed")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self.waiters.append(waiter)
+        timer = loop.call_at(loop.time() + max(0.0, until - time.monotonic()), _wake_waiter, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                conn = waiter.result()
+                if conn is not None:
+                    self.put(conn)  # handed over together with the cancellation: pass it on
+                else:
+                    self.wake_one()
+            raise
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+
+    def _refused_error(self) -> BackendUnavailableError:
+        reason = f": {self.refusal}" if self.refusal is not None else ""
+        return BackendUnavailableError(
+            "PostgreSQL refused a new connection: too many clients (SQLSTATE 53300"
+            f"{reason}), and none of the store's {self.size} connection(s) came free within "
+            f"{self.timeout} s; raise the server's max_connections or lower max_size x processes"
+        )
+
+    def wake_one(self) -> None:
+        """Let the oldest waiter try to open a connection now."""
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
     async def cancel_backends(self, pids: list[int]) -> None:
         """Cancel the statements of the server processes ``pids`` (best effort)."""
         try:
-            conn = await asyncpg.connect(self.dsn, **self.connect_kwargs)
+            conn = await asyncpg.connect(self.dsn, timeout=self.timeout, **self.connect_kwargs)
         except Exception:
             return
         try:
@@ -273,10 +385,24 @@ class _ConnectionPool:
             conn.terminate()
             self.size -= 1
         else:
+            waiters = self.waiters
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(conn)  # the connection moves to the oldest waiter
+                    return
             self.idle.append(conn)
+            return
+        if self.waiters:
+            # A connection fewer: the server has a free slot for a waiter now, most likely.
+            self.retry_at = 0.0
+            self.wake_one()
 
     async def close(self, timeout: float) -> None:
         self.closing = True
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(StoreClosedError("the store is closed"))
         idle, self.idle = self.idle, []
         for conn in idle:
             try:
@@ -284,6 +410,11 @@ class _ConnectionPool:
             except (Exception, asyncio.TimeoutError):
                 conn.terminate()
             self.size -= 1
+
+
+def _wake_waiter(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class _Gate:
@@ -602,8 +733,12 @@ class PostgresStore(BaseStore):
         return None
 
     async def _acquire(self) -> Any:
+        """A connection within ``acquire_timeout``: a gate slot (FIFO), then an idle connection
+        or a new one. A server refusing new connections (too many clients) does not fail the
+        caller while a connection may still come free in time (see ``_ConnectionPool.get``)."""
         pg = self._pg
         gate = pg.gate
+        deadline = time.monotonic() + self._acquire_timeout
         if not await gate.enter(self._acquire_timeout):
             raise BackendUnavailableError(
                 f"no PostgreSQL connection free within {self._acquire_timeout} s "
@@ -612,21 +747,44 @@ class PostgresStore(BaseStore):
         try:
             own = pg.own
             if own is not None:
-                conn = own.take_idle()
-                return conn if conn is not None else await own.open()
+                return await own.get(deadline)
             if pg.pool is None:
                 raise StoreClosedError("the store is closed")
-            return await pg.pool.acquire(timeout=self._acquire_timeout)
+            return await self._acquire_injected(deadline)
         except BaseException as exc:
             gate.leave()
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, (asyncio.CancelledError, FleetmemError)):
                 raise
             if isinstance(exc, asyncio.TimeoutError):
                 raise BackendUnavailableError(
                     f"no PostgreSQL connection within {self._acquire_timeout} s"
                 ) from exc
+            if isinstance(exc, _LOST) or _ended_by_server(exc):
+                # Opening failed: nothing was lost, the server could not be reached.
+                raise BackendUnavailableError(
+                    f"could not open a connection to PostgreSQL ({type(exc).__name__})"
+                ) from exc
             err = _translate(exc, write=False, sent=False, can_retry=False)
             raise err from exc
+
+    async def _acquire_injected(self, deadline: float) -> Any:
+        """A connection of the injected asyncpg pool; while the server refuses new connections
+        (too many clients), tried again with backoff until ``deadline``."""
+        backoff = _OPEN_BACKOFF_MIN
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await self._pg.pool.acquire(timeout=max(remaining, 0.001))
+            except asyncpg.TooManyConnectionsError as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BackendUnavailableError(
+                        "PostgreSQL refused a new connection: too many clients (SQLSTATE "
+                        f"53300: {exc}), and no connection of the pool came free within "
+                        f"{self._acquire_timeout} s"
+                    ) from exc
+                await asyncio.sleep(min(remaining, backoff * (0.5 + random.random())))
+                backoff = min(backoff * 2, _OPEN_BACKOFF_MAX)
 
     def _arm(self, conn: Any) -> None:
         """Start the command_timeout clock of the statement about to run on ``conn``."""
