@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -293,6 +294,119 @@ async def test_expiry_follows_the_server_clock(fleetmem_postgres_database: str) 
         assert (await store.stats()).expired_pending == 1
         entry = await store.set("k", 2, partition="p")
         assert entry.version == 1 and entry.partition == "p" and entry.expires_at is None
+
+
+async def test_get_entries_ttl_is_postgresqls_view(fleetmem_postgres_database: str) -> None:
+    dsn = fleetmem_postgres_database
+    async with PostgresStore.from_url(dsn, namespace="ttlview") as store:
+        await store.set("a", {"v": 1}, ttl=60, partition="p")
+        await store.set("b", [1, 2])
+        await store.set("c", "gone", ttl=60)
+        await _fetch(
+            dsn,
+            "UPDATE fleetmem.entries SET expires_at = now() - interval '1 ms' "
+            "WHERE namespace = 'ttlview' AND key = 'c'",
+        )
+        a, b = await store.get_entry("a"), await store.get_entry("b")
+        batch = await store._get_entries_ttl(["a", "b", "c", "missing"])
+        assert set(batch) == {"a", "b"}  # expired and missing omitted
+        assert batch["a"][0] == a and batch["b"][0] == b  # the entries as get_entry reads them
+        assert 59_000 <= batch["a"][1] <= 60_000, batch["a"][1]  # type: ignore[operator]
+        assert batch["b"][1] is None  # persistent
+        # The single-key form (a primary-key lookup) answers the same.
+        lone = await store._get_entries_ttl(["a"])
+        assert lone["a"][0] == a and 59_000 <= lone["a"][1] <= 60_000  # type: ignore[operator]
+        assert await store._get_entries_ttl(["b"]) == {"b": (b, None)}
+        assert await store._get_entries_ttl(["c"]) == {}
+        assert await store._get_entries_ttl(["missing"]) == {}
+        # Many keys (the statement prepared for its array) read the same way.
+        await store.set_many({f"m{i}": i for i in range(600)}, ttl=30)
+        many = await store._get_entries_ttl([f"m{i}" for i in range(600)])
+        assert len(many) == 600
+        assert all(29_000 <= left <= 30_000 for _, left in many.values())  # type: ignore[operator]
+        assert many["m7"][0].value == 7
+
+
+async def test_get_entries_ttl_matches_the_servers_subtraction(
+    fleetmem_postgres_database: str,
+) -> None:
+    # Whatever the store reads, it is what the server computes with now(): move the expiry
+    # of an entry far from what any clock-based guess from its ttl would give.
+    dsn = fleetmem_postgres_database
+    async with PostgresStore.from_url(dsn, namespace="ttlsrv") as store:
+        await store.set("k", 1, ttl=60)
+        await _fetch(
+            dsn,
+            "UPDATE fleetmem.entries SET expires_at = now() + interval '12345.678 s' "
+            "WHERE namespace = 'ttlsrv'",
+        )
+        before = await _fetch(
+            dsn,
+            "SELECT floor(extract(epoch FROM expires_at - now()) * 1000)::bigint "
+            "FROM fleetmem.entries WHERE namespace = 'ttlsrv'",
+        )
+        left = (await store._get_entries_ttl(["k"]))["k"][1]
+        after = await _fetch(
+            dsn,
+            "SELECT floor(extract(epoch FROM expires_at - now()) * 1000)::bigint "
+            "FROM fleetmem.entries WHERE namespace = 'ttlsrv'",
+        )
+        assert left is not None
+        assert after[0][0] <= left <= before[0][0] <= 12_345_678
+
+
+_SKEWED_TTL_WORKER = textwrap.dedent(
+    """
+    import asyncio, datetime, json, sys
+    from fleetmem.backends.base import BaseStore
+    from fleetmem.backends.postgres import PostgresStore
+
+    async def main():
+        async with PostgresStore.from_url(sys.argv[1], namespace="skew") as store:
+            await store.set("k", 1, ttl=60)
+            server_now = await store._run(0, "SELECT now()", (), write=False)
+            app_now = datetime.datetime.now(datetime.timezone.utc)
+            server = (await store._get_entries_ttl(["k"]))["k"][1]
+            batch = (await store._get_entries_ttl(["k", "other"]))["k"][1]
+            local = (await BaseStore._get_entries_ttl(store, ["k"]))["k"][1]
+            skew = (app_now - server_now[0][0]).total_seconds()
+            print(json.dumps({"skew": skew, "server": server, "batch": batch, "local": local}))
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_get_entries_ttl_ignores_a_skewed_application_clock(
+    fleetmem_postgres_database: str,
+) -> None:
+    import shutil
+
+    if shutil.which("faketime") is None:
+        pytest.skip("faketime (libfaketime) is not installed")
+    # The application runs an hour behind PostgreSQL (issue 14, bug C: a cache TTL computed
+    # with the application's clock would keep an expired entry an hour too long).
+    proc = await asyncio.create_subprocess_exec(
+        "faketime",
+        "-f",
+        "-1h",
+        sys.executable,
+        "-c",
+        _SKEWED_TTL_WORKER,
+        fleetmem_postgres_database,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "FAKETIME_DONT_FAKE_MONOTONIC": "1"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out)
+    if abs(result["skew"] + 3600) > 60:
+        pytest.skip(f"faketime did not move the clock here (skew {result['skew']:.0f} s)")
+    assert 59_000 <= result["server"] <= 60_000, result
+    assert 59_000 <= result["batch"] <= 60_000, result
+    # The application's clock would have said an hour more: the test can tell them apart.
+    assert result["local"] > 3_600_000, result
 
 
 async def test_nul_is_refused_before_any_io(fleetmem_postgres_database: str) -> None:

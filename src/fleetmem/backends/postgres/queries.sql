@@ -19,6 +19,22 @@ WHERE namespace = $1 AND key = ANY($2::text[]) AND (expires_at IS NULL OR expire
 SELECT key, value, partition, version, created_at, updated_at, expires_at FROM {table}
 WHERE namespace = $1 AND key = ANY($2::text[]) AND (expires_at IS NULL OR expires_at > now())
 
+-- name: get_entry_ttl
+-- get_entry with the remaining life in whole milliseconds on the server's clock (NULL:
+-- persistent), for a cache in front of the store (HybridStore).
+SELECT value, partition, version, created_at, updated_at, expires_at,
+       CASE WHEN expires_at IS NULL THEN NULL
+            ELSE greatest(0, floor(extract(epoch FROM expires_at - now()) * 1000))::bigint END
+FROM {table}
+WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
+
+-- name: get_entries_ttl
+SELECT key, value, partition, version, created_at, updated_at, expires_at,
+       CASE WHEN expires_at IS NULL THEN NULL
+            ELSE greatest(0, floor(extract(epoch FROM expires_at - now()) * 1000))::bigint END
+FROM {table}
+WHERE namespace = $1 AND key = ANY($2::text[]) AND (expires_at IS NULL OR expires_at > now())
+
 -- name: exists_many
 SELECT key FROM {table}
 WHERE namespace = $1 AND key = ANY($2::text[]) AND (expires_at IS NULL OR expires_at > now())

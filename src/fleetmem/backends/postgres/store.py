@@ -938,6 +938,25 @@ class PostgresStore(BaseStore):
             row[0]: Entry(row[0], row[1], row[2], row[3], row[4], row[5], row[6]) for row in rows
         }
 
+    async def _get_entries_ttl(self, keys: list[str]) -> dict[str, tuple[Entry, int | None]]:
+        """Live entries with their remaining life in ms, computed by PostgreSQL with ``now()``
+        (the clock expiry is judged by) in the statement that reads them: the application's
+        clock is never consulted. One key is a primary-key lookup, more one ``= ANY``."""
+        if len(keys) == 1:
+            key = keys[0]
+            row = await self._run(
+                _FETCHROW, self._q["get_entry_ttl"], (self._namespace, key), write=False
+            )
+            if row is None:
+                return {}
+            entry = Entry(key, row[0], row[1], row[2], row[3], row[4], row[5])
+            return {key: (entry, row[6])}
+        rows = await self._read_by_keys("get_entries_ttl", keys)
+        return {
+            row[0]: (Entry(row[0], row[1], row[2], row[3], row[4], row[5], row[6]), row[7])
+            for row in rows
+        }
+
     async def _exists_batch(self, keys: list[str]) -> list[bool]:
         rows = await self._run(_FETCH, self._q["exists_many"], (self._namespace, keys), write=False)
         found = {row[0] for row in rows}
