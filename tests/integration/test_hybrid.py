@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import redis.asyncio as aioredis
 from fleetmem import open_store
 from fleetmem.backends.hybrid import HybridStore
 from fleetmem.testing import connected_store
-from fleetmem.testing.servers import PostgresServer, RedisServer
+from fleetmem.testing.servers import PostgresServer, RedisServer, find_free_port
 
 pytestmark = [pytest.mark.hybrid, pytest.mark.postgres, pytest.mark.redis]
 
@@ -258,14 +259,14 @@ async def test_a_miss_costs_one_cache_read_one_durable_read_one_fill(
     await store.set("k", {"v": 1})
     await store.get("warm-up")  # loads the scripts and the epoch
     durable_reads = 0
-    original = store.durable._get_entry
+    original = store.durable._get_entries_ttl
 
-    async def counting(key: str) -> Any:
+    async def counting(keys: list[str]) -> Any:
         nonlocal durable_reads
         durable_reads += 1
-        return await original(key)
+        return await original(keys)
 
-    store.durable._get_entry = counting  # type: ignore[method-assign]
+    store.durable._get_entries_ttl = counting  # type: ignore[method-assign]
     got: list[Any] = []
 
     async def get() -> None:
@@ -282,9 +283,11 @@ async def test_a_miss_costs_one_cache_read_one_durable_read_one_fill(
     assert got == [{"v": 1}, {"v": 1}]
 
 
-async def test_a_resync_never_moves_the_published_epoch_back(
+async def test_a_published_epoch_ahead_of_the_durable_one_is_passed_never_trusted(
     own_redis: tuple[HybridStore, aioredis.Redis], fleetmem_namespace: str
 ) -> None:
+    """The durable epoch went backwards (a restore from a backup): the resync raises it past
+    the published one and publishes that; the published epoch never goes backwards."""
     store, client = own_redis
     await store.set("k", {"v": 1})
     assert await store.get("k") == {"v": 1}  # a miss: filled under the epoch
@@ -292,16 +295,88 @@ async def test_a_resync_never_moves_the_published_epoch_back(
     published: Any = await client.get(epoch_key)
     assert published is not None and published.endswith(b"|")
     assert await cached_body(client, store, "k") is not None
-    ahead = int(published[:-1]) + 1000  # a later epoch, published by another process
+    ahead = int(published[:-1]) + 1000  # Redis ahead of PostgreSQL's epoch
     await client.set(epoch_key, f"{ahead}|")
     assert await cached_body(client, store, "k") is None  # its fill is dead now
-    bumps = store.metrics.epoch_bumps
     await client.script_flush()  # as after a restart: the store resyncs
     assert await store.get("k") == {"v": 1}
-    assert store.metrics.epoch_bumps == bumps + 1  # bumped below `ahead`...
-    assert await client.get(epoch_key) == f"{ahead}|".encode()  # ...not published
+    now: Any = await client.get(epoch_key)
+    assert int(now[:-1]) > ahead  # passed, not moved back...
+    durable = await store._epochs.get(f"epoch/{fleetmem_namespace}")
+    assert durable == int(now[:-1])  # ...and the durable epoch raised to match
     assert await store.get("k") == {"v": 1}
-    assert await cached_body(client, store, "k") is not None  # filled under `ahead`
+    assert await cached_body(client, store, "k") is not None  # filled under the new epoch
+
+
+async def test_a_write_cut_off_from_redis_retires_the_copies_other_processes_read(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+) -> None:
+    """Issue 14 A: the writer cannot reach Redis, the readers can. Every read that starts
+    after the write was acknowledged returns the new value: first from PostgreSQL (the writer
+    marked the namespace bypassed), then from the cache again under a new epoch."""
+    dead = f"redis://127.0.0.1:{find_free_port()}/0"  # nothing listens there
+    options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 0.1}
+    reader = HybridStore.from_urls(
+        fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options
+    )
+    writer = HybridStore.from_urls(fleetmem_postgres_server.dsn, dead, **options)
+    async with reader, writer:
+        await reader.set("k", "old")
+        assert await reader.get("k") == "old"
+        assert await reader.get("k") == "old"
+        assert reader.metrics.hits >= 1  # cached
+        started = time.monotonic()
+        await writer.set("k", "new")  # acknowledged: committed, the cache retired
+        assert writer.metrics.bypasses == 1 and writer.metrics.invalidations_missed == 1
+        assert time.monotonic() - started >= 0.1  # it waited out the trust window
+        seen = [await reader.get("k") for _ in range(50)]
+        assert seen == ["new"] * 50
+        assert reader.metrics.bypassed_reads > 0
+        # A second write within the bypass does not wait again.
+        started = time.monotonic()
+        await writer.set("k", "newer")
+        assert writer.metrics.bypasses == 1
+        assert await reader.get("k") == "newer"
+        # Once the bypass mark expires (10 trust windows), the cache serves again, fresh.
+        deadline = time.monotonic() + 10
+        hits = reader.metrics.hits
+        while reader.metrics.hits == hits:
+            assert time.monotonic() < deadline, "the cache was never used again"
+            assert await reader.get("k") == "newer"
+            await asyncio.sleep(0.05)
+        await reader.clear()
+
+
+async def test_a_restored_durable_epoch_never_revives_a_missed_invalidation(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+) -> None:
+    """Issue 14 B: the durable epoch goes back (its row deleted, as a restore from an older
+    backup would), then a write misses its invalidation: the old copy is never served."""
+    dead = f"redis://127.0.0.1:{find_free_port()}/0"
+    options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 0.1}
+    reader = HybridStore.from_urls(
+        fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options
+    )
+    writer = HybridStore.from_urls(fleetmem_postgres_server.dsn, dead, **options)
+    async with reader, writer:
+        for _ in range(3):  # a few epochs in
+            await reader.set("k", "old")
+            await reader.clear()
+        await reader.set("k", "old")
+        assert await reader.get("k") == "old"
+        assert await reader.get("k") == "old"
+        assert await reader._epochs.delete(f"epoch/{fleetmem_namespace}")  # "restored"
+        await writer.set("k", "new")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # through the bypass and after it
+            assert await reader.get("k") == "new"
+            await asyncio.sleep(0.02)
+        assert reader.metrics.hits > 0
+        await reader.clear()
 
 
 async def test_each_cache_connection_knows_its_servers_run_id(

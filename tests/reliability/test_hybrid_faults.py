@@ -77,19 +77,19 @@ async def test_stale_fill_race_made_deterministic(
     pg, rs = tiers
     async with make_hybrid(pg, rs, fleetmem_namespace) as store:
         durable = store.durable
-        original = durable._get_entry
+        original = durable._get_entries_ttl
         reached = asyncio.Event()
         release = asyncio.Event()
         pause = {"on": False}
 
-        async def paused_get_entry(key: str) -> Entry | None:
-            entry = await original(key)
+        async def paused_read(keys: list[str]) -> dict[str, tuple[Entry, int | None]]:
+            found = await original(keys)
             if pause["on"]:
                 reached.set()
                 await release.wait()
-            return entry
+            return found
 
-        durable._get_entry = paused_get_entry  # type: ignore[method-assign]
+        durable._get_entries_ttl = paused_read  # type: ignore[method-assign]
         keys = [f"hot{i}" for i in range(20)]
         stale_reads_after_ack = 0
         for i in range(1000):
@@ -454,15 +454,15 @@ async def test_single_flight_on_a_cold_cache(
     async with make_hybrid(pg, rs, fleetmem_namespace) as store:
         await store.set("popular", {"v": 1})
         durable = store.durable
-        original = durable._get_entry
+        original = durable._get_entries_ttl
         reads = 0
 
-        async def counting_get_entry(key: str) -> Entry | None:
+        async def counting_read(keys: list[str]) -> dict[str, tuple[Entry, int | None]]:
             nonlocal reads
             reads += 1
-            return await original(key)
+            return await original(keys)
 
-        durable._get_entry = counting_get_entry  # type: ignore[method-assign]
+        durable._get_entries_ttl = counting_read  # type: ignore[method-assign]
         results = await asyncio.gather(*(store.get("popular") for _ in range(500)))
         assert results == [{"v": 1}] * 500
         assert reads == 1

@@ -44,7 +44,12 @@ from fleetmem._validate import (
     validate_ttl,
     validate_version,
 )
-from fleetmem.errors import ConfigurationError, InvalidArgumentError, StoreClosedError
+from fleetmem.errors import (
+    ConfigurationError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    StoreClosedError,
+)
 from fleetmem.protocol import TTL, Entry, Health, JSONValue, StoreStats
 
 __all__ = ["MISSING", "SET_MANY_CHUNK", "BaseStore", "EntryMeta", "SetOp"]
@@ -87,6 +92,22 @@ class SetOp(NamedTuple):
     keep_ttl: bool
 
 
+#: Namespaces beginning with this hold fleetmem's own state (the hybrid tier's epochs): no store
+#: can be opened on one, so nothing a user does (``clear()``, a restore of one namespace, a
+#: listing) can reach that state.
+RESERVED_NAMESPACE_PREFIX = "_fleetmem"
+
+
+def _user_namespace(namespace: object) -> str:
+    name = validate_namespace(namespace)
+    if name.startswith(RESERVED_NAMESPACE_PREFIX):
+        raise InvalidKeyError(
+            f"invalid namespace {name!r}: namespaces beginning with "
+            f"{RESERVED_NAMESPACE_PREFIX!r} are reserved for fleetmem's own state"
+        )
+    return name
+
+
 def _same(key: str) -> str:
     return key
 
@@ -112,7 +133,7 @@ class BaseStore(abc.ABC):
     def __init__(
         self, *, namespace: str = "default", max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     ) -> None:
-        self._namespace = validate_namespace(namespace)
+        self._namespace = _user_namespace(namespace)
         if (
             isinstance(max_value_bytes, bool)
             or not isinstance(max_value_bytes, int)
@@ -206,8 +227,19 @@ class BaseStore(abc.ABC):
 
     def with_namespace(self: _S, namespace: str) -> _S:
         self._check_open()
+        return self._view(_user_namespace(namespace))
+
+    def _reserved_view(self: _S, namespace: str) -> _S:
+        """A view on one of fleetmem's own namespaces (``_fleetmem...``), which users cannot
+        open: the hybrid tier keeps its epochs there."""
+        if not validate_namespace(namespace).startswith(RESERVED_NAMESPACE_PREFIX):
+            raise ValueError(f"{namespace!r} is not a reserved namespace")
+        return self._view(namespace)
+
+    def _view(self: _S, namespace: str) -> _S:
+        self._check_open()
         view = copy.copy(self)
-        view._namespace = validate_namespace(namespace)
+        view._namespace = namespace
         view._view_closed = False
         view._is_view = True
         view._bind_namespace()

@@ -1,19 +1,27 @@
--- Publish a namespace's epoch; it never goes backwards. KEYS[1] = the epoch key, KEYS[2] = the
--- key naming the server it was published on; ARGV[1] = the epoch (an integer) read from the
--- durable store. The epoch key holds "<epoch>|", the prefix of every value cached under it, so
--- a read compares prefixes without building one. The second key holds this server's run_id:
--- after a restart (with old data from its persistence or not) the run_id differs, and a reader
--- that compares it with its connection's knows the epoch is from before the restart.
-local cur = redis.call('GET', KEYS[1])
-if cur and tonumber(string.sub(cur, 1, -2)) >= tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1] .. '|')
+-- Bring a namespace's published epoch in line with the durable one. KEYS[1] = the epoch key
+-- (holds "<epoch>|", the prefix of every value cached under it), KEYS[2] = the key naming the
+-- server it was published on (its run_id); ARGV[1] = the durable epoch D the caller has just
+-- read from PostgreSQL; ARGV[2] = '1' when D comes from the caller's own increment just now
+-- (so no value was ever cached under it).
+-- Returns {0, D}: already published on this very server (nothing to do); {1, D}: D published
+-- now (it was ahead of the published epoch, which retires every value cached before);
+-- {2, N}: the caller must first raise the durable epoch to at least N, then call again. That
+-- is the case when the published epoch is missing (flushed, evicted; unless D is fresh), equal
+-- to D on a server that restarted (old data from its persistence may be back), or AHEAD of D
+-- (the durable epoch went backwards: restored from a backup, or cleared): publishing D then
+-- would revive values cached under D long ago. The published epoch never moves backwards, and never stays put when
+-- it cannot be trusted. A server that does not tell its run_id is never taken as unchanged.
+local d = tonumber(ARGV[1])
 local info = redis.pcall('INFO', 'server')
-local id = type(info) == 'string' and string.match(info, 'run_id:(%x+)')
-if id then
-  redis.call('SET', KEYS[2], id)
-else
-  redis.call('DEL', KEYS[2])
+local id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
+local cur = redis.call('GET', KEYS[1])
+local published = cur and tonumber(string.sub(cur, 1, -2))
+if published and published == d and id ~= '' and redis.call('GET', KEYS[2]) == id then
+  return {0, d}
 end
-return 1
+if (published and published < d) or (not published and ARGV[2] == '1') then
+  redis.call('SET', KEYS[1], ARGV[1] .. '|')
+  redis.call('SET', KEYS[2], id)
+  return {1, d}
+end
+return {2, math.max(published or 0, d) + 1}

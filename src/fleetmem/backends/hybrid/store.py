@@ -11,16 +11,22 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
   lease, so a value read before a write can never be cached after it: no read/invalidate race,
   whatever the delays, and no reliance on versions (which restart at 1 after a delete).
 * **Epochs** guard against lost invalidations. Every cached value carries its namespace's epoch;
-  a value of an older epoch is dead. The epoch's authoritative counter lives in the durable
-  store (namespace ``_fleetmem.hybrid``) and is published to Redis by ``epoch.lua`` (it never
-  goes backwards) as the string ``<epoch>|``, the prefix of every value cached under it. It is
-  bumped when a write could not invalidate the cache (Redis down, slow or the breaker open),
-  when this process saw Redis unreachable, and when Redis lost its scripts (a restart,
-  possibly with old data from its persistence, or ``SCRIPT FLUSH``). The
-  scripts' source is salted per namespace, so every namespace sees the ``NOSCRIPT`` itself, and
-  the epoch is published *before* the scripts are loaded again. A lone read, which runs no
-  script, sees a restart by the server's ``run_id``: the one ``epoch.lua`` stored with the
-  epoch differs from the one its (necessarily new) connection learned.
+  a value of any other epoch is dead. The epoch's authoritative counter lives in the durable
+  store, in a namespace no user can open (``_fleetmem.hybrid``), and is published to Redis by
+  ``epoch.lua`` as the string ``<epoch>|``, the prefix of every value cached under it. The
+  published epoch never goes backwards: when it is missing, from before a Redis restart, or
+  ahead of the durable one (a durable store restored from a backup), the durable epoch is
+  raised past it and then published.
+* **Trust**: a process uses a namespace's cache only while it has confirmed the durable epoch in
+  PostgreSQL within ``trust_window`` (0.5 s; refreshed in the background), and only when Redis
+  publishes exactly that epoch. A write that could not delete its keys from Redis (Redis down,
+  slow, the breaker open, or only this process cut off from it) marks the namespace bypassed
+  in PostgreSQL, bumps the durable epoch and waits one window before it is acknowledged: by
+  then every process either reads PostgreSQL alone (it saw the mark) or confirmed the bump (and
+  resyncs). No stale read from any process, at the cost of one PostgreSQL read per window per
+  namespace per process, and ``trust_window`` of latency for the first write of an outage.
+  A restart of Redis is seen by its ``run_id`` (stored with the epoch, learned by every new
+  connection) and by ``NOSCRIPT`` (the scripts are salted per namespace).
 * **Redis failures** never fail an operation: each cache call has a deadline (default 250 ms), a
   circuit breaker stops paying it on every call, and reads fall back to PostgreSQL.
 * **Single flight**: concurrent reads of one key in one process share one cache read and at
@@ -49,7 +55,7 @@ from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value_
 from fleetmem._validate import GlobPattern
 from fleetmem.backends.base import MISSING, BaseStore, EntryMeta, SetOp
 from fleetmem.backends.redis.store import _hiredis_pack as _pack  # the store's C packer
-from fleetmem.errors import BackendUnavailableError, ConfigurationError
+from fleetmem.errors import BackendUnavailableError, ConfigurationError, OutcomeUnknownError
 from fleetmem.protocol import Entry, StoreStats
 
 __all__ = ["HybridMetrics", "HybridStore"]
@@ -69,6 +75,7 @@ def _token() -> str:
 
 
 _NEGATIVE = b"N"
+_ABSENT: tuple[None, None] = (None, None)
 _ORJSON = b"O"
 _ORJSON_BYTE = _ORJSON[0]
 
@@ -147,6 +154,10 @@ class HybridMetrics:
     invalidations: int = 0
     invalidations_missed: int = 0
     epoch_bumps: int = 0
+    #: Cache bypasses this process started (a write could not reach Redis), and the reads that
+    #: went to PostgreSQL alone because some writer held one.
+    bypasses: int = 0
+    bypassed_reads: int = 0
     breaker_opened: int = 0
     stale_reads: int = 0
     breaker_state: str = "closed"
@@ -205,6 +216,36 @@ class _Breaker:
 
 
 @dataclass
+class _Trust:
+    """What this process last confirmed, in PostgreSQL, of one namespace's cache epoch."""
+
+    #: The durable epoch, and the string a cached value of it starts with (``b"<epoch>|"``).
+    epoch: int
+    epoch_b: bytes
+    #: A writer could not reach Redis: nobody reads, fills or publishes this namespace's cache.
+    bypass: bool
+    #: Monotonic times: trusted until ``until`` (the confirmation was *sent* ``trust_window``
+    #: before); confirmed again in the background from ``refresh_at``.
+    until: float
+    refresh_at: float
+    #: PostgreSQL could not be reached; kept only to serve ``allow_stale_reads``.
+    stale: bool = False
+
+
+class _Bypass:
+    """This process's hold on a namespace's cache bypass (``HybridStore._missed_invalidation``)."""
+
+    __slots__ = ("lock", "ready_at", "valid_until")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        #: Monotonic: writes may be acknowledged from here (every reader has seen the bypass).
+        self.ready_at = 0.0
+        #: Monotonic: the bypass key surely still lives in PostgreSQL until here.
+        self.valid_until = 0.0
+
+
+@dataclass
 class _Shared:
     """State shared by a HybridStore and its namespace views."""
 
@@ -213,8 +254,14 @@ class _Shared:
     inflight: dict[tuple[str, str], _Flight] = field(default_factory=dict)
     #: namespace -> the breaker outage count it last synced after (absent: never synced here).
     synced: dict[str, int] = field(default_factory=dict)
-    #: namespaces whose epoch must be bumped and published before their cache is used again.
+    #: namespaces whose published epoch must be checked before their cache is used again.
     dirty: set[str] = field(default_factory=set)
+    #: namespace -> its durable epoch as last confirmed (see ``_Trust``).
+    trust: dict[str, _Trust] = field(default_factory=dict)
+    #: namespace -> the confirmation in flight (single flight).
+    confirming: dict[str, asyncio.Future[_Trust]] = field(default_factory=dict)
+    #: namespace -> this process's cache bypass, once it needed one.
+    bypasses: dict[str, _Bypass] = field(default_factory=dict)
     durable_down: bool = False
     client: Any = None
     #: The standalone cache client's connection pool when its connections know their server's
@@ -297,7 +344,10 @@ class HybridStore(BaseStore):
     (seconds a cache call may take before the read falls back to the durable store),
     ``allow_stale_reads`` (serve cache hits while the durable store is known to be down),
     ``breaker_threshold`` / ``breaker_cooldown`` (consecutive cache failures that open the
-    circuit breaker, and how long it stays open before one probe), ``lease_ttl``.
+    circuit breaker, and how long it stays open before one probe), ``lease_ttl``,
+    ``trust_window`` (seconds a process trusts the cache after it last confirmed the
+    namespace's epoch in PostgreSQL; also what the first write that cannot reach Redis waits
+    before it is acknowledged; see ``_missed_invalidation`` and docs/backends/hybrid.md).
     """
 
     backend_name = "hybrid"
@@ -317,6 +367,7 @@ class HybridStore(BaseStore):
         breaker_threshold: int = 2,
         breaker_cooldown: float = 1.0,
         lease_ttl: float = 5.0,
+        trust_window: float = 0.5,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         owns_tiers: bool = False,
     ) -> None:
@@ -329,6 +380,7 @@ class HybridStore(BaseStore):
             ("cache_deadline", cache_deadline),
             ("breaker_cooldown", breaker_cooldown),
             ("lease_ttl", lease_ttl),
+            ("trust_window", trust_window),
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
@@ -344,6 +396,10 @@ class HybridStore(BaseStore):
         self._deadline = float(cache_deadline)
         self._allow_stale = bool(allow_stale_reads)
         self._lease_ms = str(int(lease_ttl * 1000))
+        self._trust_window = float(trust_window)
+        # The bypass mark's life in PostgreSQL: long enough that a writer cut off from Redis
+        # renews it rarely, short enough that readers use the cache again soon after.
+        self._bypass_ttl = 10 * self._trust_window
         self._owns_tiers = owns_tiers
         metrics = HybridMetrics()
         self._state = _Shared(
@@ -389,7 +445,9 @@ class HybridStore(BaseStore):
             if ns == self._durable_root.namespace
             else self._durable_root.with_namespace(ns)
         )
-        self._epochs = self._durable_root.with_namespace(EPOCH_NAMESPACE)
+        self._epochs = self._durable_root._reserved_view(EPOCH_NAMESPACE)
+        self._epoch_name = f"epoch/{ns}"
+        self._bypass_name = f"bypass/{ns}"
         self._prefix = f"fmh:{{{ns}}}:k:"
         self._epoch_key = f"fmh:{{{ns}}}:E"
         self._run_id_key = f"fmh:{{{ns}}}:R"
@@ -476,24 +534,116 @@ class HybridStore(BaseStore):
                 self._state.pool = client.connection_pool
         return client
 
-    async def _sync(self) -> bool:
-        """Bump and publish this namespace's epoch, then (re)load its scripts; True if done.
+    # ------------------------------------------------------------------ the trusted epoch
 
-        The epoch goes out before the scripts: until they are loaded every reader of this
-        namespace gets NOSCRIPT and comes here too, so none can read a value of the old epoch.
-        While the breaker is open nothing is bumped (reads must not write PostgreSQL).
+    async def _trust(self) -> _Trust:
+        """This namespace's durable epoch as confirmed within ``trust_window``.
+
+        Confirmed again in the background once half the window has passed, inline once it has
+        all passed. PostgreSQL unreachable: ``BackendUnavailableError``, or with
+        ``allow_stale_reads`` the last epoch known (marked stale) so that cache hits are served.
+        """
+        trust = self._state.trust.get(self._namespace)
+        now = time.monotonic()
+        if trust is not None and now < trust.until:
+            if now >= trust.refresh_at and self._namespace not in self._state.confirming:
+                self._confirm()  # ahead of time, without waiting for it
+            return trust
+        try:
+            return await asyncio.shield(self._confirm())
+        except BackendUnavailableError:
+            if not self._allow_stale or trust is None:
+                raise
+            # Serve the cache as it is, and ask PostgreSQL again only a window later.
+            trust.stale = True
+            trust.until = trust.refresh_at = time.monotonic() + self._trust_window
+            return trust
+
+    def _confirm(self) -> asyncio.Future[_Trust]:
+        """Read the durable epoch and bypass mark (single flight per namespace)."""
+        state = self._state
+        ns = self._namespace
+        future = state.confirming.get(ns)
+        if future is None:
+            future = state.confirming[ns] = asyncio.ensure_future(self._read_trust())
+
+            def done(f: asyncio.Future[_Trust]) -> None:
+                if state.confirming.get(ns) is f:
+                    del state.confirming[ns]
+                if not f.cancelled():
+                    f.exception()  # a refresh nobody waited for must not warn
+
+            future.add_done_callback(done)
+        return future
+
+    async def _read_trust(self) -> _Trust:
+        """One PostgreSQL read of the namespace's epoch and bypass mark (one statement: one
+        snapshot, so a reader that sees a writer's bumped epoch also sees its bypass mark)."""
+        sent = time.monotonic()
+        found = await self._durable_call(
+            self._epochs.get_many([self._epoch_name, self._bypass_name])
+        )
+        epoch = found.get(self._epoch_name, 0)
+        window = self._trust_window
+        trust = _Trust(
+            epoch,
+            f"{epoch}|".encode(),
+            self._bypass_name in found,
+            sent + window,
+            sent + window / 2,
+        )
+        known = self._state.trust.get(self._namespace)
+        if known is None or known.stale or known.until <= trust.until:
+            self._state.trust[self._namespace] = trust
+        return trust
+
+    async def _sync(self) -> bool:
+        """Make Redis publish this namespace's durable epoch, then (re)load its scripts; True if
+        the cache can be used.
+
+        ``epoch.lua`` publishes the durable epoch when it is ahead of the published one, and
+        asks for a higher one when the published epoch is missing, from before a restart of
+        Redis, or ahead of the durable one (a durable store restored or cleared): the durable
+        epoch is then raised past it first. So the published epoch never goes backwards, never
+        stays where it cannot be trusted, and PostgreSQL is written only when Redis lost or
+        outran its epoch. The epoch goes out before the scripts: until they are loaded every
+        reader of this namespace gets NOSCRIPT and comes here too. Nothing is published while a
+        writer holds the namespace's cache bypass, nor while the breaker is open.
         """
         state = self._state
         if state.breaker.blocked():
             return False
-        epoch = await self._epochs.incr(f"epoch/{self._namespace}")
-        state.metrics.epoch_bumps += 1
         try:
-            await self._cache_call("EVAL", _EPOCH_LUA, 2, self._epoch_key, self._run_id_key, epoch)
+            trust = await self._read_trust()
+            fresh = False
+            for _attempt in range(5):
+                if trust.bypass:
+                    return False
+                code, epoch = await self._cache_call(
+                    "EVAL",
+                    _EPOCH_LUA,
+                    2,
+                    self._epoch_key,
+                    self._run_id_key,
+                    trust.epoch,
+                    "1" if fresh else "0",
+                )
+                if int(code) != 2:
+                    break
+                # Raise the durable epoch past the published one, then confirm it again: a
+                # writer may have marked a bypass meanwhile.
+                bumped = await self._durable_call(
+                    self._epochs.incr(self._epoch_name, max(1, int(epoch) - trust.epoch))
+                )
+                state.metrics.epoch_bumps += 1
+                trust = await self._read_trust()
+                fresh = trust.epoch >= bumped
+            else:
+                return False
             # "SCRIPT LOAD" as one name: a cluster client sends it to every primary.
             await self._cache_call("SCRIPT LOAD", self._read_src)
             await self._cache_call("SCRIPT LOAD", self._fill_src)
-        except (_CacheFailed, _NoScript):
+        except (_CacheFailed, _NoScript, BackendUnavailableError):
             return False
         state.dirty.discard(self._namespace)
         state.synced[self._namespace] = state.breaker.outages
@@ -506,11 +656,18 @@ class HybridStore(BaseStore):
             return True
         return seen is not None and seen != state.breaker.outages
 
-    async def _cache_read(self, keys: list[str], token: str) -> list[Any]:
-        """``read.lua`` over ``keys``; resync and retry once on NOSCRIPT or a missing epoch."""
+    # ------------------------------------------------------------------ cache calls
+
+    async def _cache_read(self, keys: list[str], token: str, trust: _Trust) -> list[Any]:
+        """``read.lua`` over ``keys``; resync and retry once on NOSCRIPT or an epoch that is not
+        the trusted one."""
         for attempt in range(2):
-            if self._needs_sync() and not await self._sync():
-                raise _CacheFailed
+            if self._needs_sync():
+                if not await self._sync():
+                    raise _CacheFailed
+                trust = await self._trust()
+                if trust.bypass:
+                    raise _CacheFailed
             try:
                 result = await self._cache_call(
                     "EVALSHA",
@@ -520,6 +677,7 @@ class HybridStore(BaseStore):
                     *[self._prefix + k for k in keys],
                     token,
                     self._lease_ms,
+                    trust.epoch_b,
                 )
             except _NoScript:
                 self._state.dirty.add(self._namespace)
@@ -533,8 +691,10 @@ class HybridStore(BaseStore):
             return [result] if len(keys) == 1 else list(result)
         raise _CacheFailed
 
-    async def _cache_fill(self, token: str, bodies: list[tuple[str, bytes, int]]) -> None:
-        args: list[Any] = [token]
+    async def _cache_fill(
+        self, token: str, epoch_b: bytes, bodies: list[tuple[str, bytes, int]]
+    ) -> None:
+        args: list[Any] = [token, epoch_b]
         for _key, body, px in bodies:
             args.extend((body, px))
         try:
@@ -552,33 +712,28 @@ class HybridStore(BaseStore):
         if isinstance(filled, int) and filled >= 0:
             metrics.fills += filled
             metrics.fills_voided += len(bodies) - filled
+        else:
+            metrics.fills_voided += len(bodies)
 
-    def _cache_px(self, entry: Entry | None, started: float) -> int:
-        """The cache TTL: the durable entry's remaining life at read time, capped by cache_ttl."""
+    def _cache_px(self, left_ms: int | None, started: float) -> int:
+        """The cache TTL: the durable entry's remaining life as PostgreSQL measured it (on its
+        own clock) less the time the read took, capped by cache_ttl."""
         px = self._cache_ttl_ms
-        if entry is not None and entry.expires_at is not None:
+        if left_ms is not None:
             elapsed_ms = (time.monotonic() - started) * 1000
-            left = (entry.expires_at - datetime.now(timezone.utc)).total_seconds() * 1000
-            px = min(px, int(left - elapsed_ms) - 1)
+            px = min(px, int(left_ms - elapsed_ms) - 1)
         return max(px, 0)
 
     async def _invalidate(self, keys: list[str]) -> None:
-        """After a COMMIT: delete ``keys`` from the cache, or make sure the epoch moves on."""
+        """After a COMMIT: delete ``keys`` from the cache, or retire every cached value of the
+        namespace before the write is acknowledged (``_missed_invalidation``)."""
         state = self._state
         try:
-            if self._needs_sync():
-                # A new epoch retires every older value, these keys' included.
-                if state.breaker.blocked():
-                    raise _CacheFailed
-                if not await self._sync():
-                    state.metrics.invalidations_missed += 1  # _sync bumped the epoch already
-                    return
-            else:
-                for start in range(0, len(keys), _READ_CHUNK):
-                    chunk = keys[start : start + _READ_CHUNK]
-                    await self._cache_call("DEL", *[self._prefix + k for k in chunk])
+            for start in range(0, len(keys), _READ_CHUNK):
+                chunk = keys[start : start + _READ_CHUNK]
+                await self._cache_call("DEL", *[self._prefix + k for k in chunk])
             state.metrics.invalidations += len(keys)
-        except _CacheFailed:
+        except (_CacheFailed, _NoScript):
             await self._missed_invalidation()
         finally:
             # Reads that started before the cache was cleaned must not be joined from now on.
@@ -586,15 +741,50 @@ class HybridStore(BaseStore):
                 state.inflight.pop((self._namespace, key), None)
 
     async def _missed_invalidation(self) -> None:
-        """The cache may hold an old value: bump the durable epoch before acknowledging."""
+        """A committed write could not delete its keys from Redis: make sure no process can
+        read what they replaced before the write is acknowledged.
+
+        The writer marks the namespace *bypassed* in PostgreSQL (a key with a time to live on
+        PostgreSQL's clock, ten trust windows) and then bumps its durable epoch. A reader trusts
+        its cache only while it has confirmed the durable epoch within ``trust_window``, and a
+        confirmation that sees the bump also sees the mark (one statement), so after waiting
+        out one window the writer knows every reader either reads PostgreSQL or has confirmed
+        the bump. While the mark lives nobody reads, fills or publishes the namespace's cache;
+        once it expires the first reader publishes the bumped epoch, which retires everything
+        cached before. The writer renews the mark while it keeps missing invalidations, so only
+        the first write of an outage waits (``trust_window``); the rest cost one PostgreSQL
+        write per half mark lifetime. PostgreSQL unreachable too: ``OutcomeUnknownError`` (the
+        write committed, but it cannot be acknowledged as coherent).
+        """
         state = self._state
+        ns = self._namespace
         state.metrics.invalidations_missed += 1
-        state.dirty.add(self._namespace)
+        state.dirty.add(ns)
+        bypass = state.bypasses.get(ns)
+        if bypass is None:
+            bypass = state.bypasses[ns] = _Bypass()
         try:
-            await self._epochs.incr(f"epoch/{self._namespace}")
-            state.metrics.epoch_bumps += 1
-        except BackendUnavailableError:
-            log.warning("could not bump the cache epoch of namespace %r", self._namespace)
+            async with bypass.lock:
+                now = time.monotonic()
+                if now >= bypass.valid_until - self._bypass_ttl / 2:
+                    sent = time.monotonic()
+                    await self._epochs.set(self._bypass_name, True, ttl=self._bypass_ttl)
+                    if now >= bypass.valid_until:  # none held: retire the cache, then wait
+                        await self._epochs.incr(self._epoch_name)
+                        state.metrics.epoch_bumps += 1
+                        state.metrics.bypasses += 1
+                        # 2% and 2 ms for the difference in clock rates between hosts.
+                        bypass.ready_at = time.monotonic() + self._trust_window * 1.02 + 0.002
+                    bypass.valid_until = sent + self._bypass_ttl * 0.9
+        except BackendUnavailableError as exc:
+            self._state.durable_down = True
+            raise OutcomeUnknownError(
+                "the write committed in PostgreSQL, but neither Redis nor PostgreSQL could be "
+                "reached to retire the cached copy it replaced"
+            ) from exc
+        wait = bypass.ready_at - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _durable_call(self, coro: Any) -> Any:
         try:
@@ -610,9 +800,6 @@ class HybridStore(BaseStore):
     async def _fetch_body(self, key: str) -> bytes:
         """The cached body of ``key``: from Redis, else from the durable store (single flight)."""
         state = self._state
-        if state.durable_down and not self._allow_stale:
-            entry = await self._durable_call(self._durable._get_entry(key))
-            return _body(entry)
         slot = (self._namespace, key)
         inflight = state.inflight
         while True:
@@ -640,12 +827,22 @@ class HybridStore(BaseStore):
     async def _load(self, key: str) -> bytes:
         """One key: the cache read inline (the hot path), the shared paths for the rest."""
         state = self._state
+        if state.durable_down and not self._allow_stale:
+            # PostgreSQL failed lately: reads raise until it answers again (or succeed then).
+            entry = await self._durable_call(self._durable._get_entry(key))
+            return _body(entry)
+        trust = state.trust.get(self._namespace)
+        if trust is None or time.monotonic() >= trust.refresh_at:
+            trust = await self._trust()
+        if trust.bypass:
+            body: bytes = await self._bypassed([key], key)
+            return body
         token = _token()
-        if state.breaker.state == "closed" and not self._needs_sync():
+        if state.breaker.state == "closed" and not self._needs_sync() and not trust.stale:
             client = self._client()
             try:
                 if state.pool is not None:
-                    item = await self._hit_or_lease(state.pool, key, token)
+                    item = await self._hit_or_lease(state.pool, key, token, trust.epoch_b)
                 else:
                     item = await client.execute_command(
                         "EVALSHA",  # a str: a cluster client looks the name up
@@ -655,6 +852,7 @@ class HybridStore(BaseStore):
                         self._prefix_b + key.encode(),
                         token,
                         self._lease_ms,
+                        trust.epoch_b,
                     )
             except _REDIS_ERRORS as exc:
                 try:
@@ -677,17 +875,23 @@ class HybridStore(BaseStore):
                             state.metrics.negative_hits += 1
                         else:
                             state.metrics.hits += 1
-                        if state.durable_down:
-                            state.metrics.stale_reads += 1
                         return body
                     leased = {key} if item == 1 else set()  # 1: with the fill lease, 0: without
-                    return (await self._load_missing([key], leased, token))[key]
+                    return (await self._load_missing([key], leased, token, trust.epoch_b))[key]
         # The breaker is not closed, the namespace must resync, Redis lost the scripts or the
         # epoch, or the key holds a value of an older epoch: the general path handles each
         # (with this token, so that a lease the read above left is still this reader's).
         return (await self._read_bodies([key], token=token))[key]
 
-    async def _hit_or_lease(self, pool: Any, key: str, token: str) -> Any:
+    async def _bypassed(self, keys: list[str], one: str | None = None) -> Any:
+        """A read while a writer holds the namespace's cache bypass: PostgreSQL alone."""
+        self._state.metrics.bypassed_reads += len(keys)
+        entries = await self._durable_call(self._durable_entries(keys))
+        if one is not None:
+            return _body(entries.get(one))
+        return {key: _body(entries.get(key)) for key in keys}
+
+    async def _hit_or_lease(self, pool: Any, key: str, token: str, epoch_b: bytes) -> Any:
         """``read.lua``'s answer for one key in one round trip without a script.
 
         Two commands, sent in one write: ``MGET`` of the epoch and of the run_id of the server
@@ -695,8 +899,9 @@ class HybridStore(BaseStore):
         or, when the key holds nothing, leaves this reader's lease (as ``read.lua`` would).
         A restart breaks every connection and this connection learned its server's run_id when
         it was made, so a run_id that differs means the epoch is from before a restart (-1:
-        resync, as for a missing epoch). None: let ``read.lua`` answer (a value of an older
-        epoch is to be replaced by a lease; a run_id that cannot be compared).
+        resync, as for a missing epoch or one that is not the trusted ``epoch_b``). None: let
+        ``read.lua`` answer (a value of an older epoch is to be replaced by a lease; a run_id
+        that cannot be compared).
         """
         conn = await pool.get_connection()
         try:
@@ -724,7 +929,7 @@ class HybridStore(BaseStore):
         finally:
             await pool.release(conn)
         epoch, published_on = head
-        if epoch is None:
+        if epoch != epoch_b:
             return -1
         if published_on != run_id:
             return -1 if published_on is not None else None
@@ -782,6 +987,10 @@ class HybridStore(BaseStore):
         if state.durable_down and not self._allow_stale:
             entries = await self._durable_call(self._durable_entries(keys))
             return {key: _body(entries.get(key)) for key in keys}
+        trust = await self._trust()
+        if trust.bypass:
+            bodies: dict[str, bytes] = await self._bypassed(keys)
+            return bodies
         out: dict[str, bytes] = {}
         token = token if token is not None else _token()  # one per call: the keys are distinct
         for start in range(0, len(keys), _READ_CHUNK):
@@ -789,7 +998,8 @@ class HybridStore(BaseStore):
             items: list[Any] = [None] * len(chunk)
             if not cache_failed:
                 with contextlib.suppress(_CacheFailed):
-                    items = await self._cache_read(chunk, token)
+                    items = await self._cache_read(chunk, token, trust)
+                    trust = state.trust.get(self._namespace, trust)  # a resync confirmed anew
             missing: list[str] = []
             leased: set[str] = set()
             for key, item in zip(chunk, items, strict=True):
@@ -799,34 +1009,35 @@ class HybridStore(BaseStore):
                         metrics.negative_hits += 1
                     else:
                         metrics.hits += 1
-                    if state.durable_down:
+                    if trust.stale:
                         metrics.stale_reads += 1
                 else:
                     missing.append(key)
                     if item == 1:
                         leased.add(key)
             if missing:
-                out.update(await self._load_missing(missing, leased, token))
+                out.update(await self._load_missing(missing, leased, token, trust.epoch_b))
         return out
 
     async def _load_missing(
-        self, missing: list[str], leased: set[str], token: str
+        self, missing: list[str], leased: set[str], token: str, epoch_b: bytes
     ) -> dict[str, bytes]:
-        """Read ``missing`` from the durable store; fill the ``leased`` ones back."""
+        """Read ``missing`` from the durable store; fill the ``leased`` ones back (only under
+        the epoch ``epoch_b`` the leases were taken under)."""
         metrics = self._state.metrics
         metrics.misses += len(missing)
         started = time.monotonic()
-        entries = await self._durable_call(self._durable_entries(missing))
+        found = await self._durable_call(self._durable._get_entries_ttl(missing))
         metrics.durable_reads += 1
         out: dict[str, bytes] = {}
         fills = []
         for key in missing:
-            entry = entries.get(key)
+            entry, left_ms = found.get(key, _ABSENT)
             body = out[key] = _body(entry)
             if key in leased:
-                fills.append((key, body, self._cache_px(entry, started)))
+                fills.append((key, body, self._cache_px(left_ms, started)))
         if fills:
-            await self._cache_fill(token, fills)
+            await self._cache_fill(token, epoch_b, fills)
         return out
 
     async def _get(self, key: str) -> Any:
@@ -1015,11 +1226,12 @@ class HybridStore(BaseStore):
         # Too many keys to name: a new epoch retires every cached value of the namespace.
         for key in [k for ns, k in self._state.inflight if ns == self._namespace]:
             self._state.inflight.pop((self._namespace, key), None)
-        self._state.dirty.add(self._namespace)
-        if self._state.breaker.blocked():
+        # The bump first, then the publish: a reader that confirms the new durable epoch sees
+        # the published one behind it and resyncs before it reads the cache.
+        await self._durable_call(self._epochs.incr(self._epoch_name))
+        self._state.metrics.epoch_bumps += 1
+        if not await self._sync():
             await self._missed_invalidation()
-        elif not await self._sync():
-            self._state.metrics.invalidations_missed += 1
         return count
 
     async def _cleanup_expired(self) -> int:
