@@ -505,3 +505,43 @@ async def test_cancelled_lone_reads_leave_no_stray_reply(
         assert await asyncio.gather(*(store.get(k) for k in items)) == list(items.values())
         assert store.metrics.hits > hits  # served by the cache all along
         await store.clear()
+
+
+@pytest.mark.parametrize("policy", ["noeviction", "allkeys-lru", "volatile-lru"])
+async def test_a_full_cache_serves_fresh_values_without_writing_the_epoch(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_factory: Callable[..., RedisServer],
+    fleetmem_namespace: str,
+    policy: str,
+) -> None:
+    """Issue 14: with a full cache Redis, reads turned into writes of the PostgreSQL epoch row
+    (400 increments for 500 reads). Now: every read right, the durable epoch written at most
+    once (the first publish of a namespace writes nothing either)."""
+    rs = fleetmem_redis_factory(
+        extra_args=["--maxmemory", "2mb", "--maxmemory-policy", policy, "--maxmemory-samples", "3"]
+    )
+    client = aioredis.from_url(rs.url)
+    try:
+        async with make_hybrid(fleetmem_postgres_server, rs, fleetmem_namespace) as store:
+            values = {f"k{i:03d}": {"i": i, "pad": "x" * 2000} for i in range(500)}
+            await store.set_many(values)
+            assert await store.get("k000") == values["k000"]  # the namespace's epoch published
+            epoch_name = f"epoch/{fleetmem_namespace}"
+            before = await store._epochs.get(epoch_name, 0)
+            # Fill Redis to its limit with keys of its own (as other users of a shared Redis).
+            filler = "f" * 4096
+            with contextlib.suppress(aioredis.ResponseError):
+                for i in range(2000):
+                    await client.set(f"filler:{i}", filler)
+            wrong = 0
+            for _round in range(2):
+                for key, value in values.items():
+                    wrong += await store.get(key) != value
+            after = await store._epochs.get(epoch_name, 0)
+            assert wrong == 0
+            assert after - before <= 1, f"{after - before} epoch writes for 1,000 reads"
+            await store.set("k000", "new")
+            assert await store.get("k000") == "new"
+            await store.clear()
+    finally:
+        await client.aclose()

@@ -1,16 +1,18 @@
 -- Bring a namespace's published epoch in line with the durable one. KEYS[1] = the epoch key
 -- (holds "<epoch>|", the prefix of every value cached under it), KEYS[2] = the key naming the
 -- server it was published on (its run_id); ARGV[1] = the durable epoch D the caller has just
--- read from PostgreSQL; ARGV[2] = '1' when D comes from the caller's own increment just now
--- (so no value was ever cached under it).
+-- read from PostgreSQL.
 -- Returns {0, D}: already published on this very server (nothing to do); {1, D}: D published
--- now (it was ahead of the published epoch, which retires every value cached before);
+-- now (it was ahead of the published epoch, which retires every value cached before, or the
+-- epoch key was missing: evicted or deleted while its values stay valid, since every event
+-- that can make a cached value stale raises the durable epoch);
 -- {2, N}: the caller must first raise the durable epoch to at least N, then call again. That
--- is the case when the published epoch is missing (flushed, evicted; unless D is fresh), equal
--- to D on a server that restarted (old data from its persistence may be back), or AHEAD of D
+-- is the case when the published epoch equals D on a server that restarted (old data from its
+-- persistence may be back: the stored run_id is not this server's), or is AHEAD of D
 -- (the durable epoch went backwards: restored from a backup, or cleared): publishing D then
--- would revive values cached under D long ago. The published epoch never moves backwards, and never stays put when
--- it cannot be trusted. A server that does not tell its run_id is never taken as unchanged.
+-- would revive values cached under D long ago. The published epoch never moves backwards,
+-- and never stays put when it cannot be trusted. A server that does not tell its run_id is
+-- never taken as unchanged.
 local d = tonumber(ARGV[1])
 local info = redis.pcall('INFO', 'server')
 local id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
@@ -19,7 +21,7 @@ local published = cur and tonumber(string.sub(cur, 1, -2))
 if published and published == d and id ~= '' and redis.call('GET', KEYS[2]) == id then
   return {0, d}
 end
-if (published and published < d) or (not published and ARGV[2] == '1') then
+if not published or published < d then
   redis.call('SET', KEYS[1], ARGV[1] .. '|')
   redis.call('SET', KEYS[2], id)
   return {1, d}

@@ -14,9 +14,9 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
   a value of any other epoch is dead. The epoch's authoritative counter lives in the durable
   store, in a namespace no user can open (``_fleetmem.hybrid``), and is published to Redis by
   ``epoch.lua`` as the string ``<epoch>|``, the prefix of every value cached under it. The
-  published epoch never goes backwards: when it is missing, from before a Redis restart, or
-  ahead of the durable one (a durable store restored from a backup), the durable epoch is
-  raised past it and then published.
+  published epoch never goes backwards: when it is from before a Redis restart, or ahead of
+  the durable one (a durable store restored from a backup), the durable epoch is raised past
+  it and then published.
 * **Trust**: a process uses a namespace's cache only while it has confirmed the durable epoch in
   PostgreSQL within ``trust_window`` (0.5 s; refreshed in the background), and only when Redis
   publishes exactly that epoch. A write that could not delete its keys from Redis (Redis down,
@@ -601,10 +601,10 @@ class HybridStore(BaseStore):
         """Make Redis publish this namespace's durable epoch, then (re)load its scripts; True if
         the cache can be used.
 
-        ``epoch.lua`` publishes the durable epoch when it is ahead of the published one, and
-        asks for a higher one when the published epoch is missing, from before a restart of
-        Redis, or ahead of the durable one (a durable store restored or cleared): the durable
-        epoch is then raised past it first. So the published epoch never goes backwards, never
+        ``epoch.lua`` publishes the durable epoch when it is ahead of the published one (or
+        that is missing), and asks for a higher one when the published epoch is from before a
+        restart of Redis or ahead of the durable one (a durable store restored or cleared): the
+        durable epoch is then raised past it first. So the published epoch never goes backwards, never
         stays where it cannot be trusted, and PostgreSQL is written only when Redis lost or
         outran its epoch. The epoch goes out before the scripts: until they are loaded every
         reader of this namespace gets NOSCRIPT and comes here too. Nothing is published while a
@@ -615,7 +615,6 @@ class HybridStore(BaseStore):
             return False
         try:
             trust = await self._read_trust()
-            fresh = False
             for _attempt in range(5):
                 if trust.bypass:
                     return False
@@ -626,18 +625,16 @@ class HybridStore(BaseStore):
                     self._epoch_key,
                     self._run_id_key,
                     trust.epoch,
-                    "1" if fresh else "0",
                 )
                 if int(code) != 2:
                     break
                 # Raise the durable epoch past the published one, then confirm it again: a
                 # writer may have marked a bypass meanwhile.
-                bumped = await self._durable_call(
+                await self._durable_call(
                     self._epochs.incr(self._epoch_name, max(1, int(epoch) - trust.epoch))
                 )
                 state.metrics.epoch_bumps += 1
                 trust = await self._read_trust()
-                fresh = trust.epoch >= bumped
             else:
                 return False
             # "SCRIPT LOAD" as one name: a cluster client sends it to every primary.
@@ -1246,6 +1243,9 @@ def _is_noscript(exc: BaseException) -> bool:
 
 def _cache_client_options(deadline: float, extra: dict[str, Any] | None) -> dict[str, Any]:
     options: dict[str, Any] = dict(extra or {})
+    # A cache may evict: a lost copy is a miss, a lost epoch key is published again, and an
+    # evicted lease voids its fill. (volatile-lru keeps the epoch keys, which have no TTL.)
+    options.setdefault("allow_eviction", True)
     options.setdefault("timeout", deadline)
     options.setdefault("socket_timeout", deadline)
     options.setdefault("connect_timeout", deadline)
