@@ -489,6 +489,8 @@ class HybridStore(BaseStore):
         return self
 
     async def _aclose(self) -> None:
+        for future in list(self._state.confirming.values()):
+            future.cancel()  # a background confirmation must not outlive the store
         if self._owns_tiers:
             try:
                 await self._cache.close()
