@@ -147,28 +147,44 @@ def validate_optional_ttl(ttl: object, keep_ttl: bool = False) -> int | None:
     return validate_ttl(ttl)
 
 
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
 def validate_limit(limit: object) -> int | None:
-    """``None`` (no limit) or an ``int`` >= 0."""
+    """``None`` (no limit) or an ``int`` >= 0.
+
+    A limit above ``2**63 - 1`` bounds nothing (no namespace holds that many entries) and no
+    backend's integer can carry it (PostgreSQL's ``LIMIT`` is a bigint, SQLite's a signed
+    64-bit integer): it is returned as ``None``, no limit, the same on every backend.
+    """
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise InvalidArgumentError(f"limit must be an int or None, not {type(limit).__name__}")
     if limit < 0:
         raise InvalidArgumentError(f"limit must be >= 0, not {limit}")
+    if limit > INT64_MAX:
+        return None
     return limit
 
 
 def validate_version(version: object) -> int:
-    """A compare-and-set version: an ``int`` >= 0."""
+    """A compare-and-set version: an ``int`` from 0 to ``2**63 - 1``.
+
+    Versions are signed 64-bit counters on every backend (a PostgreSQL ``bigint``, a Redis
+    integer): no entry can have a larger one, so asking for it is a bad argument
+    (``InvalidArgumentError``, before any I/O), not a conflict.
+    """
     if isinstance(version, bool) or not isinstance(version, int):
         raise InvalidArgumentError(f"version must be an int, not {type(version).__name__}")
     if version < 0:
         raise InvalidArgumentError(f"version must be >= 0, not {version}")
+    if version > INT64_MAX:
+        raise InvalidArgumentError(
+            f"version must be at most 2**63 - 1 (no entry can have a larger one), not {version}"
+        )
     return version
-
-
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
 
 
 def validate_amount(amount: object) -> int | float:
@@ -298,6 +314,13 @@ def compile_glob(pattern: object) -> GlobPattern:
         raise InvalidPatternError(f"pattern {pattern!r} contains a lone surrogate") from None
     if size > MAX_PATTERN_BYTES:
         raise InvalidPatternError(f"pattern is longer than {MAX_PATTERN_BYTES} bytes")
+    if _CONTROL_RE.search(pattern) is not None:
+        # Anywhere, escaped or in a class too: no key holds one, and PostgreSQL's text cannot
+        # even carry U+0000. Refused before any I/O, alike on every backend.
+        raise InvalidPatternError(
+            f"pattern {pattern!r} contains a control character (U+0000-U+001F, U+007F), "
+            "which no key can hold"
+        )
     segments: list[list[_Token]] = [[]]
     stars = 0
     i, n = 0, len(pattern)

@@ -249,7 +249,9 @@ class MemoryStore(Protocol):
         ``version=0`` means the key must be absent (or expired). Without ``ttl`` an existing
         expiry is kept. On a mismatch nothing changes and
         :class:`~fleetmem.errors.VersionConflictError` carries the current version (0 when
-        absent). A negative or non-``int`` version is an ``InvalidArgumentError``.
+        absent). A negative or non-``int`` version is an ``InvalidArgumentError``; so is one above
+        ``2**63 - 1``: versions are signed 64-bit counters on every backend, no entry can have a
+        larger one (refused before any I/O, not answered as a conflict).
         """
         ...
 
@@ -305,7 +307,8 @@ class MemoryStore(Protocol):
         """Live keys starting with the literal ``prefix``, ascending by code point.
 
         ``after`` is an exclusive cursor: pass the last key of a page to get the next one.
-        ``limit`` below 0 is an ``InvalidArgumentError``; ``limit=0`` returns ``[]``.
+        ``limit`` below 0 is an ``InvalidArgumentError``; ``limit=0`` returns ``[]``; a limit above
+        ``2**63 - 1`` is no limit (as on every backend: none could carry it).
         """
         ...
 
@@ -322,8 +325,10 @@ class MemoryStore(Protocol):
         ``[!a]``/``[^a]`` one character in / not in the set, ``\\x`` the literal ``x``; every other
         character is literal. ``\\`` escapes inside a class too, a reversed range matches
         nothing, ``]`` right after ``[``, ``[!`` or ``[^`` is a member. The empty pattern matches
-        nothing. Unclosed ``[``, a trailing ``\\``, more than 256 bytes or more than 16 ``*``
-        raise :class:`~fleetmem.errors.InvalidPatternError`. Matching is linear in the key.
+        nothing. Unclosed ``[``, a trailing ``\\``, more than 256 bytes, more than 16 ``*`` or a
+        control character anywhere (U+0000-U+001F, U+007F, escaped or in a class too: no key
+        holds one) raise :class:`~fleetmem.errors.InvalidPatternError`, before any I/O.
+        ``limit`` is as for :meth:`keys`. Matching is linear in the key.
         """
         ...
 

@@ -194,13 +194,18 @@ def test_limits_versions_amounts() -> None:
     assert validate_limit(None) is None
     assert validate_limit(0) == 0
     assert validate_limit(7) == 7
-    bad_limits: list[Any] = [-1, True, 1.0, "1"]
+    assert validate_limit(2**63 - 1) == 2**63 - 1
+    # Beyond signed 64 bits a limit bounds nothing and no backend could carry it: no limit.
+    for huge in (2**63, 2**64, 10**30):
+        assert validate_limit(huge) is None
+    bad_limits: list[Any] = [-1, True, 1.0, "1", -(2**64)]
     for bad in bad_limits:
         with pytest.raises(InvalidArgumentError):
             validate_limit(bad)
     assert validate_version(0) == 0
     assert validate_version(5) == 5
-    bad_versions: list[Any] = [-1, True, 1.0, "1", None]
+    assert validate_version(2**63 - 1) == 2**63 - 1
+    bad_versions: list[Any] = [-1, True, 1.0, "1", None, 2**63, 2**64, 10**30]
     for bad in bad_versions:
         with pytest.raises(InvalidArgumentError):
             validate_version(bad)
@@ -344,6 +349,16 @@ def test_glob_cases(pattern: str, key: str, expected: bool) -> None:
         5,
         None,
         "\ud800",
+        # A control character anywhere: no key holds one (and PostgreSQL cannot take U+0000).
+        "a\x00*",
+        "\x00",
+        "a\\\x00",
+        "[\x00-\x7f]",
+        "[!\x01]*",
+        "*\t*",
+        "\x1f",
+        "a\x7f",
+        "\u00e9" * 100 + "\n",
     ],
     ids=repr,
 )
@@ -351,6 +366,23 @@ def test_bad_patterns(pattern: Any) -> None:
     with pytest.raises(InvalidPatternError) as info:
         compile_glob(pattern)
     assert isinstance(info.value, ValueError)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=20))
+def test_patterns_and_keys_refuse_the_same_control_characters(text: str) -> None:
+    # A pattern is refused for a control character exactly when a key would be for it.
+    assume(text.isprintable() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text))
+    assume(not any(0xD800 <= ord(c) <= 0xDFFF for c in text))
+    control = any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    escaped = "".join("\\" + c for c in text)  # every character literal
+    if control:
+        with pytest.raises(InvalidPatternError, match="control character"):
+            compile_glob(escaped)
+        with pytest.raises(InvalidKeyError):
+            validate_key(text)
+    elif len(escaped.encode()) <= 256:
+        assert compile_glob(escaped).matches(text)
 
 
 def test_pattern_limits_are_inclusive() -> None:

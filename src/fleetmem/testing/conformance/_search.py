@@ -136,6 +136,18 @@ BAD_PATTERNS: list[str] = [
     "*" * 17,
     "a*" * 17,
     "*" * 9 + "x" + "*" * 8,
+    # A control character anywhere (no key holds one; PostgreSQL's text cannot carry U+0000):
+    # refused before any I/O, never a driver error.
+    "a\x00*",
+    "\x00",
+    "a\x00",
+    "a\\\x00*",
+    "[\x00-\x7f]*",
+    "[!\x00]",
+    "a\x01*",
+    "*\n*",
+    "?\x1f",
+    "\x7f*",
 ]
 
 
@@ -164,6 +176,18 @@ class SearchConformance(ConformanceBase):
         assert await store.search("k*", partition="odd", limit=2) == {"k1": 1, "k3": 3}
         assert await store.search("k*", limit=0) == {}
         assert len(await store.search("*", limit=100)) == 11
+        # A limit no backend's integer can carry bounds nothing (keys() shares the rule).
+        for huge in (2**63 - 1, 2**63, 2**64, 10**30):
+            assert len(await store.search("k*", limit=huge)) == 10
+            assert len(await store.search("k*", partition="odd", limit=huge)) == 5
+            assert len(await store.keys(limit=huge)) == 11
+            assert await store.keys("k", partition="even", limit=huge) == [
+                "k0",
+                "k2",
+                "k4",
+                "k6",
+                "k8",
+            ]
         # A pattern without a wildcard is an exact lookup, still filtered by partition.
         assert await store.search("k3") == {"k3": 3}
         assert await store.search("k3", partition="odd") == {"k3": 3}
@@ -185,6 +209,8 @@ class SearchConformance(ConformanceBase):
         assert await store.search("a" * 256) == {}
         assert await store.search("*" * 8 + "[[]" + "*" * 8) == {"a[b": 1}
         assert await store.search("\u00e9" * 128) == {}
+        # Nothing was broken by the refusals (no connection left in a bad state).
+        assert await store.search("a[[]?") == {"a[b": 1}
 
     async def test_many_stars_against_a_long_key_stay_fast(self, store: MemoryStore) -> None:
         miss = "a" * 1024

@@ -11,6 +11,7 @@ import pytest
 
 from fleetmem.errors import (
     FleetmemError,
+    InvalidArgumentError,
     InvalidKeyError,
     NotANumberError,
     SerializationError,
@@ -197,6 +198,23 @@ class WriteConformance(ConformanceBase):
             with pytest.raises(ValueError):
                 await store.compare_and_set("k", "bad", version=version)
         assert (await _entry(store, "k")).version == 2
+
+    async def test_compare_and_set_versions_beyond_int64(self, store: MemoryStore) -> None:
+        # Versions are signed 64-bit counters everywhere: the largest is a plain conflict, a
+        # larger one no entry can have -- a bad argument (a ValueError, before any I/O), on a
+        # live key and on a missing one alike, never a driver error.
+        await store.set("k", "v")
+        with pytest.raises(VersionConflictError) as info:
+            await store.compare_and_set("k", "bad", version=INT64_MAX)
+        assert info.value.current_version == 1
+        for version in (INT64_MAX + 1, 2**64, 10**30):
+            for key in ("k", "missing"):
+                with pytest.raises(InvalidArgumentError) as refused:
+                    await store.compare_and_set(key, "bad", version=version)
+                assert isinstance(refused.value, ValueError)
+        assert (await _entry(store, "k")).version == 1
+        assert await store.exists("missing") is False
+        assert (await store.compare_and_set("k", "w", version=1)).version == 2
 
     # ------------------------------------------------------------------ incr
 
