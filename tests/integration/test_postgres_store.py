@@ -610,6 +610,19 @@ def _lost_after_server_error(state_error: Any) -> Any:
             "SchemaVersionError",
         ),
         (lambda: asyncpg.DiskFullError("disk full"), True, "BackendUnavailableError"),
+        # Opening a connection refused: not a lost connection.
+        (
+            lambda: asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+            False,
+            "BackendUnavailableError",
+        ),
+        # A data exception (class 22) is a bad argument, a ValueError.
+        (lambda: asyncpg.DataError("invalid input"), False, "InvalidArgumentError"),
+        (
+            lambda: asyncpg.CharacterNotInRepertoireError("invalid byte sequence"),
+            True,
+            "InvalidArgumentError",
+        ),
     ],
 )
 def test_driver_errors_are_translated_at_one_place(make: Any, write: bool, expected: str) -> None:
@@ -622,6 +635,16 @@ def test_driver_errors_are_translated_at_one_place(make: Any, write: bool, expec
         final = _translate(make(), write=write, sent=True, can_retry=False)
         assert isinstance(final, BackendUnavailableError)
         assert not isinstance(final, asyncpg.PostgresError)
+
+
+def test_a_refused_connection_is_never_called_lost() -> None:
+    from fleetmem.backends.postgres.store import _translate
+
+    exc = asyncpg.TooManyConnectionsError("sorry, too many clients already")
+    err = _translate(exc, write=True, sent=False, can_retry=False)
+    assert isinstance(err, BackendUnavailableError)
+    assert "refused a new connection: too many clients" in str(err)
+    assert "lost" not in str(err)
 
 
 async def test_least_privilege_role_from_the_docs_is_enough(

@@ -195,6 +195,10 @@ def _translate(exc: BaseException, *, write: bool, sent: bool, can_retry: bool) 
             return ConfigurationError(f"PostgreSQL refused the statement: {exc}")
         if state.startswith(("53", "57", "58")) or isinstance(exc, asyncpg.QueryCanceledError):
             return BackendUnavailableError(f"PostgreSQL is unavailable ({state}): {exc}")
+        if state.startswith("22"):
+            # A data exception: an argument PostgreSQL cannot take. Validation refuses every
+            # known one before any I/O (alike on every backend); this is the safety net.
+            return InvalidArgumentError(f"PostgreSQL refused an argument ({state}): {exc}")
         return FleetmemError(f"PostgreSQL error {state}: {exc}")
     return FleetmemError(f"unexpected driver error: {type(exc).__name__}: {exc}")
 
