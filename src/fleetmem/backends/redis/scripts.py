@@ -12,6 +12,22 @@ script's own file. The same code is served two ways:
 * as plain scripts (``EVALSHA``), used on a Redis Cluster (redis-py asks the server for the
   keys of every ``FCALL`` there, one more round trip) and where ``FUNCTION LOAD`` is refused.
   The SHA1 is computed here; on ``NOSCRIPT`` the call goes out once more as ``EVAL``.
+
+Both forms carry the same Redis 7 script flags (``FUNCTION`` flags in the library, a
+``#!lua flags=...`` shebang on each plain script), which decide what a server at ``maxmemory``
+under ``noeviction`` still runs:
+
+* ``no-writes``: pure reads (``get_entry``, ``get_entries``, ``exists_many``). Redis runs them
+  whatever the memory use (``no-writes`` implies ``allow-oom``) and refuses any write in them.
+* ``allow-oom``: calls whose writes only remove data (``delete_many``, ``clear``, and the
+  reads that drop index members of natively expired entries on the way: ``scan`` behind
+  ``keys`` / ``search``, ``prune`` behind ``partitions`` / ``stats`` / ``cleanup_expired``).
+  A full store stays readable and can be emptied.
+* no flag: every call that may add data (``set``, ``set_many``, ``incr``, ``expire``, ...).
+  A server over ``maxmemory`` refuses it before it runs (``OOM`` reply, nothing written). The
+  plain scripts still get a bare ``#!lua`` shebang, so they are refused up front like the
+  functions instead of at their first memory-growing command (which a script that first
+  dropped a stale index member would already be past).
 """
 
 from __future__ import annotations
@@ -20,7 +36,7 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 
-__all__ = ["LIBRARY", "SCRIPTS", "Script"]
+__all__ = ["FLAGS", "LIBRARY", "SCRIPTS", "Script"]
 
 _NAMES = (
     "set",
@@ -39,6 +55,17 @@ _NAMES = (
     "prune",
 )
 
+#: Redis 7 script flags per script (see the module docstring); the others have none.
+FLAGS: dict[str, tuple[str, ...]] = {
+    "get_entry": ("no-writes",),
+    "get_entries": ("no-writes",),
+    "exists_many": ("no-writes",),
+    "scan": ("allow-oom",),
+    "prune": ("allow-oom",),
+    "delete_many": ("allow-oom",),
+    "clear": ("allow-oom",),
+}
+
 _BIND_START, _BIND_END = b"-- <bind>\n", b"-- </bind>\n"
 _BIND_FUNCTION = b"""local P, DIR, XZ, CNT, TMP, PENDING, EPFX, BPFX
 local function bind(keys)
@@ -52,12 +79,14 @@ end
 
 @dataclass(frozen=True, slots=True)
 class Script:
-    """One Lua script: its name, full source, SHA1 (hex, as bytes) and function name."""
+    """One Lua script: its name, full source (with its ``#!lua`` shebang), SHA1 (hex, as
+    bytes), function name and Redis script flags."""
 
     name: str
     source: bytes
     sha: bytes
     function: bytes
+    flags: tuple[str, ...] = ()
 
 
 def _load() -> tuple[dict[str, Script], bytes]:
@@ -65,20 +94,28 @@ def _load() -> tuple[dict[str, Script], bytes]:
     lib = folder.joinpath("_lib.lua").read_bytes()
     bodies = {name: folder.joinpath(f"{name}.lua").read_bytes() for name in _NAMES}
     # The tag names the library: it covers every byte the library is built from.
-    tag = hashlib.sha1(_BIND_FUNCTION + lib + b"".join(bodies.values())).hexdigest()[:12]  # noqa: S324
+    tag = hashlib.sha1(  # noqa: S324
+        repr(sorted(FLAGS.items())).encode() + _BIND_FUNCTION + lib + b"".join(bodies.values())
+    ).hexdigest()[:12]
     start, end = lib.index(_BIND_START), lib.index(_BIND_END) + len(_BIND_END)
     parts = [b"#!lua name=fleetmem_" + tag.encode() + b"\n", lib[:start], _BIND_FUNCTION, lib[end:]]
     scripts: dict[str, Script] = {}
     for name, body in bodies.items():
-        source = lib + body
+        flags = FLAGS.get(name, ())
+        shebang = b"#!lua flags=" + ",".join(flags).encode() if flags else b"#!lua"
+        source = shebang + b"\n" + lib + body
         function = f"fm_{tag}_{name}".encode()
         sha = hashlib.sha1(source).hexdigest().encode()  # noqa: S324
-        scripts[name] = Script(name, source, sha, function)
+        scripts[name] = Script(name, source, sha, function, flags)
         parts.append(
-            b"redis.register_function('" + function + b"', function(KEYS, ARGV)\nbind(KEYS)\n"
+            b"redis.register_function{function_name='"
+            + function
+            + b"', callback=function(KEYS, ARGV)\nbind(KEYS)\n"
         )
         parts.append(body)
-        parts.append(b"\nend)\n")
+        parts.append(
+            b"\nend, flags={" + b", ".join(b"'" + f.encode() + b"'" for f in flags) + b"}}\n"
+        )
     return scripts, b"".join(parts)
 
 

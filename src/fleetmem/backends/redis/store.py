@@ -25,6 +25,12 @@ Failure handling: each call runs under a deadline (``timeout``, default 2 s) wit
 retry switched off. Reads, and writes that provably never left the client (the connection could
 not be opened), are retried ``retries`` times within that deadline; a write whose connection
 died or timed out while in flight raises :class:`~fleetmem.errors.OutcomeUnknownError`.
+
+A full server (``maxmemory`` reached under ``noeviction``) stays readable and deletable: the
+reads are ``no-writes`` scripts or plain commands, the deletes and the index upkeep of reads
+``allow-oom`` scripts (see ``scripts.py``). A write that would add data is refused by Redis
+before it runs and raises :class:`~fleetmem.errors.BackendUnavailableError` (nothing written),
+as PostgreSQL's "disk full" does.
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ _OPS_BATCH = 1000
 _SCAN_BUDGET = 5000
 #: Errors raised before a command was written to a socket (safe to retry, even for a write).
 _UNSENT = ("connecting to", "Timeout connecting", "Too many connections")
+#: What Redis says when a command is refused at maxmemory (a redis-py OutOfMemoryError, or a
+#: script error carrying it).
+_OOM = "command not allowed when used memory"
 _KIND = {b'"': "str", b"{": "dict", b"[": "list", b"t": "bool", b"f": "bool", b"n": "NoneType"}
 _UTC = timezone.utc
 
@@ -506,6 +515,12 @@ class RedisStore(BaseStore):
                 loaded = True
                 if not await self._load_library(args[0], deadline):
                     args = ("EVALSHA", _SHA_BY_FUNCTION[args[1]], *args[2:])
+            elif isinstance(exc, rexc.ResponseError) and (
+                isinstance(exc, rexc.OutOfMemoryError) or _OOM in str(exc)
+            ):
+                # Refused before it ran (a script that may add data is refused whole): nothing
+                # was written, and trying again cannot help until memory is freed.
+                raise self._full(args[0]) from exc
             elif isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not isinstance(
                 exc, rexc.RedisError
             ):
@@ -547,6 +562,10 @@ class RedisStore(BaseStore):
             await asyncio.wait_for(
                 self._client.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY), remaining
             )
+        except rexc.OutOfMemoryError:
+            # A full server refuses FUNCTION LOAD: this call goes out as a script (a read or a
+            # delete still runs); the library is loaded by a call made once memory is free.
+            return False
         except rexc.ResponseError:
             # No FUNCTION command (Redis < 7) or not allowed for this user: use EVALSHA.
             self._functions = False
@@ -555,6 +574,15 @@ class RedisStore(BaseStore):
         except Exception as exc:
             raise self._unavailable(what, exc) from exc
         return True
+
+    def _full(self, what: Any) -> BackendUnavailableError:
+        name = what.decode() if isinstance(what, bytes) else str(what)
+        where = redact_url(self._url) if self._url is not None else "injected client"
+        return BackendUnavailableError(
+            f"Redis ({where}) is full (used memory > maxmemory, nothing it may evict): it "
+            f"refused the write ({name}); nothing was written. Reads and deletes still work: "
+            "delete entries, or raise maxmemory"
+        )
 
     def _unavailable(
         self, what: Any, exc: BaseException, *, in_flight: bool = False
