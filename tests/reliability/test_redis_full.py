@@ -1,8 +1,9 @@
-"""RedisStore on a full Redis (``maxmemory`` under ``noeviction``).
+"""RedisStore on a full Redis (``maxmemory`` under ``noeviction``) and on evicting policies.
 
 A full store must stay readable and deletable (every read path answers, every delete frees
-memory, writes work again once memory is free), and a write that would add data is refused
-with ``BackendUnavailableError`` and changes nothing.
+memory, writes work again once memory is free), a write that would add data is refused with
+``BackendUnavailableError`` and changes nothing, and ``connect()`` refuses a server whose
+eviction policy may drop fleetmem's keys unless ``allow_eviction=True``.
 
 Every server here is started by the harness (``fleetmem_redis_factory``) or is the harness's
 Cluster, whose settings are restored; the machine's own Redis is never touched. Numbers are
@@ -12,6 +13,7 @@ printed (``pytest -s``) for docs/reliability.md.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 
 from fleetmem import (
     BackendUnavailableError,
+    ConfigurationError,
     KeyNotFoundError,
     OutcomeUnknownError,
 )
@@ -283,6 +286,101 @@ async def test_a_full_store_that_lost_its_function_library_still_reads_and_delet
     assert await store.clear() == len(keys) - len(keys) // 2 + 1
 
 
+# -------------------------------------------------------------------- the eviction policy
+
+
+@pytest.fixture(scope="module")
+def policy_server(fleetmem_redis_factory: Callable[..., Any]) -> Any:
+    return fleetmem_redis_factory(extra_args=["--maxmemory", "64mb"])
+
+
+@pytest.fixture
+async def policy_admin(policy_server: Any) -> AsyncIterator[Any]:
+    client = aioredis.Redis.from_url(policy_server.url)
+    try:
+        yield client
+    finally:
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.aclose()
+
+
+@pytest.mark.parametrize("policy", EVICTING)
+async def test_connect_refuses_a_policy_that_may_evict(
+    policy: str, policy_server: Any, policy_admin: Any
+) -> None:
+    await policy_admin.config_set("maxmemory-policy", policy)
+    store = RedisStore.from_url(policy_server.url, namespace="policy")
+    try:
+        with pytest.raises(ConfigurationError) as info:
+            await store.connect()
+        message = str(info.value)
+        assert repr(policy) in message and "noeviction" in message
+        assert "allow_eviction=True" in message
+        # A store used without connect() meets the same refusal on every call.
+        for _ in range(2):
+            with pytest.raises(ConfigurationError):
+                await store.set("k", 1)
+    finally:
+        await store.close()
+    assert await policy_admin.exists("fm:{policy}:e:k") == 0
+
+    allowed = await RedisStore.from_url(
+        policy_server.url, namespace="policy", allow_eviction=True
+    ).connect()
+    try:
+        assert (await allowed.set("k", 1)).version == 1
+        assert await allowed.get("k") == 1
+        assert await allowed.clear() == 1
+    finally:
+        await allowed.close()
+
+
+async def test_connect_accepts_noeviction_and_checks_an_injected_client(
+    policy_server: Any, policy_admin: Any
+) -> None:
+    async with RedisStore.from_url(policy_server.url, namespace="policy") as store:
+        assert (await store.set("k", 1)).version == 1
+        assert await store.delete("k") is True
+    await policy_admin.config_set("maxmemory-policy", "volatile-lru")
+    client = aioredis.Redis.from_url(policy_server.url)
+    try:
+        with pytest.raises(ConfigurationError, match="volatile-lru"):
+            await RedisStore(client=client, namespace="policy").connect()
+        injected = await RedisStore(
+            client=client, namespace="policy", allow_eviction=True
+        ).connect()
+        assert await injected.get("k") is None
+        await injected.close()
+        assert await client.ping() is True  # an injected client is never closed by the store
+    finally:
+        await client.aclose()
+
+
+async def test_the_policy_is_read_from_info_when_config_is_refused(
+    fleetmem_redis_factory: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    acl = ["~*", "&*", "+@all", "-config"]
+    server = fleetmem_redis_factory(
+        extra_args=[
+            "--maxmemory-policy",
+            "allkeys-lru",
+            *("--user", "noconfig", "on", ">pw", *acl),
+            *("--user", "noinfo", "on", ">pw", *acl, "-info"),
+        ]
+    )
+    noconfig = server.url.replace("redis://", "redis://noconfig:pw@")
+    with pytest.raises(ConfigurationError, match="allkeys-lru"):
+        await RedisStore.from_url(noconfig, namespace="acl").connect()
+    # Neither CONFIG nor INFO: the policy cannot be known; a loud warning, not a refusal.
+    noinfo = server.url.replace("redis://", "redis://noinfo:pw@")
+    with caplog.at_level(logging.WARNING, logger="fleetmem.redis"):
+        async with RedisStore.from_url(noinfo, namespace="acl", cluster=False) as store:
+            assert (await store.set("k", 1)).version == 1
+            assert await store.clear() == 1
+    assert any("could not read maxmemory-policy" in r.getMessage() for r in caplog.records)
+    assert all("pw" not in r.getMessage() for r in caplog.records)
+
+
 # -------------------------------------------------------------------- Redis Cluster
 
 
@@ -297,6 +395,27 @@ async def cluster_admins(fleetmem_redis_cluster: Any) -> AsyncIterator[list[Any]
             await admin.config_set("maxmemory", "0")
             await admin.config_set("maxmemory-policy", "noeviction")
             await admin.aclose()
+
+
+@pytest.mark.cluster
+async def test_cluster_connect_checks_every_primary(
+    fleetmem_redis_cluster: Any, cluster_admins: list[Any]
+) -> None:
+    last = cluster_admins[-1]
+    await last.config_set("maxmemory-policy", "allkeys-lfu")
+    try:
+        with pytest.raises(ConfigurationError, match="allkeys-lfu") as info:
+            await RedisStore.from_url(fleetmem_redis_cluster.url, namespace="cpolicy").connect()
+        port = fleetmem_redis_cluster.nodes[-1][1]
+        assert f":{port}" in str(info.value)  # names the primary
+        allowed = await RedisStore.from_url(
+            fleetmem_redis_cluster.url, namespace="cpolicy", allow_eviction=True
+        ).connect()
+        assert (await allowed.set("k", 1)).version == 1
+        assert await allowed.clear() == 1
+        await allowed.close()
+    finally:
+        await last.config_set("maxmemory-policy", "noeviction")
 
 
 @pytest.mark.cluster

@@ -1,8 +1,36 @@
-"""RedisStore's script flags, without a server."""
+"""RedisStore's ``allow_eviction`` option and the script flags, without a server."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from fleetmem import ConfigurationError
+from fleetmem.backends.redis import RedisStore
 from fleetmem.backends.redis.scripts import FLAGS, LIBRARY, SCRIPTS
+
+#: Nothing listens there: a store that tried I/O would fail differently.
+URL = "redis://127.0.0.1:1/0"
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0, None, "False"])
+def test_allow_eviction_must_be_a_bool(value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="allow_eviction"):
+        RedisStore.from_url(URL, allow_eviction=value)
+
+
+def test_allow_eviction_of_an_injected_client_is_checked_too() -> None:
+    client = aioredis.Redis.from_url(URL)
+    with pytest.raises(ConfigurationError, match="allow_eviction"):
+        RedisStore(client=client, allow_eviction="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_allow_eviction_builds_without_io(value: bool) -> None:
+    store = RedisStore.from_url(URL, allow_eviction=value)
+    assert store.closed is False
 
 
 def test_reads_cannot_write_and_only_freeing_calls_run_at_maxmemory() -> None:

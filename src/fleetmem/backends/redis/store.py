@@ -30,12 +30,14 @@ A full server (``maxmemory`` reached under ``noeviction``) stays readable and de
 reads are ``no-writes`` scripts or plain commands, the deletes and the index upkeep of reads
 ``allow-oom`` scripts (see ``scripts.py``). A write that would add data is refused by Redis
 before it runs and raises :class:`~fleetmem.errors.BackendUnavailableError` (nothing written),
-as PostgreSQL's "disk full" does.
+as PostgreSQL's "disk full" does. ``connect()`` refuses a server whose ``maxmemory-policy``
+may evict fleetmem's keys (anything but ``noeviction``) unless ``allow_eviction=True``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -70,6 +72,8 @@ from fleetmem.protocol import Entry, StoreStats
 
 __all__ = ["RedisStore"]
 
+_log = logging.getLogger("fleetmem.redis")
+
 _SOURCE_BY_SHA = {s.sha: s.source for s in SCRIPTS.values()}
 _SHA_BY_FUNCTION = {s.function: s.sha for s in SCRIPTS.values()}
 _SET, _SET_IF_ABSENT, _CAS, _INCR = (
@@ -98,6 +102,9 @@ _UNSENT = ("connecting to", "Timeout connecting", "Too many connections")
 #: What Redis says when a command is refused at maxmemory (a redis-py OutOfMemoryError, or a
 #: script error carrying it).
 _OOM = "command not allowed when used memory"
+#: The only eviction policy under which Redis never drops a key by itself.
+_SAFE_POLICY = "noeviction"
+_POLICY_IN_INFO = re.compile(rb"maxmemory_policy:([a-z-]+)")
 _KIND = {b'"': "str", b"{": "dict", b"[": "list", b"t": "bool", b"f": "bool", b"n": "NoneType"}
 _UTC = timezone.utc
 
@@ -239,6 +246,23 @@ def _entry(key: str, raw: bytes, expires: int) -> Entry:
     )
 
 
+def _policy_of(reply: Any) -> str | None:
+    """``maxmemory-policy`` out of a ``CONFIG GET`` (dict or flat list) or ``INFO`` reply."""
+    if isinstance(reply, dict):
+        for name in ("maxmemory-policy", b"maxmemory-policy", "maxmemory_policy"):
+            if name in reply:
+                value = reply[name]
+                return value.decode() if isinstance(value, bytes) else str(value)
+        return None
+    if isinstance(reply, list) and len(reply) >= 2:
+        value = reply[1]
+        return value.decode() if isinstance(value, bytes) else str(value)
+    if isinstance(reply, (bytes, str)):
+        found = _POLICY_IN_INFO.search(reply if isinstance(reply, bytes) else reply.encode())
+        return found.group(1).decode() if found else None
+    return None
+
+
 def _secret(value: Any) -> str | None:
     if value is None:
         return None
@@ -267,6 +291,7 @@ class RedisStore(BaseStore):
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         timeout: float = 2.0,
         retries: int = 1,
+        allow_eviction: bool = False,
         _url: str | None = None,
         _cluster: bool | None = None,
         _client_options: dict[str, Any] | None = None,
@@ -276,6 +301,14 @@ class RedisStore(BaseStore):
             raise ConfigurationError(f"timeout must be a positive number, not {timeout!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ConfigurationError(f"retries must be an int >= 0, not {retries!r}")
+        if not isinstance(allow_eviction, bool):
+            raise ConfigurationError(
+                f"allow_eviction must be True or False, not {type(allow_eviction).__name__}"
+            )
+        #: True: any maxmemory-policy is accepted (a cache). False: connect() checks it.
+        self._allow_eviction = allow_eviction
+        #: The server's eviction policy has been checked (by connect(); shared with views).
+        self._policy_checked = False
         self._timeout = float(timeout)
         self._retries = retries
         self._url = _url
@@ -316,6 +349,7 @@ class RedisStore(BaseStore):
         connect_timeout: float | None = None,
         retries: int = 1,
         cluster: bool | None = None,
+        allow_eviction: bool = False,
         username: str | None = None,
         password: Any = None,
         max_connections: int | None = None,
@@ -333,6 +367,11 @@ class RedisStore(BaseStore):
         fits in the deadline without a timer of its own). ``retries`` is how many times a
         read (or a write that was never sent) is tried again within that deadline.
         ``cluster=None`` asks the server on ``connect()`` whether it is a Redis Cluster.
+        ``allow_eviction=False`` (the default) makes ``connect()`` refuse, with a
+        :class:`~fleetmem.errors.ConfigurationError`, a server whose ``maxmemory-policy`` is
+        not ``noeviction`` (on a Cluster: any primary's): such a server may drop entries and
+        index keys by itself, losing acknowledged writes silently. ``True`` accepts any
+        policy, for a Redis used as a cache (the hybrid tier's).
         ``username`` / ``password`` (a ``str`` or ``SecretStr``) override the URL's; the
         password never appears in a ``repr``, log line or error. ``ssl_*`` apply to
         ``rediss://``.
@@ -381,6 +420,7 @@ class RedisStore(BaseStore):
             max_value_bytes=max_value_bytes,
             timeout=timeout,
             retries=retries,
+            allow_eviction=allow_eviction,
             _url=url,
             _cluster=cluster,
             _client_options=options,
@@ -449,11 +489,72 @@ class RedisStore(BaseStore):
         return f" url={where!r}{kind} timeout={self._timeout}"
 
     async def connect(self) -> RedisStore:
+        """Reach the server (and find out whether it is a Cluster), then check its eviction
+        policy unless ``allow_eviction``. A store used without ``connect()`` connects on its
+        first call; an injected client is checked only by an explicit ``connect()``."""
         self._check_open()
-        if self._client is None:
+        detected = self._client is None
+        if detected:
             await self._detect_cluster()
         await self._exec(False, "PING")
+        if not self._allow_eviction and not self._policy_checked:
+            try:
+                await self._check_eviction_policy()
+            except ConfigurationError:
+                if detected and self._owns_client and self._client is not None:
+                    # Made by this connect(): drop it, so that a store used without
+                    # connect() meets the same refusal on its next call, not a working store.
+                    client, self._client, self._cluster = self._client, None, None
+                    self._refresh_calls()
+                    await client.aclose()
+                raise
+            self._policy_checked = True
         return self
+
+    async def _check_eviction_policy(self) -> None:
+        """Refuse a server (on a Cluster: any primary known now) that may evict keys."""
+        if self._cluster:
+            nodes: list[Any] = list(self._client.get_primaries())
+        else:
+            nodes = [None]
+        for node in nodes:
+            policy = await self._eviction_policy(node)
+            where = redact_url(self._url) if self._url is not None else "injected client"
+            if node is not None:
+                where += f", cluster primary {node.host}:{node.port}"
+            if policy is None:
+                _log.warning(
+                    "Redis (%s): could not read maxmemory-policy (CONFIG GET and INFO refused); "
+                    "fleetmem needs noeviction, or entries and index keys may be evicted",
+                    where,
+                )
+            elif policy != _SAFE_POLICY:
+                raise ConfigurationError(
+                    f"Redis ({where}) has maxmemory-policy {policy!r}: it may evict fleetmem's "
+                    "entries and index keys by itself, losing acknowledged writes silently "
+                    "and leaving keys()/stats() wrong. Set maxmemory-policy noeviction "
+                    "(redis.conf, or CONFIG SET maxmemory-policy noeviction), or pass "
+                    "allow_eviction=True if this Redis is a cache whose entries may vanish"
+                )
+
+    async def _eviction_policy(self, node: Any) -> str | None:
+        """The ``maxmemory-policy`` of the server (or Cluster ``node``), None if not allowed to
+        read it: ``CONFIG GET`` first, which managed services and ACLs often refuse, then
+        ``INFO memory``."""
+        options = {} if node is None else {"target_nodes": node}
+        for command in (("CONFIG GET", "maxmemory-policy"), ("INFO", "memory")):
+            try:
+                reply = await asyncio.wait_for(
+                    self._client.execute_command(*command, **options), self._timeout
+                )
+            except rexc.ResponseError:  # NOPERM, unknown (renamed) command
+                continue
+            except Exception as exc:
+                raise self._unavailable("connect", exc) from exc
+            policy = _policy_of(reply)
+            if policy is not None:
+                return policy
+        return None
 
     async def _detect_cluster(self) -> None:
         probe = self._make_client(False)
