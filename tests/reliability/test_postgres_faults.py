@@ -215,6 +215,32 @@ async def test_full_server_calls_wait_for_the_stores_idle_connection(
         await store.clear()
 
 
+async def test_full_server_an_injected_pool_waits_too(
+    pg_full_server: Any, fleetmem_namespace: str
+) -> None:
+    from fleetmem.backends.postgres import init_connection
+
+    pool = await asyncpg.create_pool(
+        pg_full_server.dsn, min_size=1, max_size=10, init=init_connection
+    )
+    try:
+        store = await PostgresStore(
+            pool=pool, namespace=fleetmem_namespace, acquire_timeout=5.0
+        ).connect()
+        store.set_coalescing(False)
+        await store.set("k", "v")
+        async with _fill(pg_full_server) as taken:
+            assert taken
+            gets = await asyncio.gather(
+                *(store.get("k") for _ in range(50)), return_exceptions=True
+            )
+            assert gets == ["v"] * 50, [g for g in gets if g != "v"][:3]
+        await store.clear()
+        await store.close()
+    finally:
+        await pool.close()
+
+
 async def test_full_server_a_freed_slot_is_taken_by_a_waiting_call(
     pg_full_server: Any, fleetmem_namespace: str
 ) -> None:

@@ -294,15 +294,20 @@ class _ConnectionPool:
             if conn is not None:
                 return conn
             now = time.monotonic()
-            if now >= deadline:
+            refusing = self.refusal is not None
+            if refusing and now >= deadline:
                 raise self._refused_error()
             if now >= self.retry_at:
-                if self.refusal is not None:
+                if refusing:
                     # While the server refuses, one try per backoff interval, not one per
                     # waiter: the others wait for its outcome or for a connection.
                     self.retry_at = now + self.backoff * (0.5 + random.random())
+                # Until the server is known to refuse, an open gets acquire_timeout of its own
+                # (the caller may have spent the deadline in the gate's queue): a caller is
+                # never failed without one attempt to connect.
+                timeout = min(self.timeout, deadline - now) if refusing else self.timeout
                 try:
-                    conn = await self.open(min(self.timeout, deadline - now))
+                    conn = await self.open(timeout)
                 except asyncpg.TooManyConnectionsError as exc:
                     if self.refusal is None:
                         self.retry_at = time.monotonic() + self.backoff * (0.5 + random.random())
