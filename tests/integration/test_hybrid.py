@@ -7,10 +7,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from fleetmem import open_store
+from fleetmem import OutcomeUnknownError, open_store
 from fleetmem.backends.hybrid import HybridStore
 from fleetmem.testing import connected_store
 from fleetmem.testing.servers import PostgresServer, RedisServer, find_free_port
@@ -414,3 +415,60 @@ async def test_a_cold_get_many_reads_postgresql_once_per_call_and_fills(
     assert hybrid.metrics.durable_reads == reads + 3
     entry = await hybrid.get_entry("many/0042")
     assert entry is not None and entry.value == {"i": 42} and entry.version == 1
+
+
+async def test_a_write_whose_outcome_is_unknown_still_retires_the_cached_copy(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+    fleetmem_proxy: Any,
+) -> None:
+    """The connection dies after PostgreSQL committed but before its reply: the write raises
+    OutcomeUnknownError, and the copy it replaced is retired all the same, so no process reads
+    the old value once the new one is durable."""
+    pg = fleetmem_postgres_server
+    proxy = await fleetmem_proxy(pg.host, pg.port)
+    host, port = proxy.address
+    proxied = pg.dsn.replace(f"@{pg.host}:{pg.port}/", f"@{host}:{port}/")
+    options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 60.0}
+    writer = HybridStore.from_urls(
+        proxied,
+        fleetmem_redis_server.url,
+        postgres_options={"min_size": 1, "max_size": 1},
+        **options,
+    )
+    reader = HybridStore.from_urls(pg.dsn, fleetmem_redis_server.url, **options)
+    async with writer, reader:
+        for _ in range(2):  # the statement prepared on the writer's one connection
+            await writer.set("k", "old")
+        assert await reader.get("k") == "old"
+        assert await reader.get("k") == "old"
+        assert reader.metrics.hits >= 1  # cached
+        # Hold the row, let the write queue behind it, then cut the replies and let it go: the
+        # write commits, and its answer never arrives.
+        lock = await asyncpg.connect(pg.dsn)
+        try:
+            tx = lock.transaction()
+            await tx.start()
+            await lock.execute(
+                "SELECT 1 FROM fleetmem.entries WHERE namespace = $1 AND key = 'k' FOR UPDATE",
+                fleetmem_namespace,
+            )
+            write = asyncio.create_task(writer.set("k", "new"))
+            deadline = time.monotonic() + 30
+            while not await lock.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            ):
+                assert time.monotonic() < deadline, "the write never queued behind the lock"
+                await asyncio.sleep(0.01)
+            proxy.cut_replies_after(0)
+            await tx.rollback()
+            with pytest.raises(OutcomeUnknownError):
+                await write
+        finally:
+            await lock.close()
+        proxy.heal()
+        assert await reader.durable.get("k") == "new"  # it did commit
+        assert await reader.get("k") == "new"  # and the old copy is gone
+        await reader.clear()

@@ -606,11 +606,12 @@ class HybridStore(BaseStore):
         ``epoch.lua`` publishes the durable epoch when it is ahead of the published one (or
         that is missing), and asks for a higher one when the published epoch is from before a
         restart of Redis or ahead of the durable one (a durable store restored or cleared): the
-        durable epoch is then raised past it first. So the published epoch never goes backwards, never
-        stays where it cannot be trusted, and PostgreSQL is written only when Redis lost or
-        outran its epoch. The epoch goes out before the scripts: until they are loaded every
-        reader of this namespace gets NOSCRIPT and comes here too. Nothing is published while a
-        writer holds the namespace's cache bypass, nor while the breaker is open.
+        durable epoch is then raised past it first. So the published epoch never goes
+        backwards, never stays where it cannot be trusted, and PostgreSQL is written only when
+        Redis restarted or outran the durable epoch. The epoch goes out before the scripts:
+        until they are loaded every reader of this namespace gets NOSCRIPT and comes here too.
+        Nothing is published while a writer holds the namespace's cache bypass, nor while the
+        breaker is open.
         """
         state = self._state
         if state.breaker.blocked():
@@ -785,9 +786,17 @@ class HybridStore(BaseStore):
         if wait > 0:
             await asyncio.sleep(wait)
 
-    async def _durable_call(self, coro: Any) -> Any:
+    async def _durable_call(self, coro: Any, written: list[str] | None = None) -> Any:
+        """Await a durable call; note PostgreSQL failing. ``written``: the keys of a write, whose
+        cached copies are retired also when its outcome is unknown (it may have committed)."""
         try:
             result = await coro
+        except OutcomeUnknownError:
+            self._state.durable_down = True
+            if written:
+                with contextlib.suppress(BackendUnavailableError):
+                    await self._invalidate(written)
+            raise
         except BackendUnavailableError:
             self._state.durable_down = True
             raise
@@ -1131,14 +1140,14 @@ class HybridStore(BaseStore):
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
     ) -> EntryMeta:
         meta: EntryMeta = await self._durable_call(
-            self._durable._set(key, payload, ttl_ms, partition, keep_ttl)
+            self._durable._set(key, payload, ttl_ms, partition, keep_ttl), [key]
         )
         await self._invalidate([key])
         return meta
 
     async def _set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
         results: list[EntryMeta | BaseException] = await self._durable_call(
-            self._durable._set_batch(ops)
+            self._durable._set_batch(ops), [op.key for op in ops]
         )
         written = [
             op.key for op, r in zip(ops, results, strict=True) if not isinstance(r, BaseException)
@@ -1149,7 +1158,7 @@ class HybridStore(BaseStore):
 
     async def _delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
         results: list[bool | BaseException] = await self._durable_call(
-            self._durable._delete_batch(keys)
+            self._durable._delete_batch(keys), keys
         )
         await self._invalidate(keys)
         return results
@@ -1180,7 +1189,7 @@ class HybridStore(BaseStore):
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
     ) -> bool:
         wrote: bool = await self._durable_call(
-            self._durable._set_if_absent(key, payload, ttl_ms, partition)
+            self._durable._set_if_absent(key, payload, ttl_ms, partition), [key]
         )
         if wrote:
             await self._invalidate([key])
@@ -1190,7 +1199,7 @@ class HybridStore(BaseStore):
         self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
     ) -> EntryMeta:
         meta: EntryMeta = await self._durable_call(
-            self._durable._compare_and_set(key, payload, version, ttl_ms, partition)
+            self._durable._compare_and_set(key, payload, version, ttl_ms, partition), [key]
         )
         await self._invalidate([key])
         return meta
@@ -1199,23 +1208,23 @@ class HybridStore(BaseStore):
         self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
     ) -> int | float:
         result: int | float = await self._durable_call(
-            self._durable._incr(key, amount, ttl_ms, partition)
+            self._durable._incr(key, amount, ttl_ms, partition), [key]
         )
         await self._invalidate([key])
         return result
 
     async def _delete(self, key: str) -> bool:
-        existed: bool = await self._durable_call(self._durable._delete(key))
+        existed: bool = await self._durable_call(self._durable._delete(key), [key])
         await self._invalidate([key])
         return existed
 
     async def _delete_many(self, keys: list[str]) -> int:
-        count: int = await self._durable_call(self._durable._delete_many(keys))
+        count: int = await self._durable_call(self._durable._delete_many(keys), keys)
         await self._invalidate(keys)
         return count
 
     async def _expire(self, key: str, ttl_ms: int | None) -> bool:
-        existed: bool = await self._durable_call(self._durable._expire(key, ttl_ms))
+        existed: bool = await self._durable_call(self._durable._expire(key, ttl_ms), [key])
         if existed:
             await self._invalidate([key])
         return existed
