@@ -481,7 +481,9 @@ class HybridStore(BaseStore):
         self._check_open()
         await self._durable_root.connect()
         try:
-            await asyncio.wait_for(self._cache.connect(), self._deadline * 4)
+            # Connecting is not on any call's path: a busy host may take a while to make the
+            # client's first connections (a Cluster client makes one per primary).
+            await asyncio.wait_for(self._cache.connect(), max(self._deadline * 4, 3.0))
         except Exception as exc:  # the cache is optional: degrade, never fail
             log.warning("hybrid cache unavailable at connect: %s", type(exc).__name__)
             self._state.breaker.failure()
