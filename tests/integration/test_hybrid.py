@@ -472,3 +472,26 @@ async def test_a_write_whose_outcome_is_unknown_still_retires_the_cached_copy(
         assert await reader.durable.get("k") == "new"  # it did commit
         assert await reader.get("k") == "new"  # and the old copy is gone
         await reader.clear()
+
+
+async def test_an_injected_cache_store_may_sit_on_an_evicting_redis(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_factory: Any,
+    fleetmem_namespace: str,
+) -> None:
+    """A RedisStore refuses a Redis that may evict its entries; as the hybrid's cache it must
+    not (eviction is a miss there), also when the user built the RedisStore."""
+    from fleetmem.backends.postgres import PostgresStore
+    from fleetmem.backends.redis import RedisStore
+
+    rs = fleetmem_redis_factory(extra_args=["--maxmemory-policy", "allkeys-lru"])
+    store = HybridStore(
+        PostgresStore.from_url(fleetmem_postgres_server.dsn, namespace=fleetmem_namespace),
+        RedisStore.from_url(rs.url, namespace=fleetmem_namespace),
+        owns_tiers=True,
+    )
+    async with store:
+        await store.set("k", 1)
+        assert [await store.get("k") for _ in range(3)] == [1, 1, 1]
+        assert store.metrics.hits == 2 and store.metrics.cache_errors == 0
+        await store.clear()

@@ -390,6 +390,10 @@ class HybridStore(BaseStore):
             raise ConfigurationError("cache must be a RedisStore")
         self._durable_root = durable
         self._cache = cache
+        if hasattr(cache, "_allow_eviction"):
+            # Used as a cache, Redis may evict: a lost copy is a miss, a lost epoch key is
+            # published again, an evicted lease voids its fill (see _cache_client_options).
+            cache._allow_eviction = True
         track = getattr(cache, "_track_run_ids", None)
         self._run_ids = bool(track()) if track is not None else False
         self._cache_ttl_ms = int(cache_ttl * 1000)
