@@ -105,13 +105,13 @@ async def finish(
     print(report.summary(name))
     for fault in history.faults:
         print(f"    t={fault.time - history.start:5.2f} s  {fault.description}")
-    assert report.stale_reads == 0, report.describe()
-    assert report.lost_writes == 0, report.describe()
-    assert report.impossible_reads == 0, report.describe()
+    assert report.stale_reads == 0, report.describe(name=name)
+    assert report.lost_writes == 0, report.describe(name=name)
+    assert report.impossible_reads == 0, report.describe(name=name)
     if durable is not None:
         in_postgres = check_history(history.ops, await final_values(durable, keys))
-        assert in_postgres.lost_writes == 0, in_postgres.describe()
-        assert in_postgres.impossible_reads == 0, in_postgres.describe()
+        assert in_postgres.lost_writes == 0, in_postgres.describe(name=f"{name}, PostgreSQL")
+        assert in_postgres.impossible_reads == 0, in_postgres.describe(name=f"{name}, PostgreSQL")
     return report
 
 

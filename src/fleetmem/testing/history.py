@@ -193,9 +193,9 @@ class HistoryReport:
             f"impossible reads {self.impossible_reads}, read regressions {self.read_regressions}"
         )
 
-    def describe(self, limit: int = 10) -> str:
+    def describe(self, limit: int = 10, name: str = "history") -> str:
         """The summary and the first ``limit`` anomalies, one per line."""
-        lines = [self.summary()]
+        lines = [self.summary(name)]
         lines += [f"  {anomaly}" for anomaly in self.anomalies[:limit]]
         if len(self.anomalies) > limit:
             lines.append(f"  ... and {len(self.anomalies) - limit} more")
