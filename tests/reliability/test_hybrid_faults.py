@@ -545,3 +545,145 @@ async def test_a_full_cache_serves_fresh_values_without_writing_the_epoch(
             await store.clear()
     finally:
         await client.aclose()
+
+
+# Interleavings that once let a read that started after an acknowledged write return the value
+# it replaced. Each is made deterministic by delaying one step of a real store (the servers are
+# real); each failed before its fix.
+
+
+class _SlowConfirmation:
+    """The reader's view of the epoch namespace: ``get_many`` takes its snapshot, then its
+    answer is held back (a slow network), once, when armed."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay, self.armed = inner, delay, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get_many(self, keys: list[str]) -> Any:
+        found = await self.inner.get_many(keys)
+        if self.armed:
+            self.armed = False
+            await asyncio.sleep(self.delay)
+        return found
+
+
+class _SlowHit:
+    """The lone cache read of a store: Redis answers, then the answer is held back once."""
+
+    def __init__(self, store: HybridStore, delay: float) -> None:
+        self.original, self.delay, self.armed = store._hit_or_lease, delay, False
+
+    async def __call__(self, *args: Any) -> Any:
+        item = await self.original(*args)
+        if self.armed:
+            self.armed = False
+            await asyncio.sleep(self.delay)
+        return item
+
+
+async def test_a_late_confirmation_is_not_joined_after_an_acknowledged_write(
+    tiers: tuple[PostgresServer, RedisServer], fleetmem_namespace: str
+) -> None:
+    """A background confirmation of the epoch, sent before a cut-off writer's bump and
+    answered after its acknowledgement, must not be what a later read trusts."""
+    pg, rs = tiers
+    writer = make_hybrid(pg, rs, fleetmem_namespace, trust_window=0.5, breaker_cooldown=60)
+    reader = make_hybrid(pg, rs, fleetmem_namespace, trust_window=0.5)
+    async with writer, reader:
+        await writer.set("k", "old")
+        assert await reader.get("k") == "old"
+        assert await reader.get("k") == "old" and reader.metrics.hits >= 1
+        slow = _SlowConfirmation(reader._epochs, 2.0)
+        reader._epochs = slow  # type: ignore[assignment]
+        trust = reader._state.trust[fleetmem_namespace]
+        await asyncio.sleep(max(0.0, trust.refresh_at - time.monotonic()) + 0.01)
+        slow.armed = True
+        assert await reader.get("k") == "old"  # starts the background confirmation
+        await asyncio.sleep(0.05)  # which took its snapshot: epoch E, no bypass mark
+        writer._state.breaker.failure()  # the writer cannot reach Redis
+        writer._state.breaker.failure()
+        await writer.set("k", "new")  # mark, bump, wait one window, acknowledge
+        assert writer.metrics.bypasses == 1
+        assert await reader.get("k") == "new"
+
+
+async def test_clear_retires_reads_that_started_while_it_ran(
+    tiers: tuple[PostgresServer, RedisServer], fleetmem_namespace: str
+) -> None:
+    """A read concurrent with clear() may see the old value; a read after clear() returned
+    must not, even by joining that one."""
+    pg, rs = tiers
+    store = make_hybrid(pg, rs, fleetmem_namespace, trust_window=5)
+    async with store:
+        await store.set("k", "old")
+        assert await store.get("k") == "old"
+        assert await store.get("k") == "old" and store.metrics.hits >= 1
+        hit = _SlowHit(store, 1.0)
+        store._hit_or_lease = hit  # type: ignore[method-assign, assignment]
+        real = store._epochs
+        concurrent: list[asyncio.Task[Any]] = []
+
+        class Epochs:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            async def incr(self, *args: Any) -> Any:
+                hit.armed = True
+                concurrent.append(asyncio.create_task(store.get("k")))
+                await asyncio.sleep(0.05)
+                return await real.incr(*args)
+
+        store._epochs = Epochs()  # type: ignore[assignment]
+        await store.clear()
+        store._epochs = real
+        assert await store.get("k") is None
+        await asyncio.gather(*concurrent)
+
+
+async def test_a_read_does_not_join_one_sent_before_another_processs_write(
+    tiers: tuple[PostgresServer, RedisServer], fleetmem_namespace: str
+) -> None:
+    """Single flight within a process must not carry an answer across a write another process
+    acknowledged between that answer's request and this read's start."""
+    pg, rs = tiers
+    writer = make_hybrid(pg, rs, fleetmem_namespace)
+    reader = make_hybrid(pg, rs, fleetmem_namespace)
+    async with writer, reader:
+        await writer.set("k", "old")
+        assert await reader.get("k") == "old"
+        assert await reader.get("k") == "old"
+        hit = _SlowHit(reader, 0.5)
+        reader._hit_or_lease = hit  # type: ignore[method-assign, assignment]
+        hit.armed = True
+        first = asyncio.create_task(reader.get("k"))
+        await asyncio.sleep(0.05)  # it read "old" from Redis; its answer is slow
+        await writer.set("k", "new")  # deleted from Redis, acknowledged
+        assert await reader.get("k") == "new"
+        assert await first in ("old", "new")
+
+
+async def test_a_cancelled_write_that_committed_is_retired(
+    tiers: tuple[PostgresServer, RedisServer], fleetmem_namespace: str
+) -> None:
+    """A caller's timeout after COMMIT (here while Redis holds writes back) cancels the write;
+    its invalidation runs to its end all the same."""
+    pg, rs = tiers
+    writer = make_hybrid(pg, rs, fleetmem_namespace)
+    reader = make_hybrid(pg, rs, fleetmem_namespace)
+    admin = aioredis.from_url(rs.url)
+    try:
+        async with writer, reader:
+            await writer.set("k", "old")
+            assert await reader.get("k") == "old"
+            assert await reader.get("k") == "old"
+            await admin.client_pause(400, all=False)  # writes held back 400 ms
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(writer.set("k", "new"), 0.15)
+            await asyncio.sleep(0.5)
+            assert await reader.durable.get("k") == "new"
+            assert await reader.get("k") == "new"
+    finally:
+        await admin.aclose()

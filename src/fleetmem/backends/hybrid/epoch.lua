@@ -1,27 +1,30 @@
 -- Bring a namespace's published epoch in line with the durable one. KEYS[1] = the epoch key
 -- (holds "<epoch>|", the prefix of every value cached under it), KEYS[2] = the key naming the
 -- server it was published on (its run_id); ARGV[1] = the durable epoch D the caller has just
--- read from PostgreSQL.
+-- read from PostgreSQL; ARGV[2] = '1' when D comes from the caller's own increment just now
+-- (so nothing was ever cached under it).
 -- Returns {0, D}: already published on this very server (nothing to do); {1, D}: D published
 -- now (it was ahead of the published epoch, which retires every value cached before, or the
--- epoch key was missing: evicted or deleted while its values stay valid, since every event
--- that can make a cached value stale raises the durable epoch);
+-- epoch key was missing, on a server whose run_id is the one stored (evicted or deleted while
+-- its values stay valid, since every event that can make a cached value stale raises the
+-- durable epoch) or with D fresh);
 -- {2, N}: the caller must first raise the durable epoch to at least N, then call again. That
--- is the case when the published epoch equals D on a server that restarted (old data from its
--- persistence may be back: the stored run_id is not this server's), or is AHEAD of D
--- (the durable epoch went backwards: restored from a backup, or cleared): publishing D then
--- would revive values cached under D long ago. The published epoch never moves backwards,
--- and never stays put when it cannot be trusted. A server that does not tell its run_id is
--- never taken as unchanged.
+-- is the case when the published epoch is missing or equals D on a server that restarted
+-- (old data from its persistence may be back: the stored run_id is not this server's), or is
+-- AHEAD of D (the durable epoch went backwards: restored from a backup, or cleared):
+-- publishing D then would revive values cached under D long ago. The published epoch never
+-- moves backwards, and never stays put when it cannot be trusted. A server that does not tell
+-- its run_id is never taken as unchanged.
 local d = tonumber(ARGV[1])
 local info = redis.pcall('INFO', 'server')
 local id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
 local cur = redis.call('GET', KEYS[1])
 local published = cur and tonumber(string.sub(cur, 1, -2))
-if published and published == d and id ~= '' and redis.call('GET', KEYS[2]) == id then
+local on_this_server = id ~= '' and redis.call('GET', KEYS[2]) == id
+if published == d and on_this_server then
   return {0, d}
 end
-if not published or published < d then
+if (published and published < d) or (not published and (on_this_server or ARGV[2] == '1')) then
   redis.call('SET', KEYS[1], ARGV[1] .. '|')
   redis.call('SET', KEYS[2], id)
   return {1, d}

@@ -43,11 +43,11 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from importlib import resources
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 
@@ -68,6 +68,13 @@ _READ_CHUNK = 500
 # secrets.token_hex on the read path, and as unguessable as a lease needs to be.
 _TOKEN_PREFIX = secrets.token_hex(6)
 _token_counter = itertools.count()
+
+
+_T = TypeVar("_T")
+
+
+def _always(_result: Any) -> bool:
+    return True
 
 
 def _token() -> str:
@@ -106,13 +113,24 @@ class _LeaderGone(Exception):
     """The caller leading a single-flight load was cancelled; the others load again."""
 
 
-class _Flight:
-    """A read in flight; its future is made only when a second reader joins."""
+#: Orders the reads of a process: a reader takes a number when it starts, a read in flight one
+#: each time it sends the request whose answer it will return.
+_sequence = itertools.count()
 
-    __slots__ = ("future",)
+
+class _Flight:
+    """A read in flight; its future is made only when a second reader joins.
+
+    ``source`` numbers the request whose answer the read returns (from ``_sequence``). A reader
+    that joined takes that answer only if the request went out after the reader began: an
+    answer to an earlier request may predate a write another process acknowledged since.
+    """
+
+    __slots__ = ("future", "source")
 
     def __init__(self) -> None:
         self.future: asyncio.Future[bytes] | None = None
+        self.source = -1
 
     def join(self) -> asyncio.Future[bytes]:
         """The future a joining reader waits on. Take it before any await: the reader in
@@ -260,8 +278,11 @@ class _Shared:
     dirty: set[str] = field(default_factory=set)
     #: namespace -> its durable epoch as last confirmed (see ``_Trust``).
     trust: dict[str, _Trust] = field(default_factory=dict)
-    #: namespace -> the confirmation in flight (single flight).
+    #: namespace -> the confirmation in flight (single flight), and when it was started.
     confirming: dict[str, asyncio.Future[_Trust]] = field(default_factory=dict)
+    confirm_sent: dict[str, float] = field(default_factory=dict)
+    #: Retiring of cached copies still running after the write that started it ended.
+    retiring: set[asyncio.Future[None]] = field(default_factory=set)
     #: namespace -> this process's cache bypass, once it needed one.
     bypasses: dict[str, _Bypass] = field(default_factory=dict)
     durable_down: bool = False
@@ -273,6 +294,16 @@ class _Shared:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
+
+
+def _sent(flights: dict[str, _Flight] | None, keys: list[str]) -> None:
+    """The reads of ``keys`` send their request now."""
+    if flights:
+        number = next(_sequence)
+        for key in keys:
+            flight = flights.get(key)
+            if flight is not None:
+                flight.source = number
 
 
 def _us(dt: datetime | None) -> int | None:
@@ -499,6 +530,8 @@ class HybridStore(BaseStore):
     async def _aclose(self) -> None:
         for future in list(self._state.confirming.values()):
             future.cancel()  # a background confirmation must not outlive the store
+        if self._state.retiring:  # retiring copies of committed writes: let it finish
+            await asyncio.wait(list(self._state.retiring), timeout=self._trust_window + 5)
         if self._owns_tiers:
             try:
                 await self._cache.close()
@@ -557,10 +590,15 @@ class HybridStore(BaseStore):
         now = time.monotonic()
         if trust is not None and now < trust.until:
             if now >= trust.refresh_at and self._namespace not in self._state.confirming:
-                self._confirm()  # ahead of time, without waiting for it
+                self._confirm(now)  # ahead of time, without waiting for it
             return trust
         try:
-            return await asyncio.shield(self._confirm())
+            # Only a confirmation still valid at ``now`` will do: one sent long ago (a
+            # background refresh whose answer is late) may predate a write acknowledged since.
+            while True:
+                confirmed = await asyncio.shield(self._confirm(now))
+                if confirmed.until > now:
+                    return confirmed
         except BackendUnavailableError:
             if not self._allow_stale or trust is None:
                 raise
@@ -569,12 +607,14 @@ class HybridStore(BaseStore):
             trust.until = trust.refresh_at = time.monotonic() + self._trust_window
             return trust
 
-    def _confirm(self) -> asyncio.Future[_Trust]:
-        """Read the durable epoch and bypass mark (single flight per namespace)."""
+    def _confirm(self, now: float) -> asyncio.Future[_Trust]:
+        """Read the durable epoch and bypass mark (single flight per namespace: a read sent
+        within the last window is joined, an older one is not)."""
         state = self._state
         ns = self._namespace
         future = state.confirming.get(ns)
-        if future is None:
+        if future is None or state.confirm_sent[ns] + self._trust_window <= now:
+            state.confirm_sent[ns] = time.monotonic()
             future = state.confirming[ns] = asyncio.ensure_future(self._read_trust())
 
             def done(f: asyncio.Future[_Trust]) -> None:
@@ -627,6 +667,7 @@ class HybridStore(BaseStore):
             return False
         try:
             trust = await self._read_trust()
+            fresh = False
             for _attempt in range(5):
                 if trust.bypass:
                     return False
@@ -637,16 +678,18 @@ class HybridStore(BaseStore):
                     self._epoch_key,
                     self._run_id_key,
                     trust.epoch,
+                    "1" if fresh else "0",
                 )
                 if int(code) != 2:
                     break
                 # Raise the durable epoch past the published one, then confirm it again: a
                 # writer may have marked a bypass meanwhile.
-                await self._durable_call(
+                bumped = await self._durable_call(
                     self._epochs.incr(self._epoch_name, max(1, int(epoch) - trust.epoch))
                 )
                 state.metrics.epoch_bumps += 1
                 trust = await self._read_trust()
+                fresh = trust.epoch >= bumped
             else:
                 return False
             # "SCRIPT LOAD" as one name: a cluster client sends it to every primary.
@@ -774,11 +817,13 @@ class HybridStore(BaseStore):
             bypass = state.bypasses[ns] = _Bypass()
         try:
             async with bypass.lock:
-                now = time.monotonic()
-                if now >= bypass.valid_until - self._bypass_ttl / 2:
+                held_until = bypass.valid_until
+                if time.monotonic() >= held_until - self._bypass_ttl / 2:
                     sent = time.monotonic()
                     await self._epochs.set(self._bypass_name, True, ttl=self._bypass_ttl)
-                    if now >= bypass.valid_until:  # none held: retire the cache, then wait
+                    # None held, or the renewal may have landed after the mark lapsed (a reader
+                    # may have published and filled in between): retire the cache, then wait.
+                    if time.monotonic() >= held_until:
                         await self._epochs.incr(self._epoch_name)
                         state.metrics.epoch_bumps += 1
                         state.metrics.bypasses += 1
@@ -795,17 +840,10 @@ class HybridStore(BaseStore):
         if wait > 0:
             await asyncio.sleep(wait)
 
-    async def _durable_call(self, coro: Any, written: list[str] | None = None) -> Any:
-        """Await a durable call; note PostgreSQL failing. ``written``: the keys of a write, whose
-        cached copies are retired also when its outcome is unknown (it may have committed)."""
+    async def _durable_call(self, coro: Awaitable[Any]) -> Any:
+        """Await a durable call; note PostgreSQL failing (reads then go to it directly)."""
         try:
             result = await coro
-        except OutcomeUnknownError:
-            self._state.durable_down = True
-            if written:
-                with contextlib.suppress(BackendUnavailableError):
-                    await self._invalidate(written)
-            raise
         except BackendUnavailableError:
             self._state.durable_down = True
             raise
@@ -819,18 +857,22 @@ class HybridStore(BaseStore):
         state = self._state
         slot = (self._namespace, key)
         inflight = state.inflight
+        start = next(_sequence)
         while True:
             flight = inflight.get(slot)
             if flight is None:
                 break
             state.metrics.single_flight_joins += 1
             try:
-                return await asyncio.shield(flight.join())
+                body = await asyncio.shield(flight.join())
             except _LeaderGone:
                 continue  # the leading caller was cancelled: load again
+            if flight.source > start:
+                return body
+            # Its request went out before this read began: load again (with the others).
         flight = inflight[slot] = _Flight()
         try:
-            body = await self._load(key)
+            body = await self._load(key, flight)
         except BaseException as exc:
             flight.end(exc)
             raise
@@ -841,22 +883,26 @@ class HybridStore(BaseStore):
             if inflight.get(slot) is flight:
                 del inflight[slot]
 
-    async def _load(self, key: str) -> bytes:
+    async def _load(self, key: str, flight: _Flight) -> bytes:
         """One key: the cache read inline (the hot path), the shared paths for the rest."""
         state = self._state
+        flights = {key: flight}
         if state.durable_down and not self._allow_stale:
             # PostgreSQL failed lately: reads raise until it answers again (or succeed then).
+            flight.source = next(_sequence)
             entry = await self._durable_call(self._durable._get_entry(key))
             return _body(entry)
         trust = state.trust.get(self._namespace)
         if trust is None or time.monotonic() >= trust.refresh_at:
             trust = await self._trust()
         if trust.bypass:
+            flight.source = next(_sequence)
             body: bytes = await self._bypassed([key], key)
             return body
         token = _token()
         if state.breaker.state == "closed" and not self._needs_sync() and not trust.stale:
             client = self._client()
+            flight.source = next(_sequence)
             try:
                 if state.pool is not None:
                     item = await self._hit_or_lease(state.pool, key, token, trust.epoch_b)
@@ -875,7 +921,7 @@ class HybridStore(BaseStore):
                 try:
                     self._cache_failure(exc)
                 except _CacheFailed:
-                    return (await self._read_bodies([key], cache_failed=True))[key]
+                    return (await self._read_bodies([key], flights, cache_failed=True))[key]
                 except _NoScript:
                     state.dirty.add(self._namespace)
             else:
@@ -894,11 +940,12 @@ class HybridStore(BaseStore):
                             state.metrics.hits += 1
                         return body
                     leased = {key} if item == 1 else set()  # 1: with the fill lease, 0: without
-                    return (await self._load_missing([key], leased, token, trust.epoch_b))[key]
+                    missing = await self._load_missing([key], leased, token, trust.epoch_b, flights)
+                    return missing[key]
         # The breaker is not closed, the namespace must resync, Redis lost the scripts or the
         # epoch, or the key holds a value of an older epoch: the general path handles each
         # (with this token, so that a lease the read above left is still this reader's).
-        return (await self._read_bodies([key], token=token))[key]
+        return (await self._read_bodies([key], flights, token=token))[key]
 
     async def _bypassed(self, keys: list[str], one: str | None = None) -> Any:
         """A read while a writer holds the namespace's cache bypass: PostgreSQL alone."""
@@ -965,16 +1012,17 @@ class HybridStore(BaseStore):
         state = self._state
         ns = self._namespace
         inflight = state.inflight
-        joined: dict[str, asyncio.Future[bytes]] = {}
+        start = next(_sequence)
+        joined: dict[str, tuple[_Flight, asyncio.Future[bytes]]] = {}
         own: dict[str, _Flight] = {}
         for key in keys:
             flight = inflight.get((ns, key))
             if flight is None:
                 own[key] = inflight[(ns, key)] = _Flight()
             else:
-                joined[key] = flight.join()
+                joined[key] = (flight, flight.join())
         try:
-            out = await self._read_bodies(list(own)) if own else {}
+            out = await self._read_bodies(list(own), own) if own else {}
         except BaseException as exc:
             for flight in own.values():
                 flight.end(exc)
@@ -986,26 +1034,42 @@ class HybridStore(BaseStore):
             for key, flight in own.items():
                 if inflight.get((ns, key)) is flight:
                     del inflight[(ns, key)]
-        for key, future in joined.items():
+        again: list[str] = []
+        for key, (flight, future) in joined.items():
             state.metrics.single_flight_joins += 1
             try:
-                out[key] = await asyncio.shield(future)
+                body = await asyncio.shield(future)
             except _LeaderGone:
-                out.update(await self._fetch_bodies([key]))  # its reader was cancelled
+                again.append(key)  # its reader was cancelled
+                continue
+            if flight.source > start:
+                out[key] = body
+            else:
+                again.append(key)  # its request went out before this read began
+        if again:
+            out.update(await self._fetch_bodies(again))
         return out
 
     async def _read_bodies(
-        self, keys: list[str], *, cache_failed: bool = False, token: str | None = None
+        self,
+        keys: list[str],
+        flights: dict[str, _Flight] | None = None,
+        *,
+        cache_failed: bool = False,
+        token: str | None = None,
     ) -> dict[str, bytes]:
         """The cached bodies of ``keys`` (distinct): Redis first, misses from the durable store,
-        filled back under the leases the read took. One cache round trip per 500 keys."""
+        filled back under the leases the read took. One cache round trip per 500 keys.
+        ``flights``: the single-flight entries of these reads (their requests are numbered)."""
         state = self._state
         metrics = state.metrics
         if state.durable_down and not self._allow_stale:
+            _sent(flights, keys)
             entries = await self._durable_call(self._durable_entries(keys))
             return {key: _body(entries.get(key)) for key in keys}
         trust = await self._trust()
         if trust.bypass:
+            _sent(flights, keys)
             bodies: dict[str, bytes] = await self._bypassed(keys)
             return bodies
         out: dict[str, bytes] = {}
@@ -1014,6 +1078,7 @@ class HybridStore(BaseStore):
             chunk = keys[start : start + _READ_CHUNK]
             items: list[Any] = [None] * len(chunk)
             if not cache_failed:
+                _sent(flights, chunk)
                 with contextlib.suppress(_CacheFailed):
                     items = await self._cache_read(chunk, token, trust)
                     trust = state.trust.get(self._namespace, trust)  # a resync confirmed anew
@@ -1033,17 +1098,23 @@ class HybridStore(BaseStore):
                     if item == 1:
                         leased.add(key)
             if missing:
-                out.update(await self._load_missing(missing, leased, token, trust.epoch_b))
+                out.update(await self._load_missing(missing, leased, token, trust.epoch_b, flights))
         return out
 
     async def _load_missing(
-        self, missing: list[str], leased: set[str], token: str, epoch_b: bytes
+        self,
+        missing: list[str],
+        leased: set[str],
+        token: str,
+        epoch_b: bytes,
+        flights: dict[str, _Flight] | None,
     ) -> dict[str, bytes]:
         """Read ``missing`` from the durable store; fill the ``leased`` ones back (only under
         the epoch ``epoch_b`` the leases were taken under)."""
         metrics = self._state.metrics
         metrics.misses += len(missing)
         started = time.monotonic()
+        _sent(flights, missing)
         found = await self._durable_call(self._durable._get_entries_ttl(missing))
         metrics.durable_reads += 1
         out: dict[str, bytes] = {}
@@ -1145,32 +1216,77 @@ class HybridStore(BaseStore):
 
     # ------------------------------------------------------------------ writes
 
+    async def _write(
+        self, call: Awaitable[_T], keys: list[str] | None, retire: Callable[[_T], bool] = _always
+    ) -> _T:
+        """Run a durable write, then retire the cached copies it replaced: of ``keys``, or every
+        copy of the namespace (``None``). ``retire(result)`` says whether the write changed
+        anything. A write whose outcome is unknown (it may have committed), or whose caller is
+        cancelled once it was sent, retires them too: the retiring runs in a task of its own
+        that no cancellation interrupts, so a write that committed is always retired."""
+        try:
+            result: _T = await self._durable_call(call)
+        except (OutcomeUnknownError, asyncio.CancelledError):
+            self._retiring(keys)
+            raise
+        if retire(result):
+            await asyncio.shield(self._retiring(keys))
+        return result
+
+    def _retiring(self, keys: list[str] | None) -> asyncio.Future[None]:
+        """The retiring of ``keys`` (None: the whole namespace) as a task held by the store."""
+        if keys is not None and not keys:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+            return future
+        task = asyncio.ensure_future(self._invalidate(keys) if keys else self._retire_all())
+        tasks = self._state.retiring
+        tasks.add(task)
+
+        def done(t: asyncio.Future[None]) -> None:
+            tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("could not retire cached copies: %r", t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    async def _retire_all(self) -> None:
+        """Too many keys to name: a new epoch retires every cached value of the namespace. The
+        bump first, then the publish: a reader that confirms the new durable epoch sees the
+        published one behind it and resyncs before it reads the cache."""
+        try:
+            await self._durable_call(self._epochs.incr(self._epoch_name))
+            self._state.metrics.epoch_bumps += 1
+            if not await self._sync():
+                await self._missed_invalidation()
+        finally:
+            for slot in [slot for slot in self._state.inflight if slot[0] == self._namespace]:
+                self._state.inflight.pop(slot, None)
+
     async def _set(
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
     ) -> EntryMeta:
-        meta: EntryMeta = await self._durable_call(
+        return await self._write(
             self._durable._set(key, payload, ttl_ms, partition, keep_ttl), [key]
         )
-        await self._invalidate([key])
-        return meta
 
     async def _set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
-        results: list[EntryMeta | BaseException] = await self._durable_call(
-            self._durable._set_batch(ops), [op.key for op in ops]
-        )
+        try:
+            results: list[EntryMeta | BaseException] = await self._durable_call(
+                self._durable._set_batch(ops)
+            )
+        except (OutcomeUnknownError, asyncio.CancelledError):
+            self._retiring([op.key for op in ops])
+            raise
         written = [
             op.key for op, r in zip(ops, results, strict=True) if not isinstance(r, BaseException)
         ]
-        if written:
-            await self._invalidate(written)
+        await asyncio.shield(self._retiring(written))
         return results
 
     async def _delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
-        results: list[bool | BaseException] = await self._durable_call(
-            self._durable._delete_batch(keys), keys
-        )
-        await self._invalidate(keys)
-        return results
+        return await self._write(self._durable._delete_batch(keys), keys)
 
     async def _set_many(
         self,
@@ -1190,66 +1306,40 @@ class HybridStore(BaseStore):
                 self._durable._set_many(recorded(), ttl_ms, partition)
             )
         finally:
-            if written:
-                await self._invalidate(written)
+            # Also after a failure: the chunks sent may have committed.
+            await asyncio.shield(self._retiring(written))
         return count
 
     async def _set_if_absent(
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
     ) -> bool:
-        wrote: bool = await self._durable_call(
-            self._durable._set_if_absent(key, payload, ttl_ms, partition), [key]
+        return await self._write(
+            self._durable._set_if_absent(key, payload, ttl_ms, partition), [key], bool
         )
-        if wrote:
-            await self._invalidate([key])
-        return wrote
 
     async def _compare_and_set(
         self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
     ) -> EntryMeta:
-        meta: EntryMeta = await self._durable_call(
+        return await self._write(
             self._durable._compare_and_set(key, payload, version, ttl_ms, partition), [key]
         )
-        await self._invalidate([key])
-        return meta
 
     async def _incr(
         self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
     ) -> int | float:
-        result: int | float = await self._durable_call(
-            self._durable._incr(key, amount, ttl_ms, partition), [key]
-        )
-        await self._invalidate([key])
-        return result
+        return await self._write(self._durable._incr(key, amount, ttl_ms, partition), [key])
 
     async def _delete(self, key: str) -> bool:
-        existed: bool = await self._durable_call(self._durable._delete(key), [key])
-        await self._invalidate([key])
-        return existed
+        return await self._write(self._durable._delete(key), [key])
 
     async def _delete_many(self, keys: list[str]) -> int:
-        count: int = await self._durable_call(self._durable._delete_many(keys), keys)
-        await self._invalidate(keys)
-        return count
+        return await self._write(self._durable._delete_many(keys), keys)
 
     async def _expire(self, key: str, ttl_ms: int | None) -> bool:
-        existed: bool = await self._durable_call(self._durable._expire(key, ttl_ms), [key])
-        if existed:
-            await self._invalidate([key])
-        return existed
+        return await self._write(self._durable._expire(key, ttl_ms), [key], bool)
 
     async def _clear(self, partition: str | None) -> int:
-        count: int = await self._durable_call(self._durable._clear(partition))
-        # Too many keys to name: a new epoch retires every cached value of the namespace.
-        for key in [k for ns, k in self._state.inflight if ns == self._namespace]:
-            self._state.inflight.pop((self._namespace, key), None)
-        # The bump first, then the publish: a reader that confirms the new durable epoch sees
-        # the published one behind it and resyncs before it reads the cache.
-        await self._durable_call(self._epochs.incr(self._epoch_name))
-        self._state.metrics.epoch_bumps += 1
-        if not await self._sync():
-            await self._missed_invalidation()
-        return count
+        return await self._write(self._durable._clear(partition), None)
 
     async def _cleanup_expired(self) -> int:
         return await self._durable_call(  # type: ignore[no-any-return]
