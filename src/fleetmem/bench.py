@@ -263,16 +263,48 @@ async def _servers(need_pg: bool, need_redis: bool) -> AsyncIterator[tuple[str |
 # --------------------------------------------------------------------------- workloads
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """How many calls each workload makes. The batch sizes (10k), the key spaces and the
+    namespace sizes of the prefix scaling (10k and 100k or 1M) are in the workloads' names and
+    the targets', so every run keeps them."""
+
+    single: int  # interleaved calls per subject and repetition
+    warm_single: int  # calls per subject before the single-call passes
+    per_worker: int  # calls per coroutine of the 64-coroutine loads, per repetition
+    warm_per_worker: int
+    scaling_calls: int  # keys(prefix) / search calls per namespace size and repetition
+    hybrid_keys: int  # entries cached for the hybrid's hit path
+    large_namespace: int  # the prefix scaling's second namespace size
+
+
+FULL = Sizes(3000, 200, 300, 20, 300, 2000, 1_000_000)
+QUICK = Sizes(1000, 200, 100, 20, 300, 2000, 100_000)
+#: The command's own tests: every workload, subject and target of a quick run with a tenth of
+#: its calls (the fixed costs stay: loading 10k keys, the 10k batches, the 100k namespaces). A
+#: quick run is CPU-bound on the machine that also runs both servers: on this 2-vCPU VM 40 s
+#: idle, 58-91 s with one core busy, 102 s with both; a smoke run 17-20 s idle, 40 s with both
+#: cores busy (its test, with the chart). The smoke run's figures mean nothing.
+SMOKE = Sizes(100, 20, 10, 2, 30, 200, 100_000)
+
+
 class Bench:
     def __init__(
-        self, report: Report, progress: Progress, repetitions: int, quick: bool, peers: bool
+        self,
+        report: Report,
+        progress: Progress,
+        repetitions: int,
+        quick: bool,
+        peers: bool,
+        sizes: Sizes | None = None,
     ) -> None:
         self.report = report
         self.progress = progress
         self.reps = repetitions
         self.quick = quick
         self.peers = peers
-        self.n_single = 1000 if quick else 3000
+        self.sizes = sizes if sizes is not None else QUICK if quick else FULL
+        self.n_single = self.sizes.single
 
     def record(self, workload: str, unit: str, results: dict[str, list[float]]) -> None:
         for subject, values in results.items():
@@ -296,7 +328,7 @@ class Bench:
         if len(subjects) > len(pair):
             passes.append((f"{workload} (with peers)", subjects))
         for name in subjects:  # warm up (prepared statements, connections, scripts)
-            await sequential_latency(subjects[name], 200)
+            await sequential_latency(subjects[name], self.sizes.warm_single)
         for label, group in passes:
             lat: dict[str, list[float]] = {s: [] for s in group}
             rate: dict[str, list[float]] = {s: [] for s in group}
@@ -335,7 +367,7 @@ class Bench:
         workers: int = 64,
     ) -> None:
         self.progress.step(workload)
-        per = 100 if self.quick else 300
+        per = self.sizes.per_worker
         p50s: dict[str, list[float]] = {s: [] for s in subjects}
         p99s: dict[str, list[float]] = {s: [] for s in subjects}
 
@@ -349,7 +381,7 @@ class Bench:
             return go
 
         for name in subjects:
-            await concurrent_load(subjects[name], workers, 20)
+            await concurrent_load(subjects[name], workers, self.sizes.warm_per_worker)
         self.record(workload, "ops/s", await alternate(self.reps, {n: runner(n) for n in subjects}))
         self.record(workload + " p50", "us", p50s)
         self.record(workload + " p99", "us", p99s)
@@ -624,7 +656,7 @@ async def _prefix_scaling(bench: Bench, name: str, store: Any) -> None:
     Keys come in groups of exactly 100 (``g00042/item-0004217``), so a query returns the same
     rows at every namespace size: only the namespace grows, which is what the target is about.
     """
-    sizes = [10_000, 100_000] if bench.quick else [10_000, 1_000_000]
+    sizes = [10_000, bench.sizes.large_namespace]
     ns = store.with_namespace(f"bench-prefix-{name}")
     try:
         await ns.clear()
@@ -650,7 +682,7 @@ async def _prefix_scaling(bench: Bench, name: str, store: Any) -> None:
             for op, label in ((keys_op, "keys(prefix)"), (search_op, "search(prefix*)")):
                 values = []
                 for _ in range(bench.reps):
-                    p50, _ops = await sequential_latency(op, 300)
+                    p50, _ops = await sequential_latency(op, bench.sizes.scaling_calls)
                     values.append(p50)
                 bench.report.add(
                     Measurement(f"{name} {label} p50 @{size:,}", "fleetmem", "us", values)
@@ -920,29 +952,30 @@ async def bench_hybrid(bench: Bench, dsn: str, url: str) -> None:
 
     from fleetmem.factory import open_store
 
+    n = bench.sizes.hybrid_keys
+    keys = [f"h{i:05d}" for i in range(n)]
     raw = aioredis.from_url(url)
     store = await open_store(hybrid=(dsn, url), namespace="bench-hybrid")
     try:
-        keys = [f"h{i:05d}" for i in range(2000)]
         await store.set_many(dict.fromkeys(keys, VALUE))
         for k in keys:  # fill the cache
             await store.get(k)
         await raw.mset({f"rawh:{k}": VALUE_BYTES for k in keys})
 
         async def raw_get(i: int) -> Any:
-            data = await raw.get(f"rawh:{keys[i % 2000]}")
+            data = await raw.get(f"rawh:{keys[i % n]}")
             assert data is not None
             return orjson.loads(data)
 
         async def fm_get(i: int) -> Any:
-            return await store.get(keys[i % 2000])
+            return await store.get(keys[i % n])
 
         await bench.single("hybrid get (cache hit)", {"raw": raw_get, "fleetmem": fm_get})
     finally:
         with contextlib.suppress(Exception):
             await store.clear()
         await store.close()
-        for chunk in _chunked([f"rawh:h{i:05d}" for i in range(2000)], 1000):
+        for chunk in _chunked([f"rawh:{k}" for k in keys], 1000):
             await raw.delete(*chunk)
         await raw.aclose()
 
@@ -1174,7 +1207,10 @@ async def run(args: argparse.Namespace) -> Report:
         + (1 if "hybrid" in only else 0)
     )
     progress = Progress(steps)
-    bench = Bench(report, progress, args.repetitions, args.quick, not args.no_peers)
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.smoke:
+        report.notes.append("smoke run (--smoke): too few calls for the figures to mean anything")
+    bench = Bench(report, progress, args.repetitions, args.quick, not args.no_peers, sizes)
     # SIGTERM (a CI timeout, `kill`) cancels the run like Ctrl-C: the servers it started stop.
     task = asyncio.current_task()
     if task is not None:
@@ -1206,6 +1242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated: postgres,redis,hybrid")
     parser.add_argument("--repetitions", "-r", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="fewer calls; 100k instead of 1M")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tenth of --quick's calls, every workload still measured: checks the command "
+        "end to end (its tests); the figures mean nothing",
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip LangGraph/aiocache/cashews")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
