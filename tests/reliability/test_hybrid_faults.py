@@ -687,3 +687,40 @@ async def test_a_cancelled_write_that_committed_is_retired(
             assert await reader.get("k") == "new"
     finally:
         await admin.aclose()
+
+
+async def test_stale_reads_survive_a_missed_invalidation_then_postgres_down(
+    fleetmem_postgres_factory: Callable[..., PostgresServer],
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+    fleetmem_proxy: Any,
+) -> None:
+    """One invalidation slower than the cache deadline (a busy host), then PostgreSQL stops:
+    with allow_stale_reads the cached values are still served. This once failed
+    test_postgres_crash_during_writes under load: the read resynced the namespace first,
+    which needs PostgreSQL."""
+    pg = fleetmem_postgres_factory()
+    rs = fleetmem_redis_server
+    proxy = await fleetmem_proxy(rs.host, rs.port)
+    host, port = proxy.address
+    try:
+        store = HybridStore.from_urls(
+            pg.dsn,
+            f"redis://{host}:{port}/0",
+            namespace=fleetmem_namespace,
+            allow_stale_reads=True,
+        )
+        async with store:
+            await store.set_many({f"c{i}": i for i in range(20)})
+            assert [await store.get(f"c{i}") for i in range(20)] == list(range(20))
+            proxy.set_latency(0.3)  # over the 0.25 s cache deadline
+            await store.set("w", 1)  # committed; its DEL timed out: a missed invalidation
+            proxy.heal()
+            assert store.metrics.invalidations_missed == 1
+            pg.stop("immediate")
+            assert [await store.get(f"c{i}") for i in range(20)] == list(range(20))
+            assert store.metrics.stale_reads >= 20
+            with pytest.raises(BackendUnavailableError):
+                await store.get("never-cached")  # a miss still needs PostgreSQL
+    finally:
+        pg.close()

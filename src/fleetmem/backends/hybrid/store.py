@@ -1068,6 +1068,8 @@ class HybridStore(BaseStore):
             entries = await self._durable_call(self._durable_entries(keys))
             return {key: _body(entries.get(key)) for key in keys}
         trust = await self._trust()
+        if trust.stale:
+            return await self._stale_bodies(keys, flights)
         if trust.bypass:
             _sent(flights, keys)
             bodies: dict[str, bytes] = await self._bypassed(keys)
@@ -1099,6 +1101,52 @@ class HybridStore(BaseStore):
                         leased.add(key)
             if missing:
                 out.update(await self._load_missing(missing, leased, token, trust.epoch_b, flights))
+        return out
+
+    async def _stale_bodies(
+        self, keys: list[str], flights: dict[str, _Flight] | None
+    ) -> dict[str, bytes]:
+        """PostgreSQL unreachable and ``allow_stale_reads``: what the cache holds under the
+        epoch Redis publishes now, whatever this process last confirmed or owes (a missed
+        invalidation, a bypass); misses read PostgreSQL, and raise while it is down."""
+        metrics = self._state.metrics
+        out: dict[str, bytes] = {}
+        try:
+            published = await self._cache_call("GET", self._epoch_key)
+        except (_CacheFailed, _NoScript):
+            published = None
+        token = _token()
+        for start in range(0, len(keys), _READ_CHUNK):
+            chunk = keys[start : start + _READ_CHUNK]
+            items: list[Any] = [None] * len(chunk)
+            if published is not None:
+                _sent(flights, chunk)
+                with contextlib.suppress(_CacheFailed, _NoScript):
+                    result = await self._cache_call(
+                        "EVAL",  # the source: its cached copy may be gone with a restart
+                        self._read_src,
+                        len(chunk) + 1,
+                        self._epoch_key,
+                        *[self._prefix + k for k in chunk],
+                        token,
+                        self._lease_ms,
+                        published,
+                    )
+                    if result != -1:
+                        items = [result] if len(chunk) == 1 else list(result)
+            missing: list[str] = []
+            for key, item in zip(chunk, items, strict=True):
+                if isinstance(item, bytes):
+                    body = out[key] = _cached_body(item)
+                    if body == _NEGATIVE:
+                        metrics.negative_hits += 1
+                    else:
+                        metrics.hits += 1
+                    metrics.stale_reads += 1
+                else:
+                    missing.append(key)
+            if missing:
+                out.update(await self._load_missing(missing, set(), token, b"", flights))
         return out
 
     async def _load_missing(
