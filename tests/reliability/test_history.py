@@ -24,6 +24,7 @@ from fleetmem.testing.history import (
     History,
     HistoryReport,
     Nemesis,
+    NemesisFn,
     Op,
     StoreSpec,
     WorkerSpec,
@@ -130,6 +131,21 @@ def acked(history: History, kind: str, after: int, before: int | None = None) ->
 async def in_thread(call: Callable[[], None]) -> None:
     """Server handles block; the parent's loop (and its proxies) keeps running meanwhile."""
     await asyncio.to_thread(call)
+
+
+def kill_twice(server: PostgresServer | RedisServer, name: str, restarted: str) -> NemesisFn:
+    """A nemesis: kill -9 ``server`` at 1.5 s and 4.5 s, start it again at 3.0 s and 5.5 s."""
+
+    async def nemesis(clock: Nemesis) -> None:
+        for kill_at, start_at in ((1.5, 3.0), (4.5, 5.5)):
+            await clock.at(kill_at)
+            clock.record(f"kill -9 {name}")
+            await in_thread(server.kill)
+            await clock.at(start_at)
+            await in_thread(server.start)
+            clock.record(restarted)
+
+    return nemesis
 
 
 @pytest.fixture
@@ -358,15 +374,7 @@ async def test_hybrid_postgres_killed_and_restarted(
     }
     spec = StoreSpec(hybrid=(pg.dsn, rs.url), namespace=fleetmem_namespace, options=options)
 
-    async def nemesis(clock: Nemesis) -> None:
-        for kill_at, start_at in ((1.5, 3.0), (4.5, 5.5)):
-            await clock.at(kill_at)
-            clock.record("kill -9 PostgreSQL")
-            await in_thread(pg.kill)
-            await clock.at(start_at)
-            await in_thread(pg.start)
-            clock.record("PostgreSQL started again")
-
+    nemesis = kill_twice(pg, "PostgreSQL", "PostgreSQL started again")
     history = await run_history(cross_layout(lambda i: spec), nemesis, stop_after_nemesis=TAIL)
     durable = StoreSpec(url=pg.dsn, namespace=fleetmem_namespace)
     report = await finish("hybrid, PostgreSQL kill -9", history, spec, durable)
@@ -388,15 +396,7 @@ async def test_postgres_killed_and_restarted(
         options={"acquire_timeout": 2.0, "command_timeout": 2.0},
     )
 
-    async def nemesis(clock: Nemesis) -> None:
-        for kill_at, start_at in ((1.5, 3.0), (4.5, 5.5)):
-            await clock.at(kill_at)
-            clock.record("kill -9 PostgreSQL")
-            await in_thread(pg.kill)
-            await clock.at(start_at)
-            await in_thread(pg.start)
-            clock.record("PostgreSQL started again")
-
+    nemesis = kill_twice(pg, "PostgreSQL", "PostgreSQL started again")
     history = await run_history(cross_layout(lambda i: spec), nemesis, stop_after_nemesis=TAIL)
     report = await finish("PostgresStore, kill -9", history, spec)
     assert report.write_failures, "no write failed while PostgreSQL was dead"
@@ -413,15 +413,7 @@ async def test_redis_killed_and_restarted_with_aof_always(
     rs = own_redis(appendonly=True, appendfsync="always")
     spec = StoreSpec(url=rs.url, namespace=fleetmem_namespace, options={"timeout": 1.0})
 
-    async def nemesis(clock: Nemesis) -> None:
-        for kill_at, start_at in ((1.5, 3.0), (4.5, 5.5)):
-            await clock.at(kill_at)
-            clock.record("kill -9 Redis")
-            await in_thread(rs.kill)
-            await clock.at(start_at)
-            await in_thread(rs.start)
-            clock.record("Redis started again from its AOF")
-
+    nemesis = kill_twice(rs, "Redis", "Redis started again from its AOF")
     history = await run_history(cross_layout(lambda i: spec), nemesis, stop_after_nemesis=TAIL)
     report = await finish("RedisStore, kill -9, appendfsync always", history, spec)
     assert report.write_failures, "no write failed while Redis was dead"

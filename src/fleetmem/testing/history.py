@@ -69,6 +69,7 @@ __all__ = [
     "History",
     "HistoryReport",
     "Nemesis",
+    "NemesisFn",
     "Op",
     "StoreSpec",
     "WorkerError",

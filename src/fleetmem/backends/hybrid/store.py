@@ -1062,7 +1062,6 @@ class HybridStore(BaseStore):
         filled back under the leases the read took. One cache round trip per 500 keys.
         ``flights``: the single-flight entries of these reads (their requests are numbered)."""
         state = self._state
-        metrics = state.metrics
         if state.durable_down and not self._allow_stale:
             _sent(flights, keys)
             entries = await self._durable_call(self._durable_entries(keys))
@@ -1088,13 +1087,7 @@ class HybridStore(BaseStore):
             leased: set[str] = set()
             for key, item in zip(chunk, items, strict=True):
                 if isinstance(item, bytes):
-                    item = out[key] = _cached_body(item)
-                    if item == _NEGATIVE:
-                        metrics.negative_hits += 1
-                    else:
-                        metrics.hits += 1
-                    if trust.stale:
-                        metrics.stale_reads += 1
+                    out[key] = self._hit(item, trust.stale)
                 else:
                     missing.append(key)
                     if item == 1:
@@ -1103,13 +1096,24 @@ class HybridStore(BaseStore):
                 out.update(await self._load_missing(missing, leased, token, trust.epoch_b, flights))
         return out
 
+    def _hit(self, item: bytes, stale: bool) -> bytes:
+        """The body of a cached value ``item``, counted as a hit."""
+        metrics = self._state.metrics
+        body = _cached_body(item)
+        if body == _NEGATIVE:
+            metrics.negative_hits += 1
+        else:
+            metrics.hits += 1
+        if stale:
+            metrics.stale_reads += 1
+        return body
+
     async def _stale_bodies(
         self, keys: list[str], flights: dict[str, _Flight] | None
     ) -> dict[str, bytes]:
         """PostgreSQL unreachable and ``allow_stale_reads``: what the cache holds under the
         epoch Redis publishes now, whatever this process last confirmed or owes (a missed
         invalidation, a bypass); misses read PostgreSQL, and raise while it is down."""
-        metrics = self._state.metrics
         out: dict[str, bytes] = {}
         try:
             published = await self._cache_call("GET", self._epoch_key)
@@ -1137,12 +1141,7 @@ class HybridStore(BaseStore):
             missing: list[str] = []
             for key, item in zip(chunk, items, strict=True):
                 if isinstance(item, bytes):
-                    body = out[key] = _cached_body(item)
-                    if body == _NEGATIVE:
-                        metrics.negative_hits += 1
-                    else:
-                        metrics.hits += 1
-                    metrics.stale_reads += 1
+                    out[key] = self._hit(item, stale=True)
                 else:
                     missing.append(key)
             if missing:
