@@ -371,7 +371,10 @@ def _body_entry(key: str, body: bytes) -> Entry | None:
 class HybridStore(BaseStore):
     """A ``MemoryStore`` whose reads are served by Redis and whose truth is PostgreSQL.
 
-    ``durable`` is the system of record (a ``PostgresStore``; any fleetmem store works) and
+    ``durable`` is the system of record (a ``PostgresStore``; any fleetmem store works, but the
+    cache TTLs follow the server's clock only where the store computes ``_get_entries_ttl`` on
+    it: PostgresStore and the embedded stores do, a RedisStore used as the durable tier uses
+    the application's clock for them) and
     ``cache`` a ``RedisStore`` whose client is used for the cache (its own entries are not
     touched). Options: ``cache_ttl`` (seconds a cached value lives at most), ``cache_deadline``
     (seconds a cache call may take before the read falls back to the durable store),
