@@ -166,7 +166,13 @@ def _write(value: Any, out: list[str]) -> list[str]:
     elif value is None or isinstance(value, bool):
         out.append("null" if value is None else "true" if value else "false")
     elif isinstance(value, int):
-        out.append(str(int(value)))
+        try:
+            out.append(str(int(value)))
+        except ValueError:  # Python converts at most sys.get_int_max_str_digits() digits
+            raise SerializationError(
+                f"an integer of {value.bit_length()} bits has more digits than Python converts "
+                "to and from text (sys.get_int_max_str_digits()); it cannot be stored"
+            ) from None
     else:
         number = float(value)
         if -_EXPONENT_FORM < number < _EXPONENT_FORM:

@@ -98,6 +98,9 @@ REFUSED_VALUES: list[Any] = [
     ["fine", "bad\x00"],
     {"key\x00": 1},
     {"nested": {"\x00": 1}},
+    # More digits than Python converts to and from text (sys.get_int_max_str_digits(), 4300).
+    10**5000,
+    {"n": [-(10**5000)]},
 ]
 
 
@@ -134,7 +137,10 @@ class ValueConformance(ConformanceBase):
     async def test_refused_values_write_nothing(self, store: MemoryStore) -> None:
         await store.set("kept", "original")
         for value in REFUSED_VALUES:
-            label = repr(value)[:60]
+            try:
+                label = repr(value)[:60]
+            except ValueError:  # an int too long for repr()
+                label = "a huge int"
             with pytest.raises(SerializationError):
                 await store.set("new", value)
             with pytest.raises(SerializationError):
