@@ -701,5 +701,5 @@ def _add(key: str, base: Any, amount: int | float) -> int | float:
     except OverflowError:  # a stored integer too large for a float
         total = math.inf
     if not math.isfinite(total):
-        raise InvalidArgumentError(f"incr of key {key!r} would leave the finite float range")
+        raise InvalidArgumentError(f"incr of key {key!r} would overflow a float")
     return total

@@ -1173,7 +1173,7 @@ class PostgresStore(BaseStore):
                 cause = exc.__cause__
                 if isinstance(cause, asyncpg.NumericValueOutOfRangeError):
                     raise InvalidArgumentError(
-                        f"incr of key {key!r} leaves the range of a float"
+                        f"incr of key {key!r} would overflow a float"
                     ) from cause
                 raise
             if row is not None:

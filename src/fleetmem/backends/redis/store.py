@@ -963,6 +963,8 @@ class RedisStore(BaseStore):
         if status == b"NAN":
             kind = _KIND.get(bytes(res[1]), "value")
             raise NotANumberError(f"key {key!r} holds a {kind}, not a number")
+        if status == b"FLOAT":
+            raise InvalidArgumentError(f"incr of key {key!r} would overflow a float")
         raise InvalidArgumentError(f"incr of key {key!r} would leave the signed 64-bit range")
 
     async def _delete(self, key: str) -> bool:

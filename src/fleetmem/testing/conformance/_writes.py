@@ -280,6 +280,14 @@ class WriteConformance(ConformanceBase):
             with pytest.raises(ValueError):
                 await store.incr("g", amount)
         assert float(await store.get("g")) == 3.5
+        # A float result that overflows is refused as such (not as a 64-bit overflow).
+        await store.set("max", 1.7e308)
+        with pytest.raises(ValueError, match="overflow a float"):
+            await store.incr("max", 1e308)
+        await store.set("n64", 2**63 - 1)
+        with pytest.raises(ValueError, match="64-bit"):
+            await store.incr("n64", 1)
+        assert await store.get("max") == 1.7e308
 
     async def test_incr_on_large_stored_floats_is_float_arithmetic(
         self, store: MemoryStore

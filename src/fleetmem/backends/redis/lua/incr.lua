@@ -1,6 +1,7 @@
 -- ARGV: 1 key, 2 amount (decimal text), 3 "i" (int amount) or "f" (float), 4 ttl_ms,
 -- 5 partition arg. Integers use INCRBY on a scratch key: exact in signed 64 bits, an error
--- (nothing written) beyond. Returns {"OK", text} | {"NAN", first byte} | {"RANGE"}.
+-- (nothing written) beyond. Returns {"OK", text} | {"NAN", first byte} | {"RANGE"} (an int
+-- result beyond 64 bits) | {"FLOAT"} (a float result that overflows).
 local key = ARGV[1]
 local raw = redis.call('GET', EPFX .. key)
 local v = '0'
@@ -19,7 +20,7 @@ if ARGV[3] == 'i' and string.find(v, '^%-?%d+$') then
   redis.call('DEL', TMP)
 else
   local x = tonumber(v) + tonumber(ARGV[2])
-  if x ~= x or x == math.huge or x == -math.huge then return {'RANGE'} end
+  if x ~= x or x == math.huge or x == -math.huge then return {'FLOAT'} end
   for _, f in ipairs({'%.15g', '%.16g', '%.17g'}) do
     result = string.format(f, x)
     if tonumber(result) == x then break end
