@@ -495,3 +495,37 @@ async def test_an_injected_cache_store_may_sit_on_an_evicting_redis(
         assert [await store.get("k") for _ in range(3)] == [1, 1, 1]
         assert store.metrics.hits == 2 and store.metrics.cache_errors == 0
         await store.clear()
+
+
+async def test_connect_degrades_when_redis_does_not_answer(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+    fleetmem_proxy: Any,
+) -> None:
+    """A cache that never answers (blackholed) is tried for 3 s at connect, then the store
+    starts degraded and works from PostgreSQL; a refusing one degrades at once."""
+    proxy = await fleetmem_proxy(fleetmem_redis_server.host, fleetmem_redis_server.port)
+    proxy.blackhole(True)
+    host, port = proxy.address
+    silent = HybridStore.from_urls(
+        fleetmem_postgres_server.dsn, f"redis://{host}:{port}/0", namespace=fleetmem_namespace
+    )
+    started = time.monotonic()
+    async with silent:
+        took = time.monotonic() - started
+        assert 2.5 <= took <= 30, took
+        assert silent.metrics.breaker_state == "open"
+        await silent.set("k", 1)
+        assert await silent.get("k") == 1
+        await silent.clear()
+    refused = HybridStore.from_urls(
+        fleetmem_postgres_server.dsn,
+        f"redis://127.0.0.1:{find_free_port()}/0",
+        namespace=fleetmem_namespace,
+    )
+    started = time.monotonic()
+    async with refused:
+        assert refused.metrics.breaker_state == "open"
+        assert await refused.get("k") is None
+    assert time.monotonic() - started < took

@@ -520,14 +520,21 @@ class HybridStore(BaseStore):
     async def connect(self) -> HybridStore:
         self._check_open()
         await self._durable_root.connect()
-        try:
-            # Connecting is not on any call's path: a busy host may take a while to make the
-            # client's first connections (a Cluster client makes one per primary).
-            await asyncio.wait_for(self._cache.connect(), max(self._deadline * 4, 3.0))
-        except Exception as exc:  # the cache is optional: degrade, never fail
-            log.warning("hybrid cache unavailable at connect: %s", type(exc).__name__)
-            self._state.breaker.failure()
-            self._state.breaker.failure()
+        # Connecting is on no call's path: a busy host may answer one of the client's first
+        # commands (a Cluster client sends several to each primary) later than the cache
+        # deadline. A timeout is tried again within 3 s; a refusal degrades at once.
+        give_up = time.monotonic() + max(self._deadline * 4, 3.0)
+        while True:
+            try:
+                await asyncio.wait_for(self._cache.connect(), give_up - time.monotonic())
+                break
+            except Exception as exc:  # the cache is optional: degrade, never fail
+                if _timed_out(exc) and time.monotonic() < give_up - self._deadline:
+                    continue
+                log.warning("hybrid cache unavailable at connect: %s", type(exc).__name__)
+                self._state.breaker.failure()
+                self._state.breaker.failure()
+                break
         return self
 
     async def _aclose(self) -> None:
@@ -1395,6 +1402,21 @@ class HybridStore(BaseStore):
         return await self._durable_call(  # type: ignore[no-any-return]
             self._durable._cleanup_expired()
         )
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` or one of its causes is a timeout (not a refusal)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if (
+            isinstance(seen, (TimeoutError, asyncio.TimeoutError))
+            or "Timeout" in type(seen).__name__
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _is_noscript(exc: BaseException) -> bool:
