@@ -531,7 +531,7 @@ class HybridStore(BaseStore):
             except Exception as exc:  # the cache is optional: degrade, never fail
                 if _timed_out(exc) and time.monotonic() < give_up - self._deadline:
                     continue
-                log.warning("hybrid cache unavailable at connect: %s", type(exc).__name__)
+                log.warning("hybrid cache unavailable at connect: %s: %s", type(exc).__name__, exc)
                 self._state.breaker.failure()
                 self._state.breaker.failure()
                 break
