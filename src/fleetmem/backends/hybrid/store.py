@@ -896,7 +896,6 @@ class HybridStore(BaseStore):
     async def _load(self, key: str, flight: _Flight) -> bytes:
         """One key: the cache read inline (the hot path), the shared paths for the rest."""
         state = self._state
-        flights = {key: flight}
         if state.durable_down and not self._allow_stale:
             # PostgreSQL failed lately: reads raise until it answers again (or succeed then).
             flight.source = next(_sequence)
@@ -931,7 +930,8 @@ class HybridStore(BaseStore):
                 try:
                     self._cache_failure(exc)
                 except _CacheFailed:
-                    return (await self._read_bodies([key], flights, cache_failed=True))[key]
+                    bodies = await self._read_bodies([key], {key: flight}, cache_failed=True)
+                    return bodies[key]
                 except _NoScript:
                     state.dirty.add(self._namespace)
             else:
@@ -950,12 +950,14 @@ class HybridStore(BaseStore):
                             state.metrics.hits += 1
                         return body
                     leased = {key} if item == 1 else set()  # 1: with the fill lease, 0: without
-                    missing = await self._load_missing([key], leased, token, trust.epoch_b, flights)
+                    missing = await self._load_missing(
+                        [key], leased, token, trust.epoch_b, {key: flight}
+                    )
                     return missing[key]
         # The breaker is not closed, the namespace must resync, Redis lost the scripts or the
         # epoch, or the key holds a value of an older epoch: the general path handles each
         # (with this token, so that a lease the read above left is still this reader's).
-        return (await self._read_bodies([key], flights, token=token))[key]
+        return (await self._read_bodies([key], {key: flight}, token=token))[key]
 
     async def _bypassed(self, keys: list[str], one: str | None = None) -> Any:
         """A read while a writer holds the namespace's cache bypass: PostgreSQL alone."""
