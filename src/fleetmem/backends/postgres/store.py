@@ -64,6 +64,19 @@ _OPEN_BACKOFF_MIN = 0.01
 _OPEN_BACKOFF_MAX = 0.25
 
 
+def _jittered(backoff: float) -> float:
+    """A backoff interval with jitter (0.5x to 1.5x), so that waiting openers spread out."""
+    return backoff * (0.5 + random.random())
+
+
+def _refused(exc: BaseException | None, waited: str = "") -> BackendUnavailableError:
+    """The server refused a new connection (SQLSTATE 53300); ``waited`` says for what."""
+    reason = f": {exc}" if exc is not None else ""
+    return BackendUnavailableError(
+        f"PostgreSQL refused a new connection: too many clients (SQLSTATE 53300{reason}){waited}"
+    )
+
+
 def _read_query_blocks() -> dict[str, str]:
     text = Path(__file__).with_name("queries.sql").read_text(encoding="utf-8")
     parts = _NAME_RE.split(text)
@@ -160,9 +173,7 @@ def _translate(exc: BaseException, *, write: bool, sent: bool, can_retry: bool) 
         return exc
     if isinstance(exc, asyncpg.TooManyConnectionsError):
         # Only ever an answer to opening a connection: nothing ran, nothing was lost.
-        return BackendUnavailableError(
-            f"PostgreSQL refused a new connection: too many clients (SQLSTATE 53300: {exc})"
-        )
+        return _refused(exc)
     lost = isinstance(exc, _LOST)
     if lost or _ended_by_server(exc):
         timed_out = isinstance(exc, asyncio.TimeoutError)
@@ -301,7 +312,7 @@ class _ConnectionPool:
                 if refusing:
                     # While the server refuses, one try per backoff interval, not one per
                     # waiter: the others wait for its outcome or for a connection.
-                    self.retry_at = now + self.backoff * (0.5 + random.random())
+                    self.retry_at = now + _jittered(self.backoff)
                 # Until the server is known to refuse, an open gets acquire_timeout of its own
                 # (the caller may have spent the deadline in the gate's queue): a caller is
                 # never failed without one attempt to connect.
@@ -310,7 +321,7 @@ class _ConnectionPool:
                     conn = await self.open(timeout)
                 except asyncpg.TooManyConnectionsError as exc:
                     if self.refusal is None:
-                        self.retry_at = time.monotonic() + self.backoff * (0.5 + random.random())
+                        self.retry_at = time.monotonic() + _jittered(self.backoff)
                     self.refusal = exc
                     self.backoff = min(self.backoff * 2, _OPEN_BACKOFF_MAX)
                 else:
@@ -349,11 +360,10 @@ class _ConnectionPool:
                 self.waiters.remove(waiter)
 
     def _refused_error(self) -> BackendUnavailableError:
-        reason = f": {self.refusal}" if self.refusal is not None else ""
-        return BackendUnavailableError(
-            "PostgreSQL refused a new connection: too many clients (SQLSTATE 53300"
-            f"{reason}), and none of the store's {self.size} connection(s) came free within "
-            f"{self.timeout} s; raise the server's max_connections or lower max_size x processes"
+        return _refused(
+            self.refusal,
+            f", and none of the store's {self.size} connection(s) came free within "
+            f"{self.timeout} s; raise the server's max_connections or lower max_size x processes",
         )
 
     def wake_one(self) -> None:
@@ -787,12 +797,12 @@ class PostgresStore(BaseStore):
             except asyncpg.TooManyConnectionsError as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise BackendUnavailableError(
-                        "PostgreSQL refused a new connection: too many clients (SQLSTATE "
-                        f"53300: {exc}), and no connection of the pool came free within "
-                        f"{self._acquire_timeout} s"
+                    raise _refused(
+                        exc,
+                        f", and no connection of the pool came free within "
+                        f"{self._acquire_timeout} s",
                     ) from exc
-                await asyncio.sleep(min(remaining, backoff * (0.5 + random.random())))
+                await asyncio.sleep(min(remaining, _jittered(backoff)))
                 backoff = min(backoff * 2, _OPEN_BACKOFF_MAX)
 
     def _arm(self, conn: Any) -> None:
