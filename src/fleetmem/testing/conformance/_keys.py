@@ -105,10 +105,12 @@ class KeyConformance(ConformanceBase):
 
     async def test_bad_namespaces_are_refused(self, store: MemoryStore) -> None:
         bad: list[Any] = ["", "a" * 65, "a b", "a:b", "a/b", "a*", "\u00e9", "a\x00", 1, None]
+        # fleetmem's own state (the hybrid tier's epochs) lives under this reserved prefix.
+        bad += ["_fleetmem", "_fleetmem.hybrid", "_fleetmem-x"]
         for namespace in bad:
             with pytest.raises(InvalidKeyError):
                 store.with_namespace(namespace)
-        for namespace in ["x" * 64, "A-z_0.9", "-", "."]:
+        for namespace in ["x" * 64, "A-z_0.9", "-", ".", "_fleetme", "x_fleetmem", "_Fleetmem"]:
             view = store.with_namespace(namespace)
             assert view.namespace == namespace
             await view.close()
