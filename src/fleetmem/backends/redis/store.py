@@ -483,8 +483,12 @@ class RedisStore(BaseStore):
         elif self._cluster is not None:
             self._fast_set = ("EVALSHA", _SET.sha, *self._nsargs)
 
+    def _where(self) -> str:
+        """The server, for messages: its URL without a password, or "injected client"."""
+        return redact_url(self._url) if self._url is not None else "injected client"
+
     def _repr_details(self) -> str:
-        where = redact_url(self._url) if self._url is not None else "injected client"
+        where = self._where()
         kind = " cluster" if self._cluster else ""
         return f" url={where!r}{kind} timeout={self._timeout}"
 
@@ -519,7 +523,7 @@ class RedisStore(BaseStore):
             nodes = [None]
         for node in nodes:
             policy = await self._eviction_policy(node)
-            where = redact_url(self._url) if self._url is not None else "injected client"
+            where = self._where()
             if node is not None:
                 where += f", cluster primary {node.host}:{node.port}"
             if policy is None:
@@ -678,7 +682,7 @@ class RedisStore(BaseStore):
 
     def _full(self, what: Any) -> BackendUnavailableError:
         name = what.decode() if isinstance(what, bytes) else str(what)
-        where = redact_url(self._url) if self._url is not None else "injected client"
+        where = self._where()
         return BackendUnavailableError(
             f"Redis ({where}) is full (used memory > maxmemory, nothing it may evict): it "
             f"refused the write ({name}); nothing was written. Reads and deletes still work: "
@@ -694,7 +698,7 @@ class RedisStore(BaseStore):
             exc, rexc.RedisError
         ):
             detail = f"no reply within the {self._timeout:g} s deadline"
-        where = redact_url(self._url) if self._url is not None else "injected client"
+        where = self._where()
         if in_flight:
             return OutcomeUnknownError(
                 f"Redis ({where}) connection failed while a write ({name}) was in flight; "
@@ -863,7 +867,7 @@ class RedisStore(BaseStore):
         return {
             "rtt_ms": round((loop.time() - start) * 1000.0, 3),
             "cluster": bool(self._cluster),
-            "url": redact_url(self._url) if self._url is not None else "injected client",
+            "url": self._where(),
         }
 
     # ---------------------------------------------------------------- writes
