@@ -943,12 +943,7 @@ class HybridStore(BaseStore):
                     if self._namespace not in state.synced:
                         state.synced[self._namespace] = state.breaker.outages
                     if isinstance(item, bytes):  # a hit
-                        body = _cached_body(item)
-                        if body == _NEGATIVE:
-                            state.metrics.negative_hits += 1
-                        else:
-                            state.metrics.hits += 1
-                        return body
+                        return self._hit(item, stale=False)
                     leased = {key} if item == 1 else set()  # 1: with the fill lease, 0: without
                     missing = await self._load_missing(
                         [key], leased, token, trust.epoch_b, {key: flight}
