@@ -179,7 +179,7 @@ def test_a_port_taken_before_start_is_replaced(monkeypatch: pytest.MonkeyPatch) 
             calls.append(1)
             return next(picks, None) or real(host, cluster_bus=cluster_bus)
 
-        monkeypatch.setattr(servers, "find_free_port", first_taken)
+        monkeypatch.setattr(servers._process, "find_free_port", first_taken)
         server = servers.start_local_redis()
         try:
             assert server.port != taken
