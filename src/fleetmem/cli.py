@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from fleetmem.errors import FleetmemError
@@ -323,7 +324,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=200)
     p.add_argument("--processes", type=int, default=1)
     sub.add_parser(
-        "bench", help="benchmarks against the raw drivers (see fleetmem bench -h)", add_help=False
+        "bench",
+        help="benchmarks against the raw drivers, from a source checkout (fleetmem bench -h)",
+        add_help=False,
     )
     # db actions take --url too, but --table there names the PostgreSQL table.
     db_common = argparse.ArgumentParser(add_help=False)
@@ -364,13 +367,43 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, _Output], Coroutine[Any, Any,
 }
 
 
+def _bench_dir() -> Path:
+    """The ``bench/`` directory of the source checkout this package runs from (an editable
+    install: ``<checkout>/src/fleetmem/cli.py``); a wheel's site-packages has none."""
+    return Path(__file__).resolve().parents[2] / "bench"
+
+
+def _bench(argv: list[str]) -> int:
+    """``fleetmem bench``: the benchmarks are not in the package; run the checkout's
+    ``bench/run.py`` (the same as ``python bench/run.py ARGS``)."""
+    import importlib.util
+
+    bench_dir = _bench_dir()
+    runner = bench_dir / "run.py"
+    if not runner.is_file():
+        print(
+            "fleetmem bench runs from a source checkout, not from an installed package: "
+            "git clone the fleetmem repository, then in it: pip install -e '.[bench]'; "
+            "python bench/run.py (or fleetmem bench)",
+            file=sys.stderr,
+        )
+        return 2
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))  # run.py imports its ``suite`` package from there
+    spec = importlib.util.spec_from_file_location("_fleetmem_bench_run", runner)
+    if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has one
+        raise ImportError(f"cannot load {runner}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    status: int = module.main(argv)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from fleetmem.bench import main as bench_main
-
-        return bench_main(argv[1:])
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     for name in ("url", "namespace", "fmt"):
         if not hasattr(args, name):

@@ -1,5 +1,8 @@
 """``fleetmem bench`` end to end on servers the harness owns: every workload, every target.
 
+The benchmarks live in the checkout's ``bench/`` (the ``suite`` package ``bench/run.py`` runs),
+not in the fleetmem package: this test loads them from the checkout it belongs to.
+
 A smoke test of the command, not a timed test: it checks that each workload was measured on
 both sides and that each target of PERFORMANCE.md was computed, never what a figure is. So it
 runs ``--smoke`` (every workload, subject and target of ``--quick`` with a tenth of its calls):
@@ -16,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from fleetmem import bench
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.hybrid]
 
@@ -41,6 +42,17 @@ PAIRED = [
     "hybrid get (cache hit) p50",
 ]
 
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture
+def bench_main(monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str] | None], int]:
+    """``main`` of ``bench/run.py``: the ``suite`` package, imported from the checkout."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    from suite import main
+
+    return main
+
 
 def test_bench_measures_every_workload_and_computes_every_target(
     fleetmem_postgres_empty_database: str,
@@ -48,12 +60,13 @@ def test_bench_measures_every_workload_and_computes_every_target(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    bench_main: Callable[[list[str] | None], int],
 ) -> None:
     monkeypatch.setenv("FLEETMEM_BENCH_POSTGRES_URL", fleetmem_postgres_empty_database)
     monkeypatch.setenv("FLEETMEM_BENCH_REDIS_URL", fleetmem_redis_factory().url)
     out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
     args = ["--smoke", "--repetitions", "1", "--json", str(out), "--chart", str(chart)]
-    assert bench.main(args) == 0
+    assert bench_main(args) == 0
     printed = capsys.readouterr().out
     assert chart.read_bytes().startswith(b"\x89PNG")
 
@@ -94,7 +107,7 @@ def test_bench_measures_every_workload_and_computes_every_target(
     assert "note: smoke run (--smoke)" in printed
 
     # --from-json reports the saved run again without measuring.
-    assert bench.main(["--from-json", str(out)]) == 0
+    assert bench_main(["--from-json", str(out)]) == 0
     again = capsys.readouterr().out
     section = again[again.index("targets (PERFORMANCE.md)") :].splitlines()[1:]
     notes = [line for line in section if line.startswith("note: ")]  # after the targets

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from fleetmem import cli
 from fleetmem.cli import main
 
 
@@ -97,3 +99,51 @@ def test_demo_readable_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert "items done     20 / 20" in out
     assert "consistent     yes" in out
+
+
+#: The checkout's benchmarks (``bench/run.py`` and its ``suite`` package): not in the package.
+CHECKOUT_BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_bench_runs_the_checkouts_bench_run_py(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From a checkout (an editable install) ``fleetmem bench`` runs ``bench/run.py``; here on a
+    saved run (``--from-json``), which measures nothing and needs no server."""
+    if Path(cli.__file__).resolve().parents[2] == CHECKOUT_BENCH.parent:  # editable install
+        assert cli._bench_dir() == CHECKOUT_BENCH
+    monkeypatch.setattr(cli, "_bench_dir", lambda: CHECKOUT_BENCH)
+    monkeypatch.setattr(sys, "path", [*sys.path])  # the command puts bench/ on it
+    saved = tmp_path / "run.json"
+    rows = [
+        {"workload": "redis get p50", "subject": "raw", "unit": "us", "values": [100.0, 110.0]},
+        {"workload": "redis get p50", "subject": "fleetmem", "unit": "us", "values": [105.0]},
+    ]
+    saved.write_text(
+        json.dumps(
+            {
+                "started": "2026-12-04T00:00:00+00:00",
+                "machine": "test",
+                "command": "fleetmem bench",
+                "rows": rows,
+                "notes": ["a note"],
+            }
+        )
+    )
+    code, out, _ = run(capsys, "bench", "--from-json", str(saved))
+    assert code == 0
+    assert out.startswith("fleetmem bench — 2026-12-04T00:00:00+00:00 — test")
+    assert "redis get p50 vs raw: latency ≤ 1.10x raw" in out
+    assert out.rstrip().endswith("note: a note")
+
+
+def test_bench_outside_a_checkout_says_where_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Installed from a wheel there is no ``bench/`` next to the package: exit 2, saying why."""
+    monkeypatch.setattr(cli, "_bench_dir", lambda: tmp_path / "bench")
+    code, out, err = run(capsys, "bench", "--quick")
+    assert code == 2
+    assert out == ""
+    assert "fleetmem bench runs from a source checkout" in err
+    assert "python bench/run.py" in err

@@ -1,0 +1,157 @@
+"""``fleetmem bench``: fleetmem against the raw drivers (and peers), measured in one run.
+
+The command line (``python bench/run.py``, ``fleetmem bench``): find or start the servers, run
+the selected sections, print the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import sys
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .hybrid import bench_hybrid
+from .postgres import bench_postgres
+from .redis import bench_redis
+from .report import chart, format_report, load_report, targets
+from .results import Progress, Report
+from .scaling import bench_scaling
+from .workloads import FULL, QUICK, SMOKE, Bench
+
+
+@contextlib.asynccontextmanager
+async def _servers(need_pg: bool, need_redis: bool) -> AsyncIterator[tuple[str | None, str | None]]:
+    """Find the servers (``FLEETMEM_BENCH_*_URL``) or start them from the local binaries."""
+    pg_url = os.environ.get("FLEETMEM_BENCH_POSTGRES_URL")
+    redis_url = os.environ.get("FLEETMEM_BENCH_REDIS_URL")
+    started: list[Any] = []
+    try:
+        if (need_pg and not pg_url) or (need_redis and not redis_url):
+            from fleetmem.testing import servers
+
+            if need_pg and not pg_url:
+                # fsync stays on: the durable upsert figures must pay for durability.
+                pg = servers.start_local_postgres(durable=True)
+                started.append(pg)
+                pg_url = pg.dsn
+            if need_redis and not redis_url:
+                rs = servers.start_local_redis()
+                started.append(rs)
+                redis_url = rs.url
+        yield (pg_url if need_pg else None, redis_url if need_redis else None)
+    finally:
+        for server in started:
+            server.close()
+
+
+async def run(args: argparse.Namespace) -> Report:
+    """Run the selected workloads and return the report."""
+    only = set(args.only.split(",")) if args.only else {"postgres", "redis", "hybrid"}
+    report = Report(
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, Python "
+        f"{platform.python_version()}",
+        command="fleetmem bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
+    )
+    # Workloads of each section; each prefix-scaling section also has two loading steps.
+    steps = (
+        (9 if "postgres" in only else 0)
+        + (10 if "redis" in only else 0)
+        + (1 if "hybrid" in only else 0)
+    )
+    progress = Progress(steps)
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.smoke:
+        report.notes.append("smoke run (--smoke): too few calls for the figures to mean anything")
+    bench = Bench(report, progress, args.repetitions, args.quick, not args.no_peers, sizes)
+    # SIGTERM (a CI timeout, `kill`) cancels the run like Ctrl-C: the servers it started stop.
+    task = asyncio.current_task()
+    if task is not None:
+        # Event loops without signal handlers (Windows: NotImplementedError) or a run outside the
+        # main thread (RuntimeError) keep the default SIGTERM; Ctrl-C still stops the servers.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    async with _servers(
+        "postgres" in only or "hybrid" in only, "redis" in only or "hybrid" in only
+    ) as (pg, rs):
+        if "postgres" in only and pg:
+            await bench_postgres(bench, pg)
+        if "redis" in only and rs:
+            await bench_redis(bench, rs)
+        if "hybrid" in only and pg and rs:
+            try:
+                await bench_hybrid(bench, pg, rs)
+            except ImportError as exc:
+                report.notes.append(f"hybrid skipped: {exc}")
+        await bench_scaling(
+            bench, pg if "postgres" in only else None, rs if "redis" in only else None
+        )
+    progress.finish()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleetmem bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help="comma-separated: postgres,redis,hybrid")
+    parser.add_argument("--repetitions", "-r", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer calls; 100k instead of 1M")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tenth of --quick's calls, every workload still measured: checks the command "
+        "end to end (its tests); the figures mean nothing",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="skip LangGraph/aiocache/cashews")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
+    parser.add_argument(
+        "--from-json", type=Path, help="do not measure: report (and chart) a saved --json file"
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = load_report(args.from_json) if args.from_json else asyncio.run(run(args))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("\nfleetmem bench: interrupted; the servers it started are stopped", file=sys.stderr)
+        return 130
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "started": report.started,
+                    "machine": report.machine,
+                    "command": report.command,
+                    "rows": [
+                        {
+                            "workload": r.workload,
+                            "subject": r.subject,
+                            "unit": r.unit,
+                            "values": r.values,
+                        }
+                        for r in report.rows
+                    ],
+                    "targets": [
+                        {"target": text, "figure": value, "met": ok}
+                        for text, value, ok in targets(report)
+                    ],
+                    "notes": report.notes,
+                },
+                indent=2,
+            )
+        )
+    if args.chart:
+        chart(report, args.chart)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
