@@ -9,11 +9,18 @@ and silently turns into floats when reading.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
 
-from fleetmem.errors import SerializationError, ValueTooLargeError
+from fleetmem._validate import INT64_MAX, INT64_MIN
+from fleetmem.errors import (
+    InvalidArgumentError,
+    NotANumberError,
+    SerializationError,
+    ValueTooLargeError,
+)
 
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
@@ -22,6 +29,7 @@ __all__ = [
     "decode_value_after_byte",
     "encode_value",
     "encode_value_ex",
+    "incremented",
     "needs_exact_decoder",
     "stored_form",
 ]
@@ -265,3 +273,23 @@ def decode_value_after_byte(data: bytes) -> Any:
     if len(data) - len(data.translate(None, _DIGITS)) >= 19 and _has_run_of_19(data):
         return json.loads(data[1:])
     return orjson.loads(data[1:])
+
+
+def incremented(key: str, base: Any, amount: int | float) -> int | float:
+    """``base + amount`` as ``incr`` computes it on every backend: exact in signed 64 bits, a
+    float if either is a float; ``NotANumberError`` when ``base`` is not a number,
+    ``InvalidArgumentError`` when the result leaves the signed 64-bit range or overflows."""
+    if isinstance(base, bool) or not isinstance(base, (int, float)):
+        raise NotANumberError(f"key {key!r} holds a {type(base).__name__}, not a number")
+    if isinstance(base, int) and isinstance(amount, int):
+        result = base + amount
+        if not INT64_MIN <= result <= INT64_MAX:
+            raise InvalidArgumentError(f"incr of key {key!r} would leave the signed 64-bit range")
+        return result
+    try:
+        total = float(base) + float(amount)
+    except OverflowError:  # a stored integer too large for a float
+        total = math.inf
+    if not math.isfinite(total):
+        raise InvalidArgumentError(f"incr of key {key!r} would overflow a float")
+    return total

@@ -11,16 +11,28 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from fleetmem.errors import InvalidArgumentError, InvalidKeyError, InvalidPatternError
+from fleetmem.errors import (
+    ConfigurationError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    InvalidPatternError,
+)
 
 __all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "KEY_CEILING",
     "MAX_KEY_BYTES",
     "MAX_PARTITION_BYTES",
     "MAX_PATTERN_BYTES",
     "MAX_PATTERN_STARS",
     "MAX_TTL_SECONDS",
     "GlobPattern",
+    "check_non_negative_int",
+    "check_positive_int",
+    "check_positive_number",
     "compile_glob",
+    "prefix_upper_bound",
     "validate_key",
     "validate_keys",
     "validate_limit",
@@ -36,6 +48,9 @@ MAX_PATTERN_STARS = 16
 #: The longest TTL accepted (100 years): every backend can represent the resulting expiry.
 MAX_TTL_SECONDS = 100 * 365 * 24 * 3600
 DEFAULT_PARTITION = "default"
+
+#: Greater than every valid key (a key holds at most 1024 UTF-8 bytes; this is 1028 bytes).
+KEY_CEILING = "\U0010ffff" * 257
 
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -426,3 +441,45 @@ def _parse_class(pattern: str, start: int) -> tuple[_Class, int]:
             members.append(lo)
     ranges.extend((m, m) for m in members)
     return _Class(negated=negated, ranges=tuple(ranges)), i
+
+
+def prefix_upper_bound(prefix: str) -> str:
+    """The smallest string above every string that starts with ``prefix`` (code-point order):
+    keys with the prefix are exactly those in ``[prefix, prefix_upper_bound(prefix))``."""
+    stripped = prefix.rstrip("\U0010ffff")  # nothing follows U+10FFFF: carry to the left
+    if not stripped:
+        return KEY_CEILING
+    code = ord(stripped[-1]) + 1
+    if 0xD800 <= code <= 0xDFFF:  # surrogates are not text: the next code point is U+E000
+        code = 0xE000
+    return stripped[:-1] + chr(code)
+
+
+# ---------------------------------------------------------------- constructor options
+# Options are checked when a store is built, before any I/O; a wrong one is a ConfigurationError.
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an ``int`` > 0 (``bool`` refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive int, not {value!r}")
+    return value
+
+
+def check_non_negative_int(name: str, value: object) -> int:
+    """``value`` as an ``int`` >= 0 (``bool`` refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be an int >= 0, not {value!r}")
+    return value
+
+
+def check_positive_number(name: str, value: object) -> float:
+    """``value`` as a finite ``float`` > 0 (``bool`` refused)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
+    return float(value)

@@ -17,9 +17,9 @@ from types import TracebackType
 from typing import Any
 
 from fleetmem._urls import redact_url, url_scheme
-from fleetmem.backends.base import BaseStore
 from fleetmem.errors import ConfigurationError, MissingDependencyError
 from fleetmem.settings import DEFAULT_URL, FleetmemSettings
+from fleetmem.store import Store
 
 __all__ = ["SCHEMES", "open_store", "store_class"]
 
@@ -50,7 +50,7 @@ def _load(entry: tuple[str, str, str | None, str | None]) -> Any:
     return getattr(module, class_name)
 
 
-def store_class(url: str) -> type[BaseStore]:
+def store_class(url: str) -> type[Store[Any]]:
     """The backend class that serves ``url`` (imports its driver)."""
     scheme = url_scheme(url)
     entry = SCHEMES.get(scheme)
@@ -59,7 +59,7 @@ def store_class(url: str) -> type[BaseStore]:
         raise ConfigurationError(
             f"unknown store URL scheme in {redact_url(url)!r}: expected one of {known}"
         )
-    cls: type[BaseStore] = _load(entry)
+    cls: type[Store[Any]] = _load(entry)
     return cls
 
 
@@ -69,7 +69,7 @@ async def _open(
     hybrid: tuple[str, str] | None,
     settings: FleetmemSettings | None,
     options: dict[str, Any],
-) -> BaseStore:
+) -> Store[Any]:
     if url is not None and hybrid is not None:
         raise ConfigurationError("give either url or hybrid=(postgres_url, redis_url), not both")
     if url is not None and not isinstance(url, str):
@@ -93,7 +93,7 @@ async def _open(
         if not (isinstance(hybrid, tuple) and len(hybrid) == 2):
             raise ConfigurationError("hybrid must be a (postgres_url, redis_url) tuple")
         hybrid_cls: Any = _load(_HYBRID)
-        store: BaseStore = hybrid_cls.from_urls(hybrid[0], hybrid[1], namespace=ns, **options)
+        store: Store[Any] = hybrid_cls.from_urls(hybrid[0], hybrid[1], namespace=ns, **options)
     else:
         assert url is not None
         cls: Any = store_class(url)
@@ -114,12 +114,12 @@ class _OpenStore:
 
     def __init__(self, coro_args: tuple[Any, ...]) -> None:
         self._args = coro_args
-        self._store: BaseStore | None = None
+        self._store: Store[Any] | None = None
 
-    def __await__(self) -> Generator[Any, None, BaseStore]:
+    def __await__(self) -> Generator[Any, None, Store[Any]]:
         return _open(*self._args).__await__()
 
-    async def __aenter__(self) -> BaseStore:
+    async def __aenter__(self) -> Store[Any]:
         self._store = await _open(*self._args)
         return self._store
 

@@ -260,14 +260,14 @@ async def test_a_miss_costs_one_cache_read_one_durable_read_one_fill(
     await store.set("k", {"v": 1})
     await store.get("warm-up")  # loads the scripts and the epoch
     durable_reads = 0
-    original = store.durable._get_entries_ttl
+    original = store.kv.durable.get_entries_ttl
 
     async def counting(keys: list[str]) -> Any:
         nonlocal durable_reads
         durable_reads += 1
         return await original(keys)
 
-    store.durable._get_entries_ttl = counting  # type: ignore[method-assign]
+    store.kv.durable.get_entries_ttl = counting  # type: ignore[method-assign]
     got: list[Any] = []
 
     async def get() -> None:
@@ -303,7 +303,7 @@ async def test_a_published_epoch_ahead_of_the_durable_one_is_passed_never_truste
     assert await store.get("k") == {"v": 1}
     now: Any = await client.get(epoch_key)
     assert int(now[:-1]) > ahead  # passed, not moved back...
-    durable = await store._epochs.get(f"epoch/{fleetmem_namespace}")
+    durable = await store.kv._epochs.get(f"epoch/{fleetmem_namespace}")
     assert durable == int(now[:-1])  # ...and the durable epoch raised to match
     assert await store.get("k") == {"v": 1}
     assert await cached_body(client, store, "k") is not None  # filled under the new epoch
@@ -370,7 +370,7 @@ async def test_a_restored_durable_epoch_never_revives_a_missed_invalidation(
         await reader.set("k", "old")
         assert await reader.get("k") == "old"
         assert await reader.get("k") == "old"
-        assert await reader._epochs.delete(f"epoch/{fleetmem_namespace}")  # "restored"
+        assert await reader.kv._epochs.delete(f"epoch/{fleetmem_namespace}")  # "restored"
         await writer.set("k", "new")
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:  # through the bypass and after it
@@ -393,7 +393,7 @@ async def test_each_cache_connection_knows_its_servers_run_id(
         await store.set("k", 1)
         assert await store.get("k") == 1
         info: Any = await raw_redis.info("server")
-        pool = store._state.pool
+        pool = store.kv._state.pool
         assert pool is not None  # lone reads take the one-round-trip path
         conns = list(pool._available_connections)
         assert conns and all(c.fleetmem_run_id == info["run_id"].encode() for c in conns)

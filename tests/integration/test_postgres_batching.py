@@ -18,8 +18,8 @@ pytestmark = pytest.mark.postgres
 
 pytest.importorskip("asyncpg")
 
-from fleetmem.backends.base import EntryMeta, SetOp  # noqa: E402
 from fleetmem.backends.postgres import PostgresStore  # noqa: E402
+from fleetmem.backends.seam import EntryMeta, SetOp  # noqa: E402
 
 
 def _meta(entry: Entry | EntryMeta | BaseException | None) -> tuple[Any, ...]:
@@ -60,9 +60,9 @@ async def _both_ways(
     await _prepare(batch)
     await asyncio.sleep(0.1)
     one_by_one = [
-        await single._set(op.key, op.payload, op.ttl_ms, op.partition, op.keep_ttl) for op in ops
+        await single.kv.set(op.key, op.payload, op.ttl_ms, op.partition, op.keep_ttl) for op in ops
     ]
-    batched = await batch._set_batch(ops)
+    batched = await batch.kv.set_batch(ops)
     assert [_meta(m) for m in batched] == [_meta(m) for m in one_by_one]
     for op in ops:
         a, b = await single.get_entry(op.key), await batch.get_entry(op.key)
@@ -82,7 +82,7 @@ async def test_set_batch_matches_set_op_by_op(fleetmem_postgres_database: str) -
         created = await batch.get_entry("live-ttl")
         assert created is not None and created.created_at < created.updated_at
         # A second batch bumps every version again.
-        again = await batch._set_batch(OPS)
+        again = await batch.kv.set_batch(OPS)
         assert [m.version for m in again if isinstance(m, EntryMeta)] == [
             m.version + 1 for m in batched if isinstance(m, EntryMeta)
         ]
@@ -126,19 +126,19 @@ async def test_delete_and_read_batches(fleetmem_postgres_database: str) -> None:
         await other.set("a", "other")
         await asyncio.sleep(0.1)
         keys = ["a", "b", "gone", "missing"]
-        entries = await store._get_entries(keys)
+        entries = await store.kv.get_entries(keys)
         assert sorted(entries) == ["a", "b"]
         assert (entries["a"].value, entries["a"].partition, entries["a"].version) == (1, "p", 1)
-        assert await store._exists_batch(keys) == [True, True, False, False]
-        assert await store._get_batch(keys) == [1, [2], *[store_missing()] * 2]
-        assert await store._delete_batch(keys) == [True, True, False, False]
-        assert await store._delete_batch(keys) == [False] * 4
+        assert await store.kv.exists_batch(keys) == [True, True, False, False]
+        assert await store.kv.get_batch(keys) == [1, [2], *[store_missing()] * 2]
+        assert await store.kv.delete_batch(keys) == [True, True, False, False]
+        assert await store.kv.delete_batch(keys) == [False] * 4
         assert await other.get("a") == "other"  # another namespace is untouched
         await other.clear()
 
 
 def store_missing() -> Any:
-    from fleetmem.backends.base import MISSING
+    from fleetmem.backends.seam import MISSING
 
     return MISSING
 

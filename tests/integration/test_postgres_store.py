@@ -27,8 +27,8 @@ pytestmark = pytest.mark.postgres
 asyncpg = pytest.importorskip("asyncpg")
 
 from fleetmem.backends.postgres import PostgresStore, init_connection  # noqa: E402
+from fleetmem.backends.postgres.kv import _queries  # noqa: E402
 from fleetmem.backends.postgres.migrate import HEAD_REVISION  # noqa: E402
-from fleetmem.backends.postgres.store import _queries  # noqa: E402
 
 
 async def _fetch(dsn: str, query: str, *args: Any) -> list[Any]:
@@ -308,20 +308,20 @@ async def test_get_entries_ttl_is_postgresqls_view(fleetmem_postgres_database: s
             "WHERE namespace = 'ttlview' AND key = 'c'",
         )
         a, b = await store.get_entry("a"), await store.get_entry("b")
-        batch = await store._get_entries_ttl(["a", "b", "c", "missing"])
+        batch = await store.kv.get_entries_ttl(["a", "b", "c", "missing"])
         assert set(batch) == {"a", "b"}  # expired and missing omitted
         assert batch["a"][0] == a and batch["b"][0] == b  # the entries as get_entry reads them
         assert 59_000 <= batch["a"][1] <= 60_000, batch["a"][1]  # type: ignore[operator]
         assert batch["b"][1] is None  # persistent
         # The single-key form (a primary-key lookup) answers the same.
-        lone = await store._get_entries_ttl(["a"])
+        lone = await store.kv.get_entries_ttl(["a"])
         assert lone["a"][0] == a and 59_000 <= lone["a"][1] <= 60_000  # type: ignore[operator]
-        assert await store._get_entries_ttl(["b"]) == {"b": (b, None)}
-        assert await store._get_entries_ttl(["c"]) == {}
-        assert await store._get_entries_ttl(["missing"]) == {}
+        assert await store.kv.get_entries_ttl(["b"]) == {"b": (b, None)}
+        assert await store.kv.get_entries_ttl(["c"]) == {}
+        assert await store.kv.get_entries_ttl(["missing"]) == {}
         # Many keys (the statement prepared for its array) read the same way.
         await store.set_many({f"m{i}": i for i in range(600)}, ttl=30)
-        many = await store._get_entries_ttl([f"m{i}" for i in range(600)])
+        many = await store.kv.get_entries_ttl([f"m{i}" for i in range(600)])
         assert len(many) == 600
         assert all(29_000 <= left <= 30_000 for _, left in many.values())  # type: ignore[operator]
         assert many["m7"][0].value == 7
@@ -345,7 +345,7 @@ async def test_get_entries_ttl_matches_the_servers_subtraction(
             "SELECT floor(extract(epoch FROM expires_at - now()) * 1000)::bigint "
             "FROM fleetmem.entries WHERE namespace = 'ttlsrv'",
         )
-        left = (await store._get_entries_ttl(["k"]))["k"][1]
+        left = (await store.kv.get_entries_ttl(["k"]))["k"][1]
         after = await _fetch(
             dsn,
             "SELECT floor(extract(epoch FROM expires_at - now()) * 1000)::bigint "
@@ -358,17 +358,17 @@ async def test_get_entries_ttl_matches_the_servers_subtraction(
 _SKEWED_TTL_WORKER = textwrap.dedent(
     """
     import asyncio, datetime, json, sys
-    from fleetmem.backends.base import BaseStore
+    from fleetmem.backends.seam import KVBackend
     from fleetmem.backends.postgres import PostgresStore
 
     async def main():
         async with PostgresStore.from_url(sys.argv[1], namespace="skew") as store:
             await store.set("k", 1, ttl=60)
-            server_now = await store._run(0, "SELECT now()", (), write=False)
+            server_now = await store.kv._run(0, "SELECT now()", (), write=False)
             app_now = datetime.datetime.now(datetime.timezone.utc)
-            server = (await store._get_entries_ttl(["k"]))["k"][1]
-            batch = (await store._get_entries_ttl(["k", "other"]))["k"][1]
-            local = (await BaseStore._get_entries_ttl(store, ["k"]))["k"][1]
+            server = (await store.kv.get_entries_ttl(["k"]))["k"][1]
+            batch = (await store.kv.get_entries_ttl(["k", "other"]))["k"][1]
+            local = (await KVBackend.get_entries_ttl(store.kv, ["k"]))["k"][1]
             skew = (app_now - server_now[0][0]).total_seconds()
             print(json.dumps({"skew": skew, "server": server, "batch": batch, "local": local}))
 
@@ -626,7 +626,7 @@ def _lost_after_server_error(state_error: Any) -> Any:
     ],
 )
 def test_driver_errors_are_translated_at_one_place(make: Any, write: bool, expected: str) -> None:
-    from fleetmem.backends.postgres.store import _RETRY, _translate
+    from fleetmem.backends.postgres.kv import _RETRY, _translate
 
     result = _translate(make(), write=write, sent=True, can_retry=True)
     assert ("retry" if result is _RETRY else type(result).__name__) == expected
@@ -638,7 +638,7 @@ def test_driver_errors_are_translated_at_one_place(make: Any, write: bool, expec
 
 
 def test_a_refused_connection_is_never_called_lost() -> None:
-    from fleetmem.backends.postgres.store import _translate
+    from fleetmem.backends.postgres.kv import _translate
 
     exc = asyncpg.TooManyConnectionsError("sorry, too many clients already")
     err = _translate(exc, write=True, sent=False, can_retry=False)

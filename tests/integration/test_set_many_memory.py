@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from fleetmem._codec import encode_value
-from fleetmem.backends.base import SET_MANY_CHUNK
+from fleetmem.store import SET_MANY_CHUNK
 
 pytestmark = pytest.mark.slow
 

@@ -76,8 +76,8 @@ async def test_stale_fill_race_made_deterministic(
     invalidates: 1,000 iterations, 0 keys whose cached value differs from PostgreSQL's."""
     pg, rs = tiers
     async with make_hybrid(pg, rs, fleetmem_namespace) as store:
-        durable = store.durable
-        original = durable._get_entries_ttl
+        durable = store.kv.durable
+        original = durable.get_entries_ttl
         reached = asyncio.Event()
         release = asyncio.Event()
         pause = {"on": False}
@@ -89,7 +89,7 @@ async def test_stale_fill_race_made_deterministic(
                 await release.wait()
             return found
 
-        durable._get_entries_ttl = paused_read  # type: ignore[method-assign]
+        durable.get_entries_ttl = paused_read  # type: ignore[method-assign]
         keys = [f"hot{i}" for i in range(20)]
         stale_reads_after_ack = 0
         for i in range(1000):
@@ -453,8 +453,8 @@ async def test_single_flight_on_a_cold_cache(
     pg, rs = tiers
     async with make_hybrid(pg, rs, fleetmem_namespace) as store:
         await store.set("popular", {"v": 1})
-        durable = store.durable
-        original = durable._get_entries_ttl
+        durable = store.kv.durable
+        original = durable.get_entries_ttl
         reads = 0
 
         async def counting_read(keys: list[str]) -> dict[str, tuple[Entry, int | None]]:
@@ -462,7 +462,7 @@ async def test_single_flight_on_a_cold_cache(
             reads += 1
             return await original(keys)
 
-        durable._get_entries_ttl = counting_read  # type: ignore[method-assign]
+        durable.get_entries_ttl = counting_read  # type: ignore[method-assign]
         results = await asyncio.gather(*(store.get("popular") for _ in range(500)))
         assert results == [{"v": 1}] * 500
         assert reads == 1
@@ -527,7 +527,8 @@ async def test_a_full_cache_serves_fresh_values_without_writing_the_epoch(
             await store.set_many(values)
             assert await store.get("k000") == values["k000"]  # the namespace's epoch published
             epoch_name = f"epoch/{fleetmem_namespace}"
-            before = await store._epochs.get(epoch_name, 0)
+            epochs = store.kv.durable.reserved_view("_fleetmem.hybrid")
+            before = (await epochs.get_many([epoch_name])).get(epoch_name, 0)
             # Fill Redis to its limit with keys of its own (as other users of a shared Redis).
             filler = "f" * 4096
             with contextlib.suppress(aioredis.ResponseError):
@@ -537,7 +538,7 @@ async def test_a_full_cache_serves_fresh_values_without_writing_the_epoch(
             for _round in range(2):
                 for key, value in values.items():
                     wrong += await store.get(key) != value
-            after = await store._epochs.get(epoch_name, 0)
+            after = (await epochs.get_many([epoch_name])).get(epoch_name, 0)
             assert wrong == 0
             # Under allkeys-lru Redis may evict the epoch key and its run_id key together:
             # that cannot be told from a restart that lost them, so the next resync raises the
@@ -578,7 +579,7 @@ class _SlowHit:
     """The lone cache read of a store: Redis answers, then the answer is held back once."""
 
     def __init__(self, store: HybridStore, delay: float) -> None:
-        self.original, self.delay, self.armed = store._hit_or_lease, delay, False
+        self.original, self.delay, self.armed = store.kv._hit_or_lease, delay, False
 
     async def __call__(self, *args: Any) -> Any:
         item = await self.original(*args)
@@ -600,15 +601,15 @@ async def test_a_late_confirmation_is_not_joined_after_an_acknowledged_write(
         await writer.set("k", "old")
         assert await reader.get("k") == "old"
         assert await reader.get("k") == "old" and reader.metrics.hits >= 1
-        slow = _SlowConfirmation(reader._epochs, 2.0)
-        reader._epochs = slow  # type: ignore[assignment]
-        trust = reader._state.trust[fleetmem_namespace]
+        slow = _SlowConfirmation(reader.kv._epochs, 2.0)
+        reader.kv._epochs = slow  # type: ignore[assignment]
+        trust = reader.kv._state.trust[fleetmem_namespace]
         await asyncio.sleep(max(0.0, trust.refresh_at - time.monotonic()) + 0.01)
         slow.armed = True
         assert await reader.get("k") == "old"  # starts the background confirmation
         await asyncio.sleep(0.05)  # which took its snapshot: epoch E, no bypass mark
-        writer._state.breaker.failure()  # the writer cannot reach Redis
-        writer._state.breaker.failure()
+        writer.kv._state.breaker.failure()  # the writer cannot reach Redis
+        writer.kv._state.breaker.failure()
         await writer.set("k", "new")  # mark, bump, wait one window, acknowledge
         assert writer.metrics.bypasses == 1
         assert await reader.get("k") == "new"
@@ -626,8 +627,8 @@ async def test_clear_retires_reads_that_started_while_it_ran(
         assert await store.get("k") == "old"
         assert await store.get("k") == "old" and store.metrics.hits >= 1
         hit = _SlowHit(store, 1.0)
-        store._hit_or_lease = hit  # type: ignore[method-assign, assignment]
-        real = store._epochs
+        store.kv._hit_or_lease = hit  # type: ignore[method-assign, assignment]
+        real = store.kv._epochs
         concurrent: list[asyncio.Task[Any]] = []
 
         class Epochs:
@@ -640,9 +641,9 @@ async def test_clear_retires_reads_that_started_while_it_ran(
                 await asyncio.sleep(0.05)
                 return await real.incr(*args)
 
-        store._epochs = Epochs()  # type: ignore[assignment]
+        store.kv._epochs = Epochs()  # type: ignore[assignment]
         await store.clear()
-        store._epochs = real
+        store.kv._epochs = real
         assert await store.get("k") is None
         await asyncio.gather(*concurrent)
 
@@ -660,7 +661,7 @@ async def test_a_read_does_not_join_one_sent_before_another_processs_write(
         assert await reader.get("k") == "old"
         assert await reader.get("k") == "old"
         hit = _SlowHit(reader, 0.5)
-        reader._hit_or_lease = hit  # type: ignore[method-assign, assignment]
+        reader.kv._hit_or_lease = hit  # type: ignore[method-assign, assignment]
         hit.armed = True
         first = asyncio.create_task(reader.get("k"))
         await asyncio.sleep(0.05)  # it read "old" from Redis; its answer is slow

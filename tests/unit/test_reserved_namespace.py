@@ -24,9 +24,9 @@ def test_names_near_the_reserved_prefix_are_users(namespace: str) -> None:
 
 async def test_the_internal_view_reaches_a_reserved_namespace_and_only_those() -> None:
     store = InMemoryStore(namespace="ns")
-    internal = store._reserved_view("_fleetmem.hybrid")
-    await internal.set("epoch/ns", 3)
+    internal = store.kv.reserved_view("_fleetmem.hybrid")
+    await internal.set("epoch/ns", b"3", None, None, False)
     assert await store.get("epoch/ns") is None  # nothing leaks into the user's namespace
     assert await internal.get("epoch/ns") == 3
     with pytest.raises(ValueError, match="not a reserved namespace"):
-        store._reserved_view("other")
+        store.kv.reserved_view("other")

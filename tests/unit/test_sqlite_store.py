@@ -402,10 +402,12 @@ def test_from_url_paths(url: str, path: str) -> None:
 
 def test_from_url_options() -> None:
     store = SQLiteStore.from_url("sqlite:///x.db?busy_timeout=0.5&synchronous=full")
-    assert store._db.busy_timeout == 0.5
-    assert store._db.synchronous == "full"
+    assert store.kv.connector.busy_timeout == 0.5
+    assert store.kv.connector.synchronous == "full"
     assert (
-        SQLiteStore.from_url("sqlite:///x.db?busy_timeout=0.5", busy_timeout=2)._db.busy_timeout
+        SQLiteStore.from_url(
+            "sqlite:///x.db?busy_timeout=0.5", busy_timeout=2
+        ).kv.connector.busy_timeout
         == 2
     )
     with pytest.raises(ConfigurationError, match="unknown"):

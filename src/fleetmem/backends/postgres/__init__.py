@@ -1,7 +1,9 @@
-"""The PostgreSQL backend: :class:`PostgresStore` and its alembic-owned schema (``migrate``)."""
+"""The PostgreSQL backend: :class:`PostgresStore` on :class:`PostgresKV`, and its alembic-owned
+schema (``migrate``)."""
 
 from __future__ import annotations
 
-from fleetmem.backends.postgres.store import PostgresStore, init_connection
+from fleetmem.backends.postgres.kv import PostgresKV, init_connection
+from fleetmem.backends.postgres.store import PostgresStore
 
-__all__ = ["PostgresStore", "init_connection"]
+__all__ = ["PostgresKV", "PostgresStore", "init_connection"]

@@ -1,4 +1,4 @@
-"""``InMemoryStore``: a process-local store for tests and single-process fleets.
+"""``InMemoryKV``: the key-value primitive held in this process's memory.
 
 Entries live in a dict per namespace, values kept as encoded JSON so that a read never returns
 an object the caller can mutate in place. Every operation runs without awaiting anything between
@@ -9,25 +9,22 @@ process's wall clock (there is no server clock).
 from __future__ import annotations
 
 import bisect
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES, decode_value, encode_value
-from fleetmem._validate import DEFAULT_PARTITION, INT64_MAX, INT64_MIN, GlobPattern
-from fleetmem.backends.base import MISSING, BaseStore, EntryMeta
+from fleetmem._codec import decode_value, encode_value, incremented
+from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
+from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend
 from fleetmem.errors import (
-    InvalidArgumentError,
     KeyNotFoundError,
-    NotANumberError,
     VersionConflictError,
 )
 from fleetmem.protocol import Entry, StoreStats
 
-__all__ = ["InMemoryStore"]
+__all__ = ["InMemoryKV"]
 
 
 @dataclass(slots=True)
@@ -44,25 +41,15 @@ def _dt(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
 
 
-class InMemoryStore(BaseStore):
-    """A ``MemoryStore`` held in this process's memory; nothing survives the process."""
+class InMemoryKV(KVBackend):
+    """Entries in a dict per namespace; views share the dicts, nothing survives the process."""
 
     backend_name = "memory"
 
-    def __init__(
-        self,
-        *,
-        namespace: str = "default",
-        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
-    ) -> None:
-        super().__init__(namespace=namespace, max_value_bytes=max_value_bytes)
+    def __init__(self, *, namespace: str) -> None:
+        super().__init__(namespace=namespace)
         self._spaces: dict[str, dict[str, _Record]] = {}
         self._bind_namespace()
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> InMemoryStore:
-        """``memory://`` (anything after the scheme is ignored)."""
-        return cls(**options)
 
     def _bind_namespace(self) -> None:
         self._data = self._spaces.setdefault(self._namespace, {})
@@ -132,15 +119,15 @@ class InMemoryStore(BaseStore):
 
     # ------------------------------------------------------------------ reads
 
-    async def _get(self, key: str) -> Any:
+    async def get(self, key: str) -> Any:
         record = self._live(key, time.time())
         return MISSING if record is None else decode_value(record.payload)
 
-    async def _get_entry(self, key: str) -> Entry | None:
+    async def get_entry(self, key: str) -> Entry | None:
         record = self._live(key, time.time())
         return None if record is None else self._entry(key, record)
 
-    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+    async def get_many(self, keys: list[str]) -> dict[str, Any]:
         now = time.time()
         out: dict[str, Any] = {}
         for key in keys:
@@ -149,10 +136,10 @@ class InMemoryStore(BaseStore):
                 out[key] = decode_value(record.payload)
         return out
 
-    async def _exists(self, key: str) -> bool:
+    async def exists(self, key: str) -> bool:
         return self._live(key, time.time()) is not None
 
-    async def _ttl(self, key: str) -> float | None:
+    async def ttl(self, key: str) -> float | None:
         now = time.time()
         record = self._live(key, now)
         if record is None:
@@ -167,7 +154,7 @@ class InMemoryStore(BaseStore):
         )
         return keys
 
-    async def _keys(
+    async def keys(
         self, prefix: str, partition: str | None, limit: int | None, after: str | None
     ) -> list[str]:
         now = time.time()
@@ -183,7 +170,7 @@ class InMemoryStore(BaseStore):
                 break
         return out
 
-    async def _search(
+    async def search(
         self, pattern: GlobPattern, partition: str | None, limit: int | None
     ) -> dict[str, Any]:
         now = time.time()
@@ -198,10 +185,10 @@ class InMemoryStore(BaseStore):
                     break
         return out
 
-    async def _partitions(self) -> list[str]:
+    async def partitions(self) -> list[str]:
         return sorted({r.partition for _, r in self._iter_live(time.time())})
 
-    async def _stats(self) -> StoreStats:
+    async def stats(self) -> StoreStats:
         now = time.time()
         counts: dict[str, int] = {}
         live = size = 0
@@ -218,19 +205,19 @@ class InMemoryStore(BaseStore):
             backend=self.backend_name,
         )
 
-    async def _health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         return {"namespaces": len(self._spaces), "entries": len(self._data)}
 
     # ------------------------------------------------------------------ writes
 
-    async def _set(
+    async def set(
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
     ) -> EntryMeta:
         now = time.time()
         record = self._write(key, payload, now, ttl_ms, partition, keep_ttl, self._live(key, now))
         return self._meta(record)
 
-    async def _set_many(
+    async def set_many(
         self,
         chunks: Iterator[list[tuple[str, bytes]]],
         ttl_ms: int | None,
@@ -244,7 +231,7 @@ class InMemoryStore(BaseStore):
             count += len(chunk)
         return count
 
-    async def _set_if_absent(
+    async def set_if_absent(
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
     ) -> bool:
         now = time.time()
@@ -253,7 +240,7 @@ class InMemoryStore(BaseStore):
         self._write(key, payload, now, ttl_ms, partition, False, None)
         return True
 
-    async def _compare_and_set(
+    async def compare_and_set(
         self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
     ) -> EntryMeta:
         now = time.time()
@@ -264,38 +251,23 @@ class InMemoryStore(BaseStore):
         record = self._write(key, payload, now, ttl_ms, partition, True, current)
         return self._meta(record)
 
-    async def _incr(
+    async def incr(
         self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
     ) -> int | float:
         now = time.time()
         current = self._live(key, now)
         base: Any = 0 if current is None else decode_value(current.payload)
-        if isinstance(base, bool) or not isinstance(base, (int, float)):
-            raise NotANumberError(f"key {key!r} holds a {type(base).__name__}, not a number")
-        result: int | float
-        if isinstance(base, int) and isinstance(amount, int):
-            result = base + amount
-            if not INT64_MIN <= result <= INT64_MAX:
-                raise InvalidArgumentError(
-                    f"incr of key {key!r} would leave the signed 64-bit range"
-                )
-        else:
-            try:
-                result = float(base) + float(amount)
-            except OverflowError:
-                result = math.inf
-            if not math.isfinite(result):
-                raise InvalidArgumentError(f"incr of key {key!r} would overflow a float")
+        result = incremented(key, base, amount)
         self._write(key, encode_value(result), now, ttl_ms, partition, True, current)
         return result
 
-    async def _delete(self, key: str) -> bool:
+    async def delete(self, key: str) -> bool:
         if self._live(key, time.time()) is None:
             return False
         del self._data[key]
         return True
 
-    async def _delete_many(self, keys: list[str]) -> int:
+    async def delete_many(self, keys: list[str]) -> int:
         now = time.time()
         count = 0
         for key in keys:
@@ -304,7 +276,7 @@ class InMemoryStore(BaseStore):
                 count += 1
         return count
 
-    async def _expire(self, key: str, ttl_ms: int | None) -> bool:
+    async def expire(self, key: str, ttl_ms: int | None) -> bool:
         now = time.time()
         record = self._live(key, now)
         if record is None:
@@ -312,7 +284,7 @@ class InMemoryStore(BaseStore):
         record.expires_at = None if ttl_ms is None else now + ttl_ms / 1000.0
         return True
 
-    async def _clear(self, partition: str | None) -> int:
+    async def clear(self, partition: str | None) -> int:
         now = time.time()
         doomed = [k for k, r in self._data.items() if partition is None or r.partition == partition]
         live = 0
@@ -322,7 +294,7 @@ class InMemoryStore(BaseStore):
                 live += 1
         return live
 
-    async def _cleanup_expired(self) -> int:
+    async def cleanup_expired(self) -> int:
         now = time.time()
         doomed = [
             k for k, r in self._data.items() if r.expires_at is not None and r.expires_at <= now
@@ -331,5 +303,5 @@ class InMemoryStore(BaseStore):
             del self._data[key]
         return len(doomed)
 
-    async def _aclose(self) -> None:
+    async def aclose(self) -> None:
         self._spaces.clear()

@@ -1,0 +1,309 @@
+"""The typed seam between fleetmem's validating front end and its backends.
+
+:class:`fleetmem.store.Store` validates and encodes every argument once, before any I/O, then
+calls a :class:`KVBackend`: the key-value primitive of one technology, bound to one namespace.
+Every method here receives arguments that are already valid:
+
+* keys and partitions are valid ``str``; ``partition=None`` means "keep the entry's partition,
+  ``default`` for a new one";
+* values arrive as ``payload`` -- the compact UTF-8 JSON from :func:`fleetmem._codec.encode_value`;
+* TTLs arrive as whole milliseconds (``ttl_ms``), ``None`` for no expiry;
+* ``limit`` is ``None`` or an ``int`` > 0 (``limit=0`` never reaches a backend).
+
+Methods return decoded values (backends decode with :func:`fleetmem._codec.decode_value`) and
+raise fleetmem errors only: each technology translates its driver's exceptions at one choke
+point, its connector.
+
+This interface is public: a backend built on other backends (the hybrid) calls theirs through
+it and nothing else, and a third-party backend implements it and runs
+``fleetmem.testing.conformance`` to prove it keeps the contract.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any, ClassVar, NamedTuple, TypeVar
+
+from fleetmem._validate import GlobPattern
+from fleetmem.protocol import Entry, Health, StoreStats
+
+__all__ = [
+    "MISSING",
+    "RESERVED_NAMESPACE_PREFIX",
+    "EntryMeta",
+    "KVBackend",
+    "SetOp",
+    "health_report",
+]
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: Returned by :meth:`KVBackend.get` for a missing or expired key.
+MISSING: Any = _Missing()
+
+_K = TypeVar("_K", bound="KVBackend")
+
+#: Namespaces beginning with this hold fleetmem's own state (the hybrid tier's epochs): no store
+#: can be opened on one (:func:`fleetmem.store.user_namespace`), so nothing a user does
+#: (``clear()``, a restore of one namespace, a listing) can reach that state.
+RESERVED_NAMESPACE_PREFIX = "_fleetmem"
+
+
+class EntryMeta(NamedTuple):
+    """The metadata of an entry a write produced (``Entry`` without key and value)."""
+
+    partition: str
+    version: int
+    created_at: Any  # datetime (tz-aware UTC)
+    updated_at: Any
+    expires_at: Any  # datetime | None
+
+
+class SetOp(NamedTuple):
+    """One ``set`` call, validated and encoded, as a batch method receives it."""
+
+    key: str
+    payload: bytes
+    ttl_ms: int | None
+    partition: str | None
+    keep_ttl: bool
+
+
+class KVBackend(abc.ABC):
+    """The key-value primitive of one technology, bound to one namespace.
+
+    A backend object is cheap to copy: :meth:`view` gives one bound to another namespace that
+    shares this one's connector (pool, client, file), so views never open connections.
+    """
+
+    #: The name ``Store.backend`` reports (``memory``, ``sqlite``, ``postgres``, ...).
+    backend_name: ClassVar[str] = "base"
+    #: Concurrent single-key calls beyond this many in flight are merged into batches (see
+    #: ``fleetmem._coalesce``); ``None`` turns merging off. A backend sets it when its batch
+    #: methods (``get_many``, ``get_entries``, ``set_batch``, ``delete_batch``) do one round
+    #: trip per batch.
+    coalesce_max_inflight: ClassVar[int | None] = None
+    #: The same for set/delete (``None``: as for reads). A backend whose write batches each
+    #: wait for a commit may want a few more of them in flight than read batches.
+    coalesce_max_inflight_writes: ClassVar[int | None] = None
+
+    def __init__(self, *, namespace: str) -> None:
+        self._namespace = namespace
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    def view(self: _K, namespace: str) -> _K:
+        """This backend bound to ``namespace`` (already validated), sharing its connector."""
+        other = copy.copy(self)
+        other._namespace = namespace
+        other._bind_namespace()
+        return other
+
+    def reserved_view(self: _K, namespace: str) -> _K:
+        """A view on one of fleetmem's own namespaces (``_fleetmem...``), which no store can
+        be opened on: the hybrid tier keeps its epochs there."""
+        if not namespace.startswith(RESERVED_NAMESPACE_PREFIX):
+            raise ValueError(f"{namespace!r} is not a reserved namespace")
+        return self.view(namespace)
+
+    def _bind_namespace(self) -> None:  # noqa: B027 - an optional hook
+        """Recompute namespace-dependent state after :meth:`view` (for subclasses)."""
+
+    def describe(self) -> str:
+        """Extra text for the store's ``repr`` (never a password)."""
+        return ""
+
+    async def connect(self) -> None:  # noqa: B027 - embedded backends have nothing to open
+        """Open connections and check the schema. Idempotent."""
+
+    # ---------------------------------------------------------------- key-value
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> Any:
+        """The decoded live value of ``key``, or :data:`MISSING`."""
+
+    @abc.abstractmethod
+    async def get_entry(self, key: str) -> Entry | None: ...
+
+    @abc.abstractmethod
+    async def get_many(self, keys: list[str]) -> dict[str, Any]:
+        """Live values of ``keys`` (distinct); any order, missing keys omitted."""
+
+    @abc.abstractmethod
+    async def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def ttl(self, key: str) -> float | None:
+        """Seconds left; raise ``KeyNotFoundError`` for a missing or expired key."""
+
+    @abc.abstractmethod
+    async def keys(
+        self, prefix: str, partition: str | None, limit: int | None, after: str | None
+    ) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def search(
+        self, pattern: GlobPattern, partition: str | None, limit: int | None
+    ) -> dict[str, Any]:
+        """Live entries matching ``pattern`` (which has a wildcard), ascending by key."""
+
+    @abc.abstractmethod
+    async def partitions(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def stats(self) -> StoreStats: ...
+
+    @abc.abstractmethod
+    async def health(self) -> dict[str, Any]:
+        """Check the backend; return details (an ``ok`` item set to False marks it unhealthy)."""
+
+    @abc.abstractmethod
+    async def set(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+    ) -> EntryMeta: ...
+
+    @abc.abstractmethod
+    async def set_many(
+        self,
+        chunks: Iterator[list[tuple[str, bytes]]],
+        ttl_ms: int | None,
+        partition: str | None,
+    ) -> int:
+        """Write every chunk (keys distinct within the whole call); return the count."""
+
+    @abc.abstractmethod
+    async def set_if_absent(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    async def compare_and_set(
+        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+    ) -> EntryMeta:
+        """Raise ``VersionConflictError(key, version, current)`` on a mismatch."""
+
+    @abc.abstractmethod
+    async def incr(
+        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+    ) -> int | float: ...
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def delete_many(self, keys: list[str]) -> int: ...
+
+    @abc.abstractmethod
+    async def expire(self, key: str, ttl_ms: int | None) -> bool:
+        """Set (``ttl_ms``) or remove (``None``) the expiry of a live key."""
+
+    @abc.abstractmethod
+    async def clear(self, partition: str | None) -> int:
+        """Delete the namespace's entries (of ``partition`` when given); count the live ones."""
+
+    @abc.abstractmethod
+    async def cleanup_expired(self) -> int: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release what this backend created (never an injected client or pool). Called once,
+        on the store that is not a view."""
+
+    # ---------------------------------------------------------------- batches
+    # Used to merge concurrent single-key calls. The defaults are correct but make one call per
+    # item; a backend that sets ``coalesce_max_inflight`` overrides them with one round trip.
+
+    async def get_entries(self, keys: list[str]) -> dict[str, Entry]:
+        """Live entries of ``keys`` (distinct); missing keys omitted."""
+        out: dict[str, Entry] = {}
+        for key in keys:
+            entry = await self.get_entry(key)
+            if entry is not None:
+                out[key] = entry
+        return out
+
+    async def get_entries_ttl(self, keys: list[str]) -> dict[str, tuple[Entry, int | None]]:
+        """Live entries of ``keys`` (distinct) with their remaining life in milliseconds
+        measured **on the server's clock** (None: persistent); missing keys omitted.
+
+        A cache in front of this store (``HybridStore``) sizes its TTLs with it. The default
+        reads the local clock, which is the server's clock only for embedded stores (memory,
+        SQLite); a store with a server of its own overrides it and computes the remaining life
+        where the expiry is measured.
+        """
+        entries = await self.get_entries(keys)
+        now = datetime.now(timezone.utc)
+        out: dict[str, tuple[Entry, int | None]] = {}
+        for key, entry in entries.items():
+            left = None
+            if entry.expires_at is not None:
+                left = max(0, int((entry.expires_at - now).total_seconds() * 1000))
+            out[key] = (entry, left)
+        return out
+
+    async def set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
+        """Apply ``ops`` (distinct keys), each exactly as ``set`` would; one result per op."""
+        out: list[EntryMeta | BaseException] = []
+        for op in ops:
+            try:
+                out.append(await self.set_op(op))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    async def delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
+        """Delete ``keys`` (distinct); for each, whether a live entry existed."""
+        out: list[bool | BaseException] = []
+        for key in keys:
+            try:
+                out.append(await self.delete(key))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    async def set_op(self, op: SetOp) -> EntryMeta:
+        return await self.set(op.key, op.payload, op.ttl_ms, op.partition, op.keep_ttl)
+
+    # Merged reads may repeat a key; the hooks above take distinct keys.
+
+    async def get_batch(self, keys: list[str]) -> list[Any]:
+        found = await self.get_many(list(dict.fromkeys(keys)))
+        return [found.get(key, MISSING) for key in keys]
+
+    async def get_entry_batch(self, keys: list[str]) -> list[Entry | None]:
+        found = await self.get_entries(list(dict.fromkeys(keys)))
+        return [found.get(key) for key in keys]
+
+    async def exists_batch(self, keys: list[str]) -> list[bool]:
+        found = await self.get_entries(list(dict.fromkeys(keys)))
+        return [key in found for key in keys]
+
+
+async def health_report(kv: KVBackend) -> Health:
+    """``kv.health()`` as a :class:`~fleetmem.protocol.Health`, timed; never raises."""
+    start = time.perf_counter()
+    try:
+        details = await kv.health()
+    except Exception as exc:  # health never raises
+        return Health(
+            ok=False,
+            backend=kv.backend_name,
+            latency_ms=None,
+            details={"error": f"{type(exc).__name__}: {exc}", "namespace": kv.namespace},
+        )
+    latency = (time.perf_counter() - start) * 1000.0
+    ok = bool(details.pop("ok", True))
+    details.setdefault("namespace", kv.namespace)
+    return Health(ok=ok, backend=kv.backend_name, latency_ms=latency, details=details)

@@ -1,0 +1,210 @@
+"""``SQLiteConnector``: one SQLite file, its one connection and the worker thread that uses it.
+
+Every SQLite call runs on one worker thread owned by the connector (and shared by a store's
+``with_namespace`` views), so blocking I/O never runs on the event loop and the connection is
+only ever used by one thread. The connector opens the file on first use, switches it to WAL,
+creates or checks the schema, and translates ``sqlite3`` errors at one place (:meth:`call`).
+A primitive's module (``kv.py``) runs each operation as one function on that thread; a write
+is one ``BEGIN IMMEDIATE`` transaction (:class:`Transaction`), which takes SQLite's write lock
+up front, so read-modify-write operations stay exact across processes.
+
+The SQL lives in ``sql/*.sql`` as named blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from fleetmem.backends._files import sql_blocks
+from fleetmem.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    FleetmemError,
+    SchemaVersionError,
+    StoreClosedError,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQL", "SYNCHRONOUS_MODES", "SQLiteConnector", "Transaction"]
+
+#: The version of the table layout this module reads and writes (kept in ``fleetmem_meta``).
+SCHEMA_VERSION = 1
+
+#: RETURNING (3.35) and UPSERT are needed; so is the JSON1 extension (built in since 3.38).
+_MIN_SQLITE = (3, 35, 0)
+
+_T = TypeVar("_T")
+
+#: Every named statement of ``sql/kv.sql``.
+SQL = sql_blocks(__package__ or "fleetmem.backends.sqlite", "sql", "kv.sql")
+_SYNCHRONOUS = {"normal": SQL["synchronous_normal"], "full": SQL["synchronous_full"]}
+#: The values ``synchronous=`` accepts.
+SYNCHRONOUS_MODES = tuple(_SYNCHRONOUS)
+
+
+class SQLiteConnector:
+    """The connection and worker thread shared by a store and its views.
+
+    Every method but :meth:`call` and :meth:`shutdown` runs on the worker thread only.
+    """
+
+    def __init__(self, path: str, busy_timeout: float, synchronous: str) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self.synchronous = synchronous
+        self.journal_mode = ""
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetmem-sqlite")
+
+    # ------------------------------------------------------------ event-loop side
+
+    async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn(connection)`` on the worker thread; translate sqlite3 errors (one place)."""
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._executor, self._with_connection, fn)
+        except RuntimeError as exc:  # the executor was shut down by close()
+            raise StoreClosedError(f"SQLite store for {self.path!r} is closed") from exc
+        try:
+            return await future
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+
+    async def shutdown(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    def _translate(self, exc: sqlite3.Error) -> FleetmemError:
+        message = str(exc)
+        if isinstance(exc, sqlite3.OperationalError):
+            if "locked" in message or "busy" in message:
+                return BackendUnavailableError(
+                    f"SQLite database {self.path!r} is locked: still busy after the busy "
+                    f"timeout of {self.busy_timeout:g} s ({message})"
+                )
+            return BackendUnavailableError(f"SQLite database {self.path!r}: {message}")
+        return FleetmemError(f"SQLite error on {self.path!r}: {type(exc).__name__}: {message}")
+
+    # ------------------------------------------------------------ worker-thread side
+
+    def _with_connection(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        conn = self._conn
+        if conn is None:
+            if self._closed:
+                raise StoreClosedError(f"SQLite store for {self.path!r} is closed")
+            conn = self._open()
+            self._conn = conn
+        return fn(conn)
+
+    def _open(self) -> sqlite3.Connection:
+        if sqlite3.sqlite_version_info < _MIN_SQLITE:
+            raise ConfigurationError(
+                f"SQLiteStore needs SQLite 3.35 or newer; this Python has {sqlite3.sqlite_version}"
+            )
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,  # autocommit: transactions are explicit
+            check_same_thread=False,  # only the worker thread ever uses it
+        )
+        try:
+            try:
+                conn.execute(SQL["check_json"]).fetchone()
+            except sqlite3.OperationalError as exc:
+                raise ConfigurationError(
+                    "SQLiteStore needs SQLite's JSON functions (JSON1), missing from this build"
+                ) from exc
+            if self.path != ":memory:":
+                self._retry_busy(lambda: conn.execute(SQL["journal_mode_wal"]).fetchone())
+            self.journal_mode = str(conn.execute(SQL["journal_mode"]).fetchone()[0])
+            conn.execute(_SYNCHRONOUS[self.synchronous])
+            self._ensure_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _retry_busy(self, fn: Callable[[], object]) -> None:
+        # Switching to WAL needs an exclusive lock and may report SQLITE_BUSY without waiting
+        # on the busy handler, e.g. when several processes open a new file at once.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                fn()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        if conn.execute(SQL["meta_table_exists"]).fetchone() is not None:
+            row = conn.execute(SQL["read_schema_version"]).fetchone()
+            if row is not None:
+                self._check_version(row[0])
+                return
+        with Transaction(conn):
+            conn.execute(SQL["create_meta"])
+            row = conn.execute(SQL["read_schema_version"]).fetchone()
+            if row is not None:  # another process created it meanwhile
+                self._check_version(row[0])
+                return
+            conn.execute(SQL["create_entries"])
+            conn.execute(SQL["create_partition_index"])
+            conn.execute(SQL["create_expiry_index"])
+            conn.execute(SQL["write_schema_version"], (str(SCHEMA_VERSION),))
+
+    def _check_version(self, stored: object) -> None:
+        try:
+            version = int(str(stored))
+        except ValueError:
+            version = -1
+        if version == SCHEMA_VERSION:
+            return
+        relation = "newer" if version > SCHEMA_VERSION else "older"
+        raise SchemaVersionError(
+            f"SQLite database {self.path!r} has schema version {stored!s}, {relation} than the "
+            f"version {SCHEMA_VERSION} this fleetmem uses"
+        )
+
+    def _close(self) -> None:
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception."""
+
+    __slots__ = ("_conn", "_mode")
+
+    def __init__(self, conn: sqlite3.Connection, *, write: bool = True) -> None:
+        self._conn = conn
+        self._mode = SQL["begin_immediate"] if write else SQL["begin"]
+
+    def __enter__(self) -> None:
+        self._conn.execute(self._mode)
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self._conn.execute(SQL["commit"])
+                return
+            except BaseException:
+                # A failed COMMIT (e.g. busy in rollback-journal mode) leaves the transaction
+                # open: end it, so that the connection stays usable, then report the error.
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute(SQL["rollback"])

@@ -1,0 +1,384 @@
+"""``SQLiteKV``: the key-value primitive on a SQLite file, one function per operation.
+
+Each operation is one function run on the connector's worker thread; a write is one
+``BEGIN IMMEDIATE`` transaction. There is no server, so expiry is measured on this process's
+wall clock, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from fleetmem._codec import decode_value, encode_value, incremented
+from fleetmem._validate import GlobPattern, prefix_upper_bound
+from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend
+from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction
+from fleetmem.errors import (
+    KeyNotFoundError,
+    VersionConflictError,
+)
+from fleetmem.protocol import Entry, StoreStats
+
+__all__ = ["SQLiteKV"]
+
+_UPSERT_RETURNING = SQL["upsert"] + "\n" + SQL["returning_meta"]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000.0, timezone.utc)
+
+
+def _dt_or_none(ms: int | None) -> datetime | None:
+    return None if ms is None else _dt(ms)
+
+
+def _meta(row: tuple[Any, ...]) -> EntryMeta:
+    partition, version, created, updated, expires = row
+    return EntryMeta(partition, version, _dt(created), _dt(updated), _dt_or_none(expires))
+
+
+def _live(expires_at: int | None, now: int) -> bool:
+    return expires_at is None or expires_at > now
+
+
+def _json_keys(keys: list[str]) -> str:
+    return orjson.dumps(keys).decode("utf-8")
+
+
+class SQLiteKV(KVBackend):
+    """Entries of one namespace in the ``entries`` table of the connector's file."""
+
+    backend_name = "sqlite"
+
+    def __init__(self, connector: SQLiteConnector, *, namespace: str) -> None:
+        super().__init__(namespace=namespace)
+        self._db = connector
+
+    @property
+    def connector(self) -> SQLiteConnector:
+        return self._db
+
+    def describe(self) -> str:
+        return f" path={self._db.path!r}"
+
+    async def connect(self) -> None:
+        """Open the database, switch it to WAL and create or check the schema. Idempotent.
+
+        Any operation opens the database on first use too; ``connect()`` reports problems early.
+        """
+        await self._db.call(_noop)
+
+    async def aclose(self) -> None:
+        await self._db.shutdown()
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, key: str) -> Any:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> Any:
+            row = conn.execute(SQL["get_value"], (ns, key, _now_ms())).fetchone()
+            return MISSING if row is None else decode_value(row[0])
+
+        return await self._db.call(run)
+
+    async def get_entry(self, key: str) -> Entry | None:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> Entry | None:
+            row = conn.execute(SQL["get_entry"], (ns, key, _now_ms())).fetchone()
+            if row is None:
+                return None
+            return Entry(key, decode_value(row[0]), *_meta(row[1:]))
+
+        return await self._db.call(run)
+
+    async def get_many(self, keys: list[str]) -> dict[str, Any]:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> dict[str, Any]:
+            rows = conn.execute(SQL["get_many"], (ns, _json_keys(keys), _now_ms()))
+            return {k: decode_value(v) for k, v in rows}
+
+        return await self._db.call(run)
+
+    async def exists(self, key: str) -> bool:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(SQL["get_version"], (ns, key, _now_ms())).fetchone() is not None
+
+        return await self._db.call(run)
+
+    async def ttl(self, key: str) -> float | None:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> float | None:
+            now = time.time() * 1000.0
+            row = conn.execute(SQL["get_expiry"], (ns, key, math.floor(now))).fetchone()
+            if row is None:
+                raise KeyNotFoundError(f"key {key!r} does not exist")
+            expires: int | None = row[0]
+            return None if expires is None else max(0.0, (expires - now) / 1000.0)
+
+        return await self._db.call(run)
+
+    async def keys(
+        self, prefix: str, partition: str | None, limit: int | None, after: str | None
+    ) -> list[str]:
+        ns = self._namespace
+
+        # Half-open range [low, high) over the primary key: low is the prefix, or the smallest
+        # string above ``after`` (``after`` + U+0000, as no key holds U+0000).
+        low = after + "\x00" if after is not None and after >= prefix else prefix
+        high = prefix_upper_bound(prefix)
+        lim = -1 if limit is None else limit
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            now = _now_ms()
+            if partition is None:
+                rows = conn.execute(SQL["keys"], (ns, low, high, now, lim))
+            else:
+                rows = conn.execute(SQL["keys_in_partition"], (ns, low, high, now, lim, partition))
+            return [row[0] for row in rows]
+
+        return await self._db.call(run)
+
+    async def search(
+        self, pattern: GlobPattern, partition: str | None, limit: int | None
+    ) -> dict[str, Any]:
+        ns = self._namespace
+
+        # The literal prefix becomes a key range; the exact glob matcher filters in Python
+        # (SQLite's LIKE ignores ASCII case and its GLOB has no escapes).
+        low, high = pattern.prefix, prefix_upper_bound(pattern.prefix)
+
+        def run(conn: sqlite3.Connection) -> dict[str, Any]:
+            now = _now_ms()
+            if partition is None:
+                rows = conn.execute(SQL["scan"], (ns, low, high, now))
+            else:
+                rows = conn.execute(SQL["scan_partition"], (ns, low, high, now, partition))
+            out: dict[str, Any] = {}
+            matches = pattern.matches
+            for key, value in rows:
+                if matches(key):
+                    out[key] = decode_value(value)
+                    if limit is not None and len(out) >= limit:
+                        break
+            return out
+
+        return await self._db.call(run)
+
+    async def partitions(self) -> list[str]:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in conn.execute(SQL["partitions"], (ns, _now_ms()))]
+
+        return await self._db.call(run)
+
+    async def stats(self) -> StoreStats:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> StoreStats:
+            with Transaction(conn, write=False):  # one snapshot for both counts
+                now = _now_ms()
+                live = conn.execute(SQL["stats_live"], (ns, now)).fetchall()
+                expired = conn.execute(SQL["stats_expired"], (ns, now)).fetchone()[0]
+            return StoreStats(
+                namespace=ns,
+                keys=sum(row[1] for row in live),
+                partitions={row[0]: row[1] for row in live},
+                expired_pending=expired,
+                bytes=sum(row[2] for row in live),
+                backend=self.backend_name,
+            )
+
+        return await self._db.call(run)
+
+    async def health(self) -> dict[str, Any]:
+        def run(conn: sqlite3.Connection) -> dict[str, Any]:
+            conn.execute(SQL["select_one"]).fetchone()
+            return {
+                "path": db.path,
+                "journal_mode": db.journal_mode,
+                "sqlite_version": sqlite3.sqlite_version,
+            }
+
+        db = self._db
+        return await db.call(run)
+
+    # ------------------------------------------------------------------ writes
+
+    async def set(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+    ) -> EntryMeta:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> EntryMeta:
+            with Transaction(conn):
+                now = _now_ms()
+                expires = None if ttl_ms is None else now + ttl_ms
+                row = conn.execute(
+                    _UPSERT_RETURNING, (ns, key, partition, payload, now, expires, keep_ttl)
+                ).fetchone()
+            return _meta(row)
+
+        return await self._db.call(run)
+
+    async def set_many(
+        self,
+        chunks: Iterator[list[tuple[str, bytes]]],
+        ttl_ms: int | None,
+        partition: str | None,
+    ) -> int:
+        ns = self._namespace
+
+        # One transaction for the whole call: all or nothing, and one commit.
+        def run(conn: sqlite3.Connection) -> int:
+            count = 0
+            with Transaction(conn):
+                now = _now_ms()
+                expires = None if ttl_ms is None else now + ttl_ms
+                for chunk in chunks:
+                    conn.executemany(
+                        SQL["upsert"],
+                        [(ns, k, partition, p, now, expires, False) for k, p in chunk],
+                    )
+                    count += len(chunk)
+            return count
+
+        return await self._db.call(run)
+
+    async def set_if_absent(
+        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+    ) -> bool:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> bool:
+            with Transaction(conn):
+                now = _now_ms()
+                expires = None if ttl_ms is None else now + ttl_ms
+                cursor = conn.execute(
+                    SQL["insert_if_absent"], (ns, key, partition, payload, now, expires)
+                )
+                return cursor.rowcount == 1
+
+        return await self._db.call(run)
+
+    async def compare_and_set(
+        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+    ) -> EntryMeta:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> EntryMeta:
+            with Transaction(conn):
+                now = _now_ms()
+                row = conn.execute(SQL["get_version"], (ns, key, now)).fetchone()
+                current = 0 if row is None else int(row[0])
+                if current != version:
+                    raise VersionConflictError(key, version, current)
+                expires = None if ttl_ms is None else now + ttl_ms
+                meta = conn.execute(
+                    _UPSERT_RETURNING,
+                    (ns, key, partition, payload, now, expires, ttl_ms is None),
+                ).fetchone()
+            return _meta(meta)
+
+        return await self._db.call(run)
+
+    async def incr(
+        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+    ) -> int | float:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> int | float:
+            with Transaction(conn):
+                now = _now_ms()
+                row = conn.execute(SQL["get_value"], (ns, key, now)).fetchone()
+                result = incremented(key, 0 if row is None else decode_value(row[0]), amount)
+                expires = None if ttl_ms is None else now + ttl_ms
+                conn.execute(
+                    SQL["upsert"],
+                    (ns, key, partition, encode_value(result), now, expires, ttl_ms is None),
+                )
+            return result
+
+        return await self._db.call(run)
+
+    async def delete(self, key: str) -> bool:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> bool:
+            with Transaction(conn):
+                now = _now_ms()
+                row = conn.execute(SQL["delete"], (ns, key)).fetchone()
+            return row is not None and _live(row[0], now)
+
+        return await self._db.call(run)
+
+    async def delete_many(self, keys: list[str]) -> int:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> int:
+            with Transaction(conn):
+                now = _now_ms()
+                rows = conn.execute(SQL["delete_many"], (ns, _json_keys(keys))).fetchall()
+            return sum(1 for row in rows if _live(row[0], now))
+
+        return await self._db.call(run)
+
+    async def expire(self, key: str, ttl_ms: int | None) -> bool:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> bool:
+            with Transaction(conn):
+                now = _now_ms()
+                expires = None if ttl_ms is None else now + ttl_ms
+                cursor = conn.execute(SQL["set_expiry"], (ns, key, expires, now))
+                return cursor.rowcount == 1
+
+        return await self._db.call(run)
+
+    async def clear(self, partition: str | None) -> int:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> int:
+            with Transaction(conn):
+                now = _now_ms()
+                if partition is None:
+                    live = conn.execute(SQL["count_live"], (ns, now)).fetchone()[0]
+                    conn.execute(SQL["delete_namespace"], (ns,))
+                else:
+                    live = conn.execute(
+                        SQL["count_live_in_partition"], (ns, now, partition)
+                    ).fetchone()[0]
+                    conn.execute(SQL["delete_partition"], (ns, partition))
+            return int(live)
+
+        return await self._db.call(run)
+
+    async def cleanup_expired(self) -> int:
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> int:
+            with Transaction(conn):
+                return conn.execute(SQL["delete_expired"], (ns, _now_ms())).rowcount
+
+        return await self._db.call(run)
+
+
+def _noop(conn: sqlite3.Connection) -> None:
+    return None
