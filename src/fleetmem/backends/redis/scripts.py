@@ -1,17 +1,21 @@
-"""The Lua scripts of ``RedisStore``: read once from ``lua/*.lua``, called by name or SHA.
+"""The Lua scripts of the Redis backend: one library that several primitives join.
 
-Each script is ``_lib.lua`` (the key layout and the shared write/index helpers) followed by the
-script's own file. The same code is served two ways:
+Scripts come in named groups, one folder each: ``lua/kv/`` holds the key-value scripts (and
+later ``lua/leases/``, ``lua/queue/``...). A group is an optional prelude, ``_lib.lua`` (its
+key layout and shared helpers), and one file per script. A :class:`ScriptLibrary` is built
+from groups once, at import; the same code is then served two ways:
 
-* as a Redis 7 function library (``FCALL``), used on a standalone server: the library is
+* as ONE Redis 7 function library (``FCALL``), used on a standalone server: the library is
   compiled once per server, so a call does not rebuild the helpers (about 4 us less per call).
-  The library's name carries a hash of its code, so two fleetmem versions never replace each
-  other's functions. Nothing is loaded up front: when the server answers "Function not found"
-  (first use, restart without persistence, ``FUNCTION FLUSH``) the store loads the library and
-  sends the call again.
+  Each group sits in its own ``do ... end`` block, so the locals of two preludes never meet.
+  The library's name carries a hash of everything in it (every group's code and flags), so
+  two fleetmem versions never replace each other's functions. Nothing is loaded up front:
+  when the server answers "Function not found" (first use, restart without persistence,
+  ``FUNCTION FLUSH``) the connector loads the library and sends the call again.
 * as plain scripts (``EVALSHA``), used on a Redis Cluster (redis-py asks the server for the
   keys of every ``FCALL`` there, one more round trip) and where ``FUNCTION LOAD`` is refused.
-  The SHA1 is computed here; on ``NOSCRIPT`` the call goes out once more as ``EVAL``.
+  Each is the group's prelude followed by the script's file; the SHA1 is computed here; on
+  ``NOSCRIPT`` the call goes out once more as ``EVAL``.
 
 Both forms carry the same Redis 7 script flags (``FUNCTION`` flags in the library, a
 ``#!lua flags=...`` shebang on each plain script), which decide what a server at ``maxmemory``
@@ -28,34 +32,150 @@ under ``noeviction`` still runs:
   plain scripts still get a bare ``#!lua`` shebang, so they are refused up front like the
   functions instead of at their first memory-growing command (which a script that first
   dropped a stale index member would already be past).
+
+A prelude may mark lines with ``-- <bind>`` / ``-- </bind>``: a plain script runs them as they
+are; the library replaces them with the group's ``bind`` code (run by every function first).
+To add a primitive: put its files in ``lua/<group>/`` and its :class:`ScriptGroup` in
+``GROUPS`` below (one library, so one ``FUNCTION LOAD`` serves every primitive).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 
-__all__ = ["FLAGS", "LIBRARY", "SCRIPTS", "Script"]
+__all__ = [
+    "FLAGS",
+    "GROUPS",
+    "KV_GROUP",
+    "LIBRARY",
+    "SCRIPTS",
+    "SCRIPT_LIBRARY",
+    "Script",
+    "ScriptGroup",
+    "ScriptLibrary",
+]
 
-_NAMES = (
-    "set",
-    "set_if_absent",
-    "compare_and_set",
-    "incr",
-    "get_entry",
-    "get_entries",
-    "exists_many",
-    "set_many",
-    "set_batch",
-    "delete_many",
-    "expire",
-    "scan",
-    "clear",
-    "prune",
-)
+_BIND_START, _BIND_END = b"-- <bind>\n", b"-- </bind>\n"
 
-#: Redis 7 script flags per script (see the module docstring); the others have none.
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One Lua script: its name, full source (with its ``#!lua`` shebang), SHA1 (hex, as
+    bytes), function name (in the library) and Redis script flags, and its group's name."""
+
+    name: str
+    source: bytes
+    sha: bytes
+    function: bytes
+    flags: tuple[str, ...] = ()
+    group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptGroup:
+    """The scripts of one primitive: ``lua/<name>/_lib.lua`` (optional) + ``<script>.lua``.
+
+    ``flags`` gives the Redis script flags of a script (none when absent); ``bind`` replaces
+    the prelude's ``<bind>`` lines in the function library.
+    """
+
+    name: str
+    scripts: tuple[str, ...]
+    flags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    bind: bytes = b""
+
+
+class ScriptLibrary:
+    """Every script of some groups: one function library, each script also a plain one.
+
+    ``source`` is the code for ``FUNCTION LOAD`` (named ``<prefix>_<hash>``), :meth:`group`
+    the scripts of a group by name; :meth:`source_of` / :meth:`sha_of` map the plain form and
+    the function form of a script onto each other (the connector's fallbacks use them).
+    """
+
+    def __init__(
+        self, package: str, groups: Sequence[ScriptGroup], *, prefix: str = "fleetmem"
+    ) -> None:
+        folder = resources.files(package).joinpath("lua")
+        loaded: list[tuple[ScriptGroup, bytes, dict[str, bytes]]] = []
+        digest = hashlib.sha1()  # noqa: S324 - a name, not a secret
+        for group in groups:
+            where = folder.joinpath(group.name)
+            lib_file = where.joinpath("_lib.lua")
+            lib = lib_file.read_bytes() if lib_file.is_file() else b""
+            bodies = {n: where.joinpath(f"{n}.lua").read_bytes() for n in group.scripts}
+            loaded.append((group, lib, bodies))
+            # The tag names the library: it covers every byte the library is built from.
+            digest.update(group.name.encode() + b"\0")
+            digest.update(repr(sorted(group.flags.items())).encode())
+            digest.update(group.bind + lib + b"".join(bodies.values()))
+        tag = digest.hexdigest()[:12]
+        #: The library's name on the server.
+        self.name = f"{prefix}_{tag}"
+        parts = [b"#!lua name=" + self.name.encode() + b"\n"]
+        self._groups: dict[str, dict[str, Script]] = {}
+        for group, lib, bodies in loaded:
+            if _BIND_START in lib:
+                start, end = lib.index(_BIND_START), lib.index(_BIND_END) + len(_BIND_END)
+                prelude = lib[:start] + group.bind + lib[end:]
+            else:
+                prelude = lib
+            parts += [b"do -- group ", group.name.encode(), b"\n", prelude]
+            call_bind = b"bind(KEYS)\n" if group.bind else b""
+            scripts: dict[str, Script] = {}
+            for name, body in bodies.items():
+                flags = tuple(group.flags.get(name, ()))
+                shebang = b"#!lua flags=" + ",".join(flags).encode() if flags else b"#!lua"
+                source = shebang + b"\n" + lib + body
+                function = f"fm_{tag}_{group.name}_{name}".encode()
+                sha = hashlib.sha1(source).hexdigest().encode()  # noqa: S324
+                scripts[name] = Script(name, source, sha, function, flags, group.name)
+                parts.append(
+                    b"redis.register_function{function_name='"
+                    + function
+                    + b"', callback=function(KEYS, ARGV)\n"
+                    + call_bind
+                )
+                parts.append(body)
+                parts.append(
+                    b"\nend, flags={"
+                    + b", ".join(b"'" + f.encode() + b"'" for f in flags)
+                    + b"}}\n"
+                )
+            parts.append(b"end -- group " + group.name.encode() + b"\n")
+            self._groups[group.name] = scripts
+        #: The code for ``FUNCTION LOAD``.
+        self.source: bytes = b"".join(parts)
+        every = [s for scripts in self._groups.values() for s in scripts.values()]
+        self._source_by_sha = {s.sha: s.source for s in every}
+        self._sha_by_function = {s.function: s.sha for s in every}
+
+    def group(self, name: str) -> dict[str, Script]:
+        """The scripts of group ``name``, by script name."""
+        return self._groups[name]
+
+    def source_of(self, sha: bytes) -> bytes:
+        """The plain script whose SHA1 is ``sha`` (for ``EVAL`` after ``NOSCRIPT``)."""
+        return self._source_by_sha[sha]
+
+    def sha_of(self, function: bytes) -> bytes:
+        """The SHA1 of the plain form of library function ``function``."""
+        return self._sha_by_function[function]
+
+
+_BIND_KV = b"""local P, DIR, XZ, CNT, TMP, PENDING, EPFX, BPFX
+local function bind(keys)
+  if keys[1] == P then return end -- the same namespace as the last call: names still bound
+  P = keys[1]
+  DIR, XZ, CNT, TMP, PENDING = P .. 'd', P .. 'x', P .. 'c', P .. 't', P .. 'g'
+  EPFX, BPFX = P .. 'e:', P .. 'b:'
+end
+"""
+
+#: Redis 7 script flags per key-value script (see the module docstring); the others have none.
 FLAGS: dict[str, tuple[str, ...]] = {
     "get_entry": ("no-writes",),
     "get_entries": ("no-writes",),
@@ -66,58 +186,34 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "clear": ("allow-oom",),
 }
 
-_BIND_START, _BIND_END = b"-- <bind>\n", b"-- </bind>\n"
-_BIND_FUNCTION = b"""local P, DIR, XZ, CNT, TMP, PENDING, EPFX, BPFX
-local function bind(keys)
-  if keys[1] == P then return end -- the same namespace as the last call: names still bound
-  P = keys[1]
-  DIR, XZ, CNT, TMP, PENDING = P .. 'd', P .. 'x', P .. 'c', P .. 't', P .. 'g'
-  EPFX, BPFX = P .. 'e:', P .. 'b:'
-end
-"""
+#: The key-value scripts (``lua/kv/``): ``RedisKV``'s every multi-key operation.
+KV_GROUP = ScriptGroup(
+    "kv",
+    (
+        "set",
+        "set_if_absent",
+        "compare_and_set",
+        "incr",
+        "get_entry",
+        "get_entries",
+        "exists_many",
+        "set_many",
+        "set_batch",
+        "delete_many",
+        "expire",
+        "scan",
+        "clear",
+        "prune",
+    ),
+    FLAGS,
+    _BIND_KV,
+)
 
+#: Every group of the one library, in library order.
+GROUPS: tuple[ScriptGroup, ...] = (KV_GROUP,)
 
-@dataclass(frozen=True, slots=True)
-class Script:
-    """One Lua script: its name, full source (with its ``#!lua`` shebang), SHA1 (hex, as
-    bytes), function name and Redis script flags."""
-
-    name: str
-    source: bytes
-    sha: bytes
-    function: bytes
-    flags: tuple[str, ...] = ()
-
-
-def _load() -> tuple[dict[str, Script], bytes]:
-    folder = resources.files(__package__).joinpath("lua")
-    lib = folder.joinpath("_lib.lua").read_bytes()
-    bodies = {name: folder.joinpath(f"{name}.lua").read_bytes() for name in _NAMES}
-    # The tag names the library: it covers every byte the library is built from.
-    tag = hashlib.sha1(  # noqa: S324
-        repr(sorted(FLAGS.items())).encode() + _BIND_FUNCTION + lib + b"".join(bodies.values())
-    ).hexdigest()[:12]
-    start, end = lib.index(_BIND_START), lib.index(_BIND_END) + len(_BIND_END)
-    parts = [b"#!lua name=fleetmem_" + tag.encode() + b"\n", lib[:start], _BIND_FUNCTION, lib[end:]]
-    scripts: dict[str, Script] = {}
-    for name, body in bodies.items():
-        flags = FLAGS.get(name, ())
-        shebang = b"#!lua flags=" + ",".join(flags).encode() if flags else b"#!lua"
-        source = shebang + b"\n" + lib + body
-        function = f"fm_{tag}_{name}".encode()
-        sha = hashlib.sha1(source).hexdigest().encode()  # noqa: S324
-        scripts[name] = Script(name, source, sha, function, flags)
-        parts.append(
-            b"redis.register_function{function_name='"
-            + function
-            + b"', callback=function(KEYS, ARGV)\nbind(KEYS)\n"
-        )
-        parts.append(body)
-        parts.append(
-            b"\nend, flags={" + b", ".join(b"'" + f.encode() + b"'" for f in flags) + b"}}\n"
-        )
-    return scripts, b"".join(parts)
-
-
-#: Every script by name, and the function library holding them all.
-SCRIPTS, LIBRARY = _load()
+#: The one library of every primitive's scripts.
+SCRIPT_LIBRARY = ScriptLibrary(__package__ or "fleetmem.backends.redis", GROUPS)
+#: The key-value scripts by name, and the function library code holding every group.
+SCRIPTS = SCRIPT_LIBRARY.group("kv")
+LIBRARY = SCRIPT_LIBRARY.source
