@@ -12,7 +12,7 @@ from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocket
 from redis.exceptions import DataError
 
 from fleetmem.backends.redis import RedisStore
-from fleetmem.backends.redis.kv import _C_PACK_LIMIT, _in_front, _PackInC
+from fleetmem.backends.redis.connector import _C_PACK_LIMIT, _in_front, _PackInC
 
 COMMANDS: list[tuple[Any, ...]] = [
     ("GET", "k"),

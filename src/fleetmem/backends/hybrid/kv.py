@@ -420,8 +420,8 @@ class HybridKV(KVBackend):
         self._cache = cache
         # Used as a cache, Redis may evict: a lost copy is a miss, a lost epoch key is
         # published again, an evicted lease voids its fill (see cache_client_options).
-        cache.allow_eviction = True
-        self._run_ids = cache.track_run_ids()
+        cache.connector.allow_eviction = True
+        self._run_ids = cache.connector.track_run_ids()
         self._cache_ttl_ms = int(cache_ttl * 1000)
         self._deadline = float(cache_deadline)
         self._allow_stale = bool(allow_stale_reads)
@@ -544,8 +544,8 @@ class HybridKV(KVBackend):
     def _client(self) -> Any:
         client = self._state.client
         if client is None:
-            client = self._state.client = self._cache.client
-            if self._run_ids and not self._cache.cluster:
+            client = self._state.client = self._cache.connector.client
+            if self._run_ids and not self._cache.connector.cluster:
                 self._state.pool = client.connection_pool
         return client
 
@@ -1219,7 +1219,7 @@ class HybridKV(KVBackend):
         start = time.perf_counter()
         try:
             async with _timeout(self._deadline):
-                await self._cache.client.ping()
+                await self._cache.connector.client.ping()
             details["cache"] = {
                 "ok": True,
                 "latency_ms": (time.perf_counter() - start) * 1000,

@@ -50,7 +50,8 @@ class RedisStore(Store[RedisKV]):
         **options: Any,
     ) -> RedisStore:
         """A store for ``url`` (no I/O; ``connect()`` opens it); the options are those of
-        :meth:`RedisKV.from_url <fleetmem.backends.redis.kv.RedisKV.from_url>`."""
+        :meth:`RedisConnector.from_url
+        <fleetmem.backends.redis.connector.RedisConnector.from_url>`."""
         kv = RedisKV.from_url(url, namespace=user_namespace(namespace), **options)
         return cls.from_backend(kv, max_value_bytes=max_value_bytes)
 
@@ -59,4 +60,4 @@ class RedisStore(Store[RedisKV]):
         """The ``redis.asyncio`` client (a standalone one is made now if ``connect()`` has not
         decided yet)."""
         self._check_open()
-        return self._kv.client
+        return self._kv.connector.client
