@@ -312,6 +312,10 @@ def _dt(us: int | None) -> datetime | None:
     return None if us is None else _EPOCH + timedelta(microseconds=us)
 
 
+# The cache's own format, not RedisStore's entry string (fleetmem.backends.redis.entries): a
+# cached copy is ``<epoch>|<marker><json header>\n<json>`` holding the durable store's
+# microsecond timestamps and expiry exactly, where an entry string has a binary header of
+# millisecond times and keeps its expiry in the key's TTL. So these readers stay here.
 def _body(entry: Entry | None) -> bytes:
     """The cached form of an entry: a marker, ``<json header>\\n<json value>``; ``N`` for absent.
 

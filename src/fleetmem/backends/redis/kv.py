@@ -5,8 +5,8 @@ namespace is the cluster hash tag, so all of a namespace lives in one slot and e
 script runs there; a ``{`` inside a user key comes after the tag and cannot move it.
 
 * ``fm:{ns}:e:<key>`` -- one STRING per entry: a 19-byte binary header (partition name length,
-  version, created, updated), the partition name and the JSON. Native TTL is the expiry. A
-  plain ``GET`` reads it in one round trip.
+  version, created, updated), the partition name and the JSON (``entries.py`` holds the one
+  reader of that format). Native TTL is the expiry. A plain ``GET`` reads it in one round trip.
 * ``fm:{ns}:b:<lo>`` and ``fm:{ns}:d`` -- the sorted key index, split into buckets of under
   128 members (small sorted sets, every score 0, ordered by the key's UTF-8 bytes = code-point
   order) that Redis keeps as compact listpacks; ``d`` holds each bucket's lower bound. ``keys``
@@ -41,16 +41,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from fleetmem._codec import decode_value, needs_exact_decoder
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
 from fleetmem.backends.redis.connector import RedisConnector
+from fleetmem.backends.redis.entries import (
+    entry_meta,
+    entry_value,
+    entry_values,
+    mark_payload,
+    ms_datetime,
+    parse_entry,
+    partition_name,
+)
 from fleetmem.backends.redis.scripts import SCRIPTS, Script
 from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend, SetOp
 from fleetmem.errors import (
@@ -86,27 +92,6 @@ _OPS_BATCH = 1000
 #: Index members a ``scan`` / ``clear`` / ``prune`` call looks at before handing back a cursor.
 _SCAN_BUDGET = 5000
 _KIND = {b'"': "str", b"{": "dict", b"[": "list", b"t": "bool", b"f": "bool", b"n": "NoneType"}
-_UTC = timezone.utc
-
-
-# A stored JSON that holds a run of 19+ digits (a number orjson might not read exactly) is
-# written as "!" + JSON and read back with decode_value; any other is read with orjson directly,
-# which skips decode_value's scan of every value read.
-def _mark(payload: bytes) -> bytes:
-    """``payload`` as stored: "!"-prefixed when only ``decode_value`` reads it exactly."""
-    return b"!" + payload if needs_exact_decoder(payload) else payload
-
-
-def _value(raw: bytes) -> Any:
-    """The value of an entry string (19-byte header, partition name, stored JSON)."""
-    start = 19 + raw[0]
-    if raw[start] == 33:  # "!"
-        return decode_value(raw[start + 1 :])
-    return orjson.loads(memoryview(raw)[start:])
-
-
-def _dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000.0, _UTC)
 
 
 def _part_arg(partition: str | None) -> str:
@@ -114,37 +99,6 @@ def _part_arg(partition: str | None) -> str:
     if partition is None:
         return ""
     return "=" if partition == DEFAULT_PARTITION else "=" + partition
-
-
-def _part_name(raw: bytes | str) -> str:
-    name = raw.decode() if isinstance(raw, bytes) else raw
-    return name or DEFAULT_PARTITION
-
-
-def _meta(ver: int, created: int, updated: int, part: bytes, expires: int) -> EntryMeta:
-    return EntryMeta(
-        _part_name(part),
-        int(ver),
-        _dt(created),
-        _dt(updated),
-        None if expires < 0 else _dt(expires),
-    )
-
-
-def _entry(key: str, raw: bytes, expires: int) -> Entry:
-    """An ``Entry`` from an entry string and its ``PEXPIRETIME``."""
-    from_bytes = int.from_bytes
-    return Entry(
-        key,
-        _value(raw),
-        *_meta(
-            from_bytes(raw[1:7], "big"),
-            from_bytes(raw[7:13], "big"),
-            from_bytes(raw[13:19], "big"),
-            raw[19 : 19 + raw[0]],
-            expires,
-        ),
-    )
 
 
 class RedisKV(KVBackend):
@@ -225,13 +179,13 @@ class RedisKV(KVBackend):
         raw = await self._connector.execute(False, "GET", self._ep + key)
         if raw is None:
             return MISSING
-        return _value(raw)
+        return entry_value(raw)
 
     async def get_entry(self, key: str) -> Entry | None:
         res = await self._script(False, _GET_ENTRY, key)
         if res is None:
             return None
-        return _entry(key, res[0], res[1])
+        return parse_entry(key, res[0], res[1])
 
     async def get_entries(self, keys: list[str]) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
@@ -241,7 +195,7 @@ class RedisKV(KVBackend):
             for i, key in enumerate(chunk):
                 raw = res[2 * i]
                 if raw is not None:
-                    out[key] = _entry(key, raw, res[2 * i + 1])
+                    out[key] = parse_entry(key, raw, res[2 * i + 1])
         return out
 
     async def exists_batch(self, keys: list[str]) -> list[bool]:
@@ -254,29 +208,21 @@ class RedisKV(KVBackend):
     async def get_many(self, keys: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         ep = self._ep
-        loads = orjson.loads
         for start in range(0, len(keys), _BATCH):
             chunk = keys[start : start + _BATCH]
             raws = await self._exec(False, "MGET", *[ep + k for k in chunk])
-            for key, raw in zip(chunk, raws, strict=True):
-                if raw is not None:
-                    at = 19 + raw[0]  # _value(), inlined
-                    out[key] = loads(raw[at:]) if raw[at] != 33 else decode_value(raw[at + 1 :])
+            for key, value in zip(chunk, entry_values(raws, MISSING), strict=True):
+                if value is not MISSING:
+                    out[key] = value
         return out
 
     async def get_batch(self, keys: list[str]) -> list[Any]:
         """Values of merged ``get`` calls, in order (one MGET)."""
         ep = self._ep
-        loads = orjson.loads
         out: list[Any] = []
         for start in range(0, len(keys), _BATCH):
             raws = await self._exec(False, "MGET", *[ep + k for k in keys[start : start + _BATCH]])
-            for raw in raws:
-                if raw is None:
-                    out.append(MISSING)
-                    continue
-                at = 19 + raw[0]  # _value(), inlined
-                out.append(loads(raw[at:]) if raw[at] != 33 else decode_value(raw[at + 1 :]))
+            out += entry_values(raws, MISSING)
         return out
 
     async def exists(self, key: str) -> bool:
@@ -331,7 +277,7 @@ class RedisKV(KVBackend):
                 raws = await self._exec(False, "MGET", *[ep + k for k in hits])
                 for key, raw in zip(hits, raws, strict=True):
                     if raw is not None:
-                        out[key] = _value(raw)
+                        out[key] = entry_value(raw)
                         if limit is not None and len(out) >= limit:
                             return out
             if not cursor:
@@ -385,18 +331,18 @@ class RedisKV(KVBackend):
         form = connector.form
         if ttl_ms is None and partition is None and not keep_ttl and form >= 0:
             # The common call, with its constant arguments ready.
-            res = await connector.execute(True, *self._set_head[form], key, _mark(payload))
+            res = await connector.execute(True, *self._set_head[form], key, mark_payload(payload))
         else:
             res = await self._script(
                 True,
                 _SET,
                 key,
-                _mark(payload),
+                mark_payload(payload),
                 ttl_ms or 0,
                 _part_arg(partition),
                 b"1" if keep_ttl else b"0",
             )
-        return _meta(*res)
+        return entry_meta(*res)
 
     async def set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
         out: list[EntryMeta | BaseException] = []
@@ -404,22 +350,22 @@ class RedisKV(KVBackend):
             args: list[Any] = []
             for key, payload, ttl_ms, partition, keep_ttl in ops[start : start + _OPS_BATCH]:
                 if ttl_ms is None and partition is None and not keep_ttl:
-                    args += (key, _mark(payload), b"")
+                    args += (key, mark_payload(payload), b"")
                 else:
                     opts = f"{ttl_ms or 0} {1 if keep_ttl else 0} {_part_arg(partition)}"
-                    args += (key, _mark(payload), opts)
+                    args += (key, mark_payload(payload), opts)
             res = await self._script(True, _SET_BATCH, *args)
             now = res[0]
-            updated = _dt(now)
+            updated = ms_datetime(now)
             for i in range(1, len(res), 4):
                 ver, c, part, exp = res[i : i + 4]
                 out.append(
                     EntryMeta(
-                        _part_name(part),
+                        partition_name(part),
                         ver,
-                        updated if c == now else _dt(c),
+                        updated if c == now else ms_datetime(c),
                         updated,
-                        None if exp < 0 else _dt(exp),
+                        None if exp < 0 else ms_datetime(exp),
                     )
                 )
         return out
@@ -432,7 +378,7 @@ class RedisKV(KVBackend):
     ) -> int:
         count = 0
         parg = _part_arg(partition)
-        mark = _mark
+        mark = mark_payload
         for chunk in chunks:
             for start in range(0, len(chunk), _SET_MANY_SLICE):
                 part = chunk[start : start + _SET_MANY_SLICE]
@@ -444,7 +390,7 @@ class RedisKV(KVBackend):
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
     ) -> bool:
         res = await self._script(
-            True, _SET_IF_ABSENT, key, _mark(payload), ttl_ms or 0, _part_arg(partition)
+            True, _SET_IF_ABSENT, key, mark_payload(payload), ttl_ms or 0, _part_arg(partition)
         )
         return bool(res)
 
@@ -452,11 +398,11 @@ class RedisKV(KVBackend):
         self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
     ) -> EntryMeta:
         res = await self._script(
-            True, _CAS, key, _mark(payload), version, ttl_ms or 0, _part_arg(partition)
+            True, _CAS, key, mark_payload(payload), version, ttl_ms or 0, _part_arg(partition)
         )
         if not res[0]:
             raise VersionConflictError(key, version, int(res[1]))
-        return _meta(*res[1:])
+        return entry_meta(*res[1:])
 
     async def incr(
         self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
