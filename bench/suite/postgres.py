@@ -56,7 +56,7 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
         # (no pool bookkeeping), so both talk to the same server process. On a 2-vCPU VM two
         # connections' round trips differ by up to 2x, by where their backends get scheduled.
         await store.get(keys[0])
-        conn1 = store.kv.next_lone_connection()
+        conn1 = store.kv.connector.lone_connection()
         if conn1 is None:  # pragma: no cover - a store from a URL has its own pool
             raise RuntimeError("the store has no connection of its own to share")
         # It carries the store's jsonb codec: the raw side encodes with orjson itself, and its

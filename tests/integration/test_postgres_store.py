@@ -27,7 +27,7 @@ pytestmark = pytest.mark.postgres
 asyncpg = pytest.importorskip("asyncpg")
 
 from fleetmem.backends.postgres import PostgresStore, init_connection  # noqa: E402
-from fleetmem.backends.postgres.kv import _queries  # noqa: E402
+from fleetmem.backends.postgres.connector import statements  # noqa: E402
 from fleetmem.backends.postgres.migrate import HEAD_REVISION  # noqa: E402
 
 
@@ -239,7 +239,7 @@ async def _plan(dsn: str, name: str, *args: Any) -> str:
         await conn.execute("SET enable_seqscan = off")
         # A generic plan, as a cached prepared statement gets after a few executions.
         await conn.execute("SET plan_cache_mode = force_generic_plan")
-        query = _queries("fleetmem", "entries")[name]
+        query = statements("kv.sql", "fleetmem", "entries")[name]
         rows = await conn.fetch("EXPLAIN " + query, *args)
         return "\n".join(r[0] for r in rows)
     finally:
@@ -364,7 +364,7 @@ _SKEWED_TTL_WORKER = textwrap.dedent(
     async def main():
         async with PostgresStore.from_url(sys.argv[1], namespace="skew") as store:
             await store.set("k", 1, ttl=60)
-            server_now = await store.kv._run(0, "SELECT now()", (), write=False)
+            server_now = await store.kv.connector.run(0, "SELECT now()", (), write=False)
             app_now = datetime.datetime.now(datetime.timezone.utc)
             server = (await store.kv.get_entries_ttl(["k"]))["k"][1]
             batch = (await store.kv.get_entries_ttl(["k", "other"]))["k"][1]
@@ -626,7 +626,7 @@ def _lost_after_server_error(state_error: Any) -> Any:
     ],
 )
 def test_driver_errors_are_translated_at_one_place(make: Any, write: bool, expected: str) -> None:
-    from fleetmem.backends.postgres.kv import _RETRY, _translate
+    from fleetmem.backends.postgres.connector import _RETRY, _translate
 
     result = _translate(make(), write=write, sent=True, can_retry=True)
     assert ("retry" if result is _RETRY else type(result).__name__) == expected
@@ -638,7 +638,7 @@ def test_driver_errors_are_translated_at_one_place(make: Any, write: bool, expec
 
 
 def test_a_refused_connection_is_never_called_lost() -> None:
-    from fleetmem.backends.postgres.kv import _translate
+    from fleetmem.backends.postgres.connector import _translate
 
     exc = asyncpg.TooManyConnectionsError("sorry, too many clients already")
     err = _translate(exc, write=True, sent=False, can_retry=False)

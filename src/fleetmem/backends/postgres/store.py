@@ -6,6 +6,7 @@ from typing import Any
 
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES
 from fleetmem.backends.postgres import migrate
+from fleetmem.backends.postgres.connector import PostgresConnector
 from fleetmem.backends.postgres.kv import PostgresKV
 from fleetmem.store import Store, user_namespace
 
@@ -40,10 +41,9 @@ class PostgresStore(Store[PostgresKV]):
         ssl: Any = None,
         server_settings: dict[str, str] | None = None,
     ) -> None:
-        kv = PostgresKV(
+        connector = PostgresConnector(
             dsn,
             pool=pool,
-            namespace=user_namespace(namespace),
             schema=schema,
             table=table,
             auto_migrate=auto_migrate,
@@ -51,10 +51,14 @@ class PostgresStore(Store[PostgresKV]):
             max_size=max_size,
             acquire_timeout=acquire_timeout,
             command_timeout=command_timeout,
-            sweeper_interval=sweeper_interval,
-            sweeper_batch=sweeper_batch,
             ssl=ssl,
             server_settings=server_settings,
+        )
+        kv = PostgresKV(
+            connector,
+            namespace=user_namespace(namespace),
+            sweeper_interval=sweeper_interval,
+            sweeper_batch=sweeper_batch,
         )
         super().__init__(kv, max_value_bytes=max_value_bytes)
 
