@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from fleetmem import OutcomeUnknownError, open_store
+from fleetmem import OutcomeUnknownError, StoreClosedError, open_store
 from fleetmem.backends.hybrid import HybridStore
 from fleetmem.testing import connected_store
 from fleetmem.testing.servers import PostgresServer, RedisServer, find_free_port
@@ -529,3 +529,41 @@ async def test_connect_degrades_when_redis_does_not_answer(
         assert refused.metrics.breaker_state == "open"
         assert await refused.get("k") is None
     assert time.monotonic() - started < took
+
+
+async def test_closing_a_hybrid_closes_the_tiers_it_made_for_good(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+) -> None:
+    """from_urls tiers are closed with the store, and stay closed: nothing reopens a pool or
+    makes a client behind a closed store's back."""
+    store = HybridStore.from_urls(
+        fleetmem_postgres_server.dsn, fleetmem_redis_server.url, namespace=fleetmem_namespace
+    )
+    async with store:
+        await store.set("k", 1)
+        assert await store.get("k") == 1
+        durable = store.durable
+        assert durable is store.durable  # one view, not a new store at every access
+    assert store.closed and durable.closed
+    with pytest.raises(StoreClosedError):
+        await durable.get("k")
+    with pytest.raises(StoreClosedError):
+        await store.kv.durable.get("k")  # the backend itself: no new pool
+    with pytest.raises(StoreClosedError):
+        await store.kv.cache.connector.execute(False, "PING")  # no new client
+    assert not durable.kv.connector.ready
+
+
+def test_repr_shows_the_tier_stores_without_a_password() -> None:
+    store = HybridStore.from_urls(  # no I/O until connect()
+        "postgresql://app:s3cret@127.0.0.1:1/db", "redis://:s3cret@127.0.0.1:1/0", namespace="shown"
+    )
+    text = repr(store)
+    assert text.startswith("<HybridStore namespace='shown' durable=<PostgresStore namespace=")
+    assert "cache=<RedisStore namespace='shown'" in text
+    assert "s3cret" not in text
+    view = store.with_namespace("other")
+    assert view.durable.namespace == "other" and view.durable is view.durable
+    assert store.durable.namespace == "shown"

@@ -1,4 +1,4 @@
-"""``HybridStore``: Redis as a coherent cache in front of PostgreSQL, the system of record.
+"""``HybridKV``: Redis as a coherent cache in front of PostgreSQL, the system of record.
 
 How it stays coherent (see docs/backends/hybrid.md for the guarantees):
 
@@ -250,7 +250,7 @@ class _Trust:
 
 
 class _Bypass:
-    """This process's hold on a namespace's cache bypass (``HybridStore._missed_invalidation``)."""
+    """This process's hold on a namespace's cache bypass (``HybridKV._missed_invalidation``)."""
 
     __slots__ = ("lock", "ready_at", "valid_until")
 
@@ -419,7 +419,7 @@ class HybridKV(KVBackend):
         if not isinstance(durable, KVBackend):
             raise ConfigurationError("durable must be a fleetmem store's backend (store.kv)")
         if not isinstance(cache, RedisKV):
-            raise ConfigurationError("cache must be a RedisStore's backend (store.kv)")
+            raise ConfigurationError("cache must be a RedisStore")
         self._durable_root = durable
         self._cache = cache
         # Used as a cache, Redis may evict: a lost copy is a miss, a lost epoch key is
@@ -479,6 +479,11 @@ class HybridKV(KVBackend):
     def metrics(self) -> HybridMetrics:
         """Hits, misses, fills, fallbacks, breaker state (shared by namespace views)."""
         return self._state.metrics
+
+    @property
+    def cache(self) -> RedisKV:
+        """The cache tier's backend."""
+        return self._cache
 
     @property
     def durable(self) -> KVBackend:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES
+from fleetmem._validate import check_positive_int
 from fleetmem.backends.hybrid.kv import HybridKV, HybridMetrics, cache_client_options
 from fleetmem.errors import ConfigurationError
 from fleetmem.store import Store, user_namespace
@@ -39,6 +40,7 @@ class HybridStore(Store[HybridKV]):
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         owns_tiers: bool = False,
     ) -> None:
+        check_positive_int("max_value_bytes", max_value_bytes)  # before the cache is touched
         if not isinstance(durable, Store):
             raise ConfigurationError("durable must be a fleetmem store (a PostgresStore)")
         if not isinstance(cache, Store):
@@ -54,10 +56,34 @@ class HybridStore(Store[HybridKV]):
             breaker_cooldown=breaker_cooldown,
             lease_ttl=lease_ttl,
             trust_window=trust_window,
-            owns_tiers=owns_tiers,
         )
         super().__init__(kv, max_value_bytes=max_value_bytes)
         self._durable_store = durable
+        self._cache_store = cache
+        self._owns_tiers = bool(owns_tiers)
+        self._durable_view: Store[Any] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} namespace={self.namespace!r} "
+            f"durable={self._durable_store!r} cache={self._cache_store!r}>"
+        )
+
+    def with_namespace(self, namespace: str) -> HybridStore:
+        view = super().with_namespace(namespace)
+        view._durable_view = None
+        return view
+
+    async def close(self) -> None:
+        """Close this store; and the tiers when it made them (:meth:`from_urls`) or was given
+        ``owns_tiers=True``: then ``durable`` and ``cache`` report closed as well."""
+        closes_tiers = self._owns_tiers and not self._is_view and not self._shared.closed
+        await super().close()
+        if closes_tiers:
+            try:
+                await self._cache_store.close()
+            finally:
+                await self._durable_store.close()
 
     @classmethod
     def from_urls(
@@ -98,7 +124,11 @@ class HybridStore(Store[HybridKV]):
     @property
     def durable(self) -> Store[Any]:
         """The durable store on this store's namespace: reads and writes that skip the cache."""
-        durable = self._durable_store
-        if durable.namespace == self.namespace:
-            return durable
-        return durable.with_namespace(self.namespace)
+        view = self._durable_view
+        if view is None:
+            durable = self._durable_store
+            view = durable if durable.namespace == self.namespace else None
+            if view is None:
+                view = durable.with_namespace(self.namespace)
+            self._durable_view = view
+        return view

@@ -573,6 +573,7 @@ class PostgresConnector:
         self._pool = pool  # an injected asyncpg pool, never closed here
         self._own: _ConnectionPool | None = None
         self._ready = False
+        self._closed = False
         self._lock = asyncio.Lock()
         self._gate = _Gate(max_size)
         # command_timeout on the own connections: a deadline per connection in use, enforced
@@ -616,10 +617,13 @@ class PostgresConnector:
 
     async def connect(self) -> None:
         """Create the pool (unless injected) and check the schema version (migrating a fresh or
-        older database when ``auto_migrate``). Idempotent."""
+        older database when ``auto_migrate``). Idempotent; after :meth:`close`,
+        ``StoreClosedError``."""
         async with self._lock:
             if self._ready:
                 return
+            if self._closed:
+                raise StoreClosedError("the store is closed")
             try:
                 if self._pool is not None:
                     await self._check_injected_codec()
@@ -704,7 +708,8 @@ class PostgresConnector:
 
     async def close(self) -> None:
         """Stop the background tasks and the watchdog, and close the own pool (an injected
-        pool stays open). :meth:`connect` may open it again."""
+        pool stays open). Final: nothing opens it again."""
+        self._closed = True
         tasks, self._tasks = self._tasks, {}
         for task in tasks.values():
             task.cancel()

@@ -4,8 +4,9 @@ One table (default ``fleetmem.entries``, owned by the alembic migrations in ``mi
 namespace; each operation is one SQL statement from ``sql/kv.sql`` (``set_many`` is a COPY into a
 temporary table and one upsert, in one transaction). Expiry is judged by ``now()`` on the server;
 an optional sweeper deletes expired rows in bounded batches. Concurrent single-key calls are
-merged into one statement per batch (the ``_*_batch`` hooks). Connections, retries, timeouts,
-error translation and migrations belong to the connector (see ``connector.py``).
+merged into one statement per batch (``get_batch``, ``set_batch``, ``delete_batch``,
+``exists_batch``). Connections, retries, timeouts, error translation and migrations belong to the
+connector (see ``connector.py``).
 """
 
 from __future__ import annotations

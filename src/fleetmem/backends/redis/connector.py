@@ -48,6 +48,7 @@ from fleetmem.errors import (
     ConfigurationError,
     FleetmemError,
     OutcomeUnknownError,
+    StoreClosedError,
 )
 
 __all__ = ["PreparedCall", "RedisConnector", "pack_command"]
@@ -224,6 +225,8 @@ class RedisConnector:
         self._allow_eviction = allow_eviction
         #: The server's eviction policy has been checked (by connect()).
         self._policy_checked = False
+        #: Set by aclose(): final, nothing makes a client again.
+        self._closed = False
         self._timeout = float(timeout)
         self._retries = retries
         self._url = url
@@ -371,6 +374,8 @@ class RedisConnector:
         """The ``redis.asyncio`` client (a standalone one is made now if ``connect()`` has not
         decided yet); the hybrid tier runs its cache commands on it."""
         if self._client is None:
+            if self._closed:
+                raise StoreClosedError("the store is closed")
             self._cluster = bool(self._cluster)
             self._client = self._make_client(self._cluster)
             self._refresh_form()
@@ -432,7 +437,10 @@ class RedisConnector:
     async def connect(self) -> None:
         """Reach the server (and find out whether it is a Cluster), then check its eviction
         policy unless ``allow_eviction``. A store used without ``connect()`` connects on its
-        first call; an injected client is checked only by an explicit ``connect()``."""
+        first call; an injected client is checked only by an explicit ``connect()``.
+        After :meth:`aclose`, ``StoreClosedError``."""
+        if self._closed:
+            raise StoreClosedError("the store is closed")
         detected = self._client is None
         if detected:
             await self._detect_cluster()
@@ -510,6 +518,7 @@ class RedisConnector:
             self._refresh_form()
 
     async def aclose(self) -> None:
+        self._closed = True
         client, self._client = self._client, None
         if client is not None and self._owns_client:
             await client.aclose()

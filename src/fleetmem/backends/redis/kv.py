@@ -1,6 +1,6 @@
-"""``RedisStore``: the ``MemoryStore`` contract on Redis 7 (standalone or Cluster).
+"""``RedisKV``: the key-value primitive on Redis 7 (standalone or Cluster).
 
-Key layout (see ``lua/_lib.lua``): every key of a namespace starts with ``fm:{<ns>}:`` -- the
+Key layout (see ``lua/kv/_lib.lua``): every key of a namespace starts with ``fm:{<ns>}:`` -- the
 namespace is the cluster hash tag, so all of a namespace lives in one slot and each multi-key
 script runs there; a ``{`` inside a user key comes after the tag and cannot move it.
 
@@ -40,7 +40,7 @@ may evict fleetmem's keys (anything but ``noeviction``) unless ``allow_eviction=
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -135,7 +135,7 @@ class RedisKV(KVBackend):
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str, **options: Any) -> RedisKV:
-        """A store for ``url`` (no I/O; ``connect()`` opens it); the options (``timeout``,
+        """A backend for ``url`` (no I/O; ``connect()`` opens it); the options (``timeout``,
         ``retries``, ``cluster``, ``allow_eviction``, ``username``, ``password``, ``ssl_*``...)
         are those of :meth:`RedisConnector.from_url
         <fleetmem.backends.redis.connector.RedisConnector.from_url>`."""
@@ -167,11 +167,12 @@ class RedisKV(KVBackend):
     async def aclose(self) -> None:
         await self._connector.aclose()
 
-    async def _exec(self, write: bool, *args: Any) -> Any:
-        return await self._connector.execute(write, *args)
+    # Plain functions returning the connector's coroutine: no coroutine layer of their own.
+    def _exec(self, write: bool, *args: Any) -> Awaitable[Any]:
+        return self._connector.execute(write, *args)
 
-    async def _script(self, write: bool, script: Script, *args: Any) -> Any:
-        return await self._connector.call(script, self._keys, *args, write=write)
+    def _script(self, write: bool, script: Script, *args: Any) -> Awaitable[Any]:
+        return self._connector.call(script, self._keys, *args, write=write)
 
     # ---------------------------------------------------------------- reads
 

@@ -19,7 +19,7 @@ local function read(key)
     end
     if string.sub(v, 1, 2) == 'L:' then
       if v == lease then
-        return 1  -- left by this reader's first attempt (HybridStore._hit_or_lease)
+        return 1  -- left by this reader's first attempt (HybridKV._hit_or_lease)
       end
       return 0
     end
