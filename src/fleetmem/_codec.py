@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -32,6 +33,7 @@ __all__ = [
     "incremented",
     "needs_exact_decoder",
     "stored_form",
+    "utc_from_ms",
 ]
 
 DEFAULT_MAX_VALUE_BYTES = 8 * 1024 * 1024
@@ -293,3 +295,9 @@ def incremented(key: str, base: Any, amount: int | float) -> int | float:
     if not math.isfinite(total):
         raise InvalidArgumentError(f"incr of key {key!r} would overflow a float")
     return total
+
+
+def utc_from_ms(ms: int) -> datetime:
+    """A timestamp in milliseconds since the epoch as an aware UTC datetime (how SQLite and
+    Redis keep timestamps)."""
+    return datetime.fromtimestamp(ms / 1000.0, timezone.utc)

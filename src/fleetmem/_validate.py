@@ -29,6 +29,7 @@ __all__ = [
     "MAX_TTL_SECONDS",
     "GlobPattern",
     "check_non_negative_int",
+    "check_non_negative_number",
     "check_positive_int",
     "check_positive_number",
     "compile_glob",
@@ -482,4 +483,16 @@ def check_positive_number(name: str, value: object) -> float:
         or value <= 0
     ):
         raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def check_non_negative_number(name: str, value: object) -> float:
+    """``value`` as a finite ``float`` >= 0 (``bool`` refused)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigurationError(f"{name} must be a finite number >= 0, not {value!r}")
     return float(value)

@@ -34,7 +34,7 @@ import asyncpg
 
 from fleetmem._codec import decode_value_after_byte
 from fleetmem._urls import redact_url, url_scheme
-from fleetmem._validate import check_non_negative_int
+from fleetmem._validate import check_non_negative_int, check_positive_number
 from fleetmem.backends._files import sql_blocks
 from fleetmem.backends.postgres import migrate
 from fleetmem.errors import (
@@ -558,8 +558,7 @@ class PostgresConnector:
             check_non_negative_int(name, number)
         if max_size < 1 or min_size > max_size:
             raise ConfigurationError("need 0 <= min_size <= max_size and max_size >= 1")
-        if not acquire_timeout or acquire_timeout <= 0:
-            raise ConfigurationError("acquire_timeout must be > 0 seconds")
+        check_positive_number("acquire_timeout", acquire_timeout)
         self.schema = migrate.validate_identifier(schema, "schema name")
         self.table = migrate.validate_identifier(table, "table name")
         self.dsn = dsn

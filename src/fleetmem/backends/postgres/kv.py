@@ -17,7 +17,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from fleetmem._codec import incremented
-from fleetmem._validate import GlobPattern, check_non_negative_int, prefix_upper_bound
+from fleetmem._validate import (
+    GlobPattern,
+    check_non_negative_int,
+    check_positive_number,
+    prefix_upper_bound,
+)
 from fleetmem.backends.postgres import migrate
 from fleetmem.backends.postgres.connector import (
     FETCH,
@@ -31,7 +36,6 @@ from fleetmem.backends.postgres.connector import (
 from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend, SetOp
 from fleetmem.errors import (
     BackendUnavailableError,
-    ConfigurationError,
     FleetmemError,
     InvalidArgumentError,
     KeyNotFoundError,
@@ -77,8 +81,8 @@ class PostgresKV(KVBackend):
     ) -> None:
         super().__init__(namespace=namespace)
         check_non_negative_int("sweeper_batch", sweeper_batch)
-        if sweeper_interval is not None and sweeper_interval <= 0:
-            raise ConfigurationError("sweeper_interval must be > 0 seconds or None")
+        if sweeper_interval is not None:
+            check_positive_number("sweeper_interval", sweeper_interval)
         self._connector = connector
         # The connector's bound method, looked up once (the hot path of every call).
         self._run = connector.run

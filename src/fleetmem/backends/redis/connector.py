@@ -51,7 +51,18 @@ from fleetmem.errors import (
     StoreClosedError,
 )
 
-__all__ = ["PreparedCall", "RedisConnector", "pack_command"]
+__all__ = [
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "PreparedCall",
+    "RedisConnector",
+    "pack_command",
+]
+
+#: The deadline of every call in seconds, retries included.
+DEFAULT_TIMEOUT = 2.0
+#: How many times a read (or a write never sent) is tried again within the deadline.
+DEFAULT_RETRIES = 1
 
 _log = logging.getLogger("fleetmem.redis")
 
@@ -210,8 +221,8 @@ class RedisConnector:
         url: str | None = None,
         cluster: bool | None = None,
         client_options: dict[str, Any] | None = None,
-        timeout: float = 2.0,
-        retries: int = 1,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
         allow_eviction: bool = False,
         library: ScriptLibrary = SCRIPT_LIBRARY,
     ) -> None:
@@ -262,10 +273,10 @@ class RedisConnector:
         cls,
         url: str,
         *,
-        timeout: float = 2.0,
+        timeout: float = DEFAULT_TIMEOUT,
         socket_timeout: float | None = None,
         connect_timeout: float | None = None,
-        retries: int = 1,
+        retries: int = DEFAULT_RETRIES,
         cluster: bool | None = None,
         allow_eviction: bool = False,
         username: str | None = None,

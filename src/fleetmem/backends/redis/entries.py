@@ -17,12 +17,12 @@ expires), which :func:`entry_meta` turns into an ``EntryMeta``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Any
 
 import orjson
 
-from fleetmem._codec import decode_value, needs_exact_decoder
+from fleetmem._codec import decode_value, needs_exact_decoder, utc_from_ms
 from fleetmem._validate import DEFAULT_PARTITION
 from fleetmem.backends.seam import EntryMeta
 from fleetmem.protocol import Entry
@@ -71,9 +71,7 @@ def entry_values(raws: Iterable[bytes | None], missing: Any) -> list[Any]:
     return out
 
 
-def ms_datetime(ms: int) -> datetime:
-    """A server timestamp (ms since the epoch) as an aware UTC datetime."""
-    return datetime.fromtimestamp(ms / 1000.0, _UTC)
+ms_datetime = utc_from_ms
 
 
 def partition_name(raw: bytes | str) -> str:

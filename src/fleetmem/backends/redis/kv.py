@@ -43,9 +43,6 @@ import asyncio
 from collections.abc import Awaitable, Iterator
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
 from fleetmem.backends.redis.connector import RedisConnector
 from fleetmem.backends.redis.entries import (
@@ -114,21 +111,8 @@ class RedisKV(KVBackend):
     #: merged: one MGET or one script call per batch (see ``fleetmem._coalesce``).
     coalesce_max_inflight = 2
 
-    def __init__(
-        self,
-        *,
-        client: aioredis.Redis | RedisCluster | None = None,
-        namespace: str,
-        timeout: float = 2.0,
-        retries: int = 1,
-        allow_eviction: bool = False,
-        connector: RedisConnector | None = None,
-    ) -> None:
+    def __init__(self, connector: RedisConnector, *, namespace: str) -> None:
         super().__init__(namespace=namespace)
-        if connector is None:
-            connector = RedisConnector(
-                client=client, timeout=timeout, retries=retries, allow_eviction=allow_eviction
-            )
         #: Shared by every view: the client and what connect() learnt live there.
         self._connector = connector
         self._bind_namespace()
@@ -139,7 +123,7 @@ class RedisKV(KVBackend):
         ``retries``, ``cluster``, ``allow_eviction``, ``username``, ``password``, ``ssl_*``...)
         are those of :meth:`RedisConnector.from_url
         <fleetmem.backends.redis.connector.RedisConnector.from_url>`."""
-        return cls(namespace=namespace, connector=RedisConnector.from_url(url, **options))
+        return cls(RedisConnector.from_url(url, **options), namespace=namespace)
 
     @property
     def connector(self) -> RedisConnector:

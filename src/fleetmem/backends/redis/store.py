@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES
+from fleetmem.backends.redis.connector import DEFAULT_RETRIES, DEFAULT_TIMEOUT, RedisConnector
 from fleetmem.backends.redis.kv import RedisKV
 from fleetmem.store import Store, user_namespace
 
@@ -27,18 +28,15 @@ class RedisStore(Store[RedisKV]):
         client: Any = None,
         namespace: str = "default",
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
-        timeout: float = 2.0,
-        retries: int = 1,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
         allow_eviction: bool = False,
     ) -> None:
-        kv = RedisKV(
-            client=client,
-            namespace=user_namespace(namespace),
-            timeout=timeout,
-            retries=retries,
-            allow_eviction=allow_eviction,
+        ns = user_namespace(namespace)
+        connector = RedisConnector(
+            client=client, timeout=timeout, retries=retries, allow_eviction=allow_eviction
         )
-        super().__init__(kv, max_value_bytes=max_value_bytes)
+        super().__init__(RedisKV(connector, namespace=ns), max_value_bytes=max_value_bytes)
 
     @classmethod
     def from_url(

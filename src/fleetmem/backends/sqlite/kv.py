@@ -11,12 +11,12 @@ import math
 import sqlite3
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import orjson
 
-from fleetmem._codec import decode_value, encode_value, incremented
+from fleetmem._codec import decode_value, encode_value, incremented, utc_from_ms
 from fleetmem._validate import GlobPattern, prefix_upper_bound
 from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend
 from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction
@@ -35,8 +35,7 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000.0, timezone.utc)
+_dt = utc_from_ms
 
 
 def _dt_or_none(ms: int | None) -> datetime | None:

@@ -5,13 +5,13 @@ See ``connector.py`` for the threading and transactions, ``kv.py`` for the opera
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES
 from fleetmem._urls import redact_url
+from fleetmem._validate import check_non_negative_number
 from fleetmem.backends.sqlite.connector import SYNCHRONOUS_MODES, SQLiteConnector
 from fleetmem.backends.sqlite.kv import SQLiteKV
 from fleetmem.errors import ConfigurationError
@@ -67,15 +67,7 @@ class SQLiteStore(Store[SQLiteKV]):
             ) from None
         if not isinstance(db_path, str) or not db_path:
             raise ConfigurationError("path must be a non-empty str or os.PathLike[str]")
-        if (
-            isinstance(busy_timeout, bool)
-            or not isinstance(busy_timeout, (int, float))
-            or not math.isfinite(busy_timeout)
-            or busy_timeout < 0
-        ):
-            raise ConfigurationError(
-                f"busy_timeout must be a finite number of seconds >= 0, not {busy_timeout!r}"
-            )
+        check_non_negative_number("busy_timeout", busy_timeout)
         mode = synchronous.lower() if isinstance(synchronous, str) else ""
         if mode not in SYNCHRONOUS_MODES:
             raise ConfigurationError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
