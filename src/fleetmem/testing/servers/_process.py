@@ -181,6 +181,14 @@ def _close_leftovers() -> None:
             control.close()
 
 
+def stop_signal(signals: Mapping[str, Any], mode: str) -> Any:
+    """The signal of stop ``mode`` in ``signals``; ``HarnessError`` naming the modes if unknown."""
+    try:
+        return signals[mode]
+    except KeyError:
+        raise HarnessError(f"unknown stop mode {mode!r}: use one of {', '.join(signals)}") from None
+
+
 class _LocalProcess:
     """One server process started from a local binary, restartable on the same port and data."""
 
@@ -286,12 +294,7 @@ class _LocalProcess:
         self._paused = []
 
     def stop(self, mode: str = "fast") -> None:
-        try:
-            sig = self._stop_signals[mode]
-        except KeyError:
-            raise HarnessError(
-                f"unknown stop mode {mode!r}: use one of {', '.join(self._stop_signals)}"
-            ) from None
+        sig = stop_signal(self._stop_signals, mode)
         if not self.running:
             return
         assert self._proc is not None

@@ -17,6 +17,7 @@ from fleetmem.testing.servers._process import (
     _START_ATTEMPTS,
     HarnessError,
     find_free_port,
+    stop_signal,
 )
 from fleetmem.testing.servers.postgres import (
     PostgresServer,
@@ -107,12 +108,7 @@ class _ContainerControl:
         self._wrapped().wait(timeout=30)
 
     def stop(self, mode: str = "fast") -> None:
-        try:
-            sig = self._stop_signals[mode]
-        except KeyError:
-            raise HarnessError(
-                f"unknown stop mode {mode!r}: use one of {', '.join(self._stop_signals)}"
-            ) from None
+        sig = stop_signal(self._stop_signals, mode)
         wrapped = self._wrapped()
         wrapped.reload()
         if wrapped.status == "paused":
