@@ -326,6 +326,14 @@ class _ConnectionPool:
                         self.retry_at = time.monotonic() + _jittered(self.backoff)
                     self.refusal = exc
                     self.backoff = min(self.backoff * 2, _OPEN_BACKOFF_MAX)
+                except (asyncio.TimeoutError, TimeoutError):
+                    if not refusing:
+                        raise
+                    # A retry against a refusing server got only what was left of the
+                    # caller's time, and a busy host did not answer it by then: the refusal
+                    # is still the last word, not "no connection".
+                    if time.monotonic() >= deadline:
+                        raise self._refused_error() from None
                 else:
                     if self.refusal is not None:
                         # The server took a connection again: let the next waiter try too.
