@@ -37,8 +37,8 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from fleetmem._urls import redact_url, url_scheme
 from fleetmem._validate import check_non_negative_int, check_positive_number
