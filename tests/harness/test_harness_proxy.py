@@ -116,11 +116,16 @@ async def test_reset_is_seen_by_a_redis_client(
     proxy = await fleetmem_proxy(fleetmem_redis_server.host, fleetmem_redis_server.port)
     client = redis_client(*proxy.address)
     try:
-        assert await client.ping()
+        first = await client.client_id()
         proxy.reset_connections()
         await asyncio.sleep(0.05)
-        with pytest.raises(redis.exceptions.ConnectionError):
-            await client.ping()
+        try:
+            second = await client.client_id()
+        except redis.exceptions.ConnectionError:
+            return  # redis-py before 8.2 reports the reset on the next call
+        # redis-py 8.2 notices the closed socket and connects again before sending: the
+        # reset shows as a new server connection.
+        assert second != first
     finally:
         await client.aclose()
 
