@@ -405,7 +405,6 @@ class HybridKV(KVBackend):
         breaker_cooldown: float = 1.0,
         lease_ttl: float = 5.0,
         trust_window: float = 0.5,
-        owns_tiers: bool = False,
     ) -> None:
         super().__init__(namespace=namespace if namespace is not None else durable.namespace)
         for name, value in (
@@ -435,7 +434,6 @@ class HybridKV(KVBackend):
         # renews it rarely, short enough that readers use the cache again soon after.
         self._bypass_ttl = 10 * self._trust_window
         self._bypass_ttl_ms = validate_ttl(self._bypass_ttl)
-        self._owns_tiers = owns_tiers
         metrics = HybridMetrics()
         self._state = _Shared(
             metrics, _Breaker(max(1, breaker_threshold), breaker_cooldown, metrics)
@@ -513,11 +511,7 @@ class HybridKV(KVBackend):
             future.cancel()  # a background confirmation must not outlive the store
         if self._state.retiring:  # retiring copies of committed writes: let it finish
             await asyncio.wait(list(self._state.retiring), timeout=self._trust_window + 5)
-        if self._owns_tiers:
-            try:
-                await self._cache.aclose()
-            finally:
-                await self._durable_root.aclose()
+        # The tiers are not this backend's to close: HybridStore closes the stores it made.
 
     # ------------------------------------------------------------------ cache plumbing
 
