@@ -2,13 +2,18 @@
 
 One async :class:`MemoryStore` contract with identical behaviour on PostgreSQL, Redis, a
 coherent Redis-over-PostgreSQL hybrid, SQLite and memory. Start with :func:`open_store`.
+
+``import fleetmem`` imports only the contract, the errors and :func:`open_store`: the store
+classes (``InMemoryStore`` too) and :class:`FleetmemSettings` (pydantic) are imported on first
+use (PEP 562), so a CLI call or a script pays only for the backend it opens. ``from fleetmem
+import PostgresStore`` works as usual; a missing driver raises
+:class:`MissingDependencyError` naming the extra to install.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fleetmem.backends.memory import InMemoryStore
 from fleetmem.errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -28,10 +33,14 @@ from fleetmem.errors import (
 )
 from fleetmem.factory import open_store
 from fleetmem.protocol import Entry, Health, MemoryStore, StoreStats
-from fleetmem.settings import FleetmemSettings
 
 if TYPE_CHECKING:
+    from fleetmem.backends.hybrid import HybridStore
+    from fleetmem.backends.memory import InMemoryStore
+    from fleetmem.backends.postgres import PostgresStore
+    from fleetmem.backends.redis import RedisStore
     from fleetmem.backends.sqlite import SQLiteStore
+    from fleetmem.settings import FleetmemSettings
 
 __version__ = "0.1.0"
 
@@ -65,29 +74,28 @@ __all__ = [
     "open_store",
 ]
 
-# Backends with optional drivers are imported on first use, so that ``import fleetmem`` never
-# imports asyncpg or redis.
-_LAZY = {
-    "SQLiteStore": "fleetmem.backends.sqlite",
-    "PostgresStore": "fleetmem.backends.postgres",
-    "RedisStore": "fleetmem.backends.redis",
-    "HybridStore": "fleetmem.backends.hybrid",
+#: Names imported on first use: name -> (module, the driver it needs, the extra installing it).
+_LAZY: dict[str, tuple[str, str | None, str | None]] = {
+    "FleetmemSettings": ("fleetmem.settings", None, None),
+    "InMemoryStore": ("fleetmem.backends.memory", None, None),
+    "SQLiteStore": ("fleetmem.backends.sqlite", None, None),
+    "PostgresStore": ("fleetmem.backends.postgres", "asyncpg", "postgres"),
+    "RedisStore": ("fleetmem.backends.redis", "redis", "redis"),
+    "HybridStore": ("fleetmem.backends.hybrid", None, None),
 }
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    entry = _LAZY.get(name)
+    if entry is None:
         raise AttributeError(f"module 'fleetmem' has no attribute {name!r}")
-    from fleetmem.factory import SCHEMES, _load
+    from fleetmem.factory import _load
 
-    del SCHEMES  # the table is used through _load
-    return _load((module, name, _driver_of(name), _extra_of(name)))
-
-
-def _driver_of(name: str) -> str | None:
-    return {"PostgresStore": "asyncpg", "RedisStore": "redis"}.get(name)
+    module, driver, extra = entry
+    value = _load((module, name, driver, extra))
+    globals()[name] = value  # imported once: later look-ups skip __getattr__
+    return value
 
 
-def _extra_of(name: str) -> str | None:
-    return {"PostgresStore": "postgres", "RedisStore": "redis"}.get(name)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,12 +14,16 @@ from __future__ import annotations
 import importlib
 from collections.abc import Generator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetmem._urls import redact_url, url_scheme
 from fleetmem.errors import ConfigurationError, MissingDependencyError
-from fleetmem.settings import DEFAULT_URL, FleetmemSettings
-from fleetmem.store import Store
+
+if TYPE_CHECKING:
+    # Imported where they are used: ``import fleetmem`` (and so every CLI call) must not pay
+    # for pydantic or a backend it does not open.
+    from fleetmem.settings import FleetmemSettings
+    from fleetmem.store import Store
 
 __all__ = ["SCHEMES", "open_store", "store_class"]
 
@@ -37,6 +41,8 @@ _HYBRID = ("fleetmem.backends.hybrid", "HybridStore", None, None)
 
 
 def _load(entry: tuple[str, str, str | None, str | None]) -> Any:
+    """``entry``'s class, imported now; a missing driver raises MissingDependencyError naming
+    the extra that installs it."""
     module_name, class_name, driver, extra = entry
     try:
         module = importlib.import_module(module_name)
@@ -75,6 +81,8 @@ async def _open(
     if url is not None and not isinstance(url, str):
         raise ConfigurationError(f"url must be a str, not {type(url).__name__}")
     if url is None and hybrid is None:
+        from fleetmem.settings import DEFAULT_URL, FleetmemSettings
+
         cfg = settings if settings is not None else FleetmemSettings()
         if namespace is None:
             namespace = cfg.namespace
