@@ -81,7 +81,7 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "SQLiteStore": ("fleetmem.backends.sqlite", None, None),
     "PostgresStore": ("fleetmem.backends.postgres", "asyncpg", "postgres"),
     "RedisStore": ("fleetmem.backends.redis", "redis", "redis"),
-    "HybridStore": ("fleetmem.backends.hybrid", None, None),
+    "HybridStore": ("fleetmem.backends.hybrid", None, "postgres,redis"),
 }
 
 

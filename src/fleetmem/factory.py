@@ -37,7 +37,10 @@ SCHEMES: dict[str, tuple[str, str, str | None, str | None]] = {
     "rediss": ("fleetmem.backends.redis", "RedisStore", "redis", "redis"),
     "unix": ("fleetmem.backends.redis", "RedisStore", "redis", "redis"),
 }
-_HYBRID = ("fleetmem.backends.hybrid", "HybridStore", None, None)
+#: The hybrid needs both drivers, whichever one is missing: its hint names both extras.
+_HYBRID_EXTRA = "postgres,redis"
+_HYBRID = ("fleetmem.backends.hybrid", "HybridStore", "redis", _HYBRID_EXTRA)
+_HYBRID_DURABLE = ("fleetmem.backends.postgres", "PostgresStore", "asyncpg", _HYBRID_EXTRA)
 
 
 def _load(entry: tuple[str, str, str | None, str | None]) -> Any:
@@ -100,6 +103,7 @@ async def _open(
     if hybrid is not None:
         if not (isinstance(hybrid, tuple) and len(hybrid) == 2):
             raise ConfigurationError("hybrid must be a (postgres_url, redis_url) tuple")
+        _load(_HYBRID_DURABLE)  # from_urls builds a PostgresStore: its driver too, named here
         hybrid_cls: Any = _load(_HYBRID)
         store: Store[Any] = hybrid_cls.from_urls(hybrid[0], hybrid[1], namespace=ns, **options)
     else:

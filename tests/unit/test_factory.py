@@ -131,3 +131,39 @@ def test_lazy_backend_names() -> None:
     assert fleetmem.InMemoryStore is InMemoryStore
     with pytest.raises(AttributeError):
         _ = fleetmem.NoSuchStore
+
+
+def _unimportable(monkeypatch: pytest.MonkeyPatch, driver: str) -> None:
+    """Make ``driver`` unimportable for this test (a None entry in sys.modules means "not
+    installed"), with every fleetmem backend module that imported it forgotten."""
+    for name in list(sys.modules):
+        if name == driver or name.startswith((f"{driver}.", "fleetmem.backends.")):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, driver, None)
+    for name in ("HybridStore", "PostgresStore", "RedisStore"):
+        monkeypatch.delitem(vars(fleetmem), name, raising=False)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "redis"])
+async def test_hybrid_missing_driver_names_both_extras(
+    monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    _unimportable(monkeypatch, driver)
+    with pytest.raises(MissingDependencyError, match=r"fleetmem\[postgres,redis\]") as info:
+        await open_store(hybrid=("postgresql://u@127.0.0.1:1/db", "redis://127.0.0.1:1/0"))
+    assert info.value.package == driver
+    assert info.value.extra == "postgres,redis"
+
+
+def test_hybrid_class_missing_driver_names_both_extras(monkeypatch: pytest.MonkeyPatch) -> None:
+    _unimportable(monkeypatch, "redis")
+    with pytest.raises(MissingDependencyError, match=r"fleetmem\[postgres,redis\]"):
+        _ = fleetmem.HybridStore
+
+
+def test_hybrid_from_urls_missing_postgres_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetmem.backends.hybrid import HybridStore
+
+    _unimportable(monkeypatch, "asyncpg")
+    with pytest.raises(MissingDependencyError, match=r"fleetmem\[postgres,redis\]"):
+        HybridStore.from_urls("postgresql://u@127.0.0.1:1/db", "redis://127.0.0.1:1/0")

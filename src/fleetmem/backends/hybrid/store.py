@@ -7,7 +7,7 @@ from typing import Any
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES
 from fleetmem._validate import check_positive_int
 from fleetmem.backends.hybrid.kv import HybridKV, HybridMetrics, cache_client_options
-from fleetmem.errors import ConfigurationError
+from fleetmem.errors import ConfigurationError, MissingDependencyError
 from fleetmem.store import Store, user_namespace
 
 __all__ = ["HybridStore"]
@@ -97,9 +97,19 @@ class HybridStore(Store[HybridKV]):
         redis_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> HybridStore:
-        """Build both tiers from URLs; the hybrid store owns and closes them."""
-        from fleetmem.backends.postgres import PostgresStore
-        from fleetmem.backends.redis import RedisStore
+        """Build both tiers from URLs; the hybrid store owns and closes them.
+
+        Needs both drivers: a missing one raises :class:`~fleetmem.errors.MissingDependencyError`
+        naming ``fleetmem[postgres,redis]``.
+        """
+        try:
+            from fleetmem.backends.postgres import PostgresStore
+            from fleetmem.backends.redis import RedisStore
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "").split(".")[0]
+            if not missing or missing == "fleetmem":
+                raise
+            raise MissingDependencyError(missing, "postgres,redis") from exc
 
         durable = PostgresStore.from_url(
             postgres_url, namespace=namespace, **(postgres_options or {})
