@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-__all__ = ["redact_url", "url_scheme"]
+__all__ = ["hide_passwords", "redact_url", "url_scheme"]
 
 
 def url_scheme(url: str) -> str:
@@ -31,3 +31,21 @@ def redact_url(url: str) -> str:
             for item in query.split("&")
         )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def hide_passwords(text: str, url: str | None) -> str:
+    """``text`` (a driver's message about ``url``) with ``url``'s passwords replaced by ``***``:
+    the one in the user part, as written and percent-decoded, and a ``password=`` parameter."""
+    if not url:
+        return text
+    secrets: set[str] = set()
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            secrets.update((parts.password, unquote(parts.password)))
+        secrets.update(v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v)
+    except ValueError:
+        return text
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text

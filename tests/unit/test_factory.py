@@ -167,3 +167,12 @@ def test_hybrid_from_urls_missing_postgres_driver(monkeypatch: pytest.MonkeyPatc
     _unimportable(monkeypatch, "asyncpg")
     with pytest.raises(MissingDependencyError, match=r"fleetmem\[postgres,redis\]"):
         HybridStore.from_urls("postgresql://u@127.0.0.1:1/db", "redis://127.0.0.1:1/0")
+
+
+def test_hide_passwords_in_a_driver_message() -> None:
+    from fleetmem._urls import hide_passwords
+
+    url = "postgresql://u:p%40ss@h/db?password=other"
+    assert hide_passwords("bad p@ss, p%40ss or other", url) == "bad ***, *** or ***"
+    assert hide_passwords("nothing secret", "redis://h:6379/0") == "nothing secret"
+    assert hide_passwords("text", None) == "text"

@@ -15,7 +15,11 @@ gate sits in front of either, and every acquire is bounded by ``acquire_timeout`
 idle connection of the own pool while the gate is free costs no await. ``command_timeout`` on
 the own pool is a deadline watched by one task (see ``_watch``), not asyncpg's per-statement
 timer. Driver exceptions are translated in :func:`_translate`, the one choke point: no asyncpg
-exception reaches a caller.
+exception reaches a caller. A connection that could not be opened is not one that was lost:
+:func:`_cannot_connect` says why ("cannot connect to PostgreSQL at <url without password>:
+connection refused", "host not found", "timed out", "authentication failed", "database does not
+exist"), as a :class:`~fleetmem.errors.BackendUnavailableError` when the server could not be
+reached and a :class:`~fleetmem.errors.ConfigurationError` when it answered no.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import contextlib
 import functools
 import logging
 import random
+import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -33,7 +39,7 @@ from typing import Any
 import asyncpg
 
 from fleetmem._codec import decode_value_after_byte
-from fleetmem._urls import redact_url, url_scheme
+from fleetmem._urls import hide_passwords, redact_url, url_scheme
 from fleetmem._validate import check_non_negative_int, check_positive_number
 from fleetmem.backends._files import sql_blocks
 from fleetmem.backends.postgres import migrate
@@ -208,6 +214,75 @@ def _translate(exc: BaseException, *, write: bool, sent: bool, can_retry: bool) 
             return InvalidArgumentError(f"PostgreSQL refused an argument ({state}): {exc}")
         return FleetmemError(f"PostgreSQL error {state}: {exc}")
     return FleetmemError(f"unexpected driver error: {type(exc).__name__}: {exc}")
+
+
+#: getaddrinfo's answers that mean "no such host" (as opposed to a lookup that failed).
+_NO_SUCH_HOST = frozenset(
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL")
+    if hasattr(socket, name)
+)
+
+
+def _cannot_connect(
+    exc: BaseException, where: str, dsn: str | None, timeout: float
+) -> FleetmemError:
+    """Opening a connection failed: say why, for a connection that never existed.
+
+    Only for errors of *opening* a connection (``asyncpg.connect``, or an injected pool opening
+    one); a connection lost while in use goes through :func:`_translate`. The message names the
+    target as ``where`` (a URL without its password) and never a password:
+
+    * the server could not be reached -- connection refused, host not found, no answer within
+      ``timeout`` seconds, another network error, the server starting up or shutting down:
+      :class:`BackendUnavailableError` (it may come back: trying again later can help);
+    * the server answered no -- authentication failed, an unknown role or database, a
+      ``pg_hba.conf`` rule, TLS asked for and refused or a certificate not trusted, an invalid
+      connection option: :class:`ConfigurationError` (the same call fails again until the URL
+      or the server's configuration changes);
+    * too many clients (SQLSTATE 53300): the refusal the pool waits out (see ``_refused``).
+    """
+    if isinstance(exc, FleetmemError):
+        return exc
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return _refused(exc)
+    lead = f"cannot connect to PostgreSQL at {where}: "
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        said = f" (server: {hide_passwords(str(exc), dsn)})" if str(exc) else ""
+        if state.startswith("28"):
+            return ConfigurationError(f"{lead}authentication failed{said}")
+        if state == "3D000":
+            return ConfigurationError(f"{lead}database does not exist{said}")
+        if state == "57P03":
+            return BackendUnavailableError(
+                f"{lead}the server is starting up, shutting down or in recovery{said}"
+            )
+        if state.startswith(("08", "53", "57", "58")):
+            return BackendUnavailableError(f"{lead}the server refused the connection{said}")
+        return ConfigurationError(f"{lead}the server refused the connection{said}")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return BackendUnavailableError(f"{lead}timed out: no answer within {timeout:g} s")
+    if isinstance(exc, socket.gaierror):
+        if exc.errno in _NO_SUCH_HOST:
+            return BackendUnavailableError(f"{lead}host not found")
+        return BackendUnavailableError(f"{lead}host name lookup failed ({exc.strerror})")
+    if isinstance(exc, ConnectionRefusedError):
+        return BackendUnavailableError(f"{lead}connection refused")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or str(exc)
+        return ConfigurationError(f"{lead}the server's TLS certificate is not trusted ({reason})")
+    detail = hide_passwords(str(exc), dsn)
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in detail:
+        return ConfigurationError(
+            f"{lead}the server does not accept TLS, which the URL's sslmode requires"
+        )
+    if isinstance(exc, (asyncpg.ClientConfigurationError, ValueError)):
+        return ConfigurationError(f"{lead}invalid connection option ({detail})")
+    if isinstance(exc, OSError) and exc.strerror:
+        return BackendUnavailableError(f"{lead}{exc.strerror.lower()}")
+    reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return BackendUnavailableError(f"{lead}{reason}")
 
 
 def _terminate(conn: Any) -> None:
@@ -603,6 +678,12 @@ class PostgresConnector:
         where = redact_url(self.dsn) if self.dsn is not None else "injected pool"
         return f" table={self.schema}.{self.table} url={where!r}"
 
+    def _cannot_connect(self, exc: BaseException) -> FleetmemError:
+        """``exc``, raised while opening a connection, as a fleetmem error (see
+        :func:`_cannot_connect`)."""
+        where = redact_url(self.dsn) if self.dsn is not None else "(the injected pool)"
+        return _cannot_connect(exc, where, self.dsn, self.acquire_timeout)
+
     def statements(self, block_file: str) -> dict[str, str]:
         """The named statements of ``sql/<block_file>`` for this connector's table (loaded
         once; see :func:`statements`)."""
@@ -644,7 +725,13 @@ class PostgresConnector:
                         ssl=self.ssl,
                         server_settings=self.server_settings,
                     )
-                    await self._own.start()
+                    try:
+                        await self._own.start()
+                    except Exception as exc:
+                        refused = self._cannot_connect(exc)
+                        if refused is exc:
+                            raise
+                        raise refused from exc
                     timeout = self.command_timeout
                     if timeout is not None and self._watchdog is None:
                         self._deadlines = {}
@@ -774,17 +861,13 @@ class PostgresConnector:
             gate.leave()
             if isinstance(exc, (asyncio.CancelledError, FleetmemError)):
                 raise
-            if isinstance(exc, asyncio.TimeoutError):
+            if self._own is None and isinstance(exc, asyncio.TimeoutError):
+                # The injected pool's own wait: for a free connection or for a new one.
                 raise BackendUnavailableError(
                     f"no PostgreSQL connection within {self.acquire_timeout} s"
                 ) from exc
-            if isinstance(exc, _LOST) or _ended_by_server(exc):
-                # Opening failed: nothing was lost, the server could not be reached.
-                raise BackendUnavailableError(
-                    f"could not open a connection to PostgreSQL ({type(exc).__name__})"
-                ) from exc
-            err = _translate(exc, write=False, sent=False, can_retry=False)
-            raise err from exc
+            # Opening a connection failed: nothing was sent, so nothing was lost.
+            raise self._cannot_connect(exc) from exc
 
     async def _acquire_injected(self, deadline: float) -> Any:
         """A connection of the injected asyncpg pool; while the server refuses new connections

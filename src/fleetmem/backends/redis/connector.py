@@ -12,7 +12,11 @@ It owns everything that is about talking to Redis rather than about what is stor
   provably never left the client (the connection could not be opened), are retried
   ``retries`` times within that deadline; a write whose connection died or timed out while in
   flight raises :class:`~fleetmem.errors.OutcomeUnknownError`; a server at ``maxmemory``
-  refusing a write raises :class:`~fleetmem.errors.BackendUnavailableError`; every other
+  refusing a write raises :class:`~fleetmem.errors.BackendUnavailableError`; a connection that
+  could not be opened says why ("cannot connect to Redis at <url without password>: connection
+  refused", "host not found", "timed out", "authentication failed"); a server refusing the
+  URL's database index (``/99``: ``DB index is out of range``) raises
+  :class:`~fleetmem.errors.ConfigurationError`, since trying again cannot help; every other
   redis-py error is translated there too;
 * script calls (:meth:`RedisConnector.call`, and :meth:`RedisConnector.prepare` for a hot
   call's constant head): the choice between ``FCALL`` (a function of the one library of
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 from itertools import compress, repeat
 from typing import Any
@@ -40,7 +45,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from fleetmem._urls import redact_url, url_scheme
+from fleetmem._urls import hide_passwords, redact_url, url_scheme
 from fleetmem._validate import check_non_negative_int, check_positive_number
 from fleetmem.backends.redis.scripts import SCRIPT_LIBRARY, Script, ScriptLibrary
 from fleetmem.errors import (
@@ -197,6 +202,45 @@ def _policy_of(reply: Any) -> str | None:
         found = _POLICY_IN_INFO.search(reply if isinstance(reply, bytes) else reply.encode())
         return found.group(1).decode() if found else None
     return None
+
+
+#: What Redis answers when the URL's database index is not below its ``databases`` setting.
+_NO_SUCH_DB = "DB index is out of range"
+#: getaddrinfo's answers that mean "no such host" (as opposed to a lookup that failed).
+_NO_SUCH_HOST = frozenset(
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL")
+    if hasattr(socket, name)
+)
+
+
+def _why_not_connected(exc: BaseException) -> str | None:
+    """Why a connection could not be opened ("connection refused", "host not found", ...), or
+    None when ``exc`` is not a failure to open one. redis-py raises its ``ConnectionError``
+    ("Error 111 connecting to host:port") from the socket's ``OSError``."""
+    if isinstance(exc, rexc.TimeoutError) and "Timeout connecting" in str(exc):
+        return "timed out"
+    if isinstance(exc, rexc.AuthenticationError):
+        said = str(exc)
+        if "NOAUTH" in said or "client already authenticated" in said:
+            said = "the server requires a password and none was given"
+        return f"authentication failed ({said})"
+    if not isinstance(exc, rexc.ConnectionError):
+        return None
+    if "connecting to" not in str(exc):
+        return None
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, socket.gaierror):
+        if cause.errno in _NO_SUCH_HOST:
+            return "host not found"
+        return f"host name lookup failed ({cause.strerror})"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return str(exc)
 
 
 def _secret(value: Any) -> str | None:
@@ -519,7 +563,8 @@ class RedisConnector:
         try:
             info = await asyncio.wait_for(probe.execute_command("INFO", "cluster"), self._timeout)
         except Exception as exc:
-            raise self.unavailable("connect", exc) from exc
+            refusal = await self._refusal(exc)
+            raise (refusal or self.unavailable("connect", exc)) from exc
         finally:
             await probe.aclose()
         enabled = bool(int(info.get("cluster_enabled", 0))) if isinstance(info, dict) else False
@@ -605,7 +650,8 @@ class RedisConnector:
                     raise self.unavailable(args[0], exc) from exc
                 await asyncio.sleep(min(0.02 * attempt, max(0.0, deadline - loop.time())))
             elif isinstance(exc, rexc.ResponseError):
-                raise FleetmemError(f"Redis refused {args[0]}: {exc}") from exc
+                refusal = await self._refusal(exc)
+                raise (refusal or FleetmemError(f"Redis refused {args[0]}: {exc}")) from exc
             else:
                 raise self.unavailable(args[0], exc) from exc
             try:
@@ -636,6 +682,50 @@ class RedisConnector:
             raise self.unavailable(what, exc) from exc
         return True
 
+    async def _refusal(self, exc: BaseException) -> ConfigurationError | None:
+        """``exc`` as a :class:`ConfigurationError` when the server refused the URL's database
+        index (not below its ``databases`` setting), else None: trying again cannot help, so
+        it is never "unavailable"."""
+        where = self.where
+        if isinstance(exc, rexc.ResponseError) and _NO_SUCH_DB in str(exc):
+            db, limit = await self._database_limit()
+            which = f"database {db}" if db is not None else "the URL's database"
+            if limit is not None:
+                has = f"its `databases` setting is {limit}: indexes 0 to {limit - 1}"
+            else:
+                has = "its `databases` setting is lower"
+            return ConfigurationError(
+                f"cannot use Redis at {where}: the server has no {which} ({_NO_SUCH_DB}; {has})"
+            )
+        return None
+
+    async def _database_limit(self) -> tuple[int | None, int | None]:
+        """The database index this client selects and the server's ``databases`` setting, the
+        latter asked on database 0 (None where ``CONFIG GET`` is refused or for an injected
+        client)."""
+        if self._url is None:
+            kwargs = getattr(
+                getattr(self._client, "connection_pool", None), "connection_kwargs", {}
+            )
+            return kwargs.get("db"), None
+        probe = aioredis.Redis.from_url(self._url, **self._client_options)
+        kwargs = probe.connection_pool.connection_kwargs
+        db = kwargs.get("db")
+        kwargs["db"] = 0  # no connection exists yet: every one the probe makes uses 0
+        try:
+            reply: Any = await asyncio.wait_for(probe.config_get("databases"), self._timeout)
+        except Exception:
+            return db, None
+        finally:
+            await probe.aclose()
+        value: Any = None
+        if isinstance(reply, dict):
+            value = reply.get(b"databases", reply.get("databases"))
+        try:
+            return db, int(value) if value is not None else None
+        except ValueError:
+            return db, None
+
     def full(self, what: Any) -> BackendUnavailableError:
         name = what.decode() if isinstance(what, bytes) else str(what)
         where = self.where
@@ -649,12 +739,25 @@ class RedisConnector:
         self, what: Any, exc: BaseException, *, in_flight: bool = False
     ) -> BackendUnavailableError:
         name = what.decode() if isinstance(what, bytes) else str(what)
+        where = self.where
+        if not in_flight:
+            # A connection that never opened: say why, as for PostgreSQL.
+            why = _why_not_connected(exc)
+            if (
+                why is None
+                and name == "connect"
+                and isinstance(exc, (TimeoutError, rexc.TimeoutError))
+            ):
+                why = f"timed out: no answer within {self._timeout:g} s"
+            if why is not None:
+                return BackendUnavailableError(
+                    f"cannot connect to Redis at {where}: {hide_passwords(why, self._url)}"
+                )
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not isinstance(
             exc, rexc.RedisError
         ):
             detail = f"no reply within the {self._timeout:g} s deadline"
-        where = self.where
         if in_flight:
             return OutcomeUnknownError(
                 f"Redis ({where}) connection failed while a write ({name}) was in flight; "
