@@ -9,6 +9,7 @@ only where it exceeds the spread between runs of the same code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +52,12 @@ def main(argv: list[str]) -> int:
     if args.only:
         prefixes = tuple(args.only.split(","))
         rows = [row for row in rows if row[0].startswith(prefixes)]
-    print(format_table(rows, labels))
+    try:
+        print(format_table(rows, labels), flush=True)
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as a Unix filter does, and keep the
+        # interpreter's final flush from raising again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -42,3 +42,23 @@ def test_runs_side_by_side_and_a_missing_ratio(
     table = compare.format_table(rows, ["saved", "halved"])
     assert table.splitlines()[0] == "| workload | vs | saved | halved |"
     assert "| redis get p50 | raw |" in table and "| — |" in table
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    # ``python bench/compare.py ... | head -1``: the pipe closes after the first line.
+    import subprocess
+    import sys
+
+    # 400 columns: a table larger than the pipe's buffer, so the writer meets the closed pipe.
+    with subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "compare.py"), *[str(SAVED)] * 400],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # the reader goes away before the table is written out
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0
+    assert first.startswith(b"| workload |")
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
