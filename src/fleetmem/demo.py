@@ -10,8 +10,10 @@ item has exactly one result, the counter equals the number of results, the score
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import random
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,13 +185,28 @@ async def run_demo(
     crash_rate: float = 0.05,
     seed: int = 7,
     progress: Callable[[str], None] | None = None,
+    on_items: Callable[[int, int], None] | None = None,
 ) -> DemoReport:
-    """Run the fleet simulation on ``url`` (default: the settings, else the embedded SQLite)."""
+    """Run the fleet simulation on ``url`` (default: the settings, else the embedded SQLite).
+
+    ``progress`` receives messages (an earlier run's entries cleared, the agents started);
+    ``on_items(done, total)`` the items done so far, read from the store's shared counter a
+    few times a second (so it counts the work of every process). Several ``processes`` on a
+    store that lives in one process (``memory://``, an in-memory SQLite database) raise
+    :class:`~fleetmem.errors.ConfigurationError` before anything is opened: each process
+    would work on a store of its own.
+    """
+    from fleetmem._where import describe, effective_url, in_one_process, redact
+
     say = progress or (lambda _msg: None)
+    resolved = effective_url(url)
+    if processes > 1 and in_one_process(resolved):
+        raise ConfigurationError(
+            f"{redact(resolved or '')} lives in one process: each of the {processes} processes "
+            "would have a store of its own; use --processes 1, or a file or server store"
+        )
     async with open_store(url, namespace=namespace) as store:
-        if processes > 1 and store.backend == "memory":
-            raise ConfigurationError("memory:// lives in one process: use --processes 1")
-        where = _describe(store, url)
+        where = describe(resolved) if resolved is not None else store.backend
         cleared = await store.clear()
         if cleared:
             say(f"cleared {cleared} entries left by an earlier run in namespace {namespace!r}")
@@ -198,46 +215,71 @@ async def run_demo(
         )
         say(f"starting {agents} agents in {processes} process(es) on {where}")
         start = time.perf_counter()
-        if processes <= 1:
-            tally, ops = await _run_agents_on(store, 0, agents, items, lease, crash_rate, seed)
-            tallies = [tally]
-        else:
-            per_process = max(1, agents // processes)
-            jobs = [
-                (
-                    url,
-                    namespace,
-                    p * per_process,
-                    per_process if p < processes - 1 else agents - per_process * (processes - 1),
-                    items,
-                    lease,
-                    crash_rate,
-                    seed,
-                )
-                for p in range(processes)
-            ]
-            ctx = multiprocessing.get_context("spawn")
-            loop = asyncio.get_running_loop()
-            with ctx.Pool(processes) as pool:
-                outcome = await loop.run_in_executor(None, pool.map, _process_main, jobs)
-            tallies = [t for t, _ in outcome]
-            ops = sum(o for _, o in outcome)
+        watcher = asyncio.create_task(_watch_items(store, items, on_items)) if on_items else None
+        try:
+            tallies, ops = await _run_fleet(
+                store, url, namespace, agents, items, processes, lease, crash_rate, seed
+            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
         report.seconds = time.perf_counter() - start
         for t in tallies:
             for name in ("done", "lost_claims", "cas_conflicts", "crashes", "takeovers"):
                 setattr(report.tally, name, getattr(report.tally, name) + getattr(t, name))
         report.operations = ops
         await _verify(store, report)
+        if on_items is not None:
+            on_items(report.results, items)
     return report
 
 
-def _describe(store: MemoryStore, url: str | None) -> str:
-    from fleetmem._urls import redact_url
+async def _watch_items(
+    store: MemoryStore, items: int, on_items: Callable[[int, int], None]
+) -> None:
+    """Report the shared counter of items done until cancelled."""
+    while True:
+        with contextlib.suppress(Exception):  # a progress display never stops the demo
+            on_items(int(await store.get(DONE_COUNTER, 0)), items)
+        await asyncio.sleep(0.2)
 
-    path = getattr(store, "path", None)
-    if path is not None:
-        return f"{store.backend} file {path}"
-    return f"{store.backend} at {redact_url(url)}" if url and "@" in url else (url or store.backend)
+
+async def _run_fleet(
+    store: MemoryStore,
+    url: str | None,
+    namespace: str,
+    agents: int,
+    items: int,
+    processes: int,
+    lease: float,
+    crash_rate: float,
+    seed: int,
+) -> tuple[list[AgentTally], int]:
+    """Run the agents here (one process) or spread over ``processes`` spawned processes."""
+    if processes <= 1:
+        tally, ops = await _run_agents_on(store, 0, agents, items, lease, crash_rate, seed)
+        return [tally], ops
+    per_process = max(1, agents // processes)
+    jobs = [
+        (
+            url,
+            namespace,
+            p * per_process,
+            per_process if p < processes - 1 else agents - per_process * (processes - 1),
+            items,
+            lease,
+            crash_rate,
+            seed,
+        )
+        for p in range(processes)
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    loop = asyncio.get_running_loop()
+    with ctx.Pool(processes) as pool:
+        outcome = await loop.run_in_executor(None, pool.map, _process_main, jobs)
+    return [t for t, _ in outcome], sum(o for _, o in outcome)
 
 
 async def _verify(store: MemoryStore, report: DemoReport) -> None:
@@ -278,8 +320,12 @@ def _partition_summary(partitions: dict[str, int], shown: int = 4) -> str:
     )
 
 
-def format_report(report: DemoReport) -> str:
-    """A readable summary of a demo run."""
+def format_report(report: DemoReport, inspect: list[str] | None = None) -> str:
+    """A readable summary of a demo run; ``inspect``: the commands that show what it left
+    (default: ``fleetmem -n NAMESPACE ...`` on the default store)."""
+    if inspect is None:
+        base = f"fleetmem -n {shlex.quote(report.namespace)}"
+        inspect = [f"{base} keys results/ --limit 5", f"{base} stats"]
     t = report.tally
     rate = report.operations / report.seconds if report.seconds else 0.0
     lines = [
@@ -297,7 +343,7 @@ def format_report(report: DemoReport) -> str:
         f" ({rate:,.0f} ops/s)",
         f"  partitions     {len(report.partitions)} (one per agent for results, default for"
         " the shared counters): " + _partition_summary(report.partitions),
-        "  inspect        fleetmem -n demo keys results/ --limit 5;  fleetmem -n demo stats",
+        *(f"  {'inspect' if i == 0 else '':<15}{command}" for i, command in enumerate(inspect)),
         "",
     ]
     if report.consistent:
