@@ -7,9 +7,42 @@ fleetmem package: run them from a checkout, with ``pip install -e '.[bench]'`` f
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
-from suite import main
+from suite import main as _suite_main
+
+#: What ``--help`` adds after the options: which servers the run uses, how to give others.
+SERVERS_HELP = """\
+servers:
+  The benchmarks measure PostgreSQL and Redis (the hybrid uses both). By default the run
+  starts its own throwaway servers from the local binaries (initdb/postgres and
+  redis-server, found on PATH or in the usual install directories; PostgreSQL with fsync
+  on), and stops them when it ends. To measure other servers, set
+    FLEETMEM_BENCH_POSTGRES_URL=postgresql://USER:PASSWORD@HOST:5432/DB
+    FLEETMEM_BENCH_REDIS_URL=redis://HOST:6379/0
+  or give fleetmem a URL: fleetmem --url postgresql://... bench, fleetmem --url
+  redis://... bench, or fleetmem --url 'hybrid+postgresql://...?cache=redis://...' bench
+  for both. The run writes there: it creates and truncates the table bench_raw and
+  clears the namespaces bench and bench-hybrid (and aiocache's aio): give it servers
+  you can spare.
+
+needs: pip install -e '.[bench]' in the checkout (asyncpg, redis, the peers, matplotlib
+for --chart); --from-json needs none of them."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fleetmem bench`` / ``python bench/run.py``: the suite's command line; ``--help`` also
+    says which servers the run uses and how to point it at others."""
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        with contextlib.suppress(SystemExit):  # argparse exits after printing the help
+            _suite_main(["--help"])
+        print()
+        print(SERVERS_HELP)
+        return 0
+    return _suite_main(args)
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
