@@ -7,6 +7,11 @@ other. It is awaitable and an async context manager::
     store = await open_store("redis://localhost:6379/0", namespace="agents")
     async with open_store() as store:  # FLEETMEM_* settings, else sqlite:///./fleetmem.db
         ...
+
+The hybrid has a URL of its own: the PostgreSQL URL with ``hybrid+`` in front and the Redis
+cache's URL as its ``cache=`` parameter (see :func:`fleetmem._urls.split_hybrid_url`)::
+
+    hybrid+postgresql://user:pw@pg:5432/db?cache=redis://cache:6379/0&cache_ttl=60
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from fleetmem._urls import redact_url, url_scheme
+from fleetmem._urls import is_hybrid_url, redact_url, split_hybrid_url, url_scheme
 from fleetmem.errors import ConfigurationError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -27,6 +32,11 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMES", "open_store", "store_class"]
 
+#: The hybrid needs both drivers, whichever one is missing: its hint names both extras.
+_HYBRID_EXTRA = "postgres,redis"
+_HYBRID = ("fleetmem.backends.hybrid", "HybridStore", "redis", _HYBRID_EXTRA)
+_HYBRID_DURABLE = ("fleetmem.backends.postgres", "PostgresStore", "asyncpg", _HYBRID_EXTRA)
+
 #: URL scheme -> (module, class, the driver module it needs, the extra that installs it).
 SCHEMES: dict[str, tuple[str, str, str | None, str | None]] = {
     "memory": ("fleetmem.backends.memory", "InMemoryStore", None, None),
@@ -36,11 +46,10 @@ SCHEMES: dict[str, tuple[str, str, str | None, str | None]] = {
     "redis": ("fleetmem.backends.redis", "RedisStore", "redis", "redis"),
     "rediss": ("fleetmem.backends.redis", "RedisStore", "redis", "redis"),
     "unix": ("fleetmem.backends.redis", "RedisStore", "redis", "redis"),
+    # hybrid+postgresql://user:pw@host:5432/db?cache=redis://host:6379/0 (see HybridStore.from_url)
+    "hybrid+postgresql": _HYBRID,
+    "hybrid+postgres": _HYBRID,
 }
-#: The hybrid needs both drivers, whichever one is missing: its hint names both extras.
-_HYBRID_EXTRA = "postgres,redis"
-_HYBRID = ("fleetmem.backends.hybrid", "HybridStore", "redis", _HYBRID_EXTRA)
-_HYBRID_DURABLE = ("fleetmem.backends.postgres", "PostgresStore", "asyncpg", _HYBRID_EXTRA)
 
 
 def _load(entry: tuple[str, str, str | None, str | None]) -> Any:
@@ -68,6 +77,8 @@ def store_class(url: str) -> type[Store[Any]]:
         raise ConfigurationError(
             f"unknown store URL scheme in {redact_url(url)!r}: expected one of {known}"
         )
+    if entry is _HYBRID:
+        _load(_HYBRID_DURABLE)  # the hybrid builds a PostgresStore: its driver too, named here
     cls: type[Store[Any]] = _load(entry)
     return cls
 
@@ -99,6 +110,13 @@ async def _open(
             options.setdefault("cache_ttl", cfg.cache_ttl)
         else:
             url = cfg.url.get_secret_value() if cfg.url is not None else DEFAULT_URL
+            if (
+                is_hybrid_url(url)
+                and "cache_ttl" in cfg.model_fields_set
+                and "cache_ttl" not in split_hybrid_url(url).options
+            ):
+                # FLEETMEM_CACHE_TTL applies to a hybrid FLEETMEM_URL too; the URL's own wins.
+                options.setdefault("cache_ttl", cfg.cache_ttl)
     ns = namespace if namespace is not None else "default"
     if hybrid is not None:
         if not (isinstance(hybrid, tuple) and len(hybrid) == 2):
@@ -155,10 +173,16 @@ def open_store(
 ) -> _OpenStore:
     """Open a store for ``url`` (or the ``FLEETMEM_*`` settings when ``url`` is None).
 
-    With nothing configured this opens the embedded default, ``sqlite:///./fleetmem.db``.
-    ``hybrid=(postgres_url, redis_url)`` opens a :class:`~fleetmem.HybridStore`. ``options``
-    go to the backend's constructor; every backend takes ``max_value_bytes``. An unknown
-    scheme or option raises :class:`ConfigurationError`; a missing driver raises
-    :class:`MissingDependencyError` naming the extra to install.
+    ``url`` is one of ``memory://``, ``sqlite:///path/to/file.db``, ``postgresql://...``,
+    ``redis://...`` (``rediss://``, ``unix://``) or a hybrid's
+    ``hybrid+postgresql://user:pw@host:5432/db?cache=redis://host:6379/0`` (PostgreSQL as the
+    store of record, Redis as its cache; ``cache_ttl``, ``cache_deadline`` and
+    ``allow_stale_reads`` may be given as further parameters). With nothing configured this
+    opens the embedded default, ``sqlite:///./fleetmem.db``: a file in the current working
+    directory. ``hybrid=(postgres_url, redis_url)`` is the other way to open a
+    :class:`~fleetmem.HybridStore`. ``options`` go to the backend's constructor (and win over
+    the URL's parameters); every backend takes ``max_value_bytes``. An unknown scheme or
+    option, or a hybrid URL without a Redis ``cache=``, raises :class:`ConfigurationError`; a
+    missing driver raises :class:`MissingDependencyError` naming the extra to install.
     """
     return _OpenStore((url, namespace, hybrid, settings, dict(options)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -133,38 +135,49 @@ def test_lazy_backend_names() -> None:
         _ = fleetmem.NoSuchStore
 
 
-def _unimportable(monkeypatch: pytest.MonkeyPatch, driver: str) -> None:
-    """Make ``driver`` unimportable for this test (a None entry in sys.modules means "not
-    installed"), with every fleetmem backend module that imported it forgotten."""
-    for name in list(sys.modules):
-        if name == driver or name.startswith((f"{driver}.", "fleetmem.backends.")):
-            monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, driver, None)
-    for name in ("HybridStore", "PostgresStore", "RedisStore"):
-        monkeypatch.delitem(vars(fleetmem), name, raising=False)
+@pytest.fixture
+def unimportable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """``unimportable(driver)`` makes ``driver`` unimportable for this test (a None entry in
+    sys.modules means "not installed"), with every fleetmem backend module forgotten; the
+    modules imported meanwhile are dropped afterwards, the original ones put back."""
+    before = set(sys.modules)
+
+    def make(driver: str) -> None:
+        for name in list(sys.modules):
+            if name == driver or name.startswith((f"{driver}.", "fleetmem.backends.")):
+                monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, driver, None)
+        for name in ("HybridStore", "PostgresStore", "RedisStore"):
+            monkeypatch.delitem(vars(fleetmem), name, raising=False)
+
+    yield make
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "redis"])
 async def test_hybrid_missing_driver_names_both_extras(
-    monkeypatch: pytest.MonkeyPatch, driver: str
+    unimportable: Callable[[str], None], driver: str
 ) -> None:
-    _unimportable(monkeypatch, driver)
+    unimportable(driver)
     with pytest.raises(MissingDependencyError, match=r"fleetmem\[postgres,redis\]") as info:
         await open_store(hybrid=("postgresql://u@127.0.0.1:1/db", "redis://127.0.0.1:1/0"))
     assert info.value.package == driver
     assert info.value.extra == "postgres,redis"
 
 
-def test_hybrid_class_missing_driver_names_both_extras(monkeypatch: pytest.MonkeyPatch) -> None:
-    _unimportable(monkeypatch, "redis")
+def test_hybrid_class_missing_driver_names_both_extras(
+    unimportable: Callable[[str], None],
+) -> None:
+    unimportable("redis")
     with pytest.raises(MissingDependencyError, match=r"fleetmem\[postgres,redis\]"):
         _ = fleetmem.HybridStore
 
 
-def test_hybrid_from_urls_missing_postgres_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hybrid_from_urls_missing_postgres_driver(unimportable: Callable[[str], None]) -> None:
     from fleetmem.backends.hybrid import HybridStore
 
-    _unimportable(monkeypatch, "asyncpg")
+    unimportable("asyncpg")
     with pytest.raises(MissingDependencyError, match=r"fleetmem\[postgres,redis\]"):
         HybridStore.from_urls("postgresql://u@127.0.0.1:1/db", "redis://127.0.0.1:1/0")
 
@@ -176,3 +189,113 @@ def test_hide_passwords_in_a_driver_message() -> None:
     assert hide_passwords("bad p@ss, p%40ss or other", url) == "bad ***, *** or ***"
     assert hide_passwords("nothing secret", "redis://h:6379/0") == "nothing secret"
     assert hide_passwords("text", None) == "text"
+
+
+@pytest.mark.parametrize(
+    ("url", "postgres_url", "cache_url", "options"),
+    [
+        (
+            "hybrid+postgresql://u:pw@pg:5432/db?cache=redis://:rpw@cache:6379/0",
+            "postgresql://u:pw@pg:5432/db",
+            "redis://:rpw@cache:6379/0",
+            {},
+        ),
+        (  # the cache URL's own parameters stay its own; hybrid options are taken out
+            "HYBRID+POSTGRES://u@pg/db?sslmode=require&cache=rediss://c:6380/0"
+            "?ssl_cert_reqs=none&ssl_check_hostname=false&cache_ttl=60",
+            "postgres://u@pg/db?sslmode=require",
+            "rediss://c:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false",
+            {"cache_ttl": 60.0},
+        ),
+        (  # a cache URL without a query: a later parameter can only be PostgreSQL's
+            "hybrid+postgresql://u@pg/db?cache=redis://c/1&sslmode=disable&allow_stale_reads=yes",
+            "postgresql://u@pg/db?sslmode=disable",
+            "redis://c/1",
+            {"allow_stale_reads": True},
+        ),
+        (  # percent-encoded: anywhere among the parameters
+            "hybrid+postgresql://u@pg/db?cache=redis%3A%2F%2F%3Ap%2540w%40c%3A6379%2F2"
+            "&cache_deadline=0.5&sslmode=disable",
+            "postgresql://u@pg/db?sslmode=disable",
+            "redis://:p%40w@c:6379/2",
+            {"cache_deadline": 0.5},
+        ),
+        (
+            "hybrid+postgresql://u@pg/db?cache=unix:///run/redis.sock?db=3",
+            "postgresql://u@pg/db",
+            "unix:///run/redis.sock?db=3",
+            {},
+        ),
+    ],
+)
+def test_split_hybrid_url(
+    url: str, postgres_url: str, cache_url: str, options: dict[str, object]
+) -> None:
+    from fleetmem._urls import split_hybrid_url
+
+    parts = split_hybrid_url(url)
+    assert (parts.postgres_url, parts.cache_url, parts.options) == (
+        postgres_url,
+        cache_url,
+        options,
+    )
+
+
+def test_redact_url_hides_both_passwords_of_a_hybrid_url() -> None:
+    assert (
+        redact_url("hybrid+postgresql://u:pg-secret@pg/db?cache=redis://:redis-secret@c:6379/0")
+        == "hybrid+postgresql://u:***@pg/db?cache=redis://:***@c:6379/0"
+    )
+    encoded = "hybrid+postgres://u:pg-secret@pg/db?cache=redis%3A%2F%2F%3Aredis-secret%40c%2F0"
+    assert redact_url(encoded) == "hybrid+postgres://u:***@pg/db?cache=redis://:***@c/0"
+    broken = "hybrid+postgresql://u:pg-secret@pg/db?x=redis://a:redis-secret@c"
+    assert "secret" not in redact_url(broken)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("hybrid+postgresql://u:s3cret@pg/db", "has no cache=: add the Redis cache's URL"),
+        ("hybrid+postgresql://u:s3cret@pg/db?sslmode=disable", "has no cache="),
+        (
+            "hybrid+postgresql://u:s3cret@pg/db?cache=memcached://u:s3cret@c",
+            "the hybrid's cache must be a redis://, rediss:// or unix:// URL",
+        ),
+        (
+            "hybrid+postgresql://u:s3cret@pg/db?cache=postgresql://u:s3cret@c/db",
+            "the hybrid's cache must be a redis://",
+        ),
+        (
+            "hybrid+postgresql://u:s3cret@pg/db?cache=redis://:s3cret@c/0&cache_ttl=soon",
+            "invalid cache_ttl='soon'",
+        ),
+    ],
+)
+async def test_bad_hybrid_url_is_a_configuration_error_before_io(url: str, message: str) -> None:
+    # Every host here is unresolvable: an attempt to connect would fail differently.
+    with pytest.raises(ConfigurationError, match=re.escape(message)) as info:
+        await open_store(url)
+    assert "s3cret" not in str(info.value)
+
+
+def test_store_class_of_a_hybrid_url() -> None:
+    from fleetmem.backends.hybrid import HybridStore
+    from fleetmem.factory import store_class
+
+    assert store_class("hybrid+postgresql://u@pg/db?cache=redis://c/0") is HybridStore
+    assert store_class("hybrid+postgres://u@pg/db?cache=redis://c/0") is HybridStore
+
+
+async def test_hybrid_from_url_builds_both_tiers_without_io() -> None:
+    from fleetmem.backends.hybrid import HybridStore
+
+    store = HybridStore.from_url(
+        "hybrid+postgresql://u@127.0.0.1:1/db?cache=redis://127.0.0.1:1/0&cache_deadline=0.5",
+        namespace="ns",
+        cache_ttl=12,
+    )
+    try:
+        assert store.namespace == "ns"
+        assert "127.0.0.1:1/db" in repr(store) and "127.0.0.1:1/0" in repr(store)
+    finally:
+        await store.close()

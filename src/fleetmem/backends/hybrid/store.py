@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES
+from fleetmem._urls import split_hybrid_url
 from fleetmem._validate import check_positive_int
 from fleetmem.backends.hybrid.kv import HybridKV, HybridMetrics, cache_client_options
 from fleetmem.errors import ConfigurationError, MissingDependencyError
@@ -84,6 +85,29 @@ class HybridStore(Store[HybridKV]):
                 await self._cache_store.close()
             finally:
                 await self._durable_store.close()
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str = "default", **options: Any) -> HybridStore:
+        """A hybrid store from one URL, the form ``open_store`` and ``FLEETMEM_URL`` take::
+
+            hybrid+postgresql://user:pw@pg:5432/db?sslmode=require&cache=redis://cache:6379/0
+
+        ``hybrid+postgresql://`` (or ``hybrid+postgres://``) and the PostgreSQL URL; ``cache=``
+        is the Redis cache's URL, written as it is and last (its own ``?``/``&`` parameters are
+        its own), or percent-encoded anywhere. ``cache_ttl``, ``cache_deadline`` and
+        ``allow_stale_reads`` may be given as parameters too; ``options`` win over them. See
+        :func:`fleetmem._urls.split_hybrid_url`. A URL without ``cache=``, or with a cache that
+        is not Redis, raises :class:`~fleetmem.errors.ConfigurationError` (before any I/O).
+        """
+        if not isinstance(url, str):
+            raise ConfigurationError(f"url must be a str, not {type(url).__name__}")
+        parts = split_hybrid_url(url)
+        return cls.from_urls(
+            parts.postgres_url,
+            parts.cache_url,
+            namespace=namespace,
+            **{**parts.options, **options},
+        )
 
     @classmethod
     def from_urls(
