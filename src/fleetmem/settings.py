@@ -3,19 +3,35 @@
 Only :func:`fleetmem.open_store` and the CLI read the environment; stores take typed arguments.
 URLs may hold passwords, so they are ``SecretStr``: they never appear in a ``repr`` or a log.
 
-=========================  ==============================================================
-variable                   meaning
-=========================  ==============================================================
-``FLEETMEM_URL``           the store URL (``memory://``, ``sqlite:///path``,
-                           ``postgresql://...``, ``redis://...``); unset: the embedded
-                           default ``sqlite:///./fleetmem.db``
-``FLEETMEM_BACKEND``       ``auto`` (from the URL) or ``hybrid``
-``FLEETMEM_POSTGRES_URL``  the durable tier of the hybrid backend
-``FLEETMEM_REDIS_URL``     the cache tier of the hybrid backend
-``FLEETMEM_NAMESPACE``     the namespace (default ``default``)
-``FLEETMEM_MAX_VALUE_BYTES``  the largest serialized value (default 8 MiB)
-``FLEETMEM_CACHE_TTL``     the hybrid cache's TTL in seconds (default 300)
-=========================  ==============================================================
+=============================  ==========================================================
+variable                       meaning
+=============================  ==========================================================
+``FLEETMEM_URL``               the store URL: ``memory://``, ``sqlite:///path``,
+                               ``postgresql://...``, ``redis://...``, or a hybrid's
+                               ``hybrid+postgresql://...?cache=redis://...``; unset: the
+                               embedded default ``sqlite:///./fleetmem.db``, a file in the
+                               **current working directory** (another directory, another
+                               store: set ``FLEETMEM_URL=sqlite:////abs/path/fleetmem.db``)
+``FLEETMEM_BACKEND``           ``auto`` (from the URL) or ``hybrid`` (the hybrid from the
+                               two variables below instead of one URL)
+``FLEETMEM_POSTGRES_URL``      with ``FLEETMEM_BACKEND=hybrid``: the durable tier
+``FLEETMEM_REDIS_URL``         with ``FLEETMEM_BACKEND=hybrid``: the cache tier
+``FLEETMEM_NAMESPACE``         the namespace (default ``default``)
+``FLEETMEM_MAX_VALUE_BYTES``   the largest serialized value (default 8 MiB)
+``FLEETMEM_CACHE_TTL``         the hybrid cache's TTL in seconds (default 300); a
+                               ``cache_ttl=`` in a hybrid URL wins over it
+=============================  ==========================================================
+
+The hybrid (PostgreSQL as the store of record, Redis as its cache) is configured either way::
+
+    FLEETMEM_URL='hybrid+postgresql://app:pw@pg:5432/agents?cache=redis://cache:6379/0'
+
+    FLEETMEM_BACKEND=hybrid
+    FLEETMEM_POSTGRES_URL='postgresql://app:pw@pg:5432/agents'
+    FLEETMEM_REDIS_URL='redis://cache:6379/0'
+
+In a hybrid URL, ``cache=`` is the Redis URL as it is, last (its own ``?``/``&`` parameters
+stay its own), or percent-encoded anywhere (see :func:`fleetmem._urls.split_hybrid_url`).
 """
 
 from __future__ import annotations
@@ -29,12 +45,19 @@ from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES
 
 __all__ = ["DEFAULT_URL", "FleetmemSettings"]
 
-#: The embedded default store: a SQLite file in the working directory.
+#: The embedded default store: ``fleetmem.db`` in the current working directory (relative to
+#: wherever the process runs, not to any project or home directory).
 DEFAULT_URL = "sqlite:///./fleetmem.db"
 
 
 class FleetmemSettings(BaseSettings):
-    """fleetmem's settings, from the environment (prefix ``FLEETMEM_``) or keyword arguments."""
+    """fleetmem's settings, from the environment (prefix ``FLEETMEM_``) or keyword arguments.
+
+    ``url`` unset means the embedded default, ``sqlite:///./fleetmem.db``: relative to the
+    current working directory, so a process started elsewhere opens another file. ``url`` may
+    be a hybrid URL (``hybrid+postgresql://...?cache=redis://...``); ``backend="hybrid"`` with
+    ``postgres_url`` and ``redis_url`` is the other way to configure the hybrid.
+    """
 
     model_config = SettingsConfigDict(env_prefix="FLEETMEM_", extra="ignore")
 
