@@ -6,8 +6,8 @@ executable form. The rules that hold for every method:
 
 Scope
     A store is bound to one namespace (``[A-Za-z0-9_.-]{1,64}``). Nothing done through it reads,
-    lists, matches, counts, exports or deletes an entry of another namespace, including
-    namespaces that share a prefix (``a`` vs ``ab`` vs ``a.b``).
+    lists, matches, counts or deletes an entry of another namespace, including namespaces that
+    share a prefix (``a`` vs ``ab`` vs ``a.b``).
 
 Keys and partitions
     A key is a ``str`` of 1-1024 UTF-8 bytes with no control characters (U+0000-U+001F, U+007F)
@@ -36,7 +36,7 @@ TTL and expiry
     together with ``keep_ttl=True`` raise :class:`~fleetmem.errors.InvalidArgumentError` (a
     ``ValueError``). Resolution is one millisecond. An expired entry is invisible on every path
     from the moment it expires (``get``, ``get_entry``, ``get_many``, ``exists``, ``keys``,
-    ``search``, ``partitions``, ``stats``, exports) and counts as absent for ``set_if_absent``,
+    ``search``, ``partitions``, ``stats``) and counts as absent for ``set_if_absent``,
     ``compare_and_set(version=0)`` and ``incr``. Expiry is measured on the server's clock where
     there is a server. ``cleanup_expired`` and sweepers only free space.
 

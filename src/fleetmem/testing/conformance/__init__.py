@@ -1,27 +1,31 @@
-"""The fleetmem conformance suite: the store contract (``CONTRACT.md``) as pytest tests.
+"""The fleetmem conformance suite: the store contract as pytest tests.
 
-Check any ``MemoryStore`` implementation by subclassing :class:`StoreConformance` in a test
-module where a ``store`` fixture yields a fresh, empty store in a namespace no other test uses::
+The contract is written in the docstrings of :mod:`fleetmem.protocol` (the module's rules and
+each :class:`~fleetmem.protocol.MemoryStore` method); this suite is its executable form. Check
+any ``MemoryStore`` implementation by subclassing :class:`StoreConformance` in a test module
+where a ``store`` fixture yields a fresh, empty store in a namespace no other test uses::
 
-    import pytest
+    import pytest_asyncio
+    from fleetmem.testing import connected_store
     from fleetmem.testing.conformance import StoreConformance
 
-    @pytest.fixture
-    async def store():
-        async with MyStore(namespace=unique_namespace()) as s:
-            yield s
-            if not s.closed:
-                await s.clear()
+    @pytest_asyncio.fixture
+    async def store(fleetmem_namespace):
+        async with connected_store(MyStore(namespace=fleetmem_namespace)) as s:
+            yield s  # a fresh, empty store; emptied and closed afterwards
 
     class TestMyStore(StoreConformance):
         pass
 
-The tests are ``async`` and marked ``asyncio``: they run with pytest-asyncio in strict or auto
-mode (in strict mode declare the fixture with ``@pytest_asyncio.fixture``). They use only the public
-``MemoryStore`` API and never look at the backend's type. Some tests derive extra namespaces
-from the fixture's by appending a suffix (``x``, ``xb``, ``x.b``, ...), write to them and clear
-them afterwards, so the fixture's namespace must be unique (including as a prefix) and at most
-60 characters long. Tolerances and optional capabilities are class attributes, documented on
+``fleetmem_namespace`` (a fixture of fleetmem's pytest plugin) is a namespace no other test of
+the run uses; ``connected_store`` connects the store, and afterwards clears its namespace (if the
+store is still open) and closes it. The tests are ``async`` and marked ``asyncio``: they run with
+pytest-asyncio in strict or auto mode. They use only the public ``MemoryStore`` API and never
+look at the backend's type. Some tests derive extra namespaces from the fixture's by appending
+a suffix (``x``, ``xb``, ``x.b``, ...), write to them and clear them afterwards, so the
+fixture's namespace must be unique (including as a prefix) and at most 60 characters long.
+Other namespaces may exist on the same server (other tests, other runs): no test assumes it is
+alone there. Tolerances and optional capabilities are class attributes, documented on
 :class:`StoreConformance`; override them in the subclass.
 """
 
