@@ -1,62 +1,162 @@
-"""The ``fleetmem`` command line: inspect and change any store, run the demo, manage schemas.
+"""The fleetmem command line: inspect and change any store, run the demo, manage schemas.
 
-The store comes from ``--url`` or, without it, from the ``FLEETMEM_*`` settings (default: the
-embedded ``sqlite:///./fleetmem.db``). Output is a readable table on a terminal and JSON
-otherwise; ``--json`` / ``--table`` force one.
+The store comes from --url or, without it, from the FLEETMEM_* settings (default: the SQLite
+file ./fleetmem.db in the current directory). Output is a readable table on a terminal and JSON
+otherwise; --json / --table force one. docs/cli.md describes every command.
+
+Only what every command needs is imported here: a command imports its own modules (the
+demo, the migrations, rich for tables and progress) when it runs, so ``fleetmem --help`` and a
+quick ``fleetmem get`` do not pay for them.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fleetmem.errors import FleetmemError
-from fleetmem.factory import open_store
-from fleetmem.protocol import Entry, MemoryStore
+if TYPE_CHECKING:
+    from pathlib import Path
 
-__all__ = ["main"]
+    from fleetmem.errors import FleetmemError
+    from fleetmem.protocol import Entry, MemoryStore
+
+__all__ = ["EXIT_CONFLICT", "EXIT_FAILED", "EXIT_OK", "EXIT_PIPE", "EXIT_USAGE", "main"]
+
+#: Exit statuses, the same for every command (``fleetmem --help`` and docs/cli.md list them).
+EXIT_OK = 0
+#: Not found, false, a version conflict, unhealthy, an inconsistent demo.
+EXIT_CONFLICT = 1
+#: A usage error: the command line, a value that is not JSON, an invalid key, the configuration.
+EXIT_USAGE = 2
+#: The backend failed: unreachable, timed out, the outcome of a write unknown, any other error.
+EXIT_FAILED = 3
+#: stdout was closed before everything was written (``fleetmem keys | head``): 128 + SIGPIPE,
+#: the status a shell shows for a Unix tool a closed pipe ends.
+EXIT_PIPE = 141
+EXIT_INTERRUPTED = 130
+
+_DESCRIPTION = """\
+fleetmem: shared memory for fleets of AI agents. Inspect and change any store, run
+the demo, manage the PostgreSQL schema."""
+
+_EPILOG = """\
+global options (--url, -n, --json, --table) go before or after the command.
+
+stores (--url URL, else $FLEETMEM_URL, else the default):
+  sqlite:///./fleetmem.db      the default: a SQLite file in the CURRENT directory, so
+                               each directory has its own (stats and health print the
+                               absolute path of the file they use)
+  sqlite:////abs/path.db       a SQLite file by absolute path (sqlite:// is in memory)
+  memory://                    a dict in this process, gone when the command ends
+  postgresql://USER:PASSWORD@HOST:5432/DB
+  redis://HOST:6379/0          also rediss:// (TLS) and unix:///path/to/redis.sock
+  hybrid+postgresql://USER@HOST/DB?cache=redis://HOST:6379/0
+                               the hybrid: PostgreSQL, with Redis as its cache
+  $FLEETMEM_BACKEND=hybrid with $FLEETMEM_POSTGRES_URL and $FLEETMEM_REDIS_URL is the
+  hybrid too. The namespace is -n NS, else $FLEETMEM_NAMESPACE, else "default".
+
+output: a table on a terminal, JSON when piped; --json or --table forces one.
+
+exit status:
+  0    done
+  1    not found, false or a conflict: get/ttl/del/expire/persist of a missing key,
+       set --if-version on another version, health not ok, demo not consistent
+  2    usage error: the command line, a value that is not JSON, an invalid key or
+       pattern, a URL or setting fleetmem cannot use, a missing extra
+  3    the backend failed: unreachable, timed out, a write whose outcome is unknown,
+       a schema to upgrade, any other store error
+  130  interrupted (Ctrl-C)
+  141  stdout was closed early (| head): the rest of the output is dropped quietly
+"""
+
+_FORMATS = {"json", "table"}
+
+
+class _UsageError(Exception):
+    """A command line fleetmem cannot run (exit 2)."""
+
+
+# ------------------------------------------------------------------------ output
 
 
 def _json_default(value: Any) -> Any:
+    from datetime import datetime
+
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"cannot print {type(value).__name__}")
 
 
-class _Output:
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
+def _to_json(data: Any, *, pretty: bool = False) -> str:
+    import json
 
-    def emit(self, data: Any, table: Callable[[], str] | None = None) -> None:
-        if self.as_json or table is None:
-            print(
-                json.dumps(
-                    data,
-                    default=_json_default,
-                    ensure_ascii=False,
-                    indent=None if not sys.stdout.isatty() else 2,
-                )
-            )
-        else:
-            print(table())
+    return json.dumps(data, default=_json_default, ensure_ascii=False, indent=2 if pretty else None)
 
 
-def _rows(rows: Sequence[tuple[str, str]]) -> str:
+def _text(value: Any) -> str:
+    """A value as a table cell: its JSON text, whole (a table never cuts a value)."""
+    return _to_json(value)
+
+
+def _rich_console(stderr: bool = False) -> Any:
+    """A rich ``Console`` on stdout (or stderr), ``None`` without rich (the ``cli`` extra)."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(stderr=stderr, soft_wrap=False, highlight=False)
+
+
+def _plain_rows(rows: Sequence[tuple[str, str]]) -> str:
     if not rows:
         return "(none)"
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=_json_default)
-    return text if len(text) <= 100 else text[:97] + "..."
+class _Output:
+    """Prints a command's result: JSON, or rows of a table (rich on a terminal when installed,
+    plain aligned text otherwise; values are never cut)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def json(self, data: Any) -> None:
+        print(_to_json(data, pretty=sys.stdout.isatty()))
+
+    def rows(self, data: Any, rows: Sequence[tuple[str, str]]) -> None:
+        if self.as_json:
+            self.json(data)
+            return
+        console = _rich_console() if sys.stdout.isatty() and rows else None
+        if console is None:
+            print(_plain_rows(rows))
+            return
+        from rich.table import Table
+        from rich.text import Text
+
+        # No column is cut: a value wider than the terminal folds onto the next lines.
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(overflow="fold")
+        for key, value in rows:
+            table.add_row(Text(key), Text(value))
+        console.print(table)
+
+    def lines(self, data: Any, lines: Sequence[str]) -> None:
+        if self.as_json:
+            self.json(data)
+        else:
+            print("\n".join(lines) if lines else "(none)")
+
+    def line(self, data: Any, text: str) -> None:
+        if self.as_json:
+            self.json(data)
+        else:
+            print(text)
 
 
 def _entry_dict(entry: Entry) -> dict[str, Any]:
@@ -71,21 +171,61 @@ def _entry_dict(entry: Entry) -> dict[str, Any]:
     }
 
 
+def _emit_entry(out: _Output, entry: Entry) -> None:
+    data = _entry_dict(entry)
+    out.rows(data, [(k, "-" if v is None else _text(v)) for k, v in data.items()])
+
+
+def _say(text: str) -> None:
+    """A message for the person at the terminal (stderr)."""
+    print(f"fleetmem: {text}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------ store commands
+
+
 def _parse_value(text: str, raw: bool) -> Any:
     if raw:
         return text
+    import json
+
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        raise FleetmemError(
+        raise _UsageError(
             f"value {text!r} is not JSON: quote strings ('\"text\"') or pass --raw"
         ) from None
 
 
-async def _with_store(
-    args: argparse.Namespace, action: Callable[[MemoryStore], Coroutine[Any, Any, int]]
-) -> int:
-    async with open_store(args.url, namespace=args.namespace) as store:
+def _parse_number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise _UsageError(f"--by {text!r} is not a number") from None
+
+
+def _namespace(args: argparse.Namespace) -> str | None:
+    """-n, else FLEETMEM_NAMESPACE (also with --url), else the store's default."""
+    return args.namespace or os.environ.get("FLEETMEM_NAMESPACE") or None
+
+
+def _where(args: argparse.Namespace) -> str:
+    from fleetmem._where import describe, effective_url
+
+    return describe(effective_url(args.url))
+
+
+_StoreAction = Callable[["MemoryStore"], Coroutine[Any, Any, int]]
+
+
+async def _with_store(args: argparse.Namespace, action: _StoreAction) -> int:
+    from fleetmem.factory import open_store
+
+    async with open_store(args.url, namespace=_namespace(args)) as store:
         return await action(store)
 
 
@@ -93,11 +233,10 @@ async def _cmd_get(args: argparse.Namespace, out: _Output) -> int:
     async def run(store: MemoryStore) -> int:
         entry = await store.get_entry(args.key)
         if entry is None:
-            print(f"key {args.key!r} not found", file=sys.stderr)
-            return 1
-        data = _entry_dict(entry)
-        out.emit(data, lambda: _rows([(k, _short(v)) for k, v in data.items()]))
-        return 0
+            _say(f"key {args.key!r} not found")
+            return EXIT_CONFLICT
+        _emit_entry(out, entry)
+        return EXIT_OK
 
     return await _with_store(args, run)
 
@@ -106,10 +245,29 @@ async def _cmd_set(args: argparse.Namespace, out: _Output) -> int:
     value = _parse_value(args.value, args.raw)
 
     async def run(store: MemoryStore) -> int:
-        entry = await store.set(args.key, value, ttl=args.ttl, partition=args.partition)
-        data = _entry_dict(entry)
-        out.emit(data, lambda: _rows([(k, _short(v)) for k, v in data.items()]))
-        return 0
+        from fleetmem.errors import VersionConflictError
+
+        if args.if_version is None:
+            entry = await store.set(args.key, value, ttl=args.ttl, partition=args.partition)
+        else:
+            try:
+                entry = await store.compare_and_set(
+                    args.key, value, version=args.if_version, ttl=args.ttl, partition=args.partition
+                )
+            except VersionConflictError as exc:
+                _say(str(exc))
+                if out.as_json:
+                    out.json(
+                        {
+                            "key": args.key,
+                            "conflict": True,
+                            "expected_version": exc.expected,
+                            "current_version": exc.current_version,
+                        }
+                    )
+                return EXIT_CONFLICT
+        _emit_entry(out, entry)
+        return EXIT_OK
 
     return await _with_store(args, run)
 
@@ -117,8 +275,8 @@ async def _cmd_set(args: argparse.Namespace, out: _Output) -> int:
 async def _cmd_del(args: argparse.Namespace, out: _Output) -> int:
     async def run(store: MemoryStore) -> int:
         deleted = await store.delete_many(args.keys)
-        out.emit({"deleted": deleted}, lambda: f"deleted {deleted}")
-        return 0 if deleted else 1
+        out.line({"deleted": deleted}, f"deleted {deleted}")
+        return EXIT_OK if deleted else EXIT_CONFLICT
 
     return await _with_store(args, run)
 
@@ -128,8 +286,8 @@ async def _cmd_keys(args: argparse.Namespace, out: _Output) -> int:
         keys = await store.keys(
             args.prefix, partition=args.partition, limit=args.limit, after=args.after
         )
-        out.emit(keys, lambda: "\n".join(keys) if keys else "(none)")
-        return 0
+        out.lines(keys, keys)
+        return EXIT_OK
 
     return await _with_store(args, run)
 
@@ -137,28 +295,111 @@ async def _cmd_keys(args: argparse.Namespace, out: _Output) -> int:
 async def _cmd_search(args: argparse.Namespace, out: _Output) -> int:
     async def run(store: MemoryStore) -> int:
         found = await store.search(args.pattern, partition=args.partition, limit=args.limit)
-        out.emit(found, lambda: _rows([(k, _short(v)) for k, v in found.items()]))
-        return 0
+        out.rows(found, [(k, _text(v)) for k, v in found.items()])
+        return EXIT_OK
 
     return await _with_store(args, run)
 
 
 async def _cmd_ttl(args: argparse.Namespace, out: _Output) -> int:
     async def run(store: MemoryStore) -> int:
-        left = await store.ttl(args.key)
-        out.emit(
-            {"key": args.key, "ttl": left},
-            lambda: "persistent" if left is None else f"{left:.3f} s",
+        from fleetmem.errors import KeyNotFoundError
+
+        try:
+            left = await store.ttl(args.key)
+        except KeyNotFoundError:
+            _say(f"key {args.key!r} not found")
+            return EXIT_CONFLICT
+        out.line({"key": args.key, "ttl": left}, "persistent" if left is None else f"{left:.3f} s")
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
+async def _cmd_expire(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: MemoryStore) -> int:
+        found = await store.expire(args.key, args.seconds)
+        if not found:
+            _say(f"key {args.key!r} not found")
+        out.line(
+            {"key": args.key, "ttl": args.seconds, "found": found},
+            f"{args.key} expires in {args.seconds:g} s" if found else "not found",
         )
-        return 0
+        return EXIT_OK if found else EXIT_CONFLICT
+
+    return await _with_store(args, run)
+
+
+async def _cmd_persist(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: MemoryStore) -> int:
+        found = await store.persist(args.key)
+        if not found:
+            _say(f"key {args.key!r} not found")
+        out.line(
+            {"key": args.key, "found": found},
+            f"{args.key} is persistent" if found else "not found",
+        )
+        return EXIT_OK if found else EXIT_CONFLICT
+
+    return await _with_store(args, run)
+
+
+async def _cmd_incr(args: argparse.Namespace, out: _Output) -> int:
+    amount = _parse_number(args.by)
+
+    async def run(store: MemoryStore) -> int:
+        value = await store.incr(args.key, amount, ttl=args.ttl, partition=args.partition)
+        out.line({"key": args.key, "value": value}, str(value))
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
+async def _cmd_clear(args: argparse.Namespace, out: _Output) -> int:
+    if not args.yes:
+        what = f"partition {args.partition!r} of" if args.partition else "every entry of"
+        raise _UsageError(
+            f"clear deletes {what} namespace {_namespace(args) or 'default'!r} on "
+            f"{_where(args)}: add --yes to do it"
+        )
+
+    async def run(store: MemoryStore) -> int:
+        if args.partition is None:
+            deleted = await store.clear()
+        else:
+            deleted = await store.clear_partition(args.partition)
+        data = {"namespace": store.namespace, "partition": args.partition, "deleted": deleted}
+        out.line(data, f"deleted {deleted}")
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
+async def _cmd_partitions(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: MemoryStore) -> int:
+        names = await store.partitions()
+        out.lines(names, names)
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
+async def _cmd_namespaces(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: MemoryStore) -> int:
+        names: list[str] = await store.namespaces(args.prefix, limit=args.limit, after=args.after)
+        out.lines(names, names)
+        return EXIT_OK
 
     return await _with_store(args, run)
 
 
 async def _cmd_stats(args: argparse.Namespace, out: _Output) -> int:
+    where = _where(args)
+
     async def run(store: MemoryStore) -> int:
         stats = await store.stats()
         data = {
+            "store": where,
             "namespace": stats.namespace,
             "backend": stats.backend,
             "keys": stats.keys,
@@ -166,61 +407,174 @@ async def _cmd_stats(args: argparse.Namespace, out: _Output) -> int:
             "expired_pending": stats.expired_pending,
             "bytes": stats.bytes,
         }
-        out.emit(
+        out.rows(
             data,
-            lambda: _rows(
-                [(k, str(v)) for k, v in data.items() if k != "partitions"]
-                + [(f"partition {p}", str(n)) for p, n in stats.partitions.items()]
-            ),
+            [(k, str(v)) for k, v in data.items() if k != "partitions"]
+            + [(f"partition {p}", str(n)) for p, n in stats.partitions.items()],
         )
-        return 0
+        return EXIT_OK
 
     return await _with_store(args, run)
 
 
 async def _cmd_health(args: argparse.Namespace, out: _Output) -> int:
-    store = await open_store(args.url, namespace=args.namespace)
+    """The health report, also when the store cannot even be opened (``ok`` no, exit 1).
+
+    A URL or setting fleetmem cannot use (or a missing extra) is a usage error (exit 2): the
+    report is about a store, and there is none to report on.
+    """
+    from fleetmem._where import backend_of, effective_url
+    from fleetmem.errors import ConfigurationError, FleetmemError, MissingDependencyError
+    from fleetmem.factory import open_store
+
+    where = _where(args)
     try:
-        health = await store.health()
-    finally:
-        await store.close()
-    data = {
-        "ok": health.ok,
-        "backend": health.backend,
-        "latency_ms": health.latency_ms,
-        "details": health.details,
-    }
-    out.emit(
+        store = await open_store(args.url, namespace=_namespace(args))
+    except (ConfigurationError, MissingDependencyError):
+        raise
+    except FleetmemError as exc:
+        data: dict[str, Any] = {
+            "ok": False,
+            "backend": backend_of(effective_url(args.url)),
+            "store": where,
+            "latency_ms": None,
+            "details": {"error": f"{type(exc).__name__}: {exc}"},
+        }
+    else:
+        try:
+            health = await store.health()
+        finally:
+            await store.close()
+        data = {
+            "ok": health.ok,
+            "backend": health.backend,
+            "store": where,
+            "latency_ms": health.latency_ms,
+            "details": health.details,
+        }
+    latency = data["latency_ms"]
+    out.rows(
         data,
-        lambda: _rows(
-            [
-                ("ok", "yes" if health.ok else "NO"),
-                ("backend", health.backend),
-                ("latency", "-" if health.latency_ms is None else f"{health.latency_ms:.2f} ms"),
-            ]
-            + [(k, _short(v)) for k, v in health.details.items()]
-        ),
+        [
+            ("ok", "yes" if data["ok"] else "no"),
+            ("backend", data["backend"]),
+            ("store", where),
+            ("latency", "-" if latency is None else f"{latency:.2f} ms"),
+        ]
+        + [(k, _text(v)) for k, v in data["details"].items()],
     )
-    return 0 if health.ok else 1
+    return EXIT_OK if data["ok"] else EXIT_CONFLICT
+
+
+# ------------------------------------------------------------------------ demo
+
+
+def _demo_hint(args: argparse.Namespace, namespace: str) -> list[str]:
+    """Commands that inspect what the demo left: runnable as printed, never with a password.
+
+    The ``--url`` typed on the command line is carried as typed unless it holds a password,
+    which is shown as ``***`` (put it back to run the command). A URL from ``FLEETMEM_URL`` is
+    not repeated: the environment still applies.
+    """
+    import shlex
+
+    from fleetmem._where import effective_url, in_one_process, redact
+
+    resolved = effective_url(args.url)
+    if in_one_process(resolved):
+        return [f"nothing to inspect: {redact(resolved or '')} lived in this process only"]
+    words = ["fleetmem"]
+    if args.url is not None:
+        words += ["--url", redact(args.url)]
+    words += ["-n", namespace]
+    base = " ".join(shlex.quote(w) for w in words)
+    return [f"{base} keys results/ --limit 5", f"{base} stats"]
+
+
+class _DemoProgress:
+    """Items done, on stderr when it is a terminal: a rich progress bar (count and rate), plain
+    lines without rich; nothing when stderr is piped."""
+
+    def __init__(self, items: int) -> None:
+        self.items = items
+        self.enabled = sys.stderr.isatty()
+        self._bar: Any = None
+        self._task: Any = None
+        self._last_line = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> _DemoProgress:
+        import time
+
+        self._start = time.monotonic()
+        if not self.enabled:
+            return self
+        try:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+        except ImportError:
+            return self
+        self._bar = Progress(
+            TextColumn("items"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=_rich_console(stderr=True),
+            transient=True,
+        )
+        self._task = self._bar.add_task("items", total=self.items, rate="")
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        rate = f"{done / elapsed:,.0f} items/s"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, rate=rate)
+        elif elapsed - self._last_line >= 1.0 or done >= total:
+            self._last_line = elapsed
+            print(f"items {done}/{total} ({rate})", file=sys.stderr, flush=True)
 
 
 async def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
     from fleetmem.demo import format_report, run_demo
 
-    def progress(message: str) -> None:
-        if not out.as_json:
-            print(message, file=sys.stderr, flush=True)
-
-    report = await run_demo(
-        args.url,
-        namespace=args.namespace if args.namespace_given else "demo",
-        agents=args.agents,
-        items=args.items,
-        processes=args.processes,
-        progress=progress,
-    )
+    namespace = args.namespace or "demo"
+    hint = _demo_hint(args, namespace)
+    with _DemoProgress(args.items) as progress:
+        report = await run_demo(
+            args.url,
+            namespace=namespace,
+            agents=args.agents,
+            items=args.items,
+            processes=args.processes,
+            progress=progress.message,
+            on_items=progress.update,
+        )
     if out.as_json:
-        out.emit(
+        out.json(
             {
                 "store": report.url,
                 "namespace": report.namespace,
@@ -237,120 +591,298 @@ async def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
                 "partitions": report.partitions,
                 "consistent": report.consistent,
                 "problems": report.problems,
+                "inspect": hint,
             }
         )
     else:
-        print(format_report(report))
-    return 0 if report.consistent else 1
+        print(format_report(report, inspect=hint))
+    return EXIT_OK if report.consistent else EXIT_CONFLICT
+
+
+# ------------------------------------------------------------------------ db and bench
 
 
 def _cmd_db(args: argparse.Namespace, out: _Output) -> int:
     try:
         from fleetmem.backends.postgres import migrate
     except ImportError as exc:
-        raise FleetmemError(
-            "fleetmem db needs the PostgreSQL extra: pip install 'fleetmem[postgres]'"
-        ) from exc
+        from fleetmem.errors import MissingDependencyError
+
+        raise MissingDependencyError(exc.name or "alembic", "postgres") from exc
     return int(migrate.run_db_command(args))
 
 
-def _parser() -> argparse.ArgumentParser:
-    # The common options are accepted before and after the command.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+_BENCH_HINT = (
+    "run it from a fleetmem checkout with the benchmark dependencies: in the checkout,  "
+    "pip install -e '.[bench]'  then  fleetmem bench  (or  python bench/run.py)"
+)
+
+
+def _bench_dir() -> Path:
+    """The ``bench/`` directory of the source checkout this package runs from (an editable
+    install: ``<checkout>/src/fleetmem/cli.py``); a wheel's site-packages has none."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "bench"
+
+
+def _option_value(argv: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.partition("=")[2]
+    return None
+
+
+def _bench_servers_from_url(url: str) -> dict[str, str]:
+    """``fleetmem --url URL bench``: the ``FLEETMEM_BENCH_*_URL`` variables ``URL`` sets (a
+    PostgreSQL URL, a Redis URL, or a hybrid URL for both)."""
+    from fleetmem._where import backend_of, redact
+
+    backend = backend_of(url)
+    if backend == "postgres":
+        return {"FLEETMEM_BENCH_POSTGRES_URL": url}
+    if backend == "redis":
+        return {"FLEETMEM_BENCH_REDIS_URL": url}
+    if backend == "hybrid":
+        from urllib.parse import parse_qsl, urlencode
+
+        head, _, query = url.partition("?")
+        pairs = parse_qsl(query, keep_blank_values=True)
+        cache = [v for k, v in pairs if k == "cache"]
+        if head.lower().startswith("hybrid+") and len(cache) == 1:
+            rest = urlencode([(k, v) for k, v in pairs if k != "cache"])
+            pg = head.partition("+")[2] + (f"?{rest}" if rest else "")
+            return {"FLEETMEM_BENCH_POSTGRES_URL": pg, "FLEETMEM_BENCH_REDIS_URL": cache[0]}
+    raise _UsageError(
+        f"fleetmem bench measures PostgreSQL and Redis: --url {redact(url)!r} is neither "
+        "(give a postgresql://, redis:// or hybrid+postgresql://...?cache=redis://... URL)"
+    )
+
+
+def _bench(argv: list[str], url: str | None, fmt: str | None) -> int:
+    """``fleetmem bench``: the benchmarks are not in the package; run the checkout's
+    ``bench/run.py`` (the same as ``python bench/run.py ARGS``)."""
+    import importlib.util
+
+    wants_help = "-h" in argv or "--help" in argv
+    if fmt == "json" and not wants_help:
+        raise _UsageError(
+            "fleetmem bench prints a report; to save the results as JSON give  "
+            "fleetmem bench --json FILE"
+        )
+    bench_dir = _bench_dir()
+    runner = bench_dir / "run.py"
+    if not runner.is_file():
+        print(
+            "fleetmem bench runs from a source checkout, not from an installed package: "
+            "git clone the fleetmem repository, then in it:  pip install -e '.[bench]'  then  "
+            "fleetmem bench  (or  python bench/run.py)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    servers = _bench_servers_from_url(url) if url and not wants_help else {}
+    if not wants_help and _option_value(argv, "--from-json") is None:
+        only = set((_option_value(argv, "--only") or "postgres,redis,hybrid").split(","))
+        needed = (["asyncpg"] if only & {"postgres", "hybrid"} else []) + (
+            ["redis"] if only & {"redis", "hybrid"} else []
+        )
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if missing:
+            _say(f"bench needs {' and '.join(missing)} (not installed): {_BENCH_HINT}")
+            return EXIT_USAGE
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))  # run.py imports its ``suite`` package from there
+    os.environ.update(servers)
+    try:
+        spec = importlib.util.spec_from_file_location("_fleetmem_bench_run", runner)
+        if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has one
+            raise ImportError(f"cannot load {runner}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        status: int = module.main(argv)
+    except ModuleNotFoundError as exc:
+        _say(f"bench needs {exc.name} (not installed): {_BENCH_HINT}")
+        return EXIT_USAGE
+    return status
+
+
+# ------------------------------------------------------------------------ the parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, db_action: bool = False) -> None:
+    """--url, -n, --json, --table on ``parser`` (the main parser and every command's).
+
+    Defaults are suppressed, so an option given before the command is not reset by the
+    command's parser. In a ``db`` action ``--table NAME`` names the PostgreSQL table (as
+    ``--table-name``); there ``--json`` is the only format option.
+    """
+    group = parser.add_argument_group("global options (before or after the command)")
+    group.add_argument(
         "--url",
         default=argparse.SUPPRESS,
-        help="store URL (default: FLEETMEM_URL, else sqlite:///./fleetmem.db)",
+        metavar="URL",
+        help="the store (default: $FLEETMEM_URL, else sqlite:///./fleetmem.db in the current "
+        "directory); see the URL forms in fleetmem --help",
     )
-    common.add_argument(
-        "--namespace",
+    group.add_argument(
         "-n",
+        "--namespace",
         default=argparse.SUPPRESS,
-        help="namespace (default: default; demo: demo)",
+        metavar="NS",
+        help="the namespace (default: $FLEETMEM_NAMESPACE, else 'default'; demo: 'demo')",
     )
-    fmt = common.add_mutually_exclusive_group()
+    fmt = group.add_mutually_exclusive_group()
     fmt.add_argument(
         "--json",
         dest="fmt",
         action="store_const",
         const="json",
         default=argparse.SUPPRESS,
-        help="print JSON",
+        help="print JSON (the default when stdout is not a terminal)",
     )
-    fmt.add_argument(
-        "--table",
-        dest="fmt",
-        action="store_const",
-        const="table",
-        default=argparse.SUPPRESS,
-        help="print a readable table",
-    )
+    if not db_action:
+        fmt.add_argument(
+            "--table",
+            dest="fmt",
+            action="store_const",
+            const="table",
+            default=argparse.SUPPRESS,
+            help="print a readable table (the default on a terminal)",
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fleetmem", description=__doc__.split("\n")[0], parents=[common]
+        prog="fleetmem",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    original_add = sub.add_parser
 
-    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return original_add(name, parents=[common], **kwargs)
+    def command(name: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text, **kwargs)
+        _add_global_options(p)
+        return p
 
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-
-    p = sub.add_parser("get", help="print an entry")
+    p = command("get", "print an entry (exit 1 when missing)")
     p.add_argument("key")
-    p = sub.add_parser("set", help="store a JSON value")
+    p = command(
+        "set",
+        "store a JSON value; with --if-version N only if the entry is at version N "
+        "(0: absent), else exit 1 saying the current version",
+    )
     p.add_argument("key")
-    p.add_argument("value", help="a JSON value (strings quoted), or any text with --raw")
-    p.add_argument("--ttl", type=float, default=None, help="seconds to live")
-    p.add_argument("--partition", default=None)
+    p.add_argument(
+        "value", help="a JSON value (strings quoted: '\"text\"'), or any text with --raw"
+    )
+    p.add_argument("--ttl", type=float, default=None, metavar="SECONDS", help="seconds to live")
+    p.add_argument("--partition", default=None, help="the partition (default: 'default')")
     p.add_argument("--raw", action="store_true", help="store VALUE as a plain string")
-    p = sub.add_parser("del", help="delete keys")
-    p.add_argument("keys", nargs="+")
-    p = sub.add_parser("keys", help="list keys by prefix")
+    p.add_argument(
+        "--if-version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="compare-and-set: write only if the entry's version is N (0: the key is absent); "
+        "without --ttl the entry keeps its expiry",
+    )
+    p = command("del", "delete keys (exit 1 when none existed)")
+    p.add_argument("keys", nargs="+", metavar="key")
+    p = command("keys", "list keys by prefix, ascending")
     p.add_argument("prefix", nargs="?", default="")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--partition", default=None, help="only keys of this partition")
+    p.add_argument("--limit", type=int, default=None, help="at most this many")
     p.add_argument("--after", default=None, help="exclusive cursor: the last key of a page")
-    p = sub.add_parser("search", help="find entries by glob pattern")
+    p = command("search", "find entries by glob pattern (* ? [abc] [!a] \\x)")
     p.add_argument("pattern")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--limit", type=int, default=None)
-    p = sub.add_parser("ttl", help="seconds left before a key expires")
+    p.add_argument("--partition", default=None, help="only entries of this partition")
+    p.add_argument("--limit", type=int, default=None, help="at most this many")
+    p = command("ttl", "seconds left before a key expires (exit 1 when missing)")
     p.add_argument("key")
-    sub.add_parser("stats", help="counts and sizes of the namespace")
-    sub.add_parser("health", help="check the backend (exit 1 when unhealthy)")
-    p = sub.add_parser("demo", help="run a fleet of simulated agents on the store")
-    p.add_argument("--agents", type=int, default=20)
-    p.add_argument("--items", type=int, default=200)
-    p.add_argument("--processes", type=int, default=1)
+    p = command("expire", "set a key's time to live (exit 1 when missing); version unchanged")
+    p.add_argument("key")
+    p.add_argument("seconds", type=float)
+    p = command("persist", "remove a key's expiry (exit 1 when missing); version unchanged")
+    p.add_argument("key")
+    p = command("incr", "add to the number under a key (a missing key starts from 0)")
+    p.add_argument("key")
+    p.add_argument("--by", default="1", metavar="N", help="the amount, integer or float (1)")
+    p.add_argument("--ttl", type=float, default=None, metavar="SECONDS", help="seconds to live")
+    p.add_argument("--partition", default=None, help="the partition of a new entry")
+    p = command("clear", "delete every entry of the namespace (or of one partition); needs --yes")
+    p.add_argument("--partition", default=None, help="clear only this partition")
+    p.add_argument("--yes", action="store_true", help="yes, delete them")
+    command("partitions", "list the namespace's partitions that hold a live entry")
+    p = command("namespaces", "list the store's namespaces that hold a live entry")
+    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--limit", type=int, default=None, help="at most this many")
+    p.add_argument("--after", default=None, help="exclusive cursor: the last name of a page")
+    command("stats", "counts and sizes of the namespace, and which store (file or URL) it is")
+    command("health", "check the store: prints the report; exit 1 when not ok")
+    p = command(
+        "demo",
+        "run a fleet of simulated agents on the store and check the result (exit 1 when "
+        "inconsistent); uses namespace 'demo' unless -n, and clears it first",
+    )
+    p.add_argument("--agents", type=int, default=20, help="simulated agents (default: 20)")
+    p.add_argument(
+        "--items", type=int, default=200, help="work items the agents share out (default: 200)"
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="operating-system processes the agents are spread over, all on the same store "
+        "(default: 1; memory:// and in-memory SQLite live in one process only)",
+    )
     sub.add_parser(
         "bench",
-        help="benchmarks against the raw drivers, from a source checkout (fleetmem bench -h)",
+        help="benchmarks against the raw drivers, from a source checkout "
+        "(servers and options: fleetmem bench --help)",
         add_help=False,
     )
-    # db actions take --url too, but --table there names the PostgreSQL table.
-    db_common = argparse.ArgumentParser(add_help=False)
-    db_common.add_argument(
-        "--url",
-        default=argparse.SUPPRESS,
-        help="PostgreSQL URL (default: FLEETMEM_POSTGRES_URL or FLEETMEM_URL)",
+    p = sub.add_parser(
+        "db",
+        help="PostgreSQL schema migrations (alembic): upgrade, downgrade, current, sql",
+        description="PostgreSQL schema migrations (alembic). The URL is --url, else "
+        "$FLEETMEM_POSTGRES_URL, else a PostgreSQL $FLEETMEM_URL.",
     )
-    p = sub.add_parser("db", help="PostgreSQL schema migrations (alembic)")
+    _add_global_options(p, db_action=True)
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     for name, text in (
-        ("upgrade", "migrate the schema up (default: head)"),
-        ("downgrade", "migrate the schema down to REVISION"),
-        ("current", "print the schema's revision"),
-        ("sql", "print the SQL of an upgrade, for a DBA to apply"),
+        ("upgrade", "migrate the schema up (default: to head)"),
+        ("downgrade", "migrate the schema down to REVISION ('base' drops the table and data)"),
+        ("current", "print the schema's revision ('none' without fleetmem's table)"),
+        ("sql", "print the SQL of an upgrade, for a DBA to apply (no database needed)"),
     ):
-        q = dbsub.add_parser(name, help=text, parents=[db_common])
+        q = dbsub.add_parser(name, help=text, description=text)
+        _add_global_options(q, db_action=True)
         q.add_argument(
             "revision",
             nargs="?" if name != "downgrade" else None,
             default="head" if name in ("upgrade", "sql") else None,
         )
-        q.add_argument("--schema", default="fleetmem")
-        q.add_argument("--table", default="entries")
+        q.add_argument("--schema", default="fleetmem", help="the schema (default: fleetmem)")
+        q.add_argument(
+            "--table-name",
+            "--table",
+            dest="table",
+            default="entries",
+            metavar="NAME",
+            help="the table (default: entries); in a db action --table names the table, "
+            "it is not the table output format",
+        )
+        if name == "sql":
+            q.add_argument(
+                "--from",
+                dest="from_revision",
+                default=None,
+                help="the revision the database is at (default: empty)",
+            )
     return parser
 
 
@@ -361,66 +893,135 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, _Output], Coroutine[Any, Any,
     "keys": _cmd_keys,
     "search": _cmd_search,
     "ttl": _cmd_ttl,
+    "expire": _cmd_expire,
+    "persist": _cmd_persist,
+    "incr": _cmd_incr,
+    "clear": _cmd_clear,
+    "partitions": _cmd_partitions,
+    "namespaces": _cmd_namespaces,
     "stats": _cmd_stats,
     "health": _cmd_health,
     "demo": _cmd_demo,
 }
 
-
-def _bench_dir() -> Path:
-    """The ``bench/`` directory of the source checkout this package runs from (an editable
-    install: ``<checkout>/src/fleetmem/cli.py``); a wheel's site-packages has none."""
-    return Path(__file__).resolve().parents[2] / "bench"
+_VALUED_GLOBALS = ("--url", "-n", "--namespace")
 
 
-def _bench(argv: list[str]) -> int:
-    """``fleetmem bench``: the benchmarks are not in the package; run the checkout's
-    ``bench/run.py`` (the same as ``python bench/run.py ARGS``)."""
-    import importlib.util
-
-    bench_dir = _bench_dir()
-    runner = bench_dir / "run.py"
-    if not runner.is_file():
-        print(
-            "fleetmem bench runs from a source checkout, not from an installed package: "
-            "git clone the fleetmem repository, then in it: pip install -e '.[bench]'; "
-            "python bench/run.py (or fleetmem bench)",
-            file=sys.stderr,
-        )
-        return 2
-    if str(bench_dir) not in sys.path:
-        sys.path.insert(0, str(bench_dir))  # run.py imports its ``suite`` package from there
-    spec = importlib.util.spec_from_file_location("_fleetmem_bench_run", runner)
-    if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has one
-        raise ImportError(f"cannot load {runner}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    status: int = module.main(argv)
-    return status
+def _command_index(argv: Sequence[str]) -> int | None:
+    """The position of the command in ``argv`` (after the global options), ``None`` if none."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _VALUED_GLOBALS:
+            i += 2
+        elif arg in ("--json", "--table") or arg.startswith(("--url=", "--namespace=", "-n")):
+            i += 1
+        else:
+            return i
+    return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        return _bench(argv[1:])
+def _split_bench(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """``(global options, bench arguments)`` when the command is ``bench``, else ``None``.
+
+    bench has its own parser: the global ``--url`` and ``-n`` given after it are moved before
+    it; ``--json FILE`` after it is bench's own option (where to save the results).
+    """
+    index = _command_index(argv)
+    if index is None or argv[index] != "bench":
+        return None
+    before, rest, after = list(argv[:index]), argv[index + 1 :], []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in _VALUED_GLOBALS and i + 1 < len(rest):
+            before += rest[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith(("--url=", "--namespace=")) or arg == "--table":
+            before.append(arg)
+        else:
+            after.append(arg)
+        i += 1
+    return before, after
+
+
+def _run(argv: list[str]) -> int:
+    bench = _split_bench(argv)
+    if bench is not None:
+        global_parser = argparse.ArgumentParser(prog="fleetmem", add_help=False)
+        _add_global_options(global_parser)
+        options = global_parser.parse_args(bench[0])
+        return _bench(bench[1], getattr(options, "url", None), getattr(options, "fmt", None))
     args = _parser().parse_args(argv)
     for name in ("url", "namespace", "fmt"):
         if not hasattr(args, name):
             setattr(args, name, None)
-    args.namespace_given = args.namespace is not None
+    if args.command == "db":
+        return _cmd_db(args, _Output(as_json=args.fmt == "json"))
     # The demo prints its readable summary unless --json; other commands print JSON when piped.
     piped = not sys.stdout.isatty() and args.command != "demo"
     out = _Output(as_json=args.fmt == "json" or (args.fmt is None and piped))
+    import asyncio
+
+    return asyncio.run(_COMMANDS[args.command](args, out))
+
+
+def exit_status(exc: FleetmemError) -> int:
+    """The exit status of a command that raised ``exc`` (see ``fleetmem --help``)."""
+    from fleetmem import errors
+
+    if isinstance(exc, (errors.KeyNotFoundError, errors.VersionConflictError)):
+        return EXIT_CONFLICT
+    usage = (
+        errors.ConfigurationError,
+        errors.MissingDependencyError,
+        errors.InvalidKeyError,
+        errors.InvalidPatternError,
+        errors.InvalidArgumentError,
+        errors.SerializationError,
+        errors.NotANumberError,
+    )
+    return EXIT_USAGE if isinstance(exc, usage) else EXIT_FAILED
+
+
+def _drop_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null, so that the interpreter's last flush
+    does not fail again (the recipe of Python's ``signal`` documentation)."""
     try:
-        if args.command == "db":
-            return _cmd_db(args, out)
-        return asyncio.run(_COMMANDS[args.command](args, out))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured output)
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status (see ``fleetmem --help``: 0, 1, 2, 3, 130, 141)."""
+    from fleetmem.errors import FleetmemError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            status = _run(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_PIPE
+    except _UsageError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
     except FleetmemError as exc:
-        print(f"fleetmem: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        _say(f"{type(exc).__name__}: {exc}")
+        return exit_status(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if type(exc).__module__.startswith("pydantic"):  # FLEETMEM_* settings that do not parse
+            _say(f"invalid FLEETMEM_* settings: {exc}")
+            return EXIT_USAGE
+        raise
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import io
 import re
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -309,7 +310,15 @@ def _fill_db_parser(db: argparse.ArgumentParser) -> None:
                 help="PostgreSQL URL (default: $FLEETMEM_POSTGRES_URL or $FLEETMEM_URL)",
             )
         p.add_argument("--schema", default=DEFAULT_SCHEMA, help="schema (default: fleetmem)")
-        p.add_argument("--table", default=DEFAULT_TABLE, help="table (default: entries)")
+        p.add_argument(
+            "--table-name",
+            "--table",
+            dest="table",
+            default=DEFAULT_TABLE,
+            metavar="NAME",
+            help="table (default: entries)",
+        )
+        p.add_argument("--json", dest="fmt", action="store_const", const="json", help="print JSON")
 
     up = commands.add_parser("upgrade", help="upgrade the schema (default: to head)")
     common(up)
@@ -350,38 +359,77 @@ def _dispatch(args: argparse.Namespace) -> int:
     schema = getattr(args, "schema", None) or DEFAULT_SCHEMA
     table = getattr(args, "table", None) or DEFAULT_TABLE
     revision = getattr(args, "revision", None)
+    as_json = getattr(args, "fmt", None) == "json"
+
+    def emit(data: dict[str, Any], text: str) -> None:
+        if as_json:
+            import json
+
+            print(json.dumps(data))
+        else:
+            print(text)
+
     if command == "sql":
-        sys.stdout.write(
-            sql(
-                schema=schema,
-                table=table,
-                revision=revision or "head",
-                from_revision=getattr(args, "from_revision", None),
-            )
+        text = sql(
+            schema=schema,
+            table=table,
+            revision=revision or "head",
+            from_revision=getattr(args, "from_revision", None),
         )
+        if as_json:
+            emit(
+                {"schema": schema, "table": table, "revision": revision or "head", "sql": text}, ""
+            )
+        else:
+            sys.stdout.write(text)
         return 0
     dsn = _resolve_url(getattr(args, "url", None))
+    where = {"schema": schema, "table": table}
     if command == "upgrade":
-        upgrade(dsn, schema=schema, table=table, revision=revision or "head")
-        print(f"upgraded {schema}.{table} to {revision or 'head'}")
+        target = revision or "head"
+        with _working(f"upgrading {schema}.{table} to {target} on {redact_url(dsn)}"):
+            upgrade(dsn, schema=schema, table=table, revision=target)
+        emit({**where, "upgraded_to": target}, f"upgraded {schema}.{table} to {target}")
     elif command == "downgrade":
         if not revision:
             raise ConfigurationError("fleetmem db downgrade needs a REVISION (e.g. base)")
-        downgrade(dsn, revision, schema=schema, table=table)
-        print(f"downgraded {schema}.{table} to {revision}")
+        with _working(f"downgrading {schema}.{table} to {revision} on {redact_url(dsn)}"):
+            downgrade(dsn, revision, schema=schema, table=table)
+        emit({**where, "downgraded_to": revision}, f"downgraded {schema}.{table} to {revision}")
     else:
         rev = current(dsn, schema=schema, table=table)
-        print(rev if rev is not None else "none")
+        emit({**where, "revision": rev, "head": HEAD_REVISION}, rev if rev is not None else "none")
     return 0
 
 
+@contextlib.contextmanager
+def _working(text: str) -> Iterator[None]:
+    """Show ``text`` while a migration runs, on stderr when it is a terminal: a rich spinner,
+    one plain line without rich (the ``cli`` extra); nothing when stderr is piped."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    try:
+        from rich.console import Console
+    except ImportError:
+        print(f"{text} ...", file=sys.stderr, flush=True)
+        yield
+        return
+    with Console(stderr=True, highlight=False).status(text.replace("[", "\\[")):
+        yield
+
+
 def run_db_command(argv: Sequence[str] | argparse.Namespace) -> int:
-    """Run ``fleetmem db ...``; return the exit code (errors print one line, exit 1).
+    """Run ``fleetmem db ...``; return the exit status of ``fleetmem --help`` (an error prints
+    one line: 2 for a usage or configuration error, 3 when PostgreSQL or the migration fails).
 
     ``argv`` is the argument list after ``db`` (``["upgrade", "--url", URL]``), or a namespace
-    already parsed by the CLI with ``db_command``, ``revision``, ``schema``, ``table`` and
-    ``url`` (``None``: ``FLEETMEM_POSTGRES_URL``, else a PostgreSQL ``FLEETMEM_URL``).
+    already parsed by the CLI with ``db_command``, ``revision``, ``schema``, ``table``, ``url``
+    (``None``: ``FLEETMEM_POSTGRES_URL``, else a PostgreSQL ``FLEETMEM_URL``) and ``fmt``
+    (``"json"`` prints JSON). On a terminal, ``upgrade`` and ``downgrade`` show a spinner on
+    stderr while they run.
     """
+    from fleetmem.cli import exit_status
     from fleetmem.errors import FleetmemError
 
     if isinstance(argv, argparse.Namespace):
@@ -396,7 +444,7 @@ def run_db_command(argv: Sequence[str] | argparse.Namespace) -> int:
         return _dispatch(args)
     except FleetmemError as exc:
         print(f"fleetmem db: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_status(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover
