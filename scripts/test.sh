@@ -2,9 +2,49 @@
 # fleetmem's test command: formatting, lint, strict typing, then the whole test suite.
 # Integration tests start their own PostgreSQL and Redis servers (see docs/testing.md);
 # FLEETMEM_REQUIRE_SERVERS=1 turns a missing server into a failure instead of a skip.
+# Arguments go to pytest. Without a Docker engine the container tests (marker 'docker') are
+# deselected: a marker expression given here (-m EXPR, -mEXPR or -m=EXPR; the last one counts,
+# as in pytest) becomes '(EXPR) and not docker' rather than being replaced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+
+# Print the pytest arguments "$@", each ended by a NUL, with the marker expression EXPR of
+# -m made '(EXPR) and not docker' (just 'not docker' without one). After '--' nothing is read.
+without_docker_tests() {
+    local expr="" arg
+    local -a out=()
+    while (($#)); do
+        arg=$1
+        shift
+        case $arg in
+            --)
+                out+=("$arg" "$@")
+                break
+                ;;
+            -m)
+                if (($# == 0)); then
+                    out+=("$arg")  # pytest reports the missing value
+                    break
+                fi
+                expr=$1
+                shift
+                ;;
+            -m=*) expr=${arg#-m=} ;;
+            -m?*) expr=${arg#-m} ;;
+            *) out+=("$arg") ;;
+        esac
+    done
+    if [[ -n "${expr//[[:space:]]/}" ]]; then
+        printf '%s\0' -m "($expr) and not docker"
+    else
+        printf '%s\0' -m "not docker"
+    fi
+    if ((${#out[@]})); then
+        printf '%s\0' "${out[@]}"
+    fi
+}
+
 echo "== ruff format --check"; "$PY" -m ruff format --check src tests bench migrations
 echo "== ruff check";          "$PY" -m ruff check src tests bench migrations
 echo "== mypy --strict";       "$PY" -m mypy
@@ -13,6 +53,10 @@ then
     # The container providers cannot run without an engine; say so instead of skipping silently.
     echo "== no Docker engine answers: the container tests (marker 'docker') are deselected;"
     echo "   PostgreSQL and Redis come from the local server binaries instead"
-    set -- -m "not docker" "$@"
+    args=()
+    while IFS= read -r -d '' arg; do
+        args+=("$arg")
+    done < <(without_docker_tests "$@")
+    set -- "${args[@]}"
 fi
 echo "== pytest";              "$PY" -m pytest "$@"
