@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fleetmem.backends.postgres import migrate
@@ -35,3 +37,30 @@ def test_db_upgrade_current_downgrade_sql(
 def test_db_downgrade_needs_a_revision(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["db", "downgrade"])
+
+
+def test_db_global_options_json_and_a_quiet_pipe(
+    fleetmem_postgres_empty_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--url and --json before or after the action; nothing on stderr when it is not a
+    terminal (the spinner is for terminals only)."""
+    dsn = fleetmem_postgres_empty_database
+    assert main(["db", "current", "--json", "--url", dsn]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {
+        "schema": "fleetmem",
+        "table": "entries",
+        "revision": None,
+        "head": migrate.HEAD_REVISION,
+    }
+    assert main(["--url", dsn, "--json", "db", "upgrade", "--table-name", "cli_entries"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["upgraded_to"] == "head"
+    assert out.err == ""
+    assert main(["--url", dsn, "db", "current", "--table", "cli_entries", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revision"] == migrate.HEAD_REVISION
+    # A revision alembic does not know is a usage error: one line, exit 2, no traceback.
+    assert main(["db", "downgrade", "nonexistent", "--url", dsn, "--table", "cli_entries"]) == 2
+    assert "nonexistent" in capsys.readouterr().err
+    assert main(["db", "sql", "nonexistent"]) == 2
+    assert "nonexistent" in capsys.readouterr().err

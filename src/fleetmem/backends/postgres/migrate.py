@@ -445,6 +445,12 @@ def run_db_command(argv: Sequence[str] | argparse.Namespace) -> int:
     except FleetmemError as exc:
         print(f"fleetmem db: error: {exc}", file=sys.stderr)
         return exit_status(exc)
+    except Exception as exc:
+        # alembic's CommandError: a revision it cannot find or reach, given on the command line.
+        if type(exc).__module__.startswith("alembic") and type(exc).__name__ == "CommandError":
+            print(f"fleetmem db: error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover
