@@ -461,7 +461,7 @@ async def _cmd_health(args: argparse.Namespace, out: _Output) -> int:
             ("store", where),
             ("latency", "-" if latency is None else f"{latency:.2f} ms"),
         ]
-        + [(k, _text(v)) for k, v in data["details"].items()],
+        + [(k, v if isinstance(v, str) else _text(v)) for k, v in data["details"].items()],
     )
     return EXIT_OK if data["ok"] else EXIT_CONFLICT
 
