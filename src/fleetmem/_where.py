@@ -9,7 +9,7 @@ password inside the hybrid URL's ``cache=`` parameter). Nothing here opens a sto
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlencode
+from urllib.parse import unquote
 
 from fleetmem._urls import redact_url, url_scheme
 
@@ -94,23 +94,11 @@ def has_password(url: str) -> bool:
 
 
 def redact(url: str) -> str:
-    """``url`` with every password replaced by ``***``, also in URLs nested in its query
-    (the hybrid URL's ``cache=redis://:PASSWORD@host``); ``url`` itself when it has none."""
+    """``url`` with every password replaced by ``***`` (both of a hybrid URL's); ``url``
+    itself, as written, when it shows none."""
     if "@" not in url and "password=" not in url.lower():
         return url
-    safe = redact_url(url)
-    head, sep, query = safe.partition("?")
-    if not sep or "://" not in unquote(query):
-        return safe
-    fragment = ""
-    query, hash_sep, frag = query.partition("#")
-    if hash_sep:
-        fragment = "#" + frag
-    pairs = [
-        (name, redact(value) if "://" in value else value)
-        for name, value in parse_qsl(query, keep_blank_values=True)
-    ]
-    return head + "?" + urlencode(pairs, safe=":/@*") + fragment
+    return redact_url(url)
 
 
 def describe(url: str | None) -> str:

@@ -646,15 +646,13 @@ def _bench_servers_from_url(url: str) -> dict[str, str]:
     if backend == "redis":
         return {"FLEETMEM_BENCH_REDIS_URL": url}
     if backend == "hybrid":
-        from urllib.parse import parse_qsl, urlencode
+        from fleetmem._urls import split_hybrid_url
 
-        head, _, query = url.partition("?")
-        pairs = parse_qsl(query, keep_blank_values=True)
-        cache = [v for k, v in pairs if k == "cache"]
-        if head.lower().startswith("hybrid+") and len(cache) == 1:
-            rest = urlencode([(k, v) for k, v in pairs if k != "cache"])
-            pg = head.partition("+")[2] + (f"?{rest}" if rest else "")
-            return {"FLEETMEM_BENCH_POSTGRES_URL": pg, "FLEETMEM_BENCH_REDIS_URL": cache[0]}
+        parts = split_hybrid_url(url)
+        return {
+            "FLEETMEM_BENCH_POSTGRES_URL": parts.postgres_url,
+            "FLEETMEM_BENCH_REDIS_URL": parts.cache_url,
+        }
     raise _UsageError(
         f"fleetmem bench measures PostgreSQL and Redis: --url {redact(url)!r} is neither "
         "(give a postgresql://, redis:// or hybrid+postgresql://...?cache=redis://... URL)"

@@ -536,3 +536,18 @@ def test_bench_takes_the_global_url(
     code, _, err = run(capsys, "bench", "--url", "memory://", "--quick")
     assert code == 2
     assert "PostgreSQL and Redis" in err
+
+
+def test_printed_urls_hide_every_password() -> None:
+    from fleetmem._where import describe, redact
+
+    hybrid = "hybrid+postgresql://fleet:pg-sekret@db:5432/fleet?cache=redis://:r-sekret@c:6379/0"
+    shown = describe(hybrid)
+    assert "sekret" not in shown
+    assert shown.startswith("hybrid+postgresql://fleet:***@db:5432/fleet?cache=redis://")
+    assert redact("memory://") == "memory://"  # a URL without a password, as written
+    assert describe("sqlite://") == "sqlite in-memory database (this process only)"
+    assert cli._bench_servers_from_url(hybrid) == {
+        "FLEETMEM_BENCH_POSTGRES_URL": "postgresql://fleet:pg-sekret@db:5432/fleet",
+        "FLEETMEM_BENCH_REDIS_URL": "redis://:r-sekret@c:6379/0",
+    }
