@@ -5,6 +5,9 @@ a throwaway container when a Docker engine answers (``FLEETMEM_TEST_DOCKER=0`` t
 the local server binaries (``FLEETMEM_TEST_POSTGRES_BIN_DIR`` / ``FLEETMEM_TEST_REDIS_BIN_DIR``
 pin their directory). With none of them the tests that need a server skip, or fail when
 ``--fleetmem-require-servers`` or ``FLEETMEM_REQUIRE_SERVERS=1`` is given. See docs/testing.md.
+
+The plugin also registers the markers fleetmem's docs use (``postgres``, ``redis``, ...), so a
+``--strict-markers`` run collects them.
 """
 
 from __future__ import annotations
@@ -45,6 +48,20 @@ REQUIRE_OPTION = "--fleetmem-require-servers"
 REQUIRE_ENV = "FLEETMEM_REQUIRE_SERVERS"
 
 
+#: The markers fleetmem's tests and docs use: labels for ``-m``. A test that needs a server
+#: skips (or fails) through its fixture, never through a marker.
+MARKERS: dict[str, str] = {
+    "memory": "runs against the in-memory backend",
+    "sqlite": "runs against the SQLite backend",
+    "postgres": "needs a real PostgreSQL server",
+    "redis": "needs a real Redis server",
+    "hybrid": "needs real PostgreSQL and Redis servers",
+    "cluster": "needs a Redis Cluster started by the harness",
+    "slow": "long-running (soak, fault) tests",
+    "docker": "needs a Docker engine (the container providers of the harness)",
+}
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fleetmem", "fleetmem test servers")
     group.addoption(
@@ -56,6 +73,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             f"can be had (same as {REQUIRE_ENV}=1)"
         ),
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
 
 
 def _servers_required(config: pytest.Config) -> bool:
