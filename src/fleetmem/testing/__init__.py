@@ -1,7 +1,8 @@
 """fleetmem's test kit: a pytest plugin with real-server fixtures, and the conformance suite.
 
 The plugin is registered through the ``pytest11`` entry point, so installing fleetmem with the
-``test`` extra makes its fixtures available in any project.
+``test`` extra makes its fixtures and markers available in any project, with no configuration.
+See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ async def connected_store(store: Any) -> AsyncIterator[Any]:
 
     The body of a ``store`` fixture for the conformance suite::
 
-        @pytest.fixture
+        @pytest_asyncio.fixture
         async def store(fleetmem_namespace):
             async with connected_store(MyStore(namespace=fleetmem_namespace)) as s:
                 yield s
+
+    (``@pytest_asyncio.fixture`` runs it in pytest-asyncio's default strict mode; with
+    ``asyncio_mode = auto`` a plain ``@pytest.fixture`` does too.)
     """
     await store.connect()
     try:

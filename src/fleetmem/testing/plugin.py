@@ -7,7 +7,9 @@ pin their directory). With none of them the tests that need a server skip, or fa
 ``--fleetmem-require-servers`` or ``FLEETMEM_REQUIRE_SERVERS=1`` is given. See docs/testing.md.
 
 The plugin also registers the markers fleetmem's docs use (``postgres``, ``redis``, ...), so a
-``--strict-markers`` run collects them.
+``--strict-markers`` run collects them, and explains a failing test whose async fixture or
+async test pytest-asyncio did not run (its strict mode, the default, needs
+``@pytest_asyncio.fixture`` and ``@pytest.mark.asyncio``). It never changes ``asyncio_mode``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib
+import inspect
 import itertools
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
 from typing import Any, NoReturn
 
 import pytest
@@ -75,9 +78,136 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+_LOOP_SCOPE_INI = "asyncio_default_fixture_loop_scope"
+
+
+def pytest_load_initial_conftests(
+    early_config: pytest.Config, parser: pytest.Parser, args: list[str]
+) -> None:
+    """Give pytest-asyncio's ``asyncio_default_fixture_loop_scope`` an explicit default.
+
+    Left unset, pytest-asyncio warns (a ``PytestDeprecationWarning``) in every project without
+    that option, which is any new project. When it accepts ``"fixture-scope"`` (what it does
+    when the option is unset), that value becomes the option's default: the behaviour stays
+    exactly the same, the warning goes. A value set in the project's configuration or with
+    ``-o`` still wins. This hook runs once every installed plugin has registered its options.
+    """
+    if not _HAVE_PYTEST_ASYNCIO:  # pragma: no cover - nothing to configure
+        return
+    asyncio_plugin = pytest_asyncio.plugin
+    if not early_config.pluginmanager.is_registered(asyncio_plugin):
+        return  # turned off (-p no:asyncio) or not loaded yet: its option is not ours to add
+    match_fixture_scope = getattr(asyncio_plugin, "_MATCH_FIXTURE_SCOPE", None)
+    if match_fixture_scope != "fixture-scope":
+        return  # an older pytest-asyncio: every explicit value would change its behaviour
+    parser.addini(
+        _LOOP_SCOPE_INI,
+        type="string",
+        default=match_fixture_scope,
+        help=(
+            "default scope of the asyncio event loop used to execute async fixtures "
+            "(fleetmem's plugin: 'fixture-scope', pytest-asyncio's behaviour when unset)"
+        ),
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
+
+
+# -- async tests that pytest-asyncio does not run ---------------------------------------------
+
+_ASYNC_HINTS = pytest.StashKey[dict[str, str]]()
+_HINTED_FAILURES = pytest.StashKey[list[str]]()
+_OTHER_ASYNC_MARKERS = ("anyio", "trio")
+
+
+def _asyncio_mode(config: pytest.Config) -> str | None:
+    """pytest-asyncio's mode (``"strict"`` / ``"auto"``), None when it is not loaded."""
+    if not _HAVE_PYTEST_ASYNCIO or not config.pluginmanager.is_registered(pytest_asyncio.plugin):
+        return None
+    option = config.getoption("asyncio_mode", default=None)
+    return str(option or config.getini("asyncio_mode"))
+
+
+def _is_async(func: object) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)
+
+
+def _is_asyncio_fixture(func: object) -> bool:
+    # pytest_asyncio.fixture tags the function it decorates (since pytest-asyncio 0.17).
+    func = getattr(func, "__func__", func)
+    return bool(getattr(func, "_force_asyncio_fixture", False))
+
+
+def _unhandled_async(item: pytest.Item, mode: str | None) -> str | None:
+    """What of ``item`` no installed plugin will run, when it uses fleetmem's fixtures."""
+    if mode == "auto" or not isinstance(item, pytest.Function):
+        return None
+    if not any(name.startswith("fleetmem_") for name in item.fixturenames):
+        return None
+    if any(item.get_closest_marker(name) for name in _OTHER_ASYNC_MARKERS):
+        return None  # another async framework runs it
+    if mode is None:
+        needs = "pytest-asyncio is not installed (pip install 'fleetmem[test]')"
+    else:
+        needs = f"pytest-asyncio runs in {mode!r} mode"
+    problems: list[str] = []
+    if _is_async(item.obj) and item.get_closest_marker("asyncio") is None:
+        problems.append(f"the test {item.name!r} is an async def without @pytest.mark.asyncio")
+    info = getattr(item, "_fixtureinfo", None)
+    definitions = getattr(info, "name2fixturedefs", {})
+    for name in item.fixturenames:
+        defs = definitions.get(name)
+        if defs and _is_async(defs[-1].func) and not _is_asyncio_fixture(defs[-1].func):
+            problems.append(f"the async fixture {name!r} is a plain @pytest.fixture")
+    if not problems:
+        return None
+    return (
+        f"{'; '.join(problems)}, and {needs}. Decorate async fixtures with "
+        "@pytest_asyncio.fixture and mark async tests with @pytest.mark.asyncio (the classes "
+        "of fleetmem.testing.conformance are marked already), or set asyncio_mode = auto in "
+        "the pytest configuration. See fleetmem's docs/testing.md."
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    mode = _asyncio_mode(config)
+    hints: dict[str, str] = {}
+    for item in items:
+        hint = _unhandled_async(item, mode)
+        if hint is not None:
+            hints[item.nodeid] = hint
+    config.stash[_ASYNC_HINTS] = hints
+    config.stash[_HINTED_FAILURES] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    hint = item.config.stash.get(_ASYNC_HINTS, {}).get(item.nodeid)
+    if hint is not None and report.failed:
+        report.sections.append(("fleetmem: async test not run by pytest-asyncio", hint))
+        item.config.stash.get(_HINTED_FAILURES, []).append(item.nodeid)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    failed = terminalreporter.config.stash.get(_HINTED_FAILURES, [])
+    if not failed:
+        return
+    hint = terminalreporter.config.stash[_ASYNC_HINTS][failed[0]]
+    terminalreporter.write_sep("=", "fleetmem", yellow=True)
+    terminalreporter.write_line(
+        f"{len(failed)} failed test(s) using fleetmem's fixtures had async code that no "
+        f"plugin ran; the first, {failed[0]}: {hint}"
+    )
 
 
 def _servers_required(config: pytest.Config) -> bool:
