@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib
+import importlib.util
 import inspect
 import itertools
 import os
 import re
 import secrets
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -232,11 +234,138 @@ def _bin_dirs(variable: str) -> list[str] | None:
     return [value] if value else None
 
 
+POSTGRES_URL_ENV = "FLEETMEM_TEST_POSTGRES_URL"
+REDIS_URL_ENV = "FLEETMEM_TEST_REDIS_URL"
+
+
+class GivenServersCleaner:
+    """Clears namespaces on the servers given by URL, as each store a test could have opened.
+
+    Redis: a ``RedisStore`` on ``redis_url``. PostgreSQL: a ``PostgresStore`` on
+    ``postgres_url`` (default schema and table) once fleetmem's table exists there; it is never
+    created. Both: a ``HybridStore`` on the two instead of the ``PostgresStore`` (its clear
+    empties the durable rows and the cache; the rest of its state is its own business), and
+    the ``RedisStore``. A driver that is not installed means that no such store could have
+    written: it is left out.
+
+    The stores stay open for the session on an event loop thread of their own (a test's loop
+    comes and goes), and each clear goes through a ``with_namespace`` view of them.
+    """
+
+    def __init__(self, postgres_url: str | None, redis_url: str | None) -> None:
+        self._postgres_url = postgres_url if importlib.util.find_spec("asyncpg") else None
+        self._redis_url = redis_url if importlib.util.find_spec("redis") else None
+        self._stores: list[Any] = []
+        self._redis_opened = False
+        self._postgres_opened = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fleetmem-namespace-cleaner", daemon=True
+        )
+        self._thread.start()
+
+    def clear(self, namespace: str) -> None:
+        """Empty ``namespace`` on every given server; returns when it is done."""
+        asyncio.run_coroutine_threadsafe(self._clear(namespace), self._loop).result()
+
+    def close(self) -> None:
+        """Close the stores and the loop thread."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    async def _clear(self, namespace: str) -> None:
+        await self._open(namespace)
+        for store in self._stores:
+            view = store.with_namespace(namespace)
+            try:
+                await view.clear()
+            finally:
+                await view.close()
+
+    async def _open(self, namespace: str) -> None:
+        # Opened in the first namespace to clear: a store may keep state for the namespace
+        # it was made for, and that one is cleared.
+        if (
+            self._postgres_url
+            and not self._postgres_opened
+            and await _has_fleetmem_table(self._postgres_url)
+        ):
+            options = {"auto_migrate": False, "min_size": 1, "max_size": 2}
+            if self._redis_url:
+                from fleetmem.backends.hybrid import HybridStore
+
+                store: Any = HybridStore.from_urls(
+                    self._postgres_url,
+                    self._redis_url,
+                    namespace=namespace,
+                    postgres_options=options,
+                )
+            else:
+                from fleetmem.backends.postgres import PostgresStore
+
+                store = PostgresStore.from_url(self._postgres_url, namespace=namespace, **options)
+            self._stores.append(await store.connect())
+            self._postgres_opened = True
+        if self._redis_url and not self._redis_opened:
+            from fleetmem.backends.redis import RedisStore
+
+            redis_store = RedisStore.from_url(self._redis_url, namespace=namespace)
+            self._stores.append(await redis_store.connect())
+            self._redis_opened = True
+
+    async def _close(self) -> None:
+        for store in self._stores:
+            await store.close()
+
+
+async def _has_fleetmem_table(dsn: str) -> bool:
+    import asyncpg
+
+    from fleetmem.backends.postgres import migrate
+
+    schema, table = migrate.DEFAULT_SCHEMA, migrate.DEFAULT_TABLE
+    qualified = f"{migrate.quote_ident(schema)}.{migrate.quote_ident(table)}"
+    conn = await asyncpg.connect(dsn, timeout=30)
+    try:
+        return await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified) is True
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session", name="_fleetmem_given_servers")
+def _given_servers_cleaner() -> Iterator[GivenServersCleaner | None]:
+    """The session's :class:`GivenServersCleaner` for the servers given by
+    ``FLEETMEM_TEST_POSTGRES_URL`` / ``FLEETMEM_TEST_REDIS_URL``; None without them."""
+    postgres_url = os.environ.get(POSTGRES_URL_ENV) or None
+    redis_url = os.environ.get(REDIS_URL_ENV) or None
+    if postgres_url is None and redis_url is None:
+        yield None
+        return
+    cleaner = GivenServersCleaner(postgres_url, redis_url)
+    try:
+        yield cleaner
+    finally:
+        cleaner.close()
+
+
 @pytest.fixture
-def fleetmem_namespace() -> str:
-    """A namespace no other test (in this run or a parallel xdist worker) uses."""
+def fleetmem_namespace(_fleetmem_given_servers: GivenServersCleaner | None) -> Iterator[str]:
+    """A namespace no other test (in this run or a parallel xdist worker) uses.
+
+    On the servers given by ``FLEETMEM_TEST_POSTGRES_URL`` / ``FLEETMEM_TEST_REDIS_URL`` (never
+    flushed: they are not the harness's) the namespace is cleared after the test, whichever
+    store wrote it (see :class:`GivenServersCleaner`). Without those variables the teardown
+    does nothing.
+    """
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    return f"t{next(_counter)}-{worker}-{secrets.token_hex(4)}"
+    namespace = f"t{next(_counter)}-{worker}-{secrets.token_hex(4)}"
+    yield namespace
+    if _fleetmem_given_servers is not None:
+        _fleetmem_given_servers.clear(namespace)
 
 
 # -- servers ------------------------------------------------------------------------------------
