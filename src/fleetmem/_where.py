@@ -8,17 +8,20 @@ password inside the hybrid URL's ``cache=`` parameter). Nothing here opens a sto
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import unquote
 
 from fleetmem._urls import redact_url, url_scheme
 
 __all__ = [
+    "DEFAULT_URL",
     "backend_of",
     "describe",
     "effective_url",
     "has_password",
     "in_one_process",
+    "plain_settings_url",
     "redact",
     "sqlite_path",
 ]
@@ -35,12 +38,42 @@ _BACKENDS = {
 }
 
 
+#: :data:`fleetmem.settings.DEFAULT_URL`, without importing pydantic (a test keeps them equal).
+DEFAULT_URL = "sqlite:///./fleetmem.db"
+#: ``FLEETMEM_*`` variables that are not settings of a store (the test harness's, bench's).
+_NOT_SETTINGS = ("FLEETMEM_TEST_", "FLEETMEM_BENCH_", "FLEETMEM_REQUIRE_")
+
+
+def plain_settings_url() -> str | None:
+    """The store URL of the environment when nothing but ``FLEETMEM_URL`` and
+    ``FLEETMEM_NAMESPACE`` is set: ``FLEETMEM_URL``, else the embedded default. ``None`` when
+    another ``FLEETMEM_*`` variable is set and the settings must be read in full.
+
+    The CLI opens this URL directly, which spares a command the import of pydantic (about a
+    tenth of a second) in the common case; names are matched without regard to case, as the
+    settings match them.
+    """
+    url: str | None = None
+    for name, value in os.environ.items():
+        upper = name.upper()
+        if not upper.startswith("FLEETMEM_") or upper.startswith(_NOT_SETTINGS):
+            continue
+        if upper == "FLEETMEM_URL":
+            url = value
+        elif upper != "FLEETMEM_NAMESPACE":
+            return None
+    return DEFAULT_URL if url is None else url
+
+
 def effective_url(url: str | None) -> str | None:
     """``url``, else the URL the ``FLEETMEM_*`` settings give (``FLEETMEM_URL``, else the
     embedded default); ``None`` when the settings name a hybrid by its two tier URLs
     (``FLEETMEM_BACKEND=hybrid``) or cannot be read."""
     if url is not None:
         return url
+    plain = plain_settings_url()
+    if plain is not None:
+        return plain
     try:
         from fleetmem.settings import DEFAULT_URL, FleetmemSettings
 

@@ -213,6 +213,16 @@ def _namespace(args: argparse.Namespace) -> str | None:
     return args.namespace or os.environ.get("FLEETMEM_NAMESPACE") or None
 
 
+def _store_url(args: argparse.Namespace) -> str | None:
+    """The URL to open: --url, else FLEETMEM_URL or the default read without pydantic when
+    no other setting is set, else ``None`` (``open_store`` reads the settings)."""
+    if args.url is not None:
+        return str(args.url)
+    from fleetmem._where import plain_settings_url
+
+    return plain_settings_url()
+
+
 def _where(args: argparse.Namespace) -> str:
     from fleetmem._where import describe, effective_url
 
@@ -225,7 +235,7 @@ _StoreAction = Callable[["MemoryStore"], Coroutine[Any, Any, int]]
 async def _with_store(args: argparse.Namespace, action: _StoreAction) -> int:
     from fleetmem.factory import open_store
 
-    async with open_store(args.url, namespace=_namespace(args)) as store:
+    async with open_store(_store_url(args), namespace=_namespace(args)) as store:
         return await action(store)
 
 
@@ -429,7 +439,7 @@ async def _cmd_health(args: argparse.Namespace, out: _Output) -> int:
 
     where = _where(args)
     try:
-        store = await open_store(args.url, namespace=_namespace(args))
+        store = await open_store(_store_url(args), namespace=_namespace(args))
     except (ConfigurationError, MissingDependencyError):
         raise
     except FleetmemError as exc:
@@ -565,7 +575,7 @@ async def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
     hint = _demo_hint(args, namespace)
     with _DemoProgress(args.items) as progress:
         report = await run_demo(
-            args.url,
+            _store_url(args),
             namespace=namespace,
             agents=args.agents,
             items=args.items,

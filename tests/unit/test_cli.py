@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -551,3 +552,54 @@ def test_printed_urls_hide_every_password() -> None:
         "FLEETMEM_BENCH_POSTGRES_URL": "postgresql://fleet:pg-sekret@db:5432/fleet",
         "FLEETMEM_BENCH_REDIS_URL": "redis://:r-sekret@c:6379/0",
     }
+
+
+def _modules_after_cli(argv: list[str], cwd: Path, env: dict[str, str]) -> set[str]:
+    """The modules a fresh interpreter has imported after running ``fleetmem ARGV``."""
+    script = (
+        "import sys\nfrom fleetmem.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "loaded = sorted(sys.modules)\nimport json\nprint(json.dumps(loaded))"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLEETMEM_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**clean, **env},
+        check=False,
+    )
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_commands_import_only_what_they_use(tmp_path: Path) -> None:
+    """--help imports no store, no JSON, no asyncio; a command on the default store (or
+    FLEETMEM_URL) does not pay for pydantic; only the commands that need them import the demo,
+    the migrations and rich."""
+    heavy = {"asyncio", "json", "sqlite3", "fleetmem.store", "fleetmem.demo", "pydantic", "rich"}
+    assert not heavy & _modules_after_cli(["--help"], tmp_path, {})
+    for env in ({}, {"FLEETMEM_URL": f"sqlite:///{tmp_path}/env.db"}):
+        loaded = _modules_after_cli(["stats"], tmp_path, env)
+        assert "fleetmem.backends.sqlite" in loaded  # the check sees what the command did
+        assert not {"pydantic", "fleetmem.demo", "rich", "alembic"} & loaded
+    # Another setting is read through the settings, as open_store reads it.
+    loaded = _modules_after_cli(["stats"], tmp_path, {"FLEETMEM_MAX_VALUE_BYTES": "1000"})
+    assert "pydantic_settings" in loaded
+
+
+def test_the_plain_settings_url_is_the_settings_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetmem import _where
+    from fleetmem.settings import DEFAULT_URL, FleetmemSettings
+
+    assert _where.DEFAULT_URL == DEFAULT_URL
+    for name in [k for k in os.environ if k.upper().startswith("FLEETMEM_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("FLEETMEM_TEST_REDIS_URL", "redis://elsewhere/0")  # not a setting
+    assert _where.plain_settings_url() == DEFAULT_URL
+    monkeypatch.setenv("fleetmem_url", "memory://")  # the settings ignore case
+    assert _where.plain_settings_url() == "memory://"
+    secret = FleetmemSettings().url
+    assert secret is not None and secret.get_secret_value() == "memory://"
+    monkeypatch.setenv("FLEETMEM_CACHE_TTL", "5")
+    assert _where.plain_settings_url() is None
