@@ -7,7 +7,9 @@ executable form. The rules that hold for every method:
 Scope
     A store is bound to one namespace (``[A-Za-z0-9_.-]{1,64}``). Nothing done through it reads,
     lists, matches, counts or deletes an entry of another namespace, including namespaces that
-    share a prefix (``a`` vs ``ab`` vs ``a.b``).
+    share a prefix (``a`` vs ``ab`` vs ``a.b``). The one look beyond it is ``namespaces()``,
+    which lists the *names* of the namespaces on the same backend that hold a live entry (never
+    their entries).
 
 Keys and partitions
     A key is a ``str`` of 1-1024 UTF-8 bytes with no control characters (U+0000-U+001F, U+007F)
@@ -36,9 +38,9 @@ TTL and expiry
     together with ``keep_ttl=True`` raise :class:`~fleetmem.errors.InvalidArgumentError` (a
     ``ValueError``). Resolution is one millisecond. An expired entry is invisible on every path
     from the moment it expires (``get``, ``get_entry``, ``get_many``, ``exists``, ``keys``,
-    ``search``, ``partitions``, ``stats``) and counts as absent for ``set_if_absent``,
-    ``compare_and_set(version=0)`` and ``incr``. Expiry is measured on the server's clock where
-    there is a server. ``cleanup_expired`` and sweepers only free space.
+    ``search``, ``partitions``, ``namespaces``, ``stats``) and counts as absent for
+    ``set_if_absent``, ``compare_and_set(version=0)`` and ``incr``. Expiry is measured on the
+    server's clock where there is a server. ``cleanup_expired`` and sweepers only free space.
 
 Versions
     Every successful write of a key (``set``, ``set_many``, a ``set_if_absent`` that wrote,
@@ -334,6 +336,31 @@ class MemoryStore(Protocol):
 
     async def partitions(self) -> list[str]:
         """Partitions holding at least one live entry, ascending."""
+        ...
+
+    async def namespaces(
+        self,
+        prefix: str = "",
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[str]:
+        """Names of the namespaces on this backend that hold a live entry, ascending.
+
+        "This backend" is what the store's connection reaches: the same PostgreSQL table, Redis
+        database (or Cluster), SQLite file, or -- for ``InMemoryStore`` -- the same store object
+        and its views. The store's own namespace is listed only while it holds a live entry; a
+        namespace whose entries all expired or were deleted is never listed, and one is listed
+        as soon as a write to it has returned (from any process). fleetmem's reserved
+        ``_fleetmem*`` namespaces are never listed. The answer comes from an index on every
+        backend, never from reading every entry.
+
+        ``prefix`` keeps the names that start with it (``""`` or up to 64 characters of
+        ``A-Z a-z 0-9 _ . -``); ``after`` is an exclusive cursor (a namespace name: pass the
+        last name of a page to get the next one); ``limit`` is as for :meth:`keys`. A bad
+        ``prefix`` or ``after`` raises :class:`~fleetmem.errors.InvalidKeyError`, a bad
+        ``limit`` :class:`~fleetmem.errors.InvalidArgumentError`, before any I/O.
+        """
         ...
 
     async def clear_partition(self, partition: str) -> int:

@@ -72,6 +72,16 @@ def user_namespace(namespace: object) -> str:
     return name
 
 
+def _namespace_arg(what: str, value: object) -> str:
+    """A ``namespaces()`` argument that must look like a namespace name."""
+    try:
+        return validate_namespace(value)
+    except InvalidKeyError:
+        raise InvalidKeyError(
+            f"invalid namespaces() {what} {value!r}: expected 1-64 characters of A-Z a-z 0-9 _ . -"
+        ) from None
+
+
 def _same(key: str) -> str:
     return key
 
@@ -314,6 +324,23 @@ class Store(Generic[_K]):
     async def partitions(self) -> list[str]:
         self._check_open()
         return await self._kv.partitions()
+
+    async def namespaces(
+        self,
+        prefix: str = "",
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[str]:
+        if prefix != "" or not isinstance(prefix, str):
+            _namespace_arg("prefix", prefix)
+        lim = validate_limit(limit)
+        if after is not None:
+            _namespace_arg("after", after)
+        self._check_open()
+        if lim == 0 or prefix.startswith(RESERVED_NAMESPACE_PREFIX):
+            return []
+        return await self._kv.namespaces(prefix, lim, after)
 
     async def stats(self) -> StoreStats:
         self._check_open()

@@ -163,6 +163,15 @@ class KVBackend(abc.ABC):
     async def partitions(self) -> list[str]: ...
 
     @abc.abstractmethod
+    async def namespaces(self, prefix: str, limit: int | None, after: str | None) -> list[str]:
+        """Names of the namespaces reachable through this backend's connector (its table,
+        database, file, dicts) holding a live entry, ascending, starting with ``prefix``, above
+        ``after`` when given, at most ``limit``; never one beginning with
+        :data:`RESERVED_NAMESPACE_PREFIX`. Answered from an index, never by reading every
+        entry. ``prefix`` is ``""`` or a valid namespace that is not reserved, ``after`` a
+        valid namespace or ``None``."""
+
+    @abc.abstractmethod
     async def stats(self) -> StoreStats: ...
 
     @abc.abstractmethod

@@ -1201,6 +1201,12 @@ class HybridKV(KVBackend):
     async def partitions(self) -> list[str]:
         return await self._durable_call(self._durable.partitions())  # type: ignore[no-any-return]
 
+    async def namespaces(self, prefix: str, limit: int | None, after: str | None) -> list[str]:
+        # The durable tier is the truth (the cache holds copies and epochs, not namespaces).
+        return await self._durable_call(  # type: ignore[no-any-return]
+            self._durable.namespaces(prefix, limit, after)
+        )
+
     async def stats(self) -> StoreStats:
         durable: StoreStats = await self._durable_call(self._durable.stats())
         return StoreStats(

@@ -17,7 +17,7 @@ from typing import Any
 
 from fleetmem._codec import decode_value, encode_value, incremented
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
-from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend
+from fleetmem.backends.seam import MISSING, RESERVED_NAMESPACE_PREFIX, EntryMeta, KVBackend
 from fleetmem.errors import (
     KeyNotFoundError,
     VersionConflictError,
@@ -187,6 +187,31 @@ class InMemoryKV(KVBackend):
 
     async def partitions(self) -> list[str]:
         return sorted({r.partition for _, r in self._iter_live(time.time())})
+
+    async def namespaces(self, prefix: str, limit: int | None, after: str | None) -> list[str]:
+        # The dict of namespaces is the index. A namespace is live once one of its entries is:
+        # the scan of one stops at its first live entry and frees the expired ones before it,
+        # so each expired entry is looked at once.
+        now = time.time()
+        out: list[str] = []
+        for name in sorted(n for n in self._spaces if n.startswith(prefix)):
+            if (after is not None and name <= after) or name.startswith(RESERVED_NAMESPACE_PREFIX):
+                continue
+            data = self._spaces[name]
+            expired: list[str] = []
+            live = False
+            for key, record in data.items():
+                if record.expires_at is None or record.expires_at > now:
+                    live = True
+                    break
+                expired.append(key)
+            for key in expired:
+                del data[key]
+            if live:
+                out.append(name)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
 
     async def stats(self) -> StoreStats:
         now = time.time()

@@ -33,7 +33,13 @@ from fleetmem.backends.postgres.connector import (
     init_connection,
     sqlstate,
 )
-from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend, SetOp
+from fleetmem.backends.seam import (
+    MISSING,
+    RESERVED_NAMESPACE_PREFIX,
+    EntryMeta,
+    KVBackend,
+    SetOp,
+)
 from fleetmem.errors import (
     BackendUnavailableError,
     FleetmemError,
@@ -208,6 +214,18 @@ class PostgresKV(KVBackend):
 
     async def partitions(self) -> list[str]:
         rows = await self._run(FETCH, self._q["partitions"], (self._namespace,), write=False)
+        return [row[0] for row in rows]
+
+    async def namespaces(self, prefix: str, limit: int | None, after: str | None) -> list[str]:
+        # A loose index scan of the primary key (see the statement in sql/kv.sql).
+        args = (
+            prefix,
+            prefix_upper_bound(prefix),
+            "" if after is None else after,
+            limit,
+            RESERVED_NAMESPACE_PREFIX,
+        )
+        rows = await self._run(FETCH, self._q["namespaces"], args, write=False)
         return [row[0] for row in rows]
 
     async def stats(self) -> StoreStats:

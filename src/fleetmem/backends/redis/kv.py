@@ -40,10 +40,11 @@ may evict fleetmem's keys (anything but ``noeviction``) unless ``allow_eviction=
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Iterator
 from typing import Any
 
-from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
+from fleetmem._validate import DEFAULT_PARTITION, GlobPattern, prefix_upper_bound
 from fleetmem.backends.redis.connector import RedisConnector
 from fleetmem.backends.redis.entries import (
     entry_meta,
@@ -55,9 +56,16 @@ from fleetmem.backends.redis.entries import (
     partition_name,
 )
 from fleetmem.backends.redis.scripts import SCRIPTS, Script
-from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend, SetOp
+from fleetmem.backends.seam import (
+    MISSING,
+    RESERVED_NAMESPACE_PREFIX,
+    EntryMeta,
+    KVBackend,
+    SetOp,
+)
 from fleetmem.errors import (
     BackendUnavailableError,
+    FleetmemError,
     InvalidArgumentError,
     KeyNotFoundError,
     NotANumberError,
@@ -78,6 +86,24 @@ _EXISTS_MANY, _SET_MANY = SCRIPTS["exists_many"], SCRIPTS["set_many"]
 _SET_BATCH, _DELETE_MANY = SCRIPTS["set_batch"], SCRIPTS["delete_many"]
 _EXPIRE, _SCAN = SCRIPTS["expire"], SCRIPTS["scan"]
 _CLEAR, _PRUNE = SCRIPTS["clear"], SCRIPTS["prune"]
+_NS_LIVE, _NS_REGISTER = SCRIPTS["ns_live"], SCRIPTS["ns_register"]
+_NS_SUSPECT, _NS_FORGET = SCRIPTS["ns_suspect"], SCRIPTS["ns_forget"]
+
+#: KEYS of the namespace registry's scripts: ``fm:{_fleetmem}:ns`` (a sorted set of the names)
+#: and ``fm:{_fleetmem}:nsq`` (names a listing found empty), in a slot of their own. No user
+#: namespace can be ``_fleetmem``, so no namespace's keys share that prefix.
+_REGISTRY = b"fm:{_fleetmem}:"
+_REGISTRY_SET = _REGISTRY + b"ns"
+#: Seconds a process trusts its own registration of a namespace: within them its writes to
+#: that namespace do not register it again.
+REGISTRATION_TRUST = 300.0
+#: Milliseconds a namespace must stay suspected of being empty (on the registry's server
+#: clock) before a listing may drop it from the registry: three times the trust, so that no
+#: writer still trusts a registration made before the suspicion.
+FORGET_AFTER_MS = 900_000
+#: Registry names a listing reads per page, and liveness checks it keeps in flight at once.
+_NS_PAGE = 256
+_NS_CONCURRENCY = 32
 
 #: Keys per MGET / script call in the batch operations.
 _BATCH = 10_000
@@ -115,6 +141,9 @@ class RedisKV(KVBackend):
         super().__init__(namespace=namespace)
         #: Shared by every view: the client and what connect() learnt live there.
         self._connector = connector
+        #: Shared by every view: namespace -> time.monotonic() when this process last sent
+        #: its registration (see :meth:`namespaces`).
+        self._registered: dict[str, float] = {}
         self._bind_namespace()
 
     @classmethod
@@ -281,6 +310,91 @@ class RedisKV(KVBackend):
         flat = (await self._prune("stats"))[2]
         return sorted(flat[i].decode() for i in range(0, len(flat), 2) if int(flat[i + 1]) > 0)
 
+    # ---------------------------------------------------------------- the namespace registry
+
+    def _trusted(self) -> bool:
+        """Whether this process registered the namespace less than REGISTRATION_TRUST ago."""
+        sent = self._registered.get(self._namespace)
+        return sent is not None and time.monotonic() - sent < REGISTRATION_TRUST
+
+    async def _register(self) -> None:
+        """Add the namespace to the registry (and lift any suspicion of it being empty), before
+        a write that may create its first entry. Idempotent, so retried like a read."""
+        name = self._namespace
+        if name.startswith(RESERVED_NAMESPACE_PREFIX):
+            return
+        sent = time.monotonic()
+        await self._connector.call(_NS_REGISTER, (_REGISTRY,), name, write=False)
+        self._registered[name] = sent
+
+    async def _holds_live(self, name: str) -> bool:
+        """Whether namespace ``name`` holds a live entry: its counts and expiry index answer
+        (one call); a namespace whose TTL'd entries are due is pruned first, as ``stats``
+        would (that frees what it walks)."""
+        keys = (f"fm:{{{name}}}:".encode(),)
+        flag = await self._connector.call(_NS_LIVE, keys, write=False)
+        if flag != 2:
+            return bool(flag == 1)
+        flat = (await self.view(name)._prune("stats"))[2]
+        return any(int(flat[i + 1]) > 0 for i in range(0, len(flat), 2))
+
+    async def _forget_if_empty(self, name: str) -> None:
+        """Suspect namespace ``name`` (found empty) or, when the suspicion is old enough and it
+        is still empty, drop it from the registry. Best effort: a failure leaves it listed in
+        the registry, which costs a later listing one more check and nothing else."""
+        try:
+            reg = (_REGISTRY,)
+            mark = await self._connector.call(_NS_SUSPECT, reg, name, FORGET_AFTER_MS, write=True)
+            if mark and not await self._holds_live(name):
+                await self._connector.call(_NS_FORGET, reg, name, mark, write=True)
+        except FleetmemError:
+            pass
+
+    async def namespaces(self, prefix: str, limit: int | None, after: str | None) -> list[str]:
+        """Names from the registry (``ZRANGE BYLEX``, a page at a time), each kept if it holds
+        a live entry (checked concurrently, one script call each).
+
+        The registry: a process adds a namespace (``ns_register``) before its first write to
+        it, and again before and after any write once its last registration is older than
+        ``REGISTRATION_TRUST``; so a namespace is in the registry by the time a write to it
+        returns. Pruning: a listing that finds a registered namespace empty marks it suspected
+        (the registry server's time); a later listing, once the mark is ``FORGET_AFTER_MS``
+        old, checks the namespace again and drops it unless a registration lifted the mark in
+        between. A writer trusting a registration older than the mark would have to have
+        made it over ``FORGET_AFTER_MS`` ago, past its trust: it registers again before its
+        write returns. See docs/backends/redis.md.
+        """
+        lo = b"[" + prefix.encode() if prefix else b"-"
+        if after is not None and after >= prefix:
+            lo = b"(" + after.encode()
+        hi = b"(" + prefix_upper_bound(prefix).encode() if prefix else b"+"
+        out: list[str] = []
+        while True:
+            raw = await self._exec(
+                False, "ZRANGE", _REGISTRY_SET, lo, hi, "BYLEX", "LIMIT", 0, _NS_PAGE
+            )
+            names = [
+                n.decode() for n in raw if not n.startswith(RESERVED_NAMESPACE_PREFIX.encode())
+            ]
+            empty: list[str] = []
+            for start in range(0, len(names), _NS_CONCURRENCY):
+                chunk = names[start : start + _NS_CONCURRENCY]
+                flags = await asyncio.gather(*map(self._holds_live, chunk))
+                for name, live in zip(chunk, flags, strict=True):
+                    if live:
+                        out.append(name)
+                        if limit is not None and len(out) >= limit:
+                            break
+                    else:
+                        empty.append(name)
+                if limit is not None and len(out) >= limit:
+                    break
+            if empty:
+                await asyncio.gather(*map(self._forget_if_empty, empty))
+            if len(raw) < _NS_PAGE or (limit is not None and len(out) >= limit):
+                return out
+            lo = b"(" + raw[-1]
+
     async def stats(self) -> StoreStats:
         res = await self._prune("stats")
         flat = res[2]
@@ -312,6 +426,8 @@ class RedisKV(KVBackend):
     async def set(
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
     ) -> EntryMeta:
+        if not self._trusted():
+            await self._register()
         connector = self._connector
         form = connector.form
         if ttl_ms is None and partition is None and not keep_ttl and form >= 0:
@@ -327,9 +443,13 @@ class RedisKV(KVBackend):
                 _part_arg(partition),
                 b"1" if keep_ttl else b"0",
             )
+        if not self._trusted():
+            await self._register()
         return entry_meta(*res)
 
     async def set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
+        if not self._trusted():
+            await self._register()
         out: list[EntryMeta | BaseException] = []
         for start in range(0, len(ops), _OPS_BATCH):
             args: list[Any] = []
@@ -353,6 +473,8 @@ class RedisKV(KVBackend):
                         None if exp < 0 else ms_datetime(exp),
                     )
                 )
+        if not self._trusted():
+            await self._register()
         return out
 
     async def set_many(
@@ -361,6 +483,8 @@ class RedisKV(KVBackend):
         ttl_ms: int | None,
         partition: str | None,
     ) -> int:
+        if not self._trusted():
+            await self._register()
         count = 0
         parg = _part_arg(partition)
         mark = mark_payload
@@ -369,22 +493,32 @@ class RedisKV(KVBackend):
                 part = chunk[start : start + _SET_MANY_SLICE]
                 args: list[Any] = [x for key, payload in part for x in (key, mark(payload))]
                 count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
+        if not self._trusted():
+            await self._register()
         return count
 
     async def set_if_absent(
         self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
     ) -> bool:
+        if not self._trusted():
+            await self._register()
         res = await self._script(
             True, _SET_IF_ABSENT, key, mark_payload(payload), ttl_ms or 0, _part_arg(partition)
         )
+        if not self._trusted():
+            await self._register()
         return bool(res)
 
     async def compare_and_set(
         self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
     ) -> EntryMeta:
+        if not self._trusted():
+            await self._register()
         res = await self._script(
             True, _CAS, key, mark_payload(payload), version, ttl_ms or 0, _part_arg(partition)
         )
+        if not self._trusted():
+            await self._register()
         if not res[0]:
             raise VersionConflictError(key, version, int(res[1]))
         return entry_meta(*res[1:])
@@ -392,11 +526,15 @@ class RedisKV(KVBackend):
     async def incr(
         self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
     ) -> int | float:
+        if not self._trusted():
+            await self._register()
         is_int = isinstance(amount, int)
         text = str(amount) if is_int else repr(float(amount))
         res = await self._script(
             True, _INCR, key, text, "i" if is_int else "f", ttl_ms or 0, _part_arg(partition)
         )
+        if not self._trusted():
+            await self._register()
         status = res[0]
         if status == b"OK":
             result: bytes = res[1]

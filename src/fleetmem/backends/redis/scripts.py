@@ -21,11 +21,13 @@ Both forms carry the same Redis 7 script flags (``FUNCTION`` flags in the librar
 ``#!lua flags=...`` shebang on each plain script), which decide what a server at ``maxmemory``
 under ``noeviction`` still runs:
 
-* ``no-writes``: pure reads (``get_entry``, ``get_entries``, ``exists_many``). Redis runs them
-  whatever the memory use (``no-writes`` implies ``allow-oom``) and refuses any write in them.
+* ``no-writes``: pure reads (``get_entry``, ``get_entries``, ``exists_many``, ``ns_live``).
+  Redis runs them whatever the memory use (``no-writes`` implies ``allow-oom``) and refuses
+  any write in them.
 * ``allow-oom``: calls whose writes only remove data (``delete_many``, ``clear``, and the
   reads that drop index members of natively expired entries on the way: ``scan`` behind
-  ``keys`` / ``search``, ``prune`` behind ``partitions`` / ``stats`` / ``cleanup_expired``).
+  ``keys`` / ``search``, ``prune`` behind ``partitions`` / ``stats`` / ``cleanup_expired``,
+  ``ns_forget`` dropping an empty namespace from the registry behind ``namespaces``).
   A full store stays readable and can be emptied.
 * no flag: every call that may add data (``set``, ``set_many``, ``incr``, ``expire``, ...).
   A server over ``maxmemory`` refuses it before it runs (``OOM`` reply, nothing written). The
@@ -184,6 +186,8 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "prune": ("allow-oom",),
     "delete_many": ("allow-oom",),
     "clear": ("allow-oom",),
+    "ns_live": ("no-writes",),
+    "ns_forget": ("allow-oom",),
 }
 
 #: The key-value scripts (``lua/kv/``): ``RedisKV``'s every multi-key operation.
@@ -204,6 +208,10 @@ KV_GROUP = ScriptGroup(
         "scan",
         "clear",
         "prune",
+        "ns_live",
+        "ns_register",
+        "ns_suspect",
+        "ns_forget",
     ),
     FLAGS,
     _BIND_KV,

@@ -18,7 +18,7 @@ import orjson
 
 from fleetmem._codec import decode_value, encode_value, incremented, utc_from_ms
 from fleetmem._validate import GlobPattern, prefix_upper_bound
-from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend
+from fleetmem.backends.seam import MISSING, RESERVED_NAMESPACE_PREFIX, EntryMeta, KVBackend
 from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction
 from fleetmem.errors import (
     KeyNotFoundError,
@@ -185,6 +185,23 @@ class SQLiteKV(KVBackend):
 
         def run(conn: sqlite3.Connection) -> list[str]:
             return [row[0] for row in conn.execute(SQL["partitions"], (ns, _now_ms()))]
+
+        return await self._db.call(run)
+
+    async def namespaces(self, prefix: str, limit: int | None, after: str | None) -> list[str]:
+        # A loose index scan of the primary key (see the statement in sql/kv.sql).
+        args = (
+            prefix,
+            prefix_upper_bound(prefix),
+            "" if after is None else after,
+            -1 if limit is None else limit,
+            RESERVED_NAMESPACE_PREFIX + "*",
+        )
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            low, high, cursor, lim, reserved = args
+            rows = conn.execute(SQL["namespaces"], (low, high, cursor, _now_ms(), lim, reserved))
+            return [row[0] for row in rows]
 
         return await self._db.call(run)
 

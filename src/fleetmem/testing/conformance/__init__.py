@@ -37,6 +37,7 @@ from fleetmem.testing.conformance._concurrency import ConcurrencyConformance
 from fleetmem.testing.conformance._expiry import ExpiryConformance
 from fleetmem.testing.conformance._keys import KeyConformance
 from fleetmem.testing.conformance._lifecycle import LifecycleConformance
+from fleetmem.testing.conformance._namespaces import NamespacesConformance
 from fleetmem.testing.conformance._search import SearchConformance
 from fleetmem.testing.conformance._values import ValueConformance
 from fleetmem.testing.conformance._writes import WriteConformance
@@ -50,6 +51,7 @@ class StoreConformance(
     WriteConformance,
     ExpiryConformance,
     SearchConformance,
+    NamespacesConformance,
     LifecycleConformance,
     ConcurrencyConformance,
 ):

@@ -299,3 +299,31 @@ ON CONFLICT (namespace, key) DO UPDATE SET
 
 -- name: ping
 SELECT 1
+
+-- name: namespaces
+-- Unlike the others, no namespace parameter: $1 inclusive lower bound (the prefix), $2
+-- exclusive upper bound, $3 exclusive cursor ('' for none), $4 limit (NULL: none), $5 the
+-- reserved prefix ('_fleetmem'). A loose index scan of the primary key (namespace, key): each
+-- step is one descent of the index to the next namespace, never a pass over a namespace's
+-- rows. A namespace is live if the expiry index has a row of it expiring after now() (one
+-- descent), else if it has a persistent row (a walk of its rows that stops at the first
+-- persistent one: it passes over expired rows only, which the sweeper and cleanup_expired free).
+WITH RECURSIVE ns(name) AS (
+    (SELECT namespace FROM {table}
+     WHERE namespace >= $1 AND namespace < $2 AND namespace > $3
+     ORDER BY namespace LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.namespace FROM {table} t
+            WHERE t.namespace > ns.name AND t.namespace < $2
+            ORDER BY t.namespace LIMIT 1)
+    FROM ns WHERE ns.name IS NOT NULL
+)
+SELECT name FROM ns
+WHERE name IS NOT NULL AND NOT starts_with(name, $5)
+  -- Scalar subqueries with LIMIT 1, not EXISTS: the planner may answer an EXISTS with one
+  -- hashed pass over every persistent row of the table.
+  AND ((SELECT 1 FROM {table} e
+        WHERE e.namespace = ns.name AND e.expires_at > now() LIMIT 1) IS NOT NULL
+       OR (SELECT 1 FROM {table} e
+           WHERE e.namespace = ns.name AND e.expires_at IS NULL LIMIT 1) IS NOT NULL)
+LIMIT $4

@@ -208,3 +208,27 @@ DELETE FROM fleetmem_entries WHERE namespace = ?1 AND partition = ?2;
 -- name: delete_expired
 -- ?1 namespace, ?2 now
 DELETE FROM fleetmem_entries WHERE namespace = ?1 AND expires_at <= ?2;
+
+-- name: namespaces
+-- ?1 inclusive lower bound (the prefix), ?2 exclusive upper bound, ?3 exclusive cursor ('' for
+-- none), ?4 now, ?5 limit (-1: none), ?6 the reserved prefix as a GLOB ('_fleetmem*').
+-- A loose index scan of the primary key's index (namespace, key): each step is one seek to
+-- the next namespace (min() over an index range), never a pass over a namespace's entries.
+-- A namespace is live if the expiry index has an entry of it expiring after now (one seek),
+-- else if it has a persistent entry (a walk of its rows that stops at the first persistent
+-- one: it passes over expired rows only, which cleanup_expired frees).
+WITH RECURSIVE ns(name) AS (
+    SELECT (SELECT min(namespace) FROM fleetmem_entries
+            WHERE namespace >= ?1 AND namespace < ?2 AND namespace > ?3)
+    UNION ALL
+    SELECT (SELECT min(namespace) FROM fleetmem_entries
+            WHERE namespace > ns.name AND namespace < ?2)
+    FROM ns WHERE ns.name IS NOT NULL
+)
+SELECT name FROM ns
+WHERE name IS NOT NULL AND name NOT GLOB ?6
+  AND (EXISTS (SELECT 1 FROM fleetmem_entries e
+               WHERE e.namespace = ns.name AND e.expires_at > ?4)
+       OR EXISTS (SELECT 1 FROM fleetmem_entries e
+                  WHERE e.namespace = ns.name AND e.expires_at IS NULL))
+LIMIT ?5;

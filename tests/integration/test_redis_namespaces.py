@@ -1,0 +1,147 @@
+"""``RedisStore.namespaces()``: the namespace registry across processes, and its pruning.
+
+Each ``RedisStore`` built from a URL has a connector of its own, so two of them stand for two
+processes: what one registered, the other does not remember.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from fleetmem.backends.redis import RedisStore
+from fleetmem.backends.redis import kv as redis_kv
+
+pytestmark = pytest.mark.redis
+
+aioredis = pytest.importorskip("redis.asyncio")
+
+REGISTRY, SUSPECTS = b"fm:{_fleetmem}:ns", b"fm:{_fleetmem}:nsq"
+
+
+@pytest.fixture
+async def raw(fleetmem_redis_server: Any) -> AsyncIterator[Any]:
+    client = aioredis.Redis.from_url(fleetmem_redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def short_registry(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Registrations trusted 0.1 s, suspicions forgotten after 0.3 s; returns the latter."""
+    monkeypatch.setattr(redis_kv, "REGISTRATION_TRUST", 0.1)
+    monkeypatch.setattr(redis_kv, "FORGET_AFTER_MS", 300)
+    return 0.3
+
+
+async def _store(server: Any, namespace: str) -> RedisStore:
+    return await RedisStore.from_url(server.url, namespace=namespace).connect()
+
+
+async def test_a_write_by_another_process_is_listed(
+    fleetmem_redis_server: Any, fleetmem_namespace: str
+) -> None:
+    ns = fleetmem_namespace
+    writer = await _store(fleetmem_redis_server, ns + "w")
+    lister = await _store(fleetmem_redis_server, ns + "l")
+    try:
+        assert await lister.namespaces(ns) == []
+        await writer.set("k", 1)
+        assert await lister.namespaces(ns) == [ns + "w"]
+        await writer.clear()
+        assert await lister.namespaces(ns) == []
+    finally:
+        await writer.close()
+        await lister.close()
+
+
+async def test_an_emptied_namespace_leaves_the_registry_once_its_suspicion_aged(
+    fleetmem_redis_server: Any, fleetmem_namespace: str, raw: Any, short_registry: float
+) -> None:
+    name = fleetmem_namespace + "w"
+    writer = await _store(fleetmem_redis_server, name)
+    lister = await _store(fleetmem_redis_server, fleetmem_namespace + "l")
+    try:
+        await writer.set("k", 1)
+        assert await raw.zscore(REGISTRY, name) == 0
+        await writer.clear()
+        assert await lister.namespaces(fleetmem_namespace) == []
+        assert await raw.hget(SUSPECTS, name) is not None  # suspected, still registered
+        assert await raw.zscore(REGISTRY, name) == 0
+        await asyncio.sleep(short_registry + 0.05)
+        assert await lister.namespaces(fleetmem_namespace) == []
+        assert await raw.zscore(REGISTRY, name) is None
+        assert await raw.hget(SUSPECTS, name) is None
+    finally:
+        await writer.close()
+        await lister.close()
+
+
+async def test_a_writer_whose_registration_may_be_forgotten_registers_again(
+    fleetmem_redis_server: Any, fleetmem_namespace: str, raw: Any, short_registry: float
+) -> None:
+    name = fleetmem_namespace + "w"
+    writer = await _store(fleetmem_redis_server, name)
+    lister = await _store(fleetmem_redis_server, fleetmem_namespace + "l")
+    try:
+        await writer.set("k", 1)
+        await writer.delete("k")
+        assert await lister.namespaces(fleetmem_namespace) == []  # suspected
+        await asyncio.sleep(short_registry + 0.05)
+        assert await lister.namespaces(fleetmem_namespace) == []  # forgotten
+        assert await raw.zscore(REGISTRY, name) is None
+        # The writer registered long ago: it must not take its registration for granted.
+        await writer.set("k", 2)
+        assert await lister.namespaces(fleetmem_namespace) == [name]
+    finally:
+        await writer.close()
+        await lister.close()
+
+
+async def test_a_registration_lifts_a_suspicion(
+    fleetmem_redis_server: Any, fleetmem_namespace: str, raw: Any, short_registry: float
+) -> None:
+    name = fleetmem_namespace + "w"
+    first = await _store(fleetmem_redis_server, name)
+    lister = await _store(fleetmem_redis_server, fleetmem_namespace + "l")
+    try:
+        await first.set("k", 1)
+        await first.clear()
+        assert await lister.namespaces(fleetmem_namespace) == []  # suspected
+        # Another process writes and empties it again: its registration lifts the mark...
+        second = await _store(fleetmem_redis_server, name)
+        try:
+            await second.set("k", 1)
+            assert await raw.hget(SUSPECTS, name) is None
+            await second.clear()
+        finally:
+            await second.close()
+        # ...so an empty namespace seen after the first mark aged is only suspected anew.
+        await asyncio.sleep(short_registry + 0.05)
+        assert await lister.namespaces(fleetmem_namespace) == []
+        assert await raw.zscore(REGISTRY, name) == 0
+        assert await raw.hget(SUSPECTS, name) is not None
+    finally:
+        await first.close()
+        await lister.close()
+
+
+async def test_a_process_registers_a_namespace_once_per_trust_window(
+    fleetmem_redis_server: Any, fleetmem_namespace: str, raw: Any
+) -> None:
+    store = await _store(fleetmem_redis_server, fleetmem_namespace)
+    try:
+        await store.set("k", 0)
+        await raw.zrem(REGISTRY, fleetmem_namespace)  # what a registration would add back
+        for i in range(20):
+            await store.set("k", i)
+        await asyncio.gather(*(store.set(f"k{i}", i) for i in range(50)))  # merged batches
+        assert await raw.zscore(REGISTRY, fleetmem_namespace) is None
+    finally:
+        await store.clear()
+        await store.close()
