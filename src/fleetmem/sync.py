@@ -1,0 +1,561 @@
+"""A blocking facade over the async stores, for scripts and notebooks that do not use asyncio.
+
+::
+
+    import fleetmem.sync
+
+    with fleetmem.sync.open_store("redis://localhost:6379/0", namespace="agents") as store:
+        store.set("plan", {"step": 1}, ttl=60)
+        store.get("plan")
+
+:func:`open_store` takes the arguments of :func:`fleetmem.open_store` and returns a
+:class:`SyncStore`: every method of the async :class:`~fleetmem.protocol.MemoryStore`, with the
+same signature and the same behaviour, returning the result instead of a coroutine.
+
+Threading model
+    Each :class:`SyncStore` (with its ``with_namespace`` views) owns one private event loop,
+    run by one daemon thread (``fleetmem-sync-N``). A call submits the async method to that loop
+    with :func:`asyncio.run_coroutine_threadsafe` and blocks the calling thread until it is done.
+    Any number of threads may call one store at once: their calls run concurrently on the loop,
+    as concurrent coroutines would (concurrent single-key calls are merged into batches). A
+    thread that runs an event loop of its own (a Jupyter cell, an ``async def``) may call it too:
+    that loop is blocked for the duration of the call, and nothing else is needed.
+
+Errors
+    Whatever the async method raises is raised in the calling thread: the same exception object,
+    the same class, its traceback showing the frames of the loop thread where it was raised. A
+    call made *on* the store's loop thread (code the store itself runs, such as a ``Mapping``
+    handed to ``set_many`` that calls the store back) would wait for itself forever: it raises
+    :class:`SyncDeadlockError` instead. Calls on a closed store raise
+    :class:`~fleetmem.errors.StoreClosedError`, except ``health()``, which never raises.
+
+Lifecycle
+    ``close()`` closes the async store (calls in flight in other threads finish or fail as they
+    would against a closing async store), cancels whatever still runs on the loop (those callers
+    get :class:`~fleetmem.errors.StoreClosedError`), stops the loop and joins its thread. It is
+    idempotent and safe from any thread but the loop's. A store never closed is closed at
+    interpreter exit (waiting at most :data:`EXIT_CLOSE_TIMEOUT` seconds), or, when it is
+    garbage-collected first, closed in the background without blocking the collecting thread,
+    with a :class:`ResourceWarning` as for an unclosed file.
+
+Processes
+    The loop thread does not survive ``os.fork()``: in a forked child (``multiprocessing`` with
+    the ``fork`` start method) a store opened by the parent is closed, and a call raises
+    :class:`~fleetmem.errors.StoreClosedError` saying so instead of waiting forever. Open stores
+    in the process that uses them.
+
+This module imports only the standard library and fleetmem; ``import fleetmem`` does not import
+it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import itertools
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fleetmem.errors import FleetmemError, StoreClosedError
+from fleetmem.protocol import TTL, Entry, Health, JSONValue, StoreStats
+
+if TYPE_CHECKING:
+    from fleetmem.settings import FleetmemSettings
+    from fleetmem.store import Store
+
+__all__ = ["EXIT_CLOSE_TIMEOUT", "SyncDeadlockError", "SyncStore", "open_store"]
+
+_T = TypeVar("_T")
+_ClosedError = Callable[[], BaseException]
+
+#: Seconds the interpreter waits, at exit, for each store left open to close its connections.
+EXIT_CLOSE_TIMEOUT = 5.0
+
+_thread_numbers = itertools.count(1)
+
+
+class SyncDeadlockError(FleetmemError, RuntimeError):
+    """A SyncStore was called from its own event loop thread, where waiting for the result would
+    never end."""
+
+
+# ------------------------------------------------------------------------------- the loop thread
+
+
+def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop thread's body. It holds the loop only (never the :class:`_LoopThread`), so that a
+    forgotten store can be garbage-collected while its thread runs."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+async def _shutdown(store: Store[Any] | None) -> None:
+    """Close ``store``, then cancel what is still running on this loop. The caller stops the
+    loop once this is done (stopping it here would leave this task's waiter unanswered)."""
+    loop = asyncio.get_running_loop()
+    try:
+        if store is not None:
+            await store.close()
+    finally:
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await loop.shutdown_asyncgens()
+        await loop.shutdown_default_executor()
+
+
+def _shutdown_in_background(store: Store[Any] | None) -> None:
+    """On the loop: :func:`_shutdown` for a store nobody closed, then stop the loop. A failure
+    to close has nobody to go to: it is dropped."""
+    loop = asyncio.get_running_loop()
+
+    async def quietly() -> None:
+        with contextlib.suppress(Exception):
+            await _shutdown(store)
+
+    loop.create_task(quietly()).add_done_callback(lambda _: loop.stop())
+
+
+class _LoopThread:
+    """One event loop on one daemon thread, and the async store that lives on it.
+
+    Shared by a :class:`SyncStore` and its views; closing it closes the store. ``lock`` orders
+    submissions against closing: a coroutine is submitted only while the loop is open, so every
+    submitted call reaches the loop before the shutdown does (and is then cancelled or finishes).
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=_run_forever,
+            args=(self.loop,),
+            name=f"fleetmem-sync-{next(_thread_numbers)}",
+            daemon=True,
+        )
+        self.lock = threading.Lock()
+        self.closed = False
+        self.forked = False  # True in a child process: the loop thread stayed in the parent
+        self.store: Store[Any] | None = None
+        self.thread.start()
+        self.ident = self.thread.ident
+        _open_loops.add(self)
+
+    def submit(
+        self, coro: Coroutine[Any, Any, _T], closed: _ClosedError
+    ) -> concurrent.futures.Future[_T]:
+        """Schedule ``coro`` on the loop; ``closed()`` makes the error raised when it is closed."""
+        if threading.get_ident() == self.ident:
+            coro.close()
+            raise SyncDeadlockError(
+                "a SyncStore was called from its own event loop thread, which would wait for "
+                "itself forever; code running on that loop must use the async store"
+            )
+        with self.lock:
+            if self.closed:
+                coro.close()
+                raise closed()
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, _T], closed: _ClosedError) -> _T:
+        """Run ``coro`` on the loop and wait for its result (or exception) in this thread."""
+        future = self.submit(coro, closed)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            if self.closed:  # cancelled by close() while in flight
+                raise closed() from None
+            raise
+        except BaseException:
+            # KeyboardInterrupt while waiting (a notebook's stop button): stop the call too.
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        """Close the store, stop the loop and join its thread. Idempotent."""
+        with self.lock:
+            first = not self.closed
+            if first and threading.get_ident() == self.ident:
+                raise SyncDeadlockError(
+                    "a SyncStore cannot be closed from its own event loop thread"
+                )
+            self.closed = True
+        _open_loops.discard(self)
+        if first:
+            try:
+                asyncio.run_coroutine_threadsafe(_shutdown(self.store), self.loop).result()
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join()
+        elif threading.get_ident() != self.ident:
+            self.thread.join()  # another thread is closing: return once it is done
+
+    def close_in_background(self) -> None:
+        """Close without waiting: schedule the shutdown on the loop and return."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        _open_loops.discard(self)
+        with contextlib.suppress(RuntimeError):  # the loop is closed already
+            self.loop.call_soon_threadsafe(_shutdown_in_background, self.store)
+
+    def __del__(self) -> None:
+        # Never block here: the collector may run on any thread, the loop's own included.
+        if not self.closed:
+            name = type(self.store).__name__ if self.store is not None else "store"
+            warnings.warn(
+                f"unclosed fleetmem.sync.SyncStore ({name}): call close() or use `with`",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+            self.close_in_background()
+
+
+_open_loops: weakref.WeakSet[_LoopThread] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads: its stores' loops do not run here, and
+    a call would wait forever. Mark them closed (without touching the loop, whose file
+    descriptors the parent still uses) so that a call raises at once."""
+    for loop_thread in list(_open_loops):
+        loop_thread.lock = threading.Lock()  # another thread may have held it at the fork
+        loop_thread.closed = True
+        loop_thread.forked = True
+    _open_loops.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close the stores left open, each within :data:`EXIT_CLOSE_TIMEOUT` seconds: their loop
+    threads are daemons, so the interpreter would otherwise drop connections mid-conversation."""
+    for loop_thread in list(_open_loops):
+        loop_thread.close_in_background()
+        loop_thread.thread.join(EXIT_CLOSE_TIMEOUT)
+
+
+# ------------------------------------------------------------------------------------ the facade
+
+
+class SyncStore:
+    """A blocking :class:`~fleetmem.protocol.MemoryStore`: each method runs the async method of
+    the same name on the store's private event loop and returns its result.
+
+    Build one with :func:`open_store` or :meth:`wrap`. Safe to call from several threads at once;
+    see the module docstring for the threading model.
+    """
+
+    __slots__ = ("__weakref__", "_loop_thread", "_owner", "_store")
+
+    def __init__(self, store: Store[Any], loop_thread: _LoopThread, *, owner: bool) -> None:
+        # Private: the store must live on loop_thread's loop. Use open_store() or wrap().
+        self._store = store
+        self._loop_thread = loop_thread
+        self._owner = owner
+
+    @classmethod
+    def wrap(cls, store: Store[Any]) -> SyncStore:
+        """A :class:`SyncStore` over ``store``, an async store that no event loop has used yet
+        (built by its constructor, e.g. ``SQLiteStore(path, namespace=...)``). It is connected
+        on the new private loop and closed with the :class:`SyncStore`."""
+
+        async def connect() -> Store[Any]:
+            try:
+                await store.connect()
+            except BaseException:
+                await store.close()
+                raise
+            return store
+
+        return cls._start(connect())
+
+    @classmethod
+    def _start(cls, opening: Coroutine[Any, Any, Store[Any]]) -> SyncStore:
+        loop_thread = _LoopThread()
+        try:
+            store = loop_thread.run(opening, _closed_while_opening)
+        except BaseException:
+            loop_thread.close()
+            raise
+        loop_thread.store = store
+        return cls(store, loop_thread, owner=True)
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return self._loop_thread.run(coro, self._closed_error)
+
+    def _closed_error(self) -> StoreClosedError:
+        name = f"{type(self._store).__name__} for namespace {self.namespace!r}"
+        if self._loop_thread.forked:
+            return StoreClosedError(
+                f"{name} was opened before this process was forked and its loop thread stayed "
+                "in the parent: open a store in this process"
+            )
+        return StoreClosedError(f"{name} is closed")
+
+    # ------------------------------------------------------------ identity and lifecycle
+
+    @property
+    def namespace(self) -> str:
+        """The namespace this store reads and writes."""
+        return self._store.namespace
+
+    @property
+    def backend(self) -> str:
+        """The backend's name: ``memory``, ``sqlite``, ``postgres``, ``redis`` or ``hybrid``."""
+        return self._store.backend
+
+    @property
+    def max_value_bytes(self) -> int:
+        """The largest serialized value this store accepts."""
+        return self._store.max_value_bytes
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called on this store (or on the store it is a view of)."""
+        return self._store.closed or self._loop_thread.closed
+
+    def __repr__(self) -> str:
+        return f"<SyncStore {self._store!r}>"
+
+    def with_namespace(self, namespace: str) -> SyncStore:
+        """A view bound to ``namespace`` sharing this store's connections and loop thread; see
+        :meth:`fleetmem.protocol.MemoryStore.with_namespace`. Closing the view closes nothing
+        shared; closing this store closes the view too."""
+        store = self._store
+
+        async def view() -> Store[Any]:  # on the loop, where the store's state lives
+            return store.with_namespace(namespace)
+
+        return SyncStore(self._run(view()), self._loop_thread, owner=False)
+
+    def close(self) -> None:
+        """Close the store, stop its loop and join its thread (a view closes only itself).
+
+        Idempotent. Calls in flight in other threads finish or fail as against a closing async
+        store; those still running once it is closed are cancelled and raise
+        :class:`~fleetmem.errors.StoreClosedError`. See
+        :meth:`fleetmem.protocol.MemoryStore.close`."""
+        if self._owner:
+            self._loop_thread.close()
+        elif not self._loop_thread.closed:
+            with contextlib.suppress(StoreClosedError):  # the owner was closed meanwhile
+                self._run(self._store.close())
+
+    def __enter__(self) -> SyncStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ reads
+
+    def get(self, key: str, default: JSONValue = None) -> JSONValue:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.get`."""
+        return self._run(self._store.get(key, default))
+
+    def get_entry(self, key: str) -> Entry | None:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.get_entry`."""
+        return self._run(self._store.get_entry(key))
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, JSONValue]:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.get_many`."""
+        return self._run(self._store.get_many(_here(keys)))
+
+    def exists(self, key: str) -> bool:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.exists`."""
+        return self._run(self._store.exists(key))
+
+    def ttl(self, key: str) -> float | None:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.ttl`."""
+        return self._run(self._store.ttl(key))
+
+    def keys(
+        self,
+        prefix: str = "",
+        *,
+        partition: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[str]:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.keys`."""
+        return self._run(self._store.keys(prefix, partition=partition, limit=limit, after=after))
+
+    def search(
+        self,
+        pattern: str,
+        *,
+        partition: str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, JSONValue]:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.search`."""
+        return self._run(self._store.search(pattern, partition=partition, limit=limit))
+
+    def partitions(self) -> list[str]:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.partitions`."""
+        return self._run(self._store.partitions())
+
+    def stats(self) -> StoreStats:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.stats`."""
+        return self._run(self._store.stats())
+
+    def health(self) -> Health:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.health`: never raises, also once closed
+        (except :class:`SyncDeadlockError` when called from the store's own loop thread)."""
+        try:
+            return self._run(self._store.health())
+        except StoreClosedError:
+            return Health(
+                ok=False,
+                backend=self.backend,
+                latency_ms=None,
+                details={"error": "store is closed", "namespace": self.namespace},
+            )
+
+    # ------------------------------------------------------------ writes
+
+    def set(
+        self,
+        key: str,
+        value: JSONValue,
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+        keep_ttl: bool = False,
+    ) -> Entry:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.set`."""
+        return self._run(
+            self._store.set(key, value, ttl=ttl, partition=partition, keep_ttl=keep_ttl)
+        )
+
+    def set_many(
+        self,
+        items: Mapping[str, JSONValue],
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> int:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.set_many`."""
+        return self._run(self._store.set_many(items, ttl=ttl, partition=partition))
+
+    def set_if_absent(
+        self,
+        key: str,
+        value: JSONValue,
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> bool:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.set_if_absent`."""
+        return self._run(self._store.set_if_absent(key, value, ttl=ttl, partition=partition))
+
+    def compare_and_set(
+        self,
+        key: str,
+        value: JSONValue,
+        *,
+        version: int,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> Entry:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.compare_and_set`."""
+        return self._run(
+            self._store.compare_and_set(key, value, version=version, ttl=ttl, partition=partition)
+        )
+
+    def incr(
+        self,
+        key: str,
+        amount: int | float = 1,
+        *,
+        ttl: TTL | None = None,
+        partition: str | None = None,
+    ) -> int | float:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.incr`."""
+        return self._run(self._store.incr(key, amount, ttl=ttl, partition=partition))
+
+    def delete(self, key: str) -> bool:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.delete`."""
+        return self._run(self._store.delete(key))
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.delete_many`."""
+        return self._run(self._store.delete_many(_here(keys)))
+
+    def expire(self, key: str, ttl: TTL) -> bool:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.expire`."""
+        return self._run(self._store.expire(key, ttl))
+
+    def persist(self, key: str) -> bool:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.persist`."""
+        return self._run(self._store.persist(key))
+
+    def clear_partition(self, partition: str) -> int:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.clear_partition`."""
+        return self._run(self._store.clear_partition(partition))
+
+    def clear(self) -> int:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.clear`."""
+        return self._run(self._store.clear())
+
+    def cleanup_expired(self) -> int:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.cleanup_expired`."""
+        return self._run(self._store.cleanup_expired())
+
+
+def _here(keys: Iterable[str]) -> Iterable[str]:
+    """An iterator of keys drained in the calling thread: a generator that calls the store would
+    otherwise run on the loop thread (and deadlock); other iterables go as given, for the store
+    to validate."""
+    return list(keys) if isinstance(keys, Iterator) else keys
+
+
+def _closed_while_opening() -> StoreClosedError:
+    return StoreClosedError("the store was closed while it was opening")
+
+
+def open_store(
+    url: str | None = None,
+    *,
+    namespace: str | None = None,
+    hybrid: tuple[str, str] | None = None,
+    settings: FleetmemSettings | None = None,
+    **options: Any,
+) -> SyncStore:
+    """Open a store as :func:`fleetmem.open_store` does, on a private event loop thread, and
+    return it as a blocking :class:`SyncStore` (also a context manager that closes it).
+
+    The arguments are those of :func:`fleetmem.open_store`, and so are the errors (a bad URL or
+    option raises :class:`~fleetmem.errors.ConfigurationError`, an unreachable server
+    :class:`~fleetmem.errors.BackendUnavailableError`); nothing is left running when it raises.
+    """
+    from fleetmem.factory import open_store as open_async
+
+    async def opening() -> Store[Any]:
+        store: Store[Any] = await open_async(
+            url, namespace=namespace, hybrid=hybrid, settings=settings, **options
+        )
+        return store
+
+    return SyncStore._start(opening())
