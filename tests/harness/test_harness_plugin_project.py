@@ -56,6 +56,17 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytes
     return pytester
 
 
+def _run_fast(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, *args: str
+) -> pytest.RunResult:
+    """An inner run with only pytest-asyncio and this plugin loaded (several times faster than
+    loading every installed plugin; the tests above load them by their entry points)."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    return project.runpytest_subprocess(
+        "-p", "pytest_asyncio.plugin", "-p", "fleetmem.testing.plugin", *args, timeout=120
+    )
+
+
 def _run(project: pytest.Pytester, *args: str, timeout: float = 240) -> pytest.RunResult:
     result = project.runpytest_subprocess(*STRICT, *args, timeout=timeout)
     out = result.stdout.str()
@@ -143,10 +154,10 @@ async def test_unmarked(fleetmem_namespace):
 
 
 def test_an_async_fixture_or_test_that_is_not_run_says_what_it_needs(
-    project: pytest.Pytester,
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     project.makepyfile(test_plain=MY_STORE + PLAIN_FIXTURE, test_unmarked=UNMARKED_TEST)
-    result = project.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers")
+    result = _run_fast(project, monkeypatch, "-p", "no:cacheprovider", "--strict-markers")
     out = result.stdout.str()
     assert result.ret == 1, out
     assert "the async fixture 'store' is a plain @pytest.fixture" in out
@@ -158,10 +169,10 @@ def test_an_async_fixture_or_test_that_is_not_run_says_what_it_needs(
 
 
 def test_in_auto_mode_a_plain_async_fixture_runs_and_gets_no_hint(
-    project: pytest.Pytester,
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     project.makepyfile(test_plain=MY_STORE + PLAIN_FIXTURE)
-    result = project.runpytest_subprocess("-p", "no:cacheprovider", "--asyncio-mode=auto")
+    result = _run_fast(project, monkeypatch, "-p", "no:cacheprovider", "--asyncio-mode=auto")
     out = result.stdout.str()
     assert result.ret == 0, out
     assert "fleetmem" not in out.split("collected", 1)[1]
@@ -170,12 +181,16 @@ def test_in_auto_mode_a_plain_async_fixture_runs_and_gets_no_hint(
 # -- pytest-asyncio's loop scope ----------------------------------------------------------------
 
 
-def test_a_loop_scope_set_by_the_project_wins(project: pytest.Pytester) -> None:
+def test_a_loop_scope_set_by_the_project_wins(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     project.makepyfile(test_my_store=MY_STORE + README_SNIPPET)
-    result = project.runpytest_subprocess("-p", "no:cacheprovider", "-k", "test_edge_keys")
+    result = _run_fast(project, monkeypatch, "-p", "no:cacheprovider", "-k", "test_edge_keys")
     result.stdout.fnmatch_lines(["asyncio: *asyncio_default_fixture_loop_scope=function*"])
-    result = project.runpytest_subprocess(
+    result = _run_fast(
+        project,
+        monkeypatch,
         "-p",
         "no:cacheprovider",
         "-k",
