@@ -412,6 +412,16 @@ class SyncStore:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.search`."""
         return self._run(self._store.search(pattern, partition=partition, limit=limit))
 
+    def namespaces(
+        self,
+        prefix: str = "",
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[str]:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.namespaces`."""
+        return self._run(self._store.namespaces(prefix, limit=limit, after=after))
+
     def partitions(self) -> list[str]:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.partitions`."""
         return self._run(self._store.partitions())

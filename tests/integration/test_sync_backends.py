@@ -117,6 +117,7 @@ def test_a_round_of_operations(sync_store: SyncStore, fleetmem_namespace: str) -
     assert store.search("plan/[23]") == {"plan/2": [1], "plan/3": [2]}
     assert store.get_many(["plan/3", "nope", "runs"]) == {"plan/3": [2], "runs": 42}
     assert store.partitions() == ["default", "plans"]
+    assert store.namespaces(fleetmem_namespace) == [fleetmem_namespace]
     assert store.stats().keys == 5
 
     with pytest.raises(InvalidKeyError):

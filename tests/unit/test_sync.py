@@ -143,6 +143,8 @@ def test_every_method_round_trips(store: SyncStore, fleetmem_namespace: str) -> 
     assert store.keys("plan/", after="plan/a") == ["plan/b"]
     assert store.search("plan/*") == {"plan/a": {"step": 1}, "plan/b": [1, 2]}
     assert store.search("*", partition="plans", limit=1) == {"note": "x"}
+    assert store.namespaces(fleetmem_namespace) == [fleetmem_namespace]
+    assert store.namespaces(fleetmem_namespace, after=fleetmem_namespace, limit=5) == []
 
     assert store.set_if_absent("note", "y") is False
     assert store.set_if_absent("fresh", "y", partition="other") is True
@@ -328,6 +330,7 @@ def _every_call() -> list[Any]:
         "keys": lambda s: s.keys(),
         "search": lambda s: s.search("*"),
         "partitions": lambda s: s.partitions(),
+        "namespaces": lambda s: s.namespaces(),
         "stats": lambda s: s.stats(),
         "set": lambda s: s.set("k", 1),
         "set_many": lambda s: s.set_many({"k": 1}),
