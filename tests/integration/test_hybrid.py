@@ -142,6 +142,115 @@ async def test_clear_retires_the_whole_namespace_cache(
     assert await hybrid.get_many([f"k{i}" for i in range(20)]) == {}
 
 
+async def _leftovers(
+    client: aioredis.Redis, pg: PostgresServer, namespace: str
+) -> tuple[list[bytes], list[str]]:
+    """The cache keys of ``namespace`` in Redis, and its rows in ``_fleetmem.hybrid`` (expired
+    ones included: what is physically there)."""
+    keys = [key async for key in client.scan_iter(match=f"fmh:{{{namespace}}}:*")]
+    conn = await asyncpg.connect(pg.dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT key FROM fleetmem.entries WHERE namespace = '_fleetmem.hybrid'"
+            " AND key IN ($1, $2)",
+            f"epoch/{namespace}",
+            f"bypass/{namespace}",
+        )
+    finally:
+        await conn.close()
+    return keys, [row[0] for row in rows]
+
+
+async def test_clear_leaves_nothing_of_the_namespace_behind(
+    hybrid: HybridStore,
+    raw_redis: aioredis.Redis,
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_namespace: str,
+) -> None:
+    await hybrid.set_many({f"k{i}": i for i in range(20)})
+    await hybrid.clear_partition("none")  # an epoch above 1
+    assert await hybrid.get_many([f"k{i}" for i in range(30)]) == {f"k{i}": i for i in range(20)}
+    keys, rows = await _leftovers(raw_redis, fleetmem_postgres_server, fleetmem_namespace)
+    assert len(keys) > 20 and rows == [f"epoch/{fleetmem_namespace}"]  # copies, E, R; epoch
+    assert await hybrid.clear() == 20
+    assert await _leftovers(raw_redis, fleetmem_postgres_server, fleetmem_namespace) == ([], [])
+    # The namespace works on as new: reads miss, fill, hit.
+    assert await hybrid.get("k1") is None
+    await hybrid.set("k1", "again")
+    assert await hybrid.get("k1") == "again"
+    assert await hybrid.get("k1") == "again"
+    assert await cached_body(raw_redis, hybrid, "k1") is not None
+    assert await hybrid.clear() == 1
+    assert await _leftovers(raw_redis, fleetmem_postgres_server, fleetmem_namespace) == ([], [])
+
+
+async def test_a_store_trusting_the_old_epoch_reads_nothing_from_before_a_clear(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+) -> None:
+    """Two processes: ``a`` caches under epoch 3 and keeps trusting it (a long trust window);
+    ``b`` clears (the epoch row goes), rewrites, and moves the recreated epoch back up to 3.
+    Nothing ``a`` read before the clear may come back under the reused number."""
+    options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 30.0}
+    a = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
+    b = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
+    async with a, b:
+        await b.set("k", "first")
+        for _ in range(3):
+            await b.clear_partition("none")  # epochs 1, 2, 3
+        await a.set_many({"k": "old", "j": "old-j"})
+        assert await a.get_many(["k", "j", "absent"]) == {"k": "old", "j": "old-j"}
+        assert await a.get("k") == "old" and await a.get("j") == "old-j"
+        assert a.metrics.hits >= 2  # cached, under the epoch a trusts
+        trusted = a.kv._state.trust[fleetmem_namespace].epoch
+        await b.clear()
+        await b.set("k", "new")
+        assert await b.get("k") == "new"  # the epoch starts again (from 1)
+        epochs = b.kv._epochs
+        assert await epochs.get(f"epoch/{fleetmem_namespace}") < trusted
+        while await epochs.get(f"epoch/{fleetmem_namespace}") < trusted:
+            await b.clear_partition("none")  # back to the number a still trusts
+        assert await b.get("k") == "new"
+        assert await b.get("absent") is None
+        for _ in range(3):
+            assert await a.get("k") == "new"
+            assert await a.get("j") is None
+            assert await a.get_many(["k", "j", "absent"]) == {"k": "new"}
+        await b.clear()
+
+
+async def test_a_clear_cut_off_from_redis_still_retires_the_copies(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+) -> None:
+    """The clearing process cannot reach Redis: the clear is acknowledged once no process can
+    read a copy from before it (the bypass of a missed invalidation), and the epoch row stays,
+    above the epoch of the copies left in Redis."""
+    dead = f"redis://127.0.0.1:{find_free_port()}/0"
+    options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 0.1}
+    reader = HybridStore.from_urls(
+        fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options
+    )
+    clearer = HybridStore.from_urls(fleetmem_postgres_server.dsn, dead, **options)
+    async with reader, clearer:
+        await reader.set("k", "old")
+        await reader.clear_partition("none")
+        assert await reader.get("k") == "old"
+        assert await reader.get("k") == "old"
+        epochs = reader.kv._epochs
+        before = await epochs.get(f"epoch/{fleetmem_namespace}")
+        assert await clearer.clear() == 1
+        assert clearer.metrics.invalidations_missed == 1
+        assert await epochs.get(f"epoch/{fleetmem_namespace}") > before
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # through the bypass and after it
+            assert await reader.get("k") is None
+            await asyncio.sleep(0.02)
+        await reader.clear()
+
+
 async def test_get_many_mixes_hits_and_misses(hybrid: HybridStore) -> None:
     await hybrid.set_many({"a": 1, "b": 2, "c": 3})
     assert await hybrid.get("b") == 2
@@ -366,7 +475,7 @@ async def test_a_restored_durable_epoch_never_revives_a_missed_invalidation(
     async with reader, writer:
         for _ in range(3):  # a few epochs in
             await reader.set("k", "old")
-            await reader.clear()
+            await reader.clear_partition("default")
         await reader.set("k", "old")
         assert await reader.get("k") == "old"
         assert await reader.get("k") == "old"

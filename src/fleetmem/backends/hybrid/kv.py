@@ -27,6 +27,12 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
   namespace per process, and ``trust_window`` of latency for the first write of an outage.
   A restart of Redis is seen by its ``run_id`` (stored with the epoch, learned by every new
   connection) and by ``NOSCRIPT`` (the scripts are salted per namespace).
+* **Clear** leaves nothing of the namespace behind: it deletes the epoch row, then the
+  published epoch and its run_id, then every cached copy and lease (``_remove_cleared``). Past
+  the second step nothing can be read or filled before someone publishes again, which then
+  means raising the durable epoch first; past the third nothing from before the clear is left
+  to come back, so the recreated epoch may start again from 1 while processes still trust an
+  old number. A tier that fails midway leaves the row above the old epoch instead.
 * **Redis failures** never fail an operation: each cache call has a deadline (default 250 ms), a
   circuit breaker stops paying it on every call, and reads fall back to PostgreSQL.
 * **Single flight**: concurrent reads of one key in one process share one cache read and at
@@ -1268,7 +1274,12 @@ class HybridKV(KVBackend):
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             future.set_result(None)
             return future
-        task = asyncio.ensure_future(self._invalidate(keys) if keys else self._retire_all())
+        return self._retiring_task(self._invalidate(keys) if keys else self._retire_all())
+
+    def _retiring_task(self, retire: Awaitable[None]) -> asyncio.Future[None]:
+        """``retire`` as a task held by the store (``aclose`` waits for it), its failure
+        logged if nobody awaits it."""
+        task = asyncio.ensure_future(retire)
         tasks = self._state.retiring
         tasks.add(task)
 
@@ -1368,7 +1379,111 @@ class HybridKV(KVBackend):
         return await self._write(self._durable.expire(key, ttl_ms), [key], bool)
 
     async def clear(self, partition: str | None) -> int:
-        return await self._write(self._durable.clear(partition), None)
+        if partition is not None:
+            return await self._write(self._durable.clear(partition), None)
+        try:
+            count: int = await self._durable_call(self._durable.clear(None))
+        except (OutcomeUnknownError, asyncio.CancelledError):
+            self._retiring(None)  # it may have committed: retire every copy, as for a write
+            raise
+        # In a task of its own, like any retiring: a cancelled caller does not stop it.
+        await asyncio.shield(self._retiring_task(self._remove_cleared()))
+        return count
+
+    async def _remove_cleared(self) -> None:
+        """After ``clear()`` committed: retire every cached copy of the namespace and leave
+        nothing of it behind -- no epoch row in PostgreSQL, no ``fmh:{<ns>}:*`` key in Redis --
+        without letting any process read a copy from before the clear.
+
+        The order is what keeps it safe (see docs/backends/hybrid.md, "clear()"):
+
+        1. Delete the epoch row (its value ``old`` is read first). The durable epoch is now 0,
+           below the published ``<old>|``; a process that confirms 0 sees that mismatch and
+           resyncs, and ``epoch.lua`` makes it raise the durable epoch past the published one
+           first (its rule for an epoch that went backwards), so the published epoch still
+           never goes backwards and no copy from before the clear is served.
+        2. Delete the published epoch and its run_id (``E``, ``R``). From here no copy can be
+           read or filled until someone publishes again, which (both keys gone) always means
+           raising the durable epoch first: a reader still trusting ``old`` misses and resyncs.
+        3. Delete every ``fmh:{<ns>}:k:*`` key (copies and leases) with ``SCAN``. Every copy
+           made before step 2 is gone after it: what remains of the namespace in Redis was
+           published, read and filled after step 1, from the cleared table, under an epoch
+           that the (recreated) durable row is at or above. So the epoch numbers may start
+           again from 1 without any old copy or lease coming back under a reused number.
+
+        Failures: PostgreSQL failing at step 1 leaves the row (steps 2-3 alone retire the
+        copies: the row's epoch only grows). Redis failing at step 2 or 3 puts the row back
+        above ``old`` (so no leftover copy can come back), and at step 2 takes the bypass of
+        a missed invalidation, as any write that cannot reach Redis does; the keys left stay
+        until they expire or the next ``clear()`` with both tiers up removes them.
+        """
+        state = self._state
+        ns = self._namespace
+        state.dirty.add(ns)  # this process resyncs before it reads the cache again
+        old: int | None = None
+        try:
+            try:
+                found = await self._durable_call(self._epochs.get_many([self._epoch_name]))
+                old = int(found.get(self._epoch_name, 0))
+                # (Deleted or not when this fails: ``old`` is kept, a restore only raises.)
+                await self._durable_call(self._epochs.delete(self._epoch_name))
+            except BackendUnavailableError:
+                pass  # no row deleted for sure: retiring the copies in Redis is enough
+            try:
+                await self._cache_call("DEL", self._epoch_key, self._run_id_key)
+            except (_CacheFailed, _NoScript):
+                await self._restore_epoch(old)
+                await self._missed_invalidation()
+                return
+            try:
+                await self._delete_copies()
+            except (_CacheFailed, _NoScript):
+                await self._restore_epoch(old)
+        finally:
+            for slot in [slot for slot in state.inflight if slot[0] == ns]:
+                state.inflight.pop(slot, None)
+
+    async def _restore_epoch(self, old: int | None) -> None:
+        """Raise the durable epoch above ``old`` again after a clear deleted its row but could
+        not remove the copies cached under it (``None``: the row was not deleted)."""
+        if old is None:
+            return
+        try:
+            await self._durable_call(self._epochs.incr(self._epoch_name, old + 1, None, None))
+        except BackendUnavailableError as exc:
+            raise OutcomeUnknownError(
+                "the clear committed in PostgreSQL, but neither Redis nor PostgreSQL could be "
+                "reached to retire the cached copies it replaced"
+            ) from exc
+        self._state.metrics.epoch_bumps += 1
+
+    async def _delete_copies(self) -> None:
+        """Delete every ``fmh:{<ns>}:k:*`` key: ``SCAN`` (on a Cluster, of the one node that
+        holds the namespace's slot), ``DEL`` a page at a time."""
+        state = self._state
+        breaker = state.breaker
+        if breaker.state != "closed" and not breaker.allow():
+            raise _CacheFailed
+        client = self._client()
+        options: dict[str, Any] = {}
+        if self._cache.connector.cluster:
+            options["target_nodes"] = client.get_node_from_key(self._epoch_key)
+        pattern = self._prefix + "*"
+        cursor: Any = 0
+        try:
+            while True:
+                reply = await client.execute_command(
+                    "SCAN", cursor, "MATCH", pattern, "COUNT", 1000, **options
+                )
+                cursor, found = reply
+                if isinstance(cursor, dict):  # a Cluster client: {node name: cursor}
+                    (cursor,) = cursor.values()
+                if found:
+                    await client.execute_command("DEL", *found)
+                if int(cursor) == 0:
+                    return
+        except _REDIS_ERRORS as exc:
+            self._cache_failure(exc)
 
     async def cleanup_expired(self) -> int:
         return await self._durable_call(  # type: ignore[no-any-return]
