@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from fleetmem import OutcomeUnknownError, StoreClosedError, open_store
+from fleetmem import ConfigurationError, OutcomeUnknownError, StoreClosedError, open_store
 from fleetmem.backends.hybrid import HybridStore
 from fleetmem.testing import connected_store
 from fleetmem.testing.servers import PostgresServer, RedisServer, find_free_port
@@ -307,6 +307,20 @@ async def test_settings_select_the_hybrid(
     async with open_store() as store:
         assert store.backend == "hybrid"
         assert store.namespace == fleetmem_namespace
+
+
+async def test_a_cache_url_that_can_never_work_is_refused_not_ridden_out(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+) -> None:
+    # A dead Redis is an outage the hybrid rides out on PostgreSQL; a database index the server
+    # does not have is a mistake in the URL that no retry mends: opening says so.
+    wrong_db = fleetmem_redis_server.url.rsplit("/", 1)[0] + "/99"
+    with pytest.raises(ConfigurationError, match="no database 99"):
+        await open_store(
+            hybrid=(fleetmem_postgres_server.dsn, wrong_db), namespace=fleetmem_namespace
+        )
 
 
 async def test_health_reports_a_dead_cache_without_raising(

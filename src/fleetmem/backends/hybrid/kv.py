@@ -504,6 +504,10 @@ class HybridKV(KVBackend):
             try:
                 await asyncio.wait_for(self._cache.connect(), give_up - time.monotonic())
                 break
+            except ConfigurationError:
+                # A cache URL that can never work (a database index the server does not have,
+                # a bad option) is a mistake to report, not an outage to ride out.
+                raise
             except Exception as exc:  # the cache is optional: degrade, never fail
                 if _timed_out(exc) and time.monotonic() < give_up - self._deadline:
                     continue
