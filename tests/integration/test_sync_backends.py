@@ -172,7 +172,7 @@ def test_close_ends_the_thread_and_later_calls_raise(
         view.clear()
         store.clear()
     assert store.closed and view.closed
-    assert _loop_threads() == before
+    assert _loop_threads() <= before
     with pytest.raises(StoreClosedError):
         store.get("k")
     with pytest.raises(StoreClosedError):
@@ -195,7 +195,7 @@ def test_an_unreachable_server_raises_and_leaves_no_thread(url: str) -> None:
     with pytest.raises(BackendUnavailableError) as caught:
         open_store(url, namespace="unreachable")
     assert "127.0.0.1" in str(caught.value) or "connect" in str(caught.value)
-    assert _loop_threads() == before
+    assert _loop_threads() <= before
     assert time.monotonic() - started < 60
 
 

@@ -367,7 +367,7 @@ def test_close_is_idempotent_final_and_ends_the_loop_thread(url: str) -> None:
     store.close()
     store.close()
     assert store.closed is True
-    assert _loop_threads() == before  # joined, not left running
+    assert _loop_threads() <= before  # joined, not left running
     health = store.health()  # never raises
     assert health.ok is False and health.details["error"] == "store is closed"
 
@@ -378,7 +378,7 @@ def test_the_context_manager_closes_also_on_error(url: str) -> None:
         assert store.set("k", 1).version == 1
         store.ttl("missing")
     assert store.closed is True
-    assert _loop_threads() == before
+    assert _loop_threads() <= before
 
 
 def test_closing_while_other_threads_call(url: str) -> None:
@@ -422,7 +422,7 @@ def test_concurrent_closes_all_return_once_closed(url: str) -> None:
     for t in closers:
         t.join(60)
     assert done == [True, True, True]
-    assert _loop_threads() == before
+    assert _loop_threads() <= before
 
 
 def test_views_share_the_loop_and_close_alone(url: str, fleetmem_namespace: str) -> None:
@@ -447,7 +447,7 @@ def test_views_share_the_loop_and_close_alone(url: str, fleetmem_namespace: str)
         other.get("k")
     other.close()  # closing a view of a closed store is a no-op
     assert other.health().ok is False
-    assert _loop_threads() == before
+    assert _loop_threads() <= before
 
 
 def test_wrap_runs_a_store_built_by_its_constructor(tmp_path: Path) -> None:
@@ -473,7 +473,7 @@ def test_a_failed_open_raises_and_leaves_no_thread(args: dict[str, Any], message
     before = _loop_threads()
     with pytest.raises(ConfigurationError, match=message):
         open_store(**args)
-    assert _loop_threads() == before
+    assert _loop_threads() <= before
 
 
 def test_a_bad_namespace_raises_the_async_error(url: str) -> None:
@@ -491,7 +491,7 @@ def test_a_forgotten_store_is_closed_when_collected(url: str) -> None:
     with pytest.warns(ResourceWarning, match="unclosed fleetmem.sync.SyncStore"):
         _open_and_forget(url)
         gc.collect()
-    assert _wait_for(lambda: _loop_threads() == before), _loop_threads() - before
+    assert _wait_for(lambda: _loop_threads() <= before), _loop_threads() - before
 
 
 def _python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
