@@ -39,5 +39,15 @@ def test_docs_relative_links_resolve(page: str) -> None:
     for link in _links(path):
         if link.startswith(("https://", "http://", "#", "mailto:")):
             continue
-        target = link.split("#", 1)[0]
-        assert (path.parent / target).exists(), f"{page} links to a missing file: {link}"
+        target, _, anchor = link.partition("#")
+        file = (path.parent / target) if target else path
+        assert file.exists(), f"{page} links to a missing file: {link}"
+        if anchor and file.suffix == ".md":
+            assert anchor in _anchors(file), f"{page} links to a missing heading: {link}"
+
+
+def _anchors(path: Path) -> set[str]:
+    """The anchors a Markdown renderer gives the headings of ``path`` (GitHub's rule)."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
