@@ -217,7 +217,7 @@ def test_db_command(
     assert migrate.run_db_command(["downgrade", "--url", dsn, "base"]) == 0
     capsys.readouterr()
     assert migrate.current(dsn) is None
-    assert migrate.run_db_command(["upgrade", "--url", dsn, "--table", "Bad"]) == 1
+    assert migrate.run_db_command(["upgrade", "--url", dsn, "--table", "Bad"]) == 2
     assert "invalid table name" in capsys.readouterr().err
 
 
