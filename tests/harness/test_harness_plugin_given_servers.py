@@ -88,19 +88,22 @@ def _inner_run(
 
 
 async def _redis_keys_of(url: str, namespace: str) -> list[bytes]:
-    """The keys of ``namespace``'s own data (``fm:{ns}:...``)."""
+    """Every key naming ``namespace``: its data (``fm:{ns}:...``) and the hybrid's copies and
+    epochs (``fmh:{ns}:...``)."""
     client = redis.Redis.from_url(url)
     try:
-        return [key async for key in client.scan_iter(match=f"fm:{{{namespace}}}:*")]
+        return [key async for key in client.scan_iter(match=f"*{{{namespace}}}*")]
     finally:
         await client.aclose()
 
 
 async def _postgres_rows_of(dsn: str, namespace: str) -> int:
+    """Rows of ``namespace``, and rows of fleetmem's own naming it (the hybrid's epoch)."""
     conn = await asyncpg.connect(dsn)
     try:
         count: int = await conn.fetchval(
-            "SELECT count(*) FROM fleetmem.entries WHERE namespace = $1", namespace
+            "SELECT count(*) FROM fleetmem.entries WHERE namespace = $1 OR strpos(key, $1) > 0",
+            namespace,
         )
         return count
     finally:

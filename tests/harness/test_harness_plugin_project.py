@@ -18,7 +18,8 @@ pytest_plugins = ["pytester"]
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "testing.md"
 
-#: The README's "Testing your own agents" example; ``MyStore`` is the in-memory store.
+#: The README's "Testing your own agents" example (checked below to be the README's and
+#: docs/testing.md's); ``MyStore`` is the in-memory store.
 README_SNIPPET = """
 import pytest_asyncio
 from fleetmem.testing import connected_store
@@ -109,7 +110,10 @@ def test_readme_example_passes_in_a_project_without_configuration(
     _assert_clean_pass(result, int(collected.group(1)))
 
 
-def test_docs_testing_md_holds_the_readme_example() -> None:
+def test_the_readme_and_docs_testing_md_show_this_example() -> None:
+    readme = (DOCS.parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Testing your own agents") :]
+    assert _python_blocks(section)[0].strip() == README_SNIPPET.strip()
     blocks = [b.strip() for b in _python_blocks(DOCS.read_text())]
     assert README_SNIPPET.strip() in blocks
 
