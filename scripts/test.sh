@@ -3,8 +3,8 @@
 # Integration tests start their own PostgreSQL and Redis servers (see docs/testing.md);
 # FLEETMEM_REQUIRE_SERVERS=1 turns a missing server into a failure instead of a skip.
 # Arguments go to pytest. Without a Docker engine the container tests (marker 'docker') are
-# deselected: a marker expression given here (-m EXPR, -mEXPR or -m=EXPR; the last one counts,
-# as in pytest) becomes '(EXPR) and not docker' rather than being replaced.
+# deselected: a marker expression given here (-m EXPR, -mEXPR, -m=EXPR, or after other flags
+# as in -xm EXPR; the last one counts, as in pytest) becomes '(EXPR) and not docker'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -32,7 +32,22 @@ without_docker_tests() {
                 ;;
             -m=*) expr=${arg#-m=} ;;
             -m?*) expr=${arg#-m} ;;
-            *) out+=("$arg") ;;
+            *)
+                # -m bundled after flags that take no value (-xm EXPR, -xmEXPR, -qvm EXPR).
+                if [[ $arg =~ ^-([xsqvl]+)m(.*)$ ]]; then
+                    out+=("-${BASH_REMATCH[1]}")
+                    if [[ -n ${BASH_REMATCH[2]} ]]; then
+                        expr=${BASH_REMATCH[2]}
+                    elif (($#)); then
+                        expr=$1
+                        shift
+                    else
+                        out+=(-m)  # pytest reports the missing value
+                    fi
+                else
+                    out+=("$arg")
+                fi
+                ;;
         esac
     done
     if [[ -n "${expr//[[:space:]]/}" ]]; then

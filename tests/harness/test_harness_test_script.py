@@ -67,6 +67,9 @@ def _pytest_args(tmp_path: Path, *args: str, docker: bool = False) -> list[str]:
             ["-m", "(not slow) and not docker", "-x", "-k", "redis", "tests/unit"],
         ),
         (["-k", "not slow", "-q"], ["-m", "not docker", "-k", "not slow", "-q"]),
+        (["-xm", "not slow"], ["-m", "(not slow) and not docker", "-x"]),
+        (["-qvmslow", "-k", "x"], ["-m", "(slow) and not docker", "-qv", "-k", "x"]),
+        (["-xs"], ["-m", "not docker", "-xs"]),
         (["--", "-m"], ["-m", "not docker", "--", "-m"]),  # after --, a file name
         (["-m"], ["-m", "not docker", "-m"]),  # pytest reports the missing value
     ],
