@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from fleetmem.errors import ConfigurationError
 
@@ -29,7 +29,10 @@ HYBRID_OPTIONS: dict[str, type] = {
     "allow_stale_reads": bool,
 }
 _CACHE_SCHEMES = ("redis", "rediss", "unix")
-_EMBEDDED_PASSWORD = re.compile(r"(://[^:/?#@&]*):[^@/?#&]*@")
+# A password written with an unencoded ``/``, ``?`` or ``#`` ends the URL's authority early for
+# ``urlsplit``; for redaction, everything from the user's ``:`` to the next ``@`` is the password.
+_LOOSE_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*):[^@]*@")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -46,33 +49,37 @@ def redact_url(url: str) -> str:
         try:
             return split_hybrid_url(url).redacted()
         except ConfigurationError:
-            return _redact_embedded(_redact_one(url))
+            return _hybrid_head(url)
     return _redact_one(url)
 
 
-def _redact_embedded(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@`` in it replaced."""
-    return _EMBEDDED_PASSWORD.sub(r"\1:***@", text)
+def _hybrid_head(url: str) -> str:
+    """A hybrid URL that could not be parsed, safe to print: its PostgreSQL part without a
+    password and without parameters (the cache URL may be among them, percent-encoded)."""
+    head, qmark, _ = url.partition("?")
+    return _redact_one(head) + ("?..." if qmark else "")
 
 
 def _redact_one(url: str) -> str:
-    """One URL (not a hybrid's pair) with its password replaced by ``***``."""
+    """One URL (not a hybrid's pair) with its password replaced by ``***``, and otherwise
+    exactly as written (``sqlite:////abs/path.db`` keeps its four slashes)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
+    out = url
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hostinfo = netloc.rpartition("@")
         user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hostinfo}" if has_password else f"{user}@{hostinfo}"
-    query = parts.query
-    if "password=" in query.lower():
-        query = "&".join(
-            "password=***" if item.lower().startswith("password=") else item
-            for item in query.split("&")
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        if has_password:
+            out = out.replace(netloc, f"{user}:***@{hostinfo}", 1)
+    elif "@" in url:
+        # ``postgresql://u:pa/ss@host/db``: the password's ``/`` cut the authority short.
+        out = _LOOSE_PASSWORD.sub(r"\1:***@", out, count=1)
+    if "password=" in parts.query.lower() or "password=" in out.lower():
+        out = _QUERY_PASSWORD.sub(r"\1***", out)
+    return out
 
 
 def hide_passwords(text: str, url: str | None) -> str:
@@ -139,7 +146,7 @@ def _option(name: str, text: str, url: str) -> Any:
         except ValueError:
             pass
     raise ConfigurationError(
-        f"invalid {name}={text!r} in the hybrid URL {_redact_embedded(_redact_one(url))}: "
+        f"invalid {name}={text!r} in the hybrid URL {_hybrid_head(url)}: "
         "expected a " + ("boolean (true or false)" if kind is bool else "number of seconds")
     )
 
@@ -165,14 +172,14 @@ def split_hybrid_url(url: str) -> HybridURL:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in HYBRID_SCHEMES:
         raise ConfigurationError(
-            f"not a hybrid URL: {_redact_embedded(_redact_one(url))!r} (expected hybrid+postgresql://...)"
+            f"not a hybrid URL: {_hybrid_head(url)!r} (expected hybrid+postgresql://...)"
         )
     durable_scheme = scheme.lower().removeprefix("hybrid+")
     location, qmark, query = rest.partition("?")
     found = re.search(r"(?:^|&)cache=", query) if qmark else None
     if found is None:
         raise ConfigurationError(
-            f"the hybrid URL {_redact_embedded(_redact_one(url))} has no cache=: add the Redis "
+            f"the hybrid URL {_hybrid_head(url)} has no cache=: add the Redis "
             "cache's URL, as in "
             "hybrid+postgresql://user@host:5432/db?cache=redis://host:6379/0"
         )

@@ -129,8 +129,6 @@ def has_password(url: str) -> bool:
 def redact(url: str) -> str:
     """``url`` with every password replaced by ``***`` (both of a hybrid URL's); ``url``
     itself, as written, when it shows none."""
-    if "@" not in url and "password=" not in url.lower():
-        return url
     return redact_url(url)
 
 

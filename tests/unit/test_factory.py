@@ -20,7 +20,7 @@ from fleetmem import (
     MissingDependencyError,
     open_store,
 )
-from fleetmem._urls import redact_url
+from fleetmem._urls import redact_url, split_hybrid_url
 
 
 async def test_open_store_memory_is_awaitable_and_a_context_manager() -> None:
@@ -231,7 +231,6 @@ def test_hide_passwords_in_a_driver_message() -> None:
 def test_split_hybrid_url(
     url: str, postgres_url: str, cache_url: str, options: dict[str, object]
 ) -> None:
-    from fleetmem._urls import split_hybrid_url
 
     parts = split_hybrid_url(url)
     assert (parts.postgres_url, parts.cache_url, parts.options) == (
@@ -250,6 +249,54 @@ def test_redact_url_hides_both_passwords_of_a_hybrid_url() -> None:
     assert redact_url(encoded) == "hybrid+postgres://u:***@pg/db?cache=redis://:***@c/0"
     broken = "hybrid+postgresql://u:pg-secret@pg/db?x=redis://a:redis-secret@c"
     assert "secret" not in redact_url(broken)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # Nothing to hide: printed exactly as written, slashes and all.
+        ("sqlite:////var/lib/fleet/a.db", "sqlite:////var/lib/fleet/a.db"),
+        ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        # A password holding an unencoded "/" or "#" ends urlsplit's authority early.
+        ("postgresql://u:pa/ss-secret@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u:pa#ss-secret@h/db", "postgresql://u:***@h/db"),
+        ("unix://:secret@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+        ("redis://h/0?password=secret&x=1", "redis://h/0?password=***&x=1"),
+    ],
+)
+def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # The cache URL percent-encoded: no "@" or "password=" appears as written.
+        "hybrid+postgresql://127.0.0.1:1/db?cache=redis%3A%2F%2F%3Asecret99%40127.0.0.1%3A1%2F0",
+        "hybrid+postgresql://u@h/db?cache=redis://c:6379/0?password=secret99",
+    ],
+)
+def test_a_hybrid_urls_cache_password_never_shows(url: str) -> None:
+    from fleetmem._where import describe, redact
+
+    for shown in (redact_url(url), redact(url), describe(url)):
+        assert "secret99" not in shown and "***" in shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "hybrid+postgresql://u@h/db?cache=redis://c:6379/0?password=secret99&cache_ttl=abc",
+        "hybrid+postgresql://u@h/db?cache=redis%3A%2F%2F%3Asecret99%40c%2F0&cache_ttl=abc",
+        "hybrid+postgresql://u:secret99@h/db?password=secret99",
+    ],
+)
+def test_a_bad_hybrid_urls_error_shows_no_password(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        split_hybrid_url(url)
+    assert "secret99" not in str(info.value)
+    assert "secret99" not in redact_url(url)
 
 
 @pytest.mark.parametrize(
