@@ -64,3 +64,32 @@ def test_db_global_options_json_and_a_quiet_pipe(
     assert "nonexistent" in capsys.readouterr().err
     assert main(["db", "sql", "nonexistent"]) == 2
     assert "nonexistent" in capsys.readouterr().err
+
+
+def test_db_takes_a_hybrid_url_and_migrates_its_postgresql(
+    fleetmem_postgres_empty_database: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The cache is never contacted by a migration: an unreachable one shows that.
+    hybrid = f"hybrid+{fleetmem_postgres_empty_database}?cache=redis://127.0.0.1:1/0"
+    assert main(["--url", hybrid, "--json", "db", "upgrade"]) == 0
+    capsys.readouterr()
+    assert main(["--url", hybrid, "--json", "db", "current"]) == 0
+    assert json.loads(capsys.readouterr().out)["revision"] == migrate.HEAD_REVISION
+    monkeypatch.delenv("FLEETMEM_POSTGRES_URL", raising=False)
+    monkeypatch.setenv("FLEETMEM_URL", hybrid)
+    assert main(["--json", "db", "current"]) == 0
+    assert json.loads(capsys.readouterr().out)["revision"] == migrate.HEAD_REVISION
+    assert main(["db", "downgrade", "base"]) == 0
+
+
+def test_db_says_why_it_cannot_connect(capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetmem.testing.servers import find_free_port
+
+    closed = f"postgresql://fleet:s3cret@127.0.0.1:{find_free_port()}/db"
+    assert main(["db", "current", "--url", closed]) == 3
+    err = capsys.readouterr().err
+    assert "cannot connect to PostgreSQL at postgresql://fleet:***@127.0.0.1:" in err
+    assert err.rstrip().endswith("connection refused"), err
+    assert "s3cret" not in err and "ConnectionRefusedError" not in err

@@ -23,7 +23,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleetmem._urls import redact_url, url_scheme
+from fleetmem._urls import (
+    HYBRID_SCHEMES,
+    is_hybrid_url,
+    redact_url,
+    split_hybrid_url,
+    url_scheme,
+)
 from fleetmem.errors import ConfigurationError, MissingDependencyError
 
 __all__ = [
@@ -55,6 +61,8 @@ HEAD_REVISION = REVISIONS[-1]
 _IDENT_RE = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 _T = TypeVar("_T")
+#: Seconds to wait for a migration's connection to open (the alembic env.py waits as long).
+_CONNECT_TIMEOUT = 10.0
 
 
 def validate_identifier(name: object, what: str = "identifier") -> str:
@@ -152,6 +160,7 @@ def _off_loop(fn: Callable[[], _T]) -> _T:
 
 
 def _wrap_errors(fn: Callable[[], _T], dsn: str) -> _T:
+    from fleetmem.backends.postgres.connector import _cannot_connect
     from fleetmem.errors import BackendUnavailableError, FleetmemError
 
     try:
@@ -159,10 +168,15 @@ def _wrap_errors(fn: Callable[[], _T], dsn: str) -> _T:
     except FleetmemError:
         raise
     except (OSError, asyncio.TimeoutError) as exc:
-        raise BackendUnavailableError(
-            f"cannot reach PostgreSQL at {redact_url(dsn)}: {type(exc).__name__}"
-        ) from exc
+        # The migration's connection could not be opened: say why, as the store does.
+        raise _cannot_connect(exc, redact_url(dsn), dsn, _CONNECT_TIMEOUT) from exc
     except Exception as exc:
+        state = getattr(exc, "sqlstate", None) or ""
+        if type(exc).__module__.startswith("asyncpg") and (
+            state.startswith("28") or state == "3D000"
+        ):
+            # Authentication failed, or no such database: only opening a connection says that.
+            raise _cannot_connect(exc, redact_url(dsn), dsn, _CONNECT_TIMEOUT) from exc
         if type(exc).__module__.startswith(("asyncpg", "sqlalchemy")):
             raise BackendUnavailableError(
                 f"migration on {redact_url(dsn)} failed: {type(exc).__name__}: "
@@ -218,7 +232,7 @@ def current(
     async def read() -> str | None:
         import asyncpg
 
-        conn = await asyncpg.connect(dsn, timeout=10)
+        conn = await asyncpg.connect(dsn, timeout=_CONNECT_TIMEOUT)
         try:
             return await read_version(conn, schema=schema, table=table)
         finally:
@@ -343,15 +357,21 @@ def _fill_db_parser(db: argparse.ArgumentParser) -> None:
 
 
 def _resolve_url(given: str | None) -> str:
+    """The PostgreSQL URL to migrate: ``--url``, else ``FLEETMEM_POSTGRES_URL``, else a
+    PostgreSQL ``FLEETMEM_URL``. A hybrid URL names its durable tier's database."""
     if given:
-        return given
+        return _durable_url(given)
     import os
 
     for name in ("FLEETMEM_POSTGRES_URL", "FLEETMEM_URL"):
         value = os.environ.get(name)
-        if value and url_scheme(value) in ("postgres", "postgresql"):
-            return value
+        if value and url_scheme(value) in ("postgres", "postgresql", *HYBRID_SCHEMES):
+            return _durable_url(value)
     raise ConfigurationError("no PostgreSQL URL: pass --url or set FLEETMEM_POSTGRES_URL")
+
+
+def _durable_url(url: str) -> str:
+    return split_hybrid_url(url).postgres_url if is_hybrid_url(url) else url
 
 
 def _dispatch(args: argparse.Namespace) -> int:
