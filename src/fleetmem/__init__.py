@@ -7,7 +7,8 @@ coherent Redis-over-PostgreSQL hybrid, SQLite and memory. Start with :func:`open
 classes (``InMemoryStore`` too) and :class:`FleetmemSettings` (pydantic) are imported on first
 use (PEP 562), so a CLI call or a script pays only for the backend it opens. ``from fleetmem
 import PostgresStore`` works as usual; a missing driver raises
-:class:`MissingDependencyError` naming the extra to install.
+:class:`MissingDependencyError` naming the extra to install. The three classes whose drivers
+are extras are not in ``__all__``: ``from fleetmem import *`` imports no driver.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from fleetmem.factory import open_store
 from fleetmem.protocol import Entry, Health, MemoryStore, StoreStats
 
 if TYPE_CHECKING:
-    from fleetmem.backends.hybrid import HybridStore
+    from fleetmem.backends.hybrid import HybridStore as HybridStore
     from fleetmem.backends.memory import InMemoryStore
-    from fleetmem.backends.postgres import PostgresStore
-    from fleetmem.backends.redis import RedisStore
+    from fleetmem.backends.postgres import PostgresStore as PostgresStore
+    from fleetmem.backends.redis import RedisStore as RedisStore
     from fleetmem.backends.sqlite import SQLiteStore
     from fleetmem.settings import FleetmemSettings
 
@@ -51,7 +52,6 @@ __all__ = [
     "FleetmemError",
     "FleetmemSettings",
     "Health",
-    "HybridStore",
     "InMemoryStore",
     "InvalidArgumentError",
     "InvalidKeyError",
@@ -61,8 +61,6 @@ __all__ = [
     "MissingDependencyError",
     "NotANumberError",
     "OutcomeUnknownError",
-    "PostgresStore",
-    "RedisStore",
     "SQLiteStore",
     "SchemaVersionError",
     "SerializationError",
@@ -97,5 +95,11 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+#: Store classes whose drivers are optional extras: importable by name (``from fleetmem import
+#: PostgresStore``) but left out of ``__all__``, so that ``from fleetmem import *`` works on a
+#: base install and imports no driver.
+_OPTIONAL = ("HybridStore", "PostgresStore", "RedisStore")
+
+
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_OPTIONAL))

@@ -81,3 +81,14 @@ def test_every_public_name_resolves_and_is_listed() -> None:
         assert getattr(fleetmem, name) is not None
     assert fleetmem.InMemoryStore.__module__ == "fleetmem.backends.memory.store"
     assert fleetmem.FleetmemSettings is fleetmem.FleetmemSettings
+
+
+def test_star_import_loads_no_driver_and_the_optional_stores_stay_importable() -> None:
+    loaded = _modules_after(
+        "from fleetmem import *\n"
+        "assert 'open_store' in dir() and 'MissingDependencyError' in dir()\n"
+        "assert 'PostgresStore' not in dir()\n"
+        "import fleetmem\n"
+        "assert {'PostgresStore', 'RedisStore', 'HybridStore'} <= set(dir(fleetmem))"
+    )
+    assert sorted(loaded.intersection({"asyncpg", "redis", "hiredis"})) == []
