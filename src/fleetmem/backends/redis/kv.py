@@ -40,8 +40,9 @@ may evict fleetmem's keys (anything but ``noeviction``) unless ``allow_eviction=
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern, prefix_upper_bound
@@ -97,6 +98,25 @@ _REGISTRY_SET = _REGISTRY + b"ns"
 #: Seconds a process trusts its own registration of a namespace: within them its writes to
 #: that namespace do not register it again.
 REGISTRATION_TRUST = 300.0
+
+
+def _boot_clock() -> Callable[[], float]:
+    """The clock that measures the trust: ``CLOCK_BOOTTIME`` where there is one (Linux), which
+    keeps counting while the machine is suspended, unlike ``time.monotonic()`` there (a process
+    woken from a long suspend would otherwise trust a registration that the registry may have
+    dropped in the meantime); ``time.monotonic()`` elsewhere (it counts suspends on macOS)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is None:
+        return time.monotonic
+    try:
+        time.clock_gettime(boottime)
+    except OSError:  # pragma: no cover - a kernel without it
+        return time.monotonic
+    return functools.partial(time.clock_gettime, boottime)
+
+
+#: Seconds on the clock that measures :data:`REGISTRATION_TRUST` (see :func:`_boot_clock`).
+_trust_clock = _boot_clock()
 #: Milliseconds a namespace must stay suspected of being empty (on the registry's server
 #: clock) before a listing may drop it from the registry: three times the trust, so that no
 #: writer still trusts a registration made before the suspicion.
@@ -141,7 +161,7 @@ class RedisKV(KVBackend):
         super().__init__(namespace=namespace)
         #: Shared by every view: the client and what connect() learnt live there.
         self._connector = connector
-        #: Shared by every view: namespace -> time.monotonic() when this process last sent
+        #: Shared by every view: namespace -> ``_trust_clock()`` when this process last sent
         #: its registration (see :meth:`namespaces`).
         self._registered: dict[str, float] = {}
         self._bind_namespace()
@@ -315,7 +335,7 @@ class RedisKV(KVBackend):
     def _trusted(self) -> bool:
         """Whether this process registered the namespace less than REGISTRATION_TRUST ago."""
         sent = self._registered.get(self._namespace)
-        return sent is not None and time.monotonic() - sent < REGISTRATION_TRUST
+        return sent is not None and _trust_clock() - sent < REGISTRATION_TRUST
 
     async def _register(self) -> None:
         """Add the namespace to the registry (and lift any suspicion of it being empty), before
@@ -323,7 +343,7 @@ class RedisKV(KVBackend):
         name = self._namespace
         if name.startswith(RESERVED_NAMESPACE_PREFIX):
             return
-        sent = time.monotonic()
+        sent = _trust_clock()
         await self._connector.call(_NS_REGISTER, (_REGISTRY,), name, write=False)
         self._registered[name] = sent
 
