@@ -15,6 +15,7 @@ import pytest
 
 from fleetmem.backends.redis import RedisStore
 from fleetmem.backends.redis import kv as redis_kv
+from fleetmem.errors import FleetmemError
 
 pytestmark = pytest.mark.redis
 
@@ -158,3 +159,117 @@ def test_the_trust_is_measured_on_a_clock_that_counts_a_suspend() -> None:
     assert getattr(clock, "func", None) is time.clock_gettime
     assert clock.args == (time.CLOCK_BOOTTIME,)
     assert abs(clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 5.0
+
+
+MARKER = b"fm:{_fleetmem}:nsm"
+
+
+async def _write(store: RedisStore, key: str, value: Any) -> None:
+    """``store.set``, again while the connection to a restarted server is being replaced."""
+    for _ in range(50):
+        try:
+            await store.set(key, value)
+            return
+        except FleetmemError:
+            await asyncio.sleep(0.1)
+    await store.set(key, value)
+
+
+async def test_data_written_before_the_registry_existed_is_listed(
+    fleetmem_redis_factory: Any,
+) -> None:
+    server = fleetmem_redis_factory()
+    old = await _store(server, "legacy")
+    lister = await _store(server, "lister")
+    raw = aioredis.Redis.from_url(server.url)
+    try:
+        await old.set("k", 1)
+        await old.with_namespace("legacy.two").set("k", 2, ttl=3600)
+        # An entry key that looks like a counts key does not name a namespace.
+        await old.with_namespace("legacy.two").set("x}:c", 3)
+        # What an older fleetmem leaves: the entries, their index and counts; no registry.
+        await raw.delete(REGISTRY, SUSPECTS, MARKER)
+        assert await lister.with_namespace("legacy").get("k") == 1
+        assert await lister.namespaces() == ["legacy", "legacy.two"]
+        assert await raw.get(MARKER) is not None  # backfilled once per server run
+    finally:
+        await raw.aclose()
+        await old.close()
+        await lister.close()
+
+
+async def test_a_write_after_a_restart_without_persistence_is_listed(
+    fleetmem_redis_factory: Any,
+) -> None:
+    server = fleetmem_redis_factory()  # no AOF, no snapshot: a restart loses everything
+    writer = await _store(server, "agents")
+    lister = await _store(server, "lister")
+    try:
+        # The restart comes before any listing: the writer still trusts its registration.
+        await writer.set("a", 1)
+        server.restart()
+        await _write(writer, "b", 2)
+        assert await lister.with_namespace("agents").get("b") == 2
+        assert await lister.namespaces() == ["agents"]
+        # The restart comes between a listing (registry marked complete) and the write.
+        server.restart()
+        assert await _namespaces(lister) == []
+        await _write(writer, "c", 3)
+        assert await lister.namespaces() == ["agents"]
+    finally:
+        await writer.close()
+        await lister.close()
+
+
+async def _namespaces(store: RedisStore) -> list[str]:
+    for _ in range(50):
+        try:
+            return await store.namespaces()
+        except FleetmemError:
+            await asyncio.sleep(0.1)
+    return await store.namespaces()
+
+
+async def test_a_registration_lost_by_a_failover_of_the_registry_is_found_again(
+    fleetmem_redis_factory: Any,
+) -> None:
+    server = fleetmem_redis_factory()
+    writer = await _store(server, "agents")
+    lister = await _store(server, "lister")
+    raw = aioredis.Redis.from_url(server.url)
+    try:
+        await writer.set("a", 1)
+        assert await lister.namespaces() == ["agents"]
+        # A failover of the registry's node (its own slot on a Cluster) that lost the
+        # registration but not the entry: the marker replicated from the old primary names
+        # the old primary's run_id.
+        await raw.zrem(REGISTRY, "agents")
+        await raw.set(MARKER, "0" * 40)
+        await writer.set("b", 2)  # trusted: not registered again
+        assert await lister.namespaces() == ["agents"]
+    finally:
+        await raw.aclose()
+        await writer.close()
+        await lister.close()
+
+
+async def test_concurrent_listings_after_a_lost_registry_agree(
+    fleetmem_redis_factory: Any,
+) -> None:
+    server = fleetmem_redis_factory()
+    writer = await _store(server, "w")
+    raw = aioredis.Redis.from_url(server.url)
+    names = [f"n{i:03d}" for i in range(40)]
+    try:
+        await asyncio.gather(*(writer.with_namespace(n).set("k", 1) for n in names))
+        await raw.delete(REGISTRY, SUSPECTS, MARKER)
+        listers = [await _store(server, f"l{i}") for i in range(4)]
+        try:
+            answers = await asyncio.gather(*(lister.namespaces() for lister in listers))
+        finally:
+            for lister in listers:
+                await lister.close()
+        assert answers == [names] * 4
+    finally:
+        await raw.aclose()
+        await writer.close()

@@ -5,7 +5,10 @@ It owns everything that is about talking to Redis rather than about what is stor
 * the client: made from a URL and options (standalone or Cluster, found out on ``connect()``)
   or injected, then never closed by fleetmem; its connections pack commands in C when hiredis
   is there (:func:`pack_command` is the same packer, in Python without hiredis) and, for the
-  hybrid tier, learn their server's ``run_id`` (:meth:`RedisConnector.track_run_ids`);
+  hybrid tier, learn their server's ``run_id`` (:meth:`RedisConnector.track_run_ids`); a new
+  connection that reaches another server run (a restart, a failover) is told to listeners
+  (:meth:`RedisConnector.on_new_server_run`: the key-value backend registers its namespaces
+  again); :meth:`RedisConnector.scan_keys` walks the keyspace (every primary of a Cluster);
 * the check of the server's ``maxmemory-policy`` on ``connect()`` (unless ``allow_eviction``);
 * ONE choke point, :meth:`RedisConnector.execute`: every command runs there under a deadline
   (``timeout``, default 2 s) with redis-py's own retry switched off. Reads, and writes that
@@ -35,6 +38,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import AsyncIterator, Callable
 from itertools import compress, repeat
 from typing import Any
 
@@ -165,13 +169,19 @@ class _TracksRunId(AbstractConnection):
     async def _connected(self, *args: Any, **kwargs: Any) -> None:
         self.fleetmem_run_id = None
         await getattr(super(), _CONNECT_HOOK)(*args, **kwargs)
-        await self.send_command("INFO", "server", check_health=False)
-        try:
-            info = await self.read_response()
-        except rexc.ResponseError:  # INFO not allowed for this user: no run_id
-            return
-        found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
-        self.fleetmem_run_id = found.group(1) if found else None
+        self.fleetmem_run_id = await _ask_run_id(self)
+
+
+async def _ask_run_id(conn: Any) -> bytes | None:
+    """The ``run_id`` of the server at the other end of the new connection ``conn`` (None when
+    ``INFO`` is refused or says none)."""
+    await conn.send_command("INFO", "server", check_health=False)
+    try:
+        info = await conn.read_response()
+    except rexc.ResponseError:  # INFO not allowed for this user: no run_id
+        return None
+    found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
+    return found.group(1) if found else None
 
 
 setattr(_TracksRunId, _CONNECT_HOOK, _TracksRunId._connected)
@@ -305,6 +315,9 @@ class RedisConnector:
         self._functions = True
         #: Connections learn their server's run_id (see ``track_run_ids``).
         self._track_run_id = False
+        #: Called on a new server run (see ``on_new_server_run``); the run_id last learnt.
+        self._run_listeners: list[Callable[[], None]] = []
+        self._server_run_id: bytes | None = None
         #: How scripts are called: FCALL, EVALSHA, or UNDECIDED until the kind of server is
         #: known (see ``_refresh_form``, the one place that decides).
         self.form = UNDECIDED
@@ -409,11 +422,52 @@ class RedisConnector:
                 pool.connection_class = _in_front(_PackInC, pool.connection_class)
             if self._track_run_id:
                 pool.connection_class = _in_front(_TracksRunId, pool.connection_class)
+            if self._run_listeners:
+                pool.connection_kwargs["redis_connect_func"] = self._connection_made
             return client
         except (ValueError, TypeError, rexc.RedisError) as exc:
             raise ConfigurationError(
                 f"invalid Redis URL or option for {redact_url(self._url)!r}: {type(exc).__name__}"
             ) from None
+
+    async def _connection_made(self, conn: Any) -> None:
+        """Set up a new connection as redis-py would (AUTH, SELECT...), then learn its server's
+        run_id (one ``INFO``; the hybrid's connections learnt it already) and tell
+        :meth:`_saw_run_id`. Installed as the pool's ``redis_connect_func`` (the connection
+        class stays redis-py's) once a listener wants it (see :meth:`on_new_server_run`)."""
+        await getattr(conn, _CONNECT_HOOK)()
+        if isinstance(conn, _TracksRunId):
+            run_id = conn.fleetmem_run_id
+        else:
+            run_id = await _ask_run_id(conn)
+        self._saw_run_id(run_id)
+
+    def _saw_run_id(self, run_id: bytes | None) -> None:
+        """A new connection learnt its server's run_id: tell the listeners when it is not the
+        one the last connection learnt (a restart or a failover), or unknown (INFO refused:
+        every new connection may then be to a new server run)."""
+        previous, self._server_run_id = self._server_run_id, run_id
+        if run_id is None or (previous is not None and previous != run_id):
+            for listener in self._run_listeners:
+                listener()
+
+    def on_new_server_run(self, listener: Callable[[], None]) -> bool:
+        """Have ``listener`` called whenever a new connection of this connector reaches a
+        server run other than the last one seen (a restart, a failover), or one whose run_id
+        it cannot read (``INFO`` refused): state that the server may have lost with a restart
+        without persistence is then to be forgotten. It runs in the connection's setup, before
+        the command that made the connection is sent. Costs one ``INFO`` per connection made,
+        never per command. Only for a standalone client this connector makes from its URL:
+        False (the listener is kept but never called) for an injected client or a Cluster."""
+        self._run_listeners.append(listener)
+        if self._url is None or self._cluster:
+            return False
+        if self._client is not None:
+            # Made, perhaps not used yet: the connections the pool makes from now on tell.
+            self._client.connection_pool.connection_kwargs["redis_connect_func"] = (
+                self._connection_made
+            )
+        return True
 
     def track_run_ids(self) -> bool:
         """Have every connection of a standalone client made from now on learn its server's
@@ -764,6 +818,40 @@ class RedisConnector:
                 f"it may or may not have been applied: {detail}"
             )
         return BackendUnavailableError(f"Redis ({where}) unavailable during {name}: {detail}")
+
+    async def scan_keys(self, match: bytes, *, count: int = 1000) -> AsyncIterator[list[bytes]]:
+        """The keys matching the glob ``match``, a ``SCAN`` page at a time (on a Cluster, on
+        every primary known now, one after the other). ``SCAN``'s guarantee holds: a key that
+        exists for the whole walk is returned (maybe twice); one made or deleted meanwhile may
+        or may not be; on a Cluster, a key whose slot migrates during the walk may be missed.
+        Each page is a read, retried and translated like :meth:`execute`'s."""
+        if self._client is None:
+            await self.connect()
+        if not self._cluster:
+            cursor: Any = 0
+            while True:
+                cursor, keys = await self.execute(
+                    False, "SCAN", cursor, "MATCH", match, "COUNT", count
+                )
+                yield list(keys)
+                if int(cursor) == 0:
+                    return
+        for node in list(self._client.get_primaries()):
+            cursor = 0
+            while True:
+                try:
+                    cursors, keys = await asyncio.wait_for(
+                        self._client.scan(
+                            cursor=cursor, match=match, count=count, target_nodes=node
+                        ),
+                        self._timeout,
+                    )
+                except Exception as exc:
+                    raise self.unavailable("SCAN", exc) from exc
+                yield list(keys)
+                cursor = cursors[node.name]
+                if int(cursor) == 0:
+                    break
 
     async def call(self, script: Script, keys: tuple[bytes, ...], *args: Any, write: bool) -> Any:
         """Run ``script`` (of this connector's library) on ``keys`` with ``args``, as a function

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -89,12 +90,21 @@ _EXPIRE, _SCAN = SCRIPTS["expire"], SCRIPTS["scan"]
 _CLEAR, _PRUNE = SCRIPTS["clear"], SCRIPTS["prune"]
 _NS_LIVE, _NS_REGISTER = SCRIPTS["ns_live"], SCRIPTS["ns_register"]
 _NS_SUSPECT, _NS_FORGET = SCRIPTS["ns_suspect"], SCRIPTS["ns_forget"]
+_NS_READY, _NS_BACKFILL = SCRIPTS["ns_ready"], SCRIPTS["ns_backfill"]
 
-#: KEYS of the namespace registry's scripts: ``fm:{_fleetmem}:ns`` (a sorted set of the names)
-#: and ``fm:{_fleetmem}:nsq`` (names a listing found empty), in a slot of their own. No user
+#: KEYS of the namespace registry's scripts: ``fm:{_fleetmem}:ns`` (a sorted set of the names),
+#: ``fm:{_fleetmem}:nsq`` (names found empty) and ``fm:{_fleetmem}:nsm`` (the marker of a
+#: complete registry, see :meth:`RedisKV._complete_registry`), in a slot of their own. No user
 #: namespace can be ``_fleetmem``, so no namespace's keys share that prefix.
 _REGISTRY = b"fm:{_fleetmem}:"
 _REGISTRY_SET = _REGISTRY + b"ns"
+#: The one key every namespace holding an indexed entry has (its counts hash), as a ``SCAN``
+#: pattern and as the exact shape a match must have (an entry key such as
+#: ``fm:{a}:e:x}:c`` matches the pattern too; namespace names never hold a brace).
+_COUNTS_PATTERN = b"fm:{*}:c"
+_COUNTS_KEY = re.compile(rb"fm:\{([A-Za-z0-9_.-]{1,64})\}:c")
+#: Names per ``ns_backfill`` call.
+_BACKFILL_BATCH = 1000
 #: Seconds a process trusts its own registration of a namespace: within them its writes to
 #: that namespace do not register it again.
 REGISTRATION_TRUST = 300.0
@@ -164,6 +174,7 @@ class RedisKV(KVBackend):
         #: Shared by every view: namespace -> ``_trust_clock()`` when this process last sent
         #: its registration (see :meth:`namespaces`).
         self._registered: dict[str, float] = {}
+        connector.on_new_server_run(self._forget_registrations)
         self._bind_namespace()
 
     @classmethod
@@ -337,6 +348,14 @@ class RedisKV(KVBackend):
         sent = self._registered.get(self._namespace)
         return sent is not None and _trust_clock() - sent < REGISTRATION_TRUST
 
+    def _forget_registrations(self) -> None:
+        """The connector reached a new server run (a restart, a failover): the registry may
+        have lost what this process registered, so every namespace is registered again, after
+        the write in flight (it went out on the new connection) and before the next one. Not
+        on a Cluster, whose registry node this process rarely talks to: there a listing sees
+        that node's new run_id and backfills (see :meth:`_complete_registry`)."""
+        self._registered.clear()
+
     async def _register(self) -> None:
         """Add the namespace to the registry (and lift any suspicion of it being empty), before
         a write that may create its first entry. Idempotent, so retried like a read."""
@@ -370,6 +389,45 @@ class RedisKV(KVBackend):
         except FleetmemError:
             pass
 
+    async def _complete_registry(self) -> None:
+        """Make the registry hold every namespace that holds an entry, if it may not (one
+        ``ns_ready`` call otherwise).
+
+        The registry is complete once a listing has backfilled it on the server run that holds
+        it: its marker ``fm:{_fleetmem}:nsm`` holds that server's ``run_id``. A missing marker
+        means data written before the registry existed (or by an older fleetmem in a rolling
+        deploy), a restart without persistence, or a ``FLUSHDB``; another run_id means a
+        restart or a failover of the registry's server, which may have lost registrations that
+        the entries' servers kept (on a Cluster they are different nodes). Then ``SCAN`` finds
+        the counts key ``fm:{<ns>}:c`` that every namespace holding an indexed entry has (on
+        every primary), the names are registered, and only then is the marker set: a
+        concurrent listing that sees the marker sees those names; one that does not backfills
+        too (the calls are idempotent). A namespace emptied meanwhile is pruned as usual. The
+        cost is one walk of the keyspace per server run (about a second per million keys),
+        paid by the first listing after it.
+
+        Left open: a namespace whose first entry is written during the walk, after the cursor
+        passed its slot, by a process that still trusts a registration the registry lost. On a
+        standalone server that is only a ``FLUSHDB`` (a restart makes the writer forget its
+        registrations, see :meth:`_forget_registrations`); the namespace is listed once that
+        process writes to it again after its trust ran out, or at the next backfill.
+        """
+        connector = self._connector
+        run = await connector.call(_NS_READY, (_REGISTRY,), write=False)
+        if not run:
+            return
+        reserved = RESERVED_NAMESPACE_PREFIX.encode()
+        names: list[bytes] = []
+        async for page in connector.scan_keys(_COUNTS_PATTERN):
+            for key in page:
+                found = _COUNTS_KEY.fullmatch(key)
+                if found is not None and not found.group(1).startswith(reserved):
+                    names.append(found.group(1))
+            if len(names) >= _BACKFILL_BATCH:
+                await connector.call(_NS_BACKFILL, (_REGISTRY,), b"", *names, write=False)
+                names = []
+        await connector.call(_NS_BACKFILL, (_REGISTRY,), run, *names, write=False)
+
     async def namespaces(self, prefix: str, limit: int | None, after: str | None) -> list[str]:
         """Names from the registry (``ZRANGE BYLEX``, a page at a time), each kept if it holds
         a live entry (checked concurrently, one script call each).
@@ -382,8 +440,11 @@ class RedisKV(KVBackend):
         old, checks the namespace again and drops it unless a registration lifted the mark in
         between. A writer trusting a registration older than the mark would have to have
         made it over ``FORGET_AFTER_MS`` ago, past its trust: it registers again before its
-        write returns. See docs/backends/redis.md.
+        write returns. Names missing from the registry (data older than it, a registry lost
+        with a restart, a flush or a failover) are added first, once per server run: see
+        :meth:`_complete_registry`. See docs/backends/redis.md.
         """
+        await self._complete_registry()
         lo = b"[" + prefix.encode() if prefix else b"-"
         if after is not None and after >= prefix:
             lo = b"(" + after.encode()

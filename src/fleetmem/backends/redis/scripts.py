@@ -21,14 +21,18 @@ Both forms carry the same Redis 7 script flags (``FUNCTION`` flags in the librar
 ``#!lua flags=...`` shebang on each plain script), which decide what a server at ``maxmemory``
 under ``noeviction`` still runs:
 
-* ``no-writes``: pure reads (``get_entry``, ``get_entries``, ``exists_many``, ``ns_live``).
+* ``no-writes``: pure reads (``get_entry``, ``get_entries``, ``exists_many``, ``ns_live``,
+  ``ns_ready``).
   Redis runs them whatever the memory use (``no-writes`` implies ``allow-oom``) and refuses
   any write in them.
 * ``allow-oom``: calls whose writes only remove data (``delete_many``, ``clear``, and the
   reads that drop index members of natively expired entries on the way: ``scan`` behind
   ``keys`` / ``search``, ``prune`` behind ``partitions`` / ``stats`` / ``cleanup_expired``,
-  ``ns_forget`` dropping an empty namespace from the registry behind ``namespaces``).
-  A full store stays readable and can be emptied.
+  ``ns_forget`` dropping an empty namespace from the registry behind ``namespaces``), and
+  ``ns_backfill``, which adds to the registry the names of namespaces that already hold
+  entries (a few bytes each, bounded by the data it describes), so that a listing still
+  answers on a full server that lost its registry. A full store stays readable and can be
+  emptied.
 * no flag: every call that may add data (``set``, ``set_many``, ``incr``, ``expire``, ...).
   A server over ``maxmemory`` refuses it before it runs (``OOM`` reply, nothing written). The
   plain scripts still get a bare ``#!lua`` shebang, so they are refused up front like the
@@ -188,6 +192,8 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "clear": ("allow-oom",),
     "ns_live": ("no-writes",),
     "ns_forget": ("allow-oom",),
+    "ns_ready": ("no-writes",),
+    "ns_backfill": ("allow-oom",),
 }
 
 #: The key-value scripts (``lua/kv/``): ``RedisKV``'s every multi-key operation.
@@ -212,6 +218,8 @@ KV_GROUP = ScriptGroup(
         "ns_register",
         "ns_suspect",
         "ns_forget",
+        "ns_ready",
+        "ns_backfill",
     ),
     FLAGS,
     _BIND_KV,
