@@ -21,7 +21,7 @@ pytestmark = pytest.mark.redis
 
 aioredis = pytest.importorskip("redis.asyncio")
 
-REGISTRY, SUSPECTS = b"fm:{_fleetmem}:ns", b"fm:{_fleetmem}:nsq"
+REGISTRY, SUSPECTS = b"fm:{_fleetmem}:ns", b"fm:{_fleetmem}:nss"
 
 
 @pytest.fixture
@@ -73,12 +73,12 @@ async def test_an_emptied_namespace_leaves_the_registry_once_its_suspicion_aged(
         assert await raw.zscore(REGISTRY, name) == 0
         await writer.clear()
         assert await lister.namespaces(fleetmem_namespace) == []
-        assert await raw.hget(SUSPECTS, name) is not None  # suspected, still registered
+        assert await raw.zscore(SUSPECTS, name) is not None  # suspected, still registered
         assert await raw.zscore(REGISTRY, name) == 0
         await asyncio.sleep(short_registry + 0.05)
         assert await lister.namespaces(fleetmem_namespace) == []
         assert await raw.zscore(REGISTRY, name) is None
-        assert await raw.hget(SUSPECTS, name) is None
+        assert await raw.zscore(SUSPECTS, name) is None
     finally:
         await writer.close()
         await lister.close()
@@ -119,15 +119,15 @@ async def test_a_registration_lifts_a_suspicion(
         second = await _store(fleetmem_redis_server, name)
         try:
             await second.set("k", 1)
-            assert await raw.hget(SUSPECTS, name) is None
-            await second.clear()
+            assert await raw.zscore(SUSPECTS, name) is None
+            await second.delete("k")  # emptied without a clear(): no suspicion yet
         finally:
             await second.close()
         # ...so an empty namespace seen after the first mark aged is only suspected anew.
         await asyncio.sleep(short_registry + 0.05)
         assert await lister.namespaces(fleetmem_namespace) == []
         assert await raw.zscore(REGISTRY, name) == 0
-        assert await raw.hget(SUSPECTS, name) is not None
+        assert await raw.zscore(SUSPECTS, name) is not None
     finally:
         await first.close()
         await lister.close()
@@ -273,3 +273,34 @@ async def test_concurrent_listings_after_a_lost_registry_agree(
     finally:
         await raw.aclose()
         await writer.close()
+
+
+async def test_clear_starts_a_suspicion_and_settles_aged_ones_without_a_listing(
+    fleetmem_redis_factory: Any, short_registry: float
+) -> None:
+    server = fleetmem_redis_factory()
+    runs = [await _store(server, f"run{i}") for i in range(4)]
+    raw = aioredis.Redis.from_url(server.url)
+    try:
+        for run in runs:
+            await run.set("k", 1)
+        await runs[0].clear()
+        await runs[1].clear()
+        # Suspected at once, still registered: a writer may trust its registration.
+        assert await raw.zscore(SUSPECTS, "run0") is not None
+        assert await raw.zscore(REGISTRY, "run0") == 0
+        await runs[1].set("k", 2)  # written again, trusting its registration
+        await asyncio.sleep(short_registry + 0.05)
+        # No listing anywhere: the next clear() settles the aged suspicions.
+        await runs[2].clear()
+        assert await raw.zscore(REGISTRY, "run0") is None  # still empty: dropped
+        assert await raw.zscore(SUSPECTS, "run0") is None
+        assert await raw.zscore(REGISTRY, "run1") == 0  # live again: kept, no longer suspected
+        assert await raw.zscore(SUSPECTS, "run1") is None
+        assert await raw.zscore(SUSPECTS, "run2") is not None  # just cleared: suspected
+        assert await raw.zrange(REGISTRY, 0, -1) == [b"run1", b"run2", b"run3"]
+        assert await runs[3].namespaces() == ["run1", "run3"]
+    finally:
+        await raw.aclose()
+        for run in runs:
+            await run.close()

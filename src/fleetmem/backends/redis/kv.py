@@ -91,9 +91,11 @@ _CLEAR, _PRUNE = SCRIPTS["clear"], SCRIPTS["prune"]
 _NS_LIVE, _NS_REGISTER = SCRIPTS["ns_live"], SCRIPTS["ns_register"]
 _NS_SUSPECT, _NS_FORGET = SCRIPTS["ns_suspect"], SCRIPTS["ns_forget"]
 _NS_READY, _NS_BACKFILL = SCRIPTS["ns_ready"], SCRIPTS["ns_backfill"]
+_NS_DUE = SCRIPTS["ns_due"]
 
 #: KEYS of the namespace registry's scripts: ``fm:{_fleetmem}:ns`` (a sorted set of the names),
-#: ``fm:{_fleetmem}:nsq`` (names found empty) and ``fm:{_fleetmem}:nsm`` (the marker of a
+#: ``fm:{_fleetmem}:nss`` (names suspected of being empty, scored by the server's time of the
+#: suspicion) and ``fm:{_fleetmem}:nsm`` (the marker of a
 #: complete registry, see :meth:`RedisKV._complete_registry`), in a slot of their own. No user
 #: namespace can be ``_fleetmem``, so no namespace's keys share that prefix.
 _REGISTRY = b"fm:{_fleetmem}:"
@@ -134,6 +136,8 @@ FORGET_AFTER_MS = 900_000
 #: Registry names a listing reads per page, and liveness checks it keeps in flight at once.
 _NS_PAGE = 256
 _NS_CONCURRENCY = 32
+#: Aged suspicions a ``clear()`` settles on its way out (see :meth:`RedisKV._settle_suspicions`).
+_NS_SETTLE = 32
 
 #: Keys per MGET / script call in the batch operations.
 _BATCH = 10_000
@@ -378,14 +382,17 @@ class RedisKV(KVBackend):
         return any(int(flat[i + 1]) > 0 for i in range(0, len(flat), 2))
 
     async def _forget_if_empty(self, name: str) -> None:
-        """Suspect namespace ``name`` (found empty) or, when the suspicion is old enough and it
-        is still empty, drop it from the registry. Best effort: a failure leaves it listed in
-        the registry, which costs a later listing one more check and nothing else."""
+        """Suspect namespace ``name`` (found or made empty) or, when the suspicion is old
+        enough, look at it again: drop it from the registry if it is still empty, else lift
+        the suspicion (a writer that trusted its registration wrote there meanwhile). Best
+        effort: a failure leaves it listed in the registry, which costs a later listing one
+        more check and nothing else."""
         try:
             reg = (_REGISTRY,)
             mark = await self._connector.call(_NS_SUSPECT, reg, name, FORGET_AFTER_MS, write=True)
-            if mark and not await self._holds_live(name):
-                await self._connector.call(_NS_FORGET, reg, name, mark, write=True)
+            if mark:
+                drop = b"0" if await self._holds_live(name) else b"1"
+                await self._connector.call(_NS_FORGET, reg, name, mark, drop, write=True)
         except FleetmemError:
             pass
 
@@ -427,6 +434,30 @@ class RedisKV(KVBackend):
                 await connector.call(_NS_BACKFILL, (_REGISTRY,), b"", *names, write=False)
                 names = []
         await connector.call(_NS_BACKFILL, (_REGISTRY,), run, *names, write=False)
+
+    async def _settle_suspicions(self) -> None:
+        """After a ``clear()`` emptied the namespace: suspect it of being empty (or drop it,
+        if an aged suspicion of it stands and it is still empty), then settle up to
+        ``_NS_SETTLE`` other suspicions older than ``FORGET_AFTER_MS`` the same way. Listings
+        are then not the only pruning: a deployment that makes a namespace per run, clears it
+        and never lists keeps a registry of the namespaces that hold entries plus those
+        cleared in the last ``FORGET_AFTER_MS`` or so. Best effort, like every pruning step (a
+        failure leaves names registered, which costs a listing a check, nothing else): the
+        clear has happened whatever this does. A few round trips per ``clear()``, none on any
+        other write."""
+        name = self._namespace
+        if name.startswith(RESERVED_NAMESPACE_PREFIX):
+            return
+        await self._forget_if_empty(name)
+        try:
+            due = await self._connector.call(
+                _NS_DUE, (_REGISTRY,), FORGET_AFTER_MS, _NS_SETTLE, write=False
+            )
+        except FleetmemError:
+            return
+        others = [n.decode() for n in due if n.decode() != name]
+        if others:
+            await asyncio.gather(*map(self._forget_if_empty, others))
 
     async def namespaces(self, prefix: str, limit: int | None, after: str | None) -> list[str]:
         """Names from the registry (``ZRANGE BYLEX``, a page at a time), each kept if it holds
@@ -658,8 +689,10 @@ class RedisKV(KVBackend):
             count += int(res[1])
             cursor = res[0]
             if not cursor:
-                return count
-        return count  # pragma: no cover - bounded loop
+                break
+        if partition is None:
+            await self._settle_suspicions()
+        return count
 
     async def cleanup_expired(self) -> int:
         return int((await self._prune("cleanup"))[2])

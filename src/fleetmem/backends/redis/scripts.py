@@ -22,7 +22,7 @@ Both forms carry the same Redis 7 script flags (``FUNCTION`` flags in the librar
 under ``noeviction`` still runs:
 
 * ``no-writes``: pure reads (``get_entry``, ``get_entries``, ``exists_many``, ``ns_live``,
-  ``ns_ready``).
+  ``ns_ready``, ``ns_due``).
   Redis runs them whatever the memory use (``no-writes`` implies ``allow-oom``) and refuses
   any write in them.
 * ``allow-oom``: calls whose writes only remove data (``delete_many``, ``clear``, and the
@@ -193,6 +193,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "ns_live": ("no-writes",),
     "ns_forget": ("allow-oom",),
     "ns_ready": ("no-writes",),
+    "ns_due": ("no-writes",),
     "ns_backfill": ("allow-oom",),
 }
 
@@ -220,6 +221,7 @@ KV_GROUP = ScriptGroup(
         "ns_forget",
         "ns_ready",
         "ns_backfill",
+        "ns_due",
     ),
     FLAGS,
     _BIND_KV,

@@ -9,7 +9,7 @@ for i = 2, #ARGV, 500 do
     args[#args + 1] = ARGV[j]
   end
   redis.call('ZADD', P .. 'ns', unpack(args))
-  redis.call('HDEL', P .. 'nsq', unpack(ARGV, i, math.min(i + 499, #ARGV)))
+  redis.call('ZREM', P .. 'nss', unpack(ARGV, i, math.min(i + 499, #ARGV)))
 end
 if ARGV[1] ~= '' then redis.call('SET', P .. 'nsm', ARGV[1]) end
 return n
