@@ -15,7 +15,7 @@ import pytest
 
 from fleetmem.backends.redis import RedisStore
 from fleetmem.backends.redis import kv as redis_kv
-from fleetmem.errors import FleetmemError
+from fleetmem.errors import BackendUnavailableError, FleetmemError
 
 pytestmark = pytest.mark.redis
 
@@ -304,3 +304,31 @@ async def test_clear_starts_a_suspicion_and_settles_aged_ones_without_a_listing(
         await raw.aclose()
         for run in runs:
             await run.close()
+
+
+async def test_a_write_stands_when_registering_after_it_fails(
+    fleetmem_redis_factory: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = fleetmem_redis_factory()
+    store = await _store(server, "agents")
+    monkeypatch.setattr(redis_kv, "REGISTRATION_TRUST", 0.0)  # register before and after
+    calls = 0
+    register = redis_kv.RedisKV._register
+
+    async def fails_after_the_write(self: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls % 2 == 0:
+            raise BackendUnavailableError("Redis unavailable during FCALL")
+        await register(self)
+
+    monkeypatch.setattr(redis_kv.RedisKV, "_register", fails_after_the_write)
+    try:
+        # Applied and acknowledged by Redis: the caller is told so, not "unavailable".
+        await store.set("k", 1)
+        assert await store.incr("n") == 1
+        assert calls == 4
+        assert await store.get("k") == 1
+        assert "was applied, but registering" in caplog.text
+    finally:
+        await store.close()

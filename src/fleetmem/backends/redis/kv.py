@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -76,6 +77,8 @@ from fleetmem.errors import (
 from fleetmem.protocol import Entry, StoreStats
 
 __all__ = ["RedisKV"]
+
+_log = logging.getLogger("fleetmem.redis")
 
 _SET, _SET_IF_ABSENT, _CAS, _INCR = (
     SCRIPTS["set"],
@@ -370,6 +373,28 @@ class RedisKV(KVBackend):
         await self._connector.call(_NS_REGISTER, (_REGISTRY,), name, write=False)
         self._registered[name] = sent
 
+    async def _register_after(self) -> None:
+        """Register the namespace after a write that was applied (its trust ran out while the
+        write was in flight, or a restart made this process forget it). The write stands
+        whatever happens here: a failure is logged, not raised, because an error would tell
+        the caller that a write which Redis applied and acknowledged may not have been (and an
+        ``incr`` retried on that word counts twice). The namespace stays untrusted, so this
+        process's next write to it registers it before going out; until then, or until a
+        backfill (see :meth:`_complete_registry`), a listing may leave it out. Only when the
+        registry was lost and the registration after the write failed: a namespace whose
+        registration before the write was sent is in the registry already."""
+        try:
+            await self._register()
+        except FleetmemError as exc:
+            _log.warning(
+                "Redis (%s): the write to namespace %r was applied, but registering the "
+                "namespace after it failed (%s); namespaces() may leave it out until the next "
+                "write to it from this process",
+                self._connector.where,
+                self._namespace,
+                exc,
+            )
+
     async def _holds_live(self, name: str) -> bool:
         """Whether namespace ``name`` holds a live entry: its counts and expiry index answer
         (one call); a namespace whose TTL'd entries are due is pruned first, as ``stats``
@@ -556,7 +581,7 @@ class RedisKV(KVBackend):
                 b"1" if keep_ttl else b"0",
             )
         if not self._trusted():
-            await self._register()
+            await self._register_after()
         return entry_meta(*res)
 
     async def set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
@@ -586,7 +611,7 @@ class RedisKV(KVBackend):
                     )
                 )
         if not self._trusted():
-            await self._register()
+            await self._register_after()
         return out
 
     async def set_many(
@@ -606,7 +631,7 @@ class RedisKV(KVBackend):
                 args: list[Any] = [x for key, payload in part for x in (key, mark(payload))]
                 count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
         if not self._trusted():
-            await self._register()
+            await self._register_after()
         return count
 
     async def set_if_absent(
@@ -618,7 +643,7 @@ class RedisKV(KVBackend):
             True, _SET_IF_ABSENT, key, mark_payload(payload), ttl_ms or 0, _part_arg(partition)
         )
         if not self._trusted():
-            await self._register()
+            await self._register_after()
         return bool(res)
 
     async def compare_and_set(
@@ -630,7 +655,7 @@ class RedisKV(KVBackend):
             True, _CAS, key, mark_payload(payload), version, ttl_ms or 0, _part_arg(partition)
         )
         if not self._trusted():
-            await self._register()
+            await self._register_after()
         if not res[0]:
             raise VersionConflictError(key, version, int(res[1]))
         return entry_meta(*res[1:])
@@ -646,7 +671,7 @@ class RedisKV(KVBackend):
             True, _INCR, key, text, "i" if is_int else "f", ttl_ms or 0, _part_arg(partition)
         )
         if not self._trusted():
-            await self._register()
+            await self._register_after()
         status = res[0]
         if status == b"OK":
             result: bytes = res[1]
