@@ -332,3 +332,22 @@ async def test_a_write_stands_when_registering_after_it_fails(
         assert "was applied, but registering" in caplog.text
     finally:
         await store.close()
+
+
+async def test_a_user_without_scan_or_info_still_lists_the_registered_names(
+    fleetmem_redis_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = fleetmem_redis_factory()
+    raw = aioredis.Redis.from_url(server.url)
+    await raw.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all")
+    await raw.execute_command("ACL", "SETUSER", "app", "-scan", "-info", "-config")
+    store = await RedisStore.from_url(
+        server.url, namespace="agents", username="app", password="pw", cluster=False
+    ).connect()
+    try:
+        await store.set("k", 1)
+        assert await store.namespaces() == ["agents"]
+        assert "could not backfill the namespace registry" in caplog.text
+    finally:
+        await store.close()
+        await raw.aclose()

@@ -98,9 +98,9 @@ _NS_DUE = SCRIPTS["ns_due"]
 
 #: KEYS of the namespace registry's scripts: ``fm:{_fleetmem}:ns`` (a sorted set of the names),
 #: ``fm:{_fleetmem}:nss`` (names suspected of being empty, scored by the server's time of the
-#: suspicion) and ``fm:{_fleetmem}:nsm`` (the marker of a
-#: complete registry, see :meth:`RedisKV._complete_registry`), in a slot of their own. No user
-#: namespace can be ``_fleetmem``, so no namespace's keys share that prefix.
+#: suspicion) and ``fm:{_fleetmem}:nsm`` (the marker of a complete registry, see
+#: :meth:`RedisKV._complete_registry`), in a slot of their own. No user namespace can be
+#: ``_fleetmem``, so no namespace's keys share that prefix.
 _REGISTRY = b"fm:{_fleetmem}:"
 _REGISTRY_SET = _REGISTRY + b"ns"
 #: The one key every namespace holding an indexed entry has (its counts hash), as a ``SCAN``
@@ -450,14 +450,27 @@ class RedisKV(KVBackend):
             return
         reserved = RESERVED_NAMESPACE_PREFIX.encode()
         names: list[bytes] = []
-        async for page in connector.scan_keys(_COUNTS_PATTERN):
-            for key in page:
-                found = _COUNTS_KEY.fullmatch(key)
-                if found is not None and not found.group(1).startswith(reserved):
-                    names.append(found.group(1))
-            if len(names) >= _BACKFILL_BATCH:
-                await connector.call(_NS_BACKFILL, (_REGISTRY,), b"", *names, write=False)
-                names = []
+        try:
+            async for page in connector.scan_keys(_COUNTS_PATTERN):
+                for key in page:
+                    found = _COUNTS_KEY.fullmatch(key)
+                    if found is not None and not found.group(1).startswith(reserved):
+                        names.append(found.group(1))
+                if len(names) >= _BACKFILL_BATCH:
+                    await connector.call(_NS_BACKFILL, (_REGISTRY,), b"", *names, write=False)
+                    names = []
+        except BackendUnavailableError:
+            raise
+        except FleetmemError as exc:
+            # Refused (SCAN not allowed for this user): list what the registry holds, as
+            # before the backfill existed, and say so; the next listing tries again.
+            _log.warning(
+                "Redis (%s): could not backfill the namespace registry (%s); namespaces() "
+                "lists the registered names only",
+                connector.where,
+                exc,
+            )
+            return
         await connector.call(_NS_BACKFILL, (_REGISTRY,), run, *names, write=False)
 
     async def _settle_suspicions(self) -> None:
