@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from fleetmem import ConfigurationError, OutcomeUnknownError, StoreClosedError, open_store
 from fleetmem.backends.hybrid import HybridStore
+from fleetmem.backends.hybrid import kv as hkv
 from fleetmem.testing import connected_store
 from fleetmem.testing.servers import PostgresServer, RedisServer, find_free_port
 
@@ -45,9 +46,14 @@ def cache_key(store: HybridStore, key: str) -> str:
     return f"fmh:{{{store.namespace}}}:k:{key}"
 
 
+def epoch_number(cached: bytes) -> int:
+    """The epoch number a cached value or a published epoch starts with."""
+    return int(cached[: len(cached) - len(cached.lstrip(b"0123456789"))])
+
+
 async def cached_body(client: aioredis.Redis, store: HybridStore, key: str) -> bytes | None:
     """The live cached body of ``key`` (None when absent, leased or of an old epoch)."""
-    prefix = await client.get(f"fmh:{{{store.namespace}}}:E")  # b"<epoch>|"
+    prefix = await client.get(f"fmh:{{{store.namespace}}}:E")  # b"<epoch>.<nonce>|"
     raw: Any = await client.get(cache_key(store, key))
     if raw is None or prefix is None:
         return None
@@ -218,6 +224,86 @@ async def test_a_store_trusting_the_old_epoch_reads_nothing_from_before_a_clear(
             assert await a.get("j") is None
             assert await a.get_many(["k", "j", "absent"]) == {"k": "new"}
         await b.clear()
+
+
+async def test_no_copy_from_before_a_clear_is_served_while_it_deletes_the_copies(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The epoch row and the published epoch are gone, the copies not yet (the clear paused
+    before deleting them): another process resyncs, which publishes epoch 1 again -- the
+    number the copies were cached under. They must stay dead: no epoch string is ever
+    published twice, so a copy from before the clear never matches the new publication."""
+    options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 0.5}
+    a = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
+    b = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
+    async with a, b:
+        await a.set_many({"k": "old", "j": "old-j"})
+        assert await b.get("k") == "old" and await b.get("j") == "old-j"
+        assert await b.get_many(["k", "j"]) == {"k": "old", "j": "old-j"}
+        assert b.metrics.hits >= 2  # cached, under epoch 1 (the namespace never left it)
+        assert b.kv._state.trust[fleetmem_namespace].epoch == 1
+        seen: list[Any] = []
+        delete_copies = a.kv._delete_copies
+
+        async def paused() -> None:
+            seen.append(await a.durable.get("k"))  # the clear committed
+            for _ in range(3):
+                seen.extend([await b.get("k"), await b.get("j")])
+                seen.append(await b.get_many(["k", "j"]))
+            await delete_copies()
+
+        monkeypatch.setattr(a.kv, "_delete_copies", paused)
+        assert await a.clear() == 2
+        assert b.metrics.epoch_bumps >= 1  # b resynced during the clear: epoch 1 again
+        assert await b.kv._epochs.get(f"epoch/{fleetmem_namespace}") == 1
+        assert seen == [None] + [None, None, {}] * 3
+        assert [await b.get("k"), await b.get("j")] == [None, None]
+
+
+async def test_a_clear_whose_copies_cannot_be_deleted_serves_none_of_them(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deleting the copies fails after another process published the epoch again (under the
+    same number 1): once ``clear()`` returns, no process reads a copy from before it --
+    neither the one that republished nor one still trusting the old epoch."""
+    options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 0.5}
+    a = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
+    b = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
+    c = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
+    async with a, b, c:
+        await a.set("k", "old")
+        for store in (b, c):
+            assert await store.get("k") == "old"
+            assert await store.get("k") == "old"
+            assert store.metrics.hits >= 1
+        hits = c.metrics.hits
+
+        async def failing() -> None:
+            assert await b.get("other") is None  # b resyncs: publishes epoch 1 again
+            raise hkv._CacheFailed
+
+        monkeypatch.setattr(a.kv, "_delete_copies", failing)
+        assert await a.clear() == 1
+        assert b.metrics.epoch_bumps >= 1
+        client = aioredis.from_url(fleetmem_redis_server.url)
+        try:  # the copy is still there, under the number published now
+            old: Any = await client.get(cache_key(a, "k"))
+            published: Any = await client.get(f"fmh:{{{fleetmem_namespace}}}:E")
+        finally:
+            await client.aclose()
+        assert old is not None and published is not None
+        assert epoch_number(old) == epoch_number(published) == 1
+        for _ in range(3):
+            assert [await b.get("k"), await c.get("k")] == [None, None]
+            assert await b.get_many(["k"]) == {} and await c.get_many(["k"]) == {}
+        assert c.metrics.hits == hits  # c read its old copy only before the clear
+        await a.clear()
 
 
 async def test_a_clear_cut_off_from_redis_still_retires_the_copies(
@@ -419,15 +505,15 @@ async def test_a_published_epoch_ahead_of_the_durable_one_is_passed_never_truste
     published: Any = await client.get(epoch_key)
     assert published is not None and published.endswith(b"|")
     assert await cached_body(client, store, "k") is not None
-    ahead = int(published[:-1]) + 1000  # Redis ahead of PostgreSQL's epoch
-    await client.set(epoch_key, f"{ahead}|")
+    ahead = int(published.split(b".")[0]) + 1000  # Redis ahead of PostgreSQL's epoch
+    await client.set(epoch_key, f"{ahead}.0|")
     assert await cached_body(client, store, "k") is None  # its fill is dead now
     await client.script_flush()  # as after a restart: the store resyncs
     assert await store.get("k") == {"v": 1}
     now: Any = await client.get(epoch_key)
-    assert int(now[:-1]) > ahead  # passed, not moved back...
+    assert int(now.split(b".")[0]) > ahead  # passed, not moved back...
     durable = await store.kv._epochs.get(f"epoch/{fleetmem_namespace}")
-    assert durable == int(now[:-1])  # ...and the durable epoch raised to match
+    assert durable == int(now.split(b".")[0])  # ...and the durable epoch raised to match
     assert await store.get("k") == {"v": 1}
     assert await cached_body(client, store, "k") is not None  # filled under the new epoch
 

@@ -31,7 +31,7 @@ async def cache_mismatches(store: HybridStore, rs: RedisServer, keys: list[str])
     """Keys whose live cached value differs from what the durable store holds."""
     client = aioredis.from_url(rs.url)
     try:
-        epoch = await client.get(f"fmh:{{{store.namespace}}}:E")  # b"<epoch>|"
+        epoch = await client.get(f"fmh:{{{store.namespace}}}:E")  # b"<epoch>.<nonce>|"
         bad = []
         for key in keys:
             truth = await store.durable.get(key)

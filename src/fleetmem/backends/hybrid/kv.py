@@ -13,10 +13,12 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
 * **Epochs** guard against lost invalidations. Every cached value carries its namespace's epoch;
   a value of any other epoch is dead. The epoch's authoritative counter lives in the durable
   store, in a namespace no user can open (``_fleetmem.hybrid``), and is published to Redis by
-  ``epoch.lua`` as the string ``<epoch>|``, the prefix of every value cached under it. The
-  published epoch never goes backwards: when it is from before a Redis restart, or ahead of
-  the durable one (a durable store restored from a backup), the durable epoch is raised past
-  it and then published.
+  ``epoch.lua`` as the string ``<epoch>.<nonce>|``, the prefix of every value cached under it.
+  The nonce is random and new at every publication, so no epoch string is ever published
+  twice for a namespace (not even when the number starts again after a clear): a copy made
+  under one publication never matches another. The published number never goes backwards:
+  when it is from before a Redis restart, or ahead of the durable one (a durable store
+  restored from a backup), the durable epoch is raised past it and then published.
 * **Trust**: a process uses a namespace's cache only while it has confirmed the durable epoch in
   PostgreSQL within ``trust_window`` (0.5 s; refreshed in the background), and only when Redis
   publishes exactly that epoch. A write that could not delete its keys from Redis (Redis down,
@@ -29,10 +31,10 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
   connection) and by ``NOSCRIPT`` (the scripts are salted per namespace).
 * **Clear** leaves nothing of the namespace behind: it deletes the epoch row, then the
   published epoch and its run_id, then every cached copy and lease (``_remove_cleared``). Past
-  the second step nothing can be read or filled before someone publishes again, which then
-  means raising the durable epoch first; past the third nothing from before the clear is left
-  to come back, so the recreated epoch may start again from 1 while processes still trust an
-  old number. A tier that fails midway leaves the row above the old epoch instead.
+  the second step no copy from before the clear can ever be read or filled (the next
+  publication has a new nonce, whatever its number: usually 1 again); the third only frees
+  the memory. Redis failing at the second step takes the bypass of a missed invalidation; a
+  tier that fails midway leaves the row above the old epoch.
 * **Redis failures** never fail an operation: each cache call has a deadline (default 250 ms), a
   circuit breaker stops paying it on every call, and reads fall back to PostgreSQL.
 * **Single flight**: concurrent reads of one key in one process share one cache read and at
@@ -242,7 +244,9 @@ class _Breaker:
 class _Trust:
     """What this process last confirmed, in PostgreSQL, of one namespace's cache epoch."""
 
-    #: The durable epoch, and the string a cached value of it starts with (``b"<epoch>|"``).
+    #: The durable epoch, and the string a cached value of it starts with: its publication
+    #: ``b"<epoch>.<nonce>|"`` as this process last saw it published (``b"<epoch>|"``, which
+    #: is never published, while it has not seen one: the first read then resyncs).
     epoch: int
     epoch_b: bytes
     #: A writer could not reach Redis: nobody reads, fills or publishes this namespace's cache.
@@ -281,6 +285,8 @@ class _Shared:
     dirty: set[str] = field(default_factory=set)
     #: namespace -> its durable epoch as last confirmed (see ``_Trust``).
     trust: dict[str, _Trust] = field(default_factory=dict)
+    #: namespace -> the epoch this process last saw published, as a number and as the string.
+    published: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     #: namespace -> the confirmation in flight (single flight), and when it was started.
     confirming: dict[str, asyncio.Future[_Trust]] = field(default_factory=dict)
     confirm_sent: dict[str, float] = field(default_factory=dict)
@@ -319,7 +325,7 @@ def _dt(us: int | None) -> datetime | None:
 
 
 # The cache's own format, not RedisStore's entry string (fleetmem.backends.redis.entries): a
-# cached copy is ``<epoch>|<marker><json header>\n<json>`` holding the durable store's
+# cached copy is ``<epoch>.<nonce>|<marker><json header>\n<json>`` holding the durable store's
 # microsecond timestamps and expiry exactly, where an entry string has a binary header of
 # millisecond times and keeps its expiry in the key's TTL. So these readers stay here.
 def _body(entry: Entry | None) -> bytes:
@@ -349,7 +355,7 @@ def _value_of(body: bytes, cut: int) -> Any:
 
 
 def _cached_body(value: bytes) -> bytes:
-    """The body of a cached value ``<epoch>|<body>``."""
+    """The body of a cached value ``<epoch>.<nonce>|<body>``."""
     return value[value.index(b"|") + 1 :]
 
 
@@ -621,9 +627,10 @@ class HybridKV(KVBackend):
         self._state.metrics.epoch_confirmations += 1
         epoch = found.get(self._epoch_name, 0)
         window = self._trust_window
+        seen = self._state.published.get(self._namespace)
         trust = _Trust(
             epoch,
-            f"{epoch}|".encode(),
+            seen[1] if seen is not None and seen[0] == epoch else f"{epoch}|".encode(),
             self._bypass_name in found,
             sent + window,
             sent + window * 0.75,
@@ -656,7 +663,7 @@ class HybridKV(KVBackend):
             for _attempt in range(5):
                 if trust.bypass:
                     return False
-                code, epoch = await self._cache_call(
+                code, epoch, *published = await self._cache_call(
                     "EVAL",
                     _EPOCH_LUA,
                     2,
@@ -664,8 +671,13 @@ class HybridKV(KVBackend):
                     self._run_id_key,
                     trust.epoch,
                     "1" if fresh else "0",
+                    secrets.token_hex(8),
                 )
                 if int(code) != 2:
+                    string = published[0]
+                    self._published(
+                        int(epoch), string.encode() if isinstance(string, str) else string
+                    )
                     break
                 # Raise the durable epoch past the published one, then confirm it again: a
                 # writer may have marked a bypass meanwhile.
@@ -687,6 +699,15 @@ class HybridKV(KVBackend):
         state.dirty.discard(self._namespace)
         state.synced[self._namespace] = state.breaker.outages
         return True
+
+    def _published(self, epoch: int, published: bytes) -> None:
+        """Trust ``published`` (``b"<epoch>.<nonce>|"``, just seen published for the durable
+        ``epoch`` confirmed by the caller) as the prefix of this namespace's live copies."""
+        state = self._state
+        state.published[self._namespace] = (epoch, published)
+        trust = state.trust.get(self._namespace)
+        if trust is not None and trust.epoch == epoch:
+            trust.epoch_b = published
 
     def _needs_sync(self) -> bool:
         state = self._state
@@ -1402,24 +1423,25 @@ class HybridKV(KVBackend):
         The order is what keeps it safe (see docs/backends/hybrid.md, "clear()"):
 
         1. Delete the epoch row (its value ``old`` is read first). The durable epoch is now 0,
-           below the published ``<old>|``; a process that confirms 0 sees that mismatch and
-           resyncs, and ``epoch.lua`` makes it raise the durable epoch past the published one
-           first (its rule for an epoch that went backwards), so the published epoch still
-           never goes backwards and no copy from before the clear is served.
-        2. Delete the published epoch and its run_id (``E``, ``R``). From here no copy can be
-           read or filled until someone publishes again, which (both keys gone) always means
-           raising the durable epoch first: a reader still trusting ``old`` misses and resyncs.
-        3. Delete every ``fmh:{<ns>}:k:*`` key (copies and leases) with ``SCAN``. Every copy
-           made before step 2 is gone after it: what remains of the namespace in Redis was
-           published, read and filled after step 1, from the cleared table, under an epoch
-           that the (recreated) durable row is at or above. So the epoch numbers may start
-           again from 1 without any old copy or lease coming back under a reused number.
+           below the published ``<old>.<nonce>|``; a process that confirms 0 sees that
+           mismatch and resyncs, and ``epoch.lua`` makes it raise the durable epoch past the
+           published one first (its rule for an epoch that went backwards).
+        2. Delete the published epoch and its run_id (``E``, ``R``). From here no copy or
+           lease from before the clear can be read or filled, ever: both need the published
+           string to equal theirs, and every later publication carries a new nonce, even
+           when its number is ``old`` again (the next resync recreates the row, usually at 1).
+           A reader still trusting the old string misses, resyncs and reads PostgreSQL.
+        3. Delete every ``fmh:{<ns>}:k:*`` key (copies and leases) with ``SCAN``: only to free
+           the memory, the copies are dead since step 2. (Copies and leases made after step 2
+           may go too: a miss or a voided fill, never a stale read.)
 
-        Failures: PostgreSQL failing at step 1 leaves the row (steps 2-3 alone retire the
-        copies: the row's epoch only grows). Redis failing at step 2 or 3 puts the row back
-        above ``old`` (so no leftover copy can come back), and at step 2 takes the bypass of
-        a missed invalidation, as any write that cannot reach Redis does; the keys left stay
-        until they expire or the next ``clear()`` with both tiers up removes them.
+        Failures: PostgreSQL failing at step 1 leaves the row (its epoch only grows). Redis
+        failing at step 2 (the published epoch may still be there, trusted by others) puts
+        the row back above ``old`` and takes the bypass of a missed invalidation, as any write
+        that cannot reach Redis does, so ``clear()`` returns only once no process can read a
+        copy from before it. Redis failing at step 3 puts the row back above ``old`` and
+        returns: step 2 is done, the copies left can never be read. They stay until they
+        expire or the next ``clear()`` removes them.
         """
         state = self._state
         ns = self._namespace

@@ -1,7 +1,8 @@
--- Cache read with leases. KEYS[1] = the namespace's epoch (a string "<epoch>|"), KEYS[2..] =
--- entry keys. ARGV[1] = this reader's lease token, ARGV[2] = lease time (ms), ARGV[3] = the
--- epoch string this reader trusts (the durable epoch it confirmed in PostgreSQL lately).
--- A cache value is "<epoch>|<body>"; a value written under another epoch is dead.
+-- Cache read with leases. KEYS[1] = the namespace's epoch (a string "<epoch>.<nonce>|"),
+-- KEYS[2..] = entry keys. ARGV[1] = this reader's lease token, ARGV[2] = lease time (ms),
+-- ARGV[3] = the epoch string this reader trusts (as published, for the durable epoch it
+-- confirmed in PostgreSQL lately).
+-- A cache value is "<epoch>.<nonce>|<body>"; a value written under another epoch is dead.
 -- Returns -1 when the published epoch is missing or is not the one the reader trusts (the
 -- reader then resyncs). With one entry key: the whole cached value on a hit, 1 when this reader
 -- now holds the fill lease, 0 when another reader holds it. With more: a table of these.
