@@ -98,11 +98,13 @@ async def _redis_keys_of(url: str, namespace: str) -> list[bytes]:
 
 
 async def _postgres_rows_of(dsn: str, namespace: str) -> int:
-    """Rows of ``namespace``, and rows of fleetmem's own naming it (the hybrid's epoch)."""
+    """Rows of ``namespace``, and rows of fleetmem's own naming it, except the hybrid's epoch
+    row: the namespace's coherence high-water mark, which outlives its data by design."""
     conn = await asyncpg.connect(dsn)
     try:
         count: int = await conn.fetchval(
-            "SELECT count(*) FROM fleetmem.entries WHERE namespace = $1 OR strpos(key, $1) > 0",
+            "SELECT count(*) FROM fleetmem.entries WHERE (namespace = $1 OR strpos(key, $1) > 0)"
+            " AND NOT (namespace = '_fleetmem.hybrid' AND key = 'epoch/' || $1)",
             namespace,
         )
         return count

@@ -167,7 +167,7 @@ async def _leftovers(
     return keys, [row[0] for row in rows]
 
 
-async def test_clear_leaves_nothing_of_the_namespace_behind(
+async def test_clear_leaves_nothing_in_redis_and_only_the_epoch_row(
     hybrid: HybridStore,
     raw_redis: aioredis.Redis,
     fleetmem_postgres_server: PostgresServer,
@@ -179,7 +179,10 @@ async def test_clear_leaves_nothing_of_the_namespace_behind(
     keys, rows = await _leftovers(raw_redis, fleetmem_postgres_server, fleetmem_namespace)
     assert len(keys) > 20 and rows == [f"epoch/{fleetmem_namespace}"]  # copies, E, R; epoch
     assert await hybrid.clear() == 20
-    assert await _leftovers(raw_redis, fleetmem_postgres_server, fleetmem_namespace) == ([], [])
+    # Nothing in Redis; in PostgreSQL only the epoch row, the namespace's coherence high-water
+    # mark, which must outlive its data (see HybridKV._remove_cleared).
+    kept: tuple[list[Any], list[str]] = ([], [f"epoch/{fleetmem_namespace}"])
+    assert await _leftovers(raw_redis, fleetmem_postgres_server, fleetmem_namespace) == kept
     # The namespace works on as new: reads miss, fill, hit.
     assert await hybrid.get("k1") is None
     await hybrid.set("k1", "again")
@@ -187,7 +190,7 @@ async def test_clear_leaves_nothing_of_the_namespace_behind(
     assert await hybrid.get("k1") == "again"
     assert await cached_body(raw_redis, hybrid, "k1") is not None
     assert await hybrid.clear() == 1
-    assert await _leftovers(raw_redis, fleetmem_postgres_server, fleetmem_namespace) == ([], [])
+    assert await _leftovers(raw_redis, fleetmem_postgres_server, fleetmem_namespace) == kept
 
 
 async def test_a_store_trusting_the_old_epoch_reads_nothing_from_before_a_clear(
@@ -196,8 +199,8 @@ async def test_a_store_trusting_the_old_epoch_reads_nothing_from_before_a_clear(
     fleetmem_namespace: str,
 ) -> None:
     """Two processes: ``a`` caches under epoch 3 and keeps trusting it (a long trust window);
-    ``b`` clears (the epoch row goes), rewrites, and moves the recreated epoch back up to 3.
-    Nothing ``a`` read before the clear may come back under the reused number."""
+    ``b`` clears and rewrites. Nothing ``a`` read before the clear may come back, and the
+    durable epoch never goes back to a number ``a`` trusted."""
     options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 30.0}
     a = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
     b = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
@@ -212,12 +215,8 @@ async def test_a_store_trusting_the_old_epoch_reads_nothing_from_before_a_clear(
         trusted = a.kv._state.trust[fleetmem_namespace].epoch
         await b.clear()
         await b.set("k", "new")
-        assert await b.get("k") == "new"  # the epoch starts again (from 1)
-        epochs = b.kv._epochs
-        assert await epochs.get(f"epoch/{fleetmem_namespace}") < trusted
-        while await epochs.get(f"epoch/{fleetmem_namespace}") < trusted:
-            await b.clear_partition("none")  # back to the number a still trusts
         assert await b.get("k") == "new"
+        assert await b.kv._epochs.get(f"epoch/{fleetmem_namespace}") > trusted
         assert await b.get("absent") is None
         for _ in range(3):
             assert await a.get("k") == "new"
@@ -232,10 +231,9 @@ async def test_no_copy_from_before_a_clear_is_served_while_it_deletes_the_copies
     fleetmem_namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The epoch row and the published epoch are gone, the copies not yet (the clear paused
-    before deleting them): another process resyncs, which publishes epoch 1 again -- the
-    number the copies were cached under. They must stay dead: no epoch string is ever
-    published twice, so a copy from before the clear never matches the new publication."""
+    """The published epoch is gone, the copies not yet (the clear paused before deleting
+    them): another process resyncs and publishes again. The copies must stay dead: the new
+    publication raises the durable epoch first and carries a new nonce."""
     options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 0.5}
     a = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
     b = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
@@ -257,8 +255,8 @@ async def test_no_copy_from_before_a_clear_is_served_while_it_deletes_the_copies
 
         monkeypatch.setattr(a.kv, "_delete_copies", paused)
         assert await a.clear() == 2
-        assert b.metrics.epoch_bumps >= 1  # b resynced during the clear: epoch 1 again
-        assert await b.kv._epochs.get(f"epoch/{fleetmem_namespace}") == 1
+        assert b.metrics.epoch_bumps >= 1  # b resynced during the clear: a new epoch
+        assert await b.kv._epochs.get(f"epoch/{fleetmem_namespace}") >= 2
         assert seen == [None] + [None, None, {}] * 3
         assert [await b.get("k"), await b.get("j")] == [None, None]
 
@@ -269,9 +267,9 @@ async def test_a_clear_whose_copies_cannot_be_deleted_serves_none_of_them(
     fleetmem_namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Deleting the copies fails after another process published the epoch again (under the
-    same number 1): once ``clear()`` returns, no process reads a copy from before it --
-    neither the one that republished nor one still trusting the old epoch."""
+    """Deleting the copies fails after another process published the epoch again: once
+    ``clear()`` returns, no process reads a copy from before it -- neither the one that
+    republished nor one still trusting the old epoch."""
     options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 0.5}
     a = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
     b = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
@@ -298,12 +296,60 @@ async def test_a_clear_whose_copies_cannot_be_deleted_serves_none_of_them(
         finally:
             await client.aclose()
         assert old is not None and published is not None
-        assert epoch_number(old) == epoch_number(published) == 1
+        assert epoch_number(old) == 1 and epoch_number(published) >= 2
         for _ in range(3):
             assert [await b.get("k"), await c.get("k")] == [None, None]
             assert await b.get_many(["k"]) == {} and await c.get_many(["k"]) == {}
         assert c.metrics.hits == hits  # c read its old copy only before the clear
         await a.clear()
+
+
+@pytest.mark.parametrize("window", ["before the published epoch goes", "before the copies go"])
+async def test_a_partition_cleared_during_a_clear_is_never_read_again(
+    fleetmem_postgres_server: PostgresServer,
+    fleetmem_redis_server: RedisServer,
+    fleetmem_namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    window: str,
+) -> None:
+    """While ``a`` clears, ``b`` clears a partition (an epoch bump) and reads: its own
+    acknowledged write must hold. (When the clear deleted the epoch row, the bump recreated it
+    at the number still published, was taken as published already, and retired nothing.)"""
+    options: dict[str, Any] = {"namespace": fleetmem_namespace, "trust_window": 0.5}
+    a = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
+    b = HybridStore.from_urls(fleetmem_postgres_server.dsn, fleetmem_redis_server.url, **options)
+    async with a, b:
+        await a.set("k", "old", partition="p")
+        assert await b.get("k") == "old"
+        assert await b.get("k") == "old"
+        assert b.metrics.hits >= 1
+        seen: list[Any] = []
+
+        async def b_clears_the_partition() -> None:
+            seen.append(await a.durable.get("k"))  # the clear committed
+            await b.clear_partition("p")
+            seen.extend([await b.get("k"), await b.get("k"), await b.get_many(["k"])])
+
+        if window == "before the published epoch goes":
+            cache_call = a.kv._cache_call
+
+            async def hooked(*args: Any) -> Any:
+                if args and args[0] == "DEL" and not seen:
+                    await b_clears_the_partition()
+                return await cache_call(*args)
+
+            monkeypatch.setattr(a.kv, "_cache_call", hooked)
+        else:
+            delete_copies = a.kv._delete_copies
+
+            async def paused() -> None:
+                await b_clears_the_partition()
+                await delete_copies()
+
+            monkeypatch.setattr(a.kv, "_delete_copies", paused)
+        assert await a.clear() == 1
+        assert seen == [None, None, None, {}]
+        assert [await a.get("k"), await b.get("k")] == [None, None]
 
 
 async def test_a_clear_cut_off_from_redis_still_retires_the_copies(

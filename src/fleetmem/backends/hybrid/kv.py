@@ -29,12 +29,13 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
   namespace per process, and ``trust_window`` of latency for the first write of an outage.
   A restart of Redis is seen by its ``run_id`` (stored with the epoch, learned by every new
   connection) and by ``NOSCRIPT`` (the scripts are salted per namespace).
-* **Clear** leaves nothing of the namespace behind: it deletes the epoch row, then the
-  published epoch and its run_id, then every cached copy and lease (``_remove_cleared``). Past
-  the second step no copy from before the clear can ever be read or filled (the next
-  publication has a new nonce, whatever its number: usually 1 again); the third only frees
-  the memory. Redis failing at the second step takes the bypass of a missed invalidation; a
-  tier that fails midway leaves the row above the old epoch.
+* **Clear** leaves nothing of the namespace in Redis: it deletes the published epoch and its
+  run_id, then every cached copy and lease (``_remove_cleared``). Past the first step no copy
+  from before the clear can ever be read or filled (the next publication must raise the
+  durable epoch first and has a new nonce); the second only frees the memory. Redis failing
+  at the first step takes the bypass of a missed invalidation. The durable epoch row stays: it
+  is the namespace's coherence high-water mark, and an epoch that went back to 1 could be
+  taken for one already published by the next bump.
 * **Redis failures** never fail an operation: each cache call has a deadline (default 250 ms), a
   circuit breaker stops paying it on every call, and reads fall back to PostgreSQL.
 * **Single flight**: concurrent reads of one key in one process share one cache read and at
@@ -1416,72 +1417,45 @@ class HybridKV(KVBackend):
         return count
 
     async def _remove_cleared(self) -> None:
-        """After ``clear()`` committed: retire every cached copy of the namespace and leave
-        nothing of it behind -- no epoch row in PostgreSQL, no ``fmh:{<ns>}:*`` key in Redis --
-        without letting any process read a copy from before the clear.
+        """After ``clear()`` committed: retire every cached copy of the namespace and remove
+        everything of it from Redis -- its published epoch, its run_id, every ``fmh:{<ns>}:*``
+        copy and lease -- without letting any process read a copy from before the clear.
 
-        The order is what keeps it safe (see docs/backends/hybrid.md, "clear()"):
+        1. Delete the published epoch and its run_id (``E``, ``R``). From here no copy or lease
+           from before the clear can be read or filled, ever: both need the published string to
+           equal theirs, and the next publication must first raise the durable epoch (a missing
+           ``E`` with no run_id is never re-published at the same number: ``epoch.lua`` answers
+           "raise it first") and carries a new nonce. A reader still trusting the old string
+           misses, resyncs and reads PostgreSQL.
+        2. Delete every ``fmh:{<ns>}:k:*`` key with ``SCAN``: only to free the memory.
 
-        1. Delete the epoch row (its value ``old`` is read first). The durable epoch is now 0,
-           below the published ``<old>.<nonce>|``; a process that confirms 0 sees that
-           mismatch and resyncs, and ``epoch.lua`` makes it raise the durable epoch past the
-           published one first (its rule for an epoch that went backwards).
-        2. Delete the published epoch and its run_id (``E``, ``R``). From here no copy or
-           lease from before the clear can be read or filled, ever: both need the published
-           string to equal theirs, and every later publication carries a new nonce, even
-           when its number is ``old`` again (the next resync recreates the row, usually at 1).
-           A reader still trusting the old string misses, resyncs and reads PostgreSQL.
-        3. Delete every ``fmh:{<ns>}:k:*`` key (copies and leases) with ``SCAN``: only to free
-           the memory, the copies are dead since step 2. (Copies and leases made after step 2
-           may go too: a miss or a voided fill, never a stale read.)
+        The durable epoch row (``_fleetmem.hybrid/epoch/<ns>``, one row, in
+        a reserved namespace that no listing, ``stats()`` or ``namespaces()`` shows) is kept: it
+        is the namespace's coherence high-water mark and must outlive the data. Deleting it
+        let the number start again at 1, and a later bump (``clear_partition``, a write that
+        missed its invalidation) could then land on a number another process had just
+        published, be taken as already published, and retire nothing: the writes of those
+        paths were acknowledged while copies they replaced stayed readable.
 
-        Failures: PostgreSQL failing at step 1 leaves the row (its epoch only grows). Redis
-        failing at step 2 (the published epoch may still be there, trusted by others) puts
-        the row back above ``old`` and takes the bypass of a missed invalidation, as any write
-        that cannot reach Redis does, so ``clear()`` returns only once no process can read a
-        copy from before it. Redis failing at step 3 puts the row back above ``old`` and
-        returns: step 2 is done, the copies left can never be read. They stay until they
-        expire or the next ``clear()`` removes them.
+        Failures: Redis failing at step 1 takes the bypass of a missed invalidation, as any
+        write that cannot reach Redis does, so ``clear()`` returns only once no process can
+        read a copy from before it. Redis failing at step 2 leaves dead copies, which can never
+        be read; they stay until they expire or the next ``clear()`` removes them.
         """
         state = self._state
         ns = self._namespace
         state.dirty.add(ns)  # this process resyncs before it reads the cache again
-        old: int | None = None
         try:
-            try:
-                found = await self._durable_call(self._epochs.get_many([self._epoch_name]))
-                old = int(found.get(self._epoch_name, 0))
-                # (Deleted or not when this fails: ``old`` is kept, a restore only raises.)
-                await self._durable_call(self._epochs.delete(self._epoch_name))
-            except BackendUnavailableError:
-                pass  # no row deleted for sure: retiring the copies in Redis is enough
             try:
                 await self._cache_call("DEL", self._epoch_key, self._run_id_key)
             except (_CacheFailed, _NoScript):
-                await self._restore_epoch(old)
                 await self._missed_invalidation()
                 return
-            try:
+            with contextlib.suppress(_CacheFailed, _NoScript):
                 await self._delete_copies()
-            except (_CacheFailed, _NoScript):
-                await self._restore_epoch(old)
         finally:
             for slot in [slot for slot in state.inflight if slot[0] == ns]:
                 state.inflight.pop(slot, None)
-
-    async def _restore_epoch(self, old: int | None) -> None:
-        """Raise the durable epoch above ``old`` again after a clear deleted its row but could
-        not remove the copies cached under it (``None``: the row was not deleted)."""
-        if old is None:
-            return
-        try:
-            await self._durable_call(self._epochs.incr(self._epoch_name, old + 1, None, None))
-        except BackendUnavailableError as exc:
-            raise OutcomeUnknownError(
-                "the clear committed in PostgreSQL, but neither Redis nor PostgreSQL could be "
-                "reached to retire the cached copies it replaced"
-            ) from exc
-        self._state.metrics.epoch_bumps += 1
 
     async def _delete_copies(self) -> None:
         """Delete every ``fmh:{<ns>}:k:*`` key: ``SCAN`` (on a Cluster, of the one node that
