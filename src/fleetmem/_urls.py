@@ -17,6 +17,7 @@ __all__ = [
     "is_hybrid_url",
     "redact_url",
     "split_hybrid_url",
+    "sqlite_url_parts",
     "url_scheme",
 ]
 
@@ -80,6 +81,25 @@ def _redact_one(url: str) -> str:
     if "password=" in parts.query.lower() or "password=" in out.lower():
         out = _QUERY_PASSWORD.sub(r"\1***", out)
     return out
+
+
+def sqlite_url_parts(url: str) -> tuple[str, dict[str, str]]:
+    """The database path (``":memory:"`` for an in-memory database) and query options of a
+    ``sqlite://`` URL; :class:`ConfigurationError` for any other URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != "sqlite":
+        raise ConfigurationError(f"not a sqlite:// URL: {redact_url(url)!r}")
+    rest, _, query = rest.partition("?")
+    rest = rest.partition("#")[0]
+    if rest == "":
+        return ":memory:", dict(parse_qsl(query))
+    if not rest.startswith("/"):
+        raise ConfigurationError(
+            f"a SQLite URL has no host: use sqlite:///relative.db or sqlite:////absolute.db, "
+            f"not {redact_url(url)!r}"
+        )
+    path = unquote(rest[1:])
+    return (path or ":memory:"), dict(parse_qsl(query))
 
 
 def hide_passwords(text: str, url: str | None) -> str:

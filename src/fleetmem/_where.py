@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import unquote
 
-from fleetmem._urls import redact_url, url_scheme
+from fleetmem._urls import redact_url, sqlite_url_parts, url_scheme
+from fleetmem.errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_URL",
@@ -22,7 +22,6 @@ __all__ = [
     "has_password",
     "in_one_process",
     "plain_settings_url",
-    "redact",
     "sqlite_path",
 ]
 
@@ -99,18 +98,11 @@ def backend_of(url: str | None) -> str:
 def sqlite_path(url: str) -> str | None:
     """The database file of a ``sqlite://`` URL as an absolute path, ``":memory:"`` for an
     in-memory database, ``None`` when ``url`` is not a SQLite URL this module can read."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() != "sqlite":
+    try:
+        path, _ = sqlite_url_parts(url)
+    except ConfigurationError:
         return None
-    rest = rest.partition("?")[0].partition("#")[0]
-    if rest == "":
-        return ":memory:"
-    if not rest.startswith("/"):
-        return None
-    path = unquote(rest[1:])
-    if path in ("", ":memory:"):
-        return ":memory:"
-    return str(Path(path).absolute())
+    return path if path == ":memory:" else str(Path(path).absolute())
 
 
 def in_one_process(url: str | None) -> bool:
@@ -123,13 +115,7 @@ def in_one_process(url: str | None) -> bool:
 
 def has_password(url: str) -> bool:
     """Whether printing ``url`` as it is would show a password."""
-    return redact(url) != url
-
-
-def redact(url: str) -> str:
-    """``url`` with every password replaced by ``***`` (both of a hybrid URL's); ``url``
-    itself, as written, when it shows none."""
-    return redact_url(url)
+    return redact_url(url) != url
 
 
 def describe(url: str | None) -> str:
@@ -145,4 +131,4 @@ def describe(url: str | None) -> str:
         return "sqlite in-memory database (this process only)"
     if path is not None:
         return f"sqlite file {path}"
-    return redact(url)
+    return redact_url(url)

@@ -488,7 +488,8 @@ def _demo_hint(args: argparse.Namespace, namespace: str) -> list[str]:
     """
     import shlex
 
-    from fleetmem._where import effective_url, in_one_process, redact
+    from fleetmem._urls import redact_url as redact
+    from fleetmem._where import effective_url, in_one_process
 
     resolved = effective_url(args.url)
     if in_one_process(resolved):
@@ -648,7 +649,8 @@ def _option_value(argv: Sequence[str], name: str) -> str | None:
 def _bench_servers_from_url(url: str) -> dict[str, str]:
     """``fleetmem --url URL bench``: the ``FLEETMEM_BENCH_*_URL`` variables ``URL`` sets (a
     PostgreSQL URL, a Redis URL, or a hybrid URL for both)."""
-    from fleetmem._where import backend_of, redact
+    from fleetmem._urls import redact_url as redact
+    from fleetmem._where import backend_of
 
     backend = backend_of(url)
     if backend == "postgres":

@@ -196,7 +196,8 @@ async def run_demo(
     :class:`~fleetmem.errors.ConfigurationError` before anything is opened: each process
     would work on a store of its own.
     """
-    from fleetmem._where import describe, effective_url, in_one_process, redact
+    from fleetmem._urls import redact_url as redact
+    from fleetmem._where import describe, effective_url, in_one_process
 
     say = progress or (lambda _msg: None)
     resolved = effective_url(url)

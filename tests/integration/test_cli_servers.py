@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleetmem._where import redact
+from fleetmem._urls import redact_url as redact
 from fleetmem.cli import main
 
 BACKENDS = [

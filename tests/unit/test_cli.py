@@ -540,7 +540,8 @@ def test_bench_takes_the_global_url(
 
 
 def test_printed_urls_hide_every_password() -> None:
-    from fleetmem._where import describe, redact
+    from fleetmem._urls import redact_url as redact
+    from fleetmem._where import describe
 
     hybrid = "hybrid+postgresql://fleet:pg-sekret@db:5432/fleet?cache=redis://:r-sekret@c:6379/0"
     shown = describe(hybrid)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import parse_qsl, unquote
 
 from fleetmem._codec import DEFAULT_MAX_VALUE_BYTES
-from fleetmem._urls import redact_url
+from fleetmem._urls import redact_url, sqlite_url_parts
 from fleetmem._validate import check_non_negative_number
 from fleetmem.backends.sqlite.connector import SYNCHRONOUS_MODES, SQLiteConnector
 from fleetmem.backends.sqlite.kv import SQLiteKV
@@ -18,24 +17,6 @@ from fleetmem.errors import ConfigurationError
 from fleetmem.store import Store, user_namespace
 
 __all__ = ["SQLiteStore"]
-
-
-def _parse_path(url: str) -> tuple[str, dict[str, str]]:
-    """The database path and query options of a ``sqlite://`` URL."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() != "sqlite":
-        raise ConfigurationError(f"not a sqlite:// URL: {redact_url(url)!r}")
-    rest, _, query = rest.partition("?")
-    rest = rest.partition("#")[0]
-    if rest == "":
-        return ":memory:", dict(parse_qsl(query))
-    if not rest.startswith("/"):
-        raise ConfigurationError(
-            f"a SQLite URL has no host: use sqlite:///relative.db or sqlite:////absolute.db, "
-            f"not {redact_url(url)!r}"
-        )
-    path = unquote(rest[1:])
-    return (path or ":memory:"), dict(parse_qsl(query))
 
 
 class SQLiteStore(Store[SQLiteKV]):
@@ -79,7 +60,7 @@ class SQLiteStore(Store[SQLiteKV]):
         """``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``; ``sqlite://`` alone
         (or ``sqlite:///:memory:``) is an in-memory database. Query options ``busy_timeout``
         (seconds) and ``synchronous`` are accepted; keyword options win over them."""
-        path, query = _parse_path(url)
+        path, query = sqlite_url_parts(url)
         unknown = set(query) - {"busy_timeout", "synchronous"}
         if unknown:
             raise ConfigurationError(
