@@ -23,9 +23,10 @@ servers:
     FLEETMEM_BENCH_REDIS_URL=redis://HOST:6379/0
   or give fleetmem a URL: fleetmem --url postgresql://... bench, fleetmem --url
   redis://... bench, or fleetmem --url 'hybrid+postgresql://...?cache=redis://...' bench
-  for both. The run writes there: it creates and truncates the table bench_raw and
-  clears the namespaces bench and bench-hybrid (and aiocache's aio): give it servers
-  you can spare.
+  for both. The run writes there: it creates and truncates the table bench_raw,
+  clears the namespaces bench, bench-hybrid and bench-ns-0000 to bench-ns-0999 (and
+  aiocache's aio) and deletes the Redis keys raw:* and rawns:* it wrote: give it
+  servers you can spare.
 
 needs: pip install -e '.[bench]' in the checkout (asyncpg, redis, the peers, matplotlib
 for --chart); --from-json needs none of them."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from .hybrid import bench_hybrid
 from .postgres import bench_postgres
+from .primitives import bench_primitives
 from .redis import bench_redis
 from .report import chart, format_report, load_report, targets
 from .results import Progress, Report
@@ -64,9 +65,12 @@ async def run(args: argparse.Namespace) -> Report:
     )
     # Workloads of each section; each prefix-scaling section also has two loading steps.
     steps = (
-        (9 if "postgres" in only else 0)
-        + (10 if "redis" in only else 0)
+        (10 if "postgres" in only else 0)
+        + (12 if "redis" in only else 0)
         + (1 if "hybrid" in only else 0)
+        + (1 if "namespaces" in only and "postgres" not in only else 0)
+        + (1 if "namespaces" in only and "redis" not in only else 0)
+        + (1 if "sync" in only and "redis" not in only else 0)
     )
     progress = Progress(steps)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -80,9 +84,9 @@ async def run(args: argparse.Namespace) -> Report:
         # main thread (RuntimeError) keep the default SIGTERM; Ctrl-C still stops the servers.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    async with _servers(
-        "postgres" in only or "hybrid" in only, "redis" in only or "hybrid" in only
-    ) as (pg, rs):
+    need_pg = bool(only & {"postgres", "hybrid", "namespaces"})
+    need_redis = bool(only & {"redis", "hybrid", "namespaces", "sync"})
+    async with _servers(need_pg, need_redis) as (pg, rs):
         if "postgres" in only and pg:
             await bench_postgres(bench, pg)
         if "redis" in only and rs:
@@ -92,6 +96,10 @@ async def run(args: argparse.Namespace) -> Report:
                 await bench_hybrid(bench, pg, rs)
             except ImportError as exc:
                 report.notes.append(f"hybrid skipped: {exc}")
+        # Alone: the postgres and redis sections end with these workloads.
+        await bench_primitives(
+            bench, None if "postgres" in only else pg, None if "redis" in only else rs, only
+        )
         await bench_scaling(
             bench, pg if "postgres" in only else None, rs if "redis" in only else None
         )
@@ -101,7 +109,12 @@ async def run(args: argparse.Namespace) -> Report:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetmem bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", help="comma-separated: postgres,redis,hybrid")
+    parser.add_argument(
+        "--only",
+        help="comma-separated: postgres,redis,hybrid (the sections; all three by default), "
+        "namespaces, sync (the namespaces() and fleetmem.sync workloads alone, which the "
+        "postgres and redis sections also run)",
+    )
     parser.add_argument("--repetitions", "-r", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="fewer calls; 100k instead of 1M")
     parser.add_argument(

@@ -9,7 +9,16 @@ from typing import Any
 import orjson
 
 from .timing import TickMerger
-from .workloads import VALUE, Bench, Op0, Op1
+from .workloads import (
+    NAMESPACE_ENTRIES,
+    VALUE,
+    Bench,
+    Op0,
+    Op1,
+    clear_namespaces,
+    fill_namespaces,
+    namespace_names,
+)
 
 
 async def bench_postgres(bench: Bench, dsn: str) -> None:
@@ -31,7 +40,7 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
 
     pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10, init=init, reset=no_reset)
     store = await PostgresStore.from_url(dsn, namespace="bench").connect()
-    lg = await _langgraph(bench, dsn) if bench.peers else None
+    lg = await langgraph_peer(bench, dsn) if bench.peers else None
     try:
         async with pool.acquire() as conn:
             await conn.execute(
@@ -170,13 +179,47 @@ async def bench_postgres(bench: Bench, dsn: str) -> None:
         if lg is not None:
             loads["langgraph"] = (lambda k: lg.get(keys[k]), lambda k: lg.put(keys[k]))
         await bench.loads("postgres", loads)
+        await bench_namespaces(bench, store, conn1, lg)
     finally:
         with contextlib.suppress(Exception):
             await store.clear()
+        with contextlib.suppress(Exception):
+            await clear_namespaces(store)
         if lg is not None:
             await lg.close()
         await store.close()
         await pool.close()
+
+
+async def bench_namespaces(bench: Bench, store: Any, conn: Any, lg: _LangGraph | None) -> None:
+    """``namespaces(limit=100)`` over 1,000 small namespaces (and the bench's big one):
+    fleetmem's loose index scan against the ``SELECT DISTINCT`` a user would write on the same
+    table, on the same connection; LangGraph's ``alist_namespaces(limit=100)`` as the peer, on
+    its own table holding the same namespaces."""
+    connector = store.kv.connector
+    await fill_namespaces(store)
+    if lg is not None:
+        await lg.put_namespaces(namespace_names())
+    table = f"{connector.schema}.{connector.table}"  # the store's own table
+    distinct = f"SELECT DISTINCT namespace FROM {table} ORDER BY 1 LIMIT 100"
+
+    async def raw_op(i: int) -> Any:
+        rows = await conn.fetch(distinct)
+        assert len(rows) == 100
+
+    async def fm_op(i: int) -> Any:
+        assert len(await store.namespaces(limit=100)) == 100
+
+    subjects: dict[str, Op1] = {"raw": raw_op, "fleetmem": fm_op}
+    if lg is not None:
+
+        async def lg_op(i: int) -> Any:
+            assert len(await lg.store.alist_namespaces(limit=100)) == 100
+
+        subjects["langgraph"] = lg_op
+    await bench.single(
+        "postgres namespaces(limit=100)", subjects, calls=bench.sizes.namespaces_calls
+    )
 
 
 @dataclass
@@ -203,14 +246,23 @@ class _LangGraph:
         items = await self.store.abatch([GetOp(("bench",), key) for key in keys])
         return sum(item is not None for item in items)
 
+    async def put_namespaces(self, names: list[str]) -> None:
+        from langgraph.store.base import PutOp
+
+        await self.store.abatch(
+            [PutOp((name,), f"item-{j}", VALUE) for name in names for j in range(NAMESPACE_ENTRIES)]
+        )
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             async with self.pool.connection() as conn:
-                await conn.execute("DELETE FROM store WHERE prefix = 'bench'")
+                await conn.execute(
+                    "DELETE FROM store WHERE prefix = 'bench' OR prefix LIKE 'bench-ns-%'"
+                )
         await self.pool.close()
 
 
-async def _langgraph(bench: Bench, dsn: str) -> _LangGraph | None:
+async def langgraph_peer(bench: Bench, dsn: str) -> _LangGraph | None:
     try:
         from langgraph.store.postgres import AsyncPostgresStore
         from psycopg_pool import AsyncConnectionPool

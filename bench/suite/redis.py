@@ -12,7 +12,18 @@ import orjson
 
 from .results import Measurement
 from .timing import TickMerger, alternate
-from .workloads import VALUE, VALUE_BYTES, Bench, Op0, Op1, chunked
+from .workloads import (
+    NAMESPACE_ENTRIES,
+    VALUE,
+    VALUE_BYTES,
+    Bench,
+    Op0,
+    Op1,
+    chunked,
+    clear_namespaces,
+    fill_namespaces,
+    namespace_names,
+)
 
 
 async def bench_redis(bench: Bench, url: str) -> None:
@@ -125,9 +136,16 @@ async def bench_redis(bench: Bench, url: str) -> None:
         for name, peer in peers.items():
             loads[name] = peer_load(peer)
         await bench.loads("redis", loads)
+        await bench_namespaces(bench, raw, store)
+        await bench_sync_get(bench, url, raw, store, keys)
     finally:
         with contextlib.suppress(Exception):
             await store.clear()
+        with contextlib.suppress(Exception):
+            await clear_namespaces(store)
+        with contextlib.suppress(Exception):
+            for chunk in chunked(raw_namespace_keys(), 5000):
+                await raw.delete(*chunk)
         for peer in peers.values():
             with contextlib.suppress(Exception):
                 await peer.close()
@@ -139,6 +157,62 @@ async def bench_redis(bench: Bench, url: str) -> None:
                 await raw.delete(*chunk)
         await store.close()
         await raw.aclose()
+
+
+def raw_namespace_keys() -> list[str]:
+    """The raw side's keys of the ``namespaces()`` workload: ``rawns:<namespace>:<key>``."""
+    return [f"rawns:{n}:item-{j}" for n in namespace_names() for j in range(NAMESPACE_ENTRIES)]
+
+
+async def bench_namespaces(bench: Bench, raw: Any, store: Any) -> None:
+    """``namespaces(limit=100)`` over 1,000 small namespaces (and the bench's big one):
+    fleetmem's registry sorted set (a liveness check per name) against what a user without a
+    registry writes, a ``SCAN MATCH rawns:*`` of the whole keyspace keeping the names seen,
+    sorted, the first 100. aiocache and cashews have no call that lists namespaces."""
+    await fill_namespaces(store)
+    await raw.mset(dict.fromkeys(raw_namespace_keys(), VALUE_BYTES))
+
+    async def raw_op(i: int) -> Any:
+        names = {key.split(b":", 2)[1] async for key in raw.scan_iter(b"rawns:*", count=1000)}
+        assert len(sorted(names)[:100]) == 100
+
+    async def fm_op(i: int) -> Any:
+        assert len(await store.namespaces(limit=100)) == 100
+
+    await bench.single(
+        "redis namespaces(limit=100)",
+        {"raw": raw_op, "fleetmem": fm_op},
+        calls=bench.sizes.namespaces_calls,
+    )
+
+
+async def bench_sync_get(bench: Bench, url: str, raw: Any, store: Any, keys: list[str]) -> None:
+    """A single ``get`` through the blocking facade ``fleetmem.sync`` (subject ``fleetmem``),
+    against the async store's (``async``) and redis-py's (``raw``), interleaved. The facade's
+    store runs on its own loop thread: each call is a hop to that thread and back."""
+    import fleetmem.sync
+
+    sync_store = fleetmem.sync.open_store(url, namespace="bench")
+    try:
+
+        async def sync_get(i: int) -> Any:
+            return sync_store.get(keys[i % 10000])
+
+        async def async_get(i: int) -> Any:
+            return await store.get(keys[i % 10000])
+
+        async def raw_get(i: int) -> Any:
+            data = await raw.get(f"raw:{keys[i % 10000]}")
+            assert data is not None
+            return orjson.loads(data)
+
+        await bench.single(
+            "redis get via fleetmem.sync",
+            {"raw": raw_get, "fleetmem": sync_get, "async": async_get},
+            paired=False,
+        )
+    finally:
+        sync_store.close()
 
 
 async def redis_memory(bench: Bench, raw: Any, store: Any) -> None:

@@ -35,17 +35,17 @@ TARGETS: list[tuple[str, str, str, str, float]] = [
 
 def format_report(report: Report) -> str:
     lines = [f"fleetmem bench — {report.started} — {report.machine}", ""]
-    header = f"{'workload':44} {'subject':11} {'unit':6} {'min':>10} {'median':>10} {'max':>10}"
+    header = f"{'workload':48} {'subject':11} {'unit':6} {'min':>10} {'median':>10} {'max':>10}"
     lines += [header, "-" * len(header)]
     for row in report.rows:
         vals = row.values or [float("nan")]
         lines.append(
-            f"{row.workload:44} {row.subject:11} {row.unit:6} {min(vals):10.1f} "
+            f"{row.workload:48} {row.subject:11} {row.unit:6} {min(vals):10.1f} "
             f"{row.median:10.1f} {max(vals):10.1f}"
         )
     lines += ["", "ratios (fleetmem / reference, medians):"]
     for workload, subject, text, value in ratios(report):
-        lines.append(f"  {workload:44} vs {subject:11} {value:6.2f}  {text}")
+        lines.append(f"  {workload:48} vs {subject:11} {value:6.2f}  {text}")
     lines += ["", "targets:"]
     for text, value, ok in targets(report):
         lines.append(f"  {'met    ' if ok else 'NOT met'}  {value:7.2f}  {text}")

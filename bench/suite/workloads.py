@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -37,6 +38,12 @@ class Sizes:
     scaling_calls: int  # keys(prefix) / search calls per namespace size and repetition
     hybrid_keys: int  # entries cached for the hybrid's hit path
     large_namespace: int  # the prefix scaling's second namespace size
+
+    @property
+    def namespaces_calls(self) -> int:
+        """``namespaces(limit=100)`` calls per subject and repetition: the raw Redis side
+        ``SCAN``s the whole keyspace (~50k keys) per call, so a tenth of the single calls."""
+        return max(10, self.scaling_calls // 3)
 
 
 FULL = Sizes(3000, 200, 300, 20, 300, 2000, 1_000_000)
@@ -77,25 +84,31 @@ class Bench:
         self,
         workload: str,
         subjects: dict[str, Callable[[int], Awaitable[Any]]],
+        calls: int | None = None,
+        paired: bool = True,
     ) -> None:
         """Single awaited calls, interleaved. fleetmem and the raw driver are measured as a pair
         (the target's ratio); with peers, a second pass interleaves every subject and is
         recorded as ``<workload> (with peers)``. A peer's calls make the calls after them run
         colder (its Python code and its server process ran meanwhile), which costs the side
-        with more code on its path more: fleetmem vs raw reads ~0.05 higher in that pass."""
+        with more code on its path more: fleetmem vs raw reads ~0.05 higher in that pass.
+
+        ``calls`` (default: the run's single-call count) is for slow calls (a keyspace
+        ``SCAN``); ``paired=False`` makes one pass of every subject, under ``workload``."""
         self.progress.step(workload)
+        n = self.n_single if calls is None else calls
         pair = {name: subjects[name] for name in ("raw", "fleetmem")}
-        passes = [(workload, pair)]
-        if len(subjects) > len(pair):
+        passes = [(workload, pair if paired else subjects)]
+        if paired and len(subjects) > len(pair):
             passes.append((f"{workload} (with peers)", subjects))
         for name in subjects:  # warm up (prepared statements, connections, scripts)
-            await sequential_latency(subjects[name], self.sizes.warm_single)
+            await sequential_latency(subjects[name], min(n, self.sizes.warm_single))
         for label, group in passes:
             lat: dict[str, list[float]] = {s: [] for s in group}
             rate: dict[str, list[float]] = {s: [] for s in group}
             for rep in range(self.reps):
                 gc.collect()
-                figures = await interleaved_latency(group, self.n_single, seed=rep)
+                figures = await interleaved_latency(group, n, seed=rep)
                 for name, (p50, ops) in figures.items():
                     lat[name].append(p50)
                     rate[name].append(ops)
@@ -191,3 +204,28 @@ def mixed(get: Op2, put: Op2) -> Op2:
 def chunked(items: list[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+#: The namespaces of the ``namespaces()`` workloads: NAMESPACES of NAMESPACE_ENTRIES entries.
+NAMESPACES = 1000
+NAMESPACE_ENTRIES = 3
+
+
+def namespace_names() -> list[str]:
+    """``bench-ns-0000`` ... ``bench-ns-0999``: the namespaces listed by ``namespaces()``."""
+    return [f"bench-ns-{i:04d}" for i in range(NAMESPACES)]
+
+
+async def fill_namespaces(store: Any) -> None:
+    """Write NAMESPACE_ENTRIES entries into each of the NAMESPACES namespaces, 50 at a time."""
+    names = namespace_names()
+    items = {f"item-{j}": VALUE for j in range(NAMESPACE_ENTRIES)}
+    for i in range(0, len(names), 50):
+        await asyncio.gather(*(store.with_namespace(n).set_many(items) for n in names[i : i + 50]))
+
+
+async def clear_namespaces(store: Any) -> None:
+    """Clear the namespaces :func:`fill_namespaces` wrote."""
+    names = namespace_names()
+    for i in range(0, len(names), 50):
+        await asyncio.gather(*(store.with_namespace(n).clear() for n in names[i : i + 50]))

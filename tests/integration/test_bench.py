@@ -31,6 +31,7 @@ PAIRED = [
     "postgres 64 coroutines get",
     "postgres 64 coroutines set",
     "postgres 64 coroutines mixed",
+    "postgres namespaces(limit=100) p50",
     "redis get p50",
     "redis set p50",
     "redis set_many 10k",
@@ -96,6 +97,16 @@ def test_bench_measures_every_workload_and_computes_every_target(
         for what in ("keys(prefix)", "search(prefix*)"):
             for backend in ("postgres", "redis"):
                 assert (f"{backend} {what} p50 @{size}", "fleetmem") in rows
+    # namespaces(limit=100) on Redis has no peer (aiocache and cashews list no namespaces).
+    for subject in ("raw", "fleetmem"):
+        assert ("redis namespaces(limit=100) p50", subject) in rows
+        assert ("redis namespaces(limit=100)", subject) in rows
+    assert ("redis namespaces(limit=100) (with peers) p50", "aiocache") not in rows
+    # A get through fleetmem.sync: one interleaved pass of the facade, the async store and raw.
+    for subject in ("raw", "fleetmem", "async"):
+        values = rows.get(("redis get via fleetmem.sync p50", subject))
+        assert values is not None and len(values) == 1 and values[0] > 0, subject
+    assert ("redis get via fleetmem.sync (with peers) p50", "async") not in rows
     assert ("postgres 64 coroutines get", "raw-merged") in rows
     assert ("redis 64 coroutines set", "raw-merged") in rows
     assert ("postgres 64 coroutines mixed", "raw-merged") in rows
@@ -114,3 +125,50 @@ def test_bench_measures_every_workload_and_computes_every_target(
     assert notes == [f"note: {note}" for note in data["notes"]]
     verdicts = [line.split()[0] for line in section if line.strip() and line not in notes]
     assert verdicts == ["met" if t["met"] else "NOT" for t in targets]
+
+
+def test_bench_only_namespaces_and_sync_runs_those_workloads_alone(
+    fleetmem_postgres_empty_database: str,
+    fleetmem_redis_factory: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    bench_main: Callable[[list[str] | None], int],
+) -> None:
+    """``--only namespaces,sync``: the ``namespaces()`` and ``fleetmem.sync`` rows, no others,
+    and nothing of the run left on the servers."""
+    monkeypatch.setenv("FLEETMEM_BENCH_POSTGRES_URL", fleetmem_postgres_empty_database)
+    redis_url = fleetmem_redis_factory().url
+    monkeypatch.setenv("FLEETMEM_BENCH_REDIS_URL", redis_url)
+    out = tmp_path / "bench.json"
+    args = ["--smoke", "--repetitions", "1", "--only", "namespaces,sync", "--json", str(out)]
+    assert bench_main(args) == 0
+    capsys.readouterr()
+    rows = {(row["workload"], row["subject"]) for row in json.loads(out.read_text())["rows"]}
+    expected = {
+        (f"{backend} namespaces(limit=100){unit}", subject)
+        for backend in ("postgres", "redis")
+        for unit in (" p50", "")
+        for subject in ("raw", "fleetmem")
+    }
+    expected |= {
+        (f"postgres namespaces(limit=100) (with peers){unit}", subject)
+        for unit in (" p50", "")
+        for subject in ("raw", "fleetmem", "langgraph")
+    }
+    expected |= {
+        (f"redis get via fleetmem.sync{unit}", subject)
+        for unit in (" p50", "")
+        for subject in ("raw", "fleetmem", "async")
+    }
+    assert rows == expected
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # Only fleetmem's namespace registry may remain (the names it lists are checked live).
+        leftover = [k for k in client.scan_iter(count=1000) if not k.startswith(b"fm:{_fleetmem}:")]
+        assert leftover == []
+    finally:
+        client.close()
