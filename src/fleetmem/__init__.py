@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fleetmem.errors import (
+    AgentGoneError,
     BackendUnavailableError,
     ConfigurationError,
     FleetmemError,
@@ -23,6 +24,8 @@ from fleetmem.errors import (
     InvalidKeyError,
     InvalidPatternError,
     KeyNotFoundError,
+    LeaseLostError,
+    LeaseUnavailableError,
     MissingDependencyError,
     NotANumberError,
     OutcomeUnknownError,
@@ -33,7 +36,7 @@ from fleetmem.errors import (
     VersionConflictError,
 )
 from fleetmem.factory import open_store
-from fleetmem.protocol import Entry, Health, MemoryStore, StoreStats
+from fleetmem.protocol import Agent, Entry, Health, Lease, MemoryStore, StoreStats
 
 if TYPE_CHECKING:
     from fleetmem.backends.hybrid import HybridStore as HybridStore
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
+    "AgentGoneError",
     "BackendUnavailableError",
     "ConfigurationError",
     "Entry",
@@ -57,6 +62,9 @@ __all__ = [
     "InvalidKeyError",
     "InvalidPatternError",
     "KeyNotFoundError",
+    "Lease",
+    "LeaseLostError",
+    "LeaseUnavailableError",
     "MemoryStore",
     "MissingDependencyError",
     "NotANumberError",

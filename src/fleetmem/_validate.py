@@ -37,9 +37,11 @@ __all__ = [
     "validate_key",
     "validate_keys",
     "validate_limit",
+    "validate_name",
     "validate_namespace",
     "validate_partition",
     "validate_ttl",
+    "validate_wait",
 ]
 
 MAX_KEY_BYTES = 1024
@@ -92,6 +94,33 @@ def _validate_name(value: object, what: str, max_bytes: int) -> str:
 def validate_key(key: object) -> str:
     """Return ``key`` if it is a valid key (1-1024 UTF-8 bytes, no control character)."""
     return _validate_name(key, "key", MAX_KEY_BYTES)
+
+
+def validate_name(value: object, what: str, max_bytes: int = MAX_KEY_BYTES) -> str:
+    """``value`` if it follows the key rules (a lease name, an agent id, an owner), with
+    ``what`` naming it in the error."""
+    return _validate_name(value, what, max_bytes)
+
+
+def validate_wait(wait: object) -> float | None:
+    """``wait`` (seconds or ``timedelta``, >= 0, finite; ``None``: do not wait) as seconds."""
+    if wait is None:
+        return None
+    if isinstance(wait, bool):
+        raise InvalidArgumentError("wait must be a number of seconds or a timedelta, not a bool")
+    if isinstance(wait, timedelta):
+        seconds = wait.total_seconds()
+    elif isinstance(wait, (int, float)):
+        seconds = float(wait)
+    else:
+        raise InvalidArgumentError(
+            f"wait must be a number of seconds or a timedelta, not {type(wait).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidArgumentError(f"wait must be a finite number of seconds >= 0, not {wait!r}")
+    if seconds > MAX_TTL_SECONDS:
+        raise InvalidArgumentError(f"wait must be at most {MAX_TTL_SECONDS} seconds (100 years)")
+    return seconds
 
 
 def validate_keys(keys: object) -> list[str]:

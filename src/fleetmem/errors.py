@@ -8,6 +8,7 @@ Every exception a store raises on purpose is a :class:`FleetmemError`. Driver ex
 from __future__ import annotations
 
 __all__ = [
+    "AgentGoneError",
     "BackendUnavailableError",
     "ConfigurationError",
     "FleetmemError",
@@ -15,6 +16,8 @@ __all__ = [
     "InvalidKeyError",
     "InvalidPatternError",
     "KeyNotFoundError",
+    "LeaseLostError",
+    "LeaseUnavailableError",
     "MissingDependencyError",
     "NotANumberError",
     "OutcomeUnknownError",
@@ -79,6 +82,20 @@ class VersionConflictError(FleetmemError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.key, self.expected, self.current_version))
+
+
+class LeaseLostError(FleetmemError):
+    """The lease is no longer held with that token: it expired, was released, or another
+    holder took it. Nothing was changed."""
+
+
+class LeaseUnavailableError(FleetmemError):
+    """The lease is held by another holder (and ``wait`` ran out)."""
+
+
+class AgentGoneError(KeyNotFoundError):
+    """The agent is not registered (never registered, deregistered, or expired): a dead agent
+    registers again, a late heartbeat never revives it."""
 
 
 class BackendUnavailableError(FleetmemError, ConnectionError):

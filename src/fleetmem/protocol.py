@@ -63,12 +63,44 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["TTL", "Entry", "Health", "JSONValue", "MemoryStore", "StoreStats"]
+__all__ = ["TTL", "Agent", "Entry", "Health", "JSONValue", "Lease", "MemoryStore", "StoreStats"]
 
 #: A JSON value as fleetmem stores it (dict, list/tuple, str, int, float, bool, None).
 JSONValue = Any
 #: A time to live: seconds (> 0) or a positive ``timedelta``.
 TTL = float | timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease (a named lock) granted to one holder, as the server granted or renewed it.
+
+    ``token`` is the fencing token: strictly greater than every token granted before for
+    ``name`` in ``namespace`` (across releases, expiries and restarts of a durable backend).
+    ``acquired_at`` and ``expires_at`` are timezone-aware UTC on the server's clock.
+    ``namespace`` is the namespace the lease lives in: a lease fences writes of that namespace
+    only. Pass it as ``fence=`` to any key-value write.
+    """
+
+    name: str
+    owner: str
+    token: int
+    acquired_at: datetime
+    expires_at: datetime
+    namespace: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """A registered agent: ``info`` (a JSON object), ``generation`` (grows each time the agent
+    registers again after it was gone), times timezone-aware UTC on the server's clock."""
+
+    id: str
+    info: dict[str, Any]
+    generation: int
+    registered_at: datetime
+    last_seen: datetime
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from fleetmem._validate import (
     validate_ttl,
     validate_version,
 )
+from fleetmem.agents import AgentRegistry
 from fleetmem.backends.seam import (
     MISSING,
     RESERVED_NAMESPACE_PREFIX,
@@ -49,7 +50,8 @@ from fleetmem.errors import (
     InvalidKeyError,
     StoreClosedError,
 )
-from fleetmem.protocol import TTL, Entry, Health, JSONValue, StoreStats
+from fleetmem.leases import HeldLease, Leases, fence_of
+from fleetmem.protocol import TTL, Entry, Health, JSONValue, Lease, StoreStats
 
 __all__ = ["RESERVED_NAMESPACE_PREFIX", "SET_MANY_CHUNK", "Store"]
 
@@ -113,6 +115,8 @@ class Store(Generic[_K]):
         self._is_view = False
         self._coalescing = kv.coalesce_max_inflight is not None
         self._make_coalescers()
+        self._leases: Leases | None = None
+        self._agents: AgentRegistry | None = None
 
     @classmethod
     def from_backend(
@@ -200,7 +204,25 @@ class Store(Generic[_K]):
         view._view_closed = False
         view._is_view = True
         view._make_coalescers()
+        view._leases = None
+        view._agents = None
         return view
+
+    # ---------------------------------------------------------------- coordination
+
+    @property
+    def leases(self) -> Leases:
+        """Named leases with fencing tokens in this store's namespace (no I/O until used)."""
+        if self._leases is None:
+            self._leases = Leases(self._kv.leases(), self._check_open)
+        return self._leases
+
+    @property
+    def agents(self) -> AgentRegistry:
+        """The agent registry of this store's namespace (no I/O until used)."""
+        if self._agents is None:
+            self._agents = AgentRegistry(self._kv.agents(), self._check_open, self._max_value_bytes)
+        return self._agents
 
     def _check_open(self) -> None:
         if self._view_closed or self._shared.closed:
@@ -366,11 +388,17 @@ class Store(Generic[_K]):
         ttl: TTL | None = None,
         partition: str | None = None,
         keep_ttl: bool = False,
+        fence: Lease | HeldLease | None = None,
     ) -> Entry:
         validate_key(key)
         ttl_ms = validate_optional_ttl(ttl, keep_ttl)
         part = validate_optional_partition(partition)
         payload, exact = encode_value_ex(value, self._max_value_bytes)
+        if fence is not None:
+            fenced = fence_of(fence, self._kv.namespace)
+            self._check_open()
+            meta = await self._kv.set(key, payload, ttl_ms, part, bool(keep_ttl), fenced)
+            return Entry(key, stored_form(value, payload, exact), *meta)
         self._check_open()
         c = self._c_set
         if c is None:
@@ -385,6 +413,7 @@ class Store(Generic[_K]):
         *,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> int:
         if not isinstance(items, Mapping):
             raise InvalidArgumentError(
@@ -392,19 +421,20 @@ class Store(Generic[_K]):
             )
         ttl_ms = validate_optional_ttl(ttl)
         part = validate_optional_partition(partition)
+        fenced = fence_of(fence, self._kv.namespace)
         encode = self._encode
         if len(items) <= SET_MANY_CHUNK:
             chunk = [(validate_key(k), encode(v)) for k, v in items.items()]
             self._check_open()
             if not chunk:
                 return 0
-            return await self._kv.set_many(iter([chunk]), ttl_ms, part)
+            return await self._kv.set_many(iter([chunk]), ttl_ms, part, fenced)
         # Validate everything first (all or nothing), then encode again chunk by chunk.
         for k, v in items.items():
             validate_key(k)
             encode(v)
         self._check_open()
-        return await self._kv.set_many(_chunks(items, encode), ttl_ms, part)
+        return await self._kv.set_many(_chunks(items, encode), ttl_ms, part, fenced)
 
     async def set_if_absent(
         self,
@@ -413,13 +443,15 @@ class Store(Generic[_K]):
         *,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> bool:
         validate_key(key)
         ttl_ms = validate_optional_ttl(ttl)
         part = validate_optional_partition(partition)
         payload = self._encode(value)
+        fenced = fence_of(fence, self._kv.namespace)
         self._check_open()
-        return await self._kv.set_if_absent(key, payload, ttl_ms, part)
+        return await self._kv.set_if_absent(key, payload, ttl_ms, part, fenced)
 
     async def compare_and_set(
         self,
@@ -429,14 +461,16 @@ class Store(Generic[_K]):
         version: int,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> Entry:
         validate_key(key)
         expected = validate_version(version)
         ttl_ms = validate_optional_ttl(ttl)
         part = validate_optional_partition(partition)
         payload, exact = encode_value_ex(value, self._max_value_bytes)
+        fenced = fence_of(fence, self._kv.namespace)
         self._check_open()
-        meta = await self._kv.compare_and_set(key, payload, expected, ttl_ms, part)
+        meta = await self._kv.compare_and_set(key, payload, expected, ttl_ms, part, fenced)
         return Entry(key, stored_form(value, payload, exact), *meta)
 
     async def incr(
@@ -446,26 +480,35 @@ class Store(Generic[_K]):
         *,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> int | float:
         validate_key(key)
         delta = validate_amount(amount)
         ttl_ms = validate_optional_ttl(ttl)
         part = validate_optional_partition(partition)
+        fenced = fence_of(fence, self._kv.namespace)
         self._check_open()
-        return await self._kv.incr(key, delta, ttl_ms, part)
+        return await self._kv.incr(key, delta, ttl_ms, part, fenced)
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, *, fence: Lease | HeldLease | None = None) -> bool:
         validate_key(key)
+        if fence is not None:
+            fenced = fence_of(fence, self._kv.namespace)
+            self._check_open()
+            return await self._kv.delete(key, fenced)
         self._check_open()
         c = self._c_delete
         return await (self._kv.delete(key) if c is None else c.call(key))
 
-    async def delete_many(self, keys: Iterable[str]) -> int:
+    async def delete_many(
+        self, keys: Iterable[str], *, fence: Lease | HeldLease | None = None
+    ) -> int:
         wanted = validate_keys(keys)
+        fenced = fence_of(fence, self._kv.namespace)
         self._check_open()
         if not wanted:
             return 0
-        return await self._kv.delete_many(wanted)
+        return await self._kv.delete_many(wanted, fenced)
 
     async def expire(self, key: str, ttl: TTL) -> bool:
         validate_key(key)

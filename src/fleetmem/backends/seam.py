@@ -22,22 +22,30 @@ it and nothing else, and a third-party backend implements it and runs
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
+from fleetmem._notify import Notifier, Watch
 from fleetmem._validate import GlobPattern
-from fleetmem.protocol import Entry, Health, StoreStats
+from fleetmem.errors import AgentGoneError, LeaseLostError
+from fleetmem.protocol import Agent, Entry, Health, Lease, StoreStats
 
 __all__ = [
     "MISSING",
     "RESERVED_NAMESPACE_PREFIX",
+    "AgentBackend",
     "EntryMeta",
+    "Fence",
     "KVBackend",
+    "LeaseBackend",
     "SetOp",
+    "agent_gone",
     "health_report",
+    "lease_lost",
 ]
 
 
@@ -77,6 +85,23 @@ class SetOp(NamedTuple):
     ttl_ms: int | None
     partition: str | None
     keep_ttl: bool
+
+
+class Fence(NamedTuple):
+    """A fenced write's condition: lease ``name`` of the backend's namespace must be live and
+    hold ``token`` when the write is applied, checked atomically with it on the server's clock.
+    Otherwise the backend raises :func:`lease_lost` and changes nothing."""
+
+    name: str
+    token: int
+
+
+def lease_lost(name: str, token: int) -> LeaseLostError:
+    """The error every backend raises for a lease (or a fence) that is no longer held."""
+    return LeaseLostError(
+        f"lease {name!r} is no longer held with token {token}: it expired, was released or "
+        "was taken by another holder; nothing was changed"
+    )
 
 
 class KVBackend(abc.ABC):
@@ -180,8 +205,18 @@ class KVBackend(abc.ABC):
 
     @abc.abstractmethod
     async def set(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
-    ) -> EntryMeta: ...
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        keep_ttl: bool,
+        fence: Fence | None = None,
+    ) -> EntryMeta:
+        """Every write takes ``fence``: when given, the write is applied only if that lease
+        is live and holds that token, checked atomically with the write (one statement or
+        transaction, one script); otherwise raise :func:`lease_lost` and change nothing. A
+        fence is checked before anything else the write could raise."""
 
     @abc.abstractmethod
     async def set_many(
@@ -189,30 +224,50 @@ class KVBackend(abc.ABC):
         chunks: Iterator[list[tuple[str, bytes]]],
         ttl_ms: int | None,
         partition: str | None,
+        fence: Fence | None = None,
     ) -> int:
-        """Write every chunk (keys distinct within the whole call); return the count."""
+        """Write every chunk (keys distinct within the whole call); return the count. With a
+        fence, every chunk is written under it (a chunk whose check fails raises; chunks
+        written before it stay, as for any other failure of a multi-chunk ``set_many``)."""
 
     @abc.abstractmethod
     async def set_if_absent(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> bool: ...
 
     @abc.abstractmethod
     async def compare_and_set(
-        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        version: int,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> EntryMeta:
-        """Raise ``VersionConflictError(key, version, current)`` on a mismatch."""
+        """Raise ``VersionConflictError(key, version, current)`` on a mismatch (a lost fence
+        wins over a version conflict)."""
 
     @abc.abstractmethod
     async def incr(
-        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        amount: int | float,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> int | float: ...
 
     @abc.abstractmethod
-    async def delete(self, key: str) -> bool: ...
+    async def delete(self, key: str, fence: Fence | None = None) -> bool: ...
 
     @abc.abstractmethod
-    async def delete_many(self, keys: list[str]) -> int: ...
+    async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int: ...
 
     @abc.abstractmethod
     async def expire(self, key: str, ttl_ms: int | None) -> bool:
@@ -229,6 +284,17 @@ class KVBackend(abc.ABC):
     async def aclose(self) -> None:
         """Release what this backend created (never an injected client or pool). Called once,
         on the store that is not a view."""
+
+    # ---------------------------------------------------------------- coordination
+
+    def leases(self) -> LeaseBackend:
+        """The lease primitive of this technology, bound to this namespace and sharing this
+        backend's connector (and its fence checks)."""
+        raise NotImplementedError(f"the {self.backend_name} backend has no leases")
+
+    def agents(self) -> AgentBackend:
+        """The agent registry of this technology, bound to this namespace."""
+        raise NotImplementedError(f"the {self.backend_name} backend has no agent registry")
 
     # ---------------------------------------------------------------- batches
     # Used to merge concurrent single-key calls. The defaults are correct but make one call per
@@ -298,6 +364,106 @@ class KVBackend(abc.ABC):
     async def exists_batch(self, keys: list[str]) -> list[bool]:
         found = await self.get_entries(list(dict.fromkeys(keys)))
         return [key in found for key in keys]
+
+
+class LeaseBackend(abc.ABC):
+    """Named leases with fencing tokens, bound to one namespace (see ``COORDINATION.md``).
+
+    Arguments arrive valid: names follow the key rules, ``owner`` is 1-255 bytes, TTLs are
+    whole milliseconds > 0. Times are the server's clock. A lease record outlives its lease:
+    the last token of a name is kept so that the next grant gets a greater one.
+    """
+
+    #: Seconds between two tries of a waiting ``acquire`` when no notification comes (a
+    #: release in another process normally wakes it through :meth:`watch`).
+    poll_interval: ClassVar[float] = 1.0
+
+    def __init__(self, *, namespace: str, notifier: Notifier) -> None:
+        self._namespace = namespace
+        self._notifier = notifier
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @abc.abstractmethod
+    async def acquire(self, name: str, owner: str, ttl_ms: int) -> tuple[Lease | None, int | None]:
+        """Grant ``name`` to ``owner`` if no live lease exists: ``(lease, None)`` with a token
+        greater than every earlier one; otherwise ``(None, ms)`` where ``ms`` is the current
+        lease's remaining life on the server's clock (a waiter sleeps at most that long)."""
+
+    @abc.abstractmethod
+    async def renew(self, name: str, token: int, ttl_ms: int | None) -> Lease:
+        """Extend the live lease ``name`` holding ``token`` by ``ttl_ms`` (``None``: the TTL it
+        was last granted or renewed with); raise :func:`lease_lost` otherwise."""
+
+    @abc.abstractmethod
+    async def release(self, name: str, token: int) -> bool:
+        """Free the live lease ``name`` if it holds ``token`` (and wake waiters); ``False``
+        otherwise, changing nothing."""
+
+    @abc.abstractmethod
+    async def holder(self, name: str) -> Lease | None:
+        """The live lease of ``name``, or ``None``."""
+
+    async def listen(self) -> None:  # noqa: B027 - embedded backends wake waiters directly
+        """Make sure releases made by other processes reach :attr:`_notifier` (start a
+        ``LISTEN`` or a subscription once per connector). Idempotent."""
+
+    @contextlib.asynccontextmanager
+    async def watch(self, name: str) -> AsyncIterator[Watch]:
+        """Watch ``name`` for releases; enter it *before* trying, so none is missed."""
+        await self.listen()
+        with self._notifier.watch((self._namespace, name)) as w:
+            yield w
+
+
+class AgentBackend(abc.ABC):
+    """The agent registry of one namespace (see ``COORDINATION.md``).
+
+    Arguments arrive valid: ids follow the key rules, ``info`` is the encoded JSON of a dict,
+    TTLs are whole milliseconds. An agent is live until ``expires_at`` on the server's clock;
+    the record of a gone agent keeps its generation so the next ``register`` gets a greater one.
+    """
+
+    def __init__(self, *, namespace: str) -> None:
+        self._namespace = namespace
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @abc.abstractmethod
+    async def register(self, agent_id: str, info: bytes, ttl_ms: int) -> Agent:
+        """Live agent: replace info and TTL, keep ``registered_at`` and ``generation``. Absent
+        or expired: create it with a generation greater than any earlier one of that id."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, agent_id: str, ttl_ms: int | None, info: bytes | None) -> Agent:
+        """Extend a live agent by ``ttl_ms`` (``None``: its last TTL), replacing ``info`` when
+        given; raise ``AgentGoneError`` for an absent or expired one, changing nothing."""
+
+    @abc.abstractmethod
+    async def deregister(self, agent_id: str) -> bool:
+        """Remove a live agent (its generation is kept); ``True`` if it was live."""
+
+    @abc.abstractmethod
+    async def get(self, agent_id: str) -> Agent | None: ...
+
+    @abc.abstractmethod
+    async def list(self, prefix: str, limit: int | None, after: str | None) -> list[Agent]:
+        """Live agents whose id starts with ``prefix``, above ``after``, ascending by id."""
+
+    @abc.abstractmethod
+    async def count(self) -> int: ...
+
+
+def agent_gone(agent_id: str) -> AgentGoneError:
+    """The error every backend raises for a heartbeat of an agent that is not live."""
+    return AgentGoneError(
+        f"agent {agent_id!r} is not registered (never registered, deregistered or expired); "
+        "register it again"
+    )
 
 
 async def health_report(kv: KVBackend) -> Health:

@@ -17,7 +17,16 @@ from typing import Any
 
 from fleetmem._codec import decode_value, encode_value, incremented
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
-from fleetmem.backends.seam import MISSING, RESERVED_NAMESPACE_PREFIX, EntryMeta, KVBackend
+from fleetmem.backends.memory.leases import Coordination, MemoryAgents, MemoryLeases, check_fence
+from fleetmem.backends.seam import (
+    MISSING,
+    RESERVED_NAMESPACE_PREFIX,
+    AgentBackend,
+    EntryMeta,
+    Fence,
+    KVBackend,
+    LeaseBackend,
+)
 from fleetmem.errors import (
     KeyNotFoundError,
     VersionConflictError,
@@ -49,6 +58,7 @@ class InMemoryKV(KVBackend):
     def __init__(self, *, namespace: str) -> None:
         super().__init__(namespace=namespace)
         self._spaces: dict[str, dict[str, _Record]] = {}
+        self._coord = Coordination()
         self._bind_namespace()
 
     def _bind_namespace(self) -> None:
@@ -235,10 +245,27 @@ class InMemoryKV(KVBackend):
 
     # ------------------------------------------------------------------ writes
 
+    def leases(self) -> LeaseBackend:
+        return MemoryLeases(namespace=self._namespace, coord=self._coord, clock=time.time)
+
+    def agents(self) -> AgentBackend:
+        return MemoryAgents(namespace=self._namespace, coord=self._coord, clock=time.time)
+
+    def _fence(self, fence: Fence | None, now: float) -> None:
+        if fence is not None:
+            check_fence(self._coord, self._namespace, fence, now)
+
     async def set(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        keep_ttl: bool,
+        fence: Fence | None = None,
     ) -> EntryMeta:
         now = time.time()
+        self._fence(fence, now)
         record = self._write(key, payload, now, ttl_ms, partition, keep_ttl, self._live(key, now))
         return self._meta(record)
 
@@ -247,28 +274,43 @@ class InMemoryKV(KVBackend):
         chunks: Iterator[list[tuple[str, bytes]]],
         ttl_ms: int | None,
         partition: str | None,
+        fence: Fence | None = None,
     ) -> int:
         count = 0
         for chunk in chunks:
             now = time.time()
+            self._fence(fence, now)
             for key, payload in chunk:
                 self._write(key, payload, now, ttl_ms, partition, False, self._live(key, now))
             count += len(chunk)
         return count
 
     async def set_if_absent(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> bool:
         now = time.time()
+        self._fence(fence, now)
         if self._live(key, now) is not None:
             return False
         self._write(key, payload, now, ttl_ms, partition, False, None)
         return True
 
     async def compare_and_set(
-        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        version: int,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> EntryMeta:
         now = time.time()
+        self._fence(fence, now)
         current = self._live(key, now)
         current_version = 0 if current is None else current.version
         if current_version != version:
@@ -277,23 +319,32 @@ class InMemoryKV(KVBackend):
         return self._meta(record)
 
     async def incr(
-        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        amount: int | float,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> int | float:
         now = time.time()
+        self._fence(fence, now)
         current = self._live(key, now)
         base: Any = 0 if current is None else decode_value(current.payload)
         result = incremented(key, base, amount)
         self._write(key, encode_value(result), now, ttl_ms, partition, True, current)
         return result
 
-    async def delete(self, key: str) -> bool:
-        if self._live(key, time.time()) is None:
+    async def delete(self, key: str, fence: Fence | None = None) -> bool:
+        now = time.time()
+        self._fence(fence, now)
+        if self._live(key, now) is None:
             return False
         del self._data[key]
         return True
 
-    async def delete_many(self, keys: list[str]) -> int:
+    async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
         now = time.time()
+        self._fence(fence, now)
         count = 0
         for key in keys:
             if self._live(key, now) is not None:
@@ -330,3 +381,5 @@ class InMemoryKV(KVBackend):
 
     async def aclose(self) -> None:
         self._spaces.clear()
+        self._coord.leases.clear()
+        self._coord.agents.clear()
