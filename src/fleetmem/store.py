@@ -428,12 +428,16 @@ class Store(Generic[_K]):
             self._check_open()
             if not chunk:
                 return 0
+            if fenced is None:
+                return await self._kv.set_many(iter([chunk]), ttl_ms, part)
             return await self._kv.set_many(iter([chunk]), ttl_ms, part, fenced)
         # Validate everything first (all or nothing), then encode again chunk by chunk.
         for k, v in items.items():
             validate_key(k)
             encode(v)
         self._check_open()
+        if fenced is None:
+            return await self._kv.set_many(_chunks(items, encode), ttl_ms, part)
         return await self._kv.set_many(_chunks(items, encode), ttl_ms, part, fenced)
 
     async def set_if_absent(
@@ -451,6 +455,8 @@ class Store(Generic[_K]):
         payload = self._encode(value)
         fenced = fence_of(fence, self._kv.namespace)
         self._check_open()
+        if fenced is None:
+            return await self._kv.set_if_absent(key, payload, ttl_ms, part)
         return await self._kv.set_if_absent(key, payload, ttl_ms, part, fenced)
 
     async def compare_and_set(
@@ -470,7 +476,10 @@ class Store(Generic[_K]):
         payload, exact = encode_value_ex(value, self._max_value_bytes)
         fenced = fence_of(fence, self._kv.namespace)
         self._check_open()
-        meta = await self._kv.compare_and_set(key, payload, expected, ttl_ms, part, fenced)
+        if fenced is None:
+            meta = await self._kv.compare_and_set(key, payload, expected, ttl_ms, part)
+        else:
+            meta = await self._kv.compare_and_set(key, payload, expected, ttl_ms, part, fenced)
         return Entry(key, stored_form(value, payload, exact), *meta)
 
     async def incr(
@@ -488,6 +497,8 @@ class Store(Generic[_K]):
         part = validate_optional_partition(partition)
         fenced = fence_of(fence, self._kv.namespace)
         self._check_open()
+        if fenced is None:
+            return await self._kv.incr(key, delta, ttl_ms, part)
         return await self._kv.incr(key, delta, ttl_ms, part, fenced)
 
     async def delete(self, key: str, *, fence: Lease | HeldLease | None = None) -> bool:
@@ -508,6 +519,8 @@ class Store(Generic[_K]):
         self._check_open()
         if not wanted:
             return 0
+        if fenced is None:
+            return await self._kv.delete_many(wanted)
         return await self._kv.delete_many(wanted, fenced)
 
     async def expire(self, key: str, ttl: TTL) -> bool:

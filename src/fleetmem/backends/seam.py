@@ -216,7 +216,9 @@ class KVBackend(abc.ABC):
         """Every write takes ``fence``: when given, the write is applied only if that lease
         is live and holds that token, checked atomically with the write (one statement or
         transaction, one script); otherwise raise :func:`lease_lost` and change nothing. A
-        fence is checked before anything else the write could raise."""
+        fence is checked before anything else the write could raise. ``Store`` passes
+        ``fence`` only when the caller gave one, so a backend written before fences existed
+        still serves every unfenced write."""
 
     @abc.abstractmethod
     async def set_many(
