@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from fleetmem.backends.postgres import PostgresStore as PostgresStore
     from fleetmem.backends.redis import RedisStore as RedisStore
     from fleetmem.backends.sqlite import SQLiteStore
+    from fleetmem.leases import HeldLease
     from fleetmem.settings import FleetmemSettings
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "FleetmemError",
     "FleetmemSettings",
     "Health",
+    "HeldLease",
     "InMemoryStore",
     "InvalidArgumentError",
     "InvalidKeyError",
@@ -83,6 +85,7 @@ __all__ = [
 #: Names imported on first use: name -> (module, the driver it needs, the extra installing it).
 _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "FleetmemSettings": ("fleetmem.settings", None, None),
+    "HeldLease": ("fleetmem.leases", None, None),
     "InMemoryStore": ("fleetmem.backends.memory", None, None),
     "SQLiteStore": ("fleetmem.backends.sqlite", None, None),
     "PostgresStore": ("fleetmem.backends.postgres", "asyncpg", "postgres"),

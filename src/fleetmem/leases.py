@@ -292,7 +292,6 @@ class LeaseLock:
             await asyncio.wait([task])
         if held is None or held.lost.is_set():
             return
-        held.lost.set()  # the lease is given back: it fences nothing any more
         try:
             await self._leases.backend.release(held.lease.name, held.lease.token)
         except Exception as err:  # the exit raises nothing extra: the TTL frees the lease
