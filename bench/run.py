@@ -1,4 +1,4 @@
-"""Run fleetmem's benchmarks: ``python bench/run.py [--quick] [--only postgres,redis,hybrid]``.
+"""Run fleetmem's benchmarks: ``python bench/run.py [--quick] [--only SECTIONS]``.
 
 The same as ``fleetmem bench`` (which, from a source checkout, runs this file); see the
 ``suite`` package next to it for what is measured and how. The benchmarks are not part of the
@@ -25,8 +25,9 @@ servers:
   redis://... bench, or fleetmem --url 'hybrid+postgresql://...?cache=redis://...' bench
   for both. The run writes there: it creates and truncates the table bench_raw,
   clears the namespaces bench, bench-hybrid and bench-ns-0000 to bench-ns-0999 (and
-  aiocache's aio) and deletes the Redis keys raw:* and rawns:* it wrote: give it
-  servers you can spare.
+  aiocache's aio) and deletes the Redis keys raw:* and rawns:* it wrote; the leases
+  section leaves the lease records of bench-leases and bench-leases-raw (a lease's last
+  token is kept for good, by design): give it servers you can spare.
 
 needs: pip install -e '.[bench]' in the checkout (asyncpg, redis, the peers, matplotlib
 for --chart); --from-json needs none of them."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .hybrid import bench_hybrid
+from .leases import bench_leases, lease_steps
 from .postgres import bench_postgres
 from .primitives import bench_primitives
 from .redis import bench_redis
@@ -56,7 +57,7 @@ async def _servers(need_pg: bool, need_redis: bool) -> AsyncIterator[tuple[str |
 
 async def run(args: argparse.Namespace) -> Report:
     """Run the selected workloads and return the report."""
-    only = set(args.only.split(",")) if args.only else {"postgres", "redis", "hybrid"}
+    only = set(args.only.split(",")) if args.only else {"postgres", "redis", "hybrid", "leases"}
     report = Report(
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, Python "
@@ -71,6 +72,7 @@ async def run(args: argparse.Namespace) -> Report:
         + (1 if "namespaces" in only and "postgres" not in only else 0)
         + (1 if "namespaces" in only and "redis" not in only else 0)
         + (1 if "sync" in only and "redis" not in only else 0)
+        + (lease_steps(pg=True, rs=True) if "leases" in only else 0)
     )
     progress = Progress(steps)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -84,8 +86,8 @@ async def run(args: argparse.Namespace) -> Report:
         # main thread (RuntimeError) keep the default SIGTERM; Ctrl-C still stops the servers.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    need_pg = bool(only & {"postgres", "hybrid", "namespaces"})
-    need_redis = bool(only & {"redis", "hybrid", "namespaces", "sync"})
+    need_pg = bool(only & {"postgres", "hybrid", "namespaces", "leases"})
+    need_redis = bool(only & {"redis", "hybrid", "namespaces", "sync", "leases"})
     async with _servers(need_pg, need_redis) as (pg, rs):
         if "postgres" in only and pg:
             await bench_postgres(bench, pg)
@@ -100,6 +102,8 @@ async def run(args: argparse.Namespace) -> Report:
         await bench_primitives(
             bench, None if "postgres" in only else pg, None if "redis" in only else rs, only
         )
+        if "leases" in only:
+            await bench_leases(bench, pg, rs)
         await bench_scaling(
             bench, pg if "postgres" in only else None, rs if "redis" in only else None
         )
@@ -111,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetmem bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--only",
-        help="comma-separated: postgres,redis,hybrid (the sections; all three by default), "
-        "namespaces, sync (the namespaces() and fleetmem.sync workloads alone, which the "
-        "postgres and redis sections also run)",
+        help="comma-separated: postgres,redis,hybrid,leases (the sections; all four by "
+        "default; leases runs on memory and SQLite too), namespaces, sync (the namespaces() "
+        "and fleetmem.sync workloads alone, which the postgres and redis sections also run)",
     )
     parser.add_argument("--repetitions", "-r", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="fewer calls; 100k instead of 1M")

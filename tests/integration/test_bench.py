@@ -43,6 +43,18 @@ PAIRED = [
     "hybrid get (cache hit) p50",
 ]
 
+#: The lease section's workloads per backend and their subjects (beside fleetmem). Their
+#: targets are recorded as notes, never asserted: a smoke run's figures mean nothing.
+LEASE_WORKLOADS = {
+    "lease acquire+release p50": ("raw",),
+    "set fenced p50": ("unfenced",),
+    "lease 64 coroutines 8 names": (),
+}
+LEASE_PEERS = {
+    "lease acquire+release (with peers) p50": ("raw", "redis-py Lock"),
+    "lease 64 coroutines 8 names": ("redis-py Lock", "redis-py Lock 1ms"),
+}
+
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -111,6 +123,22 @@ def test_bench_measures_every_workload_and_computes_every_target(
     assert ("redis 64 coroutines set", "raw-merged") in rows
     assert ("postgres 64 coroutines mixed", "raw-merged") in rows
     assert ("redis 64 coroutines mixed", "raw-merged") in rows
+    # Leases: every backend measured, or skipped with a note while its leases are not built.
+    for backend in ("memory", "sqlite", "postgres", "redis", "hybrid"):
+        if f"{backend} leases skipped" in " ".join(data["notes"]):
+            assert backend != "memory"
+            continue
+        for workload, others in LEASE_WORKLOADS.items():
+            # The in-memory store has no driver beneath it: no raw side.
+            subjects = ("fleetmem", *(s for s in others if backend != "memory" or s != "raw"))
+            for subject in subjects:
+                values = rows.get((f"{backend} {workload}", subject))
+                assert values is not None, (backend, workload, subject)
+                assert len(values) == 1 and math.isfinite(values[0]) and values[0] > 0
+        if backend == "redis":
+            for workload, peers in LEASE_PEERS.items():
+                for subject in peers:
+                    assert (f"redis {workload}", subject) in rows, (workload, subject)
     targets = data["targets"]
     assert len(targets) == 29
     assert all(math.isfinite(t["figure"]) and isinstance(t["met"], bool) for t in targets)

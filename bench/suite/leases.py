@@ -1,0 +1,323 @@
+"""``--only leases``: leases with fencing tokens and fenced writes, on every backend.
+
+Three workloads per backend (memory, SQLite, PostgreSQL, Redis, hybrid), each measured in one
+run against its reference, interleaved:
+
+* ``<backend> lease acquire+release``: one uncontended ``acquire`` then ``release`` of a lease
+  name nobody else uses, one pair at a time, interleaved call by call with the raw driver
+  sending the backend's own two statements or scripts (subject ``raw``), and on Redis with
+  redis-py's asyncio ``Lock`` (``acquire`` + ``release``, the peer a user would pick otherwise)
+  in a second pass. Target: fleetmem ≤ 1.2x raw (p50).
+* ``<backend> set fenced``: ``store.set(key, value, fence=lease)`` (subject ``fleetmem``)
+  interleaved with the same ``store.set(key, value)`` without a fence (subject ``unfenced``),
+  same keys and value, the lease held throughout. Target: ≤ 1.15x (p50).
+* ``<backend> lease 64 coroutines 8 names``: 64 coroutines, worker ``w`` taking lease
+  ``c{w % 8}`` with ``acquire(wait=...)``, holding it for one event-loop turn, releasing it;
+  acquisitions per second. Targets: Redis ≥ 5,000/s, PostgreSQL ≥ 1,500/s; memory, SQLite
+  and the hybrid for reference. On Redis, redis-py's ``Lock`` on the same load, with its default
+  polling (``sleep=0.1``) and with ``sleep=0.001``.
+
+The targets are not in the report's target table (they are absolute figures or ratios to
+subjects the other sections do not have): the section adds a ``note`` per target with its
+figure and verdict. A backend whose leases are not in this build is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .results import Measurement
+from .timing import alternate, concurrent_load, interleaved_latency, sequential_latency
+from .workloads import VALUE, Bench, Op1, Op2
+
+#: The namespace fleetmem's side uses; the raw side uses LEASE_RAW_NAMESPACE.
+LEASE_NAMESPACE = "bench-leases"
+LEASE_RAW_NAMESPACE = "bench-leases-raw"
+#: The contended load: WORKERS coroutines over NAMES lease names.
+WORKERS = 64
+NAMES = 8
+#: Keys the fenced and unfenced sets write (the same for both subjects).
+FENCED_KEYS = [f"fenced-{i:04d}" for i in range(1000)]
+#: Lease TTL of every workload: far longer than any hold, so no lease expires mid-run.
+TTL = 30.0
+#: How long a contended acquire may wait before the run counts it as a failure.
+WAIT = 30.0
+
+#: (workload suffix, subject, reference, "le"/"ge", bound, description).
+_TARGETS: list[tuple[str, str, str, str, float, str]] = [
+    ("lease acquire+release p50", "fleetmem", "raw", "le", 1.2, "≤ 1.2x the raw two round trips"),
+    ("set fenced p50", "fleetmem", "unfenced", "le", 1.15, "≤ 1.15x an unfenced set"),
+]
+_CONTENDED_TARGETS = {"redis": 5000.0, "postgres": 1500.0}
+
+#: Workloads (progress steps) per backend.
+STEPS_PER_BACKEND = 3
+BACKENDS = ("memory", "sqlite", "postgres", "redis", "hybrid")
+
+
+def lease_steps(pg: bool, rs: bool) -> int:
+    """Progress steps of the section with these servers."""
+    return STEPS_PER_BACKEND * (2 + int(pg) + int(rs) + int(pg and rs))
+
+
+@dataclass
+class _Target:
+    """One backend's subjects for the three workloads, and what to close after them."""
+
+    name: str
+    store: Any
+    raw: Op1 | None = None  # the raw driver's acquire + release
+    peers_pair: dict[str, Op1] = field(default_factory=dict)
+    peers_contended: dict[str, Op2] = field(default_factory=dict)
+    on_close: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+
+async def bench_leases(bench: Bench, dsn: str | None, url: str | None) -> None:
+    """Run the three lease workloads on memory and SQLite, and on PostgreSQL, Redis and the
+    hybrid when their servers are given."""
+    for name in BACKENDS:
+        if name in ("postgres", "hybrid") and dsn is None:
+            continue
+        if name in ("redis", "hybrid") and url is None:
+            continue
+        try:
+            async with _open(bench, name, dsn, url) as target:
+                if target is None:
+                    continue
+                await _bench_backend(bench, target)
+        except ImportError as exc:
+            bench.report.notes.append(f"{name} leases skipped: {exc}")
+    _verdicts(bench)
+
+
+@contextlib.asynccontextmanager
+async def _open(
+    bench: Bench, name: str, dsn: str | None, url: str | None
+) -> AsyncIterator[_Target | None]:
+    """The store (and raw side, and peers) of backend ``name``; ``None`` (with a note) when its
+    leases are not in this build. Everything it wrote is removed on exit."""
+    with contextlib.ExitStack() as stack:
+        if name == "memory":
+            from fleetmem.backends.memory import InMemoryStore
+
+            store: Any = InMemoryStore(namespace=LEASE_NAMESPACE)
+        elif name == "sqlite":
+            from fleetmem.backends.sqlite import SQLiteStore
+
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="fleetmem-bench-"))
+            path = Path(folder) / "leases.db"
+            store = SQLiteStore(path, namespace=LEASE_NAMESPACE)
+        elif name == "postgres":
+            from fleetmem.backends.postgres import PostgresStore
+
+            assert dsn is not None
+            store = PostgresStore.from_url(dsn, namespace=LEASE_NAMESPACE)
+        elif name == "redis":
+            from fleetmem.backends.redis import RedisStore
+
+            assert url is not None
+            store = RedisStore.from_url(url, namespace=LEASE_NAMESPACE)
+        else:
+            from fleetmem.factory import open_store
+
+            assert dsn is not None and url is not None
+            store = await open_store(hybrid=(dsn, url), namespace=LEASE_NAMESPACE)
+        target = _Target(name, store)
+        try:
+            await store.connect()
+            try:
+                store.leases.backend  # noqa: B018 - raises when the backend has no leases
+            except NotImplementedError as exc:
+                bench.report.notes.append(f"{name} leases skipped: {exc}")
+                yield None
+                return
+            if name == "sqlite":
+                await _raw_sqlite(target)
+            elif name in ("postgres", "hybrid"):
+                await _raw_postgres(target)
+            elif name == "redis":
+                await _raw_redis(target, url or "")
+                if bench.peers:
+                    await _redis_lock_peers(target, url or "")
+            yield target
+        finally:
+            for close in reversed(target.on_close):
+                with contextlib.suppress(Exception):
+                    await close()
+            with contextlib.suppress(Exception):
+                await store.clear()
+            await store.close()
+
+
+# --------------------------------------------------------------------------- the raw sides
+
+
+async def _raw_sqlite(target: _Target) -> None:
+    """sqlite3 on a connection of its own to the store's file, on a worker thread of its own
+    (the store's thread model): the lease backend's two statements, each in a ``BEGIN
+    IMMEDIATE`` transaction as the store runs them."""
+
+
+async def _raw_postgres(target: _Target) -> None:
+    """asyncpg on the connection the store's lone calls use: the lease backend's own two
+    statements, prepared."""
+
+
+async def _raw_redis(target: _Target, url: str) -> None:
+    """redis-py calling the lease backend's own two functions (``FCALL``) directly."""
+
+
+async def _redis_lock_peers(target: _Target, url: str) -> None:
+    """redis-py's asyncio ``Lock`` (``SET NX PX`` to take, a token-checking script to give
+    back; a blocked ``acquire`` polls every ``sleep`` seconds) on keys ``rawlock:*``."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url)
+
+    async def pair(i: int) -> None:
+        lock = client.lock("rawlock:solo", timeout=TTL)
+        assert await lock.acquire(blocking=False)
+        await lock.release()
+
+    def contended(sleep: float) -> Op2:
+        async def op(w: int, i: int) -> None:
+            lock = client.lock(f"rawlock:c{w % NAMES}", timeout=TTL, sleep=sleep)
+            assert await lock.acquire(blocking=True, blocking_timeout=WAIT)
+            await asyncio.sleep(0)
+            await lock.release()
+
+        return op
+
+    target.peers_pair["redis-py Lock"] = pair
+    target.peers_contended["redis-py Lock"] = contended(0.1)
+    target.peers_contended["redis-py Lock 1ms"] = contended(0.001)
+    target.on_close.append(client.aclose)
+
+
+async def _bench_backend(bench: Bench, target: _Target) -> None:
+    store, b = target.store, target.name
+    leases = store.leases
+
+    async def fm_pair(i: int) -> None:
+        lease = await leases.acquire("solo", owner="bench", ttl=TTL)
+        assert lease is not None
+        assert await leases.release(lease)
+
+    pair: dict[str, Op1] = {"fleetmem": fm_pair}
+    if target.raw is not None:
+        pair["raw"] = target.raw
+    await single(bench, f"{b} lease acquire+release", pair, target.peers_pair)
+
+    held = await leases.acquire("fence", owner="bench", ttl=3600)
+    assert held is not None
+
+    async def fenced(i: int) -> Any:
+        return await store.set(FENCED_KEYS[i % len(FENCED_KEYS)], VALUE, fence=held)
+
+    async def unfenced(i: int) -> Any:
+        return await store.set(FENCED_KEYS[i % len(FENCED_KEYS)], VALUE)
+
+    await single(bench, f"{b} set fenced", {"fleetmem": fenced, "unfenced": unfenced})
+    await leases.release(held)
+
+    async def fm_contended(w: int, i: int) -> None:
+        lease = await leases.acquire(f"c{w % NAMES}", owner=f"w{w}", ttl=TTL, wait=WAIT)
+        assert lease is not None, "a contended acquire waited in vain"
+        await asyncio.sleep(0)
+        await leases.release(lease)
+
+    await contended(
+        bench,
+        f"{b} lease 64 coroutines 8 names",
+        {"fleetmem": fm_contended, **target.peers_contended},
+    )
+
+
+async def single(
+    bench: Bench, workload: str, subjects: dict[str, Op1], peers: dict[str, Op1] | None = None
+) -> None:
+    """Like :meth:`Bench.single`, for any set of subjects: ``subjects`` interleaved call by
+    call (the target's pair), then, with ``peers``, a second pass of all of them recorded as
+    ``<workload> (with peers)``."""
+    bench.progress.step(workload)
+    n = bench.n_single
+    everyone = {**subjects, **(peers or {})}
+    passes = [(workload, subjects)]
+    if peers:
+        passes.append((f"{workload} (with peers)", everyone))
+    for op in everyone.values():  # warm up (prepared statements, connections, scripts)
+        await sequential_latency(op, min(n, bench.sizes.warm_single))
+    for label, group in passes:
+        lat: dict[str, list[float]] = {s: [] for s in group}
+        rate: dict[str, list[float]] = {s: [] for s in group}
+        for rep in range(bench.reps):
+            gc.collect()
+            figures = await interleaved_latency(group, n, seed=rep)
+            for name, (p50, ops) in figures.items():
+                lat[name].append(p50)
+                rate[name].append(ops)
+        bench.record(label + " p50", "us", lat)
+        bench.record(label, "ops/s", rate)
+
+
+def contended_per_worker(bench: Bench) -> int:
+    """Acquisitions per coroutine and repetition of the contended load: a third of the other
+    64-coroutine loads' calls (each acquisition is at least two round trips, and the polling
+    peer is slow)."""
+    return max(2, bench.sizes.per_worker // 3)
+
+
+async def contended(bench: Bench, workload: str, subjects: dict[str, Op2]) -> None:
+    """Like :meth:`Bench.concurrent`, with :func:`contended_per_worker` calls per coroutine:
+    acquisitions/s (``ops/s``) and the p50/p99 of one acquire-hold-release."""
+    bench.progress.step(workload)
+    per = contended_per_worker(bench)
+    p50s: dict[str, list[float]] = {s: [] for s in subjects}
+    p99s: dict[str, list[float]] = {s: [] for s in subjects}
+
+    def runner(name: str) -> Callable[[], Awaitable[float]]:
+        async def go() -> float:
+            ops, p50, p99 = await concurrent_load(subjects[name], WORKERS, per)
+            p50s[name].append(p50)
+            p99s[name].append(p99)
+            return ops
+
+        return go
+
+    for name in subjects:  # warm up
+        await concurrent_load(subjects[name], WORKERS, 1)
+    gc.collect()
+    bench.record(workload, "ops/s", await alternate(bench.reps, {n: runner(n) for n in subjects}))
+    bench.record(workload + " p50", "us", p50s)
+    bench.record(workload + " p99", "us", p99s)
+
+
+def _verdicts(bench: Bench) -> None:
+    """A note per lease target measured: its figure and whether it was met."""
+    report = bench.report
+    for b in BACKENDS:
+        for suffix, subject, ref, kind, bound, text in _TARGETS:
+            mine, theirs = report.get(f"{b} {suffix}", subject), report.get(f"{b} {suffix}", ref)
+            if mine is None or theirs is None or not mine.values or not theirs.values:
+                continue
+            value = mine.median / theirs.median
+            ok = value <= bound if kind == "le" else value >= bound
+            report.notes.append(
+                f"lease target {b} {suffix.removesuffix(' p50')} {text}: {value:.2f} "
+                f"({'met' if ok else 'NOT met'})"
+            )
+        floor = _CONTENDED_TARGETS.get(b)
+        row: Measurement | None = report.get(f"{b} lease 64 coroutines 8 names", "fleetmem")
+        if floor is not None and row is not None and row.values:
+            ok = row.median >= floor
+            report.notes.append(
+                f"lease target {b} 64 coroutines on 8 names ≥ {floor:,.0f} acquisitions/s: "
+                f"{row.median:,.0f} ({'met' if ok else 'NOT met'})"
+            )
