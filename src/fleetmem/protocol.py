@@ -48,6 +48,21 @@ Versions
     again after deletion or expiry. ``expire`` and ``persist`` change neither the version nor
     ``updated_at``.
 
+Fenced writes
+    Every key-value write (``set``, ``set_many``, ``set_if_absent``, ``compare_and_set``,
+    ``incr``, ``delete``, ``delete_many``) takes ``fence=``: a :class:`Lease` of this store's
+    namespace, or the :class:`~fleetmem.leases.HeldLease` of ``leases.lock()``. The write is
+    applied only if, atomically with it and on the server's clock, that lease is still live and
+    still carries that token; otherwise it raises :class:`~fleetmem.errors.LeaseLostError` and
+    nothing changes (a ``set_many`` of more than 10,000 items is checked chunk by chunk: chunks
+    written before the lease was lost stay, as for any failure of such a batch). The check comes
+    before anything else the write could raise (a lost fence wins over a version conflict). An
+    agent that
+    paused past its lease cannot overwrite the work of the one that took over. A ``HeldLease``
+    whose ``lost`` is set, a lease of another namespace or anything else is refused before any
+    I/O. ``expire``, ``persist`` and the ``clear`` family take no fence. Leases and agents
+    (``leases``, ``agents``) follow ``docs/coordination.md``.
+
 Closing
     ``close()`` is idempotent and closes only what the store created (never an injected client
     or pool); closing a ``with_namespace`` view closes nothing shared. Any other call on a closed
@@ -61,7 +76,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # leases.py and agents.py import this module
+    from fleetmem.agents import AgentRegistry
+    from fleetmem.leases import HeldLease, Leases
 
 __all__ = ["TTL", "Agent", "Entry", "Health", "JSONValue", "Lease", "MemoryStore", "StoreStats"]
 
@@ -205,6 +224,21 @@ class MemoryStore(Protocol):
         """
         ...
 
+    if TYPE_CHECKING:
+        # Checked statically only: on Python < 3.12 isinstance() reads every member of a
+        # runtime protocol, and these build backend objects (or raise NotImplementedError on a
+        # backend that has no leases yet).
+
+        @property
+        def leases(self) -> Leases:
+            """Named leases with fencing tokens in this namespace (no I/O until used)."""
+            ...
+
+        @property
+        def agents(self) -> AgentRegistry:
+            """The agent registry of this namespace (no I/O until used)."""
+            ...
+
     async def get(self, key: str, default: JSONValue = None) -> JSONValue:
         """The live value of ``key``, or ``default`` when it is missing or expired."""
         ...
@@ -232,6 +266,7 @@ class MemoryStore(Protocol):
         ttl: TTL | None = None,
         partition: str | None = None,
         keep_ttl: bool = False,
+        fence: Lease | HeldLease | None = None,
     ) -> Entry:
         """Store ``value`` under ``key`` and return the new entry (version + 1, new: 1).
 
@@ -246,6 +281,7 @@ class MemoryStore(Protocol):
         *,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> int:
         """Store every item of ``items``; return how many were written.
 
@@ -262,6 +298,7 @@ class MemoryStore(Protocol):
         *,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> bool:
         """Atomically store ``value`` only if ``key`` has no live entry; ``True`` if written.
 
@@ -277,6 +314,7 @@ class MemoryStore(Protocol):
         version: int,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> Entry:
         """Atomically store ``value`` if the live entry's version is ``version``.
 
@@ -296,6 +334,7 @@ class MemoryStore(Protocol):
         *,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> int | float:
         """Atomically add ``amount`` to the number under ``key`` and return the new number.
 
@@ -307,11 +346,13 @@ class MemoryStore(Protocol):
         """
         ...
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, *, fence: Lease | HeldLease | None = None) -> bool:
         """Delete ``key``; ``True`` if a live entry existed."""
         ...
 
-    async def delete_many(self, keys: Iterable[str]) -> int:
+    async def delete_many(
+        self, keys: Iterable[str], *, fence: Lease | HeldLease | None = None
+    ) -> int:
         """Delete ``keys``; return how many live entries were deleted."""
         ...
 

@@ -21,6 +21,16 @@ Threading model
     thread that runs an event loop of its own (a Jupyter cell, an ``async def``) may call it too:
     that loop is blocked for the duration of the call, and nothing else is needed.
 
+Leases and agents
+    ``store.leases`` (a :class:`SyncLeases`) and ``store.agents`` (a :class:`SyncAgents`) are
+    the blocking twins of :class:`~fleetmem.leases.Leases` and
+    :class:`~fleetmem.agents.AgentRegistry`. ``store.leases.lock(...)`` is a plain ``with``
+    context manager: the lease is renewed in the background by a task on the store's loop
+    thread, so it stays held while the calling thread blocks, sleeps or computes. It yields the
+    same :class:`~fleetmem.leases.HeldLease` as the async lock; its ``lost`` is an
+    :class:`asyncio.Event` of the loop thread, which another thread may read with
+    ``held.lost.is_set()`` (a plain flag) but must not ``wait()`` on.
+
 Errors
     Whatever the async method raises is raised in the calling thread: the same exception object,
     the same class, its traceback showing the frames of the loop thread where it was raised. A
@@ -59,18 +69,29 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fleetmem.agents import DEFAULT_AGENT_TTL, AgentRegistry
 from fleetmem.errors import FleetmemError, StoreClosedError
-from fleetmem.protocol import TTL, Entry, Health, JSONValue, StoreStats
+from fleetmem.leases import DEFAULT_LEASE_TTL, HeldLease, LeaseLock, Leases
+from fleetmem.protocol import TTL, Agent, Entry, Health, JSONValue, Lease, StoreStats
 
 if TYPE_CHECKING:
     from fleetmem.settings import FleetmemSettings
     from fleetmem.store import Store
 
-__all__ = ["EXIT_CLOSE_TIMEOUT", "SyncDeadlockError", "SyncStore", "open_store"]
+__all__ = [
+    "EXIT_CLOSE_TIMEOUT",
+    "SyncAgents",
+    "SyncDeadlockError",
+    "SyncLeaseLock",
+    "SyncLeases",
+    "SyncStore",
+    "open_store",
+]
 
 _T = TypeVar("_T")
 _ClosedError = Callable[[], BaseException]
@@ -262,13 +283,15 @@ class SyncStore:
     see the module docstring for the threading model.
     """
 
-    __slots__ = ("__weakref__", "_loop_thread", "_owner", "_store")
+    __slots__ = ("__weakref__", "_agents", "_leases", "_loop_thread", "_owner", "_store")
 
     def __init__(self, store: Store[Any], loop_thread: _LoopThread, *, owner: bool) -> None:
         # Private: the store must live on loop_thread's loop. Use open_store() or wrap().
         self._store = store
         self._loop_thread = loop_thread
         self._owner = owner
+        self._leases: SyncLeases | None = None
+        self._agents: SyncAgents | None = None
 
     @classmethod
     def wrap(cls, store: Store[Any]) -> SyncStore:
@@ -330,6 +353,24 @@ class SyncStore:
     def closed(self) -> bool:
         """Whether ``close()`` was called on this store (or on the store it is a view of)."""
         return self._store.closed or self._loop_thread.closed
+
+    @property
+    def leases(self) -> SyncLeases:
+        """Named leases with fencing tokens in this store's namespace: the blocking twin of
+        :attr:`fleetmem.store.Store.leases` (no I/O until used)."""
+        leases = self._leases
+        if leases is None:
+            leases = self._leases = SyncLeases(self)
+        return leases
+
+    @property
+    def agents(self) -> SyncAgents:
+        """The agent registry of this store's namespace: the blocking twin of
+        :attr:`fleetmem.store.Store.agents` (no I/O until used)."""
+        agents = self._agents
+        if agents is None:
+            agents = self._agents = SyncAgents(self)
+        return agents
 
     def __repr__(self) -> str:
         return f"<SyncStore {self._store!r}>"
@@ -453,10 +494,13 @@ class SyncStore:
         ttl: TTL | None = None,
         partition: str | None = None,
         keep_ttl: bool = False,
+        fence: Lease | HeldLease | None = None,
     ) -> Entry:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.set`."""
         return self._run(
-            self._store.set(key, value, ttl=ttl, partition=partition, keep_ttl=keep_ttl)
+            self._store.set(
+                key, value, ttl=ttl, partition=partition, keep_ttl=keep_ttl, fence=fence
+            )
         )
 
     def set_many(
@@ -465,9 +509,10 @@ class SyncStore:
         *,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> int:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.set_many`."""
-        return self._run(self._store.set_many(items, ttl=ttl, partition=partition))
+        return self._run(self._store.set_many(items, ttl=ttl, partition=partition, fence=fence))
 
     def set_if_absent(
         self,
@@ -476,9 +521,12 @@ class SyncStore:
         *,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> bool:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.set_if_absent`."""
-        return self._run(self._store.set_if_absent(key, value, ttl=ttl, partition=partition))
+        return self._run(
+            self._store.set_if_absent(key, value, ttl=ttl, partition=partition, fence=fence)
+        )
 
     def compare_and_set(
         self,
@@ -488,10 +536,13 @@ class SyncStore:
         version: int,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> Entry:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.compare_and_set`."""
         return self._run(
-            self._store.compare_and_set(key, value, version=version, ttl=ttl, partition=partition)
+            self._store.compare_and_set(
+                key, value, version=version, ttl=ttl, partition=partition, fence=fence
+            )
         )
 
     def incr(
@@ -501,17 +552,18 @@ class SyncStore:
         *,
         ttl: TTL | None = None,
         partition: str | None = None,
+        fence: Lease | HeldLease | None = None,
     ) -> int | float:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.incr`."""
-        return self._run(self._store.incr(key, amount, ttl=ttl, partition=partition))
+        return self._run(self._store.incr(key, amount, ttl=ttl, partition=partition, fence=fence))
 
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, *, fence: Lease | HeldLease | None = None) -> bool:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.delete`."""
-        return self._run(self._store.delete(key))
+        return self._run(self._store.delete(key, fence=fence))
 
-    def delete_many(self, keys: Iterable[str]) -> int:
+    def delete_many(self, keys: Iterable[str], *, fence: Lease | HeldLease | None = None) -> int:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.delete_many`."""
-        return self._run(self._store.delete_many(_here(keys)))
+        return self._run(self._store.delete_many(_here(keys), fence=fence))
 
     def expire(self, key: str, ttl: TTL) -> bool:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.expire`."""
@@ -532,6 +584,198 @@ class SyncStore:
     def cleanup_expired(self) -> int:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.cleanup_expired`."""
         return self._run(self._store.cleanup_expired())
+
+
+# ------------------------------------------------------------------- leases and agents
+
+
+async def _with_leases(store: Store[Any], call: Callable[[Leases], Awaitable[_T]]) -> _T:
+    # On the loop: the store builds its Leases (and the backend's) where its state lives.
+    return await call(store.leases)
+
+
+async def _with_agents(store: Store[Any], call: Callable[[AgentRegistry], Awaitable[_T]]) -> _T:
+    return await call(store.agents)
+
+
+class SyncLeases:
+    """Blocking :class:`fleetmem.leases.Leases`: ``sync_store.leases``.
+
+    Each method runs the async method of the same name on the store's loop thread, with the same
+    arguments, guarantees and errors. See ``docs/coordination.md``.
+    """
+
+    __slots__ = ("_sync",)
+
+    def __init__(self, sync: SyncStore) -> None:
+        self._sync = sync
+
+    @property
+    def namespace(self) -> str:
+        """The namespace these leases live in (a lease fences writes of that namespace only)."""
+        return self._sync.namespace
+
+    def __repr__(self) -> str:
+        return f"<SyncLeases namespace={self.namespace!r}>"
+
+    def acquire(
+        self,
+        name: str,
+        *,
+        owner: str,
+        ttl: float | timedelta = DEFAULT_LEASE_TTL,
+        wait: float | timedelta | None = None,
+    ) -> Lease | None:
+        """Blocking :meth:`fleetmem.leases.Leases.acquire`: the :class:`Lease`, or ``None``
+        (at once without ``wait``, else once ``wait`` seconds passed)."""
+        return self._sync._run(
+            _with_leases(
+                self._sync._store, lambda ls: ls.acquire(name, owner=owner, ttl=ttl, wait=wait)
+            )
+        )
+
+    def renew(self, lease: Lease | HeldLease, *, ttl: float | timedelta | None = None) -> Lease:
+        """Blocking :meth:`fleetmem.leases.Leases.renew`: the renewed lease (same token), or
+        :class:`~fleetmem.errors.LeaseLostError`."""
+        return self._sync._run(_with_leases(self._sync._store, lambda ls: ls.renew(lease, ttl=ttl)))
+
+    def release(self, lease: Lease | HeldLease) -> bool:
+        """Blocking :meth:`fleetmem.leases.Leases.release`."""
+        return self._sync._run(_with_leases(self._sync._store, lambda ls: ls.release(lease)))
+
+    def holder(self, name: str) -> Lease | None:
+        """Blocking :meth:`fleetmem.leases.Leases.holder`."""
+        return self._sync._run(_with_leases(self._sync._store, lambda ls: ls.holder(name)))
+
+    def lock(
+        self,
+        name: str,
+        *,
+        owner: str,
+        ttl: float | timedelta = DEFAULT_LEASE_TTL,
+        wait: float | timedelta | None = None,
+    ) -> SyncLeaseLock:
+        """``with store.leases.lock(name, owner=..., ttl=..., wait=...) as held:``
+
+        The blocking :meth:`fleetmem.leases.Leases.lock`: entering acquires (raising
+        :class:`~fleetmem.errors.LeaseUnavailableError` when ``wait`` runs out, or at once
+        without ``wait``) and returns a :class:`~fleetmem.leases.HeldLease`; a task on the
+        store's loop thread renews it every ``ttl/3`` seconds while the body runs, whatever the
+        calling thread does; leaving releases it (also on an exception). A failed renewal sets
+        ``held.lost`` (read it with ``held.lost.is_set()``; it lives on the loop thread, so do
+        not ``wait()`` on it) and every write fenced with ``held`` fails. Arguments are checked
+        here, before any I/O.
+        """
+        store = self._sync._store
+
+        async def make() -> LeaseLock:  # on the loop, where the store builds its Leases
+            return store.leases.lock(name, owner=owner, ttl=ttl, wait=wait)
+
+        return SyncLeaseLock(self._sync, self._sync._run(make()))
+
+
+class SyncLeaseLock:
+    """The ``with`` context manager :meth:`SyncLeases.lock` returns (single use).
+
+    It enters and leaves the async :class:`~fleetmem.leases.LeaseLock` on the store's loop
+    thread, where its renewal task runs between the two.
+    """
+
+    __slots__ = ("_lock", "_sync")
+
+    def __init__(self, sync: SyncStore, lock: LeaseLock) -> None:
+        self._sync = sync
+        self._lock = lock
+
+    def __enter__(self) -> HeldLease:
+        lock = self._lock
+        try:
+            return self._sync._run(lock.__aenter__())
+        except BaseException:
+            # Interrupted while the lease was being granted (Ctrl-C): ``with`` will not call
+            # __exit__, so stop the renewal and release here, without waiting, if it was.
+            with contextlib.suppress(FleetmemError):
+                self._sync._loop_thread.submit(
+                    lock.__aexit__(None, None, None), self._sync._closed_error
+                )
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The exit raises nothing extra, as the async lock's: on a store closed meanwhile the
+        # renewal was cancelled with the loop, and the TTL frees the lease.
+        with contextlib.suppress(StoreClosedError):
+            self._sync._run(self._lock.__aexit__(exc_type, exc, tb))
+
+
+class SyncAgents:
+    """Blocking :class:`fleetmem.agents.AgentRegistry`: ``sync_store.agents``.
+
+    Each method runs the async method of the same name on the store's loop thread, with the same
+    arguments, guarantees and errors. See ``docs/coordination.md``.
+    """
+
+    __slots__ = ("_sync",)
+
+    def __init__(self, sync: SyncStore) -> None:
+        self._sync = sync
+
+    @property
+    def namespace(self) -> str:
+        """The namespace these agents are registered in."""
+        return self._sync.namespace
+
+    def __repr__(self) -> str:
+        return f"<SyncAgents namespace={self.namespace!r}>"
+
+    def register(
+        self,
+        agent_id: str,
+        *,
+        info: dict[str, Any] | None = None,
+        ttl: float | timedelta = DEFAULT_AGENT_TTL,
+    ) -> Agent:
+        """Blocking :meth:`fleetmem.agents.AgentRegistry.register`."""
+        return self._sync._run(
+            _with_agents(self._sync._store, lambda ag: ag.register(agent_id, info=info, ttl=ttl))
+        )
+
+    def heartbeat(
+        self,
+        agent_id: str,
+        *,
+        ttl: float | timedelta | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> Agent:
+        """Blocking :meth:`fleetmem.agents.AgentRegistry.heartbeat`: a gone agent raises
+        :class:`~fleetmem.errors.AgentGoneError`."""
+        return self._sync._run(
+            _with_agents(self._sync._store, lambda ag: ag.heartbeat(agent_id, ttl=ttl, info=info))
+        )
+
+    def deregister(self, agent_id: str) -> bool:
+        """Blocking :meth:`fleetmem.agents.AgentRegistry.deregister`."""
+        return self._sync._run(_with_agents(self._sync._store, lambda ag: ag.deregister(agent_id)))
+
+    def get(self, agent_id: str) -> Agent | None:
+        """Blocking :meth:`fleetmem.agents.AgentRegistry.get`."""
+        return self._sync._run(_with_agents(self._sync._store, lambda ag: ag.get(agent_id)))
+
+    def count(self) -> int:
+        """Blocking :meth:`fleetmem.agents.AgentRegistry.count`."""
+        return self._sync._run(_with_agents(self._sync._store, lambda ag: ag.count()))
+
+    def list(
+        self, prefix: str = "", *, limit: int | None = None, after: str | None = None
+    ) -> list[Agent]:
+        """Blocking :meth:`fleetmem.agents.AgentRegistry.list`."""
+        return self._sync._run(
+            _with_agents(self._sync._store, lambda ag: ag.list(prefix, limit=limit, after=after))
+        )
 
 
 def _here(keys: Iterable[str]) -> Iterable[str]:
