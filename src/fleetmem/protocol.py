@@ -54,14 +54,14 @@ Fenced writes
     namespace, or the :class:`~fleetmem.leases.HeldLease` of ``leases.lock()``. The write is
     applied only if, atomically with it and on the server's clock, that lease is still live and
     still carries that token; otherwise it raises :class:`~fleetmem.errors.LeaseLostError` and
-    nothing changes (a ``set_many`` of more than 10,000 items is checked chunk by chunk: chunks
-    written before the lease was lost stay, as for any failure of such a batch). The check comes
-    before anything else the write could raise (a lost fence wins over a version conflict). An
-    agent that
-    paused past its lease cannot overwrite the work of the one that took over. A ``HeldLease``
-    whose ``lost`` is set, a lease of another namespace or anything else is refused before any
-    I/O. ``expire``, ``persist`` and the ``clear`` family take no fence. Leases and agents
-    (``leases``, ``agents``) follow ``docs/coordination.md``.
+    nothing changes. So an agent that paused past its lease cannot overwrite the work of the one
+    that took over. The fence is checked before the write's own conditions (a lost fence wins
+    over a version conflict). A ``set_many`` of more than 10,000 items is checked chunk by chunk:
+    chunks written before the lease was lost stay, as for any failure of such a batch. Before
+    any I/O, a ``HeldLease`` whose ``lost`` is set raises ``LeaseLostError``, and a lease of
+    another namespace or anything else :class:`~fleetmem.errors.InvalidArgumentError`.
+    ``expire``, ``persist`` and the ``clear`` family take no fence. ``leases`` and ``agents``
+    are described in ``docs/coordination.md``.
 
 Closing
     ``close()`` is idempotent and closes only what the store created (never an injected client
