@@ -40,6 +40,10 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
   circuit breaker stops paying it on every call, and reads fall back to PostgreSQL.
 * **Single flight**: concurrent reads of one key in one process share one cache read and at
   most one PostgreSQL read.
+* **Leases, fences, agents** live in PostgreSQL alone (``leases()``, ``agents()`` are the
+  durable tier's). A fenced write carries its fence to the durable write, which checks it
+  atomically; around it the protocol is the unfenced one. A refused write changed nothing in
+  PostgreSQL, so the cache is not touched either (no invalidation, no bypass, no epoch bump).
 """
 
 from __future__ import annotations
@@ -63,8 +67,22 @@ from fleetmem._codec import decode_value, encode_value_ex
 from fleetmem._validate import GlobPattern, check_positive_number, validate_ttl
 from fleetmem.backends._files import read_text
 from fleetmem.backends.redis import RedisKV, pack_command
-from fleetmem.backends.seam import MISSING, EntryMeta, KVBackend, SetOp, health_report
-from fleetmem.errors import BackendUnavailableError, ConfigurationError, OutcomeUnknownError
+from fleetmem.backends.seam import (
+    MISSING,
+    AgentBackend,
+    EntryMeta,
+    Fence,
+    KVBackend,
+    LeaseBackend,
+    SetOp,
+    health_report,
+)
+from fleetmem.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    LeaseLostError,
+    OutcomeUnknownError,
+)
 from fleetmem.protocol import Entry, StoreStats
 
 __all__ = ["HybridKV", "HybridMetrics", "cache_client_options"]
@@ -1330,11 +1348,28 @@ class HybridKV(KVBackend):
             for slot in [slot for slot in self._state.inflight if slot[0] == self._namespace]:
                 self._state.inflight.pop(slot, None)
 
+    # Fenced writes: the durable tier checks the fence atomically with the write (PostgreSQL:
+    # one statement or transaction), and the protocol around it is the unfenced one. A refused
+    # write (LeaseLostError) changed nothing in the durable store, so ``_write`` lets it pass
+    # without retiring anything: no DEL, no bypass, no epoch bump, nothing counted. Copies and
+    # fills in flight stay right, since the durable entry they hold is still the truth. The
+    # fence goes down only when given, as Store does: an unfenced write makes the same call as
+    # before fences existed (on a durable backend that predates them too).
+
     async def set(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        keep_ttl: bool,
+        fence: Fence | None = None,
     ) -> EntryMeta:
+        durable = self._durable
+        if fence is None:
+            return await self._write(durable.set(key, payload, ttl_ms, partition, keep_ttl), [key])
         return await self._write(
-            self._durable.set(key, payload, ttl_ms, partition, keep_ttl), [key]
+            durable.set(key, payload, ttl_ms, partition, keep_ttl, fence), [key]
         )
 
     async def set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
@@ -1359,47 +1394,101 @@ class HybridKV(KVBackend):
         chunks: Iterator[list[tuple[str, bytes]]],
         ttl_ms: int | None,
         partition: str | None,
+        fence: Fence | None = None,
     ) -> int:
+        """Retire every key the durable store took, also after a failure (the chunks sent
+        may have committed), except after a refused fence: the chunk refused is the last one
+        the durable store took (a check is of a chunk it holds), and nothing of it changed;
+        the chunks before it may have been written and are retired. (A durable store that
+        writes all chunks in one transaction changed nothing at all: the keys of the chunks
+        before the last are retired all the same, which costs a DEL and can never be stale.)"""
         written: list[str] = []
+        last = 0  # where the keys of the last chunk taken start in ``written``
 
         def recorded() -> Iterator[list[tuple[str, bytes]]]:
+            nonlocal last
             for chunk in chunks:
+                last = len(written)
                 written.extend(k for k, _ in chunk)
                 yield chunk
 
+        durable = self._durable
         try:
             count: int = await self._durable_call(
-                self._durable.set_many(recorded(), ttl_ms, partition)
+                durable.set_many(recorded(), ttl_ms, partition)
+                if fence is None
+                else durable.set_many(recorded(), ttl_ms, partition, fence)
             )
+        except LeaseLostError:
+            del written[last:]  # refused: that chunk changed nothing
+            raise
         finally:
             # Also after a failure: the chunks sent may have committed.
             await asyncio.shield(self._retiring(written))
         return count
 
     async def set_if_absent(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> bool:
+        durable = self._durable
         return await self._write(
-            self._durable.set_if_absent(key, payload, ttl_ms, partition), [key], bool
+            durable.set_if_absent(key, payload, ttl_ms, partition)
+            if fence is None
+            else durable.set_if_absent(key, payload, ttl_ms, partition, fence),
+            [key],
+            bool,
         )
 
     async def compare_and_set(
-        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        version: int,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> EntryMeta:
+        durable = self._durable
         return await self._write(
-            self._durable.compare_and_set(key, payload, version, ttl_ms, partition), [key]
+            durable.compare_and_set(key, payload, version, ttl_ms, partition)
+            if fence is None
+            else durable.compare_and_set(key, payload, version, ttl_ms, partition, fence),
+            [key],
         )
 
     async def incr(
-        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        amount: int | float,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> int | float:
-        return await self._write(self._durable.incr(key, amount, ttl_ms, partition), [key])
+        durable = self._durable
+        return await self._write(
+            durable.incr(key, amount, ttl_ms, partition)
+            if fence is None
+            else durable.incr(key, amount, ttl_ms, partition, fence),
+            [key],
+        )
 
-    async def delete(self, key: str) -> bool:
-        return await self._write(self._durable.delete(key), [key])
+    async def delete(self, key: str, fence: Fence | None = None) -> bool:
+        durable = self._durable
+        return await self._write(
+            durable.delete(key) if fence is None else durable.delete(key, fence), [key]
+        )
 
-    async def delete_many(self, keys: list[str]) -> int:
-        return await self._write(self._durable.delete_many(keys), keys)
+    async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
+        durable = self._durable
+        return await self._write(
+            durable.delete_many(keys) if fence is None else durable.delete_many(keys, fence),
+            keys,
+        )
 
     async def expire(self, key: str, ttl_ms: int | None) -> bool:
         return await self._write(self._durable.expire(key, ttl_ms), [key], bool)
@@ -1489,6 +1578,19 @@ class HybridKV(KVBackend):
         return await self._durable_call(  # type: ignore[no-any-return]
             self._durable.cleanup_expired()
         )
+
+    # ------------------------------------------------------------------ coordination
+
+    def leases(self) -> LeaseBackend:
+        """The durable tier's leases of this namespace (PostgreSQL's: its table, its clock,
+        its ``LISTEN``/``NOTIFY`` wake-ups). Redis carries nothing of them: a lease is never
+        cached, so its guarantees are PostgreSQL's, and a fence the durable tier checks is
+        the one it granted."""
+        return self._durable.leases()
+
+    def agents(self) -> AgentBackend:
+        """The durable tier's agent registry of this namespace (PostgreSQL's; never cached)."""
+        return self._durable.agents()
 
 
 def _timed_out(exc: BaseException) -> bool:
