@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class _Target:
 async def bench_leases(bench: Bench, dsn: str | None, url: str | None) -> None:
     """Run the three lease workloads on memory and SQLite, and on PostgreSQL, Redis and the
     hybrid when their servers are given."""
+    # The contended figures are absolute, not ratios: say how busy the machine was.
+    before = _load_average()
     for name in BACKENDS:
         if name in ("postgres", "hybrid") and dsn is None:
             continue
@@ -94,7 +97,19 @@ async def bench_leases(bench: Bench, dsn: str | None, url: str | None) -> None:
                 await _bench_backend(bench, target)
         except ImportError as exc:
             bench.report.notes.append(f"{name} leases skipped: {exc}")
+    if before:
+        bench.report.notes.append(
+            f"leases: 1-minute load average {before} before the section, {_load_average()} after"
+        )
     _verdicts(bench)
+
+
+def _load_average() -> str:
+    """The 1-minute load average, formatted; empty where the system has none."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return ""
 
 
 @contextlib.asynccontextmanager
@@ -160,14 +175,96 @@ async def _open(
 
 
 async def _raw_sqlite(target: _Target) -> None:
-    """sqlite3 on a connection of its own to the store's file, on a worker thread of its own
-    (the store's thread model): the lease backend's two statements, each in a ``BEGIN
-    IMMEDIATE`` transaction as the store runs them."""
+    """sqlite3 on a connection of its own to the store's file (WAL, the store's
+    ``synchronous``), on a worker thread of its own: the store's thread model, one thread hop
+    per statement. The lease backend's grant and release statements, each in a ``BEGIN
+    IMMEDIATE`` transaction as the store runs them; the store's ``acquire`` also reads the row
+    first without the write lock (so that waiters do not queue behind writers), which the raw
+    side does not."""
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fleetmem.backends.sqlite.connector import SQL, now_ms
+
+    store = target.store
+    await store.get("warm")  # the store creates the file and its tables
+    connector = store.kv.connector
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-raw-sqlite")
+    conns: list[sqlite3.Connection] = []
+
+    def connect() -> None:
+        conn = sqlite3.connect(connector.path, timeout=connector.busy_timeout, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        conn.execute(f"PRAGMA synchronous = {connector.synchronous.upper()}")
+        conns.append(conn)
+
+    await loop.run_in_executor(executor, connect)
+    conn = conns[0]
+    ns, ttl_ms = LEASE_RAW_NAMESPACE, int(TTL * 1000)
+
+    def grant() -> int:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(SQL["lease_grant"], (ns, "solo", "bench", now_ms(), ttl_ms))
+            token = int(row.fetchone()[0])
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return token
+
+    def release(token: int) -> bool:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            freed = conn.execute(SQL["lease_release"], (ns, "solo", token, now_ms())).rowcount
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return freed == 1
+
+    async def pair(i: int) -> None:
+        token = await loop.run_in_executor(executor, grant)
+        assert await loop.run_in_executor(executor, release, token)
+
+    async def close() -> None:
+        await loop.run_in_executor(executor, conn.close)
+        executor.shutdown(wait=False)
+
+    target.raw = pair
+    target.on_close.append(close)
 
 
 async def _raw_postgres(target: _Target) -> None:
-    """asyncpg on the connection the store's lone calls use: the lease backend's own two
-    statements, prepared."""
+    """asyncpg on the connection the store's lone calls use (so both sides talk to the same
+    server process; see :mod:`.postgres`): the lease backend's own two statements from
+    ``sql/leases.sql``, prepared, with the store's arguments (the release's ``pg_notify``
+    channel included)."""
+    store = target.store
+    await store.get("warm")  # opens the pool: the lone connection exists from now on
+    connector = _postgres_connector(store)
+    conn = connector.lone_connection()
+    if conn is None:  # pragma: no cover - a store from a URL has its own pool
+        raise RuntimeError("the store has no connection of its own to share")
+    q = connector.statements("leases.sql")
+    acquire, release = await conn.prepare(q["acquire"]), await conn.prepare(q["release"])
+    args = (LEASE_RAW_NAMESPACE, "solo")
+    ttl_ms, channel = int(TTL * 1000), connector.channel
+
+    async def pair(i: int) -> None:
+        row = await acquire.fetchrow(*args, "bench", ttl_ms)
+        assert row is not None and row[0] is not None
+        assert await release.fetch(*args, row[0], channel)
+
+    target.raw = pair
+
+
+def _postgres_connector(store: Any) -> Any:
+    """The PostgreSQL connector of a PostgresStore, or of a hybrid's durable tier (whose
+    leases and fence checks are PostgreSQL's)."""
+    kv = store.kv
+    return getattr(kv, "durable", kv).connector
 
 
 async def _raw_redis(target: _Target, url: str) -> None:
