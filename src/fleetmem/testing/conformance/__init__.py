@@ -33,16 +33,24 @@ from __future__ import annotations
 
 import pytest
 
+from fleetmem.testing.conformance._agents import AgentsConformance
 from fleetmem.testing.conformance._concurrency import ConcurrencyConformance
 from fleetmem.testing.conformance._expiry import ExpiryConformance
+from fleetmem.testing.conformance._fences import FencedWritesConformance
 from fleetmem.testing.conformance._keys import KeyConformance
+from fleetmem.testing.conformance._leases import LeasesConformance
 from fleetmem.testing.conformance._lifecycle import LifecycleConformance
 from fleetmem.testing.conformance._namespaces import NamespacesConformance
 from fleetmem.testing.conformance._search import SearchConformance
 from fleetmem.testing.conformance._values import ValueConformance
 from fleetmem.testing.conformance._writes import WriteConformance
 
-__all__ = ["StoreConformance"]
+__all__ = [
+    "AgentsConformance",
+    "FencedWritesConformance",
+    "LeasesConformance",
+    "StoreConformance",
+]
 
 
 class StoreConformance(
@@ -54,6 +62,9 @@ class StoreConformance(
     NamespacesConformance,
     LifecycleConformance,
     ConcurrencyConformance,
+    LeasesConformance,
+    FencedWritesConformance,
+    AgentsConformance,
 ):
     """Every rule of the store contract, as tests of the ``store`` fixture.
 
@@ -75,7 +86,14 @@ class StoreConformance(
     ``pathological_pattern_seconds``
         A generous bound for matching 16 ``*`` against a 1 KiB key (backtracking blows it up).
     ``concurrency``
-        How many coroutines the atomicity tests run at once.
+        How many coroutines the atomicity tests run at once (and race for one lease).
+    ``lease_ttl``
+        The short TTL (seconds) of the leases and agents the coordination tests let expire.
+    ``lease_expiry_margin``
+        How much longer than ``lease_ttl`` those tests sleep before counting on the expiry.
+    ``lease_wake_slack``
+        The bound (seconds) on "a waiter is granted within 100 ms of a release"; keep it under
+        one second, the fallback poll, so that passing proves a notification.
     """
 
     pytestmark = [pytest.mark.asyncio]
