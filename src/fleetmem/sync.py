@@ -74,12 +74,12 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fleetmem.agents import DEFAULT_AGENT_TTL, AgentRegistry
 from fleetmem.errors import FleetmemError, StoreClosedError
 from fleetmem.leases import DEFAULT_LEASE_TTL, HeldLease, LeaseLock, Leases
 from fleetmem.protocol import TTL, Agent, Entry, Health, JSONValue, Lease, StoreStats
 
 if TYPE_CHECKING:
+    from fleetmem.agents import AgentRegistry
     from fleetmem.settings import FleetmemSettings
     from fleetmem.store import Store
 
@@ -100,6 +100,11 @@ _ClosedError = Callable[[], BaseException]
 EXIT_CLOSE_TIMEOUT = 5.0
 
 _thread_numbers = itertools.count(1)
+
+# ``fleetmem.agents.DEFAULT_AGENT_TTL``, not imported: that module loads the JSON codec's
+# dependency, and importing this module loads nothing beyond the standard library (a test
+# keeps the two equal through the signatures).
+_DEFAULT_AGENT_TTL = 30.0
 
 
 class SyncDeadlockError(FleetmemError, RuntimeError):
@@ -737,7 +742,7 @@ class SyncAgents:
         agent_id: str,
         *,
         info: dict[str, Any] | None = None,
-        ttl: float | timedelta = DEFAULT_AGENT_TTL,
+        ttl: float | timedelta = _DEFAULT_AGENT_TTL,
     ) -> Agent:
         """Blocking :meth:`fleetmem.agents.AgentRegistry.register`."""
         return self._sync._run(

@@ -108,8 +108,14 @@ def test_every_async_method_has_a_blocking_twin_with_its_signature() -> None:
         assert inspect.iscoroutinefunction(ours) is False, name
         if name not in ("close", "with_namespace"):
             assert f"MemoryStore.{name}`" in (ours.__doc__ or ""), name
-    for prop in ("namespace", "backend", "closed", "max_value_bytes"):
+    for prop in ("namespace", "backend", "closed", "max_value_bytes", "leases", "agents"):
         assert isinstance(inspect.getattr_static(SyncStore, prop), property), prop
+    assert isinstance(inspect.getattr_static(Store, "leases"), property)
+    assert isinstance(inspect.getattr_static(Store, "agents"), property)
+    # Their methods are compared with Leases' and AgentRegistry's in test_sync_coordination.py.
+    for prop, returns in (("leases", "SyncLeases"), ("agents", "SyncAgents")):
+        getter = inspect.getattr_static(SyncStore, prop).fget
+        assert inspect.signature(getter).return_annotation == returns, prop
 
 
 def test_every_method_round_trips(store: SyncStore, fleetmem_namespace: str) -> None:
