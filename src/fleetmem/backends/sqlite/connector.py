@@ -4,22 +4,27 @@ Every SQLite call runs on one worker thread owned by the connector (and shared b
 ``with_namespace`` views), so blocking I/O never runs on the event loop and the connection is
 only ever used by one thread. The connector opens the file on first use, switches it to WAL,
 creates or checks the schema, and translates ``sqlite3`` errors at one place (:meth:`call`).
-A primitive's module (``kv.py``) runs each operation as one function on that thread; a write
-is one ``BEGIN IMMEDIATE`` transaction (:class:`Transaction`), which takes SQLite's write lock
-up front, so read-modify-write operations stay exact across processes.
+A primitive's module (``kv.py``, ``leases.py``, ``agents.py``) runs each operation as one
+function on that thread; a write is one ``BEGIN IMMEDIATE`` transaction (:class:`Transaction`),
+which takes SQLite's write lock up front, so read-modify-write operations stay exact across
+processes.
 
-The SQL lives in ``sql/*.sql`` as named blocks.
+The SQL lives in ``sql/*.sql`` as named blocks. The schema carries a version in
+``fleetmem_meta``; a file of an older version is upgraded in place when it is opened (one
+transaction), a file of a newer one is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from fleetmem._notify import Notifier
 from fleetmem.backends._files import sql_blocks
 from fleetmem.errors import (
     BackendUnavailableError,
@@ -29,21 +34,50 @@ from fleetmem.errors import (
     StoreClosedError,
 )
 
-__all__ = ["SCHEMA_VERSION", "SQL", "SYNCHRONOUS_MODES", "SQLiteConnector", "Transaction"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "SQL",
+    "SYNCHRONOUS_MODES",
+    "SQLiteConnector",
+    "Transaction",
+    "now_ms",
+]
 
 #: The version of the table layout this module reads and writes (kept in ``fleetmem_meta``).
-SCHEMA_VERSION = 1
+#: 1: entries. 2: + leases and agents (a version-1 file is upgraded in place on opening).
+SCHEMA_VERSION = 2
 
 #: RETURNING (3.35) and UPSERT are needed; so is the JSON1 extension (built in since 3.38).
 _MIN_SQLITE = (3, 35, 0)
 
 _T = TypeVar("_T")
 
-#: Every named statement of ``sql/kv.sql``.
-SQL = sql_blocks(__package__ or "fleetmem.backends.sqlite", "sql", "kv.sql")
+
+def _load_sql(*files: str) -> dict[str, str]:
+    blocks: dict[str, str] = {}
+    for file in files:
+        more = sql_blocks(__package__ or "fleetmem.backends.sqlite", "sql", file)
+        clash = blocks.keys() & more.keys()
+        if clash:  # pragma: no cover - a mistake in the shipped files
+            raise RuntimeError(f"statement names defined twice in sql/{file}: {sorted(clash)}")
+        blocks.update(more)
+    return blocks
+
+
+#: Every named statement of ``sql/kv.sql``, ``sql/leases.sql`` and ``sql/agents.sql``.
+SQL = _load_sql("kv.sql", "leases.sql", "agents.sql")
 _SYNCHRONOUS = {"normal": SQL["synchronous_normal"], "full": SQL["synchronous_full"]}
 #: The values ``synchronous=`` accepts.
 SYNCHRONOUS_MODES = tuple(_SYNCHRONOUS)
+
+
+def now_ms() -> int:
+    """The store's clock: this process's wall clock in whole milliseconds since the epoch.
+
+    There is no server; every primitive of the file (entries, leases, agents) measures time
+    with it, and processes sharing a file share the host's clock.
+    """
+    return time.time_ns() // 1_000_000
 
 
 class SQLiteConnector:
@@ -60,6 +94,9 @@ class SQLiteConnector:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetmem-sqlite")
+        #: Waiters for leases of this file, keyed ``(namespace, name)``: a release made through
+        #: this connector (any view) wakes them at once; other processes are polled.
+        self.notifier = Notifier()
 
     # ------------------------------------------------------------ event-loop side
 
@@ -147,27 +184,36 @@ class SQLiteConnector:
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         if conn.execute(SQL["meta_table_exists"]).fetchone() is not None:
             row = conn.execute(SQL["read_schema_version"]).fetchone()
-            if row is not None:
-                self._check_version(row[0])
+            if row is not None and self._check_version(row[0]) == SCHEMA_VERSION:
                 return
-        with Transaction(conn):
+        with Transaction(conn):  # the write lock: one process creates or upgrades
             conn.execute(SQL["create_meta"])
             row = conn.execute(SQL["read_schema_version"]).fetchone()
-            if row is not None:  # another process created it meanwhile
-                self._check_version(row[0])
+            if row is None:
+                conn.execute(SQL["create_entries"])
+                conn.execute(SQL["create_partition_index"])
+                conn.execute(SQL["create_expiry_index"])
+                self._create_coordination(conn)
+                conn.execute(SQL["write_schema_version"], (str(SCHEMA_VERSION),))
                 return
-            conn.execute(SQL["create_entries"])
-            conn.execute(SQL["create_partition_index"])
-            conn.execute(SQL["create_expiry_index"])
-            conn.execute(SQL["write_schema_version"], (str(SCHEMA_VERSION),))
+            version = self._check_version(row[0])  # another process may have upgraded it
+            if version == 1:
+                self._create_coordination(conn)
+                conn.execute(SQL["update_schema_version"], (str(SCHEMA_VERSION),))
 
-    def _check_version(self, stored: object) -> None:
-        try:
+    @staticmethod
+    def _create_coordination(conn: sqlite3.Connection) -> None:
+        """Version 2: the tables of leases and agents (new tables only, entries untouched)."""
+        conn.execute(SQL["create_leases"])
+        conn.execute(SQL["create_agents"])
+
+    def _check_version(self, stored: object) -> int:
+        """The stored version if this module reads it (the current one, or 1 to upgrade)."""
+        version = -1
+        with contextlib.suppress(ValueError):
             version = int(str(stored))
-        except ValueError:
-            version = -1
-        if version == SCHEMA_VERSION:
-            return
+        if version in (1, SCHEMA_VERSION):
+            return version
         relation = "newer" if version > SCHEMA_VERSION else "older"
         raise SchemaVersionError(
             f"SQLite database {self.path!r} has schema version {stored!s}, {relation} than the "

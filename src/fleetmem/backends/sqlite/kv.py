@@ -2,7 +2,10 @@
 
 Each operation is one function run on the connector's worker thread; a write is one
 ``BEGIN IMMEDIATE`` transaction. There is no server, so expiry is measured on this process's
-wall clock, in milliseconds.
+wall clock, in milliseconds. A fenced write checks its lease first inside that transaction
+(:func:`~fleetmem.backends.sqlite.leases.check_fence`), with the write's own ``now``: the
+write lock is held from the check to the commit, so a lost fence changes nothing and wins over
+anything else the write could decide (a version conflict, a value that is not a number).
 """
 
 from __future__ import annotations
@@ -18,8 +21,18 @@ import orjson
 
 from fleetmem._codec import decode_value, encode_value, incremented, utc_from_ms
 from fleetmem._validate import GlobPattern, prefix_upper_bound
-from fleetmem.backends.seam import MISSING, RESERVED_NAMESPACE_PREFIX, EntryMeta, KVBackend
-from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction
+from fleetmem.backends.seam import (
+    MISSING,
+    RESERVED_NAMESPACE_PREFIX,
+    AgentBackend,
+    EntryMeta,
+    Fence,
+    KVBackend,
+    LeaseBackend,
+)
+from fleetmem.backends.sqlite.agents import SQLiteAgents
+from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction, now_ms
+from fleetmem.backends.sqlite.leases import SQLiteLeases, check_fence
 from fleetmem.errors import (
     KeyNotFoundError,
     VersionConflictError,
@@ -29,10 +42,6 @@ from fleetmem.protocol import Entry, StoreStats
 __all__ = ["SQLiteKV"]
 
 _UPSERT_RETURNING = SQL["upsert"] + "\n" + SQL["returning_meta"]
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 _dt = utc_from_ms
@@ -87,7 +96,7 @@ class SQLiteKV(KVBackend):
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> Any:
-            row = conn.execute(SQL["get_value"], (ns, key, _now_ms())).fetchone()
+            row = conn.execute(SQL["get_value"], (ns, key, now_ms())).fetchone()
             return MISSING if row is None else decode_value(row[0])
 
         return await self._db.call(run)
@@ -96,7 +105,7 @@ class SQLiteKV(KVBackend):
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> Entry | None:
-            row = conn.execute(SQL["get_entry"], (ns, key, _now_ms())).fetchone()
+            row = conn.execute(SQL["get_entry"], (ns, key, now_ms())).fetchone()
             if row is None:
                 return None
             return Entry(key, decode_value(row[0]), *_meta(row[1:]))
@@ -107,7 +116,7 @@ class SQLiteKV(KVBackend):
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> dict[str, Any]:
-            rows = conn.execute(SQL["get_many"], (ns, _json_keys(keys), _now_ms()))
+            rows = conn.execute(SQL["get_many"], (ns, _json_keys(keys), now_ms()))
             return {k: decode_value(v) for k, v in rows}
 
         return await self._db.call(run)
@@ -116,7 +125,7 @@ class SQLiteKV(KVBackend):
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> bool:
-            return conn.execute(SQL["get_version"], (ns, key, _now_ms())).fetchone() is not None
+            return conn.execute(SQL["get_version"], (ns, key, now_ms())).fetchone() is not None
 
         return await self._db.call(run)
 
@@ -145,7 +154,7 @@ class SQLiteKV(KVBackend):
         lim = -1 if limit is None else limit
 
         def run(conn: sqlite3.Connection) -> list[str]:
-            now = _now_ms()
+            now = now_ms()
             if partition is None:
                 rows = conn.execute(SQL["keys"], (ns, low, high, now, lim))
             else:
@@ -164,7 +173,7 @@ class SQLiteKV(KVBackend):
         low, high = pattern.prefix, prefix_upper_bound(pattern.prefix)
 
         def run(conn: sqlite3.Connection) -> dict[str, Any]:
-            now = _now_ms()
+            now = now_ms()
             if partition is None:
                 rows = conn.execute(SQL["scan"], (ns, low, high, now))
             else:
@@ -184,7 +193,7 @@ class SQLiteKV(KVBackend):
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> list[str]:
-            return [row[0] for row in conn.execute(SQL["partitions"], (ns, _now_ms()))]
+            return [row[0] for row in conn.execute(SQL["partitions"], (ns, now_ms()))]
 
         return await self._db.call(run)
 
@@ -200,7 +209,7 @@ class SQLiteKV(KVBackend):
 
         def run(conn: sqlite3.Connection) -> list[str]:
             low, high, cursor, lim, reserved = args
-            rows = conn.execute(SQL["namespaces"], (low, high, cursor, _now_ms(), lim, reserved))
+            rows = conn.execute(SQL["namespaces"], (low, high, cursor, now_ms(), lim, reserved))
             return [row[0] for row in rows]
 
         return await self._db.call(run)
@@ -210,7 +219,7 @@ class SQLiteKV(KVBackend):
 
         def run(conn: sqlite3.Connection) -> StoreStats:
             with Transaction(conn, write=False):  # one snapshot for both counts
-                now = _now_ms()
+                now = now_ms()
                 live = conn.execute(SQL["stats_live"], (ns, now)).fetchall()
                 expired = conn.execute(SQL["stats_expired"], (ns, now)).fetchone()[0]
             return StoreStats(
@@ -238,14 +247,28 @@ class SQLiteKV(KVBackend):
 
     # ------------------------------------------------------------------ writes
 
+    def leases(self) -> LeaseBackend:
+        return SQLiteLeases(self._db, namespace=self._namespace)
+
+    def agents(self) -> AgentBackend:
+        return SQLiteAgents(self._db, namespace=self._namespace)
+
     async def set(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        keep_ttl: bool,
+        fence: Fence | None = None,
     ) -> EntryMeta:
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> EntryMeta:
             with Transaction(conn):
-                now = _now_ms()
+                now = now_ms()
+                if fence is not None:
+                    check_fence(conn, ns, fence, now)
                 expires = None if ttl_ms is None else now + ttl_ms
                 row = conn.execute(
                     _UPSERT_RETURNING, (ns, key, partition, payload, now, expires, keep_ttl)
@@ -259,14 +282,18 @@ class SQLiteKV(KVBackend):
         chunks: Iterator[list[tuple[str, bytes]]],
         ttl_ms: int | None,
         partition: str | None,
+        fence: Fence | None = None,
     ) -> int:
         ns = self._namespace
 
-        # One transaction for the whole call: all or nothing, and one commit.
+        # One transaction for the whole call: all or nothing, and one commit (so one fence
+        # check covers every chunk).
         def run(conn: sqlite3.Connection) -> int:
             count = 0
             with Transaction(conn):
-                now = _now_ms()
+                now = now_ms()
+                if fence is not None:
+                    check_fence(conn, ns, fence, now)
                 expires = None if ttl_ms is None else now + ttl_ms
                 for chunk in chunks:
                     conn.executemany(
@@ -279,13 +306,20 @@ class SQLiteKV(KVBackend):
         return await self._db.call(run)
 
     async def set_if_absent(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> bool:
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> bool:
             with Transaction(conn):
-                now = _now_ms()
+                now = now_ms()
+                if fence is not None:
+                    check_fence(conn, ns, fence, now)
                 expires = None if ttl_ms is None else now + ttl_ms
                 cursor = conn.execute(
                     SQL["insert_if_absent"], (ns, key, partition, payload, now, expires)
@@ -295,13 +329,21 @@ class SQLiteKV(KVBackend):
         return await self._db.call(run)
 
     async def compare_and_set(
-        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        version: int,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> EntryMeta:
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> EntryMeta:
             with Transaction(conn):
-                now = _now_ms()
+                now = now_ms()
+                if fence is not None:
+                    check_fence(conn, ns, fence, now)
                 row = conn.execute(SQL["get_version"], (ns, key, now)).fetchone()
                 current = 0 if row is None else int(row[0])
                 if current != version:
@@ -316,13 +358,20 @@ class SQLiteKV(KVBackend):
         return await self._db.call(run)
 
     async def incr(
-        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        amount: int | float,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> int | float:
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> int | float:
             with Transaction(conn):
-                now = _now_ms()
+                now = now_ms()
+                if fence is not None:
+                    check_fence(conn, ns, fence, now)
                 row = conn.execute(SQL["get_value"], (ns, key, now)).fetchone()
                 result = incremented(key, 0 if row is None else decode_value(row[0]), amount)
                 expires = None if ttl_ms is None else now + ttl_ms
@@ -334,23 +383,27 @@ class SQLiteKV(KVBackend):
 
         return await self._db.call(run)
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, fence: Fence | None = None) -> bool:
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> bool:
             with Transaction(conn):
-                now = _now_ms()
+                now = now_ms()
+                if fence is not None:
+                    check_fence(conn, ns, fence, now)
                 row = conn.execute(SQL["delete"], (ns, key)).fetchone()
             return row is not None and _live(row[0], now)
 
         return await self._db.call(run)
 
-    async def delete_many(self, keys: list[str]) -> int:
+    async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
         ns = self._namespace
 
         def run(conn: sqlite3.Connection) -> int:
             with Transaction(conn):
-                now = _now_ms()
+                now = now_ms()
+                if fence is not None:
+                    check_fence(conn, ns, fence, now)
                 rows = conn.execute(SQL["delete_many"], (ns, _json_keys(keys))).fetchall()
             return sum(1 for row in rows if _live(row[0], now))
 
@@ -361,7 +414,7 @@ class SQLiteKV(KVBackend):
 
         def run(conn: sqlite3.Connection) -> bool:
             with Transaction(conn):
-                now = _now_ms()
+                now = now_ms()
                 expires = None if ttl_ms is None else now + ttl_ms
                 cursor = conn.execute(SQL["set_expiry"], (ns, key, expires, now))
                 return cursor.rowcount == 1
@@ -373,7 +426,7 @@ class SQLiteKV(KVBackend):
 
         def run(conn: sqlite3.Connection) -> int:
             with Transaction(conn):
-                now = _now_ms()
+                now = now_ms()
                 if partition is None:
                     live = conn.execute(SQL["count_live"], (ns, now)).fetchone()[0]
                     conn.execute(SQL["delete_namespace"], (ns,))
@@ -391,7 +444,7 @@ class SQLiteKV(KVBackend):
 
         def run(conn: sqlite3.Connection) -> int:
             with Transaction(conn):
-                return conn.execute(SQL["delete_expired"], (ns, _now_ms())).rowcount
+                return conn.execute(SQL["delete_expired"], (ns, now_ms())).rowcount
 
         return await self._db.call(run)
 

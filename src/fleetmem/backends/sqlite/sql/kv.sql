@@ -20,6 +20,9 @@ SELECT value FROM fleetmem_meta WHERE name = 'schema_version';
 -- name: write_schema_version
 INSERT INTO fleetmem_meta (name, value) VALUES ('schema_version', ?1);
 
+-- name: update_schema_version
+UPDATE fleetmem_meta SET value = ?1 WHERE name = 'schema_version';
+
 -- name: create_entries
 CREATE TABLE IF NOT EXISTS fleetmem_entries (
     namespace  TEXT    NOT NULL,
