@@ -26,8 +26,9 @@ pytestmark = pytest.mark.sqlite
 
 NS = "sqlite-leases"
 
-# A process of its own on the file. ``hold``: take lease L, say "ready <token>", wait for a line
-# on stdin, release, say the wall-clock time just after the release committed. ``contend``:
+# A process of its own on the file. ``hold``: take lease L (for ``arg`` seconds, default 60),
+# write under it, say "ready <token>", wait for a line on stdin, release, say the wall-clock
+# time just after the release committed. ``contend``:
 # take lease L ``rounds`` times and, under it, do a non-atomic read-then-fenced-write of key x;
 # print the tokens granted as JSON.
 _CHILD = r"""
@@ -37,7 +38,8 @@ from fleetmem.backends.sqlite import SQLiteStore
 async def main(path, mode, arg):
     async with SQLiteStore(path, namespace="sqlite-leases", busy_timeout=30) as store:
         if mode == "hold":
-            lease = await store.leases.acquire("L", owner="child", ttl=60)
+            lease = await store.leases.acquire("L", owner="child", ttl=float(arg or 60))
+            await store.set("by-child", lease.token, fence=lease)
             print("ready", lease.token, flush=True)
             sys.stdin.readline()
             assert await store.leases.release(lease)
@@ -177,6 +179,28 @@ async def test_stale_holder_on_another_connection_cannot_write(db_path: Path) ->
         await second.set("out", "second", fence=new)
         entry = await first.get_entry("out")
         assert entry is not None and (entry.value, entry.version) == ("second", 2)
+
+
+async def test_holder_killed_leaves_a_lease_that_expires_and_fences(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    await store.set("seed", 1)
+    first = await store.leases.acquire("L", owner="parent", ttl=60)
+    assert first is not None and await store.leases.release(first)
+    child = _spawn(db_path, "hold", "1.0")
+    try:
+        ready = (await _line(child)).split()
+        token = int(ready[1])
+        assert token == first.token + 1
+        child.kill()  # SIGKILL: no release, no cleanup
+        child.wait(30)
+    finally:
+        _reap(child)
+    # The committed write and the lease survive the crash; the lease ends with its TTL.
+    assert await store.get("by-child") == token
+    lease = await store.leases.acquire("L", owner="parent", ttl=60, wait=30)
+    assert lease is not None and lease.token == token + 1
+    await store.set("by-child", "parent", fence=lease)
 
 
 # ---------------------------------------------------------------------------- in-process wake-ups
