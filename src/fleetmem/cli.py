@@ -403,6 +403,49 @@ async def _cmd_namespaces(args: argparse.Namespace, out: _Output) -> int:
     return await _with_store(args, run)
 
 
+async def _cmd_holder(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: Any) -> int:
+        lease = await store.leases.holder(args.name)
+        if lease is None:
+            _say(f"lease {args.name!r} is free")
+            return EXIT_CONFLICT
+        data = {
+            "name": lease.name,
+            "owner": lease.owner,
+            "token": lease.token,
+            "acquired_at": lease.acquired_at,
+            "expires_at": lease.expires_at,
+        }
+        out.rows(data, [(k, _text(v)) for k, v in data.items()])
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
+async def _cmd_agents(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: Any) -> int:
+        agents = await store.agents.list(args.prefix, limit=args.limit, after=args.after)
+        data = [
+            {
+                "id": a.id,
+                "generation": a.generation,
+                "registered_at": a.registered_at,
+                "last_seen": a.last_seen,
+                "expires_at": a.expires_at,
+                "info": a.info,
+            }
+            for a in agents
+        ]
+        lines = [
+            f"{a.id}  generation {a.generation}  expires {_text(a.expires_at)}  {_text(a.info)}"
+            for a in agents
+        ]
+        out.lines(data, lines)
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
 async def _cmd_stats(args: argparse.Namespace, out: _Output) -> int:
     where = _where(args)
 
@@ -831,6 +874,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("prefix", nargs="?", default="")
     p.add_argument("--limit", type=int, default=None, help="at most this many")
     p.add_argument("--after", default=None, help="exclusive cursor: the last name of a page")
+    p = command("holder", "print who holds a lease, with its token (exit 1 when it is free)")
+    p.add_argument("name", help="the lease name")
+    p = command("agents", "list the namespace's live agents, ascending by id")
+    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--limit", type=int, default=None, help="at most this many")
+    p.add_argument("--after", default=None, help="exclusive cursor: the last id of a page")
     command("stats", "counts and sizes of the namespace, and which store (file or URL) it is")
     command("health", "check the store: prints the report; exit 1 when not ok")
     p = command(
@@ -909,6 +958,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, _Output], Coroutine[Any, Any,
     "clear": _cmd_clear,
     "partitions": _cmd_partitions,
     "namespaces": _cmd_namespaces,
+    "holder": _cmd_holder,
+    "agents": _cmd_agents,
     "stats": _cmd_stats,
     "health": _cmd_health,
     "demo": _cmd_demo,

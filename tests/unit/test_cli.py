@@ -160,6 +160,7 @@ def test_bench_outside_a_checkout_says_where_it_runs(
         ["del", "missing"],
         ["expire", "missing", "10"],
         ["persist", "missing"],
+        ["holder", "missing"],
     ],
 )
 def test_a_missing_key_exits_1_in_every_command(
@@ -181,6 +182,8 @@ def test_a_missing_key_exits_1_in_every_command(
         ["--url", "nope://x", "stats"],
         ["get"],  # argparse
         ["demo", "--processes", "2"],
+        ["holder", ""],
+        ["agents", "--limit", "-1"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -604,3 +607,41 @@ def test_the_plain_settings_url_is_the_settings_url(monkeypatch: pytest.MonkeyPa
     assert secret is not None and secret.get_secret_value() == "memory://"
     monkeypatch.setenv("FLEETMEM_CACHE_TTL", "5")
     assert _where.plain_settings_url() is None
+
+
+def test_holder_and_agents_show_what_processes_hold_on_sqlite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    from fleetmem.backends.sqlite import SQLiteStore
+
+    db = tmp_path / "fleet.db"
+    url = f"sqlite:///{db}"
+
+    async def hold() -> int:
+        async with SQLiteStore(db, namespace="fleet") as store:
+            lease = await store.leases.acquire("build/main", owner="agent-7", ttl=600)
+            assert lease is not None
+            await store.agents.register("agent-7", info={"role": "builder"}, ttl=600)
+            await store.agents.register("agent-8", ttl=600)
+            return lease.token
+
+    token = asyncio.run(hold())
+    code, out, _ = run(capsys, "--url", url, "-n", "fleet", "--json", "holder", "build/main")
+    assert code == 0
+    shown = json.loads(out)
+    assert (shown["owner"], shown["token"]) == ("agent-7", token)
+    code, _, err = run(capsys, "--url", url, "-n", "fleet", "holder", "other")
+    assert code == 1 and "free" in err
+    code, out, _ = run(capsys, "--url", url, "-n", "fleet", "--json", "agents")
+    assert code == 0
+    listed = json.loads(out)
+    assert [a["id"] for a in listed] == ["agent-7", "agent-8"]
+    assert listed[0]["info"] == {"role": "builder"} and listed[0]["generation"] == 1
+    code, out, _ = run(
+        capsys, "--url", url, "-n", "fleet", "--json", "agents", "--after", "agent-7"
+    )
+    assert [a["id"] for a in json.loads(out)] == ["agent-8"]
+    code, out, _ = run(capsys, "--url", url, "-n", "other", "--json", "agents")
+    assert json.loads(out) == []
