@@ -274,6 +274,55 @@ async def test_fenced_writes_with_redis_down_are_decided_by_the_durable_tier(
         await asyncio.sleep(0.05)
 
 
+async def test_fenced_writes_while_redis_is_killed_and_back_with_old_copies(
+    tiers: Tiers, fleetmem_redis_factory: Callable[..., RedisServer]
+) -> None:
+    """Redis killed -9 under two stores with warm caches, then started again from its AOF,
+    holding the copies from before: the fenced writes made meanwhile are decided by the
+    durable tier (the refused ones change nothing and miss no invalidation) and no copy from
+    before them is ever read."""
+    rs = fleetmem_redis_factory(appendonly=True)
+    options: dict[str, Any] = {"trust_window": 0.1}
+    writer = await tiers.hybrid(rs.url, **options)
+    reader = await tiers.hybrid(rs.url, **options)
+    await writer.set_many({"k": "old", "gone": "old"})
+    for _ in range(2):
+        assert await reader.get_many(["k", "gone"]) == {"k": "old", "gone": "old"}
+        assert await writer.get_many(["k", "gone"]) == {"k": "old", "gone": "old"}
+    assert reader.metrics.hits >= 2
+    stale, live = await stale_and_live(writer)
+    rs.kill()
+
+    for refused in (
+        writer.set("k", "zombie", fence=stale),
+        writer.delete("gone", fence=stale),
+        writer.set_many({"k": "zombie", "gone": "zombie"}, fence=stale),
+    ):
+        with pytest.raises(LeaseLostError):
+            await refused
+    assert writer.metrics.invalidations_missed == 0 and writer.metrics.bypasses == 0
+    assert await tiers.direct.get_many(["k", "gone"]) == {"k": "old", "gone": "old"}
+
+    await writer.set("k", "new", fence=live)
+    assert await writer.delete("gone", fence=live)
+    assert writer.metrics.invalidations_missed >= 1
+    expected = {"k": "new"}
+    assert await reader.get_many(["k", "gone"]) == expected
+    assert await tiers.direct.get_many(["k", "gone"]) == expected
+
+    rs.start()  # with the copies of "old" it held when killed
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        for store in (reader, writer):
+            assert await store.get("k") == "new"
+            assert await store.get("gone") is None
+            assert await store.get_many(["k", "gone"]) == expected
+        await asyncio.sleep(0.05)
+    with pytest.raises(LeaseLostError):
+        await writer.set("k", "zombie", fence=stale)
+    assert await reader.get("k") == "new"
+
+
 async def test_leases_and_agents_live_in_the_durable_tier_not_in_redis(
     tiers: Tiers, raw_redis: aioredis.Redis
 ) -> None:
