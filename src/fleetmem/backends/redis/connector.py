@@ -49,9 +49,11 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from fleetmem._notify import Notifier
 from fleetmem._urls import hide_passwords, redact_url, url_scheme
 from fleetmem._validate import check_non_negative_int, check_positive_number
 from fleetmem.backends.redis.scripts import SCRIPT_LIBRARY, Script, ScriptLibrary
+from fleetmem.backends.seam import lease_lost
 from fleetmem.errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -80,6 +82,8 @@ _UNSENT = ("connecting to", "Timeout connecting", "Too many connections")
 #: What Redis says when a command is refused at maxmemory (a redis-py OutOfMemoryError, or a
 #: script error carrying it).
 _OOM = "command not allowed when used memory"
+#: The error a fenced write's script answers with when its lease is lost (lua/kv/_fence.lua).
+_LEASE_LOST = "FMLEASELOST"
 #: The only eviction policy under which Redis never drops a key by itself.
 _SAFE_POLICY = "noeviction"
 _POLICY_IN_INFO = re.compile(rb"maxmemory_policy:([a-z-]+)")
@@ -321,6 +325,11 @@ class RedisConnector:
         #: How scripts are called: FCALL, EVALSHA, or UNDECIDED until the kind of server is
         #: known (see ``_refresh_form``, the one place that decides).
         self.form = UNDECIDED
+        #: The waiters of this connector's leases (every view's), woken by releases made here
+        #: and by the release listener (``leases.ReleaseListener``, made by the first waiting
+        #: ``acquire`` and closed by :meth:`aclose`).
+        self.notifier = Notifier()
+        self.release_listener: Any = None
         if client is None and cluster is not None:
             self._client = self._make_client(cluster)
         self._refresh_form()
@@ -629,6 +638,9 @@ class RedisConnector:
 
     async def aclose(self) -> None:
         self._closed = True
+        listener, self.release_listener = self.release_listener, None
+        if listener is not None:
+            await listener.aclose()
         client, self._client = self._client, None
         if client is not None and self._owns_client:
             await client.aclose()
@@ -659,6 +671,13 @@ class RedisConnector:
         attempt = 0
         loaded = False
         while True:
+            if isinstance(exc, rexc.ResponseError) and str(exc).startswith(_LEASE_LOST):
+                # A fenced write whose lease is lost (its script refused it before writing):
+                # the fence's name and token are the call's last two arguments.
+                name, token = args[-2], args[-1]
+                raise lease_lost(
+                    name.decode() if isinstance(name, bytes) else str(name), int(token)
+                ) from exc
             if isinstance(exc, rexc.NoScriptError) and args and args[0] == "EVALSHA":
                 # The server lost its script cache (restart, SCRIPT FLUSH, failover): EVAL
                 # runs the script and caches it again.
@@ -852,6 +871,32 @@ class RedisConnector:
                 cursor = cursors[node.name]
                 if int(cursor) == 0:
                     break
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    async def open_pubsub(self) -> tuple[Any, Any]:
+        """A new ``redis.asyncio`` PubSub on a connection of its own, and the client to close
+        after it (None: the PubSub's own ``aclose`` is enough). On a standalone server, from
+        the client's pool; on a Cluster, on a plain client of one node (another one each time,
+        from the nodes known now): a classic ``PUBLISH`` reaches the subscribers of every node
+        of a Cluster, so one node is enough."""
+        if self._client is None:
+            await self.connect()
+        client = self._client
+        if not self._cluster:
+            return client.pubsub(), None
+        nodes = list(client.get_nodes())
+        self._pubsub_turn = getattr(self, "_pubsub_turn", -1) + 1
+        node = nodes[self._pubsub_turn % len(nodes)]
+        kwargs = {
+            k: v
+            for k, v in node.connection_kwargs.items()
+            if k not in ("redis_connect_func", "event_dispatcher")
+        }
+        pool = aioredis.ConnectionPool(connection_class=node.connection_class, **kwargs)
+        plain = aioredis.Redis(connection_pool=pool)
+        return plain.pubsub(), pool
 
     async def call(self, script: Script, keys: tuple[bytes, ...], *args: Any, write: bool) -> Any:
         """Run ``script`` (of this connector's library) on ``keys`` with ``args``, as a function

@@ -62,8 +62,11 @@ from fleetmem.backends.redis.scripts import SCRIPTS, Script
 from fleetmem.backends.seam import (
     MISSING,
     RESERVED_NAMESPACE_PREFIX,
+    AgentBackend,
     EntryMeta,
+    Fence,
     KVBackend,
+    LeaseBackend,
     SetOp,
 )
 from fleetmem.errors import (
@@ -95,6 +98,11 @@ _NS_LIVE, _NS_REGISTER = SCRIPTS["ns_live"], SCRIPTS["ns_register"]
 _NS_SUSPECT, _NS_FORGET = SCRIPTS["ns_suspect"], SCRIPTS["ns_forget"]
 _NS_READY, _NS_BACKFILL = SCRIPTS["ns_ready"], SCRIPTS["ns_backfill"]
 _NS_DUE = SCRIPTS["ns_due"]
+#: The fenced twins of the writes (``scripts.FENCED``): the same arguments, then the fence's
+#: lease name and token, checked first by the script (``lua/kv/_fence.lua``).
+_F_SET, _F_SET_IF_ABSENT = SCRIPTS["fenced_set"], SCRIPTS["fenced_set_if_absent"]
+_F_CAS, _F_INCR = SCRIPTS["fenced_compare_and_set"], SCRIPTS["fenced_incr"]
+_F_SET_MANY, _F_DELETE_MANY = SCRIPTS["fenced_set_many"], SCRIPTS["fenced_delete_many"]
 
 #: KEYS of the namespace registry's scripts: ``fm:{_fleetmem}:ns`` (a sorted set of the names),
 #: ``fm:{_fleetmem}:nss`` (names suspected of being empty, scored by the server's time of the
@@ -204,8 +212,21 @@ class RedisKV(KVBackend):
         # KEYS of every script call, encoded once: the namespace prefix (it routes the call to
         # the namespace's slot; the scripts derive every key from it).
         self._keys = (prefix.encode(),)
-        # The constant head of the common ``set`` call, in both forms.
+        # The constant head of the common ``set`` call, in both forms, and of a fenced one.
         self._set_head = RedisConnector.prepare(_SET, self._keys)
+        self._fset_head = RedisConnector.prepare(_F_SET, self._keys)
+
+    def leases(self) -> LeaseBackend:
+        """Leases of this namespace on the same connector (``leases.py``)."""
+        from fleetmem.backends.redis.leases import RedisLeases
+
+        return RedisLeases(self._connector, namespace=self._namespace)
+
+    def agents(self) -> AgentBackend:
+        """The agent registry of this namespace on the same connector (``agents.py``)."""
+        from fleetmem.backends.redis.agents import RedisAgents
+
+        return RedisAgents(self._connector, namespace=self._namespace)
 
     def describe(self) -> str:
         return self._connector.describe()
@@ -574,8 +595,16 @@ class RedisKV(KVBackend):
     # ---------------------------------------------------------------- writes
 
     async def set(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        keep_ttl: bool,
+        fence: Fence | None = None,
     ) -> EntryMeta:
+        if fence is not None:
+            return await self._set_fenced(key, payload, ttl_ms, partition, keep_ttl, fence)
         if not self._trusted():
             await self._register()
         connector = self._connector
@@ -593,6 +622,38 @@ class RedisKV(KVBackend):
                 _part_arg(partition),
                 b"1" if keep_ttl else b"0",
             )
+        if not self._trusted():
+            await self._register_after()
+        return entry_meta(*res)
+
+    async def _set_fenced(
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        keep_ttl: bool,
+        fence: Fence,
+    ) -> EntryMeta:
+        """``set`` under ``fence``: one ``fenced_set`` call (a lost lease raises
+        ``LeaseLostError`` from the connector, nothing written)."""
+        if not self._trusted():
+            await self._register()
+        connector = self._connector
+        form = connector.form
+        args = (
+            key,
+            mark_payload(payload),
+            ttl_ms or 0,
+            _part_arg(partition),
+            b"1" if keep_ttl else b"0",
+            fence.name,
+            fence.token,
+        )
+        if form >= 0:
+            res = await connector.execute(True, *self._fset_head[form], *args)
+        else:
+            res = await self._script(True, _F_SET, *args)
         if not self._trusted():
             await self._register_after()
         return entry_meta(*res)
@@ -632,40 +693,62 @@ class RedisKV(KVBackend):
         chunks: Iterator[list[tuple[str, bytes]]],
         ttl_ms: int | None,
         partition: str | None,
+        fence: Fence | None = None,
     ) -> int:
         if not self._trusted():
             await self._register()
         count = 0
         parg = _part_arg(partition)
         mark = mark_payload
+        script, tail = (_SET_MANY, ()) if fence is None else (_F_SET_MANY, fence)
         for chunk in chunks:
             for start in range(0, len(chunk), _SET_MANY_SLICE):
                 part = chunk[start : start + _SET_MANY_SLICE]
                 args: list[Any] = [x for key, payload in part for x in (key, mark(payload))]
-                count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
+                count += await self._script(True, script, ttl_ms or 0, parg, *args, *tail)
         if not self._trusted():
             await self._register_after()
         return count
 
     async def set_if_absent(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> bool:
         if not self._trusted():
             await self._register()
+        script, tail = (_SET_IF_ABSENT, ()) if fence is None else (_F_SET_IF_ABSENT, fence)
         res = await self._script(
-            True, _SET_IF_ABSENT, key, mark_payload(payload), ttl_ms or 0, _part_arg(partition)
+            True, script, key, mark_payload(payload), ttl_ms or 0, _part_arg(partition), *tail
         )
         if not self._trusted():
             await self._register_after()
         return bool(res)
 
     async def compare_and_set(
-        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        version: int,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> EntryMeta:
         if not self._trusted():
             await self._register()
+        script, tail = (_CAS, ()) if fence is None else (_F_CAS, fence)
         res = await self._script(
-            True, _CAS, key, mark_payload(payload), version, ttl_ms or 0, _part_arg(partition)
+            True,
+            script,
+            key,
+            mark_payload(payload),
+            version,
+            ttl_ms or 0,
+            _part_arg(partition),
+            *tail,
         )
         if not self._trusted():
             await self._register_after()
@@ -674,14 +757,27 @@ class RedisKV(KVBackend):
         return entry_meta(*res[1:])
 
     async def incr(
-        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        amount: int | float,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> int | float:
         if not self._trusted():
             await self._register()
         is_int = isinstance(amount, int)
         text = str(amount) if is_int else repr(float(amount))
+        script, tail = (_INCR, ()) if fence is None else (_F_INCR, fence)
         res = await self._script(
-            True, _INCR, key, text, "i" if is_int else "f", ttl_ms or 0, _part_arg(partition)
+            True,
+            script,
+            key,
+            text,
+            "i" if is_int else "f",
+            ttl_ms or 0,
+            _part_arg(partition),
+            *tail,
         )
         if not self._trusted():
             await self._register_after()
@@ -698,14 +794,20 @@ class RedisKV(KVBackend):
             raise InvalidArgumentError(f"incr of key {key!r} would overflow a float")
         raise InvalidArgumentError(f"incr of key {key!r} would leave the signed 64-bit range")
 
-    async def delete(self, key: str) -> bool:
-        res: list[int] = await self._script(True, _DELETE_MANY, key)
+    async def delete(self, key: str, fence: Fence | None = None) -> bool:
+        if fence is None:
+            res: list[int] = await self._script(True, _DELETE_MANY, key)
+        else:
+            res = await self._script(True, _F_DELETE_MANY, key, *fence)
         return res[0] == 1
 
-    async def delete_many(self, keys: list[str]) -> int:
+    async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
+        script, tail = (_DELETE_MANY, ()) if fence is None else (_F_DELETE_MANY, fence)
         count = 0
-        for start in range(0, len(keys), _BATCH):
-            count += sum(await self._script(True, _DELETE_MANY, *keys[start : start + _BATCH]))
+        # A fenced call checks its fence even with no key (one call).
+        for start in range(0, max(len(keys), 1 if tail else 0), _BATCH):
+            chunk = keys[start : start + _BATCH]
+            count += sum(await self._script(True, script, *chunk, *tail))
         return count
 
     async def delete_batch(self, keys: list[str]) -> list[bool | BaseException]:

@@ -53,9 +53,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 __all__ = [
+    "FENCED",
     "FLAGS",
     "GROUPS",
     "KV_GROUP",
+    "LEASES_GROUP",
+    "LEASE_FLAGS",
+    "LEASE_SCRIPTS",
     "LIBRARY",
     "SCRIPTS",
     "SCRIPT_LIBRARY",
@@ -85,13 +89,16 @@ class ScriptGroup:
     """The scripts of one primitive: ``lua/<name>/_lib.lua`` (optional) + ``<script>.lua``.
 
     ``flags`` gives the Redis script flags of a script (none when absent); ``bind`` replaces
-    the prelude's ``<bind>`` lines in the function library.
+    the prelude's ``<bind>`` lines in the function library. Each script named in ``fenced``
+    also gets a fenced twin, ``fenced_<script>``: ``lua/<name>/_fence.lua`` followed by the
+    script's body, with the same flags (see :data:`FENCED`).
     """
 
     name: str
     scripts: tuple[str, ...]
     flags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     bind: bytes = b""
+    fenced: tuple[str, ...] = ()
 
 
 class ScriptLibrary:
@@ -106,24 +113,31 @@ class ScriptLibrary:
         self, package: str, groups: Sequence[ScriptGroup], *, prefix: str = "fleetmem"
     ) -> None:
         folder = resources.files(package).joinpath("lua")
-        loaded: list[tuple[ScriptGroup, bytes, dict[str, bytes]]] = []
+        loaded: list[tuple[ScriptGroup, bytes, dict[str, bytes], dict[str, tuple[str, ...]]]]
+        loaded = []
         digest = hashlib.sha1()  # noqa: S324 - a name, not a secret
         for group in groups:
             where = folder.joinpath(group.name)
             lib_file = where.joinpath("_lib.lua")
             lib = lib_file.read_bytes() if lib_file.is_file() else b""
             bodies = {n: where.joinpath(f"{n}.lua").read_bytes() for n in group.scripts}
-            loaded.append((group, lib, bodies))
+            flags_of = {n: tuple(group.flags.get(n, ())) for n in group.scripts}
+            if group.fenced:
+                fence = where.joinpath("_fence.lua").read_bytes()
+                for n in group.fenced:
+                    bodies[f"fenced_{n}"] = fence + bodies[n]
+                    flags_of[f"fenced_{n}"] = flags_of[n]
+            loaded.append((group, lib, bodies, flags_of))
             # The tag names the library: it covers every byte the library is built from.
             digest.update(group.name.encode() + b"\0")
-            digest.update(repr(sorted(group.flags.items())).encode())
+            digest.update(repr(sorted(flags_of.items())).encode())
             digest.update(group.bind + lib + b"".join(bodies.values()))
         tag = digest.hexdigest()[:12]
         #: The library's name on the server.
         self.name = f"{prefix}_{tag}"
         parts = [b"#!lua name=" + self.name.encode() + b"\n"]
         self._groups: dict[str, dict[str, Script]] = {}
-        for group, lib, bodies in loaded:
+        for group, lib, bodies, flags_of in loaded:
             if _BIND_START in lib:
                 start, end = lib.index(_BIND_START), lib.index(_BIND_END) + len(_BIND_END)
                 prelude = lib[:start] + group.bind + lib[end:]
@@ -133,7 +147,7 @@ class ScriptLibrary:
             call_bind = b"bind(KEYS)\n" if group.bind else b""
             scripts: dict[str, Script] = {}
             for name, body in bodies.items():
-                flags = tuple(group.flags.get(name, ()))
+                flags = flags_of[name]
                 shebang = b"#!lua flags=" + ",".join(flags).encode() if flags else b"#!lua"
                 source = shebang + b"\n" + lib + body
                 function = f"fm_{tag}_{group.name}_{name}".encode()
@@ -197,6 +211,20 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "ns_backfill": ("allow-oom",),
 }
 
+#: The key-value writes that take a fence: each has a twin ``fenced_<name>`` whose ARGV ends
+#: with the lease name and token, checked first (``lua/kv/_fence.lua``). The twin keeps the
+#: script's flags: ``fenced_delete_many`` still runs on a full server, the others are refused
+#: there before they run, as their unfenced forms are. Unfenced calls are untouched.
+#: ``set_batch`` (merged concurrent ``set`` calls) has none: a fenced write is never merged.
+FENCED: tuple[str, ...] = (
+    "set",
+    "set_many",
+    "set_if_absent",
+    "compare_and_set",
+    "incr",
+    "delete_many",
+)
+
 #: The key-value scripts (``lua/kv/``): ``RedisKV``'s every multi-key operation.
 KV_GROUP = ScriptGroup(
     "kv",
@@ -225,13 +253,53 @@ KV_GROUP = ScriptGroup(
     ),
     FLAGS,
     _BIND_KV,
+    FENCED,
+)
+
+_BIND_LEASES = b"""local P
+local function bind(keys) P = keys[1] end
+"""
+
+#: Redis 7 script flags of the lease and agent scripts. ``renew`` and ``release`` only
+#: overwrite numbers of an existing record (and ``agent_deregister`` / ``agent_list`` only
+#: remove index members): a full server still lets a holder keep or free its lease. Granting a
+#: lease, registering an agent or a heartbeat (which may carry a larger ``info``) may add data.
+LEASE_FLAGS: dict[str, tuple[str, ...]] = {
+    "holder": ("no-writes",),
+    "agent_get": ("no-writes",),
+    "agent_count": ("no-writes",),
+    "renew": ("allow-oom",),
+    "release": ("allow-oom",),
+    "agent_deregister": ("allow-oom",),
+    "agent_list": ("allow-oom",),
+}
+
+#: The coordination scripts (``lua/leases/``): ``RedisLeases`` and ``RedisAgents``.
+LEASES_GROUP = ScriptGroup(
+    "leases",
+    (
+        "acquire",
+        "renew",
+        "release",
+        "holder",
+        "agent_register",
+        "agent_heartbeat",
+        "agent_deregister",
+        "agent_get",
+        "agent_list",
+        "agent_count",
+    ),
+    LEASE_FLAGS,
+    _BIND_LEASES,
 )
 
 #: Every group of the one library, in library order.
-GROUPS: tuple[ScriptGroup, ...] = (KV_GROUP,)
+GROUPS: tuple[ScriptGroup, ...] = (KV_GROUP, LEASES_GROUP)
 
 #: The one library of every primitive's scripts.
 SCRIPT_LIBRARY = ScriptLibrary(__package__ or "fleetmem.backends.redis", GROUPS)
 #: The key-value scripts by name, and the function library code holding every group.
 SCRIPTS = SCRIPT_LIBRARY.group("kv")
+#: The lease and agent scripts by name.
+LEASE_SCRIPTS = SCRIPT_LIBRARY.group("leases")
 LIBRARY = SCRIPT_LIBRARY.source
