@@ -1,9 +1,11 @@
-"""``fleetmem.sync`` on every backend: a round of operations through the blocking facade.
+"""``fleetmem.sync`` on every backend: a round of operations through the blocking facade,
+then leases (the ``with`` lock renewed on the loop thread), fenced writes and agents.
 
 The stores are opened as a user opens them, ``fleetmem.sync.open_store(url, namespace=...)``,
 with the harness's servers (``hybrid=(dsn, redis_url)`` for the hybrid); one table of backends,
 as in ``tests/conftest.py``. The facade's own behaviour (closing, the deadlock guard, garbage
-collection, interpreter exit) is tested on memory and SQLite in ``tests/unit/test_sync.py``.
+collection, interpreter exit) is tested on memory and SQLite in ``tests/unit/test_sync.py`` and
+``tests/unit/test_sync_coordination.py``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from typing import Any
 import pytest
 
 from fleetmem import (
+    AgentGoneError,
     BackendUnavailableError,
     InvalidKeyError,
     KeyNotFoundError,
+    LeaseLostError,
     StoreClosedError,
     VersionConflictError,
 )
@@ -211,3 +215,75 @@ def test_two_stores_on_one_backend_see_each_other(
         entry = two.compare_and_set("shared", {"by": "two"}, version=1)
         assert one.get_entry("shared") == entry
         assert two.clear() == 1
+
+
+def test_leases_fences_and_agents_through_the_facade(sync_store: SyncStore) -> None:
+    store = sync_store
+    with store.leases.lock("build/main", owner="agent-7", ttl=2) as held:
+        token = held.lease.token
+        time.sleep(3)  # past the TTL: the renewal task on the loop thread keeps it
+        holder = store.leases.holder("build/main")
+        assert holder is not None and holder.token == token and not held.lost.is_set()
+        assert store.set("build/status", "green", fence=held).version == 1
+        assert store.leases.acquire("build/main", owner="agent-8") is None
+    assert store.leases.holder("build/main") is None
+
+    late = store.leases.acquire("report", owner="paused", ttl=0.3)
+    assert late is not None
+    assert _wait_for(lambda: store.leases.holder("report") is None)
+    fresh = store.leases.acquire("report", owner="fresh", ttl=30)
+    assert fresh is not None and fresh.token > late.token
+    store.set("report/status", "final", fence=fresh)
+    with pytest.raises(LeaseLostError):
+        store.set("report/status", "stale", fence=late)
+    assert store.get("report/status") == "final"
+    assert store.leases.release(fresh) is True
+
+    first = store.agents.register("agent-7", info={"role": "tester"}, ttl=30)
+    assert store.agents.heartbeat("agent-7").generation == first.generation
+    assert [a.id for a in store.agents.list()] == ["agent-7"]
+    assert store.agents.deregister("agent-7") is True
+    with pytest.raises(AgentGoneError):
+        store.agents.heartbeat("agent-7")
+    assert store.agents.register("agent-7").generation > first.generation
+    assert store.agents.deregister("agent-7") is True
+
+
+@pytest.mark.parametrize("backend", _params(["sqlite", "redis", "postgres", "hybrid"]))
+def test_two_stores_take_turns_on_one_lease(
+    request: pytest.FixtureRequest, fleetmem_namespace: str, backend: str
+) -> None:
+    # Two SyncStores (two loop threads, two connectors): a waiter in one is let in by a
+    # release in the other, and the first one's late fenced write is refused.
+    open_one = BACKENDS[backend][0]
+    with open_one(request, fleetmem_namespace) as one, open_one(request, fleetmem_namespace) as two:
+        lease = one.leases.acquire("shared", owner="one", ttl=60)
+        assert lease is not None
+        assert two.leases.acquire("shared", owner="two") is None
+        releaser = threading.Timer(0.3, one.leases.release, args=(lease,))
+        releaser.start()
+        try:
+            # Long before the lease's 60 s TTL: only the release can let it in.
+            taken = two.leases.acquire("shared", owner="two", ttl=60, wait=30)
+        finally:
+            releaser.join()
+        assert taken is not None and taken.token > lease.token
+        with two.leases.lock("other", owner="two", ttl=30) as held:
+            two.set("k", "two", fence=held)
+            with pytest.raises(LeaseLostError):
+                one.set("k", "one", fence=lease)
+            holder = one.leases.holder("other")
+            assert holder is not None and holder.token == held.lease.token
+        assert one.get("k") == "two"
+        assert two.leases.release(taken) is True
+        two.clear()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll ``condition`` until true or ``timeout`` (generous: the machine may be busy)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
