@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from fleetmem.errors import AgentGoneError, FleetmemError, KeyNotFoundError
-from fleetmem.protocol import Agent
-from fleetmem.store import Store
+from fleetmem.protocol import Agent, MemoryStore
 from fleetmem.testing.conformance._base import GOOD_KEYS, assert_same_json, assert_utc, utcnow
 from fleetmem.testing.conformance._leases import CoordinationBase
 
@@ -45,7 +44,7 @@ class AgentsConformance(CoordinationBase):
 
     pytestmark = [pytest.mark.asyncio]
 
-    async def test_agent_register_and_get(self, store: Store[Any]) -> None:
+    async def test_agent_register_and_get(self, store: MemoryStore) -> None:
         agents = store.agents
         assert await agents.get("agent-7") is None
         assert await agents.count() == 0
@@ -73,7 +72,7 @@ class AgentsConformance(CoordinationBase):
         assert_same_agent(await agents.get("bare"), bare, "get bare")
         assert await agents.count() == 2
 
-    async def test_agent_ids_round_trip(self, store: Store[Any]) -> None:
+    async def test_agent_ids_round_trip(self, store: MemoryStore) -> None:
         for agent_id in GOOD_KEYS:
             agent = await store.agents.register(agent_id, info={"id": agent_id}, ttl=30)
             assert agent.id == agent_id
@@ -84,7 +83,9 @@ class AgentsConformance(CoordinationBase):
         listed = [agent.id for agent in await store.agents.list()]
         assert listed == sorted(GOOD_KEYS)
 
-    async def test_agent_register_of_a_live_agent_keeps_generation(self, store: Store[Any]) -> None:
+    async def test_agent_register_of_a_live_agent_keeps_generation(
+        self, store: MemoryStore
+    ) -> None:
         agents = store.agents
         first = await agents.register("a", info={"v": 1}, ttl=30)
         again = await agents.register("a", info={"v": 2}, ttl=100)
@@ -97,7 +98,7 @@ class AgentsConformance(CoordinationBase):
         assert await agents.count() == 1
 
     async def test_agent_generation_grows_after_deregister_and_expiry(
-        self, store: Store[Any]
+        self, store: MemoryStore
     ) -> None:
         agents = store.agents
         first = await agents.register("a", info={"run": 1}, ttl=30)
@@ -117,7 +118,7 @@ class AgentsConformance(CoordinationBase):
         other = await agents.register("b", ttl=30)
         assert type(other.generation) is int and other.generation >= 1
 
-    async def test_agent_heartbeat_extends_and_keeps(self, store: Store[Any]) -> None:
+    async def test_agent_heartbeat_extends_and_keeps(self, store: MemoryStore) -> None:
         agents = store.agents
         agent = await agents.register("a", info=INFO, ttl=100)
         beat = await agents.heartbeat("a")
@@ -144,7 +145,7 @@ class AgentsConformance(CoordinationBase):
         assert beat.generation == agent.generation
         assert_same_agent(await agents.get("a"), beat, "get")
 
-    async def test_agent_heartbeat_of_a_gone_agent_raises(self, store: Store[Any]) -> None:
+    async def test_agent_heartbeat_of_a_gone_agent_raises(self, store: MemoryStore) -> None:
         agents = store.agents
         with pytest.raises(AgentGoneError) as info:
             await agents.heartbeat("never")
@@ -164,7 +165,7 @@ class AgentsConformance(CoordinationBase):
         assert await agents.list() == []
         assert await agents.count() == 0
 
-    async def test_agent_deregister(self, store: Store[Any]) -> None:
+    async def test_agent_deregister(self, store: MemoryStore) -> None:
         agents = store.agents
         await agents.register("a", ttl=30)
         await agents.register("b", ttl=30)
@@ -176,7 +177,7 @@ class AgentsConformance(CoordinationBase):
         assert [agent.id for agent in await agents.list()] == ["b"]
         assert await agents.count() == 1
 
-    async def test_agent_list_pages(self, store: Store[Any]) -> None:
+    async def test_agent_list_pages(self, store: MemoryStore) -> None:
         agents = store.agents
         ids = ["a/1", "a/2", "a/3", "ab", "b/1", "c"]
         for agent_id in reversed(ids):
@@ -213,7 +214,7 @@ class AgentsConformance(CoordinationBase):
         assert seen == ids
         assert await agents.count() == len(ids)
 
-    async def test_agent_expiry_on_every_path(self, store: Store[Any]) -> None:
+    async def test_agent_expiry_on_every_path(self, store: MemoryStore) -> None:
         agents = store.agents
         await agents.register("gone/1", info={"x": 1}, ttl=self.lease_ttl)
         await agents.register("gone/2", ttl=30)
@@ -230,9 +231,9 @@ class AgentsConformance(CoordinationBase):
         assert await agents.list(after="a") == [await agents.get("live")]
         assert await agents.count() == 1
 
-    async def test_agent_namespaces_are_separate(self, store: Store[Any]) -> None:
+    async def test_agent_namespaces_are_separate(self, store: MemoryStore) -> None:
         ns = store.namespace
-        async with self.sibling_stores(store, "x") as (other,):
+        async with self.sibling_namespaces(store, "x") as (other,):
             mine = await store.agents.register("x", info={"ns": "mine"}, ttl=30)
             theirs = await other.agents.register("x", info={"ns": "theirs"}, ttl=30)
             assert_same_agent(await store.agents.get("x"), mine, "this namespace")

@@ -8,14 +8,12 @@ conflict, a value that is not a number, a key already there or already absent).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 
 from fleetmem.errors import LeaseLostError
 from fleetmem.leases import HeldLease
-from fleetmem.protocol import Entry, Lease
-from fleetmem.store import Store
+from fleetmem.protocol import Entry, Lease, MemoryStore
 from fleetmem.testing.conformance._leases import CoordinationBase
 
 Call = tuple[str, Callable[[], Awaitable[object]]]
@@ -24,7 +22,7 @@ Fence = Lease | HeldLease
 _TTL = 3600
 
 
-async def _prepare(store: Store[Any]) -> None:
+async def _prepare(store: MemoryStore) -> None:
     """The entries the fenced calls of :func:`_fenced_calls` touch."""
     await store.set("s", "old", ttl=_TTL, partition="p")
     await store.set("s", "old2", keep_ttl=True)  # version 2
@@ -36,7 +34,7 @@ async def _prepare(store: Store[Any]) -> None:
     await store.set_many({"d": 1, "dm1": 1, "dm2": 2}, partition="q")
 
 
-async def _snapshot(store: Store[Any]) -> dict[str, Entry]:
+async def _snapshot(store: MemoryStore) -> dict[str, Entry]:
     """Every live entry of the namespace, with its metadata."""
     out: dict[str, Entry] = {}
     for key in await store.keys():
@@ -46,7 +44,7 @@ async def _snapshot(store: Store[Any]) -> dict[str, Entry]:
     return out
 
 
-def _fenced_calls(store: Store[Any], fence: Fence) -> list[Call]:
+def _fenced_calls(store: MemoryStore, fence: Fence) -> list[Call]:
     """One fenced call of every write (and of the cases where it would change nothing)."""
     many = {f"bulk/{i:05d}": i for i in range(1500)}
     return [
@@ -77,7 +75,7 @@ def _fenced_calls(store: Store[Any], fence: Fence) -> list[Call]:
     ]
 
 
-async def _assert_all_refused(store: Store[Any], fence: Fence) -> None:
+async def _assert_all_refused(store: MemoryStore, fence: Fence) -> None:
     before = await _snapshot(store)
     assert set(before) == {"s", "m1", "m2", "cas", "n", "f", "text", "d", "dm1", "dm2"}
     ttl_before = await store.ttl("s")
@@ -106,7 +104,7 @@ class FencedWritesConformance(CoordinationBase):
 
     pytestmark = [pytest.mark.asyncio]
 
-    async def test_fenced_writes_with_a_live_lease(self, store: Store[Any]) -> None:
+    async def test_fenced_writes_with_a_live_lease(self, store: MemoryStore) -> None:
         lease = await store.leases.acquire("job", owner="a", ttl=30)
         assert lease is not None
         await _prepare(store)
@@ -135,7 +133,7 @@ class FencedWritesConformance(CoordinationBase):
         holder = await store.leases.holder("job")
         assert holder is not None and holder.token == lease.token
 
-    async def test_fenced_writes_with_a_held_lease(self, store: Store[Any]) -> None:
+    async def test_fenced_writes_with_a_held_lease(self, store: MemoryStore) -> None:
         async with store.leases.lock("job", owner="a", ttl=30) as held:
             assert (await store.set("k", 1, fence=held)).version == 1
             assert await store.set_many({"a": 1, "b": 2}, fence=held) == 2
@@ -146,7 +144,7 @@ class FencedWritesConformance(CoordinationBase):
             assert await store.delete_many(["b", "c"], fence=held) == 2
         assert await store.get_many(["k", "n", "a", "b", "c"]) == {"k": 2, "n": 1}
 
-    async def test_fenced_writes_after_a_release(self, store: Store[Any]) -> None:
+    async def test_fenced_writes_after_a_release(self, store: MemoryStore) -> None:
         lease = await store.leases.acquire("job", owner="a", ttl=30)
         assert lease is not None
         await _prepare(store)
@@ -154,7 +152,7 @@ class FencedWritesConformance(CoordinationBase):
         await _assert_all_refused(store, lease)
         assert await store.leases.holder("job") is None
 
-    async def test_fenced_writes_after_an_expiry(self, store: Store[Any]) -> None:
+    async def test_fenced_writes_after_an_expiry(self, store: MemoryStore) -> None:
         lease = await store.leases.acquire("job", owner="a", ttl=self.lease_ttl)
         assert lease is not None
         await _prepare(store)
@@ -162,7 +160,7 @@ class FencedWritesConformance(CoordinationBase):
         await _assert_all_refused(store, lease)
         assert await store.leases.holder("job") is None
 
-    async def test_fenced_writes_after_another_holder_took_over(self, store: Store[Any]) -> None:
+    async def test_fenced_writes_after_another_holder_took_over(self, store: MemoryStore) -> None:
         stale = await store.leases.acquire("job", owner="a", ttl=self.lease_ttl)
         assert stale is not None
         await _prepare(store)
@@ -187,7 +185,7 @@ class FencedWritesConformance(CoordinationBase):
         holder = await store.leases.holder("job")
         assert holder is not None and holder.token == current.token
 
-    async def test_fenced_writes_with_a_lost_held_lease(self, store: Store[Any]) -> None:
+    async def test_fenced_writes_with_a_lost_held_lease(self, store: MemoryStore) -> None:
         await _prepare(store)
         async with store.leases.lock("job", owner="a", ttl=0.6) as held:
             assert await store.leases.release(held.lease) is True
@@ -196,7 +194,7 @@ class FencedWritesConformance(CoordinationBase):
             await store.delete("ok")
         await _assert_all_refused(store, held)
 
-    async def test_fenced_write_needs_the_lease_of_its_own_name(self, store: Store[Any]) -> None:
+    async def test_fenced_write_needs_the_lease_of_its_own_name(self, store: MemoryStore) -> None:
         """Each lease fences on its own: losing one does not refuse writes fenced by another."""
         one = await store.leases.acquire("one", owner="a", ttl=30)
         two = await store.leases.acquire("two", owner="a", ttl=30)

@@ -9,13 +9,10 @@ live after a short TTL. Wake-ups promised "within 100 ms" are checked against
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from typing import Any, cast
 
 import pytest
 
@@ -26,8 +23,7 @@ from fleetmem.errors import (
     LeaseUnavailableError,
 )
 from fleetmem.leases import HeldLease
-from fleetmem.protocol import Lease
-from fleetmem.store import Store
+from fleetmem.protocol import Lease, MemoryStore
 from fleetmem.testing.conformance._base import GOOD_KEYS, ConformanceBase, assert_utc, utcnow
 
 #: Owners every backend must accept and return unchanged (at most 255 UTF-8 bytes).
@@ -77,14 +73,6 @@ class CoordinationBase(ConformanceBase):
         """Sleep until leases and agents granted with ``lease_ttl`` before the call expired."""
         await asyncio.sleep(self.lease_ttl + self.lease_expiry_margin)
 
-    @contextlib.asynccontextmanager
-    async def sibling_stores(
-        self, store: Store[Any], *suffixes: str
-    ) -> AsyncIterator[list[Store[Any]]]:
-        """:meth:`sibling_namespaces`, typed as stores with leases and agents."""
-        async with self.sibling_namespaces(store, *suffixes) as views:
-            yield cast(list[Store[Any]], views)
-
 
 class LeasesConformance(CoordinationBase):
     """The lease rules of ``COORDINATION.md`` ("Leases and fencing tokens")."""
@@ -93,7 +81,7 @@ class LeasesConformance(CoordinationBase):
 
     # ------------------------------------------------------------ acquire / holder / release
 
-    async def test_lease_acquire_holder_release(self, store: Store[Any]) -> None:
+    async def test_lease_acquire_holder_release(self, store: MemoryStore) -> None:
         leases = store.leases
         assert await leases.holder("job") is None
         lease = await leases.acquire("job", owner="agent-7", ttl=30)
@@ -110,7 +98,7 @@ class LeasesConformance(CoordinationBase):
         assert again.token > lease.token
         assert_same_lease(await leases.holder("job"), again, "holder")
 
-    async def test_lease_fields(self, store: Store[Any]) -> None:
+    async def test_lease_fields(self, store: MemoryStore) -> None:
         before = utcnow()
         lease = await store.leases.acquire("job", owner="agent-7", ttl=30)
         assert lease is not None
@@ -135,7 +123,7 @@ class LeasesConformance(CoordinationBase):
         assert other is not None
         assert abs(lease_span(other) - 120) <= self.ttl_slack, other
 
-    async def test_lease_names_and_owners_round_trip(self, store: Store[Any]) -> None:
+    async def test_lease_names_and_owners_round_trip(self, store: MemoryStore) -> None:
         leases = store.leases
         for index, name in enumerate(GOOD_KEYS):
             owner = GOOD_OWNERS[index % len(GOOD_OWNERS)]
@@ -149,7 +137,7 @@ class LeasesConformance(CoordinationBase):
             assert await leases.release(held) is True
             assert await leases.holder(name) is None
 
-    async def test_lease_at_most_one_live_lease(self, store: Store[Any]) -> None:
+    async def test_lease_at_most_one_live_lease(self, store: MemoryStore) -> None:
         n = self.concurrency
         results = await asyncio.gather(
             *(store.leases.acquire("job", owner=f"agent-{i}", ttl=30) for i in range(n))
@@ -162,7 +150,7 @@ class LeasesConformance(CoordinationBase):
         assert await store.leases.acquire("job", owner="late", ttl=30) is None
         assert_same_lease(await store.leases.holder("job"), winners[0], "holder")
 
-    async def test_lease_same_owner_is_refused_like_anyone_else(self, store: Store[Any]) -> None:
+    async def test_lease_same_owner_is_refused_like_anyone_else(self, store: MemoryStore) -> None:
         first = await store.leases.acquire("job", owner="agent-7", ttl=30)
         assert first is not None
         assert await store.leases.acquire("job", owner="agent-7", ttl=30) is None
@@ -172,7 +160,7 @@ class LeasesConformance(CoordinationBase):
         second = await store.leases.acquire("job", owner="agent-7", ttl=30)
         assert second is not None and second.token > first.token
 
-    async def test_lease_tokens_grow_across_releases_and_expiries(self, store: Store[Any]) -> None:
+    async def test_lease_tokens_grow_across_releases_and_expiries(self, store: MemoryStore) -> None:
         leases = store.leases
         tokens: list[int] = []
         for i in range(5):
@@ -195,7 +183,7 @@ class LeasesConformance(CoordinationBase):
 
     # ------------------------------------------------------------ renew
 
-    async def test_lease_renew_extends_with_the_same_token(self, store: Store[Any]) -> None:
+    async def test_lease_renew_extends_with_the_same_token(self, store: MemoryStore) -> None:
         leases = store.leases
         lease = await leases.acquire("job", owner="agent-7", ttl=10)
         assert lease is not None
@@ -222,14 +210,14 @@ class LeasesConformance(CoordinationBase):
         assert 50 - self.ttl_slack <= lease_span(shorter) <= 50 + 5, shorter
         assert shorter.expires_at < again.expires_at  # a renewal may shorten the lease
 
-    async def test_lease_renew_without_ttl_uses_the_granted_ttl(self, store: Store[Any]) -> None:
+    async def test_lease_renew_without_ttl_uses_the_granted_ttl(self, store: MemoryStore) -> None:
         lease = await store.leases.acquire("job", owner="agent-7", ttl=40)
         assert lease is not None
         renewed = await store.leases.renew(lease)
         assert 40 - self.ttl_slack <= lease_span(renewed) <= 40 + 5, renewed
 
     async def test_lease_renew_of_a_lost_lease_raises_and_changes_nothing(
-        self, store: Store[Any]
+        self, store: MemoryStore
     ) -> None:
         leases = store.leases
         # Released, nobody took it since.
@@ -267,7 +255,9 @@ class LeasesConformance(CoordinationBase):
 
     # ------------------------------------------------------------ release
 
-    async def test_lease_release_never_frees_another_holders_lease(self, store: Store[Any]) -> None:
+    async def test_lease_release_never_frees_another_holders_lease(
+        self, store: MemoryStore
+    ) -> None:
         leases = store.leases
         old = await leases.acquire("job", owner="a", ttl=self.lease_ttl)
         assert old is not None
@@ -286,7 +276,7 @@ class LeasesConformance(CoordinationBase):
         assert await leases.release(current) is True
         assert await leases.holder("job") is None
 
-    async def test_lease_expiry_frees_the_name(self, store: Store[Any]) -> None:
+    async def test_lease_expiry_frees_the_name(self, store: MemoryStore) -> None:
         leases = store.leases
         lease = await leases.acquire("job", owner="a", ttl=self.lease_ttl)
         assert lease is not None
@@ -301,14 +291,16 @@ class LeasesConformance(CoordinationBase):
 
     # ------------------------------------------------------------ wait=
 
-    async def test_lease_wait_is_granted_soon_after_a_release(self, store: Store[Any]) -> None:
+    async def test_lease_wait_is_granted_soon_after_a_release(self, store: MemoryStore) -> None:
         leases = store.leases
         loop = asyncio.get_running_loop()
         first = await leases.acquire("job", owner="a", ttl=30)
         assert first is not None
         waiter = asyncio.ensure_future(leases.acquire("job", owner="b", ttl=30, wait=20))
         try:
-            await asyncio.sleep(0.3)  # the waiter tried and now waits
+            # Release just after the waiter's first try: a waiter that only polled (at least
+            # once a second) would then be granted about a second later, past the slack.
+            await asyncio.sleep(0.1)
             assert not waiter.done(), "a waiter was granted a lease that is held"
             released_at = loop.time()
             assert await leases.release(first) is True
@@ -321,7 +313,7 @@ class LeasesConformance(CoordinationBase):
         assert took < self.lease_wake_slack, f"granted {took:.3f} s after the release"
         assert_same_lease(await leases.holder("job"), granted, "holder")
 
-    async def test_lease_wait_is_granted_after_an_expiry(self, store: Store[Any]) -> None:
+    async def test_lease_wait_is_granted_after_an_expiry(self, store: MemoryStore) -> None:
         leases = store.leases
         loop = asyncio.get_running_loop()
         first = await leases.acquire("job", owner="a", ttl=self.lease_ttl)
@@ -337,7 +329,7 @@ class LeasesConformance(CoordinationBase):
         bound = self.lease_ttl + 1.0 + self.lease_wake_slack
         assert took < bound, f"granted {took:.3f} s after a {self.lease_ttl} s lease"
 
-    async def test_lease_wait_runs_out(self, store: Store[Any]) -> None:
+    async def test_lease_wait_runs_out(self, store: MemoryStore) -> None:
         leases = store.leases
         loop = asyncio.get_running_loop()
         first = await leases.acquire("job", owner="a", ttl=30)
@@ -352,7 +344,7 @@ class LeasesConformance(CoordinationBase):
         assert loop.time() - start < self.lease_wake_slack
         assert_same_lease(await leases.holder("job"), first, "holder")
 
-    async def test_lease_waiters_take_turns(self, store: Store[Any]) -> None:
+    async def test_lease_waiters_take_turns(self, store: MemoryStore) -> None:
         """Many waiting lockers: each gets the lease in turn, never two at once."""
         inside: list[int] = []
         tokens: list[int] = []
@@ -377,7 +369,7 @@ class LeasesConformance(CoordinationBase):
     # ------------------------------------------------------------ lock()
 
     async def test_lease_lock_yields_a_held_lease_and_releases_on_exit(
-        self, store: Store[Any]
+        self, store: MemoryStore
     ) -> None:
         leases = store.leases
         async with leases.lock("job", owner="agent-7", ttl=30) as held:
@@ -392,6 +384,7 @@ class LeasesConformance(CoordinationBase):
             await store.set("k2", "v", fence=held.lease)
             token = held.lease.token
         assert await leases.holder("job") is None
+        assert not held.lost.is_set()  # it was not lost while the body ran
         # Once given back, it fences nothing.
         with pytest.raises(LeaseLostError):
             await store.set("k", "after", fence=held)
@@ -402,7 +395,7 @@ class LeasesConformance(CoordinationBase):
         assert nxt is not None and nxt.token > token
 
     async def test_lease_lock_releases_on_exception_and_cancellation(
-        self, store: Store[Any]
+        self, store: MemoryStore
     ) -> None:
         leases = store.leases
 
@@ -430,7 +423,7 @@ class LeasesConformance(CoordinationBase):
             await task
         assert await leases.holder("job") is None
 
-    async def test_lease_lock_unavailable(self, store: Store[Any]) -> None:
+    async def test_lease_lock_unavailable(self, store: MemoryStore) -> None:
         leases = store.leases
         loop = asyncio.get_running_loop()
         first = await leases.acquire("job", owner="a", ttl=30)
@@ -449,7 +442,7 @@ class LeasesConformance(CoordinationBase):
         assert 0.45 <= took < 0.5 + self.lease_wake_slack, took
         assert_same_lease(await leases.holder("job"), first, "holder")
 
-    async def test_lease_lock_waits_for_a_release(self, store: Store[Any]) -> None:
+    async def test_lease_lock_waits_for_a_release(self, store: MemoryStore) -> None:
         leases = store.leases
         first = await leases.acquire("job", owner="a", ttl=30)
         assert first is not None
@@ -464,7 +457,7 @@ class LeasesConformance(CoordinationBase):
         await releaser
         assert await leases.holder("job") is None
 
-    async def test_lease_lock_renews_in_the_background(self, store: Store[Any]) -> None:
+    async def test_lease_lock_renews_in_the_background(self, store: MemoryStore) -> None:
         leases = store.leases
         ttl = 0.75
         async with leases.lock("job", owner="a", ttl=ttl) as held:
@@ -480,7 +473,7 @@ class LeasesConformance(CoordinationBase):
         assert await store.get("k") == "written"
         assert await leases.holder("job") is None
 
-    async def test_lease_lock_lost_when_released_from_outside(self, store: Store[Any]) -> None:
+    async def test_lease_lock_lost_when_released_from_outside(self, store: MemoryStore) -> None:
         leases = store.leases
         await store.set("k", "before")
         async with leases.lock("job", owner="a", ttl=0.6) as held:
@@ -492,11 +485,12 @@ class LeasesConformance(CoordinationBase):
             assert other is not None and other.token > held.lease.token
             with pytest.raises(LeaseLostError):
                 await store.set("k", "stale", fence=held.lease)
+        assert held.lost.is_set()
         # The exit raised nothing and did not free the other holder's lease.
         assert_same_lease(await leases.holder("job"), other, "the other holder")
         assert await store.get("k") == "before"
 
-    async def test_lease_lock_paused_past_its_ttl_cannot_write(self, store: Store[Any]) -> None:
+    async def test_lease_lock_paused_past_its_ttl_cannot_write(self, store: MemoryStore) -> None:
         """A process that stops (GC, laptop lid) past its TTL wakes up fenced out."""
         leases = store.leases
         await store.set("k", "before")
@@ -510,8 +504,8 @@ class LeasesConformance(CoordinationBase):
 
     # ------------------------------------------------------------ namespaces
 
-    async def test_lease_namespaces_are_separate(self, store: Store[Any]) -> None:
-        async with self.sibling_stores(store, "x") as (other,):
+    async def test_lease_namespaces_are_separate(self, store: MemoryStore) -> None:
+        async with self.sibling_namespaces(store, "x") as (other,):
             mine = await store.leases.acquire("job", owner="a", ttl=30)
             theirs = await other.leases.acquire("job", owner="b", ttl=30)
             assert mine is not None and theirs is not None, "a lease of another namespace"
@@ -540,9 +534,9 @@ class LeasesConformance(CoordinationBase):
             finally:
                 await same.close()
 
-    async def test_lease_and_key_spaces_are_separate(self, store: Store[Any]) -> None:
+    async def test_lease_and_key_spaces_are_separate(self, store: MemoryStore) -> None:
         ns = store.namespace
-        async with self.sibling_stores(store, "x") as (other,):
+        async with self.sibling_namespaces(store, "x") as (other,):
             lease = await store.leases.acquire("x", owner="a", ttl=30)
             assert lease is not None
             held_elsewhere = await other.leases.acquire("x", owner="a", ttl=30)
