@@ -32,6 +32,73 @@ EXPECTED_COLUMNS = [
 ]
 
 
+# The coordination tables of revision 0003, next to the entries table.
+EXPECTED_LEASE_COLUMNS = [
+    ("namespace", "text", "NO", "C"),
+    ("name", "text", "NO", "C"),
+    ("owner", "text", "NO", None),
+    ("token", "bigint", "NO", None),
+    ("acquired_at", "timestamp with time zone", "NO", None),
+    ("expires_at", "timestamp with time zone", "NO", None),
+    ("ttl_ms", "bigint", "NO", None),
+]
+EXPECTED_AGENT_COLUMNS = [
+    ("namespace", "text", "NO", "C"),
+    ("id", "text", "NO", "C"),
+    ("info", "jsonb", "NO", None),
+    ("generation", "bigint", "NO", None),
+    ("registered_at", "timestamp with time zone", "NO", None),
+    ("last_seen", "timestamp with time zone", "NO", None),
+    ("expires_at", "timestamp with time zone", "NO", None),
+    ("ttl_ms", "bigint", "NO", None),
+]
+
+
+def _coordination_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict[str, Any]:
+    """The lease table, the agent table and the fence function of ``schema.table``."""
+    leases, agents = f"{table}_leases", f"{table}_agents"
+    functions = _query(
+        dsn,
+        "SELECT p.proname, pg_get_function_identity_arguments(p.oid), "
+        "pg_get_function_result(p.oid), p.provolatile::text FROM pg_proc p "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 ORDER BY 1",
+        schema,
+    )
+    return {
+        "leases": _schema_of(dsn, schema, leases),
+        "agents": _schema_of(dsn, schema, agents),
+        "functions": functions,
+    }
+
+
+def _expected_coordination(schema: str, table: str) -> dict[str, Any]:
+    leases, agents = f"{table}_leases", f"{table}_agents"
+    return {
+        "leases": {
+            "columns": EXPECTED_LEASE_COLUMNS,
+            "indexes": {
+                f"{leases}_pkey": f"CREATE UNIQUE INDEX {leases}_pkey ON {schema}.{leases} "
+                "USING btree (namespace, name)"
+            },
+        },
+        "agents": {
+            "columns": EXPECTED_AGENT_COLUMNS,
+            "indexes": {
+                f"{agents}_pkey": f"CREATE UNIQUE INDEX {agents}_pkey ON {schema}.{agents} "
+                "USING btree (namespace, id)"
+            },
+        },
+        "functions": [(f"{table}_fence", "ns text, lease text, tok bigint", "text", "v")],
+    }
+
+
+_NO_COORDINATION: dict[str, Any] = {
+    "leases": {"columns": [], "indexes": {}},
+    "agents": {"columns": [], "indexes": {}},
+    "functions": [],
+}
+
+
 def _expected_indexes(schema: str, table: str) -> dict[str, str]:
     return {
         f"{table}_pkey": f"CREATE UNIQUE INDEX {table}_pkey ON {schema}.{table} "
@@ -84,6 +151,7 @@ def test_upgrade_on_an_empty_database_gives_the_declared_schema(
     found = _schema_of(dsn)
     assert found["columns"] == EXPECTED_COLUMNS
     assert found["indexes"] == _expected_indexes("fleetmem", "entries")
+    assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
     assert _query(dsn, "SELECT version_num FROM fleetmem.alembic_version") == [
         (migrate.HEAD_REVISION,)
     ]
@@ -97,6 +165,8 @@ def test_custom_schema_and_table(fleetmem_postgres_empty_database: str) -> None:
     found = _schema_of(dsn, "mem_schema", "kv")
     assert found["columns"] == EXPECTED_COLUMNS
     assert found["indexes"] == _expected_indexes("mem_schema", "kv")
+    assert _coordination_of(dsn, "mem_schema", "kv") == _expected_coordination("mem_schema", "kv")
+    assert _coordination_of(dsn) == _NO_COORDINATION
 
 
 def test_upgrading_twice_is_a_no_op(fleetmem_postgres_empty_database: str) -> None:
@@ -111,12 +181,13 @@ def test_upgrading_twice_is_a_no_op(fleetmem_postgres_empty_database: str) -> No
 def test_downgrade_then_upgrade_round_trips(fleetmem_postgres_empty_database: str) -> None:
     dsn = fleetmem_postgres_empty_database
     migrate.upgrade(dsn)
-    before = _schema_of(dsn)
+    before = _schema_of(dsn), _coordination_of(dsn)
     migrate.downgrade(dsn, "base")
     assert migrate.current(dsn) is None
     assert _query(dsn, "SELECT to_regclass('fleetmem.entries')") == [(None,)]
+    assert _coordination_of(dsn) == _NO_COORDINATION
     migrate.upgrade(dsn)
-    assert _schema_of(dsn) == before
+    assert (_schema_of(dsn), _coordination_of(dsn)) == before
     assert migrate.current(dsn) == migrate.HEAD_REVISION
 
 
@@ -180,6 +251,16 @@ def test_offline_sql_applies_cleanly(fleetmem_postgres_empty_database: str) -> N
     asyncio.run(run_script())
     assert migrate.current(dsn) == migrate.HEAD_REVISION
     assert _schema_of(dsn)["columns"] == EXPECTED_COLUMNS
+    assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
+
+
+def test_offline_sql_creates_the_coordination_tables() -> None:
+    text = migrate.sql(schema="ops", table="mem", from_revision="0002")
+    assert 'CREATE TABLE "ops"."mem_leases"' in text
+    assert 'CREATE TABLE "ops"."mem_agents"' in text
+    assert 'CREATE FUNCTION "ops"."mem_fence"' in text
+    assert "FOR SHARE" in text
+    assert 'CREATE TABLE "ops"."mem"' not in text  # from 0002: the entries table exists
 
 
 @pytest.mark.parametrize("name", ["", "Upper", "a-b", 'a"b', "a b", "1abc", "x" * 41, None])
@@ -272,4 +353,84 @@ async def test_an_older_schema_is_migrated_at_connect_or_refused(
     async with PostgresStore.from_url(dsn) as store:
         await store.set("k", 1)
         assert await store.get("k") == 1
+    assert await asyncio.to_thread(migrate.current, dsn) == migrate.HEAD_REVISION
+
+
+def test_coordination_upgrade_and_downgrade(fleetmem_postgres_empty_database: str) -> None:
+    """0003 adds the lease and agent tables and the fence function next to the entries table,
+    keeping the entries; downgrading to 0002 drops exactly what it added."""
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn, revision="0002")
+    assert _coordination_of(dsn) == _NO_COORDINATION
+    _query(dsn, "INSERT INTO fleetmem.entries (namespace, key, value) VALUES ('n', 'k', '1')")
+    entries_before = _schema_of(dsn)
+    migrate.upgrade(dsn)
+    assert migrate.current(dsn) == "0003"
+    assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
+    assert _schema_of(dsn) == entries_before
+    assert _query(dsn, "SELECT key FROM fleetmem.entries") == [("k",)]
+    migrate.downgrade(dsn, "0002")
+    assert migrate.current(dsn) == "0002"
+    assert _coordination_of(dsn) == _NO_COORDINATION
+    assert _schema_of(dsn) == entries_before
+    assert _query(dsn, "SELECT key FROM fleetmem.entries") == [("k",)]
+    migrate.upgrade(dsn)
+    assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
+
+
+def test_the_fence_function_checks_and_locks_the_lease(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    """The function fenced writes call: the namespace back when the lease is live with the
+    token, SQLSTATE FL001 (lease name and token as detail and hint) otherwise."""
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                "INSERT INTO fleetmem.entries_leases VALUES "
+                "('n', 'live', 'o', 7, now(), now() + interval '1 hour', 3600000), "
+                "('n', 'gone', 'o', 3, now(), now(), 1000)"
+            )
+            fence = "SELECT fleetmem.entries_fence($1, $2, $3)"
+            assert await conn.fetchval(fence, "n", "live", 7) == "n"
+            for ns, name, token in (("n", "live", 6), ("n", "gone", 3), ("m", "live", 7)):
+                with pytest.raises(asyncpg.PostgresError) as caught:
+                    await conn.fetchval(fence, ns, name, token)
+                assert caught.value.sqlstate == "FL001"
+                assert caught.value.detail == name
+                assert caught.value.hint == str(token)
+            async with conn.transaction():
+                await conn.fetchval(fence, "n", "live", 7)
+                locks = await conn.fetch(
+                    "SELECT mode FROM pg_locks WHERE relation = "
+                    "'fleetmem.entries_leases'::regclass AND pid = pg_backend_pid()"
+                )
+                assert "RowShareLock" in {r[0] for r in locks}
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+async def test_a_schema_without_the_coordination_tables_is_migrated_or_refused(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    from fleetmem.backends.postgres import PostgresStore
+    from fleetmem.errors import SchemaVersionError
+
+    dsn = fleetmem_postgres_empty_database
+    await asyncio.to_thread(migrate.upgrade, dsn, revision="0002")
+    refusing = PostgresStore.from_url(dsn, auto_migrate=False)
+    with pytest.raises(SchemaVersionError, match="0002"):
+        await refusing.connect()
+    await refusing.close()
+    assert await asyncio.to_thread(migrate.current, dsn) == "0002"
+    async with PostgresStore.from_url(dsn, namespace="n") as store:
+        lease = await store.leases.acquire("l", owner="o", ttl=30)
+        assert lease is not None and lease.token == 1
+        await store.set("k", 1, fence=lease)
+        assert (await store.agents.register("a", info={}, ttl=30)).generation == 1
     assert await asyncio.to_thread(migrate.current, dsn) == migrate.HEAD_REVISION

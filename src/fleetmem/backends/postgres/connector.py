@@ -39,10 +39,12 @@ from typing import Any
 import asyncpg
 
 from fleetmem._codec import decode_value_after_byte
+from fleetmem._notify import Notifier
 from fleetmem._urls import hide_passwords, redact_url, url_scheme
 from fleetmem._validate import check_non_negative_int, check_positive_number
 from fleetmem.backends._files import sql_blocks
 from fleetmem.backends.postgres import migrate
+from fleetmem.backends.seam import lease_lost
 from fleetmem.errors import (
     BackendUnavailableError,
     ConfigurationError,
@@ -58,6 +60,7 @@ __all__ = [
     "FETCHROW",
     "FETCHVAL",
     "FETCH_PLANNED",
+    "LEASE_LOST_SQLSTATE",
     "PostgresConnector",
     "init_connection",
     "sqlstate",
@@ -94,9 +97,22 @@ def _blocks(block_file: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=32)
 def statements(block_file: str, schema: str, table: str) -> dict[str, str]:
     """The named statements of ``sql/<block_file>`` with ``{table}`` replaced by the quoted,
-    validated table name (computed once per file and table)."""
-    qualified = f"{migrate.quote_ident(schema)}.{migrate.quote_ident(table)}"
-    return {name: sql.replace("{table}", qualified) for name, sql in _blocks(block_file).items()}
+    validated table name, and ``{leases}``, ``{agents}`` and ``{fence}`` by the lease table,
+    agent table and fence function that belong to it (computed once per file and table)."""
+    quoted = migrate.quote_ident(schema)
+    leases, agents, fence = migrate.coordination_names(table)
+    names = {
+        "{table}": f"{quoted}.{migrate.quote_ident(table)}",
+        "{leases}": f"{quoted}.{migrate.quote_ident(leases)}",
+        "{agents}": f"{quoted}.{migrate.quote_ident(agents)}",
+        "{fence}": f"{quoted}.{migrate.quote_ident(fence)}",
+    }
+    out: dict[str, str] = {}
+    for name, sql in _blocks(block_file).items():
+        for placeholder, qualified in names.items():
+            sql = sql.replace(placeholder, qualified)
+        out[name] = sql
+    return out
 
 
 # ------------------------------------------------------------------------------ the codec
@@ -133,6 +149,11 @@ _LOST = (*_CONNECTION_ERRORS, asyncpg.PostgresConnectionError)
 # SQLSTATEs of a server ending or refusing the session: a statement answered with one of these
 # was rolled back (admin/crash shutdown, cannot connect now, too many connections).
 _SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+#: The SQLSTATE the fence function (migration 0003) raises when a fenced write's lease is not
+#: live with its token: :func:`_translate` makes it ``LeaseLostError``.
+LEASE_LOST_SQLSTATE = "FL001"
 
 
 # Deadlock detected / serialization failure: the statement was rolled back as a whole.
@@ -173,6 +194,10 @@ def _translate(exc: BaseException, *, write: bool, sent: bool, can_retry: bool) 
     """
     if isinstance(exc, FleetmemError):
         return exc
+    if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate == LEASE_LOST_SQLSTATE:
+        # The fence function refused a fenced write (the statement, hence the write, was rolled
+        # back): the lease name is its detail, the token its hint.
+        return lease_lost(getattr(exc, "detail", None) or "", int(getattr(exc, "hint", 0) or 0))
     if isinstance(exc, asyncpg.TooManyConnectionsError):
         # Only ever an answer to opening a connection: nothing ran, nothing was lost.
         return _refused(exc)
@@ -668,6 +693,13 @@ class PostgresConnector:
         # Background work of the primitives (the key-value sweeper): started by connect().
         self._background: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: Waiters for lease releases (and later queue wake-ups), shared by every view; fed by
+        #: this process's releases and by :attr:`listener`.
+        self.notifier = Notifier()
+        #: The ``NOTIFY`` channel of this table's leases (channels are per database).
+        self.channel = migrate.notify_channel(self.schema, self.table)
+        #: The ``LISTEN`` connection (``leases.Listener``), opened by the first waiting acquire.
+        self.listener: Any = None
 
     @property
     def ready(self) -> bool:
@@ -804,6 +836,9 @@ class PostgresConnector:
         """Stop the background tasks and the watchdog, and close the own pool (an injected
         pool stays open). Final: nothing opens it again."""
         self._closed = True
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            await listener.close()
         tasks, self._tasks = self._tasks, {}
         for task in tasks.values():
             task.cancel()

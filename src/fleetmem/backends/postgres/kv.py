@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,8 +37,11 @@ from fleetmem.backends.postgres.connector import (
 from fleetmem.backends.seam import (
     MISSING,
     RESERVED_NAMESPACE_PREFIX,
+    AgentBackend,
     EntryMeta,
+    Fence,
     KVBackend,
+    LeaseBackend,
     SetOp,
 )
 from fleetmem.errors import (
@@ -61,6 +65,40 @@ _NUMERIC_OUT_OF_RANGE = "22003"
 #: after five runs, made for an array of unknown size: on 10,000 keys it ran 25 ms against 18
 #: ms for the planned one (which costs one more round trip, ~0.1 ms).
 _PLANNED_MIN_KEYS = 500
+
+#: The writes that take ``fence=``: each has a fenced twin (see :func:`fenced_statement`).
+_FENCED = (
+    "set",
+    "set_if_absent",
+    "compare_and_set",
+    "incr",
+    "delete",
+    "delete_many",
+    "set_many",
+)
+
+_PARAM_RE = re.compile(r"\$(\d+)")
+_NAMESPACE_PARAM_RE = re.compile(r"\$1(?!\d)")
+
+
+def fenced_statement(sql: str, fence_function: str) -> str:
+    """The fenced twin of write ``sql``: every use of the namespace parameter ``$1`` becomes
+    ``(SELECT fence($1, $n, $n+1))`` with the lease name and token as two new last parameters.
+
+    The fence function (migration 0003) returns the namespace when lease ``$n`` is live with
+    token ``$n+1`` -- locking its row ``FOR SHARE`` until the write commits -- and raises
+    SQLSTATE ``FL001`` (``LeaseLostError``) otherwise. An uncorrelated scalar subquery is an
+    InitPlan: PostgreSQL runs it once, before the statement reads or writes any row (it is the
+    runtime key of the primary-key scan, or the value of the row to insert), so a lost lease
+    fails the statement before a version conflict or a non-number is decided, and the write and
+    the check are one statement: one round trip, like the unfenced write. Holding the lease row
+    ``FOR SHARE`` matters under READ COMMITTED: a fenced write that waits for an entry's row
+    lock keeps the lease from being taken over (an ``UPDATE`` of its row) until it commits, so
+    a new holder can never write a key before an old holder's write to it lands.
+    """
+    after = max(int(n) for n in _PARAM_RE.findall(sql)) + 1
+    call = f"(SELECT {fence_function}($1, ${after}::text, ${after + 1}::bigint))"
+    return _NAMESPACE_PARAM_RE.sub(lambda _: call, sql)
 
 
 class PostgresKV(KVBackend):
@@ -94,6 +132,11 @@ class PostgresKV(KVBackend):
         self._run = connector.run
         self._sweeper_batch = max(1, sweeper_batch)
         self._q = connector.statements("kv.sql")
+        fence_function = ".".join(
+            migrate.quote_ident(name)
+            for name in (connector.schema, migrate.coordination_names(connector.table)[2])
+        )
+        self._qf = {name: fenced_statement(self._q[name], fence_function) for name in _FENCED}
         if sweeper_interval is not None:
             connector.keep_running(
                 "fleetmem-pg-sweeper", lambda: self._sweep_forever(sweeper_interval)
@@ -116,6 +159,24 @@ class PostgresKV(KVBackend):
 
     async def aclose(self) -> None:
         await self._connector.close()
+
+    # ---------------------------------------------------------------- coordination
+
+    def leases(self) -> LeaseBackend:
+        from fleetmem.backends.postgres.leases import PostgresLeases
+
+        return PostgresLeases(self._connector, namespace=self._namespace)
+
+    def agents(self) -> AgentBackend:
+        from fleetmem.backends.postgres.agents import PostgresAgents
+
+        return PostgresAgents(self._connector, namespace=self._namespace)
+
+    def _write(self, name: str, args: tuple[Any, ...], fence: Fence | None) -> tuple[str, Any]:
+        """Statement ``name`` and its arguments, fenced when ``fence`` is given."""
+        if fence is None:
+            return self._q[name], args
+        return self._qf[name], (*args, fence.name, fence.token)
 
     # ---------------------------------------------------------------- reads
 
@@ -255,14 +316,18 @@ class PostgresKV(KVBackend):
     # ---------------------------------------------------------------- writes
 
     async def set(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None, keep_ttl: bool
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        keep_ttl: bool,
+        fence: Fence | None = None,
     ) -> EntryMeta:
-        row = await self._run(
-            FETCHROW,
-            self._q["set"],
-            (self._namespace, key, payload, partition, ttl_ms, keep_ttl),
-            write=True,
+        query, args = self._write(
+            "set", (self._namespace, key, payload, partition, ttl_ms, keep_ttl), fence
         )
+        row = await self._run(FETCHROW, query, args, write=True)
         return EntryMeta(row[0], row[1], row[2], row[3], row[4])
 
     async def set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
@@ -301,7 +366,10 @@ class PostgresKV(KVBackend):
         chunks: Iterator[list[tuple[str, bytes]]],
         ttl_ms: int | None,
         partition: str | None,
+        fence: Fence | None = None,
     ) -> int:
+        # Every chunk streams into one COPY and one upsert in one transaction: a fenced call
+        # checks its lease in that upsert, so all of it is written under the fence or nothing.
         count = 0
 
         def records() -> Iterator[tuple[str, bytes]]:
@@ -319,39 +387,46 @@ class PostgresKV(KVBackend):
                 "fleetmem_stage_1", records=records(), columns=("key", "value")
             )
             connector.arm_command_timeout(conn)
-            await conn.execute(self._q["set_many"], self._namespace, partition, ttl_ms)
+            query, args = self._write("set_many", (self._namespace, partition, ttl_ms), fence)
+            await conn.execute(query, *args)
         return count
 
     async def set_if_absent(
-        self, key: str, payload: bytes, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> bool:
-        row = await self._run(
-            FETCHROW,
-            self._q["set_if_absent"],
-            (self._namespace, key, payload, partition, ttl_ms),
-            write=True,
+        query, args = self._write(
+            "set_if_absent", (self._namespace, key, payload, partition, ttl_ms), fence
         )
+        row = await self._run(FETCHROW, query, args, write=True)
         return row is not None
 
     async def compare_and_set(
-        self, key: str, payload: bytes, version: int, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        payload: bytes,
+        version: int,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> EntryMeta:
+        # A fenced statement checks the lease before it looks at the version: a lost lease
+        # raises LeaseLostError, never a VersionConflictError.
         ns = self._namespace
         for _ in range(5):
             if version == 0:
-                row = await self._run(
-                    FETCHROW,
-                    self._q["set_if_absent"],
-                    (ns, key, payload, partition, ttl_ms),
-                    write=True,
+                query, args = self._write(
+                    "set_if_absent", (ns, key, payload, partition, ttl_ms), fence
                 )
             else:
-                row = await self._run(
-                    FETCHROW,
-                    self._q["compare_and_set"],
-                    (ns, key, payload, partition, ttl_ms, version),
-                    write=True,
+                query, args = self._write(
+                    "compare_and_set", (ns, key, payload, partition, ttl_ms, version), fence
                 )
+            row = await self._run(FETCHROW, query, args, write=True)
             if row is not None:
                 return EntryMeta(row[0], row[1], row[2], row[3], row[4])
             current = await self._run(FETCHVAL, self._q["current_version"], (ns, key), write=False)
@@ -362,19 +437,22 @@ class PostgresKV(KVBackend):
         raise VersionConflictError(key, version, version)  # pragma: no cover - constant churn
 
     async def incr(
-        self, key: str, amount: int | float, ttl_ms: int | None, partition: str | None
+        self,
+        key: str,
+        amount: int | float,
+        ttl_ms: int | None,
+        partition: str | None,
+        fence: Fence | None = None,
     ) -> int | float:
         ns = self._namespace
         is_float = isinstance(amount, float)
         text = repr(amount) if is_float else str(amount)
         for _ in range(5):
             try:
-                row = await self._run(
-                    FETCHROW,
-                    self._q["incr"],
-                    (ns, key, text, partition, ttl_ms, is_float),
-                    write=True,
+                query, args = self._write(
+                    "incr", (ns, key, text, partition, ttl_ms, is_float), fence
                 )
+                row = await self._run(FETCHROW, query, args, write=True)
             except FleetmemError as exc:
                 cause = exc.__cause__
                 if sqlstate(cause) == _NUMERIC_OUT_OF_RANGE:
@@ -392,8 +470,9 @@ class PostgresKV(KVBackend):
             incremented(key, current[0], amount)  # raises what made the statement refuse
         raise BackendUnavailableError(f"incr of key {key!r} kept racing; try again")
 
-    async def delete(self, key: str) -> bool:
-        value = await self._run(FETCHVAL, self._q["delete"], (self._namespace, key), write=True)
+    async def delete(self, key: str, fence: Fence | None = None) -> bool:
+        query, args = self._write("delete", (self._namespace, key), fence)
+        value = await self._run(FETCHVAL, query, args, write=True)
         return bool(value)
 
     async def delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
@@ -401,10 +480,9 @@ class PostgresKV(KVBackend):
         live = {row[0]: bool(row[1]) for row in rows}
         return [live.get(key, False) for key in keys]
 
-    async def delete_many(self, keys: list[str]) -> int:
-        value = await self._run(
-            FETCHVAL, self._q["delete_many"], (self._namespace, keys), write=True
-        )
+    async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
+        query, args = self._write("delete_many", (self._namespace, keys), fence)
+        value = await self._run(FETCHVAL, query, args, write=True)
         return int(value)
 
     async def expire(self, key: str, ttl_ms: int | None) -> bool:

@@ -39,9 +39,11 @@ __all__ = [
     "REVISIONS",
     "add_db_commands",
     "advisory_lock_key",
+    "coordination_names",
     "current",
     "downgrade",
     "migrations_dir",
+    "notify_channel",
     "quote_ident",
     "run_db_command",
     "sql",
@@ -53,7 +55,7 @@ __all__ = [
 DEFAULT_SCHEMA = "fleetmem"
 DEFAULT_TABLE = "entries"
 #: Every revision this fleetmem knows, oldest first; the last is the head the store needs.
-REVISIONS: tuple[str, ...] = ("0001", "0002")
+REVISIONS: tuple[str, ...] = ("0001", "0002", "0003")
 HEAD_REVISION = REVISIONS[-1]
 
 # Lower-case ASCII identifiers only: no quoting surprises, and room for index-name suffixes
@@ -84,6 +86,20 @@ def version_table_name(table: str) -> str:
     """The alembic version table of ``table`` (in the same schema)."""
     validate_identifier(table, "table name")
     return "alembic_version" if table == DEFAULT_TABLE else f"alembic_version_{table}"
+
+
+def coordination_names(table: str) -> tuple[str, str, str]:
+    """The lease table, the agent table and the fence function that belong to entries table
+    ``table`` (same schema): ``<table>_leases``, ``<table>_agents``, ``<table>_fence``."""
+    validate_identifier(table, "table name")
+    return f"{table}_leases", f"{table}_agents", f"{table}_fence"
+
+
+def notify_channel(schema: str, table: str) -> str:
+    """The ``NOTIFY`` channel of the leases of ``schema.table``: channels are per database,
+    so it names both (hashed, to stay within 63 bytes)."""
+    digest = hashlib.blake2b(f"{schema}.{table}".encode(), digest_size=6).hexdigest()
+    return f"fleetmem_leases_{digest}"
 
 
 def advisory_lock_key(schema: str, table: str) -> int:
