@@ -232,6 +232,50 @@ async def test_a_refused_fenced_delete_neither_evicts_nor_alters_the_copy(
     assert await tiers.direct.get_many(["a", "b"]) == {"a": {"n": 1}, "b": [1, 2]}
 
 
+async def test_a_fill_in_flight_stands_after_a_refused_write_not_after_an_accepted_one(
+    tiers: Tiers, raw_redis: aioredis.Redis
+) -> None:
+    """A reader missed, took its fill lease and read the durable tier; a fenced write lands
+    before it fills. Refused: nothing changed, so the fill stands and is right. Accepted: the
+    write deleted the lease, so the fill is voided and the next read sees the new value."""
+    store = await tiers.hybrid()
+    await store.set_many({"a": "old", "b": "old"})
+    await store.get("warm-up")  # the epoch published, the scripts loaded
+    stale, live = await stale_and_live(store)
+    durable = store.kv.durable
+    original = durable.get_entries_ttl
+    write_meanwhile: list[Callable[[], Awaitable[None]]] = []
+
+    async def racing(keys: list[str]) -> Any:
+        found = await original(keys)  # read before the write...
+        while write_meanwhile:
+            await write_meanwhile.pop()()  # ...which lands before the fill
+        return found
+
+    async def refused() -> None:
+        with pytest.raises(LeaseLostError):
+            await store.set("a", "zombie", fence=stale)
+
+    async def accepted() -> None:
+        await store.set("b", "new", fence=live)
+
+    durable.get_entries_ttl = racing  # type: ignore[method-assign]
+    try:
+        fills, voided = store.metrics.fills, store.metrics.fills_voided
+        write_meanwhile.append(refused)
+        assert await store.get("a") == "old"
+        assert (store.metrics.fills, store.metrics.fills_voided) == (fills + 1, voided)
+        assert await cached(raw_redis, store, "a") is not None
+        write_meanwhile.append(accepted)
+        assert await store.get("b") == "old"  # read before the write was acknowledged
+        assert (store.metrics.fills, store.metrics.fills_voided) == (fills + 1, voided + 1)
+        assert await cached(raw_redis, store, "b") is None
+    finally:
+        del durable.get_entries_ttl
+    await agree(tiers, store, {"a": "old", "b": "new"})
+    await agree(tiers, store, {"a": "old", "b": "new"})  # and from the cache
+
+
 async def test_fenced_writes_with_redis_down_are_decided_by_the_durable_tier(
     tiers: Tiers,
 ) -> None:
