@@ -270,6 +270,39 @@ async def test_tokens_and_generations_grow_after_the_file_is_reopened(db_path: P
         assert live is not None and (live.generation, live.info) == (2, {"run": 2})
 
 
+async def test_grants_and_registrations_are_synced_to_disk(store: SQLiteStore) -> None:
+    # Under synchronous=normal a power failure may lose the last commits: a lost grant would
+    # hand its token out again. Grants and registrations commit under FULL, then NORMAL is back.
+    statements: list[str] = []
+
+    def trace(conn: sqlite3.Connection) -> int:
+        conn.set_trace_callback(statements.append)
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    connector = store.kv.connector
+    assert await connector.call(trace) == 1  # NORMAL
+    try:
+        lease = await store.leases.acquire("L", owner="a", ttl=60)
+        assert lease is not None
+        assert await store.leases.acquire("L", owner="b", ttl=60) is None
+        await store.leases.release(lease)
+        await store.agents.register("agent", info={}, ttl=60)
+        await store.agents.heartbeat("agent", ttl=None, info=None)
+    finally:
+        await connector.call(lambda c: c.set_trace_callback(None))
+    assert await connector.call(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 1
+    text = [" ".join(s.split()) for s in statements]
+    full = [i for i, s in enumerate(text) if s.startswith("PRAGMA synchronous = FULL")]
+    normal = [i for i, s in enumerate(text) if s.startswith("PRAGMA synchronous = NORMAL")]
+    assert len(full) == len(normal) == 2  # one grant, one registration; no other call
+    grant = next(i for i, s in enumerate(text) if "INSERT INTO fleetmem_leases" in s)
+    register = next(i for i, s in enumerate(text) if "INSERT INTO fleetmem_agents" in s)
+    commits = [i for i, s in enumerate(text) if s == "COMMIT"]
+    for start, stop, statement in zip(full, normal, (grant, register), strict=True):
+        assert start < statement < stop
+        assert any(statement < c < stop for c in commits)
+
+
 # ---------------------------------------------------------------------------- WAL and locking
 
 

@@ -1,7 +1,8 @@
 """``SQLiteAgents``: the agent registry in the ``fleetmem_agents`` table of a file.
 
-Each write is one statement in a ``BEGIN IMMEDIATE`` transaction. Times are milliseconds on this
-process's wall clock, as for the entries. A row outlives its agent (deregistered or expired),
+Each write is one statement in a ``BEGIN IMMEDIATE`` transaction; ``register`` commits with
+the log synced to disk whatever ``synchronous`` says. Times are milliseconds on this process's
+wall clock, as for the entries. A row outlives its agent (deregistered or expired),
 keeping its generation so that the next ``register`` of that id gets a greater one.
 """
 
@@ -40,15 +41,18 @@ class SQLiteAgents(AgentBackend):
 
     async def register(self, agent_id: str, info: bytes, ttl_ms: int) -> Agent:
         ns = self._namespace
+        db = self._db
 
         def run(conn: sqlite3.Connection) -> Agent:
-            with Transaction(conn):
+            # Synced to disk even in normal mode, as a lease grant: no power failure may hand
+            # a generation out twice. Heartbeats, far more frequent, are not.
+            with db.synced(conn), Transaction(conn):
                 row = conn.execute(
                     SQL["agent_register"], (ns, agent_id, info, now_ms(), ttl_ms)
                 ).fetchone()
             return _agent(agent_id, row)
 
-        return await self._db.call(run)
+        return await db.call(run)
 
     async def heartbeat(self, agent_id: str, ttl_ms: int | None, info: bytes | None) -> Agent:
         ns = self._namespace

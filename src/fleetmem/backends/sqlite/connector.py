@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -130,6 +130,24 @@ class SQLiteConnector:
         return FleetmemError(f"SQLite error on {self.path!r}: {type(exc).__name__}: {message}")
 
     # ------------------------------------------------------------ worker-thread side
+
+    @contextlib.contextmanager
+    def synced(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """Commit the transactions inside with ``synchronous=FULL`` (the WAL synced to disk
+        before ``COMMIT`` returns), whatever the store's mode.
+
+        A lease grant uses it: with ``normal`` a power failure may lose the last commits, a
+        grant among them, and its fencing token would then be granted again. WAL frames are
+        appended in order, so syncing the grant also keeps every commit before it.
+        """
+        if self.synchronous == "full":
+            yield
+            return
+        conn.execute(SQL["synchronous_full"])
+        try:
+            yield
+        finally:
+            conn.execute(_SYNCHRONOUS[self.synchronous])
 
     def _with_connection(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         conn = self._conn

@@ -2,10 +2,12 @@
 
 Each operation is one function on the connector's worker thread. A grant is one ``UPSERT``
 statement inside a ``BEGIN IMMEDIATE`` transaction, so two processes sharing the file never
-both get a live lease; a waiting ``acquire`` first reads the row without the write lock, so
-waiters polling a held lease do not queue behind writers. Times are milliseconds on this
-process's wall clock, the clock the entries' expiry uses (processes sharing a file share the
-host's clock). A row outlives its lease, keeping the last token of its name in the file.
+both get a live lease; it commits with the WAL synced to disk whatever ``synchronous`` says, so
+not even a power failure hands a token out twice. A refused ``acquire`` only reads the row,
+without the write lock, so waiters polling a held lease do not queue behind writers. Times are
+milliseconds on this process's wall clock, the clock the entries' expiry uses (processes
+sharing a file share the host's clock). A row outlives its lease, keeping the last token of
+its name in the file.
 
 Wake-ups: a release made through this store (or a view of it) notifies the connector's
 :class:`~fleetmem._notify.Notifier` at once. SQLite has no notifications between processes, so
@@ -55,6 +57,8 @@ class SQLiteLeases(LeaseBackend):
     async def acquire(self, name: str, owner: str, ttl_ms: int) -> tuple[Lease | None, int | None]:
         ns = self._namespace
 
+        db = self._db
+
         def run(conn: sqlite3.Connection) -> tuple[Lease | None, int | None]:
             # A live lease is refused from a plain read (no write lock) ...
             now = now_ms()
@@ -63,7 +67,9 @@ class SQLiteLeases(LeaseBackend):
                 return None, max(0, row[0] - now)
             # ... a free one is granted by one statement under the write lock; another
             # process may have taken it since the read, then the statement returns no row.
-            with Transaction(conn):
+            # The grant is synced to disk even in normal mode, so that no power failure can
+            # hand its token out twice.
+            with db.synced(conn), Transaction(conn):
                 now = now_ms()
                 granted = conn.execute(SQL["lease_grant"], (ns, name, owner, now, ttl_ms))
                 got = granted.fetchone()
@@ -73,7 +79,7 @@ class SQLiteLeases(LeaseBackend):
             token, acquired, expires = got
             return self._lease(name, owner, token, acquired, expires), None
 
-        return await self._db.call(run)
+        return await db.call(run)
 
     async def renew(self, name: str, token: int, ttl_ms: int | None) -> Lease:
         ns = self._namespace
