@@ -9,11 +9,15 @@ and closing. The guarantees themselves are proven on every backend by the confor
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -295,6 +299,70 @@ def test_closing_the_store_while_a_lock_is_held(url: str, fleetmem_namespace: st
     ):
         with pytest.raises(StoreClosedError):
             call()
+
+
+def test_an_interrupted_wait_for_a_lock_takes_nothing() -> None:
+    # Ctrl-C while waiting for a held lease: KeyboardInterrupt at once, and once the holder
+    # lets go, the abandoned waiter does not take the lease behind the program's back.
+    code = """
+        import os, signal, threading, time
+        import fleetmem.sync
+
+        with fleetmem.sync.open_store("memory://") as store:
+            other = store.leases.acquire("res", owner="other", ttl=60)
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            started = time.monotonic()
+            try:
+                with store.leases.lock("res", owner="me", ttl=60, wait=30):
+                    print("entered", flush=True)
+            except KeyboardInterrupt:
+                print("interrupted", time.monotonic() - started < 10, flush=True)
+            print("released", store.leases.release(other), flush=True)
+            time.sleep(0.5)
+            print("holder", store.leases.holder("res"), flush=True)
+            with store.leases.lock("res", owner="next", ttl=60) as held:
+                print("next", held.lease.owner, held.lease.token > other.token, flush=True)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "interrupted True",
+        "released True",
+        "holder None",
+        "next next True",
+    ]
+
+
+def test_a_lease_granted_as_the_wait_is_interrupted_is_released(
+    store: SyncStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interrupt arrives just after the loop granted the lease: ``with`` never calls
+    # __exit__, so __enter__ itself must stop the renewal and release it.
+    run = SyncStore._run
+    granted: list[HeldLease] = []
+
+    def run_then_interrupt(self: SyncStore, coro: Any) -> Any:
+        result = run(self, coro)
+        if isinstance(result, HeldLease):
+            granted.append(result)
+            raise KeyboardInterrupt
+        return result
+
+    lock = store.leases.lock("res", owner="a", ttl=30)
+    monkeypatch.setattr(SyncStore, "_run", run_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), lock:
+        pytest.fail("the body must not run")
+    monkeypatch.undo()
+    assert len(granted) == 1
+    assert _wait_for(lambda: store.leases.holder("res") is None)
+    taken = store.leases.acquire("res", owner="b", ttl=30)
+    assert taken is not None and taken.token > granted[0].lease.token
 
 
 # ------------------------------------------------------------------------- agents
