@@ -1,7 +1,9 @@
 """The fleetmem conformance suite: the store contract as pytest tests.
 
 The contract is written in the docstrings of :mod:`fleetmem.protocol` (the module's rules and
-each :class:`~fleetmem.protocol.MemoryStore` method); this suite is its executable form. Check
+each :class:`~fleetmem.protocol.MemoryStore` method) and, for leases, fenced writes and the
+agent registry (``store.leases``, ``fence=``, ``store.agents``), in ``docs/coordination.md``;
+this suite is its executable form. Check
 any ``MemoryStore`` implementation by subclassing :class:`StoreConformance` in a test module
 where a ``store`` fixture yields a fresh, empty store in a namespace no other test uses::
 
@@ -25,8 +27,13 @@ look at the backend's type. Some tests derive extra namespaces from the fixture'
 a suffix (``x``, ``xb``, ``x.b``, ...), write to them and clear them afterwards, so the
 fixture's namespace must be unique (including as a prefix) and at most 60 characters long.
 Other namespaces may exist on the same server (other tests, other runs): no test assumes it is
-alone there. Tolerances and optional capabilities are class attributes, documented on
-:class:`StoreConformance`; override them in the subclass.
+alone there. The coordination tests leave lease and agent records in the fixture's namespace
+(``clear()`` keeps them, by contract); they are small, and none stays live longer than the
+longest TTL the tests grant (200 s). :class:`LeasesConformance`,
+:class:`FencedWritesConformance` and :class:`AgentsConformance` are part of
+:class:`StoreConformance` and can also be run on their own. Tolerances and optional
+capabilities are class attributes, documented on :class:`StoreConformance`; override them in
+the subclass.
 """
 
 from __future__ import annotations

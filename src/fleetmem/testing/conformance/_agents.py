@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from datetime import timedelta
 from typing import Any
@@ -117,6 +118,20 @@ class AgentsConformance(CoordinationBase):
         # Generations are per id.
         other = await agents.register("b", ttl=30)
         assert type(other.generation) is int and other.generation >= 1
+
+    async def test_agent_concurrent_registers_make_one_generation(self, store: MemoryStore) -> None:
+        n = self.concurrency
+        agents = await asyncio.gather(
+            *(store.agents.register("a", info={"i": i}, ttl=30) for i in range(n))
+        )
+        generations = {agent.generation for agent in agents}
+        assert len(generations) == 1, f"{n} concurrent registers made generations {generations}"
+        registered = {agent.registered_at for agent in agents}
+        assert max(registered) - min(registered) <= timedelta(seconds=0.002), registered
+        current = await store.agents.get("a")
+        assert current is not None and current.generation in generations
+        assert current.info in [{"i": i} for i in range(n)]
+        assert await store.agents.count() == 1
 
     async def test_agent_heartbeat_extends_and_keeps(self, store: MemoryStore) -> None:
         agents = store.agents

@@ -17,7 +17,7 @@ from fleetmem.protocol import Entry, Lease, MemoryStore
 from fleetmem.testing.conformance._leases import CoordinationBase
 
 Call = tuple[str, Callable[[], Awaitable[object]]]
-Fence = Lease | HeldLease
+FenceArg = Lease | HeldLease
 
 _TTL = 3600
 
@@ -44,7 +44,7 @@ async def _snapshot(store: MemoryStore) -> dict[str, Entry]:
     return out
 
 
-def _fenced_calls(store: MemoryStore, fence: Fence) -> list[Call]:
+def _fenced_calls(store: MemoryStore, fence: FenceArg) -> list[Call]:
     """One fenced call of every write (and of the cases where it would change nothing)."""
     many = {f"bulk/{i:05d}": i for i in range(1500)}
     return [
@@ -75,7 +75,7 @@ def _fenced_calls(store: MemoryStore, fence: Fence) -> list[Call]:
     ]
 
 
-async def _assert_all_refused(store: MemoryStore, fence: Fence) -> None:
+async def _assert_all_refused(store: MemoryStore, fence: FenceArg) -> None:
     before = await _snapshot(store)
     assert set(before) == {"s", "m1", "m2", "cas", "n", "f", "text", "d", "dm1", "dm2"}
     ttl_before = await store.ttl("s")
