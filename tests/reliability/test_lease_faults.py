@@ -334,16 +334,20 @@ async def _terminate(admin: Any, pids: list[int]) -> None:
     await admin.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", pids)
 
 
-async def _release_wakes_waiter(owner: Any, waiter: Any) -> float:
+async def _release_wakes_waiter(
+    owner: Any, waiter: Any, meanwhile: Callable[[], Awaitable[None]] | None = None
+) -> float:
     """Seconds from a release by ``owner`` to the grant of ``waiter``'s waiting acquire.
 
     The waiter starts waiting 0.3 s before the release, while ``owner`` holds the lease for
     60 s: its next poll is 1 s after it began, so a grant well before that came from a
-    notification."""
+    notification. ``meanwhile()`` runs while the waiter waits, before the release."""
     held = await owner.leases.acquire("L", owner="owner", ttl=60)
     assert held is not None
     waiting = asyncio.create_task(waiter.leases.acquire("L", owner="waiter", wait=60))
     await asyncio.sleep(0.3)
+    if meanwhile is not None:
+        await meanwhile()
     assert not waiting.done()
     released_at = time.monotonic()
     assert await owner.leases.release(held)
@@ -413,3 +417,106 @@ async def test_a_waiter_survives_the_loss_of_its_listen_connection(
             await waiter.clear()
     finally:
         await admin.close()
+
+
+#: ACL rules that refuse every kind of SUBSCRIBE and nothing else (PUBLISH still works).
+DENY_SUBSCRIBE = ("-subscribe", "-psubscribe", "-ssubscribe")
+
+
+async def _acl(admin: Any, *rules: str) -> None:
+    await admin.execute_command("ACL", "SETUSER", "default", *rules)
+
+
+@pytest.fixture
+async def redis_acl_victim(
+    fleetmem_redis_factory: Callable[..., RedisServer],
+) -> AsyncIterator[tuple[RedisServer, Any]]:
+    """A Redis of this test's own and an admin client on it."""
+    import redis.asyncio as aioredis
+
+    server = fleetmem_redis_factory()
+    admin = aioredis.Redis.from_url(server.url)
+    try:
+        yield server, admin
+    finally:
+        await admin.aclose()
+        server.close()
+
+
+@pytest.mark.redis
+async def test_a_waiter_survives_the_loss_of_its_redis_subscription(
+    redis_acl_victim: tuple[RedisServer, Any], fleetmem_namespace: str
+) -> None:
+    """While a waiter waits, the server starts refusing SUBSCRIBE (an ACL) and its pub/sub
+    connection is killed (CLIENT KILL TYPE pubsub), so it cannot subscribe again: it still
+    gets the lease after the release, by polling. Once SUBSCRIBE is allowed again the store
+    subscribes again by itself, and a release wakes a waiter well before its next poll."""
+    from fleetmem.backends.redis import RedisStore
+
+    server, admin = redis_acl_victim
+    ns = fleetmem_namespace
+    async with (
+        RedisStore.from_url(server.url, namespace=ns) as waiter,
+        RedisStore.from_url(server.url, namespace=ns) as owner,
+    ):
+        poll = waiter.leases.backend.poll_interval
+        assert poll <= 1.0
+        listening = await _release_wakes_waiter(owner, waiter)
+        assert await admin.client_list(_type="pubsub"), "the waiter does not subscribe"
+
+        async def lose_the_subscription() -> None:
+            await _acl(admin, *DENY_SUBSCRIBE)
+            assert await admin.client_kill_filter(_type="pubsub") >= 1
+            await asyncio.sleep(0.5)
+            assert await admin.client_list(_type="pubsub") == []
+
+        try:
+            polling = await _release_wakes_waiter(owner, waiter, lose_the_subscription)
+            assert await admin.client_list(_type="pubsub") == []  # it polled indeed
+        finally:
+            await _acl(admin, "+@all")
+        assert polling <= poll + LATE, polling
+
+        deadline = time.monotonic() + 30
+        while not await admin.client_list(_type="pubsub"):
+            assert time.monotonic() < deadline, "the waiter never subscribed again"
+            await asyncio.sleep(0.1)
+        again = await _release_wakes_waiter(owner, waiter)
+        print(
+            f"release -> grant: {listening:.3f} s subscribed, {polling:.3f} s with no "
+            f"subscription (poll {poll} s), {again:.3f} s subscribed again"
+        )
+        assert listening < 0.5, listening
+        assert again < 0.5, again
+        await waiter.clear()
+
+
+@pytest.mark.redis
+@pytest.mark.xfail(
+    reason="RedisLeases.listen() waits up to the store's timeout (2 s) for the subscription "
+    "before every waiting acquire while it is down, so the first try comes after 2 s",
+    strict=True,
+)
+async def test_a_waiting_acquire_of_a_free_lease_is_not_held_up_without_a_subscription(
+    redis_acl_victim: tuple[RedisServer, Any], fleetmem_namespace: str
+) -> None:
+    """With no subscription possible (SUBSCRIBE refused), acquire(wait=...) still tries at
+    once and then at least once a second: a free lease is granted without a wait for the
+    subscription, a released one within a poll."""
+    from fleetmem.backends.redis import RedisStore
+
+    server, admin = redis_acl_victim
+    await _acl(admin, *DENY_SUBSCRIBE)
+    async with RedisStore.from_url(server.url, namespace=fleetmem_namespace) as store:
+        poll = store.leases.backend.poll_interval
+        took = []
+        for _ in range(3):
+            started = time.monotonic()
+            lease = await store.leases.acquire("free", owner="a", ttl=30, wait=30)
+            took.append(time.monotonic() - started)
+            assert lease is not None
+            assert await store.leases.release(lease)
+        assert await admin.client_list(_type="pubsub") == []
+        print(f"free lease, acquire(wait=30) without a subscription: {took}")
+        # The contract: a poll at least once a second (plus slack for a loaded machine).
+        assert max(took) < poll + 0.5, took
