@@ -312,6 +312,69 @@ async def test_tokens_and_generations_grow_across_a_redis_restart_with_aof(
         server.close()
 
 
+@pytest.mark.postgres
+async def test_a_lock_outlives_a_postgres_outage_shorter_than_its_ttl(
+    pg_victim: PostgresServer, fleetmem_namespace: str
+) -> None:
+    """A lock() whose renewals fail for a moment (PostgreSQL killed and started again, well
+    within the TTL) keeps its lease: same token, a later expiry, fenced writes still work."""
+    spec = {"backend": "postgres", "dsn": pg_victim.dsn, "namespace": fleetmem_namespace}
+    ttl = 9.0
+    async with open_spec_store(spec) as store:
+        async with store.leases.lock("R", owner="o", ttl=ttl) as held:
+            first = held.lease
+            await store.set("k", 1, fence=held)
+            await asyncio.to_thread(pg_victim.kill)
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(pg_victim.start)
+            # Two renewal periods (ttl/3) after the outage: renewed again since.
+            await asyncio.sleep(2 * ttl / 3 + 0.5)
+            assert not held.lost.is_set()
+            assert held.lease.token == first.token
+            assert held.lease.expires_at > first.expires_at
+            await retrying(lambda: store.set("k", 2, fence=held))
+            current = await store.leases.holder("R")
+            assert current is not None and current.token == first.token
+        assert await store.leases.holder("R") is None  # released on exit
+        assert await store.get("k") == 2
+        await store.clear()
+
+
+@pytest.mark.postgres
+async def test_a_lock_whose_renewals_fail_past_its_ttl_is_lost(
+    pg_victim: PostgresServer, fleetmem_namespace: str
+) -> None:
+    """PostgreSQL down for longer than a lock()'s TTL: ``lost`` is set, the lease expired on
+    the server's clock and goes to the next acquirer with a greater token, and every fenced
+    write with the old one is refused (by the front end and by the server)."""
+    from fleetmem.backends.postgres import PostgresStore
+
+    store = PostgresStore.from_url(pg_victim.dsn, namespace=fleetmem_namespace, acquire_timeout=1.0)
+    async with store:
+        async with store.leases.lock("R", owner="o", ttl=TTL) as held:
+            await store.set("k", "mine", fence=held)
+            down_at = time.monotonic()
+            await asyncio.to_thread(pg_victim.stop, "immediate")
+            try:
+                await asyncio.wait_for(held.lost.wait(), TTL + LATE + 1.0)
+                lost_after = time.monotonic() - down_at
+            finally:
+                await asyncio.to_thread(pg_victim.start)
+            with pytest.raises(LeaseLostError):
+                await store.set("k", "stale", fence=held)  # refused before any I/O
+            with pytest.raises(LeaseLostError):
+                await retrying(lambda: store.set("k", "stale", fence=held.lease))  # by the server
+            taken = await retrying(lambda: store.leases.acquire("R", owner="next", ttl=30))
+            assert taken is not None and taken.token > held.lease.token
+        # The exit raised nothing, and did not free the new holder's lease.
+        current = await store.leases.holder("R")
+        assert current is not None and current.token == taken.token
+        assert await store.get("k") == "mine"
+        print(f"lock() lost {lost_after:.3f} s after PostgreSQL went down (TTL {TTL} s)")
+        assert lost_after >= TTL - SLACK, lost_after
+        await store.clear()
+
+
 # ---------------------------------------------------------------- the LISTEN connection killed
 
 
