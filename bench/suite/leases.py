@@ -14,8 +14,10 @@ run against its reference, interleaved:
 * ``<backend> lease 64 coroutines 8 names``: 64 coroutines, worker ``w`` taking lease
   ``c{w % 8}`` with ``acquire(wait=...)``, holding it for one event-loop turn, releasing it;
   acquisitions per second. Targets: Redis ≥ 5,000/s, PostgreSQL ≥ 1,500/s; memory, SQLite
-  and the hybrid for reference. On Redis, redis-py's ``Lock`` on the same load, with its default
-  polling (``sleep=0.1``) and with ``sleep=0.001``.
+  and the hybrid for reference. Subject ``raw``: the same statements or scripts with the
+  waiters queued in this process (an ``asyncio.Lock`` per name, so one try per grant), the
+  ceiling of those statements on this machine at that moment. On Redis, redis-py's ``Lock``
+  on the same load, with its default polling (``sleep=0.1``) and with ``sleep=0.001``.
 
 The targets are not in the report's target table (they are absolute figures or ratios to
 subjects the other sections do not have): the section adds a ``note`` per target with its
@@ -75,6 +77,7 @@ class _Target:
     name: str
     store: Any
     raw: Op1 | None = None  # the raw driver's acquire + release
+    raw_contended: Op2 | None = None  # the same, 64 coroutines queued per name in-process
     peers_pair: dict[str, Op1] = field(default_factory=dict)
     peers_contended: dict[str, Op2] = field(default_factory=dict)
     on_close: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
@@ -173,6 +176,36 @@ async def _open(
 
 # --------------------------------------------------------------------------- the raw sides
 
+#: A raw side's grant (name -> token, or None when the lease is live) and release.
+RawAcquire = Callable[[str], Awaitable["int | None"]]
+RawRelease = Callable[[str, int], Awaitable[bool]]
+
+
+def _raw_subjects(target: _Target, acquire: RawAcquire, release: RawRelease) -> None:
+    """The raw subjects of the pair and the contended load, from a raw grant and release.
+
+    In the contended load the raw side queues its waiters in this process (an
+    ``asyncio.Lock`` per name), so each grant is one try: the ceiling of the backend's own
+    statements or scripts on this machine, not a lease between processes."""
+
+    async def pair(i: int) -> None:
+        token = await acquire("solo")
+        assert token is not None
+        assert await release("solo", token)
+
+    queues = [asyncio.Lock() for _ in range(NAMES)]
+
+    async def contended(w: int, i: int) -> None:
+        name = f"c{w % NAMES}"
+        async with queues[w % NAMES]:
+            token = await acquire(name)
+            assert token is not None
+            await asyncio.sleep(0)
+            assert await release(name, token)
+
+    target.raw = pair
+    target.raw_contended = contended
+
 
 async def _raw_sqlite(target: _Target) -> None:
     """sqlite3 on a connection of its own to the store's file (WAL, the store's
@@ -203,44 +236,47 @@ async def _raw_sqlite(target: _Target) -> None:
     conn = conns[0]
     ns, ttl_ms = LEASE_RAW_NAMESPACE, int(TTL * 1000)
 
-    def grant() -> int:
+    def in_transaction(sql: str, args: tuple[Any, ...]) -> tuple[Any, int]:
+        """Run ``sql`` in ``BEGIN IMMEDIATE`` ... ``COMMIT``: (its first row, rows changed)."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute(SQL["lease_grant"], (ns, "solo", "bench", now_ms(), ttl_ms))
-            token = int(row.fetchone()[0])
+            cursor = conn.execute(sql, args)
+            row = cursor.fetchone()
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-        return token
+        return row, cursor.rowcount
 
-    def release(token: int) -> bool:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            freed = conn.execute(SQL["lease_release"], (ns, "solo", token, now_ms())).rowcount
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return freed == 1
+    def grant(name: str) -> int | None:
+        row, _ = in_transaction(SQL["lease_grant"], (ns, name, "bench", now_ms(), ttl_ms))
+        return None if row is None else int(row[0])
 
-    async def pair(i: int) -> None:
-        token = await loop.run_in_executor(executor, grant)
-        assert await loop.run_in_executor(executor, release, token)
+    def free(name: str, token: int) -> bool:
+        return in_transaction(SQL["lease_release"], (ns, name, token, now_ms()))[1] == 1
+
+    async def acquire(name: str) -> int | None:
+        return await loop.run_in_executor(executor, grant, name)
+
+    async def release(name: str, token: int) -> bool:
+        return await loop.run_in_executor(executor, free, name, token)
 
     async def close() -> None:
         await loop.run_in_executor(executor, conn.close)
         executor.shutdown(wait=False)
 
-    target.raw = pair
+    _raw_subjects(target, acquire, release)
     target.on_close.append(close)
 
 
 async def _raw_postgres(target: _Target) -> None:
-    """asyncpg on the connection the store's lone calls use (so both sides talk to the same
-    server process; see :mod:`.postgres`): the lease backend's own two statements from
-    ``sql/leases.sql``, prepared, with the store's arguments (the release's ``pg_notify``
-    channel included)."""
+    """asyncpg sending the lease backend's own two statements of ``sql/leases.sql`` with the
+    store's arguments (the release's ``pg_notify`` channel included). One pair at a time: on
+    the connection the store's lone calls use (so both sides talk to the same server process;
+    see :mod:`.postgres`), prepared. The contended load: on a pool of its own of as many
+    connections as the store's (10), prepared by asyncpg's statement cache."""
+    import asyncpg
+
     store = target.store
     await store.get("warm")  # opens the pool: the lone connection exists from now on
     connector = _postgres_connector(store)
@@ -248,15 +284,29 @@ async def _raw_postgres(target: _Target) -> None:
     if conn is None:  # pragma: no cover - a store from a URL has its own pool
         raise RuntimeError("the store has no connection of its own to share")
     q = connector.statements("leases.sql")
-    acquire, release = await conn.prepare(q["acquire"]), await conn.prepare(q["release"])
-    args = (LEASE_RAW_NAMESPACE, "solo")
-    ttl_ms, channel = int(TTL * 1000), connector.channel
+    acquire_1, release_1 = await conn.prepare(q["acquire"]), await conn.prepare(q["release"])
+    ttl_ms, channel, ns = int(TTL * 1000), connector.channel, LEASE_RAW_NAMESPACE
 
-    async def pair(i: int) -> None:
-        row = await acquire.fetchrow(*args, "bench", ttl_ms)
-        assert row is not None and row[0] is not None
-        assert await release.fetch(*args, row[0], channel)
+    async def acquire(name: str) -> int | None:
+        row = await acquire_1.fetchrow(ns, name, "bench", ttl_ms)
+        return None if row is None or row[0] is None else int(row[0])
 
+    async def release(name: str, token: int) -> bool:
+        return bool(await release_1.fetch(ns, name, token, channel))
+
+    _raw_subjects(target, acquire, release)
+    pool: Any = await asyncpg.create_pool(connector.dsn, min_size=10, max_size=10)
+    target.on_close.append(pool.close)
+
+    async def pool_acquire(name: str) -> int | None:
+        row = await pool.fetchrow(q["acquire"], ns, name, "bench", ttl_ms)
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def pool_release(name: str, token: int) -> bool:
+        return bool(await pool.fetch(q["release"], ns, name, token, channel))
+
+    pair = target.raw
+    _raw_subjects(target, pool_acquire, pool_release)
     target.raw = pair
 
 
@@ -268,7 +318,39 @@ def _postgres_connector(store: Any) -> Any:
 
 
 async def _raw_redis(target: _Target, url: str) -> None:
-    """redis-py calling the lease backend's own two functions (``FCALL``) directly."""
+    """redis-py (a client of its own) calling the lease backend's own two scripts, ``acquire``
+    and ``release`` of ``lua/leases/``, the way the store sends them: ``FCALL`` of the
+    function library on a standalone server (``EVALSHA`` where the store uses plain scripts),
+    on the namespace's key prefix ``fm:{<namespace>}:``, the script publishing the release as
+    the store's does."""
+    import redis.asyncio as aioredis
+
+    from fleetmem.backends.redis.connector import FCALL
+    from fleetmem.backends.redis.scripts import LEASE_SCRIPTS
+
+    store = target.store
+    # One grant and release through the store first: it loads the function library.
+    lease = await store.leases.acquire("warm", owner="bench", ttl=TTL)
+    assert lease is not None and await store.leases.release(lease)
+    connector = store.kv.connector
+    client: Any = aioredis.from_url(url)
+    target.on_close.append(client.aclose)
+    scripts = LEASE_SCRIPTS["acquire"], LEASE_SCRIPTS["release"]
+    if connector.form == FCALL:
+        command, (acquire_id, release_id) = "FCALL", (s.function for s in scripts)
+    else:
+        command, (acquire_id, release_id) = "EVALSHA", (s.sha for s in scripts)
+    key = f"fm:{{{LEASE_RAW_NAMESPACE}}}:".encode()
+    ttl_ms = int(TTL * 1000)
+
+    async def acquire(name: str) -> int | None:
+        res = await client.execute_command(command, acquire_id, 1, key, name, "bench", ttl_ms)
+        return int(res[1]) if res[0] == 1 else None
+
+    async def release(name: str, token: int) -> bool:
+        return bool(await client.execute_command(command, release_id, 1, key, name, token) == 1)
+
+    _raw_subjects(target, acquire, release)
 
 
 async def _redis_lock_peers(target: _Target, url: str) -> None:
@@ -330,11 +412,11 @@ async def _bench_backend(bench: Bench, target: _Target) -> None:
         await asyncio.sleep(0)
         await leases.release(lease)
 
-    await contended(
-        bench,
-        f"{b} lease 64 coroutines 8 names",
-        {"fleetmem": fm_contended, **target.peers_contended},
-    )
+    subjects: dict[str, Op2] = {"fleetmem": fm_contended}
+    if target.raw_contended is not None:
+        subjects["raw"] = target.raw_contended
+    subjects.update(target.peers_contended)
+    await contended(bench, f"{b} lease 64 coroutines 8 names", subjects)
 
 
 async def single(
@@ -344,7 +426,9 @@ async def single(
     call (the target's pair), then, with ``peers``, a second pass of all of them recorded as
     ``<workload> (with peers)``."""
     bench.progress.step(workload)
-    n = bench.n_single
+    # A third of the other single-call workloads' calls (1,000 in a full run): a lease pair is
+    # two durable commits on PostgreSQL and SQLite.
+    n = max(10, bench.n_single // 3)
     everyone = {**subjects, **(peers or {})}
     passes = [(workload, subjects)]
     if peers:
@@ -365,10 +449,10 @@ async def single(
 
 
 def contended_per_worker(bench: Bench) -> int:
-    """Acquisitions per coroutine and repetition of the contended load: a third of the other
-    64-coroutine loads' calls (each acquisition is at least two round trips, and the polling
-    peer is slow)."""
-    return max(2, bench.sizes.per_worker // 3)
+    """Acquisitions per coroutine and repetition of the contended load: a tenth of the other
+    64-coroutine loads' calls (30 in a full run: 1,920 acquisitions a repetition), as each is
+    a durable commit or two plus the waiters' tries."""
+    return max(2, bench.sizes.per_worker // 10)
 
 
 async def contended(bench: Bench, workload: str, subjects: dict[str, Op2]) -> None:
