@@ -15,7 +15,9 @@ It owns everything that is about talking to Redis rather than about what is stor
   provably never left the client (the connection could not be opened), are retried
   ``retries`` times within that deadline; a write whose connection died or timed out while in
   flight raises :class:`~fleetmem.errors.OutcomeUnknownError`; a server at ``maxmemory``
-  refusing a write raises :class:`~fleetmem.errors.BackendUnavailableError`; a connection that
+  refusing a write raises :class:`~fleetmem.errors.BackendUnavailableError`; a fenced write
+  whose lease is lost (its script answers ``FMLEASELOST``) raises
+  :class:`~fleetmem.errors.LeaseLostError` for the call's fence; a connection that
   could not be opened says why ("cannot connect to Redis at <url without password>: connection
   refused", "host not found", "timed out", "authentication failed"); a server refusing the
   URL's database index (``/99``: ``DB index is out of range``) raises
@@ -26,6 +28,10 @@ It owns everything that is about talking to Redis rather than about what is stor
   ``scripts.py``, on a standalone server) and ``EVALSHA`` (on a Cluster, or where ``FUNCTION
   LOAD`` is refused) is made in one place (:attr:`RedisConnector.form`), and a server that lost
   the library or its script cache ("Function not found", ``NOSCRIPT``) gets it again.
+
+* the release listener of leases (``leases.ReleaseListener``, one pub/sub connection made by
+  :meth:`RedisConnector.open_pubsub`, closed by :meth:`RedisConnector.aclose`) and the
+  :class:`~fleetmem._notify.Notifier` of every view's lease waiters.
 
 A backend's views hold the same connector object, so whatever ``connect()`` learns (the client,
 Cluster or not, functions refused, the policy checked) is known to every view at once.

@@ -1,9 +1,10 @@
 """The Lua scripts of the Redis backend: one library that several primitives join.
 
-Scripts come in named groups, one folder each: ``lua/kv/`` holds the key-value scripts (and
-later ``lua/leases/``, ``lua/queue/``...). A group is an optional prelude, ``_lib.lua`` (its
-key layout and shared helpers), and one file per script. A :class:`ScriptLibrary` is built
-from groups once, at import; the same code is then served two ways:
+Scripts come in named groups, one folder each: ``lua/kv/`` holds the key-value scripts,
+``lua/leases/`` the lease and agent scripts (later ``lua/queue/``...). A group is an optional
+prelude, ``_lib.lua`` (its key layout and shared helpers), and one file per script. A
+:class:`ScriptLibrary` is built from groups once, at import; the same code is then served two
+ways:
 
 * as ONE Redis 7 function library (``FCALL``), used on a standalone server: the library is
   compiled once per server, so a call does not rebuild the helpers (about 4 us less per call).
@@ -38,6 +39,18 @@ under ``noeviction`` still runs:
   plain scripts still get a bare ``#!lua`` shebang, so they are refused up front like the
   functions instead of at their first memory-growing command (which a script that first
   dropped a stale index member would already be past).
+
+The lease and agent scripts follow the same rule (:data:`LEASE_FLAGS`): reads ``no-writes``,
+``renew`` / ``release`` / ``agent_deregister`` / ``agent_list`` ``allow-oom`` (they overwrite
+numbers of an existing record or remove index members), grants and registrations no flag.
+
+Fenced writes: each key-value write named in :data:`FENCED` has a twin ``fenced_<name>``,
+made here from ``lua/kv/_fence.lua`` followed by the write's unchanged body, in both forms and
+with the same flags. The fence pops the lease name and token from the end of ``ARGV`` and
+refuses the call (error ``FMLEASELOST``, which the connector turns into ``LeaseLostError``)
+unless that lease is live with that token on the server's ``TIME``, before the body decides
+anything. A separate script rather than an optional argument keeps unfenced calls exactly as
+they were: not one command or argument more.
 
 A prelude may mark lines with ``-- <bind>`` / ``-- </bind>``: a plain script runs them as they
 are; the library replaces them with the group's ``bind`` code (run by every function first).
