@@ -339,3 +339,41 @@ async def test_tokens_and_generations_grow_across_a_server_restart(
         assert second is not None and second.token > first.token
         again = await store.agents.register("a", info={}, ttl=30)
         assert again.generation > agent.generation
+
+
+async def test_the_least_privilege_grants_from_the_docs_cover_leases_and_agents(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    from urllib.parse import urlsplit, urlunsplit
+
+    dsn = fleetmem_postgres_database
+    database = urlsplit(dsn).path.lstrip("/")
+    role = "fm_coord_" + fleetmem_namespace.replace("-", "_").lower()[:40]
+    await _fetch(dsn, f'CREATE ROLE "{role}" LOGIN')
+    try:
+        for grant in (
+            f'GRANT USAGE ON SCHEMA fleetmem TO "{role}"',
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON fleetmem.entries TO "{role}"',
+            "GRANT SELECT, INSERT, UPDATE ON fleetmem.entries_leases, fleetmem.entries_agents "
+            f'TO "{role}"',
+            f'GRANT EXECUTE ON FUNCTION fleetmem.entries_fence(text, text, bigint) TO "{role}"',
+            f'GRANT SELECT ON fleetmem.alembic_version TO "{role}"',
+            f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"',
+        ):
+            await _fetch(dsn, grant)
+        parts = urlsplit(dsn)
+        app_dsn = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+        async with PostgresStore.from_url(app_dsn, namespace="lp", auto_migrate=False) as store:
+            lease = await store.leases.acquire("l", owner="o", ttl=30)
+            assert lease is not None
+            await store.set("k", 1, fence=lease)
+            assert await store.set_many({"a": 1}, fence=lease) == 1
+            assert await store.delete("k", fence=lease)
+            assert await store.leases.renew(lease)
+            assert await store.leases.release(lease)
+            assert await store.leases.acquire("l", owner="o", ttl=30, wait=0.1) is not None
+            await store.agents.register("a", info={}, ttl=30)
+            assert await store.agents.count() == 1
+    finally:
+        await _fetch(dsn, f'DROP OWNED BY "{role}"')
+        await _fetch(dsn, f'DROP ROLE "{role}"')

@@ -4,9 +4,10 @@ One table (default ``fleetmem.entries``) and its alembic migrations (``migrate``
 connector: :meth:`PostgresConnector.connect` checks the schema revision and migrates a fresh or
 older database when ``auto_migrate``. Each primitive loads its statements once from its own
 ``sql/<primitive>.sql`` file (:meth:`PostgresConnector.statements`), with ``{table}`` replaced
-by the quoted, validated table name, and runs them through :meth:`PostgresConnector.run` (one
-statement, retried where safe), :meth:`PostgresConnector.with_conn` or
-:meth:`PostgresConnector.transaction`.
+by the quoted, validated table name (``{leases}``, ``{agents}`` and ``{fence}`` by the lease
+table, agent table and fence function of migration 0003), and runs them through
+:meth:`PostgresConnector.run` (one statement, retried where safe),
+:meth:`PostgresConnector.with_conn` or :meth:`PostgresConnector.transaction`.
 
 Connections: the connector's own lean pool of asyncpg connections, opened by
 :meth:`PostgresConnector.connect`, each with an orjson codec for ``jsonb`` (the store hands
@@ -15,11 +16,16 @@ gate sits in front of either, and every acquire is bounded by ``acquire_timeout`
 idle connection of the own pool while the gate is free costs no await. ``command_timeout`` on
 the own pool is a deadline watched by one task (see ``_watch``), not asyncpg's per-statement
 timer. Driver exceptions are translated in :func:`_translate`, the one choke point: no asyncpg
-exception reaches a caller. A connection that could not be opened is not one that was lost:
-:func:`_cannot_connect` says why ("cannot connect to PostgreSQL at <url without password>:
-connection refused", "host not found", "timed out", "authentication failed", "database does not
-exist"), as a :class:`~fleetmem.errors.BackendUnavailableError` when the server could not be
-reached and a :class:`~fleetmem.errors.ConfigurationError` when it answered no.
+exception reaches a caller (the fence function's SQLSTATE ``FL001`` becomes
+``LeaseLostError``). The connector also holds the :class:`~fleetmem._notify.Notifier` that lease
+waiters of every view share, and the ``LISTEN`` connection that feeds it (``leases.Listener``),
+closed by :meth:`PostgresConnector.close`.
+
+A connection that could not be opened is not one that was lost: :func:`_cannot_connect` says why
+("cannot connect to PostgreSQL at <url without password>: connection refused", "host not found",
+"timed out", "authentication failed", "database does not exist"), as a
+:class:`~fleetmem.errors.BackendUnavailableError` when the server could not be reached and a
+:class:`~fleetmem.errors.ConfigurationError` when it answered no.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ namespace; each operation is one SQL statement from ``sql/kv.sql`` (``set_many``
 temporary table and one upsert, in one transaction). Expiry is judged by ``now()`` on the server;
 an optional sweeper deletes expired rows in bounded batches. Concurrent single-key calls are
 merged into one statement per batch (``get_batch``, ``set_batch``, ``delete_batch``,
-``exists_batch``). Connections, retries, timeouts, error translation and migrations belong to the
-connector (see ``connector.py``).
+``exists_batch``). A write with ``fence=`` runs the fenced twin of its statement, which checks
+the lease in the same statement (:func:`fenced_statement`); fenced calls are never merged.
+Connections, retries, timeouts, error translation and migrations belong to the connector (see
+``connector.py``).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ _log = logging.getLogger("fleetmem.postgres")
 _PING_INTERVAL = 15.0
 #: Seconds a fresh ``LISTEN`` has to deliver its own probe notification; past it notifications
 #: are taken not to work on this connection (a transaction-mode pooler) and waiters poll.
-_PROBE_TIMEOUT = 2.0
+_PROBE_TIMEOUT = 5.0
 #: Backoff between reconnects of the listener: from 0.1 s doubling to 5 s.
 _RECONNECT_MIN = 0.1
 _RECONNECT_MAX = 5.0
@@ -75,28 +75,31 @@ class Listener:
         self.borrowed = connector.dsn is None
         #: Acquires waiting right now (see ``PostgresLeases.watch``).
         self.users = 0
+        #: Set for good when a LISTEN did not deliver its probe: waiters poll from then on.
+        self.undelivered = False
         self._probe = ""
         self._probed = asyncio.Event()
         self._complained = False
-        #: Whether notifications arrive right now (for health and tests).
+        #: Whether the connection listens right now (set once ``LISTEN`` is done; cleared
+        #: when it is lost or its probe notification never came back).
         self.listening = False
         #: Why not, when not.
         self.problem: str | None = None
 
     async def start(self) -> None:
-        """Start listening (once); the first call waits until the first attempt has settled,
-        at most ``acquire_timeout`` + the probe's time, so a waiter that then tries has its
-        releases covered. Never raises: not listening means polling."""
+        """Start listening (once); the first call waits until the first attempt has settled
+        (``LISTEN`` done or failed; at most ``acquire_timeout`` + 2 s), so a waiter that
+        then tries has its releases covered. Never raises: not listening means polling."""
         stopping = self._stopping
         if stopping is not None:
             await asyncio.wait([stopping])
-        if self._task is None:
+        if self._task is None and not self.undelivered:
             self._settled = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="fleetmem-pg-listener"
             )
         if not self._settled.is_set():
-            timeout = self._connector.acquire_timeout + _PROBE_TIMEOUT
+            timeout = self._connector.acquire_timeout + 2.0
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._settled.wait()), timeout)
 
@@ -107,12 +110,14 @@ class Listener:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        self._stopping = None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self.listening = False
+        try:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        finally:
+            self._stopping = None
+            self.listening = False
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         namespace, colon, name = payload.partition(":")
@@ -170,23 +175,25 @@ class Listener:
                 gone = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set_on_close, gone))
                 await conn.add_listener(self._channel, self._on_notify)
-                # A transaction-mode pooler accepts LISTEN but does not deliver: prove it works.
+                # Listening from here on: the first waiter may try now (the probe below only
+                # confirms that notifications arrive).
+                self.listening, self.problem = True, None
+                self._settled.set()
+                if self._complained:
+                    self._complained = False
+                    _log.info("PostgreSQL LISTEN is back: waiting lease acquires wake at once")
+                    self._notifier.notify_all()  # releases may have gone by meanwhile
+                # A pooler may accept LISTEN and never deliver: see that one comes back.
                 self._probe = "probe-" + secrets.token_hex(8)
                 self._probed.clear()
                 await conn.execute(f"NOTIFY {_quote(self._channel)}, '{self._probe}'")
                 try:
                     await asyncio.wait_for(self._probed.wait(), _PROBE_TIMEOUT)
                 except asyncio.TimeoutError:
+                    self.undelivered = True
                     self._lost("notifications are not delivered on this connection")
-                    self._settled.set()
                     return  # not a failure that a reconnect mends: poll from now on
-                was_lost = self._complained
-                self.listening, self.problem, self._complained = True, None, False
-                self._settled.set()
                 backoff = _RECONNECT_MIN
-                if was_lost:
-                    _log.info("PostgreSQL LISTEN is back: waiting lease acquires wake at once")
-                    self._notifier.notify_all()  # releases may have gone by meanwhile
                 while not gone.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(gone.wait(), _PING_INTERVAL)
