@@ -1,4 +1,5 @@
-"""Every backend in the ``BACKENDS`` table against the whole store contract."""
+"""Every backend in the ``BACKENDS`` table against the whole store contract: key-value,
+leases, fenced writes and the agent registry (``StoreConformance`` includes them all)."""
 
 from __future__ import annotations
 
