@@ -7,8 +7,10 @@ to the test through one JSON object per line on stdout, and lines on stdin. Two 
     Prints ``{"event": "ready"}`` once its store is open, waits for ``go`` on stdin, then for
     ``seconds`` (and until it has made ``min_increments`` fenced increments, at most ``cap``
     seconds) takes lease ``lease`` with ``store.leases.lock(...)`` and, holding it, reads the
-    counter ``counter`` (``{"n": ..., "token": ..., "owner": ...}``) and writes it back with
-    ``n + 1`` and its own token as a fenced write (``set`` and ``compare_and_set`` in turn).
+    counter ``counter`` (``{"n": ..., "token": ..., "owner": ...}``), pauses up to ``pause``
+    seconds and writes it back with ``n + 1`` and its own token as a fenced write (``set`` and
+    ``compare_and_set`` in turn). With ``expiring``, it takes the lease with ``acquire()``
+    instead (no renewal), so a long pause outlives the lease.
     Every turn is one record of ``done``: the token, the body's start and end on the machine's
     monotonic clock (shared by every process on Linux), what it read and wrote, and the error of
     the fenced write if it failed.
@@ -116,6 +118,42 @@ async def _read_line() -> str:
     return line.strip()
 
 
+async def _turn(
+    store: Any, fence: Any, token: int, counter: str, owner: str, turn: int, pause: float
+) -> dict[str, Any]:
+    """One increment of ``counter`` fenced by ``fence`` (a HeldLease or a Lease of ``token``):
+    read, pause, write back ``n + 1`` with ``set`` (odd turns) or ``compare_and_set``."""
+    start = time.monotonic()
+    entry = await store.get_entry(counter)
+    current: dict[str, Any] = (
+        entry.value if entry is not None else {"n": 0, "token": 0, "owner": ""}
+    )
+    # A pause between the read and the write: were two holders ever inside at once, one of
+    # their increments would be lost, or their versions conflict.
+    await asyncio.sleep(pause)
+    value = {"n": current["n"] + 1, "token": token, "owner": owner}
+    record: dict[str, Any] = {
+        "owner": owner,
+        "token": token,
+        "read": current,
+        "wrote": value,
+        "path": "set" if turn % 2 else "compare_and_set",
+        "error": None,
+        "lost": False,
+    }
+    try:
+        if turn % 2:
+            await store.set(counter, value, fence=fence)
+        else:
+            version = entry.version if entry is not None else 0
+            await store.compare_and_set(counter, value, version=version, fence=fence)
+    except (LeaseLostError, VersionConflictError) as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    record["start"] = start
+    record["end"] = time.monotonic()
+    return record
+
+
 async def _race(store: Any, spec: dict[str, Any]) -> None:
     index: int = spec["index"]
     owner = f"p{index}"
@@ -123,6 +161,10 @@ async def _race(store: Any, spec: dict[str, Any]) -> None:
     counter: str = spec["counter"]
     ttl: float = spec["ttl"]
     wait: float = spec["wait"]
+    #: ``expiring``: acquire() and release() with no renewal, and pauses of up to
+    #: ``pause`` seconds, so that leases expire in the middle of turns.
+    expiring: bool = spec.get("expiring", False)
+    max_pause: float = spec["pause"]
     rng = random.Random(index)
     # Open the connections (and the lease listener) before the start, so that the processes
     # start racing together rather than one after another as their connections open.
@@ -143,40 +185,28 @@ async def _race(store: Any, spec: dict[str, Any]) -> None:
         time.monotonic() < deadline or increments < spec["min_increments"]
     ):
         turn += 1
-        try:
-            async with store.leases.lock(name, owner=owner, ttl=ttl, wait=wait) as held:
-                start = time.monotonic()
-                entry = await store.get_entry(counter)
-                current: dict[str, Any] = (
-                    entry.value if entry is not None else {"n": 0, "token": 0, "owner": ""}
-                )
-                # A pause between the read and the write: were two holders ever inside at
-                # once, one of their increments would be lost, or their versions conflict.
-                await asyncio.sleep(rng.random() * 0.003)
-                value = {"n": current["n"] + 1, "token": held.lease.token, "owner": owner}
-                record: dict[str, Any] = {
-                    "owner": owner,
-                    "token": held.lease.token,
-                    "read": current,
-                    "wrote": value,
-                    "path": "set" if turn % 2 else "compare_and_set",
-                    "error": None,
-                }
-                try:
-                    if turn % 2:
-                        await store.set(counter, value, fence=held)
-                    else:
-                        version = entry.version if entry is not None else 0
-                        await store.compare_and_set(counter, value, version=version, fence=held)
-                    increments += 1
-                except (LeaseLostError, VersionConflictError) as exc:
-                    record["error"] = f"{type(exc).__name__}: {exc}"
-                record["lost"] = held.lost.is_set()
-                record["start"] = start
-                record["end"] = time.monotonic()
-                records.append(record)
-        except LeaseUnavailableError:
-            unavailable += 1
+        pause = rng.random() * max_pause
+        if expiring:
+            lease = await store.leases.acquire(name, owner=owner, ttl=ttl, wait=wait)
+            if lease is None:
+                unavailable += 1
+                continue
+            try:
+                record = await _turn(store, lease, lease.token, counter, owner, turn, pause)
+            finally:
+                await store.leases.release(lease)
+        else:
+            try:
+                async with store.leases.lock(name, owner=owner, ttl=ttl, wait=wait) as held:
+                    token = held.lease.token
+                    record = await _turn(store, held, token, counter, owner, turn, pause)
+                    record["lost"] = held.lost.is_set()
+            except LeaseUnavailableError:
+                unavailable += 1
+                continue
+        records.append(record)
+        if record["error"] is None:
+            increments += 1
         # Let a waiter of another process in before this one asks again (fairness is not
         # promised, but a run where one process holds the lease throughout tests little).
         await asyncio.sleep(rng.random() * 0.02)

@@ -107,10 +107,26 @@ BACKENDS = [
 ]
 
 
-def check_race(records: list[dict[str, Any]], final: Any) -> list[str]:
+def check_race(records: list[dict[str, Any]], final: Any, *, renewed: bool = True) -> list[str]:
     """Every violation of the lease and fencing contract the records and the final counter
-    show (empty: none)."""
+    show (empty: none).
+
+    ``renewed``: the turns held their lease throughout (lock()), so no two overlap, tokens grow
+    in the order of the turns and no fenced write fails. Otherwise (leases expiring in the
+    middle of turns) only the fence is checked: turns overlap, writes of expired leases fail
+    with ``LeaseLostError``, and the writes that succeeded still form one unbroken chain.
+    """
     problems: list[str] = []
+    tokens = [r["token"] for r in records]
+    if len(set(tokens)) != len(tokens):
+        problems.append("a token was granted twice")
+    if not renewed:
+        problems.extend(
+            f"{r['owner']} token {r['token']}: {r['error']}"
+            for r in records
+            if r["error"] is not None and not r["error"].startswith("LeaseLostError")
+        )
+        return problems + _check_chain(records, final)
     bodies = sorted(records, key=lambda r: r["start"])
     for before, after in itertools.pairwise(bodies):
         if after["start"] < before["end"]:
@@ -129,6 +145,13 @@ def check_race(records: list[dict[str, Any]], final: Any) -> list[str]:
             problems.append(f"{record['owner']} token {record['token']}: {record['error']}")
         if record["lost"]:
             problems.append(f"{record['owner']} token {record['token']}: lease lost in the body")
+    return problems + _check_chain(records, final)
+
+
+def _check_chain(records: list[dict[str, Any]], final: Any) -> list[str]:
+    """The successful fenced writes, in token order, each read the previous one's value and
+    wrote ``n + 1``; the final counter is the last of them (no increment lost)."""
+    problems: list[str] = []
     written = sorted((r for r in records if r["error"] is None), key=lambda r: r["token"])
     previous: dict[str, Any] = {"n": 0, "token": 0, "owner": ""}
     for n, record in enumerate(written, start=1):
@@ -150,6 +173,42 @@ def check_race(records: list[dict[str, Any]], final: Any) -> list[str]:
     return problems
 
 
+async def run_race(
+    store: Any, spec: dict[str, Any], spawn: Callable[[dict[str, Any]], Any], **options: Any
+) -> tuple[list[dict[str, Any]], list[int], int]:
+    """Run ``PROCESSES`` race workers to their end: every turn's record, the increments of
+    each process, and the number of waits that ran out."""
+    assert await store.leases.holder("L") is None
+    children: list[Child] = []
+    for i in range(PROCESSES):
+        child_spec = {
+            **spec,
+            "mode": "race",
+            "index": i,
+            "lease": "L",
+            "counter": "counter",
+            "ttl": TTL,
+            "wait": WAIT,
+            "seconds": SECONDS,
+            "min_increments": MIN_INCREMENTS,
+            "cap": CAP,
+            "pause": 0.003,
+            **options,
+        }
+        children.append(await spawn(child_spec))
+    for child in children:
+        ready = await child.event(timeout=90.0)
+        assert ready["event"] == "ready", ready
+    for child in children:
+        await child.send("go")
+    dones = [await child.event(timeout=CAP + 30.0) for child in children]
+    for child in children:
+        assert await asyncio.wait_for(child.proc.wait(), 30.0) == 0
+    records = [record for done in dones for record in done["records"]]
+    increments = [done["increments"] for done in dones]
+    return records, increments, sum(done["unavailable"] for done in dones)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_four_processes_race_for_one_lease(
     backend: str,
@@ -158,37 +217,12 @@ async def test_four_processes_race_for_one_lease(
     tmp_path: Path,
     spawn: Callable[[dict[str, Any]], Any],
 ) -> None:
+    """lock() in four processes: one holder at a time, tokens in grant order, no lost
+    increment."""
     spec = store_spec(backend, fleetmem_namespace, request.getfixturevalue, tmp_path)
     # The test opens the store first: a fresh database is migrated once, not by four children.
     async with open_spec_store(spec) as store:
-        assert await store.leases.holder("L") is None
-        children: list[Child] = []
-        for i in range(PROCESSES):
-            child_spec = {
-                **spec,
-                "mode": "race",
-                "index": i,
-                "lease": "L",
-                "counter": "counter",
-                "ttl": TTL,
-                "wait": WAIT,
-                "seconds": SECONDS,
-                "min_increments": MIN_INCREMENTS,
-                "cap": CAP,
-            }
-            children.append(await spawn(child_spec))
-        for child in children:
-            ready = await child.event(timeout=90.0)
-            assert ready["event"] == "ready", ready
-        for child in children:
-            await child.send("go")
-        dones = [await child.event(timeout=CAP + 30.0) for child in children]
-        for child in children:
-            assert await asyncio.wait_for(child.proc.wait(), 30.0) == 0
-
-        records = [record for done in dones for record in done["records"]]
-        increments = [done["increments"] for done in dones]
-        unavailable = sum(done["unavailable"] for done in dones)
+        records, increments, unavailable = await run_race(store, spec, spawn)
         final = await store.get("counter")
         problems = check_race(records, final)
         summary = (
@@ -202,4 +236,46 @@ async def test_four_processes_race_for_one_lease(
         # Every process got the lease, and every lease was given back on exit.
         assert {r["owner"] for r in records} == {f"p{i}" for i in range(PROCESSES)}
         assert await store.leases.holder("L") is None
+        await store.clear()
+
+
+#: Leases that expire in the middle of turns: a 0.3 s TTL, never renewed, and pauses of up to
+#: 0.6 s between a turn's read and its write.
+SHORT_TTL = 0.3
+LONG_PAUSE = 0.6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_fenced_writes_of_expired_leases_lose_no_increment(
+    backend: str,
+    request: pytest.FixtureRequest,
+    fleetmem_namespace: str,
+    tmp_path: Path,
+    spawn: Callable[[dict[str, Any]], Any],
+) -> None:
+    """acquire() without renewal in four processes, turns that outlive their lease: turns
+    overlap (the next holder comes in after the expiry), yet every write of an expired lease
+    is refused and the writes that succeed form one unbroken chain of increments."""
+    spec = store_spec(backend, fleetmem_namespace, request.getfixturevalue, tmp_path)
+    async with open_spec_store(spec) as store:
+        records, increments, unavailable = await run_race(
+            store, spec, spawn, ttl=SHORT_TTL, pause=LONG_PAUSE, expiring=True
+        )
+        final = await store.get("counter")
+        problems = check_race(records, final, renewed=False)
+        refused = [r for r in records if r["error"] is not None]
+        bodies = sorted(records, key=lambda r: r["start"])
+        overlaps = sum(1 for a, b in itertools.pairwise(bodies) if b["start"] < a["end"])
+        summary = (
+            f"{backend}: {len(records)} grants, {len(refused)} fenced writes refused, "
+            f"{overlaps} overlapping turns, increments per process {increments}, "
+            f"{unavailable} waits ran out, final {final}"
+        )
+        print(summary)
+        assert problems == [], f"{summary}\n" + "\n".join(problems[:20])
+        assert all(n >= MIN_INCREMENTS for n in increments), summary
+        assert final["n"] == sum(increments) == len(records) - len(refused)
+        # The scenario happened: leases expired in turns, and another holder came in.
+        assert refused, summary
+        assert overlaps, summary
         await store.clear()
