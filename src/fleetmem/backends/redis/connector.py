@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import time
@@ -336,6 +337,11 @@ class RedisConnector:
         #: ``acquire`` and closed by :meth:`aclose`).
         self.notifier = Notifier()
         self.release_listener: Any = None
+        #: ``(namespace, lease name)`` -> the ``acquire`` call of that lease in flight (see
+        #: ``RedisLeases.acquire``).
+        self.lease_attempts: dict[tuple[str, str], Any] = {}
+        #: This connector's id in release notifications (its listener skips its own).
+        self.origin = os.urandom(8).hex().encode()
         if client is None and cluster is not None:
             self._client = self._make_client(cluster)
         self._refresh_form()

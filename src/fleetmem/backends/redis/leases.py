@@ -13,14 +13,16 @@ token may be granted twice; without persistence, tokens start again from 1. A fa
 replica that had not received the last grants has the same effect (replication is
 asynchronous). See docs/backends/redis.md.
 
-Wake-ups: ``release`` publishes ``<ns>\\0<name>`` on the channel ``fm:leases``. The first
+Wake-ups: ``release`` publishes ``<ns>\\0<name>\\0<origin>`` on the channel ``fm:leases``
+(``origin``: the releasing connector's random id, :attr:`RedisConnector.origin`). The first
 waiting ``acquire`` of a connector starts ONE :class:`ReleaseListener` (one pub/sub
 connection, shared by every view and namespace) that wakes the waiters of the connector's
-:class:`~fleetmem._notify.Notifier`; a waiter is also woken by a release made in its own
-process at once, and polls at least once a second (``poll_interval``) whatever happens. On a
-Cluster a classic ``PUBLISH`` reaches every node, so the listener subscribes on one node of its
-choice. A lost subscription is opened again with a backoff (up to 2 s), and every waiter is
-woken then, since releases may have been missed meanwhile.
+:class:`~fleetmem._notify.Notifier`; a release made through the same connector wakes them at
+once (so the listener skips that connector's own messages), and a waiter polls at least once a
+second (``poll_interval``) whatever happens. On a Cluster a classic ``PUBLISH`` reaches every
+node, so the listener subscribes on one node of its choice. A lost subscription is opened
+again with a backoff (up to 2 s), and every waiter is woken then, since releases may have been
+missed meanwhile.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class ReleaseListener:
     def __init__(self, connector: RedisConnector) -> None:
         self._connector = connector
         self._notifier = connector.notifier
+        self._origin = connector.origin
         self._task: asyncio.Task[None] | None = None
         #: Set while the subscription is confirmed by the server.
         self._ready = asyncio.Event()
@@ -86,7 +89,7 @@ class ReleaseListener:
             )
         if not self._ready.is_set():
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._ready.wait()), wait)
+                await asyncio.wait_for(self._ready.wait(), wait)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -98,9 +101,10 @@ class ReleaseListener:
     def _dispatch(self, data: Any) -> None:
         if not isinstance(data, bytes):
             return
-        namespace, sep, name = data.partition(b"\0")
-        if sep:
-            self._notifier.notify((namespace.decode(), name.decode()))
+        parts = data.split(b"\0")
+        if len(parts) != 3 or parts[2] == self._origin:
+            return  # not ours to read, or a release of this connector: its waiters know
+        self._notifier.notify((parts[0].decode(), parts[1].decode()))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -180,10 +184,33 @@ class RedisLeases(LeaseBackend):
         )
 
     async def acquire(self, name: str, owner: str, ttl_ms: int) -> tuple[Lease | None, int | None]:
-        res = await self._connector.call(_ACQUIRE, self._keys, name, owner, ttl_ms, write=True)
-        if res[0] == 1:
-            return self._lease(name, owner, res[1], res[2], res[3]), None
-        return None, int(res[1])
+        """One ``acquire`` script call, unless another coroutine of this process is asking
+        for the same lease right now and wins it: then this call is refused without a round
+        trip (the lease was granted, and still held, at a moment inside this call).
+
+        Without that, a release woke every waiter of the name in this process and each sent
+        an ``acquire`` that all but one lose: 7 calls per grant with 8 waiters. A call that
+        lost is never shared: it may have been sent before the release that woke this one."""
+        key = (self._namespace, name)
+        attempts = self._connector.lease_attempts
+        pending = attempts.get(key)
+        if pending is not None:
+            won = await asyncio.shield(pending)
+            if won is not None:
+                return None, won
+        attempt: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        attempts[key] = attempt
+        won_ms = None
+        try:
+            res = await self._connector.call(_ACQUIRE, self._keys, name, owner, ttl_ms, write=True)
+            if res[0] == 1:
+                won_ms = ttl_ms
+                return self._lease(name, owner, res[1], res[2], res[3]), None
+            return None, int(res[1])
+        finally:
+            attempt.set_result(won_ms)
+            if attempts.get(key) is attempt:
+                del attempts[key]
 
     async def renew(self, name: str, token: int, ttl_ms: int | None) -> Lease:
         ttl = b"" if ttl_ms is None else ttl_ms
@@ -193,10 +220,18 @@ class RedisLeases(LeaseBackend):
         return self._lease(name, res[0], token, res[1], res[2])
 
     async def release(self, name: str, token: int) -> bool:
-        res = await self._connector.call(_RELEASE, self._keys, name, token, write=True)
+        connector = self._connector
+        try:
+            res = await connector.call(
+                _RELEASE, self._keys, name, token, connector.origin, write=True
+            )
+        except BaseException:
+            # Maybe released (a reply lost in flight): wake this process's waiters to look.
+            self._notifier.notify((self._namespace, name))
+            raise
         if res != 1:
             return False
-        # This process's waiters at once (the published message wakes them again: harmless).
+        # This process's waiters at once; the listener skips this connector's own message.
         self._notifier.notify((self._namespace, name))
         return True
 
@@ -207,10 +242,11 @@ class RedisLeases(LeaseBackend):
         return self._lease(name, *res)
 
     async def listen(self) -> None:
-        """Start the connector's :class:`ReleaseListener` (once) and wait, up to the
-        connector's deadline, for its subscription."""
+        """Start the connector's :class:`ReleaseListener` (once) and wait for its subscription,
+        up to the connector's deadline or one poll interval, whichever is shorter: a waiter
+        whose subscription is not up by then polls until it is."""
         connector = self._connector
         listener = connector.release_listener
         if listener is None:
             listener = connector.release_listener = ReleaseListener(connector)
-        await listener.start(connector.timeout)
+        await listener.start(min(connector.timeout, self.poll_interval))

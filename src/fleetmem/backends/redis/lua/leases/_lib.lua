@@ -13,7 +13,8 @@
 --   fm:{ns}:ai        ZSET  score 0, member <id>: agents registered and not deregistered
 --                           (listed BYLEX; a listing drops the gone ones it passes)
 --   fm:{ns}:ae        ZSET  score = expires ms, member <id>: count() is one ZCOUNT above TIME
--- Release notifications: PUBLISH on the channel fm:leases, payload "<ns>\0<name>".
+-- Release notifications: PUBLISH on the channel fm:leases, payload "<ns>\0<name>\0<origin>"
+-- (origin: an id of the releasing connector).
 --
 -- KEYS[1] = "fm:{ns}:". ARGV holds the script's own arguments.
 -- <bind>
