@@ -427,3 +427,42 @@ async def test_many_waiters_on_two_clients_take_turns(
     counts = await stores[0].get_many([f"count/{n}" for n in names])
     assert counts == {f"count/{n}": 8 * rounds for n in names}
     print(f"\n{64 * rounds} acquisitions over 8 names in {took:.2f} s")
+
+
+async def test_waiters_of_one_process_share_an_acquire_in_flight(
+    fleetmem_redis_factory: Callable[..., Any], fleetmem_namespace: str
+) -> None:
+    """A release wakes every waiter of the name in the process; one ``acquire`` goes out and
+    the others are refused with it when it wins: about two script calls (release, acquire) per
+    grant, not one per waiter (counted by the server, on a server of this test's own)."""
+    server = fleetmem_redis_factory()
+    admin = aioredis.Redis.from_url(server.url)
+    try:
+        async with connected_store(
+            RedisStore.from_url(server.url, namespace=fleetmem_namespace)
+        ) as store:
+            grants = 0
+
+            async def worker(i: int) -> None:
+                nonlocal grants
+                for _ in range(5):
+                    lease = await store.leases.acquire(f"n{i % 2}", owner="w", ttl=30, wait=60)
+                    assert lease is not None
+                    grants += 1
+                    await asyncio.sleep(0.002)
+                    assert await store.leases.release(lease)
+
+            await store.leases.holder("warm-up")  # loads the library: FCALL counting starts
+            before = await _fcalls(admin)
+            await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(16))), 60)
+            calls = await _fcalls(admin) - before
+            assert grants == 80
+            # 80 releases + 80 winning acquires + a first try per worker, with slack.
+            assert calls <= 2 * grants + 16 + 40, calls
+    finally:
+        await admin.aclose()
+
+
+async def _fcalls(admin: Any) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_fcall", {}).get("calls", 0))

@@ -342,6 +342,8 @@ class RedisConnector:
         self.lease_attempts: dict[tuple[str, str], Any] = {}
         #: This connector's id in release notifications (its listener skips its own).
         self.origin = os.urandom(8).hex().encode()
+        #: How many pub/sub connections were opened on a Cluster (each on the next node).
+        self._pubsub_turn = -1
         if client is None and cluster is not None:
             self._client = self._make_client(cluster)
         self._refresh_form()
@@ -899,7 +901,10 @@ class RedisConnector:
         if not self._cluster:
             return client.pubsub(), None
         nodes = list(client.get_nodes())
-        self._pubsub_turn = getattr(self, "_pubsub_turn", -1) + 1
+        if not nodes:  # an injected client not used yet
+            await client.initialize()
+            nodes = list(client.get_nodes())
+        self._pubsub_turn += 1
         node = nodes[self._pubsub_turn % len(nodes)]
         kwargs = {
             k: v
