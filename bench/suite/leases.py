@@ -211,9 +211,9 @@ async def _raw_sqlite(target: _Target) -> None:
     """sqlite3 on a connection of its own to the store's file (WAL, the store's
     ``synchronous``), on a worker thread of its own: the store's thread model, one thread hop
     per statement. The lease backend's grant and release statements, each in a ``BEGIN
-    IMMEDIATE`` transaction as the store runs them; the store's ``acquire`` also reads the row
-    first without the write lock (so that waiters do not queue behind writers), which the raw
-    side does not."""
+    IMMEDIATE`` transaction as the store runs them, the grant synced to disk like the store's
+    (the connector's ``synced``); the store's ``acquire`` also reads the row first without the
+    write lock (so that waiters do not queue behind writers), which the raw side does not."""
     import sqlite3
     from concurrent.futures import ThreadPoolExecutor
 
@@ -249,7 +249,9 @@ async def _raw_sqlite(target: _Target) -> None:
         return row, cursor.rowcount
 
     def grant(name: str) -> int | None:
-        row, _ = in_transaction(SQL["lease_grant"], (ns, name, "bench", now_ms(), ttl_ms))
+        # Synced to disk as the store's grant is (synchronous=FULL around its commit).
+        with connector.synced(conn):
+            row, _ = in_transaction(SQL["lease_grant"], (ns, name, "bench", now_ms(), ttl_ms))
         return None if row is None else int(row[0])
 
     def free(name: str, token: int) -> bool:
