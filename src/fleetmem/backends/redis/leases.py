@@ -60,7 +60,9 @@ class ReleaseListener:
     any process wakes this process's waiters of that ``(namespace, name)``.
 
     Started by :meth:`start` (the first waiting ``acquire``), stopped by :meth:`aclose` (the
-    connector's ``aclose``). Its task never outlives the connector.
+    connector's ``aclose``). Its task never outlives the connector. Every waiter is woken when
+    a subscription is confirmed and when one fails: releases published while none was up
+    reached nobody, so the waiters look again.
     """
 
     def __init__(self, connector: RedisConnector) -> None:
@@ -78,16 +80,16 @@ class ReleaseListener:
         return self._ready.is_set()
 
     async def start(self, wait: float) -> None:
-        """Start the listener if it is not running, and wait up to ``wait`` seconds for its
-        subscription: a release published after this returns wakes the caller's watch. If the
-        server cannot be reached, return anyway (the waiter polls; the listener keeps trying)."""
+        """Start the listener if it is not running, and wait up to ``wait`` seconds (0: not at
+        all) for its subscription. If the server cannot be reached, return anyway (the waiter
+        polls; the listener keeps trying)."""
         if self._closed:
             return
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="fleetmem redis lease listener"
             )
-        if not self._ready.is_set():
+        if wait > 0 and not self._ready.is_set():
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), wait)
 
@@ -242,11 +244,13 @@ class RedisLeases(LeaseBackend):
         return self._lease(name, *res)
 
     async def listen(self) -> None:
-        """Start the connector's :class:`ReleaseListener` (once) and wait for its subscription,
-        up to the connector's deadline or one poll interval, whichever is shorter: a waiter
-        whose subscription is not up by then polls until it is."""
+        """Start the connector's :class:`ReleaseListener` (once), without waiting for its
+        subscription: the waiter tries at once. A release it could miss (made before the
+        subscription is up) cannot be lost, since the listener wakes every waiter when its
+        subscription is confirmed (and whenever it fails); with no subscription possible
+        (``SUBSCRIBE`` refused) waiters poll."""
         connector = self._connector
         listener = connector.release_listener
         if listener is None:
             listener = connector.release_listener = ReleaseListener(connector)
-        await listener.start(min(connector.timeout, self.poll_interval))
+        await listener.start(0)
