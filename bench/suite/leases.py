@@ -323,8 +323,8 @@ async def _raw_redis(target: _Target, url: str) -> None:
     """redis-py (a client of its own) calling the lease backend's own two scripts, ``acquire``
     and ``release`` of ``lua/leases/``, the way the store sends them: ``FCALL`` of the
     function library on a standalone server (``EVALSHA`` where the store uses plain scripts),
-    on the namespace's key prefix ``fm:{<namespace>}:``, the script publishing the release as
-    the store's does."""
+    on the namespace's key prefix ``fm:{<namespace>}:``, with the store's arguments (the
+    release's connector id, published with it, one of its own)."""
     import redis.asyncio as aioredis
 
     from fleetmem.backends.redis.connector import FCALL
@@ -349,8 +349,11 @@ async def _raw_redis(target: _Target, url: str) -> None:
         res = await client.execute_command(command, acquire_id, 1, key, name, "bench", ttl_ms)
         return int(res[1]) if res[0] == 1 else None
 
+    origin = os.urandom(8).hex()  # a connector id of its own in the release's message
+
     async def release(name: str, token: int) -> bool:
-        return bool(await client.execute_command(command, release_id, 1, key, name, token) == 1)
+        res = await client.execute_command(command, release_id, 1, key, name, token, origin)
+        return bool(res == 1)
 
     _raw_subjects(target, acquire, release)
 
