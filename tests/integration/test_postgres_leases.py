@@ -119,6 +119,37 @@ async def test_a_lost_listening_connection_is_replaced_and_waiters_still_get_the
     assert listener.problem is None
 
 
+async def test_waiters_poll_when_notifications_are_not_delivered(
+    two_stores: tuple[PostgresStore, PostgresStore],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a transaction-mode pooler does to LISTEN: it is accepted and nothing arrives. The
+    probe notification does not come back, a warning says so once, and waiters fall back to
+    polling once a second."""
+    from fleetmem.backends.postgres import leases as pg_leases
+
+    monkeypatch.setattr(pg_leases, "_PROBE_TIMEOUT", 0.5)
+    monkeypatch.setattr(Listener, "_on_notify", lambda self, *args: None)  # nothing arrives
+    waiting_store, holding_store = two_stores
+    held = await holding_store.leases.acquire("job", owner="h", ttl=60)
+    assert held is not None
+    waiter = asyncio.create_task(waiting_store.leases.acquire("job", owner="w", ttl=60, wait=30))
+    await _until(lambda: getattr(waiting_store.kv.connector.listener, "undelivered", False))
+    listener = waiting_store.kv.connector.listener
+    assert not listener.listening and "not delivered" in (listener.problem or "")
+    assert await holding_store.leases.release(held)
+    released_at = time.monotonic()
+    lease = await asyncio.wait_for(waiter, 30)
+    assert lease is not None and lease.token == held.token + 1
+    assert time.monotonic() - released_at < 10.0  # one poll (1 s), with room for the host
+    warnings = [r for r in caplog.records if "LISTEN unavailable" in r.getMessage()]
+    assert len(warnings) == 1
+    # Later waits poll at once, without trying to listen again.
+    assert await waiting_store.leases.acquire("job", owner="x", ttl=60, wait=0.2) is None
+    assert waiting_store.kv.connector.listener is listener and listener.undelivered
+
+
 async def test_an_injected_pool_lends_the_listener_a_connection_only_while_waiting(
     fleetmem_postgres_database: str, fleetmem_namespace: str
 ) -> None:
