@@ -61,6 +61,10 @@ def _fenced_calls(store: MemoryStore, fence: FenceArg) -> list[Call]:
             lambda: store.compare_and_set("cas", 2, version=7, fence=fence),
         ),
         (
+            "compare_and_set of an absent key, version 1",
+            lambda: store.compare_and_set("absent", 2, version=1, fence=fence),
+        ),
+        (
             "compare_and_set creating",
             lambda: store.compare_and_set("absent", 2, version=0, fence=fence),
         ),
