@@ -80,22 +80,24 @@ def _fenced_calls(store: MemoryStore, fence: FenceArg) -> list[Call]:
 
 
 async def _assert_all_refused(store: MemoryStore, fence: FenceArg) -> None:
+    """Every fenced call raises ``LeaseLostError`` and changes nothing (all are tried; the
+    failures are reported together)."""
     before = await _snapshot(store)
     assert set(before) == {"s", "m1", "m2", "cas", "n", "f", "text", "d", "dm1", "dm2"}
     ttl_before = await store.ttl("s")
+    wrong: list[str] = []
     for name, call in _fenced_calls(store, fence):
         try:
             result = await call()
         except LeaseLostError:
             pass
         except Exception as exc:
-            raise AssertionError(
-                f"fenced {name} raised {type(exc).__name__}: {exc}, expected LeaseLostError"
-            ) from exc
+            wrong.append(f"fenced {name} raised {type(exc).__name__}: {exc}")
         else:
-            raise AssertionError(f"fenced {name} returned {result!r} with a lost lease")
+            wrong.append(f"fenced {name} returned {result!r}")
         after = await _snapshot(store)
         assert after == before, f"fenced {name} changed the store: {before} -> {after}"
+    assert not wrong, "with a lost lease, expected LeaseLostError:\n" + "\n".join(wrong)
     ttl_after = await store.ttl("s")
     assert ttl_before is not None and ttl_after is not None
     assert _TTL - 60 < ttl_after <= ttl_before, (ttl_before, ttl_after)
