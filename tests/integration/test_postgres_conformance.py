@@ -1,7 +1,8 @@
 """The conformance suite on ``PostgresStore`` built from an injected asyncpg pool.
 
 (The URL-built store runs the same suite through the ``store`` fixture of tests/conftest.py.)
-The pool is created by the test, so the store must leave it open after ``close()``.
+The pool is created by the test, so the store must leave it open after ``close()``. The fenced
+writes run once more on a table the planner knows to be empty, where it scans sequentially.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from fleetmem.testing import connected_store
-from fleetmem.testing.conformance import StoreConformance
+from fleetmem.testing.conformance import FencedWritesConformance, StoreConformance
 
 pytestmark = pytest.mark.postgres
 
@@ -74,3 +75,25 @@ class TestHybridStoreOnInjectedTiers(StoreConformance):
         finally:
             await client.aclose()
             await pool.close()
+
+
+class TestPostgresFencesOnAnEmptyTable(FencedWritesConformance):
+    """Fenced writes on a table whose statistics say it is empty (a new deployment, or one
+    that ``clear()`` and autovacuum emptied): the planner then scans it sequentially, and the
+    fence must still be checked when no row reaches the write's own conditions (a fenced
+    ``delete_many`` of absent keys, a ``compare_and_set`` that would conflict)."""
+
+    @pytest.fixture
+    async def store(
+        self, fleetmem_postgres_database: str, fleetmem_namespace: str
+    ) -> AsyncIterator[Any]:
+        from fleetmem.backends.postgres import PostgresStore
+
+        dsn = fleetmem_postgres_database  # a database of this test's own
+        async with connected_store(PostgresStore.from_url(dsn, namespace=fleetmem_namespace)) as s:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute("VACUUM ANALYZE fleetmem.entries")
+            finally:
+                await conn.close()
+            yield s
