@@ -24,6 +24,7 @@ from fleetmem.errors import (
     LeaseLostError,
     SerializationError,
     StoreClosedError,
+    ValueTooLargeError,
 )
 from fleetmem.leases import HeldLease
 from fleetmem.protocol import Entry, Lease
@@ -162,6 +163,9 @@ def bad_calls(store: MemoryStore, lease: Lease) -> list[Call]:
     for i, bad in enumerate([*NOT_OBJECTS, *NOT_JSON]):
         add(f"register(info #{i})", SerializationError, partial(agents.register, "a", info=bad))
         add(f"heartbeat(info #{i})", SerializationError, partial(agents.heartbeat, "a", info=bad))
+    huge = {"x": "a" * 8 * 1024 * 1024}  # over the default max_value_bytes once encoded
+    add("register(info too large)", ValueTooLargeError, partial(agents.register, "a", info=huge))
+    add("heartbeat(info too large)", ValueTooLargeError, partial(agents.heartbeat, "a", info=huge))
     for i, bad in enumerate(BAD_LIMITS):
         add(f"agents.list(limit #{i})", InvalidArgumentError, partial(agents.list, limit=bad))
     return calls
