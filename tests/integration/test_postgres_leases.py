@@ -199,6 +199,9 @@ async def test_a_takeover_waits_for_a_fenced_write_blocked_on_the_entry(
         late_write = asyncio.create_task(old_store.set("report", "old", fence=old))
         # The old write has passed its check and waits for the entry's row lock.
         await _until_waiting(fleetmem_postgres_database, "fleetmem.entries")
+        # While the lease is live, a refused acquire answers at once: it takes no lock.
+        refused = new_store.leases.acquire("writer", owner="new", ttl=30)
+        assert await asyncio.wait_for(refused, 10) is None
         left = (old.expires_at - datetime.now(timezone.utc)).total_seconds()
         await asyncio.sleep(max(0.0, left) + 0.3)
         takeover = asyncio.create_task(new_store.leases.acquire("writer", owner="new", ttl=30))

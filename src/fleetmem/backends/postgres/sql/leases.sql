@@ -6,11 +6,18 @@
 -- name: acquire
 -- $3 owner, $4 ttl in ms. One statement: the upsert takes a free (absent, released or
 -- expired) lease with token + 1, or changes nothing when it is live; the second branch then
--- reports the live lease's remaining life (NULL when the statement's snapshot predates a
--- grant by a concurrent transaction: the caller only uses it to size its sleep).
-WITH granted AS (
+-- reports the live lease's remaining life. The upsert is not even tried when the statement's
+-- snapshot shows the lease live: ON CONFLICT locks the row it conflicts with before it looks at
+-- its WHERE, so a refused acquire would wait for the fenced writes holding the row FOR SHARE
+-- and write a row lock (WAL) on every poll of a waiter. When the snapshot is behind a grant by
+-- a concurrent transaction (the upsert then waited for it and found the lease live), the
+-- reported remaining life is 0 or there is no row: the caller tries again at once.
+WITH current AS (
+    SELECT expires_at FROM {leases} WHERE namespace = $1 AND name = $2
+), granted AS (
     INSERT INTO {leases} AS l (namespace, name, owner, token, acquired_at, expires_at, ttl_ms)
-    VALUES ($1, $2, $3, 1, now(), now() + $4::bigint * interval '1 millisecond', $4)
+    SELECT $1, $2, $3, 1, now(), now() + $4::bigint * interval '1 millisecond', $4::bigint
+    WHERE NOT EXISTS (SELECT 1 FROM current WHERE current.expires_at > now())
     ON CONFLICT (namespace, name) DO UPDATE SET
         owner = EXCLUDED.owner,
         token = l.token + 1,
@@ -23,9 +30,9 @@ WITH granted AS (
 SELECT token, acquired_at, expires_at, NULL::bigint FROM granted
 UNION ALL
 SELECT NULL, NULL, NULL,
-       greatest(0, ceil(extract(epoch FROM l.expires_at - now()) * 1000))::bigint
-FROM {leases} l
-WHERE l.namespace = $1 AND l.name = $2 AND NOT EXISTS (SELECT 1 FROM granted)
+       greatest(0, ceil(extract(epoch FROM c.expires_at - now()) * 1000))::bigint
+FROM current c
+WHERE NOT EXISTS (SELECT 1 FROM granted)
 
 -- name: renew
 -- $3 token, $4 ttl in ms or NULL (the last one).
