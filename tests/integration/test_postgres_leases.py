@@ -297,6 +297,9 @@ async def test_fenced_statements_use_the_primary_key(
             plan = "\n".join(r[0] for r in rows)
             assert "InitPlan" in plan, plan
             assert "entries_pkey" in plan, plan
+            if not sql.startswith("INSERT"):
+                # Checked before the scan starts, also when no row matches.
+                assert "One-Time Filter" in plan, plan
             assert "Seq Scan" not in plan, plan
     finally:
         await conn.close()

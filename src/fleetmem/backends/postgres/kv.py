@@ -81,25 +81,40 @@ _FENCED = (
 
 _PARAM_RE = re.compile(r"\$(\d+)")
 _NAMESPACE_PARAM_RE = re.compile(r"\$1(?!\d)")
+_WHERE_NAMESPACE = "WHERE namespace = $1 "
 
 
 def fenced_statement(sql: str, fence_function: str) -> str:
-    """The fenced twin of write ``sql``: every use of the namespace parameter ``$1`` becomes
-    ``(SELECT fence($1, $n, $n+1))`` with the lease name and token as two new last parameters.
+    """The fenced twin of write ``sql``: it calls ``fence($1, $n, $n+1)`` (the namespace, then
+    the lease name and token as two new last parameters) once, before it writes anything.
 
-    The fence function (migration 0003) returns the namespace when lease ``$n`` is live with
-    token ``$n+1`` -- locking its row ``FOR SHARE`` until the write commits -- and raises
-    SQLSTATE ``FL001`` (``LeaseLostError``) otherwise. An uncorrelated scalar subquery is an
-    InitPlan: PostgreSQL runs it once, before the statement reads or writes any row (it is the
-    runtime key of the primary-key scan, or the value of the row to insert), so a lost lease
-    fails the statement before a version conflict or a non-number is decided, and the write and
-    the check are one statement: one round trip, like the unfenced write. Holding the lease row
-    ``FOR SHARE`` matters under READ COMMITTED: a fenced write that waits for an entry's row
-    lock keeps the lease from being taken over (an ``UPDATE`` of its row) until it commits, so
-    a new holder can never write a key before an old holder's write to it lands.
+    The fence function (migration 0003) returns the namespace when the lease is live with that
+    token -- locking its row ``FOR SHARE`` until the write commits -- and raises SQLSTATE
+    ``FL001`` (``LeaseLostError``) otherwise. It is called as an uncorrelated scalar subquery,
+    which PostgreSQL runs once, as an InitPlan, where the statement first needs it:
+
+    * an ``UPDATE`` or ``DELETE`` (``WHERE namespace = $1 ...``) gets the condition
+      ``(SELECT fence(...)) IS NOT NULL``: it names no column, so it is a *one-time filter*,
+      checked before the scan starts -- also when no row matches (an absent key, an empty
+      table, a plan that never evaluates the scan's keys) -- while ``namespace = $1`` stays a
+      plain key of the primary-key scan;
+    * an ``INSERT`` takes the namespace it writes from the subquery (``VALUES ((SELECT
+      fence(...)), $2, ...)``, or the first column of its ``SELECT``), computed before the row
+      is inserted or its conflict looked at.
+
+    So a lost lease fails the statement before a version conflict or a non-number is decided,
+    and the check and the write are one statement: one round trip, like the unfenced write.
+    Holding the lease row ``FOR SHARE`` matters under READ COMMITTED: a fenced write that waits
+    for an entry's row lock keeps the lease from being taken over (an ``UPDATE`` of its row)
+    until it commits, so a new holder can never write a key before an old holder's write to it
+    lands.
     """
     after = max(int(n) for n in _PARAM_RE.findall(sql)) + 1
     call = f"(SELECT {fence_function}($1, ${after}::text, ${after + 1}::bigint))"
+    if len(_NAMESPACE_PARAM_RE.findall(sql)) != 1:
+        raise ValueError("a fenced statement must use the namespace parameter $1 once")
+    if _WHERE_NAMESPACE in sql:
+        return sql.replace(_WHERE_NAMESPACE, f"WHERE {call} IS NOT NULL AND namespace = $1 ")
     return _NAMESPACE_PARAM_RE.sub(lambda _: call, sql)
 
 
