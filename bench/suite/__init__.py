@@ -11,9 +11,9 @@ in the package users install: ``python bench/run.py`` (or ``fleetmem bench`` fro
 
 Modules: :mod:`.workloads` (the value stored, the call counts, how single calls, batches and
 the 64-coroutine loads are run), :mod:`.timing`, :mod:`.results`, one module per section
-(:mod:`.postgres`, :mod:`.redis`, :mod:`.hybrid`, :mod:`.scaling`; :mod:`.primitives` runs the
-``namespaces()`` and ``fleetmem.sync`` workloads alone), :mod:`.report` and
-:mod:`.cli` (the command line).
+(:mod:`.postgres`, :mod:`.redis`, :mod:`.hybrid`, :mod:`.leases`, :mod:`.scaling`;
+:mod:`.primitives` runs the ``namespaces()`` and ``fleetmem.sync`` workloads alone),
+:mod:`.report` and :mod:`.cli` (the command line).
 """
 
 from __future__ import annotations

@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a tenth of --quick's calls, every workload still measured: checks the command "
         "end to end (its tests); the figures mean nothing",
     )
-    parser.add_argument("--no-peers", action="store_true", help="skip LangGraph/aiocache/cashews")
+    parser.add_argument(
+        "--no-peers", action="store_true", help="skip LangGraph/aiocache/cashews/redis-py Lock"
+    )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
     parser.add_argument(

@@ -120,7 +120,8 @@ async def _open(
     bench: Bench, name: str, dsn: str | None, url: str | None
 ) -> AsyncIterator[_Target | None]:
     """The store (and raw side, and peers) of backend ``name``; ``None`` (with a note) when its
-    leases are not in this build. Everything it wrote is removed on exit."""
+    leases are not in this build. Its entries are cleared on exit; the lease records stay, as
+    a name's last token is kept for good by design."""
     with contextlib.ExitStack() as stack:
         if name == "memory":
             from fleetmem.backends.memory import InMemoryStore
