@@ -154,6 +154,10 @@ async def test_custom_schema_and_table_are_separate(
         "alembic_version_memory2",
         "memory",
         "memory2",
+        "memory2_agents",
+        "memory2_leases",
+        "memory_agents",
+        "memory_leases",
     ]
 
 
