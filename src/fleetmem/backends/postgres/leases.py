@@ -47,6 +47,8 @@ _PING_INTERVAL = 15.0
 #: Seconds a fresh ``LISTEN`` has to deliver its own probe notification; past it notifications
 #: are taken not to work on this connection (a transaction-mode pooler) and waiters poll.
 _PROBE_TIMEOUT = 5.0
+#: The longest a first waiting acquire waits for LISTEN before its first try (one poll).
+_FIRST_LISTEN_WAIT = 1.0
 #: Backoff between reconnects of the listener: from 0.1 s doubling to 5 s.
 _RECONNECT_MIN = 0.1
 _RECONNECT_MAX = 5.0
@@ -88,8 +90,10 @@ class Listener:
 
     async def start(self) -> None:
         """Start listening (once); the first call waits until the first attempt has settled
-        (``LISTEN`` done or failed; at most ``acquire_timeout`` + 2 s), so a waiter that
-        then tries has its releases covered. Never raises: not listening means polling."""
+        (``LISTEN`` done or failed), so a waiter that then tries has its releases covered --
+        but at most one poll interval: a slow connection must not delay a waiter more than
+        polling would, and once ``LISTEN`` is in place every waiter is woken to try again.
+        Never raises: not listening means polling."""
         stopping = self._stopping
         if stopping is not None:
             await asyncio.wait([stopping])
@@ -99,7 +103,7 @@ class Listener:
                 self._run(), name="fleetmem-pg-listener"
             )
         if not self._settled.is_set():
-            timeout = self._connector.acquire_timeout + 2.0
+            timeout = min(self._connector.acquire_timeout + 2.0, _FIRST_LISTEN_WAIT)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._settled.wait()), timeout)
 
@@ -182,7 +186,9 @@ class Listener:
                 if self._complained:
                     self._complained = False
                     _log.info("PostgreSQL LISTEN is back: waiting lease acquires wake at once")
-                    self._notifier.notify_all()  # releases may have gone by meanwhile
+                # Releases may have gone by before LISTEN was in place (a reconnect, or a
+                # waiter that stopped waiting for a slow first LISTEN): every waiter tries again.
+                self._notifier.notify_all()
                 # A pooler may accept LISTEN and never deliver: see that one comes back.
                 self._probe = "probe-" + secrets.token_hex(8)
                 self._probed.clear()
