@@ -1,11 +1,17 @@
 """Wake-ups inside one process: coroutines waiting for a name to be freed.
 
-A :class:`Notifier` maps names (a lease name, later a queue name) to the waiters watching them.
-A waiter registers with :meth:`Notifier.watch` *before* it tries (acquire, claim), so a
-notification that arrives between its failed try and its wait is not lost: the watch keeps it
-and the next :meth:`Watch.wait` returns at once. Backends call :meth:`Notifier.notify` when a
-release happens in this process, and from their listener (PostgreSQL ``LISTEN``, Redis pub/sub)
-when it happens in another one.
+A :class:`Notifier` maps names (a lease name, later a queue name) to the waiters watching them,
+in the order they arrived. A waiter registers with :meth:`Notifier.watch` *before* it tries
+(acquire, claim), so a notification that arrives between its failed try and its wait is not
+lost: the watch keeps it and the next :meth:`Watch.wait` returns at once. Backends call
+:meth:`Notifier.notify` when a release happens in this process, and from their listener
+(PostgreSQL ``LISTEN``, Redis pub/sub) when it happens in another one.
+
+A release frees one lease, so :meth:`Notifier.notify` wakes one waiter: the one that has waited
+longest (first in, first out). Waking them all would send one try per waiter to the server for
+each release, all but one refused. The woken waiter holds the turn until it leaves: a waiter
+that leaves without what it waited for (``granted`` unset: it timed out, failed or was
+cancelled) passes the turn to the next one, so a wake-up is never lost with it.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ __all__ = ["Notifier", "Watch"]
 class Watch:
     """One waiter's interest in one name; a context manager that unregisters on exit."""
 
-    __slots__ = ("_event", "_key", "_notifier")
+    __slots__ = ("_event", "_key", "_notifier", "granted")
 
     def __init__(self, notifier: Notifier, key: Hashable) -> None:
         self._notifier = notifier
         self._key = key
         self._event = asyncio.Event()
+        #: Set by the waiter once it got what it waited for: leaving then passes no turn on.
+        self.granted = False
 
     async def wait(self, timeout: float) -> bool:
         """Wait until notified or ``timeout`` seconds passed; ``True`` when notified. A
@@ -56,23 +64,32 @@ class Watch:
     def key(self) -> Hashable:
         return self._key
 
+    @property
+    def queued_behind(self) -> bool:
+        """Whether waiters of the same name arrived before this one and still wait."""
+        waiters = self._notifier._waiters.get(self._key)
+        return waiters is not None and next(iter(waiters)) is not self
+
 
 class Notifier:
-    """Waiters by name; :meth:`notify` wakes every waiter of a name."""
+    """Waiters by name, in arrival order; :meth:`notify` wakes the longest-waiting one."""
 
     __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._waiters: dict[Hashable, set[Watch]] = {}
+        # A dict per name as an ordered set: arrival order, O(1) removal.
+        self._waiters: dict[Hashable, dict[Watch, None]] = {}
 
     def watch(self, key: Hashable) -> Watch:
         w = Watch(self, key)
-        self._waiters.setdefault(key, set()).add(w)
+        self._waiters.setdefault(key, {})[w] = None
         return w
 
     def notify(self, key: Hashable) -> None:
-        for w in self._waiters.get(key, ()):
-            w._set()
+        """Wake the waiter of ``key`` that has waited longest (one release, one turn)."""
+        waiters = self._waiters.get(key)
+        if waiters:
+            next(iter(waiters))._set()
 
     def notify_all(self) -> None:
         """Wake every waiter (a listener that reconnected may have missed notifications)."""
@@ -88,7 +105,11 @@ class Notifier:
 
     def _drop(self, w: Watch) -> None:
         waiters = self._waiters.get(w.key)
-        if waiters is not None:
-            waiters.discard(w)
-            if not waiters:
-                del self._waiters[w.key]
+        if waiters is None:
+            return
+        waiters.pop(w, None)
+        if not waiters:
+            del self._waiters[w.key]
+        elif not w.granted:
+            # It may have held the turn of a release it did not use: pass it on.
+            next(iter(waiters))._set()

@@ -155,10 +155,17 @@ class Leases:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         async with backend.watch(lease_name) as watch:
+            # Waiters of this process take turns in arrival order: one that arrives behind
+            # others waits for its turn (a release wakes the longest-waiting one) instead of
+            # racing them to the server. It still tries at least once a poll interval.
+            try_now = not watch.queued_behind
             while True:
-                lease, left_ms = await backend.acquire(lease_name, who, ttl_ms)
-                if lease is not None:
-                    return lease
+                left_ms: int | None = None
+                if try_now:
+                    lease, left_ms = await backend.acquire(lease_name, who, ttl_ms)
+                    if lease is not None:
+                        watch.granted = True
+                        return lease
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return None
@@ -166,6 +173,7 @@ class Leases:
                 if left_ms is not None:
                     pause = min(pause, left_ms / 1000 + 0.002)
                 await watch.wait(pause)
+                try_now = True
 
     async def renew(
         self, lease: Lease | HeldLease, *, ttl: float | timedelta | None = None

@@ -1,0 +1,100 @@
+"""The in-process notifier: one release wakes one waiter, in arrival order, and a turn is never
+lost with a waiter that leaves without using it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fleetmem import InMemoryStore
+from fleetmem._notify import Notifier
+
+
+async def test_a_notification_wakes_the_longest_waiting_waiter_only() -> None:
+    n = Notifier()
+    with n.watch("k") as first, n.watch("k") as second:
+        assert not first.queued_behind and second.queued_behind
+        n.notify("k")
+        assert await first.wait(0) is True
+        assert await second.wait(0) is False
+
+
+async def test_a_notification_before_the_wait_is_kept() -> None:
+    n = Notifier()
+    with n.watch("k") as w:
+        n.notify("k")
+        assert await w.wait(5) is True  # returns at once: the notification was kept
+        assert await w.wait(0) is False  # and counted once
+
+
+async def test_a_waiter_leaving_without_a_grant_passes_its_turn_on() -> None:
+    n = Notifier()
+    second = n.watch("k")
+    with n.watch("other"), second:
+        first = n.watch("k")
+        # ``first`` arrived after ``second``: it is behind it.
+        assert first.queued_behind
+        with first:
+            n.notify("k")  # the turn goes to ``second``
+            assert await first.wait(0) is False
+        # ``first`` left: nothing to pass on (it never had the turn), ``second`` still has it.
+        assert await second.wait(0) is True
+    third, fourth = n.watch("k"), n.watch("k")
+    with fourth:
+        with third:
+            n.notify("k")
+        # ``third`` left with the turn and without a grant: ``fourth`` has it now.
+        assert await fourth.wait(0) is True
+
+
+async def test_a_waiter_leaving_granted_passes_nothing_on() -> None:
+    n = Notifier()
+    with n.watch("k") as later:
+        with n.watch("k") as w:
+            pass
+        assert later.queued_behind is False
+        winner = n.watch("k")
+        with winner:
+            winner.granted = True
+        assert await later.wait(0) is True  # ``w`` left without a grant: its turn passed
+        with n.watch("k") as granted:
+            granted.granted = True
+        assert await later.wait(0) is False
+
+
+async def test_waiters_of_one_process_get_a_released_lease_in_arrival_order() -> None:
+    store = InMemoryStore(namespace="fifo")
+    holder = await store.leases.acquire("L", owner="holder", ttl=60)
+    assert holder is not None
+    order: list[str] = []
+
+    async def wait_for_it(who: str) -> None:
+        lease = await store.leases.acquire("L", owner=who, ttl=60, wait=30)
+        assert lease is not None
+        order.append(who)
+        await asyncio.sleep(0.01)
+        assert await store.leases.release(lease)
+
+    tasks = []
+    for who in ("a", "b", "c", "d"):
+        tasks.append(asyncio.create_task(wait_for_it(who)))
+        await asyncio.sleep(0.02)  # each is waiting before the next arrives
+    assert await store.leases.release(holder)
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    assert order == ["a", "b", "c", "d"]
+
+
+async def test_a_newcomer_does_not_take_the_lease_before_earlier_waiters() -> None:
+    store = InMemoryStore(namespace="fifo")
+    holder = await store.leases.acquire("L", owner="holder", ttl=60)
+    assert holder is not None
+    waiter = asyncio.create_task(store.leases.acquire("L", owner="waiter", ttl=60, wait=30))
+    await asyncio.sleep(0.05)
+    assert await store.leases.release(holder)
+    # The releaser asks again at once, as a loop would: the waiter that was there first wins.
+    again = asyncio.create_task(store.leases.acquire("L", owner="holder", ttl=60, wait=30))
+    first = await asyncio.wait_for(waiter, 20)
+    assert first is not None and first.owner == "waiter"
+    assert not again.done()
+    assert await store.leases.release(first)
+    second = await asyncio.wait_for(again, 20)
+    assert second is not None and first.token < second.token
