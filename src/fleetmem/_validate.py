@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -102,6 +103,15 @@ def validate_name(value: object, what: str, max_bytes: int = MAX_KEY_BYTES) -> s
     return _validate_name(value, what, max_bytes)
 
 
+def _as_float(number: int | float) -> float:
+    """``number`` as a float; an int too large for one becomes the largest float of its sign
+    (which the callers refuse as out of range) instead of raising ``OverflowError``."""
+    try:
+        return float(number)
+    except OverflowError:
+        return sys.float_info.max if number > 0 else -sys.float_info.max
+
+
 def validate_wait(wait: object) -> float | None:
     """``wait`` (seconds or ``timedelta``, >= 0, finite; ``None``: do not wait) as seconds."""
     if wait is None:
@@ -111,7 +121,7 @@ def validate_wait(wait: object) -> float | None:
     if isinstance(wait, timedelta):
         seconds = wait.total_seconds()
     elif isinstance(wait, (int, float)):
-        seconds = float(wait)
+        seconds = _as_float(wait)
     else:
         raise InvalidArgumentError(
             f"wait must be a number of seconds or a timedelta, not {type(wait).__name__}"
@@ -169,7 +179,7 @@ def validate_ttl(ttl: object) -> int:
     if isinstance(ttl, timedelta):
         seconds = ttl.total_seconds()
     elif isinstance(ttl, (int, float)):
-        seconds = float(ttl)
+        seconds = _as_float(ttl)
     else:
         raise InvalidArgumentError(
             f"ttl must be a number of seconds or a timedelta, not {type(ttl).__name__}"

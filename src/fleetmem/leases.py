@@ -28,8 +28,10 @@ from fleetmem.backends.seam import Fence, LeaseBackend
 from fleetmem.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
+    InvalidKeyError,
     LeaseLostError,
     LeaseUnavailableError,
+    StoreClosedError,
 )
 from fleetmem.protocol import Lease
 
@@ -37,6 +39,8 @@ __all__ = ["MAX_OWNER_BYTES", "HeldLease", "LeaseLock", "Leases", "fence_of"]
 
 #: The longest ``owner`` accepted, in UTF-8 bytes.
 MAX_OWNER_BYTES = 255
+#: The largest fencing token (a signed 64-bit integer on every backend).
+_MAX_TOKEN = 2**63 - 1
 #: The TTL of a lease when none is given, in seconds.
 DEFAULT_LEASE_TTL = 30.0
 
@@ -91,6 +95,7 @@ def fence_of(fence: object, namespace: str) -> Fence | None:
         raise InvalidArgumentError(
             f"fence must be a Lease or a HeldLease, not {type(fence).__name__}"
         )
+    _check_lease(fence)
     if fence.namespace != namespace:
         raise InvalidArgumentError(
             f"fence is a lease of namespace {fence.namespace!r}; it cannot fence a write in "
@@ -99,11 +104,27 @@ def fence_of(fence: object, namespace: str) -> Fence | None:
     return Fence(fence.name, fence.token)
 
 
+def _check_lease(lease: Lease) -> None:
+    """A ``Lease`` built by hand (``dataclasses.replace``) is checked like any argument: a name
+    under the key rules and a token that a backend can have granted."""
+    try:
+        validate_name(lease.name, "lease name")
+    except InvalidKeyError as exc:
+        raise InvalidArgumentError(f"not a lease this store granted: {exc}") from None
+    token = lease.token
+    if isinstance(token, bool) or not isinstance(token, int) or not 1 <= token <= _MAX_TOKEN:
+        raise InvalidArgumentError(
+            f"not a lease this store granted: its token must be an int from 1 to 2**63 - 1, "
+            f"not {token!r}"
+        )
+
+
 def _lease_arg(lease: object, namespace: str) -> Lease:
     if isinstance(lease, HeldLease):
         lease = lease.lease
     if not isinstance(lease, Lease):
         raise InvalidArgumentError(f"expected a Lease or a HeldLease, not {type(lease).__name__}")
+    _check_lease(lease)
     if lease.namespace != namespace:
         raise InvalidArgumentError(
             f"lease {lease.name!r} belongs to namespace {lease.namespace!r}, not {namespace!r}"
@@ -161,6 +182,7 @@ class Leases:
             try_now = not watch.queued_behind
             while True:
                 left_ms: int | None = None
+                self._check_open()  # a store closed while this waited: no grant from it
                 if try_now:
                     lease, left_ms = await backend.acquire(lease_name, who, ttl_ms)
                     if lease is not None:
@@ -268,8 +290,8 @@ class LeaseLock:
             await asyncio.sleep(pause)
             try:
                 held.lease = await backend.renew(held.lease.name, held.lease.token, self._ttl_ms)
-            except LeaseLostError:
-                held.lost.set()
+            except (LeaseLostError, StoreClosedError):
+                held.lost.set()  # a closed store renews nothing: the lease runs out
                 return
             except (BackendUnavailableError, OSError) as exc:
                 # The server may be briefly unreachable: try again soon, while the lease can

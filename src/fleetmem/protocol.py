@@ -226,7 +226,7 @@ class MemoryStore(Protocol):
 
     if TYPE_CHECKING:
         # Checked statically only: on Python < 3.12 isinstance() reads every member of a
-        # runtime protocol, and these build backend objects (or raise NotImplementedError on a
+        # runtime protocol, and these build backend objects (or raise ConfigurationError on a
         # backend that has no leases yet).
 
         @property

@@ -9,6 +9,7 @@ raises its own error rather than ``StoreClosedError``. On an open store it chang
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
@@ -49,6 +50,8 @@ BAD_WAITS: list[Any] = [
     [1],
     timedelta(seconds=-1),
     101 * 365 * 24 * 3600,
+    10**400,  # too large for a float: refused, not an OverflowError
+    -(10**400),
 ]
 BAD_LIMITS: list[Any] = [-1, -(2**70), 1.5, "1", True, [1]]
 NOT_OBJECTS: list[Any] = [[1], "x", 1, 1.5, True, ("a", 1), b"{}"]
@@ -156,6 +159,15 @@ def bad_calls(store: MemoryStore, lease: Lease) -> list[Call]:
             InvalidArgumentError,
             partial(leases.release, foreign),
         )
+    # A Lease built by hand that no store can have granted (dataclasses.replace).
+    malformed: list[Any] = [
+        replace(lease, token=bad) for bad in (0, -1, 2**63, 2**70, True, 1.0, "7", None)
+    ] + [replace(lease, name=bad) for bad in ("", None, 7, "a\x00b", "k" * 1025)]
+    for i, bad in enumerate(malformed):
+        for name, call in _writes(store, bad):
+            add(f"{name}(fence=malformed lease #{i})", InvalidArgumentError, call)
+        add(f"renew(malformed lease #{i})", InvalidArgumentError, partial(leases.renew, bad))
+        add(f"release(malformed lease #{i})", InvalidArgumentError, partial(leases.release, bad))
     # A held lease whose renewal failed: refused before the store is asked.
     for name, call in _writes(store, _lost(lease)):
         add(f"{name}(fence=lost HeldLease)", LeaseLostError, call)

@@ -4,8 +4,11 @@ lost with a waiter that leaves without using it."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from fleetmem import InMemoryStore
+import pytest
+
+from fleetmem import InMemoryStore, StoreClosedError
 from fleetmem._notify import Notifier
 
 
@@ -49,13 +52,13 @@ async def test_a_waiter_leaving_without_a_grant_passes_its_turn_on() -> None:
 async def test_a_waiter_leaving_granted_passes_nothing_on() -> None:
     n = Notifier()
     with n.watch("k") as later:
-        with n.watch("k") as w:
+        with n.watch("k"):  # arrives after ``later``, leaves without a grant
             pass
         assert later.queued_behind is False
         winner = n.watch("k")
         with winner:
             winner.granted = True
-        assert await later.wait(0) is True  # ``w`` left without a grant: its turn passed
+        assert await later.wait(0) is True  # the one that left without a grant passed a turn
         with n.watch("k") as granted:
             granted.granted = True
         assert await later.wait(0) is False
@@ -98,3 +101,18 @@ async def test_a_newcomer_does_not_take_the_lease_before_earlier_waiters() -> No
     assert await store.leases.release(first)
     second = await asyncio.wait_for(again, 20)
     assert second is not None and first.token < second.token
+
+
+async def test_a_waiting_acquire_stops_when_the_store_closes(tmp_path: Path) -> None:
+    from fleetmem.backends.sqlite import SQLiteStore
+
+    for store in (InMemoryStore(namespace="closing"), SQLiteStore(tmp_path / "c.db")):
+        await store.connect()
+        held = await store.leases.acquire("L", owner="a", ttl=60)
+        assert held is not None
+        waiter = asyncio.create_task(store.leases.acquire("L", owner="b", ttl=60, wait=30))
+        await asyncio.sleep(0.1)
+        await store.close()
+        # No lease from a closed store (the in-memory one forgets its leases on close).
+        with pytest.raises(StoreClosedError):
+            await asyncio.wait_for(waiter, 10)

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from fleetmem._notify import Notifier, Watch
 from fleetmem._validate import GlobPattern
-from fleetmem.errors import AgentGoneError, LeaseLostError
+from fleetmem.errors import AgentGoneError, ConfigurationError, LeaseLostError
 from fleetmem.protocol import Agent, Entry, Health, Lease, StoreStats
 
 __all__ = [
@@ -292,11 +292,11 @@ class KVBackend(abc.ABC):
     def leases(self) -> LeaseBackend:
         """The lease primitive of this technology, bound to this namespace and sharing this
         backend's connector (and its fence checks)."""
-        raise NotImplementedError(f"the {self.backend_name} backend has no leases")
+        raise ConfigurationError(f"the {self.backend_name} backend has no leases")
 
     def agents(self) -> AgentBackend:
         """The agent registry of this technology, bound to this namespace."""
-        raise NotImplementedError(f"the {self.backend_name} backend has no agent registry")
+        raise ConfigurationError(f"the {self.backend_name} backend has no agent registry")
 
     # ---------------------------------------------------------------- batches
     # Used to merge concurrent single-key calls. The defaults are correct but make one call per

@@ -383,3 +383,4 @@ class InMemoryKV(KVBackend):
         self._spaces.clear()
         self._coord.leases.clear()
         self._coord.agents.clear()
+        self._coord.notifier.notify_all()  # waiting acquires see the store closed

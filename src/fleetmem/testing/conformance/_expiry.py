@@ -30,6 +30,8 @@ BAD_TTLS: list[Any] = [
     timedelta(seconds=-1),
     timedelta(microseconds=500),
     101 * 365 * 24 * 3600,  # over 100 years
+    10**400,  # too large for a float: refused, not an OverflowError
+    -(10**400),
 ]
 
 
