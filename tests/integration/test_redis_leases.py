@@ -12,7 +12,12 @@ by the conformance suite on every backend).
 * fenced scripts: each fenced twin keeps its script's flags and checks the fence first; on a
   full server (``maxmemory``, ``noeviction``) reads, renewals, releases and fenced deletes run,
   grants and fenced sets are refused with nothing written;
-* many coroutines on two connectors over a few names: one holder at a time, tokens growing.
+* many coroutines on two connectors over a few names: one holder at a time, tokens growing;
+* large fenced batches, with the lease taken by another client between script calls (the
+  store's connector is wrapped to pick the moment; Redis is real): a ``set_many`` of 5,000
+  items and a ``delete_many`` of 10,000 keys are one call, all or nothing; beyond one call
+  (15,000 items, 12,000 keys) the error says how many items the earlier calls wrote or
+  deleted; on a Cluster a 10,000-item chunk is one call on the namespace's slot.
 
 Every server that is restarted or filled is started by the harness for the test.
 """
@@ -466,3 +471,146 @@ async def test_waiters_of_one_process_share_an_acquire_in_flight(
 async def _fcalls(admin: Any) -> int:
     stats = await admin.info("commandstats")
     return int(stats.get("cmdstat_fcall", {}).get("calls", 0))
+
+
+def _steal_after(
+    monkeypatch: pytest.MonkeyPatch,
+    store: RedisStore,
+    thief: RedisStore,
+    lease: Any,
+    script: str,
+    after: int,
+) -> list[int]:
+    """Wrap ``store``'s connector so that as soon as ``after`` calls of ``script`` (a fenced
+    script) have returned (0: before the first goes out), ``thief`` (another client) releases
+    ``lease`` and takes it over. Redis itself is real; only the moment is chosen. Returns the
+    list of the script's calls (their argument counts), growing."""
+    connector = store._kv.connector
+    real = connector.call
+    target = SCRIPTS[script]
+    calls: list[int] = []
+
+    async def steal() -> None:
+        assert await thief.leases.release(lease) is True
+        assert await thief.leases.acquire(lease.name, owner="thief", ttl=60) is not None
+
+    async def call(s: Any, keys: Any, *args: Any, write: bool) -> Any:
+        if s is target:
+            if after == 0 and not calls:
+                await steal()
+            calls.append(len(args))
+        res = await real(s, keys, *args, write=write)
+        if s is target and after and len(calls) == after:
+            await steal()
+        return res
+
+    monkeypatch.setattr(connector, "call", call)
+    return calls
+
+
+async def _present(store: RedisStore, keys: list[str]) -> int:
+    return sum(1 for v in (await store.get_many(keys)).values() if v is not None)
+
+
+@pytest.mark.parametrize("after", [0, 1])
+async def test_a_fenced_set_many_of_5000_items_is_all_or_nothing(
+    two_stores: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch, after: int
+) -> None:
+    """The lease is taken by another client before the first script call of the write, or
+    as soon as that call returns: either nothing or all 5,000 items are written, never a part
+    (they used to go out as three calls of 2,000, each checking the fence)."""
+    a, b = two_stores
+    lease = await a.leases.acquire("job", owner="a", ttl=60)
+    assert lease is not None
+    items = {f"k{i}": i for i in range(5000)}
+    calls = _steal_after(monkeypatch, a, b, lease, "fenced_set_many", after)
+    if after == 0:
+        with pytest.raises(LeaseLostError, match="nothing was changed"):
+            await a.set_many(items, fence=lease)
+        assert await _present(a, list(items)) == 0
+    else:
+        assert await a.set_many(items, fence=lease) == 5000
+        assert await _present(a, list(items)) == 5000
+    assert len(calls) == 1  # one script call for the whole chunk
+    assert (await a.leases.holder("job")).owner == "thief"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("after", [0, 1])
+async def test_a_fenced_delete_many_of_10000_keys_is_all_or_nothing(
+    two_stores: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch, after: int
+) -> None:
+    a, b = two_stores
+    keys = [f"k{i}" for i in range(10_000)]
+    await a.set_many(dict.fromkeys(keys, 1))
+    lease = await a.leases.acquire("job", owner="a", ttl=60)
+    assert lease is not None
+    calls = _steal_after(monkeypatch, a, b, lease, "fenced_delete_many", after)
+    if after == 0:
+        with pytest.raises(LeaseLostError, match="nothing was changed"):
+            await a.delete_many(keys, fence=lease)
+        assert await _present(a, keys) == 10_000
+    else:
+        assert await a.delete_many(keys, fence=lease) == 10_000
+        assert await _present(a, keys) == 0
+    assert len(calls) == 1
+
+
+async def test_a_fenced_delete_many_refused_after_its_first_call_says_what_was_deleted(
+    two_stores: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12,000 keys take two calls; the lease is lost between them: the first 10,000 stay
+    deleted and the error says so, instead of "nothing was changed"."""
+    a, b = two_stores
+    keys = [f"k{i}" for i in range(12_000)]
+    await a.set_many(dict.fromkeys(keys, 1))
+    lease = await a.leases.acquire("job", owner="a", ttl=60)
+    assert lease is not None
+    calls = _steal_after(monkeypatch, a, b, lease, "fenced_delete_many", 1)
+    with pytest.raises(LeaseLostError) as info:
+        await a.delete_many(keys, fence=lease)
+    text = str(info.value)
+    assert "nothing was changed" not in text
+    assert "10,000 items were already deleted" in text and "12,000 keys" in text
+    assert len(calls) == 2
+    assert await _present(a, keys[:10_000]) == 0
+    assert await _present(a, keys[10_000:]) == 2000
+
+
+async def test_a_fenced_set_many_refused_after_its_first_chunk_says_what_was_written(
+    two_stores: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """15,000 items are two front-end chunks (SET_MANY_CHUNK), one script call each: the
+    first chunk stays written, the second is not, and the error says how many were written."""
+    a, b = two_stores
+    items = {f"k{i}": i for i in range(15_000)}
+    lease = await a.leases.acquire("job", owner="a", ttl=60)
+    assert lease is not None
+    calls = _steal_after(monkeypatch, a, b, lease, "fenced_set_many", 1)
+    with pytest.raises(LeaseLostError) as info:
+        await a.set_many(items, fence=lease)
+    text = str(info.value)
+    assert "nothing was changed" not in text and "10,000 items were already written" in text
+    assert len(calls) == 2
+    keys = list(items)
+    assert await _present(a, keys[:10_000]) == 10_000
+    assert await _present(a, keys[10_000:]) == 0
+
+
+@pytest.mark.cluster
+async def test_a_fenced_set_many_of_a_full_chunk_is_one_call_on_a_cluster(
+    fleetmem_redis_cluster: Any, fleetmem_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All keys of a namespace share its hash tag, so a 10,000-item chunk is one script call
+    on one slot (EVALSHA form), and is refused whole once the lease is gone."""
+    async with connected_store(
+        RedisStore.from_url(fleetmem_redis_cluster.url, namespace=fleetmem_namespace)
+    ) as store:
+        lease = await store.leases.acquire("job", owner="a", ttl=60)
+        assert lease is not None
+        items = {f"k{i}": i for i in range(10_000)}
+        assert await store.set_many(items, fence=lease) == 10_000
+        assert await store.delete_many(list(items), fence=lease) == 10_000
+        assert await store.leases.release(lease)
+        with pytest.raises(LeaseLostError, match="nothing was changed"):
+            await store.set_many(items, fence=lease)
+        assert await _present(store, list(items)) == 0

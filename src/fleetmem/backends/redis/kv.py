@@ -68,12 +68,14 @@ from fleetmem.backends.seam import (
     KVBackend,
     LeaseBackend,
     SetOp,
+    lease_lost,
 )
 from fleetmem.errors import (
     BackendUnavailableError,
     FleetmemError,
     InvalidArgumentError,
     KeyNotFoundError,
+    LeaseLostError,
     NotANumberError,
     VersionConflictError,
 )
@@ -152,8 +154,10 @@ _NS_SETTLE = 32
 
 #: Keys per MGET / script call in the batch operations.
 _BATCH = 10_000
-#: Items per ``set_many`` script call: the packed command is the driver's copy of the values,
-#: so a slice keeps it a fifth of a ``set_many`` chunk (the round trips it adds cost ~2%).
+#: Items per unfenced ``set_many`` script call: the packed command is the driver's copy of the
+#: values, so a slice keeps it a fifth of a ``set_many`` chunk (the round trips it adds cost
+#: ~2%). A fenced ``set_many`` sends each front-end chunk (up to 10,000 items) as one call, so
+#: that the chunk is atomic with its fence check (see :meth:`RedisKV._fenced_set_many`).
 _SET_MANY_SLICE = 2000
 #: Merged ``set`` calls per script call (five arguments each).
 _OPS_BATCH = 1000
@@ -167,6 +171,19 @@ def _part_arg(partition: str | None) -> str:
     if partition is None:
         return ""
     return "=" if partition == DEFAULT_PARTITION else "=" + partition
+
+
+def _lost_midway(fence: Fence, done: int, what: str) -> LeaseLostError:
+    """``LeaseLostError`` for a fenced ``set_many`` / ``delete_many`` refused after earlier
+    script calls of it were applied: seam's wording, with "nothing was changed" replaced by
+    what those calls did (``done`` items ``what``); the refused call and the rest changed
+    nothing."""
+    text = str(lease_lost(fence.name, fence.token))
+    head = text.removesuffix("; nothing was changed")
+    return LeaseLostError(
+        f"{head}; {done:,} items were already {what}, which stay; the refused call and the "
+        "rest changed nothing"
+    )
 
 
 class RedisKV(KVBackend):
@@ -700,12 +717,36 @@ class RedisKV(KVBackend):
         count = 0
         parg = _part_arg(partition)
         mark = mark_payload
-        script, tail = (_SET_MANY, ()) if fence is None else (_F_SET_MANY, fence)
+        if fence is not None:
+            return await self._fenced_set_many(chunks, ttl_ms or 0, parg, fence)
         for chunk in chunks:
             for start in range(0, len(chunk), _SET_MANY_SLICE):
                 part = chunk[start : start + _SET_MANY_SLICE]
                 args: list[Any] = [x for key, payload in part for x in (key, mark(payload))]
-                count += await self._script(True, script, ttl_ms or 0, parg, *args, *tail)
+                count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
+        if not self._trusted():
+            await self._register_after()
+        return count
+
+    async def _fenced_set_many(
+        self, chunks: Iterator[list[tuple[str, bytes]]], ttl_ms: int, parg: str, fence: Fence
+    ) -> int:
+        """A fenced ``set_many``: one script call per front-end chunk (up to ``SET_MANY_CHUNK``
+        = 10,000 items), so each chunk is written whole under its fence check or not at all.
+        A refusal after earlier chunks were applied says how many items they wrote."""
+        count = 0
+        for chunk in chunks:
+            args: list[Any] = [x for key, payload in chunk for x in (key, mark_payload(payload))]
+            try:
+                count += await self._script(True, _F_SET_MANY, ttl_ms, parg, *args, *fence)
+            except LeaseLostError as exc:
+                if not count:
+                    raise
+                if not self._trusted():
+                    await self._register_after()
+                raise _lost_midway(
+                    fence, count, "written by earlier chunks of this set_many"
+                ) from exc
         if not self._trusted():
             await self._register_after()
         return count
@@ -802,12 +843,26 @@ class RedisKV(KVBackend):
         return res[0] == 1
 
     async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
-        script, tail = (_DELETE_MANY, ()) if fence is None else (_F_DELETE_MANY, fence)
         count = 0
-        # A fenced call checks its fence even with no key (one call).
-        for start in range(0, max(len(keys), 1 if tail else 0), _BATCH):
+        if fence is None:
+            for start in range(0, len(keys), _BATCH):
+                count += sum(await self._script(True, _DELETE_MANY, *keys[start : start + _BATCH]))
+            return count
+        # Fenced: one call per _BATCH (10,000) keys, each atomic with its fence check; a call
+        # is made even with no key, so the fence is always checked.
+        for start in range(0, max(len(keys), 1), _BATCH):
             chunk = keys[start : start + _BATCH]
-            count += sum(await self._script(True, script, *chunk, *tail))
+            try:
+                count += sum(await self._script(True, _F_DELETE_MANY, *chunk, *fence))
+            except LeaseLostError as exc:
+                if not start:
+                    raise
+                raise _lost_midway(
+                    fence,
+                    count,
+                    f"deleted by earlier calls of this delete_many (they covered its first "
+                    f"{start:,} of {len(keys):,} keys)",
+                ) from exc
         return count
 
     async def delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
