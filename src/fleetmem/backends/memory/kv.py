@@ -276,10 +276,12 @@ class InMemoryKV(KVBackend):
         partition: str | None,
         fence: Fence | None = None,
     ) -> int:
+        # No await in here: the whole call is atomic for other coroutines, so one fence check
+        # covers every chunk (as one transaction does on SQLite and PostgreSQL).
+        self._fence(fence, time.time())
         count = 0
         for chunk in chunks:
             now = time.time()
-            self._fence(fence, now)
             for key, payload in chunk:
                 self._write(key, payload, now, ttl_ms, partition, False, self._live(key, now))
             count += len(chunk)

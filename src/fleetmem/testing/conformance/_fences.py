@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from fleetmem.errors import LeaseLostError
+from fleetmem.errors import InvalidArgumentError, LeaseLostError
 from fleetmem.leases import HeldLease
 from fleetmem.protocol import Entry, Lease, MemoryStore
 from fleetmem.testing.conformance._leases import CoordinationBase
@@ -175,7 +175,7 @@ class FencedWritesConformance(CoordinationBase):
         assert current is not None and current.token > stale.token
         await _assert_all_refused(store, stale)
         # Tokens never granted are refused too; the current holder's writes go through.
-        for token in (current.token + 1, 0):
+        for token, error in ((current.token + 1, LeaseLostError), (0, InvalidArgumentError)):
             forged = Lease(
                 current.name,
                 current.owner,
@@ -184,7 +184,7 @@ class FencedWritesConformance(CoordinationBase):
                 current.expires_at,
                 current.namespace,
             )
-            with pytest.raises(LeaseLostError):
+            with pytest.raises(error):  # 0 is no token at all: refused before any I/O
                 await store.set("s", "forged", fence=forged)
         assert (await store.set("s", "current", fence=current)).version == 3
         assert await store.incr("n", fence=current) == 6

@@ -267,10 +267,17 @@ class LeasesConformance(CoordinationBase):
         assert current is not None and current.token > old.token
         assert await leases.release(old) is False
         # Tokens never granted (one above, one below) release and renew nothing either.
-        for token in (current.token + 1, current.token - 1, 0, -1):
+        for token in (current.token + 1, current.token - 1):
             forged = dataclasses.replace(current, token=token)
             assert await leases.release(forged) is False, token
             with pytest.raises(LeaseLostError):
+                await leases.renew(forged)
+        # Tokens no backend can grant are refused before any I/O.
+        for token in (0, -1):
+            forged = dataclasses.replace(current, token=token)
+            with pytest.raises(InvalidArgumentError):
+                await leases.release(forged)
+            with pytest.raises(InvalidArgumentError):
                 await leases.renew(forged)
         assert_same_lease(await leases.holder("job"), current, "holder")
         assert await leases.release(current) is True
