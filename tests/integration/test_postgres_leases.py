@@ -181,8 +181,8 @@ async def test_a_takeover_waits_for_a_fenced_write_blocked_on_the_entry(
 ) -> None:
     """The READ COMMITTED hole a fence must close: the old holder's write passes its check,
     then waits for the entry's row lock; meanwhile its lease expires and a new holder takes it
-    and writes the key. Holding the lease row FOR SHARE until the write commits makes the
-    takeover wait, so the new holder's write is the last one."""
+    and writes the key. Holding the lease row FOR SHARE until the write commits keeps the
+    lease from being granted before then, so the new holder's write is the last one."""
     old_store, new_store = two_stores
     ns = old_store.namespace
     await old_store.set("report", "initial")
@@ -204,9 +204,15 @@ async def test_a_takeover_waits_for_a_fenced_write_blocked_on_the_entry(
         assert await asyncio.wait_for(refused, 10) is None
         left = (old.expires_at - datetime.now(timezone.utc)).total_seconds()
         await asyncio.sleep(max(0.0, left) + 0.3)
-        takeover = asyncio.create_task(new_store.leases.acquire("writer", owner="new", ttl=30))
+        # Expired, but not grantable while the write is in flight: refused at once, and a
+        # waiter keeps trying until the write has landed.
+        refused = new_store.leases.acquire("writer", owner="new", ttl=30)
+        assert await asyncio.wait_for(refused, 10) is None
+        takeover = asyncio.create_task(
+            new_store.leases.acquire("writer", owner="new", ttl=30, wait=60)
+        )
         await asyncio.sleep(0.5)
-        assert not takeover.done()  # it waits for the fenced write, whatever the host's speed
+        assert not takeover.done()  # still refused, whatever the host's speed
         await tx.rollback()
         await asyncio.wait_for(late_write, 30)
         new = await asyncio.wait_for(takeover, 30)
@@ -218,6 +224,147 @@ async def test_a_takeover_waits_for_a_fenced_write_blocked_on_the_entry(
         assert await new_store.get("report") == "new"
     finally:
         await blocker.close()
+
+
+async def test_an_acquire_does_not_wait_for_a_fenced_write_that_holds_an_expired_lease(
+    two_stores: tuple[PostgresStore, PostgresStore], fleetmem_postgres_database: str
+) -> None:
+    """An old holder's fenced write, blocked on an entry's row lock, holds the lease row FOR
+    SHARE past the lease's expiry. An acquire must not queue behind it: without ``wait`` it
+    returns None at once; with ``wait`` it keeps trying and, once the write has landed, gets a
+    lease stamped when it was granted -- not an expiry computed from when it started waiting."""
+    old_store, new_store = two_stores
+    ns = old_store.namespace
+    await old_store.set("report", "initial")
+    blocker = await asyncpg.connect(fleetmem_postgres_database)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "SELECT 1 FROM fleetmem.entries WHERE namespace = $1 AND key = 'report' FOR UPDATE",
+            ns,
+        )
+        old = await old_store.leases.acquire("writer", owner="old", ttl=1)
+        assert old is not None
+        late_write = asyncio.create_task(old_store.set("report", "old", fence=old))
+        await _until_waiting(fleetmem_postgres_database, "fleetmem.entries")
+        await _until_expired(new_store, "writer")
+        # Not grantable now (the row is locked by the write in flight): None, at once.
+        started = time.monotonic()
+        refused = new_store.leases.acquire("writer", owner="new", ttl=1)
+        assert await asyncio.wait_for(refused, 10) is None
+        assert time.monotonic() - started < 1.0  # "at once": one round trip, on a loaded host
+        # A short wait runs out like any other, the write still blocked.
+        brief = new_store.leases.acquire("writer", owner="new", ttl=1, wait=0.3)
+        assert await asyncio.wait_for(brief, 10) is None
+        assert not late_write.done()
+        waiter = asyncio.create_task(
+            new_store.leases.acquire("writer", owner="new", ttl=1, wait=30)
+        )
+        await asyncio.sleep(1.5)  # longer than the waiter's TTL
+        assert not waiter.done()
+        await tx.commit()
+        await asyncio.wait_for(late_write, 30)  # the old write lands before the grant
+        new = await asyncio.wait_for(waiter, 30)
+        assert new is not None and new.token == old.token + 1
+        server_now = (await _fetch(fleetmem_postgres_database, "SELECT clock_timestamp()"))[0][0]
+        assert new.expires_at > server_now, (new, server_now)
+        assert new.acquired_at < new.expires_at
+        holder = await new_store.leases.holder("writer")
+        assert holder is not None and holder.token == new.token
+        assert await new_store.set("report", "new", fence=new)
+        assert await old_store.get("report") == "new"
+    finally:
+        await blocker.close()
+
+
+async def test_a_renewal_that_waits_past_the_expiry_finds_the_lease_lost(
+    two_stores: tuple[PostgresStore, PostgresStore], fleetmem_postgres_database: str
+) -> None:
+    """A renewal waits for the holder's fenced writes in flight (they hold the lease row FOR
+    SHARE); if the lease expires meanwhile it is lost, as for a renewal asked after the expiry,
+    and not revived with an expiry counted from before the wait."""
+    store, _ = two_stores
+    ns = store.namespace
+    await store.set("report", "initial")
+    blocker = await asyncpg.connect(fleetmem_postgres_database)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "SELECT 1 FROM fleetmem.entries WHERE namespace = $1 AND key = 'report' FOR UPDATE",
+            ns,
+        )
+        lease = await store.leases.acquire("writer", owner="o", ttl=1)
+        assert lease is not None
+        late_write = asyncio.create_task(store.set("report", "late", fence=lease))
+        await _until_waiting(fleetmem_postgres_database, "fleetmem.entries")
+        renewal = asyncio.create_task(store.leases.renew(lease, ttl=30))
+        await _until_expired(store, "writer")
+        await asyncio.sleep(0.2)
+        assert not renewal.done()  # it waits for the write
+        await tx.commit()
+        await asyncio.wait_for(late_write, 30)
+        with pytest.raises(LeaseLostError):
+            await asyncio.wait_for(renewal, 30)
+        assert await store.leases.holder("writer") is None
+        assert await store.get("report") == "late"
+    finally:
+        await blocker.close()
+
+
+async def test_an_acquire_that_is_refused_takes_no_row_lock(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """A refused acquire locks no row, so it writes nothing (a polling waiter writes no WAL):
+    a lease live in its snapshot is not tried; an expired one whose row another transaction
+    holds (the old holder's fenced writes in flight) is skipped, and refused at once."""
+    dsn = fleetmem_postgres_database
+    ns = fleetmem_namespace
+    acquire = statements("leases.sql", "fleetmem", "entries")["acquire"]
+    async with PostgresStore.from_url(dsn, namespace=ns) as store:
+        live = await store.leases.acquire("live", owner="o", ttl=60)
+        gone = await store.leases.acquire("gone", owner="o", ttl=0.001)
+        assert live is not None and gone is not None
+        await _until_expired(store, "gone")
+    conn = await asyncpg.connect(dsn)
+    holder = await asyncpg.connect(dsn)
+    try:
+
+        async def attempt(name: str) -> tuple[Any, Any]:
+            """What the acquire statement returns, and whether it got a transaction id (which
+            locking or writing a row takes), in a transaction rolled back after."""
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                row = await conn.fetchrow(acquire, ns, name, "new", 60_000)
+                return row, await conn.fetchval("SELECT txid_current_if_assigned()")
+            finally:
+                await tx.rollback()
+
+        row, xid = await attempt("live")
+        assert row[0] is None and 0 < row[3] <= 60_000 and xid is None
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM fleetmem.entries_leases WHERE namespace = $1 AND name = 'gone' "
+                "FOR SHARE",
+                ns,
+            )
+            row, xid = await asyncio.wait_for(attempt("gone"), 10)
+            assert row[0] is None and row[3] == 20 and xid is None  # "try again soon"
+        row, xid = await attempt("gone")  # the row is free again: granted
+        assert row[0] == gone.token + 1 and xid is not None
+    finally:
+        await conn.close()
+        await holder.close()
+
+
+async def _until_expired(store: PostgresStore, name: str, timeout: float = 20.0) -> None:
+    """Until lease ``name`` has no live holder on the server's clock."""
+    deadline = time.monotonic() + timeout
+    while await store.leases.holder(name) is not None:
+        assert time.monotonic() < deadline, "the lease never expired"
+        await asyncio.sleep(0.05)
 
 
 async def _until_waiting(dsn: str, relation: str, timeout: float = 20.0) -> None:

@@ -2,10 +2,12 @@
 
 Every operation is one statement of ``sql/leases.sql`` judged by the server's ``now()``:
 
-* ``acquire`` is one upsert (``INSERT ... ON CONFLICT DO UPDATE ... WHERE expired``): the row of
-  a name outlives its lease, so a grant is ``token + 1`` of a durable row and tokens only grow,
-  across releases, expiries and server restarts. Two acquirers of a free lease serialize on the
-  row (or on the primary key for a first grant); exactly one of them gets it.
+* ``acquire`` locks a free row ``FOR UPDATE SKIP LOCKED`` and updates it (or inserts a first
+  one): the row of a name outlives its lease, so a grant is ``token + 1`` of a durable row and
+  tokens only grow, across releases, expiries and server restarts. Of two acquirers of a free
+  lease exactly one gets it; an acquire never waits for the row's lock (fenced writes of the old
+  holder may keep it past the expiry): it is refused and a waiter tries again soon. Grants and
+  renewals are stamped with ``clock_timestamp()`` read once the row is locked.
 * ``release`` sets ``expires_at`` to ``now()`` and sends ``pg_notify`` in the same statement;
   the notification goes out at commit.
 * fenced key-value writes call the fence function in their own statement (see ``kv.py``).
@@ -246,9 +248,11 @@ class PostgresLeases(LeaseBackend):
             FETCHROW, self._q["acquire"], (self._namespace, name, owner, ttl_ms), write=True
         )
         if row is None:
-            # Held by a grant this statement's snapshot did not see yet: try again at once.
+            # A first grant this statement's snapshot did not see yet: try again at once.
             return None, 0
         if row[0] is None:
+            # The live lease's remaining life, or a short pause when the row was free but
+            # locked (fenced writes of the old holder still in flight) or granted meanwhile.
             return None, int(row[3])
         return self._lease(name, owner, row[0], row[1], row[2]), None
 
