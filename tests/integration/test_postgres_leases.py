@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -412,6 +412,44 @@ async def test_every_fenced_write_is_refused_after_a_takeover_and_changes_nothin
     assert await store.set("a", 10, fence=new)
     assert await store.set_many({f"m{i}": i for i in range(3000)}, fence=new) == 3000
     assert await store.get("a") == 10
+
+
+async def test_a_large_fenced_set_many_with_a_lost_lease_fails_before_streaming(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """A fenced set_many whose first chunk is large checks its lease before the COPY: with the
+    lease lost, no chunk after the first is even encoded. A small one is checked by its
+    upsert alone. Either way nothing is written."""
+    from fleetmem.backends.seam import Fence
+
+    async with PostgresStore.from_url(
+        fleetmem_postgres_database, namespace=fleetmem_namespace
+    ) as store:
+        lease = await store.leases.acquire("l", owner="o", ttl=30)
+        assert lease is not None
+        assert await store.leases.release(lease)
+        pulled = 0
+
+        def chunks(size: int, count: int) -> Iterator[list[tuple[str, bytes]]]:
+            nonlocal pulled
+            for c in range(count):
+                pulled += 1
+                yield [(f"k{c}-{i}", b"1") for i in range(size)]
+
+        fence = Fence(lease.name, lease.token)
+        with pytest.raises(LeaseLostError, match=r"'l'.*token 1"):
+            await store.kv.set_many(chunks(1000, 5), None, None, fence)
+        assert pulled == 1
+        pulled = 0
+        with pytest.raises(LeaseLostError, match=r"'l'.*token 1"):
+            await store.kv.set_many(chunks(10, 3), None, None, fence)
+        assert pulled == 3
+        assert await store.keys() == []
+        again = await store.leases.acquire("l", owner="o", ttl=30)
+        assert again is not None
+        fence = Fence(again.name, again.token)
+        assert await store.kv.set_many(chunks(1000, 3), None, None, fence) == 3000
+        assert len(await store.keys()) == 3000
 
 
 async def test_fenced_statements_use_the_primary_key(

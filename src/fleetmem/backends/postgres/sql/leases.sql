@@ -107,5 +107,12 @@ SELECT owner, token, acquired_at, expires_at FROM {leases}
 WHERE namespace = $1 AND name = $2 AND expires_at > now()
 
 -- name: fence
--- A fence check alone (the set_many path checks it before streaming its rows).
-SELECT {fence}($1, $2, $3)
+-- $3 token. Whether the lease is live with that token, taking no lock: set_many asks it in its
+-- transaction before it streams its rows, so a lost lease fails before the COPY rather than
+-- after it. The upsert that ends the transaction checks again with the fence function, whose
+-- FOR SHARE lock covers the write; a lock taken here would hold the row for the whole COPY and
+-- keep the holder's own renewals waiting that long.
+SELECT EXISTS (
+    SELECT 1 FROM {leases}
+    WHERE namespace = $1 AND name = $2 AND token = $3 AND expires_at > now()
+)
