@@ -603,12 +603,8 @@ async def _with_agents(store: Store[Any], call: Callable[[AgentRegistry], Awaita
     return await call(store.agents)
 
 
-class SyncLeases:
-    """Blocking :class:`fleetmem.leases.Leases`: ``sync_store.leases``.
-
-    Each method runs the async method of the same name on the store's loop thread, with the same
-    arguments, guarantees and errors. See ``docs/coordination.md``.
-    """
+class _Facet:
+    """A blocking view of one coordination primitive of a :class:`SyncStore`."""
 
     __slots__ = ("_sync",)
 
@@ -617,11 +613,21 @@ class SyncLeases:
 
     @property
     def namespace(self) -> str:
-        """The namespace these leases live in (a lease fences writes of that namespace only)."""
+        """The store's namespace: leases fence writes of it, agents are registered in it."""
         return self._sync.namespace
 
     def __repr__(self) -> str:
-        return f"<SyncLeases namespace={self.namespace!r}>"
+        return f"<{type(self).__name__} namespace={self.namespace!r}>"
+
+
+class SyncLeases(_Facet):
+    """Blocking :class:`fleetmem.leases.Leases`: ``sync_store.leases``.
+
+    Each method runs the async method of the same name on the store's loop thread, with the same
+    arguments, guarantees and errors. See ``docs/coordination.md``.
+    """
+
+    __slots__ = ()
 
     def acquire(
         self,
@@ -717,25 +723,14 @@ class SyncLeaseLock:
             self._sync._run(self._lock.__aexit__(exc_type, exc, tb))
 
 
-class SyncAgents:
+class SyncAgents(_Facet):
     """Blocking :class:`fleetmem.agents.AgentRegistry`: ``sync_store.agents``.
 
     Each method runs the async method of the same name on the store's loop thread, with the same
     arguments, guarantees and errors. See ``docs/coordination.md``.
     """
 
-    __slots__ = ("_sync",)
-
-    def __init__(self, sync: SyncStore) -> None:
-        self._sync = sync
-
-    @property
-    def namespace(self) -> str:
-        """The namespace these agents are registered in."""
-        return self._sync.namespace
-
-    def __repr__(self) -> str:
-        return f"<SyncAgents namespace={self.namespace!r}>"
+    __slots__ = ()
 
     def register(
         self,

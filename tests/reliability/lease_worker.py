@@ -44,6 +44,26 @@ from fleetmem.protocol import Lease
 GO_TIMEOUT = 120.0
 
 
+class WorkerProcess:
+    """The test's side of one worker process: the JSON lines it prints, one event each."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def event(self, timeout: float = 60.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            assert self.proc.stderr is not None
+            err = await self.proc.stderr.read()
+            await self.proc.wait()
+            raise AssertionError(
+                f"worker {self.proc.pid} exited {self.proc.returncode}:\n{err.decode()}"
+            )
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+
 def open_spec_store(spec: dict[str, Any]) -> Any:
     """The (not yet connected) store that ``spec`` names: ``backend`` is one of ``sqlite``
     (``path``), ``postgres`` (``dsn``), ``redis`` / ``cluster`` (``url``), ``hybrid`` (``dsn``

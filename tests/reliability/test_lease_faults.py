@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from lease_worker import lease_from_json, open_spec_store, store_spec
+from lease_worker import WorkerProcess, lease_from_json, open_spec_store, store_spec
 
 from fleetmem import BackendUnavailableError, LeaseLostError
 from fleetmem.testing.servers import PostgresServer, RedisServer
@@ -39,22 +39,8 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- a killed lease holder
 
 
-class Holder:
+class Holder(WorkerProcess):
     """A ``hold`` worker: it takes a lease, writes it to a file and reports its renewals."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    async def event(self, timeout: float = 60.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            assert self.proc.stderr is not None
-            err = await self.proc.stderr.read()
-            await self.proc.wait()
-            pytest.fail(f"holder exited {self.proc.returncode}:\n{err.decode()}")
-        event: dict[str, Any] = json.loads(line)
-        return event
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lease_worker import open_spec_store, store_spec
+from lease_worker import WorkerProcess, open_spec_store, store_spec
 
 pytestmark = [pytest.mark.slow]
 
@@ -45,22 +45,8 @@ WAIT = 15.0
 LINE_LIMIT = 64 * 1024 * 1024
 
 
-class Child:
-    """One worker process and its JSON lines."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    async def event(self, timeout: float = 60.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            assert self.proc.stderr is not None
-            err = await self.proc.stderr.read()
-            await self.proc.wait()
-            pytest.fail(f"worker {self.proc.pid} exited {self.proc.returncode}:\n{err.decode()}")
-        event: dict[str, Any] = json.loads(line)
-        return event
+class Child(WorkerProcess):
+    """One ``race`` worker process and its JSON lines."""
 
     async def send(self, line: str) -> None:
         assert self.proc.stdin is not None
