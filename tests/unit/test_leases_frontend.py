@@ -160,9 +160,11 @@ def bad_calls(store: MemoryStore, lease: Lease) -> list[Call]:
             partial(leases.release, foreign),
         )
     # A Lease built by hand that no store can have granted (dataclasses.replace).
-    malformed: list[Any] = [
-        replace(lease, token=bad) for bad in (0, -1, 2**63, 2**70, True, 1.0, "7", None)
-    ] + [replace(lease, name=bad) for bad in ("", None, 7, "a\x00b", "k" * 1025)]
+    bad_tokens: list[Any] = [0, -1, 2**63, 2**70, True, 1.0, "7", None]
+    bad_names: list[Any] = ["", None, 7, "a\x00b", "k" * 1025]
+    malformed: list[Any] = [replace(lease, token=bad) for bad in bad_tokens] + [
+        replace(lease, name=bad) for bad in bad_names
+    ]
     for i, bad in enumerate(malformed):
         for name, call in _writes(store, bad):
             add(f"{name}(fence=malformed lease #{i})", InvalidArgumentError, call)
