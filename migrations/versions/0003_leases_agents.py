@@ -73,7 +73,10 @@ def upgrade() -> None:
         """
     )
     # PL/pgSQL keeps the plan of its query per session; the lock is held to the end of the
-    # caller's transaction. SQLSTATE FL001 becomes LeaseLostError in the connector.
+    # caller's transaction. SQLSTATE FL001 becomes LeaseLostError in the connector. Liveness is
+    # judged at statement_timestamp(), the start of the statement that writes: now() would be
+    # the start of its transaction, and set_many writes at the end of one (after its COPY), so
+    # a lease that expired during the COPY would still pass.
     op.execute(
         f"""
         CREATE FUNCTION {schema}.{quote_ident(fence)}(ns text, lease text, tok bigint)
@@ -81,7 +84,7 @@ def upgrade() -> None:
         BEGIN
             PERFORM 1 FROM {schema}.{quote_ident(leases)} l
             WHERE l.namespace = ns AND l.name = lease AND l.token = tok
-              AND l.expires_at > now()
+              AND l.expires_at > statement_timestamp()
             FOR SHARE;
             IF NOT FOUND THEN
                 RAISE EXCEPTION USING ERRCODE = 'FL001',

@@ -599,3 +599,34 @@ async def test_the_least_privilege_grants_from_the_docs_cover_leases_and_agents(
     finally:
         await _fetch(dsn, f'DROP OWNED BY "{role}"')
         await _fetch(dsn, f'DROP ROLE "{role}"')
+
+
+async def test_the_fence_is_judged_when_the_write_starts_not_when_its_transaction_did(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """set_many writes at the end of a transaction (after its COPY): a lease that expired
+    meanwhile must fail the fence, though it was live at the transaction's start."""
+    dsn = fleetmem_postgres_database
+    ns = fleetmem_namespace
+    async with PostgresStore.from_url(dsn, namespace=ns) as store:
+        lease = await store.leases.acquire("slow-copy", owner="o", ttl=0.5)
+        assert lease is not None
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                live = await conn.fetchval(
+                    "SELECT fleetmem.entries_fence($1, $2, $3)", ns, lease.name, lease.token
+                )
+                assert live == ns  # live at the transaction's start
+                await asyncio.sleep(1.0)  # the lease runs out, as during a long COPY
+                with pytest.raises(asyncpg.PostgresError) as raised:
+                    await conn.fetchval(
+                        "SELECT fleetmem.entries_fence($1, $2, $3)", ns, lease.name, lease.token
+                    )
+                assert raised.value.sqlstate == "FL001"
+        finally:
+            await conn.close()
+        # The same through the store: the lease is gone, a fenced set_many changes nothing.
+        with pytest.raises(LeaseLostError):
+            await store.set_many({f"k{i}": i for i in range(2000)}, fence=lease)
+        assert await store.keys("k", limit=1) == []

@@ -1,10 +1,13 @@
 -- Leases with fencing tokens, one named block each ("-- name: NAME").
 -- {leases} is the validated, double-quoted lease table. $1 is always the namespace, $2 the lease
--- name. A lease is live while expires_at > now(); each statement runs alone, so now() is its
--- start. A row outlives its lease (release sets expires_at to now()) so the token only grows.
+-- name. A lease is live while expires_at > now(); the statements here run alone, so now() is
+-- their start. A row outlives its lease (release sets expires_at to now()) so the token only
+-- grows.
 --
--- Clocks. Whether a lease is live is judged by now() everywhere (acquire, renew, release,
--- holder, the fence function): the instant the statement started. A grant or a renewal is
+-- Clocks. Whether a lease is live is judged at the instant the statement started: now() in the
+-- statements here (acquire, renew, release, holder), statement_timestamp() in the fence
+-- function and the set_many pre-check below, which may run inside set_many's transaction
+-- (where now() would be the transaction's start, before its COPY); alone, the two are equal. A grant or a renewal is
 -- stamped with clock_timestamp() read after its row lock is held, not with now(): a statement
 -- can wait before it gets there (for a relation lock, for a concurrent first grant, a renew for
 -- fenced writes in flight), and an expiry counted from its start could already be past when it
@@ -114,5 +117,5 @@ WHERE namespace = $1 AND name = $2 AND expires_at > now()
 -- keep the holder's own renewals waiting that long.
 SELECT EXISTS (
     SELECT 1 FROM {leases}
-    WHERE namespace = $1 AND name = $2 AND token = $3 AND expires_at > now()
+    WHERE namespace = $1 AND name = $2 AND token = $3 AND expires_at > statement_timestamp()
 )
