@@ -36,7 +36,17 @@ from fleetmem.errors import (
     VersionConflictError,
 )
 from fleetmem.factory import open_store
-from fleetmem.protocol import Agent, Entry, Health, Lease, MemoryStore, StoreStats
+from fleetmem.protocol import (
+    Agent,
+    Entry,
+    Health,
+    Job,
+    JobResult,
+    Lease,
+    MemoryStore,
+    QueueStats,
+    StoreStats,
+)
 
 if TYPE_CHECKING:
     from fleetmem.backends.hybrid import HybridStore as HybridStore
@@ -45,6 +55,7 @@ if TYPE_CHECKING:
     from fleetmem.backends.redis import RedisStore as RedisStore
     from fleetmem.backends.sqlite import SQLiteStore
     from fleetmem.leases import HeldLease
+    from fleetmem.queues import Queue
     from fleetmem.settings import FleetmemSettings
 
 __version__ = "0.1.0"
@@ -63,6 +74,8 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidKeyError",
     "InvalidPatternError",
+    "Job",
+    "JobResult",
     "KeyNotFoundError",
     "Lease",
     "LeaseLostError",
@@ -71,6 +84,8 @@ __all__ = [
     "MissingDependencyError",
     "NotANumberError",
     "OutcomeUnknownError",
+    "Queue",
+    "QueueStats",
     "SQLiteStore",
     "SchemaVersionError",
     "SerializationError",
@@ -86,6 +101,7 @@ __all__ = [
 _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "FleetmemSettings": ("fleetmem.settings", None, None),
     "HeldLease": ("fleetmem.leases", None, None),
+    "Queue": ("fleetmem.queues", None, None),
     "InMemoryStore": ("fleetmem.backends.memory", None, None),
     "SQLiteStore": ("fleetmem.backends.sqlite", None, None),
     "PostgresStore": ("fleetmem.backends.postgres", "asyncpg", "postgres"),

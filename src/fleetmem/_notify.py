@@ -85,11 +85,21 @@ class Notifier:
         self._waiters.setdefault(key, {})[w] = None
         return w
 
-    def notify(self, key: Hashable) -> None:
-        """Wake the waiter of ``key`` that has waited longest (one release, one turn)."""
+    def notify(self, key: Hashable, count: int = 1) -> None:
+        """Wake the ``count`` waiters of ``key`` that have waited longest (one release or one
+        job, one turn)."""
         waiters = self._waiters.get(key)
         if waiters:
-            next(iter(waiters))._set()
+            if count == 1:
+                next(iter(waiters))._set()
+                return
+            for w, _ in zip(waiters, range(count), strict=False):
+                w._set()
+
+    def notify_every(self, key: Hashable) -> None:
+        """Wake every waiter of ``key`` (a job's result: all its waiters want it)."""
+        for w in self._waiters.get(key, ()):
+            w._set()
 
     def notify_all(self) -> None:
         """Wake every waiter (a listener that reconnected may have missed notifications)."""

@@ -81,8 +81,21 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:  # leases.py and agents.py import this module
     from fleetmem.agents import AgentRegistry
     from fleetmem.leases import HeldLease, Leases
+    from fleetmem.queues import Queue
 
-__all__ = ["TTL", "Agent", "Entry", "Health", "JSONValue", "Lease", "MemoryStore", "StoreStats"]
+__all__ = [
+    "TTL",
+    "Agent",
+    "Entry",
+    "Health",
+    "JSONValue",
+    "Job",
+    "JobResult",
+    "Lease",
+    "MemoryStore",
+    "QueueStats",
+    "StoreStats",
+]
 
 #: A JSON value as fleetmem stores it (dict, list/tuple, str, int, float, bool, None).
 JSONValue = Any
@@ -120,6 +133,61 @@ class Agent:
     registered_at: datetime
     last_seen: datetime
     expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job of a work queue, as the server last claimed (or dead-lettered) it.
+
+    ``id`` is unique in the namespace and never reused: 16 lowercase hex digits of a sequence,
+    so ids sort in ``put`` order. ``priority`` runs higher first. ``attempts`` counts claims
+    (1 on the first; an expired lease counts as an attempt). ``token`` grows with every claim of
+    the job: ``ack``, ``nack`` and ``extend`` with this object succeed only while no newer claim
+    superseded it. Times are timezone-aware UTC on the server's clock; ``claimed_at``,
+    ``lease_expires_at`` and ``consumer`` describe the latest claim (``None`` before any).
+    ``last_error`` is the ``error`` of the latest ``nack`` (or ``None``).
+    """
+
+    id: str
+    queue: str
+    payload: Any
+    priority: int
+    attempts: int
+    max_attempts: int
+    enqueued_at: datetime
+    ready_at: datetime
+    claimed_at: datetime | None
+    lease_expires_at: datetime | None
+    consumer: str | None
+    token: int
+    last_error: str | None
+    namespace: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """How a job ended: ``status`` is ``"done"`` (acked; ``value`` is the ``ack``'s result) or
+    ``"dead"`` (dead-lettered; ``error`` is its last error). ``finished_at`` is when it was acked
+    or died, on the server's clock."""
+
+    id: str
+    status: str
+    value: Any
+    error: str | None
+    attempts: int
+    finished_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """What one queue holds right now: ``ready`` (claimable now), ``delayed`` (ready later),
+    ``claimed`` (under a live lease), ``dead`` (dead letter), ``done`` (results still held)."""
+
+    ready: int
+    delayed: int
+    claimed: int
+    dead: int
+    done: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +305,10 @@ class MemoryStore(Protocol):
         @property
         def agents(self) -> AgentRegistry:
             """The agent registry of this namespace (no I/O until used)."""
+            ...
+
+        def queue(self, name: str) -> Queue:
+            """The durable work queue ``name`` of this namespace (no I/O until used)."""
             ...
 
     async def get(self, key: str, default: JSONValue = None) -> JSONValue:
@@ -450,6 +522,10 @@ class MemoryStore(Protocol):
 
     async def stats(self) -> StoreStats:
         """Counts and sizes for this namespace only."""
+        ...
+
+    async def list_queues(self) -> list[str]:
+        """Names of this namespace's work queues holding a job or a held result, ascending."""
         ...
 
     async def health(self) -> Health:

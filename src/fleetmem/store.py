@@ -41,6 +41,7 @@ from fleetmem.backends.seam import (
     RESERVED_NAMESPACE_PREFIX,
     EntryMeta,
     KVBackend,
+    QueueBackend,
     SetOp,
     health_report,
 )
@@ -52,6 +53,7 @@ from fleetmem.errors import (
 )
 from fleetmem.leases import HeldLease, Leases, fence_of
 from fleetmem.protocol import TTL, Entry, Health, JSONValue, Lease, StoreStats
+from fleetmem.queues import Queue
 
 __all__ = ["RESERVED_NAMESPACE_PREFIX", "SET_MANY_CHUNK", "Store"]
 
@@ -117,6 +119,7 @@ class Store(Generic[_K]):
         self._make_coalescers()
         self._leases: Leases | None = None
         self._agents: AgentRegistry | None = None
+        self._queues: QueueBackend | None = None
 
     @classmethod
     def from_backend(
@@ -206,6 +209,7 @@ class Store(Generic[_K]):
         view._make_coalescers()
         view._leases = None
         view._agents = None
+        view._queues = None
         return view
 
     # ---------------------------------------------------------------- coordination
@@ -223,6 +227,20 @@ class Store(Generic[_K]):
         if self._agents is None:
             self._agents = AgentRegistry(self._kv.agents(), self._check_open, self._max_value_bytes)
         return self._agents
+
+    def queue(self, name: str) -> Queue:
+        """The durable work queue ``name`` of this store's namespace (no I/O until used)."""
+        if self._queues is None:
+            self._queues = self._kv.queues()
+        return Queue(self._queues, name, self._check_open, self._max_value_bytes)
+
+    async def list_queues(self) -> list[str]:
+        """Names of this namespace's queues holding at least one job or a held result,
+        ascending."""
+        self._check_open()
+        if self._queues is None:
+            self._queues = self._kv.queues()
+        return await self._queues.list_queues()
 
     def _check_open(self) -> None:
         if self._view_closed or self._shared.closed:

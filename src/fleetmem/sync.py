@@ -74,12 +74,25 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fleetmem.backends.seam import DEFAULT_JOB_LEASE, DEFAULT_RESULT_TTL
 from fleetmem.errors import FleetmemError, StoreClosedError
 from fleetmem.leases import DEFAULT_LEASE_TTL, HeldLease, LeaseLock, Leases
-from fleetmem.protocol import TTL, Agent, Entry, Health, JSONValue, Lease, StoreStats
+from fleetmem.protocol import (
+    TTL,
+    Agent,
+    Entry,
+    Health,
+    Job,
+    JobResult,
+    JSONValue,
+    Lease,
+    QueueStats,
+    StoreStats,
+)
 
 if TYPE_CHECKING:
     from fleetmem.agents import AgentRegistry
+    from fleetmem.queues import Queue
     from fleetmem.settings import FleetmemSettings
     from fleetmem.store import Store
 
@@ -89,6 +102,7 @@ __all__ = [
     "SyncDeadlockError",
     "SyncLeaseLock",
     "SyncLeases",
+    "SyncQueue",
     "SyncStore",
     "open_store",
 ]
@@ -476,6 +490,20 @@ class SyncStore:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.stats`."""
         return self._run(self._store.stats())
 
+    def list_queues(self) -> list[str]:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.list_queues`."""
+        return self._run(self._store.list_queues())
+
+    def queue(self, name: str) -> SyncQueue:
+        """The durable work queue ``name`` of this store's namespace: the blocking twin of
+        :meth:`fleetmem.store.Store.queue` (no I/O until used; the name is checked here)."""
+        store = self._store
+
+        async def make() -> Queue:  # on the loop, where the store builds its backend
+            return store.queue(name)
+
+        return SyncQueue(self, self._run(make()))
+
     def health(self) -> Health:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.health`: never raises, also once closed
         (except :class:`SyncDeadlockError` when called from the store's own loop thread)."""
@@ -776,6 +804,137 @@ class SyncAgents(_Facet):
         return self._sync._run(
             _with_agents(self._sync._store, lambda ag: ag.list(prefix, limit=limit, after=after))
         )
+
+
+class SyncQueue:
+    """Blocking :class:`fleetmem.queues.Queue`: ``sync_store.queue(name)``.
+
+    Each method runs the async method of the same name on the store's loop thread, with the same
+    arguments, guarantees and errors. See ``docs/queues.md``.
+    """
+
+    __slots__ = ("_queue", "_sync")
+
+    def __init__(self, sync: SyncStore, queue: Queue) -> None:
+        self._sync = sync
+        self._queue = queue
+
+    @property
+    def name(self) -> str:
+        """The queue's name."""
+        return self._queue.name
+
+    @property
+    def namespace(self) -> str:
+        """The store's namespace, which holds this queue."""
+        return self._queue.namespace
+
+    def __repr__(self) -> str:
+        return f"<SyncQueue {self.name!r} namespace={self.namespace!r}>"
+
+    def put(
+        self,
+        payload: Any,
+        *,
+        priority: int = 0,
+        delay: float | timedelta | None = None,
+        dedupe_key: str | None = None,
+        max_attempts: int | None = None,
+    ) -> str:
+        """Blocking :meth:`fleetmem.queues.Queue.put`: the job's id."""
+        return self._sync._run(
+            self._queue.put(
+                payload,
+                priority=priority,
+                delay=delay,
+                dedupe_key=dedupe_key,
+                max_attempts=max_attempts,
+            )
+        )
+
+    def put_many(
+        self,
+        payloads: Iterable[Any],
+        *,
+        priority: int = 0,
+        delay: float | timedelta | None = None,
+        max_attempts: int | None = None,
+    ) -> list[str]:
+        """Blocking :meth:`fleetmem.queues.Queue.put_many`: the jobs' ids, in order."""
+        items = list(payloads) if isinstance(payloads, Iterator) else payloads
+        return self._sync._run(
+            self._queue.put_many(items, priority=priority, delay=delay, max_attempts=max_attempts)
+        )
+
+    def claim(
+        self,
+        *,
+        consumer: str | None = None,
+        lease: float | timedelta = DEFAULT_JOB_LEASE,
+        wait: float | timedelta | None = None,
+    ) -> Job | None:
+        """Blocking :meth:`fleetmem.queues.Queue.claim`."""
+        return self._sync._run(self._queue.claim(consumer=consumer, lease=lease, wait=wait))
+
+    def claim_many(
+        self,
+        n: int,
+        *,
+        consumer: str | None = None,
+        lease: float | timedelta = DEFAULT_JOB_LEASE,
+        wait: float | timedelta | None = None,
+    ) -> list[Job]:
+        """Blocking :meth:`fleetmem.queues.Queue.claim_many`."""
+        return self._sync._run(self._queue.claim_many(n, consumer=consumer, lease=lease, wait=wait))
+
+    def extend(self, job: Job, *, lease: float | timedelta = DEFAULT_JOB_LEASE) -> Job:
+        """Blocking :meth:`fleetmem.queues.Queue.extend`."""
+        return self._sync._run(self._queue.extend(job, lease=lease))
+
+    def ack(
+        self,
+        job: Job,
+        result: Any = None,
+        *,
+        result_ttl: float | timedelta = DEFAULT_RESULT_TTL,
+    ) -> bool:
+        """Blocking :meth:`fleetmem.queues.Queue.ack`."""
+        return self._sync._run(self._queue.ack(job, result, result_ttl=result_ttl))
+
+    def nack(
+        self,
+        job: Job,
+        *,
+        retry_in: float | timedelta | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Blocking :meth:`fleetmem.queues.Queue.nack`."""
+        return self._sync._run(self._queue.nack(job, retry_in=retry_in, error=error))
+
+    def cancel(self, job_id: str) -> bool:
+        """Blocking :meth:`fleetmem.queues.Queue.cancel`."""
+        return self._sync._run(self._queue.cancel(job_id))
+
+    def result(self, job_id: str, *, wait: float | timedelta | None = None) -> JobResult | None:
+        """Blocking :meth:`fleetmem.queues.Queue.result`."""
+        return self._sync._run(self._queue.result(job_id, wait=wait))
+
+    def stats(self) -> QueueStats:
+        """Blocking :meth:`fleetmem.queues.Queue.stats`."""
+        return self._sync._run(self._queue.stats())
+
+    def dead(self, limit: int = 100, after: str | None = None) -> list[Job]:
+        """Blocking :meth:`fleetmem.queues.Queue.dead`."""
+        return self._sync._run(self._queue.dead(limit, after))
+
+    def retry_dead(self, ids: Iterable[str] | None = None) -> int:
+        """Blocking :meth:`fleetmem.queues.Queue.retry_dead`."""
+        chosen = list(ids) if isinstance(ids, Iterator) else ids
+        return self._sync._run(self._queue.retry_dead(chosen))
+
+    def purge_dead(self) -> int:
+        """Blocking :meth:`fleetmem.queues.Queue.purge_dead`."""
+        return self._sync._run(self._queue.purge_dead())
 
 
 def _here(keys: Iterable[str]) -> Iterable[str]:

@@ -34,7 +34,15 @@ from fleetmem import (
 )
 from fleetmem.agents import AgentRegistry
 from fleetmem.leases import Leases
-from fleetmem.sync import SyncAgents, SyncLeaseLock, SyncLeases, SyncStore, open_store
+from fleetmem.queues import Queue
+from fleetmem.sync import (
+    SyncAgents,
+    SyncLeaseLock,
+    SyncLeases,
+    SyncQueue,
+    SyncStore,
+    open_store,
+)
 
 BACKENDS = [
     pytest.param("memory", marks=pytest.mark.memory, id="memory"),
@@ -79,6 +87,7 @@ def _public_methods(cls: type) -> list[str]:
     [
         (SyncLeases, Leases, {"LeaseLock": "SyncLeaseLock"}),
         (SyncAgents, AgentRegistry, {}),
+        (SyncQueue, Queue, {}),
     ],
 )
 def test_blocking_twins_have_the_async_signatures(
@@ -402,3 +411,35 @@ def test_an_agent_that_stops_heartbeating_is_gone(store: SyncStore) -> None:
     assert store.agents.list() == [] and store.agents.count() == 0
     with pytest.raises(AgentGoneError):
         store.agents.heartbeat("short")
+
+
+def test_a_queue_round_trip_from_threads(store: SyncStore) -> None:
+    queue = store.queue("work")
+    assert isinstance(queue, SyncQueue)
+    assert (queue.name, queue.namespace) == ("work", store.namespace)
+    ids = queue.put_many(iter([{"n": 1}, {"n": 2}]), priority=1)
+    urgent = queue.put({"n": 0}, priority=5, dedupe_key="urgent")
+    assert queue.put({"n": 9}, dedupe_key="urgent") == urgent
+    assert store.list_queues() == ["work"]
+    got: list[Any] = []
+
+    def consume() -> None:
+        while (job := queue.claim(consumer="t", lease=5)) is not None:
+            assert queue.ack(job, result=job.payload["n"] * 10)
+            got.append(job.payload["n"])
+
+    threads = [threading.Thread(target=consume) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == [0, 1, 2]
+    result = queue.result(ids[1], wait=1)
+    assert result is not None and (result.status, result.value) == ("done", 20)
+    assert queue.stats().done == 3
+    assert queue.dead() == [] and queue.retry_dead(iter([])) == 0 and queue.purge_dead() == 0
+
+
+def test_a_bad_queue_name_is_refused_in_the_calling_thread(store: SyncStore) -> None:
+    with pytest.raises(InvalidKeyError):
+        store.queue("")

@@ -32,9 +32,12 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 from fleetmem._notify import Notifier, Watch
 from fleetmem._validate import GlobPattern
 from fleetmem.errors import AgentGoneError, ConfigurationError, LeaseLostError
-from fleetmem.protocol import Agent, Entry, Health, Lease, StoreStats
+from fleetmem.protocol import Agent, Entry, Health, Job, JobResult, Lease, QueueStats, StoreStats
 
 __all__ = [
+    "DEFAULT_JOB_LEASE",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_RESULT_TTL",
     "MISSING",
     "RESERVED_NAMESPACE_PREFIX",
     "AgentBackend",
@@ -42,9 +45,13 @@ __all__ = [
     "Fence",
     "KVBackend",
     "LeaseBackend",
+    "NewJob",
+    "QueueBackend",
     "SetOp",
     "agent_gone",
+    "backoff_ms",
     "health_report",
+    "job_lost",
     "lease_lost",
 ]
 
@@ -298,6 +305,10 @@ class KVBackend(abc.ABC):
         """The agent registry of this technology, bound to this namespace."""
         raise ConfigurationError(f"the {self.backend_name} backend has no agent registry")
 
+    def queues(self) -> QueueBackend:
+        """The work queues of this technology, bound to this namespace."""
+        raise ConfigurationError(f"the {self.backend_name} backend has no work queues")
+
     # ---------------------------------------------------------------- batches
     # Used to merge concurrent single-key calls. The defaults are correct but make one call per
     # item; a backend that sets ``coalesce_max_inflight`` overrides them with one round trip.
@@ -466,6 +477,166 @@ def agent_gone(agent_id: str) -> AgentGoneError:
         f"agent {agent_id!r} is not registered (never registered, deregistered or expired); "
         "register it again"
     )
+
+
+#: Claims of a job before it goes to the dead letter, when ``put`` does not say.
+DEFAULT_MAX_ATTEMPTS = 5
+#: The lease of a claim when none is given, in seconds.
+DEFAULT_JOB_LEASE = 30.0
+#: How long an ``ack``'s result is held when none is given, in seconds (one day).
+DEFAULT_RESULT_TTL = 86400.0
+
+
+class NewJob(NamedTuple):
+    """A job to enqueue, validated and encoded by the front end."""
+
+    payload: bytes  #: compact UTF-8 JSON (:func:`fleetmem._codec.encode_value`)
+    priority: int  #: signed 32 bits; higher is claimed first
+    delay_ms: int  #: >= 0; the job is not ready before ``now + delay_ms`` (server clock)
+    max_attempts: int  #: 1 .. 2**31 - 1
+    dedupe_key: str | None  #: key rules; ``None``: no deduplication
+
+
+def job_lost(queue: str, job_id: str, token: int) -> LeaseLostError:
+    """The error every backend raises when ``extend`` finds its claim superseded or gone."""
+    return LeaseLostError(
+        f"job {job_id!r} of queue {queue!r} is no longer claimed with token {token}: another "
+        "claim superseded it, or it was finished, dead-lettered or cancelled; nothing was changed"
+    )
+
+
+def backoff_ms(attempts: int, jitter: float) -> int:
+    """The default retry delay after ``attempts`` claims: ``min(2 ** (attempts - 1), 3600)``
+    seconds plus ``jitter`` (0 .. 0.1) of it, in whole milliseconds."""
+    base = min(2 ** max(attempts - 1, 0), 3600)
+    return int(base * (1.0 + jitter) * 1000)
+
+
+class QueueBackend(abc.ABC):
+    """The work queues of one namespace (see ``COORDINATION.md``, "Work queues").
+
+    Arguments arrive valid: queue names follow the key rules (at most 255 bytes), consumers and
+    dedupe keys the key rules, job ids are 16 lowercase hex digits, durations are whole
+    milliseconds (``lease_ms`` > 0, others >= 0), payloads and results are encoded JSON. Times
+    are the server's clock.
+
+    A job's **effective state** at time ``now`` is what every method must report, whatever the
+    stored record says (a record may only move at the next claim or sweep):
+
+    * ``ready`` -- waiting and ``ready_at <= now``; or claimed with ``lease_expires_at <= now``
+      and ``attempts < max_attempts`` (it is ready again, ordered as if ``ready_at`` were its
+      lease's expiry);
+    * ``delayed`` -- waiting and ``ready_at > now``;
+    * ``claimed`` -- claimed and ``lease_expires_at > now``;
+    * ``dead`` -- dead-lettered; or claimed with ``lease_expires_at <= now`` and
+      ``attempts >= max_attempts`` (dead since its lease expired: ``finished_at`` is that time);
+    * ``done`` -- acked, while its result is held (``result_ttl``); afterwards the job is gone
+      (its id is never reused).
+
+    Claim order: higher ``priority`` first, then earlier ``ready_at``, then earlier put (lower
+    id). A claim increments ``attempts`` and ``token`` (``token`` never resets, ``attempts``
+    resets to 0 on ``retry_dead``).
+
+    A **claim holds** (for ``ack``, ``nack``, ``extend``) while the stored job is claimed with
+    that ``token`` and is not dead (an expired lease is fine as long as nobody claimed it since
+    and attempts remain).
+    """
+
+    #: Seconds between the tries of a waiting ``claim`` or ``result`` when no notification comes.
+    poll_interval: ClassVar[float] = 1.0
+
+    def __init__(self, *, namespace: str, notifier: Notifier) -> None:
+        self._namespace = namespace
+        self._notifier = notifier
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    def claim_key(self, queue: str) -> tuple[str, str, str]:
+        """The :class:`Notifier` key of ``queue``'s claim waiters in this namespace."""
+        return ("queue", self._namespace, queue)
+
+    def result_key(self, job_id: str) -> tuple[str, str, str]:
+        """The :class:`Notifier` key of the waiters of ``job_id``'s result."""
+        return ("result", self._namespace, job_id)
+
+    @abc.abstractmethod
+    async def put(self, queue: str, jobs: list[NewJob]) -> list[str]:
+        """Enqueue ``jobs`` (one or more) atomically and durably, in order: their ids, in order.
+        A job whose ``dedupe_key`` is held by a ready, delayed or claimed job of ``queue``
+        enqueues nothing and gets that job's id. Wakes claim waiters (this process and others)."""
+
+    @abc.abstractmethod
+    async def claim(
+        self, queue: str, consumer: str, lease_ms: int, limit: int
+    ) -> tuple[list[Job], int | None]:
+        """Claim up to ``limit`` (>= 1) ready jobs in claim order; with them, when fewer than
+        ``limit`` were claimed, the milliseconds until the next job of ``queue`` becomes ready
+        (a delayed one, or a live lease that may expire), ``None`` if nothing is pending. A job
+        whose lease expired on its last attempt is moved to the dead letter, never returned."""
+
+    @abc.abstractmethod
+    async def extend(self, queue: str, job_id: str, token: int, lease_ms: int) -> Job:
+        """If the claim holds: its lease now ends ``lease_ms`` from now; the updated job.
+        Otherwise raise :func:`job_lost`, changing nothing."""
+
+    @abc.abstractmethod
+    async def ack(
+        self, queue: str, job_id: str, token: int, result: bytes, result_ttl_ms: int
+    ) -> bool:
+        """If the claim holds: the job is done, ``result`` held for ``result_ttl_ms``, its
+        dedupe key free, result waiters woken; ``True``. Otherwise ``False``, nothing changed."""
+
+    @abc.abstractmethod
+    async def nack(
+        self, queue: str, job_id: str, token: int, retry_in_ms: int, error: str | None
+    ) -> bool:
+        """If the claim holds: record ``error`` as ``last_error``; the job is ready again
+        ``retry_in_ms`` from now, or dead (result waiters woken) when its attempts reached
+        ``max_attempts``; ``True``. Otherwise ``False``, nothing changed."""
+
+    @abc.abstractmethod
+    async def cancel(self, queue: str, job_id: str) -> bool:
+        """Remove the job if it is ready or delayed right now: ``True``. Otherwise ``False``."""
+
+    @abc.abstractmethod
+    async def result(self, queue: str, job_id: str) -> JobResult | None:
+        """The job's :class:`JobResult` if it is done (result still held) or dead; else ``None``."""
+
+    @abc.abstractmethod
+    async def stats(self, queue: str) -> QueueStats: ...
+
+    @abc.abstractmethod
+    async def dead(self, queue: str, limit: int, after: str | None) -> list[Job]:
+        """Dead jobs of ``queue`` with an id above ``after``, ascending by id, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def retry_dead(self, queue: str, ids: list[str] | None) -> int:
+        """Move dead jobs (all, or those of ``ids``) back to ready now, attempts reset to 0: how
+        many moved. A dead job whose dedupe key another ready, delayed or claimed job holds
+        stays dead (retrying it would run that work twice)."""
+
+    @abc.abstractmethod
+    async def purge_dead(self, queue: str) -> int:
+        """Remove every dead job of ``queue``: how many."""
+
+    @abc.abstractmethod
+    async def list_queues(self) -> list[str]:
+        """Names of this namespace's queues holding a job or a held result, ascending."""
+
+    async def listen(self) -> None:  # noqa: B027 - embedded backends wake waiters directly
+        """Make sure puts and acks made by other processes reach :attr:`_notifier`. Idempotent."""
+
+    async def await_result(self, queue: str, job_id: str) -> None:  # noqa: B027 - optional
+        """Called once before a ``result(wait=...)`` starts waiting: a backend that notifies
+        acks only of awaited jobs marks ``job_id`` here."""
+
+    @contextlib.contextmanager
+    def watch(self, key: tuple[str, str, str]) -> Iterator[Watch]:
+        """Watch a :meth:`claim_key` or :meth:`result_key`; enter it *before* trying."""
+        with self._notifier.watch(key) as w:
+            yield w
 
 
 async def health_report(kv: KVBackend) -> Health:

@@ -74,6 +74,7 @@ from fleetmem.backends.seam import (
     Fence,
     KVBackend,
     LeaseBackend,
+    QueueBackend,
     SetOp,
     health_report,
 )
@@ -1591,6 +1592,13 @@ class HybridKV(KVBackend):
     def agents(self) -> AgentBackend:
         """The durable tier's agent registry of this namespace (PostgreSQL's; never cached)."""
         return self._durable.agents()
+
+    def queues(self) -> QueueBackend:
+        """The durable tier's work queues of this namespace (PostgreSQL's: its tables, its
+        clock, its ``LISTEN``/``NOTIFY`` wake-ups). Redis carries nothing of them: a job is
+        never cached, so an acknowledged ``put`` is a committed PostgreSQL transaction and a
+        Redis outage does not touch the queues."""
+        return self._durable.queues()
 
 
 def _timed_out(exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 from fleetmem._codec import decode_value, encode_value, incremented
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
 from fleetmem.backends.memory.leases import Coordination, MemoryAgents, MemoryLeases, check_fence
+from fleetmem.backends.memory.queues import MemoryQueues, QueueSpace
 from fleetmem.backends.seam import (
     MISSING,
     RESERVED_NAMESPACE_PREFIX,
@@ -26,6 +27,7 @@ from fleetmem.backends.seam import (
     Fence,
     KVBackend,
     LeaseBackend,
+    QueueBackend,
 )
 from fleetmem.errors import (
     KeyNotFoundError,
@@ -59,6 +61,7 @@ class InMemoryKV(KVBackend):
         super().__init__(namespace=namespace)
         self._spaces: dict[str, dict[str, _Record]] = {}
         self._coord = Coordination()
+        self._queue_space = QueueSpace()
         self._bind_namespace()
 
     def _bind_namespace(self) -> None:
@@ -251,6 +254,9 @@ class InMemoryKV(KVBackend):
     def agents(self) -> AgentBackend:
         return MemoryAgents(namespace=self._namespace, coord=self._coord, clock=time.time)
 
+    def queues(self) -> QueueBackend:
+        return MemoryQueues(namespace=self._namespace, space=self._queue_space, clock=time.time)
+
     def _fence(self, fence: Fence | None, now: float) -> None:
         if fence is not None:
             check_fence(self._coord, self._namespace, fence, now)
@@ -386,3 +392,5 @@ class InMemoryKV(KVBackend):
         self._coord.leases.clear()
         self._coord.agents.clear()
         self._coord.notifier.notify_all()  # waiting acquires see the store closed
+        self._queue_space.queues.clear()
+        self._queue_space.notifier.notify_all()
