@@ -1,10 +1,12 @@
 """``fleetmem demo``: a small fleet of simulated agents sharing one store.
 
-Agents claim work items with ``set_if_absent`` (a lease with a TTL), record results with a TTL in
-a partition of their own, count progress with ``incr`` and keep a shared scoreboard with
-``compare_and_set``. Some agents "crash" while holding a lease; the lease expires and another
-agent takes the item over. At the end the demo checks that the shared state is consistent: each
-item has exactly one result, the counter equals the number of results, the scoreboard adds up.
+A coordinator enqueues the work items in a durable work queue (``store.queue``, one queue per
+run). Agents claim them under a lease, record results with a TTL in a partition of their own,
+count progress with ``incr``, keep a shared scoreboard with ``compare_and_set`` and ack each job.
+Some agents "crash" while holding a claim; its lease expires and the queue gives the job to
+another agent. At the end the demo checks that the shared state is consistent: each item has
+exactly one result, the counter equals the number of results, the scoreboard adds up, and the
+queue holds every job as done, none left, none dead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import random
+import secrets
 import shlex
 import time
 from collections.abc import Callable
@@ -27,6 +30,8 @@ __all__ = ["DemoReport", "run_demo"]
 
 SCOREBOARD = "fleet/scoreboard"
 DONE_COUNTER = "fleet/done"
+#: How long the queue keeps the results of a run's jobs (seconds), for inspection.
+RESULT_TTL = 600.0
 
 
 @dataclass
@@ -53,7 +58,10 @@ class DemoReport:
     counter: int = 0
     scoreboard_total: int = 0
     partitions: dict[str, int] = field(default_factory=dict)
-    expired_leases: int = 0
+    queue: str = ""
+    jobs_done: int = 0
+    jobs_dead: int = 0
+    jobs_left: int = 0
     operations: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -83,76 +91,67 @@ async def _add_to_scoreboard(store: MemoryStore, agent: str, tally: AgentTally) 
 async def _agent(
     store: MemoryStore,
     name: str,
-    item_ids: list[str],
+    queue_name: str,
     lease: float,
     crash_rate: float,
     work_ms: tuple[float, float],
     tally: AgentTally,
     rng: random.Random,
 ) -> int:
+    """Claim items from the queue until it is empty; ack each with its result."""
+    queue = store.queue(queue_name)
     ops = 0
-    order = item_ids[:]
-    rng.shuffle(order)
-    # Two passes: the second picks up items whose lease expired after a crash.
-    for attempt in range(2):
-        for item in order:
-            if await store.exists(f"results/{item}"):
-                ops += 1
-                continue
-            claimed = await store.set_if_absent(
-                f"claims/{item}",
-                {"agent": name, "attempt": attempt},
-                ttl=lease,
-                partition="claims",
-            )
-            ops += 2
-            if not claimed:
-                tally.lost_claims += 1
-                continue
-            if attempt == 1:
-                tally.takeovers += 1
-            await asyncio.sleep(rng.uniform(*work_ms) / 1000.0)
-            if attempt == 0 and rng.random() < crash_rate:
-                # Simulated crash: the agent walks away and its lease is left to expire; the
-                # second pass (after the lease) finds the item unclaimed again.
-                tally.crashes += 1
-                continue
-            written = await store.set_if_absent(
-                f"results/{item}",
-                {"item": item, "agent": name, "answer": rng.randint(0, 10**6)},
-                ttl=3600,
-                partition=f"agent-{name}",
-            )
+    while True:
+        job = await queue.claim(consumer=name, lease=lease, wait=lease * 1.5)
+        ops += 1
+        if job is None:
+            stats = await queue.stats()
             ops += 1
-            if written:
-                await store.incr(DONE_COUNTER)
-                ops += 1 + await _add_to_scoreboard(store, name, tally)
-                tally.done += 1
-            await store.delete(f"claims/{item}")
-            ops += 1
-        if attempt == 0:
-            await asyncio.sleep(lease * 1.2)
-    return ops
+            if stats.ready + stats.delayed + stats.claimed == 0:
+                return ops
+            continue
+        if job.attempts > 1:
+            tally.takeovers += 1
+        await asyncio.sleep(rng.uniform(*work_ms) / 1000.0)
+        if job.attempts == 1 and rng.random() < crash_rate:
+            # Simulated crash: the agent walks away holding the claim; once its lease expires
+            # the queue gives the job to another agent (the attempt counts).
+            tally.crashes += 1
+            continue
+        item = job.payload["item"]
+        written = await store.set_if_absent(
+            f"results/{item}",
+            {"item": item, "agent": name, "answer": rng.randint(0, 10**6)},
+            ttl=3600,
+            partition=f"agent-{name}",
+        )
+        ops += 1
+        if written:
+            await store.incr(DONE_COUNTER)
+            ops += 1 + await _add_to_scoreboard(store, name, tally)
+            tally.done += 1
+        if not await queue.ack(job, result={"agent": name}, result_ttl=RESULT_TTL):
+            tally.lost_claims += 1  # superseded: another agent claimed the job meanwhile
+        ops += 1
 
 
 async def _run_agents_on(
     store: MemoryStore,
     first_agent: int,
     agents: int,
-    items: int,
+    queue_name: str,
     lease: float,
     crash_rate: float,
     seed: int,
 ) -> tuple[AgentTally, int]:
     tally = AgentTally()
-    item_ids = [f"item-{i:04d}" for i in range(items)]
     rngs = [random.Random(seed * 1000 + first_agent + i) for i in range(agents)]
     counts = await asyncio.gather(
         *(
             _agent(
                 store,
                 f"a{first_agent + i:02d}",
-                item_ids,
+                queue_name,
                 lease,
                 crash_rate,
                 (1, 8),
@@ -214,12 +213,15 @@ async def run_demo(
         report = DemoReport(
             url=where, namespace=namespace, agents=agents, processes=processes, items=items
         )
+        report.queue = f"demo-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+        say(f"coordinator: enqueueing {items} items in queue {report.queue!r}")
+        await store.queue(report.queue).put_many([{"item": f"item-{i:04d}"} for i in range(items)])
         say(f"starting {agents} agents in {processes} process(es) on {where}")
         start = time.perf_counter()
         watcher = asyncio.create_task(_watch_items(store, items, on_items)) if on_items else None
         try:
             tallies, ops = await _run_fleet(
-                store, url, namespace, agents, items, processes, lease, crash_rate, seed
+                store, url, namespace, agents, report.queue, processes, lease, crash_rate, seed
             )
         finally:
             if watcher is not None:
@@ -252,7 +254,7 @@ async def _run_fleet(
     url: str | None,
     namespace: str,
     agents: int,
-    items: int,
+    queue_name: str,
     processes: int,
     lease: float,
     crash_rate: float,
@@ -260,7 +262,7 @@ async def _run_fleet(
 ) -> tuple[list[AgentTally], int]:
     """Run the agents here (one process) or spread over ``processes`` spawned processes."""
     if processes <= 1:
-        tally, ops = await _run_agents_on(store, 0, agents, items, lease, crash_rate, seed)
+        tally, ops = await _run_agents_on(store, 0, agents, queue_name, lease, crash_rate, seed)
         return [tally], ops
     per_process = max(1, agents // processes)
     jobs = [
@@ -269,7 +271,7 @@ async def _run_fleet(
             namespace,
             p * per_process,
             per_process if p < processes - 1 else agents - per_process * (processes - 1),
-            items,
+            queue_name,
             lease,
             crash_rate,
             seed,
@@ -291,7 +293,9 @@ async def _verify(store: MemoryStore, report: DemoReport) -> None:
     report.scoreboard_total = sum(int(v) for v in board.values())
     stats = await store.stats()
     report.partitions = stats.partitions
-    report.expired_leases = report.tally.crashes - len(await store.keys("claims/"))
+    queue = await store.queue(report.queue).stats()
+    report.jobs_done, report.jobs_dead = queue.done, queue.dead
+    report.jobs_left = queue.ready + queue.delayed + queue.claimed
     missing = [
         f"item-{i:04d}" for i in range(report.items) if f"results/item-{i:04d}" not in results
     ]
@@ -302,6 +306,11 @@ async def _verify(store: MemoryStore, report: DemoReport) -> None:
     if report.scoreboard_total != report.results:
         report.problems.append(
             f"scoreboard adds up to {report.scoreboard_total}, results say {report.results}"
+        )
+    if report.jobs_done != report.items or report.jobs_dead or report.jobs_left:
+        report.problems.append(
+            f"queue {report.queue!r}: {report.jobs_done} jobs done of {report.items}, "
+            f"{report.jobs_dead} dead, {report.jobs_left} not finished"
         )
     if report.tally.done != report.results:
         report.problems.append(f"agents recorded {report.tally.done}, store holds {report.results}")
@@ -335,11 +344,12 @@ def format_report(report: DemoReport, inspect: list[str] | None = None) -> str:
         f"  store          {report.url} (namespace {report.namespace!r})",
         f"  agents         {report.agents} in {report.processes} process(es)",
         f"  items done     {report.results} / {report.items}",
-        f"  claims lost    {t.lost_claims} (another agent held the lease: set_if_absent)",
+        f"  queue          {report.queue!r}: {report.items} jobs put by the coordinator,"
+        f" {report.jobs_done} acked, {report.jobs_dead} dead, {report.jobs_left} left",
+        f"  late acks      {t.lost_claims} refused (another agent had claimed the job since)",
         f"  conflicts      {t.cas_conflicts} compare_and_set conflicts resolved by retry",
-        f"  crashes        {t.crashes} agents walked away holding a lease; each item was"
-        " claimed again once its lease expired",
-        f"  expired        {max(report.expired_leases, 0)} leases expired (TTL) and vanished",
+        f"  crashes        {t.crashes} agents walked away holding a claim; {t.takeovers} jobs"
+        " came back once their lease expired and were claimed again",
         f"  time           {report.seconds:.2f} s, {report.operations} store operations"
         f" ({rate:,.0f} ops/s)",
         f"  partitions     {len(report.partitions)} (one per agent for results, default for"
@@ -349,7 +359,8 @@ def format_report(report: DemoReport, inspect: list[str] | None = None) -> str:
     ]
     if report.consistent:
         lines.append(
-            "  consistent     yes: one result per item; counter, scoreboard and results agree"
+            "  consistent     yes: one result per item; counter, scoreboard and results agree;"
+            " every job acked once, none dead, none left"
         )
     else:
         lines.append("  consistent     NO")
