@@ -446,6 +446,58 @@ async def _cmd_agents(args: argparse.Namespace, out: _Output) -> int:
     return await _with_store(args, run)
 
 
+async def _cmd_queues(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: Any) -> int:
+        data = []
+        for name in await store.list_queues():
+            st = await store.queue(name).stats()
+            data.append(
+                {
+                    "queue": name,
+                    "ready": st.ready,
+                    "delayed": st.delayed,
+                    "claimed": st.claimed,
+                    "dead": st.dead,
+                    "done": st.done,
+                }
+            )
+        lines = [
+            f"{d['queue']}  ready {d['ready']}  delayed {d['delayed']}  claimed {d['claimed']}"
+            f"  dead {d['dead']}  done {d['done']}"
+            for d in data
+        ]
+        out.lines(data, lines)
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
+async def _cmd_dead(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: Any) -> int:
+        jobs = await store.queue(args.queue).dead(limit=args.limit, after=args.after)
+        data = [
+            {
+                "id": j.id,
+                "attempts": j.attempts,
+                "max_attempts": j.max_attempts,
+                "last_error": j.last_error,
+                "consumer": j.consumer,
+                "enqueued_at": j.enqueued_at,
+                "payload": j.payload,
+            }
+            for j in jobs
+        ]
+        lines = [
+            f"{j.id}  attempts {j.attempts}/{j.max_attempts}  error {_text(j.last_error)}"
+            f"  {_text(j.payload)}"
+            for j in jobs
+        ]
+        out.lines(data, lines)
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
 async def _cmd_stats(args: argparse.Namespace, out: _Output) -> int:
     where = _where(args)
 
@@ -542,7 +594,7 @@ def _demo_hint(args: argparse.Namespace, namespace: str) -> list[str]:
         words += ["--url", redact(args.url)]
     words += ["-n", namespace]
     base = " ".join(shlex.quote(w) for w in words)
-    return [f"{base} keys results/ --limit 5", f"{base} stats"]
+    return [f"{base} keys results/ --limit 5", f"{base} queues", f"{base} stats"]
 
 
 class _DemoProgress:
@@ -884,6 +936,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("prefix", nargs="?", default="")
     p.add_argument("--limit", type=int, default=None, help="at most this many")
     p.add_argument("--after", default=None, help="exclusive cursor: the last id of a page")
+    command(
+        "queues",
+        "list the namespace's work queues with their ready, delayed, claimed, dead and done jobs",
+    )
+    p = command("dead", "list a work queue's dead jobs, ascending by id")
+    p.add_argument("queue", help="the queue name")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
+    p.add_argument("--after", default=None, help="exclusive cursor: the last id of a page")
     command("stats", "counts and sizes of the namespace, and which store (file or URL) it is")
     command("health", "check the store: prints the report; exit 1 when not ok")
     p = command(
@@ -964,6 +1024,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, _Output], Coroutine[Any, Any,
     "namespaces": _cmd_namespaces,
     "holder": _cmd_holder,
     "agents": _cmd_agents,
+    "queues": _cmd_queues,
+    "dead": _cmd_dead,
     "stats": _cmd_stats,
     "health": _cmd_health,
     "demo": _cmd_demo,

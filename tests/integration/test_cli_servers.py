@@ -144,9 +144,14 @@ def test_demo_on_redis_hints_at_its_url_and_namespace(
     commands = [line[line.index("fleetmem ") :] for line in out.splitlines() if "--url" in line]
     assert commands == [
         f"fleetmem --url {url} -n {fleetmem_namespace} keys results/ --limit 5",
+        f"fleetmem --url {url} -n {fleetmem_namespace} queues",
         f"fleetmem --url {url} -n {fleetmem_namespace} stats",
     ]
     code, out, _ = run(capsys, *commands[1].split()[1:], "--json")
+    assert code == 0
+    (queue,) = json.loads(out)
+    assert (queue["done"], queue["ready"], queue["dead"]) == (8, 0, 0)
+    code, out, _ = run(capsys, *commands[2].split()[1:], "--json")
     assert code == 0
     assert json.loads(out)["keys"] >= 8
     assert run(capsys, "--url", url, "-n", fleetmem_namespace, "clear", "--yes")[0] == 0

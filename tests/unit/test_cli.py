@@ -481,7 +481,11 @@ def test_demo_hint_never_prints_a_password(monkeypatch: pytest.MonkeyPatch) -> N
     # A URL from FLEETMEM_URL is not repeated: the environment still applies.
     monkeypatch.setenv("FLEETMEM_URL", "postgresql://u:sekret@db.example/fleet")
     hint = cli._demo_hint(argparse.Namespace(url=None, namespace=None), "demo")
-    assert hint == ["fleetmem -n demo keys results/ --limit 5", "fleetmem -n demo stats"]
+    assert hint == [
+        "fleetmem -n demo keys results/ --limit 5",
+        "fleetmem -n demo queues",
+        "fleetmem -n demo stats",
+    ]
 
 
 def test_demo_progress_on_a_terminal_without_rich(
@@ -645,3 +649,44 @@ def test_holder_and_agents_show_what_processes_hold_on_sqlite(
     assert [a["id"] for a in json.loads(out)] == ["agent-8"]
     code, out, _ = run(capsys, "--url", url, "-n", "other", "--json", "agents")
     assert json.loads(out) == []
+
+
+def test_queues_and_dead_list_what_the_queues_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    from fleetmem.backends.sqlite import SQLiteStore
+
+    db = tmp_path / "queues.db"
+    url = f"sqlite:///{db}"
+
+    async def fill() -> str:
+        async with SQLiteStore(db, namespace="fleet") as store:
+            builds = store.queue("builds")
+            await builds.put_many([{"n": 1}, {"n": 2}])
+            failing = await builds.put({"n": 3}, priority=9, max_attempts=1)
+            job = await builds.claim(consumer="agent-7")
+            assert job is not None and job.id == failing
+            assert await builds.nack(job, error="disk full")
+            await store.queue("docs").put({"page": "x"}, delay=600)
+            return failing
+
+    failing = asyncio.run(fill())
+    code, out, _ = run(capsys, "--url", url, "-n", "fleet", "--json", "queues")
+    assert code == 0
+    assert json.loads(out) == [
+        {"queue": "builds", "ready": 2, "delayed": 0, "claimed": 0, "dead": 1, "done": 0},
+        {"queue": "docs", "ready": 0, "delayed": 1, "claimed": 0, "dead": 0, "done": 0},
+    ]
+    code, out, _ = run(capsys, "--url", url, "-n", "fleet", "--json", "dead", "builds")
+    assert code == 0
+    (dead,) = json.loads(out)
+    assert (dead["id"], dead["last_error"], dead["payload"]) == (failing, "disk full", {"n": 3})
+    assert (dead["attempts"], dead["max_attempts"], dead["consumer"]) == (1, 1, "agent-7")
+    code, out, _ = run(capsys, "--url", url, "-n", "fleet", "dead", "builds", "--after", failing)
+    assert (code, out) == (0, "")
+    code, out, _ = run(capsys, "--url", url, "-n", "other", "--json", "queues")
+    assert json.loads(out) == []
+    code, _, err = run(capsys, "--url", url, "-n", "fleet", "dead", "builds", "--after", "x")
+    assert code == 2 and "job id" in err
