@@ -461,8 +461,14 @@ def test_demo_hint_carries_url_and_namespace(
         *("fleetmem", "--url", url, "-n", "fleet-7"),
         *("keys", "results/", "--limit", "5"),
     ]
-    # The hint runs as printed.
+    # The hints run as printed.
     command = hint[1].split()
+    assert command[-1] == "queues"
+    code, out, _ = run(capsys, *command[1:], "--json")
+    assert code == 0
+    (queue,) = json.loads(out)
+    assert (queue["done"], queue["ready"], queue["claimed"], queue["dead"]) == (6, 0, 0, 0)
+    command = hint[2].split()
     assert command[-1] == "stats"
     code, out, _ = run(capsys, *command[1:], "--json")
     assert code == 0
@@ -685,7 +691,7 @@ def test_queues_and_dead_list_what_the_queues_hold(
     assert (dead["id"], dead["last_error"], dead["payload"]) == (failing, "disk full", {"n": 3})
     assert (dead["attempts"], dead["max_attempts"], dead["consumer"]) == (1, 1, "agent-7")
     code, out, _ = run(capsys, "--url", url, "-n", "fleet", "dead", "builds", "--after", failing)
-    assert (code, out) == (0, "")
+    assert (code, json.loads(out)) == (0, [])
     code, out, _ = run(capsys, "--url", url, "-n", "other", "--json", "queues")
     assert json.loads(out) == []
     code, _, err = run(capsys, "--url", url, "-n", "fleet", "dead", "builds", "--after", "x")

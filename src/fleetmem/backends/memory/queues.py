@@ -16,6 +16,7 @@ dropped when stale, so a record moves in O(log n).
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,6 +54,9 @@ class _Job:
     result: bytes | None = None
     result_expires_at: float | None = None
     version: int = 0
+    #: Waiting again because its claim's lease expired: that claim still holds (ack, nack,
+    #: extend) until the next claim supersedes it.
+    lapsed: bool = False
 
 
 @dataclass(slots=True)
@@ -113,6 +117,7 @@ class MemoryQueues(QueueBackend):
 
     def _finish(self, job: _Job, queue: _Queue, state: str, at: float) -> None:
         job.state = state
+        job.lapsed = False
         job.finished_at = at
         job.version += 1
         if job.dedupe_key is not None and queue.dedupe.get(job.dedupe_key) == job.seq:
@@ -134,6 +139,7 @@ class MemoryQueues(QueueBackend):
                     self._finish(job, queue, _DEAD, due)
                     continue
                 job.state = _WAITING
+                job.lapsed = True
                 job.ready_at = due
             self._schedule(job, queue, now)
         results = queue.results
@@ -142,7 +148,9 @@ class MemoryQueues(QueueBackend):
             job = queue.jobs.get(seq)
             if job is not None and job.state == _DONE and job.result_expires_at == expires:
                 del queue.jobs[seq]
-        self._drop_if_empty(name, queue)
+        if not queue.jobs:
+            self._drop_if_empty(name, queue)
+            return None
         return queue
 
     def _job(self, name: str, job: _Job) -> Job:
@@ -168,7 +176,9 @@ class MemoryQueues(QueueBackend):
         if queue is None:
             return None
         job = queue.jobs.get(int(job_id, 16))
-        if job is None or job.state != _CLAIMED or job.token != token:
+        if job is None or job.token != token:
+            return None
+        if job.state != _CLAIMED and not (job.state == _WAITING and job.lapsed):
             return None
         return queue, job
 
@@ -225,6 +235,7 @@ class MemoryQueues(QueueBackend):
             if job is None or job.version != version or job.state != _WAITING:
                 continue
             job.state = _CLAIMED
+            job.lapsed = False
             job.attempts += 1
             job.token += 1
             job.claimed_at = now
@@ -234,9 +245,17 @@ class MemoryQueues(QueueBackend):
             heapq.heappush(q.pending, (expires, seq, job.version))
             claimed.append(self._job(queue, job))
         next_ms: int | None = None
-        if len(claimed) < limit and q.pending:
-            next_ms = max(0, int((q.pending[0][0] - now) * 1000) + 1)
+        pending = q.pending
+        while pending and self._stale(q, pending[0]):
+            heapq.heappop(pending)
+        if len(claimed) < limit and pending:
+            next_ms = max(0, math.ceil((pending[0][0] - now) * 1000))
         return claimed, next_ms
+
+    @staticmethod
+    def _stale(queue: _Queue, entry: tuple[float, int, int]) -> bool:
+        job = queue.jobs.get(entry[1])
+        return job is None or job.version != entry[2]
 
     async def extend(self, queue: str, job_id: str, token: int, lease_ms: int) -> Job:
         now = self._clock()
@@ -244,6 +263,8 @@ class MemoryQueues(QueueBackend):
         if held is None:
             raise job_lost(queue, job_id, token)
         q, job = held
+        job.state = _CLAIMED  # a lapsed claim nobody superseded is live again
+        job.lapsed = False
         job.lease_expires_at = now + lease_ms / 1000
         job.version += 1
         heapq.heappush(q.pending, (job.lease_expires_at, job.seq, job.version))
@@ -276,6 +297,7 @@ class MemoryQueues(QueueBackend):
             self._finish(job, q, _DEAD, now)
             return True
         job.state = _WAITING
+        job.lapsed = False
         job.ready_at = now + retry_in_ms / 1000
         self._schedule(job, q, now)
         if job.ready_at <= now:
@@ -358,6 +380,7 @@ class MemoryQueues(QueueBackend):
                     continue  # another live job holds the key: retrying would run it twice
                 q.dedupe[job.dedupe_key] = seq
             job.state = _WAITING
+            job.lapsed = False
             job.attempts = 0
             job.finished_at = None
             job.ready_at = now
