@@ -396,7 +396,7 @@ def _write_version_1_file(path: Path) -> None:
 
 
 async def test_version_1_file_is_upgraded_in_place(db_path: Path) -> None:
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     _write_version_1_file(db_path)
     # Two stores (two connections) opening it at once: one upgrades, the other sees it done.
     first = SQLiteStore(db_path, namespace=NS)
@@ -414,7 +414,7 @@ async def test_version_1_file_is_upgraded_in_place(db_path: Path) -> None:
         await second.close()
     raw = _raw(db_path)
     try:
-        assert raw.execute("SELECT value FROM fleetmem_meta").fetchall() == [("2",)]
+        assert raw.execute("SELECT value FROM fleetmem_meta").fetchall() == [(str(SCHEMA_VERSION),)]
         tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
         assert {"fleetmem_leases", "fleetmem_agents"} <= tables
     finally:

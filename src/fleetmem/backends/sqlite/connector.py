@@ -4,10 +4,10 @@ Every SQLite call runs on one worker thread owned by the connector (and shared b
 ``with_namespace`` views), so blocking I/O never runs on the event loop and the connection is
 only ever used by one thread. The connector opens the file on first use, switches it to WAL,
 creates or checks the schema, and translates ``sqlite3`` errors at one place (:meth:`call`).
-A primitive's module (``kv.py``, ``leases.py``, ``agents.py``) runs each operation as one
-function on that thread; a write is one ``BEGIN IMMEDIATE`` transaction (:class:`Transaction`),
-which takes SQLite's write lock up front, so read-modify-write operations stay exact across
-processes.
+A primitive's module (``kv.py``, ``leases.py``, ``agents.py``, ``queues.py``) runs each
+operation as one function on that thread; a write is one ``BEGIN IMMEDIATE`` transaction
+(:class:`Transaction`), which takes SQLite's write lock up front, so read-modify-write operations
+stay exact across processes.
 
 The SQL lives in ``sql/*.sql`` as named blocks. The schema carries a version in
 ``fleetmem_meta``; a file of an older version is upgraded in place when it is opened (one
@@ -44,8 +44,9 @@ __all__ = [
 ]
 
 #: The version of the table layout this module reads and writes (kept in ``fleetmem_meta``).
-#: 1: entries. 2: + leases and agents (a version-1 file is upgraded in place on opening).
-SCHEMA_VERSION = 2
+#: 1: entries. 2: + leases and agents. 3: + work queues. A file of an older version is upgraded
+#: in place when it is opened.
+SCHEMA_VERSION = 3
 
 #: RETURNING (3.35) and UPSERT are needed; so is the JSON1 extension (built in since 3.38).
 _MIN_SQLITE = (3, 35, 0)
@@ -64,8 +65,9 @@ def _load_sql(*files: str) -> dict[str, str]:
     return blocks
 
 
-#: Every named statement of ``sql/kv.sql``, ``sql/leases.sql`` and ``sql/agents.sql``.
-SQL = _load_sql("kv.sql", "leases.sql", "agents.sql")
+#: Every named statement of ``sql/kv.sql``, ``sql/leases.sql``, ``sql/agents.sql`` and
+#: ``sql/queues.sql``.
+SQL = _load_sql("kv.sql", "leases.sql", "agents.sql", "queues.sql")
 _SYNCHRONOUS = {"normal": SQL["synchronous_normal"], "full": SQL["synchronous_full"]}
 #: The values ``synchronous=`` accepts.
 SYNCHRONOUS_MODES = tuple(_SYNCHRONOUS)
@@ -94,8 +96,9 @@ class SQLiteConnector:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetmem-sqlite")
-        #: Waiters for leases of this file, keyed ``(namespace, name)``: a release made through
-        #: this connector (any view) wakes them at once; other processes are polled.
+        #: Waiters of this file, keyed ``(namespace, name)`` for a lease and by
+        #: ``QueueBackend.claim_key`` / ``result_key`` for a queue: a release, put or ack made
+        #: through this connector (any view) wakes them at once; other processes are polled.
         self.notifier = Notifier()
 
     # ------------------------------------------------------------ event-loop side
@@ -137,8 +140,9 @@ class SQLiteConnector:
         before ``COMMIT`` returns), whatever the store's mode.
 
         A lease grant uses it: with ``normal`` a power failure may lose the last commits, a
-        grant among them, and its fencing token would then be granted again. WAL frames are
-        appended in order, so syncing the grant also keeps every commit before it.
+        grant among them, and its fencing token would then be granted again. So does a queue
+        ``put``: a job is durable once ``put`` returns. WAL frames are appended in order, so
+        syncing a commit also keeps every commit before it.
         """
         if self.synchronous == "full":
             yield
@@ -212,12 +216,16 @@ class SQLiteConnector:
                 conn.execute(SQL["create_partition_index"])
                 conn.execute(SQL["create_expiry_index"])
                 self._create_coordination(conn)
+                self._create_queues(conn)
                 conn.execute(SQL["write_schema_version"], (str(SCHEMA_VERSION),))
                 return
             version = self._check_version(row[0])  # another process may have upgraded it
-            if version == 1:
+            if version == SCHEMA_VERSION:
+                return
+            if version < 2:
                 self._create_coordination(conn)
-                conn.execute(SQL["update_schema_version"], (str(SCHEMA_VERSION),))
+            self._create_queues(conn)
+            conn.execute(SQL["update_schema_version"], (str(SCHEMA_VERSION),))
 
     @staticmethod
     def _create_coordination(conn: sqlite3.Connection) -> None:
@@ -225,12 +233,21 @@ class SQLiteConnector:
         conn.execute(SQL["create_leases"])
         conn.execute(SQL["create_agents"])
 
+    @staticmethod
+    def _create_queues(conn: sqlite3.Connection) -> None:
+        """Version 3: the jobs of the work queues and their indexes (new objects only)."""
+        conn.execute(SQL["create_jobs"])
+        conn.execute(SQL["create_jobs_claim_index"])
+        conn.execute(SQL["create_jobs_state_index"])
+        conn.execute(SQL["create_jobs_dedupe_index"])
+
     def _check_version(self, stored: object) -> int:
-        """The stored version if this module reads it (the current one, or 1 to upgrade)."""
+        """The stored version if this module reads it (the current one, or an older one to
+        upgrade)."""
         version = -1
         with contextlib.suppress(ValueError):
             version = int(str(stored))
-        if version in (1, SCHEMA_VERSION):
+        if 1 <= version <= SCHEMA_VERSION:
             return version
         relation = "newer" if version > SCHEMA_VERSION else "older"
         raise SchemaVersionError(

@@ -29,10 +29,12 @@ from fleetmem.backends.seam import (
     Fence,
     KVBackend,
     LeaseBackend,
+    QueueBackend,
 )
 from fleetmem.backends.sqlite.agents import SQLiteAgents
 from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction, now_ms
 from fleetmem.backends.sqlite.leases import SQLiteLeases, check_fence
+from fleetmem.backends.sqlite.queues import SQLiteQueues
 from fleetmem.errors import (
     KeyNotFoundError,
     VersionConflictError,
@@ -252,6 +254,9 @@ class SQLiteKV(KVBackend):
 
     def agents(self) -> AgentBackend:
         return SQLiteAgents(self._db, namespace=self._namespace)
+
+    def queues(self) -> QueueBackend:
+        return SQLiteQueues(self._db, namespace=self._namespace)
 
     async def set(
         self,
