@@ -67,6 +67,7 @@ from fleetmem.backends.seam import (
     Fence,
     KVBackend,
     LeaseBackend,
+    QueueBackend,
     SetOp,
     lease_lost,
 )
@@ -244,6 +245,12 @@ class RedisKV(KVBackend):
         from fleetmem.backends.redis.agents import RedisAgents
 
         return RedisAgents(self._connector, namespace=self._namespace)
+
+    def queues(self) -> QueueBackend:
+        """The work queues of this namespace on the same connector (``queues.py``)."""
+        from fleetmem.backends.redis.queues import RedisQueues
+
+        return RedisQueues(self._connector, namespace=self._namespace)
 
     def describe(self) -> str:
         return self._connector.describe()

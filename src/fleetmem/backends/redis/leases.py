@@ -23,6 +23,11 @@ second (``poll_interval``) whatever happens. On a Cluster a classic ``PUBLISH`` 
 node, so the listener subscribes on one node of its choice. A lost subscription is opened
 again with a backoff (up to 2 s), and every waiter is woken then, since releases may have been
 missed meanwhile.
+
+The same subscription carries the work queues' wake-ups (``queues.py``): it subscribes to
+:data:`QUEUE_CHANNEL` too, in the same ``SUBSCRIBE``, and wakes claim waiters
+(``p\\0<ns>\\0<queue>\\0<origin>\\0<count>``: ``count`` of them) and result waiters
+(``r\\0<ns>\\0<job id>\\0<origin>``: all of them), skipping its own connector's messages too.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ from fleetmem.backends.redis.scripts import LEASE_SCRIPTS
 from fleetmem.backends.seam import LeaseBackend, lease_lost
 from fleetmem.protocol import Lease
 
-__all__ = ["CHANNEL", "RedisLeases", "ReleaseListener"]
+__all__ = ["CHANNEL", "QUEUE_CHANNEL", "RedisLeases", "ReleaseListener"]
 
 _log = logging.getLogger("fleetmem.redis")
 
 #: The channel every release is published on (``lua/leases/_lib.lua``).
 CHANNEL = b"fm:leases"
+#: The channel of the work queues' wake-ups (``lua/queues/_lib.lua``).
+QUEUE_CHANNEL = b"fm:queues"
 
 _ACQUIRE, _RENEW = LEASE_SCRIPTS["acquire"], LEASE_SCRIPTS["renew"]
 _RELEASE, _HOLDER = LEASE_SCRIPTS["release"], LEASE_SCRIPTS["holder"]
@@ -56,8 +63,9 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 2.0
 
 
 class ReleaseListener:
-    """One pub/sub subscription to :data:`CHANNEL` per connector: every release published by
-    any process wakes this process's waiters of that ``(namespace, name)``.
+    """One pub/sub subscription to :data:`CHANNEL` and :data:`QUEUE_CHANNEL` per connector:
+    every release published by any process wakes this process's waiters of that
+    ``(namespace, name)``; every put or awaited result, the waiters of that queue or job.
 
     Started by :meth:`start` (the first waiting ``acquire``), stopped by :meth:`aclose` (the
     connector's ``aclose``). Its task never outlives the connector. Every waiter is woken when
@@ -100,13 +108,30 @@ class ReleaseListener:
             task.cancel()
             await asyncio.wait([task])
 
-    def _dispatch(self, data: Any) -> None:
+    def _dispatch(self, channel: Any, data: Any) -> None:
         if not isinstance(data, bytes):
             return
         parts = data.split(b"\0")
+        if channel == QUEUE_CHANNEL:
+            self._dispatch_queue(parts)
+            return
         if len(parts) != 3 or parts[2] == self._origin:
             return  # not ours to read, or a release of this connector: its waiters know
         self._notifier.notify((parts[0].decode(), parts[1].decode()))
+
+    def _dispatch_queue(self, parts: list[bytes]) -> None:
+        """A work queue's wake-up; the keys are the seam's ``QueueBackend.claim_key`` and
+        ``QueueBackend.result_key``. This connector's own messages are skipped: it woke its
+        waiters when its call returned."""
+        kind = parts[0]
+        if kind == b"p" and len(parts) == 5 and parts[3] != self._origin:
+            try:
+                count = int(parts[4])
+            except ValueError:
+                return
+            self._notifier.notify(("queue", parts[1].decode(), parts[2].decode()), count)
+        elif kind == b"r" and len(parts) == 4 and parts[3] != self._origin:
+            self._notifier.notify_every(("result", parts[1].decode(), parts[2].decode()))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -116,7 +141,8 @@ class ReleaseListener:
             owner: Any = None
             try:
                 pubsub, owner = await self._connector.open_pubsub()
-                await pubsub.subscribe(CHANNEL)
+                # One SUBSCRIBE: both channels are subscribed before its first confirmation.
+                await pubsub.subscribe(CHANNEL, QUEUE_CHANNEL)
                 last = loop.time()
                 pinged = False
                 while True:
@@ -132,7 +158,7 @@ class ReleaseListener:
                     last, pinged = now, False
                     kind = message.get("type")
                     if kind in ("message", b"message"):
-                        self._dispatch(message.get("data"))
+                        self._dispatch(message.get("channel"), message.get("data"))
                     elif kind in ("subscribe", b"subscribe") and not self._ready.is_set():
                         self._ready.set()
                         pause = _BACKOFF_FIRST

@@ -1,10 +1,10 @@
 """The Lua scripts of the Redis backend: one library that several primitives join.
 
 Scripts come in named groups, one folder each: ``lua/kv/`` holds the key-value scripts,
-``lua/leases/`` the lease and agent scripts (later ``lua/queue/``...). A group is an optional
-prelude, ``_lib.lua`` (its key layout and shared helpers), and one file per script. A
-:class:`ScriptLibrary` is built from groups once, at import; the same code is then served two
-ways:
+``lua/leases/`` the lease and agent scripts, ``lua/queues/`` the work queue scripts. A group
+is an optional prelude, ``_lib.lua`` (its key layout and shared helpers), and one file per
+script. A :class:`ScriptLibrary` is built from groups once, at import; the same code is then
+served two ways:
 
 * as ONE Redis 7 function library (``FCALL``), used on a standalone server: the library is
   compiled once per server, so a call does not rebuild the helpers (about 4 us less per call).
@@ -42,7 +42,8 @@ under ``noeviction`` still runs:
 
 The lease and agent scripts follow the same rule (:data:`LEASE_FLAGS`): reads ``no-writes``,
 ``renew`` / ``release`` / ``agent_deregister`` / ``agent_list`` ``allow-oom`` (they overwrite
-numbers of an existing record or remove index members), grants and registrations no flag.
+numbers of an existing record or remove index members), grants and registrations no flag. So do
+the work queue scripts (:data:`QUEUE_FLAGS`).
 
 Fenced writes: each key-value write named in :data:`FENCED` has a twin ``fenced_<name>``,
 made here from ``lua/kv/_fence.lua`` followed by the write's unchanged body, in both forms and
@@ -74,6 +75,9 @@ __all__ = [
     "LEASE_FLAGS",
     "LEASE_SCRIPTS",
     "LIBRARY",
+    "QUEUES_GROUP",
+    "QUEUE_FLAGS",
+    "QUEUE_SCRIPTS",
     "SCRIPTS",
     "SCRIPT_LIBRARY",
     "Script",
@@ -306,8 +310,57 @@ LEASES_GROUP = ScriptGroup(
     _BIND_LEASES,
 )
 
+_BIND_QUEUES = b"""local P, SEQ, NAMES, JPFX
+local function bind(keys)
+  if keys[1] == P then return end -- the same namespace as the last call: names still bound
+  P = keys[1]
+  SEQ, NAMES, JPFX = P .. 'qn', P .. 'qs', P .. 'j:'
+end
+"""
+
+#: Redis 7 script flags of the work queue scripts. ``result`` and ``stats`` only read.
+#: ``extend`` overwrites a number of an existing job; ``cancel`` and ``purge_dead`` remove
+#: jobs; ``dead`` and ``list_queues`` only move members between sets (claims that died on
+#: their last lease to the dead letter) or drop those of expired results and empty queues;
+#: ``await_result`` sets a one-byte field of an existing job (a waiter on a full server is not
+#: refused): on a full server a queue stays readable, a holder keeps its claim and jobs can be
+#: removed. ``put``, ``claim`` (a consumer name per job), ``ack`` (a result), ``nack`` (an
+#: error) and ``retry_dead`` may add data: no flag.
+QUEUE_FLAGS: dict[str, tuple[str, ...]] = {
+    "result": ("no-writes",),
+    "stats": ("no-writes",),
+    "extend": ("allow-oom",),
+    "cancel": ("allow-oom",),
+    "dead": ("allow-oom",),
+    "purge_dead": ("allow-oom",),
+    "list_queues": ("allow-oom",),
+    "await_result": ("allow-oom",),
+}
+
+#: The work queue scripts (``lua/queues/``): ``RedisQueues``, one script per transition.
+QUEUES_GROUP = ScriptGroup(
+    "queues",
+    (
+        "put",
+        "claim",
+        "extend",
+        "ack",
+        "nack",
+        "cancel",
+        "result",
+        "stats",
+        "dead",
+        "retry_dead",
+        "purge_dead",
+        "list_queues",
+        "await_result",
+    ),
+    QUEUE_FLAGS,
+    _BIND_QUEUES,
+)
+
 #: Every group of the one library, in library order.
-GROUPS: tuple[ScriptGroup, ...] = (KV_GROUP, LEASES_GROUP)
+GROUPS: tuple[ScriptGroup, ...] = (KV_GROUP, LEASES_GROUP, QUEUES_GROUP)
 
 #: The one library of every primitive's scripts.
 SCRIPT_LIBRARY = ScriptLibrary(__package__ or "fleetmem.backends.redis", GROUPS)
@@ -315,4 +368,6 @@ SCRIPT_LIBRARY = ScriptLibrary(__package__ or "fleetmem.backends.redis", GROUPS)
 SCRIPTS = SCRIPT_LIBRARY.group("kv")
 #: The lease and agent scripts by name.
 LEASE_SCRIPTS = SCRIPT_LIBRARY.group("leases")
+#: The work queue scripts by name.
+QUEUE_SCRIPTS = SCRIPT_LIBRARY.group("queues")
 LIBRARY = SCRIPT_LIBRARY.source
