@@ -55,8 +55,6 @@ __all__ = [
 
 #: The longest queue name, in UTF-8 bytes.
 MAX_QUEUE_NAME_BYTES = 255
-#: The longest consumer name, in UTF-8 bytes.
-MAX_CONSUMER_BYTES = 255
 #: The longest ``nack`` error kept, in UTF-8 bytes.
 MAX_ERROR_BYTES = 65536
 
@@ -75,7 +73,7 @@ def validate_queue_name(name: object) -> str:
 def _consumer(consumer: object) -> str:
     if consumer is None:
         return _DEFAULT_CONSUMER
-    return validate_name(consumer, "consumer", MAX_CONSUMER_BYTES)
+    return validate_name(consumer, "consumer")
 
 
 def _duration_ms(value: object, what: str) -> int:

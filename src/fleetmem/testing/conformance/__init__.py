@@ -2,8 +2,8 @@
 
 The contract is written in the docstrings of :mod:`fleetmem.protocol` (the module's rules and
 each :class:`~fleetmem.protocol.MemoryStore` method) and, for leases, fenced writes and the
-agent registry (``store.leases``, ``fence=``, ``store.agents``), in ``docs/coordination.md``;
-this suite is its executable form. Check
+agent registry and work queues (``store.leases``, ``fence=``, ``store.agents``,
+``store.queue(name)``), in ``docs/coordination.md``; this suite is its executable form. Check
 any ``MemoryStore`` implementation by subclassing :class:`StoreConformance` in a test module
 where a ``store`` fixture yields a fresh, empty store in a namespace no other test uses::
 
@@ -27,13 +27,13 @@ look at the backend's type. Some tests derive extra namespaces from the fixture'
 a suffix (``x``, ``xb``, ``x.b``, ...), write to them and clear them afterwards, so the
 fixture's namespace must be unique (including as a prefix) and at most 60 characters long.
 Other namespaces may exist on the same server (other tests, other runs): no test assumes it is
-alone there. The coordination tests leave lease and agent records in the fixture's namespace
-(``clear()`` keeps them, by contract); they are small, and none stays live longer than the
-longest TTL the tests grant (200 s). :class:`LeasesConformance`,
-:class:`FencedWritesConformance` and :class:`AgentsConformance` are part of
-:class:`StoreConformance` and can also be run on their own. Tolerances and optional
-capabilities are class attributes, documented on :class:`StoreConformance`; override them in
-the subclass.
+alone there. The coordination tests leave lease and agent records and queued jobs in the
+fixture's namespace (``clear()`` keeps them, by contract); they are small, and no lease, agent
+or claim stays live longer than the longest TTL the tests grant (200 s).
+:class:`LeasesConformance`, :class:`FencedWritesConformance`, :class:`AgentsConformance` and
+:class:`QueueConformance` are part of :class:`StoreConformance` and can also be run on their
+own. Tolerances and optional capabilities are class attributes, documented on
+:class:`StoreConformance`; override them in the subclass.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from fleetmem.testing.conformance._keys import KeyConformance
 from fleetmem.testing.conformance._leases import LeasesConformance
 from fleetmem.testing.conformance._lifecycle import LifecycleConformance
 from fleetmem.testing.conformance._namespaces import NamespacesConformance
+from fleetmem.testing.conformance._queues import QueueConformance
 from fleetmem.testing.conformance._search import SearchConformance
 from fleetmem.testing.conformance._values import ValueConformance
 from fleetmem.testing.conformance._writes import WriteConformance
@@ -56,6 +57,7 @@ __all__ = [
     "AgentsConformance",
     "FencedWritesConformance",
     "LeasesConformance",
+    "QueueConformance",
     "StoreConformance",
 ]
 
@@ -72,6 +74,7 @@ class StoreConformance(
     LeasesConformance,
     FencedWritesConformance,
     AgentsConformance,
+    QueueConformance,
 ):
     """Every rule of the store contract, as tests of the ``store`` fixture.
 
