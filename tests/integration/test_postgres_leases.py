@@ -524,7 +524,13 @@ async def test_a_custom_schema_and_table_have_their_own_leases_and_agents(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'coord' "
         "ORDER BY table_name",
     )
-    assert [r[0] for r in rows] == ["alembic_version_kv", "kv", "kv_agents", "kv_leases"]
+    assert [r[0] for r in rows] == [
+        "alembic_version_kv",
+        "kv",
+        "kv_agents",
+        "kv_jobs",
+        "kv_leases",
+    ]
     rows = await _fetch(dsn, "SELECT owner, token FROM coord.kv_leases")
     assert [tuple(r) for r in rows] == [("custom", 1)]
 

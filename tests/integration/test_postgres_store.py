@@ -155,8 +155,10 @@ async def test_custom_schema_and_table_are_separate(
         "memory",
         "memory2",
         "memory2_agents",
+        "memory2_jobs",
         "memory2_leases",
         "memory_agents",
+        "memory_jobs",
         "memory_leases",
     ]
 

@@ -54,6 +54,62 @@ EXPECTED_AGENT_COLUMNS = [
 ]
 
 
+# The job table of revision 0004, next to the entries table.
+EXPECTED_JOB_COLUMNS = [
+    ("id", "bigint", "NO", None),
+    ("namespace", "text", "NO", "C"),
+    ("queue", "text", "NO", "C"),
+    ("state", "text", "NO", None),
+    ("priority", "integer", "NO", None),
+    ("due_at", "timestamp with time zone", "NO", None),
+    ("attempts", "integer", "NO", None),
+    ("max_attempts", "integer", "NO", None),
+    ("token", "bigint", "NO", None),
+    ("awaited", "boolean", "NO", None),
+    ("enqueued_at", "timestamp with time zone", "NO", None),
+    ("ready_at", "timestamp with time zone", "NO", None),
+    ("claimed_at", "timestamp with time zone", "YES", None),
+    ("lease_expires_at", "timestamp with time zone", "YES", None),
+    ("finished_at", "timestamp with time zone", "YES", None),
+    ("consumer", "text", "YES", None),
+    ("dedupe_key", "text", "YES", "C"),
+    ("last_error", "text", "YES", None),
+    ("payload", "jsonb", "NO", None),
+    ("result", "jsonb", "YES", None),
+]
+_LIVE = "(state = ANY (ARRAY['waiting'::text, 'claimed'::text]))"
+
+
+def _expected_jobs(schema: str, table: str) -> dict[str, Any]:
+    jobs = f"{table}_jobs"
+    on = f"ON {schema}.{jobs} USING btree"
+    return {
+        "columns": EXPECTED_JOB_COLUMNS,
+        "indexes": {
+            f"{jobs}_pkey": f"CREATE UNIQUE INDEX {jobs}_pkey {on} (id)",
+            f"{jobs}_claim_idx": f"CREATE INDEX {jobs}_claim_idx {on} "
+            f"(namespace, queue, priority DESC, due_at, id) WHERE {_LIVE}",
+            f"{jobs}_dedupe_idx": f"CREATE UNIQUE INDEX {jobs}_dedupe_idx {on} "
+            f"(namespace, queue, dedupe_key) WHERE ((dedupe_key IS NOT NULL) AND {_LIVE})",
+            f"{jobs}_last_attempt_idx": f"CREATE INDEX {jobs}_last_attempt_idx {on} "
+            "(namespace, queue, due_at) "
+            "WHERE ((state = 'claimed'::text) AND (attempts >= max_attempts))",
+            f"{jobs}_done_idx": f"CREATE INDEX {jobs}_done_idx {on} (namespace, queue, due_at) "
+            "WHERE (state = 'done'::text)",
+            f"{jobs}_dead_idx": f"CREATE INDEX {jobs}_dead_idx {on} (namespace, queue, id) "
+            "WHERE (state = 'dead'::text)",
+        },
+    }
+
+
+_NO_JOBS: dict[str, Any] = {"columns": [], "indexes": {}}
+
+
+def _jobs_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict[str, Any]:
+    """The job table of ``schema.table`` (revision 0004)."""
+    return _schema_of(dsn, schema, f"{table}_jobs")
+
+
 def _coordination_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict[str, Any]:
     """The lease table, the agent table and the fence function of ``schema.table``."""
     leases, agents = f"{table}_leases", f"{table}_agents"
@@ -152,6 +208,7 @@ def test_upgrade_on_an_empty_database_gives_the_declared_schema(
     assert found["columns"] == EXPECTED_COLUMNS
     assert found["indexes"] == _expected_indexes("fleetmem", "entries")
     assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
+    assert _jobs_of(dsn) == _expected_jobs("fleetmem", "entries")
     assert _query(dsn, "SELECT version_num FROM fleetmem.alembic_version") == [
         (migrate.HEAD_REVISION,)
     ]
@@ -166,7 +223,9 @@ def test_custom_schema_and_table(fleetmem_postgres_empty_database: str) -> None:
     assert found["columns"] == EXPECTED_COLUMNS
     assert found["indexes"] == _expected_indexes("mem_schema", "kv")
     assert _coordination_of(dsn, "mem_schema", "kv") == _expected_coordination("mem_schema", "kv")
+    assert _jobs_of(dsn, "mem_schema", "kv") == _expected_jobs("mem_schema", "kv")
     assert _coordination_of(dsn) == _NO_COORDINATION
+    assert _jobs_of(dsn) == _NO_JOBS
 
 
 def test_upgrading_twice_is_a_no_op(fleetmem_postgres_empty_database: str) -> None:
@@ -181,13 +240,14 @@ def test_upgrading_twice_is_a_no_op(fleetmem_postgres_empty_database: str) -> No
 def test_downgrade_then_upgrade_round_trips(fleetmem_postgres_empty_database: str) -> None:
     dsn = fleetmem_postgres_empty_database
     migrate.upgrade(dsn)
-    before = _schema_of(dsn), _coordination_of(dsn)
+    before = _schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn)
     migrate.downgrade(dsn, "base")
     assert migrate.current(dsn) is None
     assert _query(dsn, "SELECT to_regclass('fleetmem.entries')") == [(None,)]
     assert _coordination_of(dsn) == _NO_COORDINATION
+    assert _jobs_of(dsn) == _NO_JOBS
     migrate.upgrade(dsn)
-    assert (_schema_of(dsn), _coordination_of(dsn)) == before
+    assert (_schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn)) == before
     assert migrate.current(dsn) == migrate.HEAD_REVISION
 
 
@@ -252,10 +312,11 @@ def test_offline_sql_applies_cleanly(fleetmem_postgres_empty_database: str) -> N
     assert migrate.current(dsn) == migrate.HEAD_REVISION
     assert _schema_of(dsn)["columns"] == EXPECTED_COLUMNS
     assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
+    assert _jobs_of(dsn) == _expected_jobs("fleetmem", "entries")
 
 
 def test_offline_sql_creates_the_coordination_tables() -> None:
-    text = migrate.sql(schema="ops", table="mem", from_revision="0002")
+    text = migrate.sql(schema="ops", table="mem", revision="0003", from_revision="0002")
     assert 'CREATE TABLE "ops"."mem_leases"' in text
     assert 'CREATE TABLE "ops"."mem_agents"' in text
     assert 'CREATE FUNCTION "ops"."mem_fence"' in text
@@ -364,7 +425,7 @@ def test_coordination_upgrade_and_downgrade(fleetmem_postgres_empty_database: st
     assert _coordination_of(dsn) == _NO_COORDINATION
     _query(dsn, "INSERT INTO fleetmem.entries (namespace, key, value) VALUES ('n', 'k', '1')")
     entries_before = _schema_of(dsn)
-    migrate.upgrade(dsn)
+    migrate.upgrade(dsn, revision="0003")
     assert migrate.current(dsn) == "0003"
     assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
     assert _schema_of(dsn) == entries_before
@@ -374,7 +435,7 @@ def test_coordination_upgrade_and_downgrade(fleetmem_postgres_empty_database: st
     assert _coordination_of(dsn) == _NO_COORDINATION
     assert _schema_of(dsn) == entries_before
     assert _query(dsn, "SELECT key FROM fleetmem.entries") == [("k",)]
-    migrate.upgrade(dsn)
+    migrate.upgrade(dsn, revision="0003")
     assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
 
 
@@ -434,3 +495,134 @@ async def test_a_schema_without_the_coordination_tables_is_migrated_or_refused(
         await store.set("k", 1, fence=lease)
         assert (await store.agents.register("a", info={}, ttl=30)).generation == 1
     assert await asyncio.to_thread(migrate.current, dsn) == migrate.HEAD_REVISION
+
+
+# ------------------------------------------------------------------------------ 0004: queues
+
+
+def test_queue_upgrade_and_downgrade(fleetmem_postgres_empty_database: str) -> None:
+    """0004 adds the job table (and its indexes) next to the entries, lease and agent tables,
+    keeping their rows; downgrading to 0003 drops exactly what it added."""
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn, revision="0003")
+    assert _jobs_of(dsn) == _NO_JOBS
+    _query(dsn, "INSERT INTO fleetmem.entries (namespace, key, value) VALUES ('n', 'k', '1')")
+    _query(
+        dsn,
+        "INSERT INTO fleetmem.entries_leases VALUES "
+        "('n', 'l', 'o', 7, now(), now() + interval '1 hour', 3600000)",
+    )
+    before = _schema_of(dsn), _coordination_of(dsn)
+    migrate.upgrade(dsn)
+    assert migrate.current(dsn) == "0004"
+    assert _jobs_of(dsn) == _expected_jobs("fleetmem", "entries")
+    assert (_schema_of(dsn), _coordination_of(dsn)) == before
+    _query(
+        dsn,
+        "INSERT INTO fleetmem.entries_jobs (namespace, queue, state, priority, due_at, "
+        "max_attempts, enqueued_at, ready_at, payload) "
+        "VALUES ('n', 'q', 'waiting', 0, now(), 5, now(), now(), '{}')",
+    )
+    migrate.downgrade(dsn, "0003")
+    assert migrate.current(dsn) == "0003"
+    assert _jobs_of(dsn) == _NO_JOBS
+    assert _query(dsn, "SELECT to_regclass('fleetmem.entries_jobs')") == [(None,)]
+    assert (_schema_of(dsn), _coordination_of(dsn)) == before
+    assert _query(dsn, "SELECT key FROM fleetmem.entries") == [("k",)]
+    assert _query(dsn, "SELECT token FROM fleetmem.entries_leases") == [(7,)]
+    migrate.upgrade(dsn)
+    assert _jobs_of(dsn) == _expected_jobs("fleetmem", "entries")
+    # A fresh table: ids start again at 1 (they are unique for the life of a table).
+    assert _query(dsn, "SELECT count(*) FROM fleetmem.entries_jobs") == [(0,)]
+
+
+def test_the_job_table_refuses_an_unknown_state_and_a_second_live_dedupe_key(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn)
+    insert = (
+        "INSERT INTO fleetmem.entries_jobs (namespace, queue, state, priority, due_at, "
+        "max_attempts, enqueued_at, ready_at, dedupe_key, payload) "
+        "VALUES ('n', 'q', $1, 0, now(), 5, now(), now(), 'k', '{}')"
+    )
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute(insert, "ready")
+            await conn.execute(insert, "waiting")
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.execute(insert, "claimed")
+            # Done and dead jobs hold no key: any number of them, next to the live one.
+            for state in ("done", "done", "dead"):
+                await conn.execute(insert, state)
+            assert await conn.fetchval("SELECT count(*) FROM fleetmem.entries_jobs") == 4
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_a_long_table_name_keeps_every_job_index_name_whole(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    """Every name 0004 derives from the table's fits PostgreSQL's 63 bytes whole (a longer one
+    would be truncated, and two could collide); 26 characters is the longest table name the
+    earlier revisions take (``<table>_partition_idx`` is a checked identifier of at most 40)."""
+    dsn = fleetmem_postgres_empty_database
+    table = "t" * 26
+    migrate.upgrade(dsn, table=table)
+    assert _jobs_of(dsn, "fleetmem", table) == _expected_jobs("fleetmem", table)
+    migrate.downgrade(dsn, "0003", table=table)
+    assert _jobs_of(dsn, "fleetmem", table) == _NO_JOBS
+
+
+def test_offline_sql_creates_the_queue_table() -> None:
+    text = migrate.sql(schema="ops", table="mem", from_revision="0003")
+    assert 'CREATE TABLE "ops"."mem_jobs"' in text
+    assert "GENERATED ALWAYS AS IDENTITY" in text
+    for index in ("claim", "dedupe", "last_attempt", "done", "dead"):
+        assert f'"mem_jobs_{index}_idx" ON "ops"."mem_jobs"' in text
+    assert "UNLOGGED" not in text  # an acknowledged put survives a crash of the server
+    assert 'CREATE TABLE "ops"."mem_leases"' not in text  # from 0003: they exist
+
+
+async def test_a_schema_without_the_job_table_is_migrated_or_refused(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    from fleetmem.backends.postgres import PostgresStore
+    from fleetmem.errors import SchemaVersionError
+
+    dsn = fleetmem_postgres_empty_database
+    await asyncio.to_thread(migrate.upgrade, dsn, revision="0003")
+    refusing = PostgresStore.from_url(dsn, auto_migrate=False)
+    with pytest.raises(SchemaVersionError, match="0003"):
+        await refusing.connect()
+    await refusing.close()
+    assert await asyncio.to_thread(migrate.current, dsn) == "0003"
+    async with PostgresStore.from_url(dsn, namespace="n") as store:
+        job_id = await store.queue("q").put({"n": 1})
+        job = await store.queue("q").claim()
+        assert job is not None and job.id == job_id
+    assert await asyncio.to_thread(migrate.current, dsn) == "0004"
+
+
+async def test_a_newer_schema_than_this_fleetmem_knows_is_refused(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    from fleetmem.backends.postgres import PostgresStore
+    from fleetmem.errors import SchemaVersionError
+
+    dsn = fleetmem_postgres_empty_database
+    await asyncio.to_thread(migrate.upgrade, dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE fleetmem.alembic_version SET version_num = '0005'")
+    finally:
+        await conn.close()
+    store = PostgresStore.from_url(dsn)
+    with pytest.raises(SchemaVersionError, match=r"0005.*0004"):
+        await store.connect()
+    await store.close()

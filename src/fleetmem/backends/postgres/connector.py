@@ -5,7 +5,8 @@ connector: :meth:`PostgresConnector.connect` checks the schema revision and migr
 older database when ``auto_migrate``. Each primitive loads its statements once from its own
 ``sql/<primitive>.sql`` file (:meth:`PostgresConnector.statements`), with ``{table}`` replaced
 by the quoted, validated table name (``{leases}``, ``{agents}`` and ``{fence}`` by the lease
-table, agent table and fence function of migration 0003), and runs them through
+table, agent table and fence function of migration 0003, ``{jobs}`` by the job table of
+migration 0004), and runs them through
 :meth:`PostgresConnector.run` (one statement, retried where safe),
 :meth:`PostgresConnector.with_conn` or :meth:`PostgresConnector.transaction`.
 
@@ -17,9 +18,9 @@ idle connection of the own pool while the gate is free costs no await. ``command
 the own pool is a deadline watched by one task (see ``_watch``), not asyncpg's per-statement
 timer. Driver exceptions are translated in :func:`_translate`, the one choke point: no asyncpg
 exception reaches a caller (the fence function's SQLSTATE ``FL001`` becomes
-``LeaseLostError``). The connector also holds the :class:`~fleetmem._notify.Notifier` that lease
-waiters of every view share, and the ``LISTEN`` connection that feeds it (``leases.Listener``),
-closed by :meth:`PostgresConnector.close`.
+``LeaseLostError``). The connector also holds the :class:`~fleetmem._notify.Notifier` that lease,
+claim and result waiters of every view share, and the ``LISTEN`` connection that feeds it
+(``leases.Listener``), closed by :meth:`PostgresConnector.close`.
 
 A connection that could not be opened is not one that was lost: :func:`_cannot_connect` says why
 ("cannot connect to PostgreSQL at <url without password>: connection refused", "host not found",
@@ -103,8 +104,9 @@ def _blocks(block_file: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=32)
 def statements(block_file: str, schema: str, table: str) -> dict[str, str]:
     """The named statements of ``sql/<block_file>`` with ``{table}`` replaced by the quoted,
-    validated table name, and ``{leases}``, ``{agents}`` and ``{fence}`` by the lease table,
-    agent table and fence function that belong to it (computed once per file and table)."""
+    validated table name, and ``{leases}``, ``{agents}``, ``{fence}`` and ``{jobs}`` by the
+    lease table, agent table, fence function and job table that belong to it (computed once per
+    file and table)."""
     quoted = migrate.quote_ident(schema)
     leases, agents, fence = migrate.coordination_names(table)
     names = {
@@ -112,6 +114,7 @@ def statements(block_file: str, schema: str, table: str) -> dict[str, str]:
         "{leases}": f"{quoted}.{migrate.quote_ident(leases)}",
         "{agents}": f"{quoted}.{migrate.quote_ident(agents)}",
         "{fence}": f"{quoted}.{migrate.quote_ident(fence)}",
+        "{jobs}": f"{quoted}.{migrate.quote_ident(migrate.queue_table(table))}",
     }
     out: dict[str, str] = {}
     for name, sql in _blocks(block_file).items():
@@ -699,12 +702,13 @@ class PostgresConnector:
         # Background work of the primitives (the key-value sweeper): started by connect().
         self._background: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        #: Waiters for lease releases (and later queue wake-ups), shared by every view; fed by
-        #: this process's releases and by :attr:`listener`.
+        #: Waiters for lease releases, queued jobs and job results, shared by every view; fed
+        #: by this process's releases, puts and acks and by :attr:`listener`.
         self.notifier = Notifier()
-        #: The ``NOTIFY`` channel of this table's leases (channels are per database).
+        #: The ``NOTIFY`` channel of this table's leases and queues (channels are per database).
         self.channel = migrate.notify_channel(self.schema, self.table)
-        #: The ``LISTEN`` connection (``leases.Listener``), opened by the first waiting acquire.
+        #: The ``LISTEN`` connection (``leases.Listener``), opened by the first waiting acquire,
+        #: claim or result.
         self.listener: Any = None
 
     @property

@@ -45,6 +45,7 @@ from fleetmem.backends.seam import (
     Fence,
     KVBackend,
     LeaseBackend,
+    QueueBackend,
     SetOp,
     lease_lost,
 )
@@ -197,6 +198,11 @@ class PostgresKV(KVBackend):
         from fleetmem.backends.postgres.agents import PostgresAgents
 
         return PostgresAgents(self._connector, namespace=self._namespace)
+
+    def queues(self) -> QueueBackend:
+        from fleetmem.backends.postgres.queues import PostgresQueues
+
+        return PostgresQueues(self._connector, namespace=self._namespace)
 
     def _write(self, name: str, args: tuple[Any, ...], fence: Fence | None) -> tuple[str, Any]:
         """Statement ``name`` and its arguments, fenced when ``fence`` is given."""

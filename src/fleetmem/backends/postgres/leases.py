@@ -57,15 +57,21 @@ _RECONNECT_MAX = 5.0
 
 
 class Listener:
-    """The ``LISTEN`` connection of one connector: releases of other processes, as
-    notifications ``namespace:name`` on the connector's channel, wake the waiters of
-    ``connector.notifier``.
+    """The ``LISTEN`` connection of one connector: releases, puts and awaited acks of other
+    processes, as notifications on the connector's channel, wake the waiters of
+    ``connector.notifier``:
 
-    Opened on the first waiting acquire (:meth:`start`), on the pool's DSN, TLS and server
-    settings but outside the pool, and held for as long as the store is open (closed by the
-    connector). With an injected pool there is no DSN: one of the pool's connections is
-    borrowed while at least one acquire waits and given back when the last one stops waiting,
-    so the caller's pool can always be closed once no call is running.
+    * ``namespace:name`` -- a lease released: the longest waiter of ``(namespace, name)``;
+    * ``>count:namespace:queue`` -- ``count`` jobs became claimable: that many claim waiters of
+      ``("queue", namespace, queue)`` (``QueueBackend.claim_key``);
+    * ``!namespace:job_id`` -- an awaited job finished: every waiter of ``("result", namespace,
+      job_id)`` (``QueueBackend.result_key``).
+
+    Opened on the first waiting acquire, claim or result (:meth:`start`), on the pool's DSN,
+    TLS and server settings but outside the pool, and held for as long as the store is open
+    (closed by the connector). With an injected pool there is no DSN: one of the pool's
+    connections is borrowed while at least one call waits and given back when the last one
+    stops waiting, so the caller's pool can always be closed once no call is running.
     """
 
     def __init__(self, connector: PostgresConnector) -> None:
@@ -77,7 +83,7 @@ class Listener:
         self._stopping: asyncio.Task[None] | None = None
         #: Whether the connection is borrowed from an injected pool (held only while waiting).
         self.borrowed = connector.dsn is None
-        #: Acquires waiting right now (see ``PostgresLeases.watch``).
+        #: Calls waiting right now (see ``PostgresLeases.watch``, ``PostgresQueues.watch``).
         self.users = 0
         #: Set for good when a LISTEN did not deliver its probe: waiters poll from then on.
         self.undelivered = False
@@ -126,6 +132,20 @@ class Listener:
             self.listening = False
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        # A namespace is [A-Za-z0-9_.-]: the first character tells the kinds apart.
+        head = payload[:1]
+        if head == ">":
+            # ">count:namespace:queue": jobs became claimable (see sql/queues.sql).
+            count, _, rest = payload[1:].partition(":")
+            namespace, _, queue = rest.partition(":")
+            with contextlib.suppress(ValueError):
+                self._notifier.notify(("queue", namespace, queue), int(count))
+            return
+        if head == "!":
+            # "!namespace:job id": an awaited job finished.
+            namespace, _, job_id = payload[1:].partition(":")
+            self._notifier.notify_every(("result", namespace, job_id))
+            return
         namespace, colon, name = payload.partition(":")
         if colon:
             self._notifier.notify((namespace, name))
@@ -138,8 +158,8 @@ class Listener:
         if not self._complained:
             self._complained = True
             _log.warning(
-                "PostgreSQL LISTEN unavailable (%s): waiting lease acquires poll every %g s "
-                "until it is back",
+                "PostgreSQL LISTEN unavailable (%s): waiting lease acquires, claims and "
+                "results poll every %g s until it is back",
                 why,
                 LeaseBackend.poll_interval,
             )
@@ -187,7 +207,7 @@ class Listener:
                 self._settled.set()
                 if self._complained:
                     self._complained = False
-                    _log.info("PostgreSQL LISTEN is back: waiting lease acquires wake at once")
+                    _log.info("PostgreSQL LISTEN is back: waiting calls wake at once")
                 # Releases may have gone by before LISTEN was in place (a reconnect, or a
                 # waiter that stopped waiting for a slow first LISTEN): every waiter tries again.
                 self._notifier.notify_all()

@@ -44,6 +44,7 @@ __all__ = [
     "downgrade",
     "migrations_dir",
     "notify_channel",
+    "queue_table",
     "quote_ident",
     "run_db_command",
     "sql",
@@ -55,7 +56,7 @@ __all__ = [
 DEFAULT_SCHEMA = "fleetmem"
 DEFAULT_TABLE = "entries"
 #: Every revision this fleetmem knows, oldest first; the last is the head the store needs.
-REVISIONS: tuple[str, ...] = ("0001", "0002", "0003")
+REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004")
 HEAD_REVISION = REVISIONS[-1]
 
 # Lower-case ASCII identifiers only: no quoting surprises, and room for index-name suffixes
@@ -95,9 +96,16 @@ def coordination_names(table: str) -> tuple[str, str, str]:
     return f"{table}_leases", f"{table}_agents", f"{table}_fence"
 
 
+def queue_table(table: str) -> str:
+    """The work-queue table that belongs to entries table ``table`` (same schema):
+    ``<table>_jobs`` (revision 0004)."""
+    validate_identifier(table, "table name")
+    return f"{table}_jobs"
+
+
 def notify_channel(schema: str, table: str) -> str:
-    """The ``NOTIFY`` channel of the leases of ``schema.table``: channels are per database,
-    so it names both (hashed, to stay within 63 bytes)."""
+    """The ``NOTIFY`` channel of the leases and work queues of ``schema.table``: channels are
+    per database, so it names both (hashed, to stay within 63 bytes)."""
     digest = hashlib.blake2b(f"{schema}.{table}".encode(), digest_size=6).hexdigest()
     return f"fleetmem_leases_{digest}"
 
