@@ -382,6 +382,31 @@ async def test_acks_delete_the_results_that_expired(
         assert (await q.stats()).done == 1
 
 
+async def test_the_sweeper_deletes_the_expired_results_of_an_idle_queue(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """A queue nobody acks in any more still loses its expired results: ``sweep_expired`` (the
+    background sweeper) deletes them, and leaves held results and other jobs alone."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    count = f"SELECT state, count(*) FROM {_JOBS} WHERE namespace = $1 GROUP BY state"
+    async with PostgresStore.from_url(dsn, namespace=ns) as store:
+        q = store.queue("idle")
+        await q.put_many(range(4))
+        jobs = await q.claim_many(3, lease=60)
+        assert await q.ack(jobs[0], result=1, result_ttl=0.2)
+        assert await q.ack(jobs[1], result=1, result_ttl=0.2)
+        assert await q.ack(jobs[2], result=1, result_ttl=600)
+        deadline = time.monotonic() + 20
+        while (await q.stats()).done != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert dict(await _fetch(dsn, count, ns)) == {"done": 3, "waiting": 1}
+        assert await store.sweep_expired() >= 2
+        assert dict(await _fetch(dsn, count, ns)) == {"done": 1, "waiting": 1}
+        held = await q.result(jobs[2].id)
+        assert held is not None and held.value == 1
+
+
 # ------------------------------------------------------------------------------ wake-ups
 
 

@@ -552,15 +552,20 @@ class PostgresKV(KVBackend):
         return int(value)
 
     async def sweep_expired(self, max_batches: int = 100) -> int:
-        """Delete expired rows of every namespace in this table, in bounded batches."""
+        """Delete expired rows of every namespace in this table, in bounded batches: expired
+        entries, and the work queues' done jobs whose result expired (a queue nobody acks in
+        any more keeps them otherwise; they are invisible to every call either way)."""
         total = 0
-        for _ in range(max_batches):
-            removed = int(
-                await self._run(FETCHVAL, self._q["sweep"], (self._sweeper_batch,), write=True)
-            )
-            total += removed
-            if removed < self._sweeper_batch:
-                break
+        for statement in ("sweep", "sweep_results"):
+            for _ in range(max_batches):
+                removed = int(
+                    await self._run(
+                        FETCHVAL, self._q[statement], (self._sweeper_batch,), write=True
+                    )
+                )
+                total += removed
+                if removed < self._sweeper_batch:
+                    break
         return total
 
     async def _sweep_forever(self, interval: float) -> None:

@@ -273,6 +273,17 @@ WITH doomed AS (
 )
 SELECT count(*) FROM gone
 
+-- name: sweep_results
+-- The background sweeper, for the work queues: done jobs whose result expired (invisible to
+-- every call already), of every namespace, a bounded batch at a time.
+WITH doomed AS (
+    SELECT id FROM {jobs} WHERE state = 'done' AND due_at <= now()
+    LIMIT $1 FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM {jobs} WHERE id IN (SELECT id FROM doomed) RETURNING 1
+)
+SELECT count(*) FROM gone
+
 -- name: stage_create
 -- Created once per session and emptied by every commit: creating and dropping a table per call
 -- would cost catalog writes on every set_many.
