@@ -86,15 +86,17 @@ class Notifier:
         return w
 
     def notify(self, key: Hashable, count: int = 1) -> None:
-        """Wake the ``count`` waiters of ``key`` that have waited longest (one release or one
-        job, one turn)."""
+        """Wake the ``count`` longest-waiting waiters of ``key`` that are not awake already
+        (one release or one job, one turn): a second wake-up of a waiter that has not used its
+        first would be lost with it."""
         waiters = self._waiters.get(key)
         if waiters:
-            if count == 1:
-                next(iter(waiters))._set()
-                return
-            for w, _ in zip(waiters, range(count), strict=False):
-                w._set()
+            for w in waiters:
+                if count <= 0:
+                    return
+                if not w._event.is_set():
+                    w._set()
+                    count -= 1
 
     def notify_every(self, key: Hashable) -> None:
         """Wake every waiter of ``key`` (a job's result: all its waiters want it)."""
@@ -120,6 +122,7 @@ class Notifier:
         waiters.pop(w, None)
         if not waiters:
             del self._waiters[w.key]
-        elif not w.granted:
-            # It may have held the turn of a release it did not use: pass it on.
-            next(iter(waiters))._set()
+        elif not w.granted or w._event.is_set():
+            # It may have held the turn of a release it did not use (it leaves without what it
+            # waited for, or with a wake-up it never consumed): pass it on.
+            self.notify(w.key)

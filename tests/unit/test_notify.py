@@ -116,3 +116,47 @@ async def test_a_waiting_acquire_stops_when_the_store_closes(tmp_path: Path) -> 
         # No lease from a closed store (the in-memory one forgets its leases on close).
         with pytest.raises(StoreClosedError):
             await asyncio.wait_for(waiter, 10)
+
+
+async def test_two_notifications_wake_two_waiters_even_before_either_ran() -> None:
+    n = Notifier()
+    with n.watch("q") as first, n.watch("q") as second:
+        n.notify("q")
+        n.notify("q")  # ``first`` has not used its wake-up yet: this one goes to ``second``
+        assert await first.wait(0) is True
+        assert await second.wait(0) is True
+
+
+async def test_a_count_wakes_that_many_waiters_not_yet_awake() -> None:
+    n = Notifier()
+    with n.watch("q") as a, n.watch("q") as b, n.watch("q") as c, n.watch("q") as d:
+        n.notify("q")
+        n.notify("q", 2)
+        assert [await w.wait(0) for w in (a, b, c, d)] == [True, True, True, False]
+
+
+async def test_a_granted_waiter_leaving_with_an_unused_wake_up_passes_it_on() -> None:
+    n = Notifier()
+    first = n.watch("q")
+    with n.watch("q") as second:
+        with first:
+            n.notify("q")
+            assert await first.wait(0) is True  # it goes to claim
+            n.notify("q")  # a second job arrives while its claim is in flight: goes to first
+            first.granted = True  # it got the first job and leaves, not waiting again
+        assert await second.wait(0) is True  # the second job's wake-up was passed on
+
+
+async def test_two_puts_wake_two_waiting_claims_at_once() -> None:
+    async with InMemoryStore() as store:
+        q = store.queue("q")
+        loop = asyncio.get_running_loop()
+        waiters = [asyncio.create_task(q.claim(wait=30)) for _ in range(2)]
+        await asyncio.sleep(0.05)  # both are waiting
+        start = loop.time()
+        await q.put(1)
+        await q.put(2)
+        jobs = await asyncio.wait_for(asyncio.gather(*waiters), 20)
+        assert sorted(j.payload for j in jobs if j is not None) == [1, 2]
+        # Woken by the puts, not by the once-a-second poll.
+        assert loop.time() - start < 0.9
