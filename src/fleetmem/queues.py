@@ -95,11 +95,12 @@ def _duration_ms(value: object, what: str) -> int:
     return math.ceil(seconds * 1000)
 
 
-def _lease_ms(lease: object) -> int:
+def _lease_ms(lease: object, what: str = "lease") -> int:
+    """``lease`` (or another positive duration named ``what``) under the TTL rules, in ms."""
     try:
         return validate_ttl(lease)
     except InvalidArgumentError as exc:
-        raise InvalidArgumentError(str(exc).replace("ttl", "lease", 1)) from None
+        raise InvalidArgumentError(str(exc).replace("ttl", what, 1)) from None
 
 
 def _priority(priority: object) -> int:
@@ -109,7 +110,7 @@ def _priority(priority: object) -> int:
         raise InvalidArgumentError(
             f"priority must fit in 32 bits (-2**31 .. 2**31 - 1), not {priority}"
         )
-    return priority
+    return int(priority)  # an int subclass (IntEnum) would reach the wire as its repr
 
 
 def _max_attempts(max_attempts: object) -> int:
@@ -121,7 +122,7 @@ def _max_attempts(max_attempts: object) -> int:
         )
     if not 1 <= max_attempts <= _INT32_MAX:
         raise InvalidArgumentError(f"max_attempts must be from 1 to 2**31 - 1, not {max_attempts}")
-    return max_attempts
+    return int(max_attempts)
 
 
 def _job_id(job_id: object) -> str:
@@ -137,6 +138,8 @@ def _error(error: object) -> str | None:
         return None
     if not isinstance(error, str):
         raise InvalidArgumentError(f"error must be a str or None, not {type(error).__name__}")
+    if "\x00" in error:  # PostgreSQL text cannot hold U+0000; refused alike everywhere
+        raise InvalidArgumentError("error must not contain U+0000 (NUL)")
     try:
         size = len(error.encode("utf-8"))
     except UnicodeEncodeError:
@@ -278,7 +281,7 @@ class Queue:
             raise InvalidArgumentError(f"n must be an int, not {type(n).__name__}")
         if n < 0:
             raise InvalidArgumentError(f"n must be >= 0, not {n}")
-        return await self._claim(min(n, _INT32_MAX), consumer, lease, wait)
+        return await self._claim(int(min(n, _INT32_MAX)), consumer, lease, wait)
 
     async def _claim(self, n: int, consumer: object, lease: object, wait: object) -> list[Job]:
         who = _consumer(consumer)
@@ -330,7 +333,12 @@ class Queue:
                 f"job {job.id!r} is not a claim: its token must be an int from 1 to 2**63 - 1, "
                 f"not {token!r}"
             )
-        return _job_id(job.id), token
+        attempts = job.attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+            raise InvalidArgumentError(
+                f"job {job.id!r} is not a claim: its attempts must be an int >= 0, not {attempts!r}"
+            )
+        return _job_id(job.id), int(token)
 
     async def extend(self, job: Job, *, lease: float | timedelta = DEFAULT_JOB_LEASE) -> Job:
         """Extend ``job``'s claim: its lease now ends ``lease`` seconds from now. The updated
@@ -353,7 +361,7 @@ class Queue:
         ``False`` if another claim superseded it or it is dead, changing nothing."""
         job_id, token = self._claim_of(job)
         data = encode_value(result, self._max_value_bytes)
-        ttl_ms = validate_ttl(result_ttl)
+        ttl_ms = _lease_ms(result_ttl, "result_ttl")
         self._check_open()
         return await self._backend.ack(self._name, job_id, token, data, ttl_ms)
 
@@ -370,8 +378,7 @@ class Queue:
         ``True`` if its claim still held; ``False`` otherwise, changing nothing."""
         job_id, token = self._claim_of(job)
         if retry_in is None:
-            attempts = job.attempts if isinstance(job.attempts, int) else 1
-            retry_ms = backoff_ms(attempts, random.random() * 0.1)
+            retry_ms = backoff_ms(job.attempts, random.random() * 0.1)
         else:
             retry_ms = _duration_ms(retry_in, "retry_in")
         message = _error(error)
@@ -435,7 +442,7 @@ class Queue:
         self._check_open()
         if limit == 0:
             return []
-        return await self._backend.dead(self._name, min(limit, _INT32_MAX), start)
+        return await self._backend.dead(self._name, int(min(limit, _INT32_MAX)), start)
 
     async def retry_dead(self, ids: Iterable[str] | None = None) -> int:
         """Move dead jobs (all, or those of ``ids``) back to ready now with ``attempts`` reset

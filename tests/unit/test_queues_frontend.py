@@ -9,6 +9,7 @@ error rather than ``StoreClosedError``). On an open in-memory store a bad call c
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -395,3 +396,32 @@ async def test_bad_input_changes_nothing() -> None:
         assert nxt is not None and nxt.payload == "ready"
         assert await q.put("again", dedupe_key="k") == nxt.id
         assert await q.stats() == QueueStats(ready=0, delayed=1, claimed=1, dead=1, done=1)
+
+
+async def test_a_hand_built_job_with_huge_or_bad_attempts() -> None:
+    """The default backoff caps its exponent before computing a power (a forged ``attempts``
+    of 10**12 must not stall the event loop), and bad attempts are refused before any I/O."""
+    async with InMemoryStore() as store:
+        q = store.queue("q")
+        await q.put("x")
+        job = await q.claim(lease=60)
+        assert job is not None
+        bad_attempts: list[Any] = [-1, True, 1.5, None]
+        for bad in bad_attempts:
+            with pytest.raises(InvalidArgumentError, match="attempts"):
+                await q.nack(replace(job, attempts=bad))
+        assert await asyncio.wait_for(q.nack(replace(job, attempts=10**12)), 30)
+        assert (await q.stats()).delayed == 1  # retried after the longest backoff
+
+
+async def test_a_nack_error_holding_nul_is_refused_before_any_io() -> None:
+    """PostgreSQL text cannot hold U+0000: refused on every backend alike, the claim kept."""
+    async with InMemoryStore() as store:
+        q = store.queue("q")
+        await q.put("x")
+        job = await q.claim(lease=60)
+        assert job is not None
+        with pytest.raises(InvalidArgumentError, match="NUL"):
+            await q.nack(job, error="boom\x00")
+        assert (await q.stats()).claimed == 1
+        assert await q.nack(job, error="boom") is True

@@ -508,7 +508,7 @@ def job_lost(queue: str, job_id: str, token: int) -> LeaseLostError:
 def backoff_ms(attempts: int, jitter: float) -> int:
     """The default retry delay after ``attempts`` claims: ``min(2 ** (attempts - 1), 3600)``
     seconds plus ``jitter`` (0 .. 0.1) of it, in whole milliseconds."""
-    base = min(2 ** max(attempts - 1, 0), 3600)
+    base = min(2 ** min(max(attempts - 1, 0), 12), 3600)  # 2**12 > 3600: no huge power
     return int(base * (1.0 + jitter) * 1000)
 
 

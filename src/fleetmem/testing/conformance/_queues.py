@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import itertools
 import re
 from collections.abc import Awaitable, Callable
@@ -487,6 +488,36 @@ class QueueConformance(CoordinationBase):
         result = await q.result(to_ack)
         assert result is not None and (result.status, result.value) == ("done", "late")
         assert await q.ack(extended) is True
+
+    async def test_queue_extending_an_expired_claim_reports_when_it_became_ready(
+        self, store: MemoryStore
+    ) -> None:
+        q = store.queue("q")
+        await q.put("x", max_attempts=3)
+        job = claimed(await q.claim(lease=self.lease_ttl))
+        assert job.lease_expires_at is not None
+        await self.until_stats(q, stats_of(ready=1), "the lease expired")
+        extended = await q.extend(job, lease=_LONG)
+        # Nobody claimed it since: the claim is live again, and the job's ready_at is the
+        # moment its lease ran out (when it became ready again), as a claim would report.
+        assert abs(seconds(extended.ready_at, job.lease_expires_at)) <= _SAME_MOMENT
+        assert await q.nack(extended, retry_in=_LONG) is True
+        assert await q.stats() == stats_of(delayed=1)
+
+    async def test_queue_int_subclasses_are_stored_as_ints(self, store: MemoryStore) -> None:
+        class Level(enum.IntEnum):
+            HIGH = 7
+            ONCE = 1
+
+        q = store.queue("q")
+        await q.put("low")
+        job_id = await q.put("high", priority=Level.HIGH, max_attempts=Level.ONCE)
+        job = claimed(await q.claim(lease=_LONG))
+        assert (job.id, job.priority, job.max_attempts) == (job_id, 7, 1)
+        assert type(job.priority) is int and type(job.max_attempts) is int
+        assert await q.nack(job, retry_in=0, error="once") is True  # its only attempt: dead
+        assert await q.stats() == stats_of(ready=1, dead=1)
+        assert len(await q.claim_many(Level.HIGH, lease=_LONG)) == 1
 
     async def test_queue_superseded_claim_changes_nothing(self, store: MemoryStore) -> None:
         q = store.queue("q")
