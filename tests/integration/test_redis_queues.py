@@ -652,3 +652,59 @@ async def test_the_same_calls_answer_as_the_memory_reference(
                 known.extend(a)
         for name in ("a", "b"):
             assert await memory.queue(name).stats() == await redis_store.queue(name).stats()
+
+
+async def test_a_claim_drops_the_index_entries_of_expired_results(
+    two_stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """An idle queue that consumers still poll does not keep the index entries of results past
+    their TTL (the job hashes expire by themselves)."""
+    store, _ = two_stores
+    q = store.queue("idle")
+    await q.put_many(range(3))
+    for job in await q.claim_many(3, lease=_LONG):
+        assert await q.ack(job, result=1, result_ttl=0.2)
+    client = store.kv.connector.client
+    key = f"fm:{{{store.namespace}}}:qo:idle"
+    assert await client.zcard(key) == 3
+    await asyncio.sleep(0.5)
+    assert await q.claim() is None
+    assert await client.zcard(key) == 0
+
+
+async def test_a_stale_ready_member_of_a_live_claim_is_never_claimed(
+    two_stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """If the server's clock went back after a claim promoted an expired lease, extend must
+    not leave the ready member behind, and a claim drops any member of a live claim."""
+    store, _ = two_stores
+    q = store.queue("clock")
+    await q.put("x")
+    job = await q.claim(lease=60)
+    assert job is not None
+    client = store.kv.connector.client
+    prefix = f"fm:{{{store.namespace}}}:"
+    # Forge what a promotion seen by a clock ahead of now leaves: a ready member for the claim.
+    members = await client.zrange(prefix + "qc:clock", 0, -1)
+    assert len(members) == 1
+    code, job_hex = members[0][:8], members[0][8:]
+    forged = code + b"%012x" % 0 + job_hex
+    await client.zadd(prefix + "qr:clock", {forged: 0})
+    assert await q.claim() is None  # the live claim is not handed out twice
+    assert await q.ack(job) is True
+
+
+async def test_a_store_closes_right_after_a_waiting_call_started_its_listener(
+    fleetmem_redis_server: Any, fleetmem_namespace: str
+) -> None:
+    """A ``claim(wait=)`` that finds a job at once has started the pub/sub listener without
+    waiting for it; closing the store then must not hang while the listener connects (redis-py
+    can swallow the cancellation that lands during its connection set-up)."""
+    for _ in range(20):
+        store = RedisStore.from_url(fleetmem_redis_server.url, namespace=fleetmem_namespace)
+        await store.connect()
+        q = store.queue("close")
+        await q.put(1)
+        job = await q.claim(lease=_LONG, wait=5)
+        assert job is not None and await q.ack(job)
+        await asyncio.wait_for(store.close(), 30)

@@ -105,8 +105,11 @@ class ReleaseListener:
         self._closed = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
+            # redis-py can swallow a cancellation that lands while it sets up a connection: the
+            # task then goes on. Cancel again until it is done (the loop also stops on _closed).
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.1)
 
     def _dispatch(self, channel: Any, data: Any) -> None:
         if not isinstance(data, bytes):
@@ -145,7 +148,7 @@ class ReleaseListener:
                 await pubsub.subscribe(CHANNEL, QUEUE_CHANNEL)
                 last = loop.time()
                 pinged = False
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(timeout=0.5)
                     now = loop.time()
                     if message is None:

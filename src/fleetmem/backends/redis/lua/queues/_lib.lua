@@ -141,6 +141,9 @@ local function settle(now)
   promote(DELAYED, now)
   promote(CLAIMS, now)
   sweep(now)
+  -- Results past their TTL: their job hashes expired by themselves; drop their index entries,
+  -- so an idle queue that consumers still poll does not keep them.
+  redis.call('ZREMRANGEBYSCORE', DONE, '-inf', ms(now))
 end
 
 -- The id of the live (waiting, or claimed and not dead) job holding dedupe key k, or nil. A
@@ -179,8 +182,9 @@ local function unclaim(id, h, now)
     redis.call('ZREM', LAST, code .. id)
   else
     redis.call('ZREM', CLAIMS, code .. id)
-    local l = tonumber(h[6])
-    if l <= now then redis.call('ZREM', READY, ready_member(code, l, id)) end
+    -- Always (a no-op when absent): if the server's clock went back since a claim promoted
+    -- the expired lease, a stale ready member must not survive to be claimed again.
+    redis.call('ZREM', READY, ready_member(code, tonumber(h[6]), id))
   end
   return code
 end

@@ -16,8 +16,10 @@ for i = 1, #popped, 2 do
   local code, id = string.sub(m, 1, 8), string.sub(m, 21)
   local at = tonumber(string.sub(m, 9, 20), 16)
   local j = JPFX .. id
-  local h = redis.call('HMGET', j, 'p', 'n', 'a', 'm', 'e', 't', 'x')
-  if h[1] then
+  local h = redis.call('HMGET', j, 'p', 'n', 'a', 'm', 'e', 't', 'x', 's', 'l')
+  -- Only a waiting job, or a claim whose lease ran out, is claimable: a stale member (left by
+  -- a clock that went back) of a live claim or a finished job is dropped.
+  if h[1] and (h[8] == 'w' or (h[8] == 'c' and tonumber(h[9]) <= now)) then
     local a, t, most = tonumber(h[3]) + 1, tonumber(h[6]) + 1, tonumber(h[4])
     redis.call('HSET', j, 's', 'c', 'a', a, 't', t, 'r', at, 'c', now, 'l', exp, 'w', consumer)
     if a >= most then

@@ -14,7 +14,12 @@ if tonumber(h[4]) >= tonumber(h[5]) then
 else
   redis.call('ZADD', CLAIMS, exp, code .. id)
 end
-redis.call('HSET', j, 'l', exp)
+if tonumber(h[6]) <= now then
+  -- The lease had run out (nobody claimed the job since): it was ready again from that moment.
+  redis.call('HSET', j, 'l', exp, 'r', tonumber(h[6]))
+else
+  redis.call('HSET', j, 'l', exp)
+end
 local r = redis.call('HMGET', j, 'p', 'e', 'r', 'c', 'w', 'x')
 return {r[1], tonumber(h[7]), tonumber(h[4]), tonumber(h[5]), tonumber(r[2]), tonumber(r[3]),
   tonumber(r[4]), r[5], r[6], exp}
