@@ -2,8 +2,9 @@
 
 Several processes (and several stores) on one file, wake-ups across processes by polling, jobs
 that survive a closed file and a killed consumer, ``put`` durability and its one transaction,
-the plan of the claiming statement, rows that move only at the next write, and the in-place
-upgrade of files written before queues existed.
+the plan of the claiming statement, rows that move only at the next write, ids past SQLite's
+integers, the deletion of expired results, and the in-place upgrade of files written before
+queues existed.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from fleetmem import BackendUnavailableError, FleetmemError
+from fleetmem import BackendUnavailableError, FleetmemError, InMemoryStore, LeaseLostError
 from fleetmem.backends.sqlite import SCHEMA_VERSION, SQLiteStore
-from fleetmem.backends.sqlite.connector import SQL
-from fleetmem.backends.sqlite.queues import SQLiteQueues
-from fleetmem.protocol import QueueStats
+from fleetmem.backends.sqlite.connector import SQL, Transaction, now_ms
+from fleetmem.backends.sqlite.queues import SQLiteQueues, delete_expired_results
+from fleetmem.protocol import Job, MemoryStore, QueueStats
 
 pytestmark = pytest.mark.sqlite
 
@@ -522,8 +525,8 @@ async def test_acks_delete_the_rows_of_expired_results(store: SQLiteStore, db_pa
         assert await q.ack(job, result=job.payload, result_ttl=0.05)
     await asyncio.sleep(0.1)
     assert await q.stats() == _stats(ready=1)
-    # Invisible at once, their rows stay until an ack of the queue sweeps them (the acks above
-    # may have swept some of one another's, never their own).
+    # Invisible at once, their rows stay until an ack or a claim of the queue sweeps them (the
+    # acks above may have swept some of one another's, never their own).
     count = "SELECT count(*) FROM fleetmem_jobs WHERE state = 'done'"
     (kept,) = _rows(db_path, count)
     assert kept in [(1,), (2,), (3,), (4,)]
@@ -531,6 +534,174 @@ async def test_acks_delete_the_rows_of_expired_results(store: SQLiteStore, db_pa
     assert last is not None and await q.ack(last)
     assert _rows(db_path, count) == [(1,)]
     assert await q.stats() == _stats(done=1)
+
+
+async def test_a_claim_that_takes_the_write_lock_deletes_expired_results(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    q = store.queue("q")
+    await q.put_many(range(3))
+    for job in await q.claim_many(2):
+        assert await q.ack(job, result=job.payload, result_ttl=0.05)
+    await _past(now_ms() + 100)
+    count = "SELECT count(*) FROM fleetmem_jobs WHERE state = 'done'"
+    (kept,) = _rows(db_path, count)
+    assert kept in [(1,), (2,)]  # the second ack may have swept the first one's
+    # Nobody acks in this queue any more; a claim holds the write lock anyway and sweeps.
+    last = await q.claim()
+    assert last is not None and last.payload == 2
+    assert _rows(db_path, count) == [(0,)]
+    assert await q.stats() == _stats(claimed=1)
+
+
+async def _expired_results_in_two_queues_and_another_namespace(store: SQLiteStore) -> list[str]:
+    """Put and ack jobs: an expired result in queues "a" and "b" of NS and in queue "a" of
+    another namespace, a held one in "a"; return the ids of the held and the other namespace's
+    job, once the short results expired."""
+    other = store.with_namespace(NS + "-other")
+    held = ""
+    for q, ttl in [
+        (store.queue("a"), 0.05),
+        (store.queue("a"), 3600.0),
+        (store.queue("b"), 0.05),
+        (other.queue("a"), 0.05),
+    ]:
+        job_id = await q.put("x")
+        job = await q.claim()
+        assert job is not None and job.id == job_id
+        assert await q.ack(job, result="r", result_ttl=ttl)
+        held = job_id if ttl > 1 else held
+    await _past(now_ms() + 100)
+    return [held, job_id]
+
+
+async def test_expired_results_of_every_queue_of_the_namespace_can_be_deleted(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    held, elsewhere = await _expired_results_in_two_queues_and_another_namespace(store)
+    connector = store.kv.connector
+
+    def sweep(conn: sqlite3.Connection) -> int:
+        with Transaction(conn):
+            return delete_expired_results(conn, NS, now_ms())
+
+    assert await connector.call(sweep) == 2
+    assert await connector.call(sweep) == 0
+    left = _rows(db_path, "SELECT id FROM fleetmem_jobs ORDER BY id")
+    assert left == [(int(held, 16),), (int(elsewhere, 16),)]
+    assert await store.list_queues() == ["a"]
+    result = await store.queue("a").result(held)
+    assert result is not None and result.value == "r"
+
+    def plan(conn: sqlite3.Connection) -> list[str]:
+        sql = "EXPLAIN QUERY PLAN " + SQL["job_sweep_namespace_results"]
+        return [str(row[3]) for row in conn.execute(sql, (NS, 0)).fetchall()]
+
+    steps = await connector.call(plan)
+    # One seek per queue, then the expired results of each: never a pass over the jobs.
+    assert not [p for p in steps if p.startswith("SCAN") and "fleetmem_jobs" in p]
+    assert (
+        "SEARCH j USING COVERING INDEX fleetmem_jobs_state "
+        "(namespace=? AND queue=? AND state=? AND due_at<?)"
+    ) in steps
+
+
+async def test_cleanup_expired_deletes_expired_results_of_every_queue(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    held, elsewhere = await _expired_results_in_two_queues_and_another_namespace(store)
+    await store.set("gone", 1, ttl=0.05)
+    await _past(now_ms() + 100)
+    assert await store.cleanup_expired() == 1  # counts entries, as the contract says
+    left = _rows(db_path, "SELECT id FROM fleetmem_jobs ORDER BY id")
+    assert left == [(int(held, 16),), (int(elsewhere, 16),)]
+
+
+# ---------------------------------------------------------------------------- ids and times
+
+
+async def _past(ms: int) -> None:
+    """Sleep until the wall clock (the clock of the jobs) is past ``ms``."""
+    while now_ms() <= ms:
+        await asyncio.sleep(0.02)
+
+
+def _ms(at: datetime | None) -> int:
+    assert at is not None
+    return round(at.timestamp() * 1000)
+
+
+@pytest.mark.parametrize("big", ["8000000000000000", "ffffffffffffffff"])
+async def test_ids_past_sqlite_integers_name_no_job(store: SQLiteStore, big: str) -> None:
+    # Well formed (16 hex digits, accepted by the front end), yet no row can have such an id:
+    # every call answers "unknown" without a statement (sqlite3 would raise OverflowError).
+    q = store.queue("q")
+    await q.put_many(["a", "b"], max_attempts=1)
+    job = await q.claim(lease=3600)
+    dead = await q.claim(lease=3600)
+    assert job is not None and dead is not None
+    assert await q.nack(dead)
+    fake = replace(job, id=big)
+    statements: list[str] = []
+    connector = store.kv.connector
+    await connector.call(lambda c: c.set_trace_callback(statements.append))
+    try:
+        assert await q.result(big) is None
+        assert await q.cancel(big) is False
+        assert await q.dead(after=big) == []
+        assert await q.ack(fake, result="wrong") is False
+        assert await q.nack(fake, retry_in=0) is False
+        with pytest.raises(LeaseLostError):
+            await q.extend(fake, lease=60)
+    finally:
+        await connector.call(lambda c: c.set_trace_callback(None))
+    assert statements == []
+    assert await q.retry_dead(ids=[big]) == 0
+    assert await q.stats() == _stats(claimed=1, dead=1)
+    assert await q.retry_dead(ids=[big, dead.id]) == 1
+    assert await q.ack(job, result="right")
+
+
+async def _extend_after_expiry(store: MemoryStore) -> tuple[Job, Job, Job, Job, Job]:
+    """On one queue: a claim whose lease expired, extended; its lease expires again and a
+    second claim (the last attempt) takes the job, whose lease expires too. Return the first
+    claim, the extended one, the second claim, and dead() before and after a write moved it."""
+    q = store.queue("q")
+    await q.put("x", max_attempts=2)
+    first = await q.claim(lease=0.05)
+    assert first is not None
+    await _past(_ms(first.lease_expires_at))
+    extended = await q.extend(first, lease=0.05)
+    await _past(_ms(extended.lease_expires_at))
+    second = await q.claim(lease=0.05)
+    assert second is not None
+    await _past(_ms(second.lease_expires_at))
+    (unmoved,) = await q.dead()
+    assert await q.claim() is None  # a write of the queue: the dead claim moves
+    (moved,) = await q.dead()
+    return first, extended, second, unmoved, moved
+
+
+async def test_extending_an_expired_claim_reports_its_expiry_as_ready_at(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    # The same story on the memory reference, then on SQLite.
+    async with InMemoryStore(namespace=NS) as reference:
+        runs = [await _extend_after_expiry(reference), await _extend_after_expiry(store)]
+    for first, extended, second, unmoved, moved in runs:
+        # Ready again from the moment the lease ran out: that is the extended claim's ready_at.
+        assert extended.ready_at == first.lease_expires_at
+        assert extended.ready_at != first.ready_at
+        assert (extended.token, extended.attempts) == (first.token, 1)
+        # The extended lease expired too: the next claim reports that expiry.
+        assert second.ready_at == extended.lease_expires_at
+        assert (second.token, second.attempts) == (2, 2)
+        # Dead with its last lease: dead() reports the last claim, before and after it moved.
+        assert unmoved.ready_at == moved.ready_at == second.ready_at
+        assert unmoved.token == moved.token == 2
+    second = runs[1][2]
+    row = _rows(db_path, "SELECT state, ready_at, finished_at FROM fleetmem_jobs")
+    assert row == [("dead", _ms(second.ready_at), _ms(second.lease_expires_at))]
 
 
 # ---------------------------------------------------------------------------- schema

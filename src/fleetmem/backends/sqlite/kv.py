@@ -34,7 +34,7 @@ from fleetmem.backends.seam import (
 from fleetmem.backends.sqlite.agents import SQLiteAgents
 from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction, now_ms
 from fleetmem.backends.sqlite.leases import SQLiteLeases, check_fence
-from fleetmem.backends.sqlite.queues import SQLiteQueues
+from fleetmem.backends.sqlite.queues import SQLiteQueues, delete_expired_results
 from fleetmem.errors import (
     KeyNotFoundError,
     VersionConflictError,
@@ -449,7 +449,11 @@ class SQLiteKV(KVBackend):
 
         def run(conn: sqlite3.Connection) -> int:
             with Transaction(conn):
-                return conn.execute(SQL["delete_expired"], (ns, now_ms())).rowcount
+                now = now_ms()
+                # The work queues' results past their TTL go too (invisible already; a queue
+                # nobody acks in any more would keep them): not counted, entries are.
+                delete_expired_results(conn, ns, now)
+                return conn.execute(SQL["delete_expired"], (ns, now)).rowcount
 
         return await self._db.call(run)
 

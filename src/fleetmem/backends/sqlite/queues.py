@@ -15,6 +15,17 @@ index sorts on) or, on its last attempt, dead since that expiry. Every read repo
 effective state; the writes that could meet such a dead job (a claim of its queue, a ``put`` of
 its dedupe key, ``retry_dead``, ``purge_dead``) move it to the dead letter first.
 
+Job ids are 16 hex digits, up to ``ffffffffffffffff``; SQLite's integers stop at
+``2**63 - 1`` (``7fffffffffffffff``), so no job can have a larger id: every call given one
+answers "unknown" before any statement (``result`` ``None``, ``cancel``/``ack``/``nack``
+``False``, ``extend`` :func:`~fleetmem.backends.seam.job_lost`, ``dead(after=)`` ``[]``).
+
+Results past their TTL are invisible at once; their rows are deleted by the writes that hold
+the write lock on their queue anyway (each ``ack``, and each ``claim`` that finds a job due:
+up to 256 rows each), and by :func:`delete_expired_results`, every queue of a namespace at
+once, which the store's ``cleanup_expired`` runs. Reads never delete (they would need the
+write lock).
+
 Wake-ups: a put, ack or nack made through this store (or a view of it) notifies the connector's
 :class:`~fleetmem._notify.Notifier` at once. SQLite has no notifications between processes, so
 a waiting ``claim`` or ``result`` polls the file every :attr:`SQLiteQueues.poll_interval`
@@ -34,11 +45,29 @@ from fleetmem.backends.seam import NewJob, QueueBackend, job_lost
 from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction, now_ms
 from fleetmem.protocol import Job, JobResult, QueueStats
 
-__all__ = ["SQLiteQueues"]
+__all__ = ["SQLiteQueues", "delete_expired_results"]
+
+#: The largest INTEGER PRIMARY KEY SQLite can hold: the largest id a job can have.
+_MAX_ROW_ID = 2**63 - 1
 
 
 def _job_id(row_id: int) -> str:
     return f"{row_id:016x}"
+
+
+def _row_id(job_id: str) -> int | None:
+    """The row id of ``job_id`` (16 hex digits), or ``None`` past SQLite's integers: no job
+    has such an id, and sqlite3 would raise ``OverflowError`` binding it."""
+    row_id = int(job_id, 16)
+    return row_id if row_id <= _MAX_ROW_ID else None
+
+
+def delete_expired_results(conn: sqlite3.Connection, namespace: str, now: int) -> int:
+    """Delete the rows of every done job of ``namespace`` whose result expired at ``now``
+    (milliseconds), in every queue; return how many. Run inside a write transaction (the
+    store's ``cleanup_expired``): these rows are invisible to every call already, this only
+    frees their space, including that of queues nobody acks in any more."""
+    return int(conn.execute(SQL["job_sweep_namespace_results"], (namespace, now)).rowcount)
 
 
 def _json_ids(ids: list[int]) -> str:
@@ -174,6 +203,9 @@ class SQLiteQueues(QueueBackend):
                 buried = [
                     int(r[0]) for r in conn.execute(SQL["job_bury_expired"], (ns, queue, now))
                 ]
+                # Holding the write lock anyway: delete a batch of expired results, so a queue
+                # that is still claimed from but no longer acked in does not keep them.
+                conn.execute(SQL["job_sweep_results"], (ns, queue, now))
                 chosen = [
                     int(r[0]) for r in conn.execute(SQL["job_claimable"], (ns, queue, now, limit))
                 ]
@@ -197,7 +229,9 @@ class SQLiteQueues(QueueBackend):
 
     async def extend(self, queue: str, job_id: str, token: int, lease_ms: int) -> Job:
         ns = self._namespace
-        row_id = int(job_id, 16)
+        row_id = _row_id(job_id)
+        if row_id is None:
+            raise job_lost(queue, job_id, token)
 
         def run(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
             with Transaction(conn):
@@ -214,7 +248,9 @@ class SQLiteQueues(QueueBackend):
         self, queue: str, job_id: str, token: int, result: bytes, result_ttl_ms: int
     ) -> bool:
         ns = self._namespace
-        row_id = int(job_id, 16)
+        row_id = _row_id(job_id)
+        if row_id is None:
+            return False
 
         def run(conn: sqlite3.Connection) -> bool:
             with Transaction(conn):
@@ -236,7 +272,9 @@ class SQLiteQueues(QueueBackend):
         self, queue: str, job_id: str, token: int, retry_in_ms: int, error: str | None
     ) -> bool:
         ns = self._namespace
-        row_id = int(job_id, 16)
+        row_id = _row_id(job_id)
+        if row_id is None:
+            return False
 
         def run(conn: sqlite3.Connection) -> str | None:
             with Transaction(conn):
@@ -255,7 +293,9 @@ class SQLiteQueues(QueueBackend):
 
     async def cancel(self, queue: str, job_id: str) -> bool:
         ns = self._namespace
-        row_id = int(job_id, 16)
+        row_id = _row_id(job_id)
+        if row_id is None:
+            return False
 
         def run(conn: sqlite3.Connection) -> bool:
             with Transaction(conn):
@@ -266,7 +306,9 @@ class SQLiteQueues(QueueBackend):
 
     async def result(self, queue: str, job_id: str) -> JobResult | None:
         ns = self._namespace
-        row_id = int(job_id, 16)
+        row_id = _row_id(job_id)
+        if row_id is None:
+            return None
 
         def run(conn: sqlite3.Connection) -> JobResult | None:
             now = now_ms()
@@ -297,7 +339,9 @@ class SQLiteQueues(QueueBackend):
 
     async def dead(self, queue: str, limit: int, after: str | None) -> list[Job]:
         ns = self._namespace
-        start = -1 if after is None else int(after, 16)
+        start = -1 if after is None else _row_id(after)
+        if start is None:
+            return []  # no job has a larger id than the largest SQLite integer
 
         def run(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
             with Transaction(conn, write=False):  # one snapshot for both reads
@@ -311,7 +355,8 @@ class SQLiteQueues(QueueBackend):
 
     async def retry_dead(self, queue: str, ids: list[str] | None) -> int:
         ns = self._namespace
-        wanted = None if ids is None else _json_ids([int(i, 16) for i in ids])
+        # Ids past SQLite's integers name no job: left out, as any unknown id.
+        wanted = None if ids is None else _json_ids([r for r in map(_row_id, ids) if r is not None])
 
         def run(conn: sqlite3.Connection) -> tuple[int, list[int]]:
             with Transaction(conn):

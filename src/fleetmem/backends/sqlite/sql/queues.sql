@@ -126,8 +126,13 @@ RETURNING id, priority, attempts, max_attempts, enqueued_at, ready_at, claimed_a
 
 -- name: job_extend
 -- ?1 namespace, ?2 queue, ?3 id, ?4 token, ?5 now, ?6 lease_ms. The claim holds while the job
--- is claimed with that token and not dead (an expired lease with attempts left is fine).
-UPDATE fleetmem_jobs SET lease_expires_at = ?5 + ?6, due_at = ?5 + ?6
+-- is claimed with that token and not dead (an expired lease with attempts left is fine). SET
+-- reads the old row: a claim extended after its lease expired reports (and keeps) ready_at =
+-- that expiry, when the job became ready again, as a claim of it then would have.
+UPDATE fleetmem_jobs SET
+    ready_at = CASE WHEN due_at <= ?5 THEN due_at ELSE ready_at END,
+    lease_expires_at = ?5 + ?6,
+    due_at = ?5 + ?6
 WHERE id = ?3 AND namespace = ?1 AND queue = ?2 AND state = 'claimed' AND token = ?4
   AND (due_at > ?5 OR attempts < max_attempts)
 RETURNING id, priority, attempts, max_attempts, enqueued_at, ready_at, claimed_at,
@@ -154,11 +159,28 @@ WHERE id = ?3 AND namespace = ?1 AND queue = ?2 AND state = 'claimed' AND token 
 RETURNING state;
 
 -- name: job_sweep_results
--- ?1 namespace, ?2 queue, ?3 now: delete (a batch of) done jobs whose result expired
+-- ?1 namespace, ?2 queue, ?3 now: delete (a batch of) done jobs whose result expired; run by an
+-- ack and by a claim that takes the write lock, in their transaction
 DELETE FROM fleetmem_jobs WHERE id IN (
     SELECT id FROM fleetmem_jobs
     WHERE namespace = ?1 AND queue = ?2 AND state = 'done' AND due_at <= ?3
     LIMIT 256
+);
+
+-- name: job_sweep_namespace_results
+-- ?1 namespace, ?2 now: delete every done job of the namespace whose result expired, in every
+-- queue (the store's cleanup_expired). A loose index scan of the state index over the
+-- namespace's queues (one seek per queue), then one range of it per queue: never a pass over
+-- the namespace's other jobs. (The statement starts with DELETE, so sqlite3 reports rowcount.)
+DELETE FROM fleetmem_jobs WHERE id IN (
+    WITH RECURSIVE q(name) AS (
+        SELECT (SELECT min(queue) FROM fleetmem_jobs WHERE namespace = ?1)
+        UNION ALL
+        SELECT (SELECT min(queue) FROM fleetmem_jobs WHERE namespace = ?1 AND queue > q.name)
+        FROM q WHERE q.name IS NOT NULL
+    )
+    SELECT j.id FROM q JOIN fleetmem_jobs j
+    ON j.namespace = ?1 AND j.queue = q.name AND j.state = 'done' AND j.due_at <= ?2
 );
 
 -- name: job_cancel
