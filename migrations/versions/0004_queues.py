@@ -33,7 +33,16 @@ indexes of its state, so an update that moves a job costs the insertions of its 
   expired ones to delete.
 * ``T_jobs_dead_idx (namespace, queue, id) WHERE state = 'dead'``: the dead letter in id order.
 
-The table is logged like every other: a committed ``put`` survives a crash of the server.
+And ``T_jobs_awaited (id)``: the jobs a ``result(wait=...)`` waits for, whose ``ack`` or death
+by ``nack`` is to be ``NOTIFY``-ed. A row of its own, not a column of the job's row: marking a
+job must not lock its row, or a concurrent claim's ``FOR NO KEY UPDATE SKIP LOCKED`` would pass
+the job over. Its foreign key (``ON DELETE CASCADE``) takes only a ``KEY SHARE`` lock of the job
+row while a mark is inserted, which claims, acks and nacks (no-key updates) do not conflict
+with, and it deletes a job's mark with the job, whichever statement deletes it (``cancel``,
+``purge_dead``, the deletion of expired results by an ``ack`` or the sweeper): marks never
+outlive their job.
+
+Both tables are logged like every other: a committed ``put`` survives a crash of the server.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ def _derived(name: str) -> str:
 def upgrade() -> None:
     schema, jobs = _names()
     table = f"{schema}.{_derived(jobs)}"
+    awaited = jobs + "_awaited"
     op.execute(
         f"""
         CREATE TABLE {table} (
@@ -81,7 +91,6 @@ def upgrade() -> None:
             attempts          integer     NOT NULL DEFAULT 0,
             max_attempts      integer     NOT NULL,
             token             bigint      NOT NULL DEFAULT 0,
-            awaited           boolean     NOT NULL DEFAULT false,
             enqueued_at       timestamptz NOT NULL,
             ready_at          timestamptz NOT NULL,
             claimed_at        timestamptz,
@@ -118,8 +127,19 @@ def upgrade() -> None:
         f"CREATE INDEX {_derived(jobs + '_dead_idx')} ON {table} "
         "(namespace, queue, id) WHERE state = 'dead'"
     )
+    op.execute(
+        f"""
+        CREATE TABLE {schema}.{_derived(awaited)} (
+            id  bigint  NOT NULL,
+            CONSTRAINT {_derived(awaited + "_pkey")} PRIMARY KEY (id),
+            CONSTRAINT {_derived(awaited + "_id_fkey")}
+                FOREIGN KEY (id) REFERENCES {table} (id) ON DELETE CASCADE
+        )
+        """
+    )
 
 
 def downgrade() -> None:
     schema, jobs = _names()
+    op.execute(f"DROP TABLE {schema}.{_derived(jobs + '_awaited')}")
     op.execute(f"DROP TABLE {schema}.{_derived(jobs)}")

@@ -529,6 +529,7 @@ async def test_a_custom_schema_and_table_have_their_own_leases_and_agents(
         "kv",
         "kv_agents",
         "kv_jobs",
+        "kv_jobs_awaited",
         "kv_leases",
     ]
     rows = await _fetch(dsn, "SELECT owner, token FROM coord.kv_leases")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from fleetmem import InvalidArgumentError
+from fleetmem.errors import BackendUnavailableError, StoreClosedError
 from fleetmem.protocol import QueueStats
 
 pytestmark = pytest.mark.postgres
@@ -28,7 +29,9 @@ from fleetmem.backends.postgres.leases import Listener  # noqa: E402
 from fleetmem.backends.seam import NewJob  # noqa: E402
 
 _JOBS = "fleetmem.entries_jobs"
-_CLAIM = statements("queues.sql", "fleetmem", "entries")["claim"]
+_AWAITED = "fleetmem.entries_jobs_awaited"
+_Q = pg_queues.queue_statements("fleetmem", "entries")
+_CLAIM = _Q["claim"]
 
 
 async def _fetch(dsn: str, query: str, *args: Any) -> list[Any]:
@@ -49,10 +52,10 @@ async def _until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
 async def _until_awaited(store: PostgresStore, job_id: str, timeout: float = 20.0) -> None:
     """Until a result(wait=) marked ``job_id`` (its ack or death will be notified)."""
     deadline = time.monotonic() + timeout
-    query = f"SELECT awaited FROM {_JOBS} WHERE id = $1"
+    query = f"SELECT count(*) FROM {_AWAITED} WHERE id = $1"
     while True:
-        flag = await store.kv.connector.run(FETCHVAL, query, (int(job_id, 16),), write=False)
-        if flag:
+        marks = await store.kv.connector.run(FETCHVAL, query, (int(job_id, 16),), write=False)
+        if marks:
             return
         assert time.monotonic() < deadline, "the job was never marked"
         await asyncio.sleep(0.01)
@@ -267,6 +270,128 @@ async def test_the_claim_moves_a_claim_that_died_on_its_last_attempt(
         assert rows[0][0] == "dead"
 
 
+async def test_a_result_waiting_for_a_job_never_hides_it_from_a_claim(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """Marking a job as awaited (a result(wait=) about to wait) writes a row of the mark table,
+    never the job's row: with the mark's transaction still open, a claim gets the job it
+    should -- the best one first, and the only one rather than nothing."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    marking = await asyncpg.connect(dsn)
+    try:
+        async with PostgresStore.from_url(dsn, namespace=ns) as store:
+            q = store.queue("q")
+            high = await q.put("high", priority=10)
+            await q.put("low", priority=0)
+            lone = await store.queue("lone").put("only")
+            tx = marking.transaction()
+            await tx.start()
+            try:
+                # await_result's statement, caught between its insert and its commit.
+                await marking.execute(_Q["await_result"], ns, "q", int(high, 16))
+                await marking.execute(_Q["await_result"], ns, "lone", int(lone, 16))
+                job = await q.claim(lease=60)
+                jobs, next_ms = await store.queue("lone").backend.claim("lone", "c", 60000, 1)
+            finally:
+                await tx.commit()
+            assert job is not None and job.id == high
+            assert [j.id for j in jobs] == [lone] and next_ms is None
+            # The marks hold: the ack of an awaited job is notified, and its mark goes.
+            marks = f"SELECT id FROM {_AWAITED} ORDER BY id"
+            assert [r[0] for r in await _fetch(dsn, marks)] == [int(high, 16), int(lone, 16)]
+            assert await q.ack(job, result=1)
+            assert [r[0] for r in await _fetch(dsn, marks)] == [int(lone, 16)]
+    finally:
+        await marking.close()
+
+
+async def test_marks_of_awaited_jobs_do_not_outlive_them(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """A mark goes when its job is acked, dies by nack, is cancelled or purged, or its result
+    expires and the row is swept; a nack that gives the job back keeps it (the waiter still
+    waits). A job that is not live is not marked."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    marks = f"SELECT id FROM {_AWAITED} ORDER BY id"
+
+    async def marked() -> list[str]:
+        return [f"{r[0]:016x}" for r in await _fetch(dsn, marks)]
+
+    async with PostgresStore.from_url(dsn, namespace=ns) as store:
+        q = store.queue("q")
+        backend = q.backend
+        acked, nacked, retried, cancelled, expired = await q.put_many(range(5), max_attempts=2)
+        mortal = await q.put("mortal", max_attempts=1)
+        for job_id in (acked, nacked, retried, cancelled, expired, mortal):
+            await backend.await_result("q", job_id)
+            await backend.await_result("q", job_id)  # once is enough
+        assert await marked() == sorted([acked, nacked, retried, cancelled, expired, mortal])
+        jobs = {j.id: j for j in await q.claim_many(6, lease=60)}
+        assert await q.cancel(cancelled) is False  # claimed: stays, and so does its mark
+        assert await q.ack(jobs[acked], result=1)
+        assert await q.nack(jobs[retried], retry_in=0)  # back to the queue: still awaited
+        assert await q.nack(jobs[mortal], error="x")  # dead: the death was told
+        assert await q.nack(jobs[nacked], retry_in=0)
+        again = {j.id: j for j in await q.claim_many(2, lease=60)}
+        assert await q.nack(again[nacked], error="x")  # its last attempt: dead
+        assert await q.ack(jobs[expired], result=1, result_ttl=0.05)
+        assert await marked() == sorted([retried, cancelled])
+        # Gone with their jobs: a cancelled one, and a dead one purged.
+        await q.nack(jobs[cancelled], retry_in=60)
+        assert await q.cancel(cancelled)
+        assert await marked() == [retried]
+        # A mark that came too late for the ack (the race await_result's statement describes),
+        # of a done job: it goes with the row when the result expired and is swept.
+        await _fetch(dsn, f"INSERT INTO {_AWAITED} VALUES ($1)", int(expired, 16))
+        deadline = time.monotonic() + 20
+        while await q.result(expired) is not None:
+            assert time.monotonic() < deadline, "the result never expired"
+            await asyncio.sleep(0.02)
+        assert await store.sweep_expired() >= 1
+        assert await marked() == [retried]
+        # Finished, dead and unknown jobs are not marked.
+        for job_id in (acked, nacked, "00000000000fffff"):
+            await backend.await_result("q", job_id)
+        assert await marked() == [retried]
+        dead_by_lease = await q.put("lease", max_attempts=1)
+        await backend.await_result("q", dead_by_lease)
+        assert await q.claim(lease=0.05) is not None
+        await _until_dead(q, 3)
+        assert await q.purge_dead() == 3
+        assert await marked() == [retried]
+
+
+async def _until_dead(q: Any, n: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (await q.stats()).dead != n:
+        assert time.monotonic() < deadline, "the jobs never died"
+        await asyncio.sleep(0.02)
+
+
+async def test_marking_a_job_that_is_being_cancelled_is_not_an_error(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """The mark's foreign key waits for a cancel in flight and then finds the job gone:
+    await_result gives up quietly (result() says the job is unknown)."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    other = await asyncpg.connect(dsn)
+    try:
+        async with PostgresStore.from_url(dsn, namespace=ns) as store:
+            q = store.queue("q")
+            job_id = await q.put("x")
+            tx = other.transaction()
+            await tx.start()
+            assert await other.fetchval(_Q["cancel"], ns, "q", int(job_id, 16)) is not None
+            marking = asyncio.create_task(q.backend.await_result("q", job_id))
+            await _until_blocked(dsn)
+            await tx.commit()
+            await asyncio.wait_for(marking, 30)
+            assert await q.result(job_id, wait=0.05) is None
+            assert await _fetch(dsn, f"SELECT id FROM {_AWAITED}") == []
+    finally:
+        await other.close()
+
+
 async def test_concurrent_puts_of_one_dedupe_key_enqueue_one_job(
     two_stores: tuple[PostgresStore, PostgresStore], fleetmem_postgres_database: str
 ) -> None:
@@ -358,6 +483,138 @@ async def test_a_retry_dead_that_races_a_put_of_the_key_keeps_the_job_dead(
         await other.close()
 
 
+async def test_retry_dead_decides_in_one_statement_at_one_instant(
+    two_stores: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """retry_dead is one statement: what it moves is what was dead at one instant. Right after
+    its (first) statement, a claim holding a dead job's dedupe key dies of its lease and another
+    job dies by nack: nothing of that may show in what it moved."""
+    store, retrying = two_stores
+    q = store.queue("q")
+    dead = await q.put("a", dedupe_key="k", max_attempts=1)
+    first = await q.claim(lease=60)
+    assert first is not None and await q.nack(first, error="x")
+    holder = await q.put("x", dedupe_key="k", max_attempts=1)  # holds k while its lease runs
+    claimed = await q.claim(lease=3)
+    assert claimed is not None and claimed.id == holder
+    mortal = await q.put("z", max_attempts=1)
+    doomed = await q.claim(lease=60)
+    assert doomed is not None and doomed.id == mortal
+
+    connector = retrying.kv.connector
+    run = connector.run
+    ran: list[str] = []
+
+    async def run_then_meanwhile(kind: int, query: str, *args: Any, **kw: Any) -> Any:
+        value = await run(kind, query, *args, **kw)
+        ran.append(query)
+        if len(ran) == 1:
+            # The holder's lease runs out (dead: its last attempt), the other job dies.
+            await _until_dead(q, 2)
+            assert await q.nack(doomed, error="z")
+        return value
+
+    monkeypatch.setattr(connector, "run", run_then_meanwhile)
+    moved = await retrying.queue("q").retry_dead()  # its first queue: built on the wrapper
+    assert len(ran) == 1
+    assert moved == 0  # at its instant the key was held and the other job was alive
+    assert [j.id for j in await q.dead()] == [dead, holder, mortal]
+    # Now the holder is dead: the lowest id of the key comes back, the holder stays dead.
+    assert await q.retry_dead() == 2
+    assert [j.id for j in await q.dead()] == [holder]
+    assert [j.id for j in await q.claim_many(3, lease=60)] == [dead, mortal]
+
+
+async def test_retry_dead_takes_a_key_from_a_claim_that_died_of_its_lease(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """A claim that died of its lease still holds its key in the unique index of live keys:
+    retrying another dead job of that key (by id, or all) moves the claim's row to 'dead' in
+    the same statement and gives the key to the job retried -- no unique violation, one live
+    job per key."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    state = f"SELECT id, state FROM {_JOBS} WHERE namespace = $1 ORDER BY id"
+    async with PostgresStore.from_url(dsn, namespace=ns) as store:
+        for ids_given in (True, False):
+            q = store.queue(f"q{int(ids_given)}")
+            dead = await q.put("a", dedupe_key="k", max_attempts=1)
+            first = await q.claim(lease=60)
+            assert first is not None and await q.nack(first, error="x")
+            holder = await q.put("b", dedupe_key="k", max_attempts=1)
+            assert await q.claim(lease=0.05) is not None
+            await _until_dead(q, 2)
+            moved = await q.retry_dead([dead] if ids_given else None)
+            assert moved == 1
+            assert [j.id for j in await q.dead()] == [holder]
+            rows = dict(await _fetch(dsn, state, ns))
+            assert (rows[int(dead, 16)], rows[int(holder, 16)]) == ("waiting", "dead")
+            assert await q.put("c", dedupe_key="k") == dead  # the key is the retried job's
+        # A claim that died of its lease alone is retried from its row as it is.
+        q = store.queue("alone")
+        only = await q.put("d", dedupe_key="k", max_attempts=1)
+        assert await q.claim(lease=0.05) is not None
+        await _until_dead(q, 1)
+        assert await q.retry_dead([only]) == 1
+        job = await q.claim(lease=60)
+        assert job is not None and (job.id, job.attempts) == (only, 1)
+
+
+async def test_purge_dead_removes_a_job_a_concurrent_claim_is_burying(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """A claim whose lease ran out on its last attempt is dead; a claim of the queue moves its
+    row to 'dead' while purge_dead runs. The purge read the row as 'claimed', waits for the
+    claim's lock, and re-checks the row as 'dead': one condition covers both, so it goes."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    other = await asyncpg.connect(dsn)
+    try:
+        await init_connection(other)
+        async with PostgresStore.from_url(dsn, namespace=ns) as store:
+            q = store.queue("q")
+            await q.put("x", max_attempts=1)
+            assert await q.claim(lease=0.05) is not None
+            await _until_dead(q, 1)
+            tx = other.transaction()
+            await tx.start()
+            try:
+                await other.fetch(_CLAIM, ns, "q", "c", 60000, 1)  # buries it, not committed
+                purge = asyncio.create_task(q.purge_dead())
+                await _until_blocked(dsn)
+            finally:
+                await tx.commit()
+            assert await asyncio.wait_for(purge, 30) == 1
+            assert await q.dead() == []
+            assert await _fetch(dsn, f"SELECT id FROM {_JOBS} WHERE namespace = $1", ns) == []
+    finally:
+        await other.close()
+
+
+async def test_extending_an_expired_claim_reports_when_the_job_became_ready(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """An extend of a claim whose lease ran out (nobody claimed the job since) makes it live
+    again and reports, and stores, ready_at = the old lease's expiry; an extend of a live claim
+    keeps ready_at."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    ready_at = f"SELECT ready_at FROM {_JOBS} WHERE id = $1"
+    async with PostgresStore.from_url(dsn, namespace=ns) as store:
+        q = store.queue("q")
+        job_id = await q.put("x", max_attempts=3)
+        job = await q.claim(lease=0.05)
+        assert job is not None and job.lease_expires_at is not None
+        deadline = time.monotonic() + 20
+        while (await q.stats()).ready != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        extended = await q.extend(job, lease=60)
+        assert extended.ready_at == job.lease_expires_at != job.ready_at
+        assert (await _fetch(dsn, ready_at, int(job_id, 16)))[0][0] == job.lease_expires_at
+        again = await q.extend(extended, lease=60)
+        assert again.ready_at == job.lease_expires_at
+        assert again.lease_expires_at is not None and extended.lease_expires_at is not None
+        assert again.lease_expires_at >= extended.lease_expires_at
+
+
 async def test_acks_delete_the_results_that_expired(
     fleetmem_postgres_database: str, fleetmem_namespace: str
 ) -> None:
@@ -405,6 +662,60 @@ async def test_the_sweeper_deletes_the_expired_results_of_an_idle_queue(
         assert dict(await _fetch(dsn, count, ns)) == {"done": 1, "waiting": 1}
         held = await q.result(jobs[2].id)
         assert held is not None and held.value == 1
+
+
+_DONE_ROWS = f"""
+INSERT INTO {_JOBS} (namespace, queue, state, priority, due_at, max_attempts, enqueued_at,
+                     ready_at, payload, result, finished_at)
+SELECT $1, $2, 'done', 0, now() + $3::bigint * interval '1 second' + g * interval '1 ms', 5,
+       now(), now(), '{{}}', '1', now()
+FROM generate_series(1, $4) g
+"""
+
+
+def _blocks(node: dict[str, Any]) -> int:
+    """The buffers a plan node touched (its loops included)."""
+    return int(node.get("Shared Hit Blocks", 0) + node.get("Shared Read Blocks", 0))
+
+
+async def test_the_sweeper_reads_only_expired_results(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """sweep_results walks the queues of the done index (one descent each) and reads per queue
+    the range of expired results: the entries of 26,000 results still held are never read."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    await _fetch(dsn, _DONE_ROWS, ns, "held", 3600, 20_000)
+    for queue in ("a", "b", "c"):
+        await _fetch(dsn, _DONE_ROWS, ns, queue, -60, 10)
+        await _fetch(dsn, _DONE_ROWS, ns, queue, 3600, 2000)
+    await _fetch(dsn, f"ANALYZE {_JOBS}")
+    sweep = statements("kv.sql", "fleetmem", "entries")["sweep_results"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        size = await conn.fetchval("SELECT pg_relation_size('fleetmem.entries_jobs_done_idx')")
+        for batch, swept in ((1000, 30), (15, 15)):
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                rows = await conn.fetch(
+                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sweep.replace("$1", str(batch))
+                )
+            finally:
+                await tx.rollback()
+            plan = json.loads(rows[0][0])[0]["Plan"]
+            scans = _scans(plan)
+            assert "Seq Scan" not in {node["Node Type"] for node in scans}
+            assert sum(_rows_read(node) for node in scans) <= 2 * swept + 12
+            # A few descents per queue and the expired entries: not the index's pages.
+            done = [n for n in scans if n.get("Index Name") == "entries_jobs_done_idx"]
+            read = sum(_blocks(n) for n in done)
+            assert read <= 60 < size // 8192, json.dumps(plan, indent=1)
+        async with PostgresStore.from_url(dsn, namespace=ns) as store:
+            assert await store.sweep_expired() == 30
+        left = f"SELECT count(*) FROM {_JOBS} WHERE namespace = $1 AND due_at <= now()"
+        assert (await _fetch(dsn, left, ns))[0][0] == 0
+    finally:
+        await conn.close()
 
 
 # ------------------------------------------------------------------------------ wake-ups
@@ -509,6 +820,55 @@ async def test_only_puts_and_awaited_finishes_notify(
             assert [n for n in notes if n.startswith("!")] == [f"!{ns}:{job.id}"]
     finally:
         await listener.close()
+
+
+async def test_a_put_of_several_statements_notifies_once_with_its_total(
+    fleetmem_postgres_database: str, fleetmem_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL delivers identical payloads of one transaction once: a put of three chunks of
+    three jobs sends one notification for nine (not three notifications of '>3' that arrive as
+    one); a put of several dedupe keys likewise."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    monkeypatch.setattr(pg_queues, "PUT_CHUNK_JOBS", 3)
+    got: list[str] = []
+    sentinel = asyncio.Event()
+
+    def on_notify(conn: Any, pid: int, channel: str, payload: str) -> None:
+        if payload == "sentinel":
+            sentinel.set()
+        else:
+            got.append(payload)
+
+    async with PostgresStore.from_url(dsn, namespace=ns) as store:
+        channel = store.kv.connector.channel
+        listener = await asyncpg.connect(dsn)
+        try:
+            await listener.add_listener(channel, on_notify)
+            ids = await store.queue("q").put_many(list(range(9)))
+            keyed = [NewJob(b"%d" % i, 0, 0, 5, f"k{i % 4}") for i in range(6)]
+            await store.queue("q").backend.put("q", keyed)
+            await listener.execute(f"NOTIFY \"{channel}\", 'sentinel'")
+            await asyncio.wait_for(sentinel.wait(), 10)
+        finally:
+            await listener.close()
+        assert len(ids) == 9
+        assert got == [f">9:{ns}:q", f">4:{ns}:q"]
+        assert (await store.queue("q").stats()).ready == 13
+
+
+async def test_listen_raises_only_what_connecting_raises(fleetmem_namespace: str) -> None:
+    """listen() connects a store that is not connected yet and raises what that raises (the
+    error the waiting call's first statement would raise); a closed store says so."""
+    store = PostgresStore.from_url(
+        "postgresql://fleetmem@127.0.0.1:1/nowhere", namespace=fleetmem_namespace
+    )
+    try:
+        with pytest.raises(BackendUnavailableError):
+            await store.queue("q").backend.listen()
+    finally:
+        await store.close()
+    with pytest.raises(StoreClosedError):
+        await store.queue("q").backend.listen()
 
 
 async def test_a_lost_listening_connection_is_replaced_and_a_waiting_claim_still_gets_its_job(
@@ -677,7 +1037,9 @@ async def test_a_custom_schema_and_table_have_their_own_job_table(
 async def test_the_least_privilege_grants_from_the_docs_cover_queues(
     fleetmem_postgres_database: str, fleetmem_namespace: str
 ) -> None:
-    """The job table's grants are enough: its identity column needs no grant on a sequence."""
+    """The grants of the job table and of its mark table are enough: the identity column needs
+    no grant on a sequence, and the mark's foreign key checks and cascades as the tables'
+    owner."""
     from urllib.parse import urlsplit, urlunsplit
 
     dsn = fleetmem_postgres_database
@@ -687,6 +1049,7 @@ async def test_the_least_privilege_grants_from_the_docs_cover_queues(
         for grant in (
             f'GRANT USAGE ON SCHEMA fleetmem TO "{role}"',
             f'GRANT SELECT, INSERT, UPDATE, DELETE ON fleetmem.entries_jobs TO "{role}"',
+            f'GRANT SELECT, INSERT, DELETE ON fleetmem.entries_jobs_awaited TO "{role}"',
             f'GRANT SELECT ON fleetmem.alembic_version TO "{role}"',
         ):
             await _fetch(dsn, grant)
@@ -696,13 +1059,16 @@ async def test_the_least_privilege_grants_from_the_docs_cover_queues(
             q = store.queue("q")
             ids = await q.put_many(["a", "b", "c"])
             await q.put("d", dedupe_key="k", max_attempts=1)
+            for job_id in (ids[0], ids[1], ids[1]):  # marked as awaited (once)
+                assert await q.result(job_id, wait=0.05) is None
             jobs = await q.claim_many(4, lease=60)
             assert [j.id for j in jobs][:3] == ids
             assert await q.extend(jobs[0], lease=60)
             assert await q.ack(jobs[0], result=1)
             assert await q.nack(jobs[1], retry_in=0)
             assert await q.nack(jobs[3], error="x")  # dead
-            assert await q.cancel(ids[1])
+            assert await q.cancel(ids[1])  # awaited: its mark goes with it
+            assert await _fetch(dsn, f"SELECT id FROM {_AWAITED}") == []
             assert (await q.result(ids[0])) is not None
             assert await q.result(jobs[0].id, wait=0.1) is not None
             assert await q.claim(wait=0.1) is None

@@ -156,9 +156,11 @@ async def test_custom_schema_and_table_are_separate(
         "memory2",
         "memory2_agents",
         "memory2_jobs",
+        "memory2_jobs_awaited",
         "memory2_leases",
         "memory_agents",
         "memory_jobs",
+        "memory_jobs_awaited",
         "memory_leases",
     ]
 

@@ -65,7 +65,6 @@ EXPECTED_JOB_COLUMNS = [
     ("attempts", "integer", "NO", None),
     ("max_attempts", "integer", "NO", None),
     ("token", "bigint", "NO", None),
-    ("awaited", "boolean", "NO", None),
     ("enqueued_at", "timestamp with time zone", "NO", None),
     ("ready_at", "timestamp with time zone", "NO", None),
     ("claimed_at", "timestamp with time zone", "YES", None),
@@ -81,6 +80,28 @@ _LIVE = "(state = ANY (ARRAY['waiting'::text, 'claimed'::text]))"
 
 
 def _expected_jobs(schema: str, table: str) -> dict[str, Any]:
+    jobs = f"{table}_jobs"
+    awaited = f"{jobs}_awaited"
+    return {
+        "jobs": _expected_job_table(schema, table),
+        # The marks of awaited jobs: a row each, deleted with its job.
+        "awaited": {
+            "columns": [("id", "bigint", "NO", None)],
+            "indexes": {
+                f"{awaited}_pkey": f"CREATE UNIQUE INDEX {awaited}_pkey "
+                f"ON {schema}.{awaited} USING btree (id)"
+            },
+        },
+        "foreign_keys": [
+            (
+                f"{awaited}_id_fkey",
+                f"FOREIGN KEY (id) REFERENCES {schema}.{jobs}(id) ON DELETE CASCADE",
+            )
+        ],
+    }
+
+
+def _expected_job_table(schema: str, table: str) -> dict[str, Any]:
     jobs = f"{table}_jobs"
     on = f"ON {schema}.{jobs} USING btree"
     return {
@@ -102,12 +123,30 @@ def _expected_jobs(schema: str, table: str) -> dict[str, Any]:
     }
 
 
-_NO_JOBS: dict[str, Any] = {"columns": [], "indexes": {}}
+_NO_JOBS: dict[str, Any] = {
+    "jobs": {"columns": [], "indexes": {}},
+    "awaited": {"columns": [], "indexes": {}},
+    "foreign_keys": [],
+}
 
 
 def _jobs_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict[str, Any]:
-    """The job table of ``schema.table`` (revision 0004)."""
-    return _schema_of(dsn, schema, f"{table}_jobs")
+    """The job table and the mark table of ``schema.table`` (revision 0004), and the foreign
+    keys of the latter."""
+    jobs = f"{table}_jobs"
+    awaited = f"{jobs}_awaited"
+    return {
+        "jobs": _schema_of(dsn, schema, jobs),
+        "awaited": _schema_of(dsn, schema, awaited),
+        "foreign_keys": _query(
+            dsn,
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE contype = 'f' AND conrelid = to_regclass(format('%I.%I', $1::text, $2::text)) "
+            "ORDER BY conname",
+            schema,
+            awaited,
+        ),
+    }
 
 
 def _coordination_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict[str, Any]:
@@ -565,6 +604,39 @@ def test_the_job_table_refuses_an_unknown_state_and_a_second_live_dedupe_key(
     asyncio.run(run())
 
 
+def test_a_mark_of_an_awaited_job_goes_with_its_job(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    """A mark names an existing job (the foreign key refuses another) and is deleted with the
+    job, whatever deletes it; dropping the mark table leaves the jobs alone."""
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            ids = [
+                await conn.fetchval(
+                    "INSERT INTO fleetmem.entries_jobs (namespace, queue, state, priority, "
+                    "due_at, max_attempts, enqueued_at, ready_at, payload) "
+                    "VALUES ('n', 'q', 'waiting', 0, now(), 5, now(), now(), '{}') RETURNING id"
+                )
+                for _ in range(3)
+            ]
+            await conn.execute(
+                "INSERT INTO fleetmem.entries_jobs_awaited SELECT unnest($1::bigint[])", ids
+            )
+            with pytest.raises(asyncpg.ForeignKeyViolationError):
+                await conn.execute("INSERT INTO fleetmem.entries_jobs_awaited VALUES (999)")
+            await conn.execute("DELETE FROM fleetmem.entries_jobs WHERE id = ANY($1)", ids[:2])
+            marks = await conn.fetch("SELECT id FROM fleetmem.entries_jobs_awaited")
+            assert [r[0] for r in marks] == ids[2:]
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
 def test_a_long_table_name_keeps_every_job_index_name_whole(
     fleetmem_postgres_empty_database: str,
 ) -> None:
@@ -585,6 +657,8 @@ def test_offline_sql_creates_the_queue_table() -> None:
     assert "GENERATED ALWAYS AS IDENTITY" in text
     for index in ("claim", "dedupe", "last_attempt", "done", "dead"):
         assert f'"mem_jobs_{index}_idx" ON "ops"."mem_jobs"' in text
+    assert 'CREATE TABLE "ops"."mem_jobs_awaited"' in text
+    assert 'REFERENCES "ops"."mem_jobs" (id) ON DELETE CASCADE' in text
     assert "UNLOGGED" not in text  # an acknowledged put survives a crash of the server
     assert 'CREATE TABLE "ops"."mem_leases"' not in text  # from 0003: they exist
 

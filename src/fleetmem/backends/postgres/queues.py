@@ -7,44 +7,54 @@ state):
 * ``put`` inserts every job of the call with one ``INSERT ... SELECT FROM unnest(arrays)``
   (10,000 jobs: one round trip), and sends one ``NOTIFY`` for all of them at its commit. A call
   larger than :data:`PUT_CHUNK_JOBS` jobs or :data:`PUT_CHUNK_BYTES` of payloads runs one such
-  statement per chunk in one transaction: all or nothing either way. Dedupe keys go through the
+  statement per chunk in one transaction: all or nothing either way, and one ``NOTIFY`` with the
+  call's total at its end (PostgreSQL delivers identical payloads of one transaction once, so
+  one per chunk could announce 10,000 jobs for 20,000). Dedupe keys go through the
   unique index of live keys (``ON CONFLICT DO NOTHING``), after a holder whose lease ran out on
   its last attempt was moved to the dead letter by the same statement.
-* ``claim`` locks ready rows ``FOR UPDATE SKIP LOCKED`` in claim order, through a loose index
+* ``claim`` locks ready rows ``FOR NO KEY UPDATE SKIP LOCKED`` in claim order, through a loose index
   scan of the queue's priorities and a range of the claim index ending at ``now()`` per
   priority, bounded by ``LIMIT`` in a ``MATERIALIZED`` CTE, and updates them in the same
   statement; concurrent claimers pass over each other's rows and never wait.
 * ``ack``, ``nack`` and ``extend`` compare and set on ``(id, token)`` in one ``UPDATE`` each.
   ``ack`` ``NOTIFY``-s only for a job a ``result(wait=...)`` marked (:meth:`await_result`):
-  PostgreSQL commits notifying transactions one at a time, and most acks have no waiter.
+  PostgreSQL commits notifying transactions one at a time, and most acks have no waiter. A
+  mark is a row of ``<table>_jobs_awaited``, not a column of the job: writing the job's row
+  would lock it, and a claim running meanwhile would skip the job (a later job, or none, in
+  its place). The mark's foreign key deletes it with its job.
 
 Wake-ups in this process are direct (the connector's :class:`~fleetmem._notify.Notifier`);
-other processes' puts and awaited acks arrive through the lease :class:`Listener`'s ``LISTEN``.
-A job ready again after a ``nack`` or an expired lease, or a delay that comes due, wakes a
-waiting claim of another process at its next poll (:attr:`poll_interval`, 1 s) or when the
-time the claim reported (the next job's due time) comes.
+other processes' puts, ``retry_dead`` and awaited acks and deaths by ``nack`` arrive through the
+lease :class:`Listener`'s ``LISTEN``. A job ready again after a ``nack`` (``retry_in=0``
+included) or an expired lease, or a delay that comes due, wakes a waiting claim of another
+process at its next poll (:attr:`poll_interval`, 1 s) or when the time the claim reported (the
+next job's due time) comes; a death by an expired lease wakes a waiting ``result`` of another
+process at its next poll.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 from fleetmem._notify import Watch
+from fleetmem.backends.postgres import migrate
 from fleetmem.backends.postgres.connector import (
     FETCH,
     FETCHROW,
     FETCHVAL,
     PostgresConnector,
     sqlstate,
+    statements,
 )
 from fleetmem.backends.postgres.leases import Listener
 from fleetmem.backends.seam import NewJob, QueueBackend, job_lost
 from fleetmem.errors import FleetmemError
 from fleetmem.protocol import Job, JobResult, QueueStats
 
-__all__ = ["PUT_CHUNK_BYTES", "PUT_CHUNK_JOBS", "PostgresQueues"]
+__all__ = ["PUT_CHUNK_BYTES", "PUT_CHUNK_JOBS", "PostgresQueues", "queue_statements"]
 
 #: The most jobs one put statement inserts; a larger call runs several in one transaction.
 PUT_CHUNK_JOBS = 10_000
@@ -55,8 +65,24 @@ PUT_CHUNK_BYTES = 32 * 1024 * 1024
 _MAX_ID = 2**63 - 1
 #: unique_violation: a put of the same dedupe key won a race with retry_dead.
 _UNIQUE_VIOLATION = "23505"
+#: foreign_key_violation: the job a result(wait=) marks was deleted meanwhile (cancelled).
+_FOREIGN_KEY_VIOLATION = "23503"
 #: How many times a statement that lost such a race is run again.
 _RACE_TRIES = 5
+
+
+@functools.lru_cache(maxsize=32)
+def queue_statements(schema: str, table: str) -> dict[str, str]:
+    """The named statements of ``sql/queues.sql`` for the entries table ``schema.table``: the
+    connector's (:func:`~fleetmem.backends.postgres.connector.statements`), with
+    ``{jobs_awaited}`` replaced by the quoted mark table of migration 0004,
+    ``<table>_jobs_awaited`` (a derived name, quoted whole: it may pass the 40 characters of a
+    checked identifier)."""
+    awaited = f'{migrate.quote_ident(schema)}."{migrate.queue_table(table)}_awaited"'
+    return {
+        name: sql.replace("{jobs_awaited}", awaited)
+        for name, sql in statements("queues.sql", schema, table).items()
+    }
 
 
 def _db_id(job_id: str) -> int | None:
@@ -95,7 +121,7 @@ class PostgresQueues(QueueBackend):
         super().__init__(namespace=namespace, notifier=connector.notifier)
         self._connector = connector
         self._run = connector.run
-        self._q = connector.statements("queues.sql")
+        self._q = queue_statements(connector.schema, connector.table)
 
     def _job(self, queue: str, row: Any) -> Job:
         # payload arrives decoded by the connection's jsonb codec.
@@ -119,6 +145,8 @@ class PostgresQueues(QueueBackend):
     # ---------------------------------------------------------------- producing
 
     async def put(self, queue: str, jobs: list[NewJob]) -> list[str]:
+        # One statement notifies for itself; a transaction of several notifies once, at its
+        # end, with the call's total (identical payloads of a transaction arrive once).
         if any(job.dedupe_key is not None for job in jobs):
             ids, added = await self._put_dedupe(queue, jobs)
         else:
@@ -145,11 +173,20 @@ class PostgresQueues(QueueBackend):
             for i, chunk in enumerate(chunks):
                 if i:
                     connector.arm_command_timeout(conn)
-                row = await conn.fetchrow(
-                    query, self._namespace, queue, *_columns(chunk), connector.channel
-                )
+                row = await conn.fetchrow(query, self._namespace, queue, *_columns(chunk), None)
                 ids.extend(row[0])
+            await self._notify_put(conn, queue, len(ids))
         return ids
+
+    async def _notify_put(self, conn: Any, queue: str, added: int) -> None:
+        """The one notification of a put that ran several statements in the transaction of
+        ``conn`` (sent at its commit)."""
+        if added:
+            connector = self._connector
+            connector.arm_command_timeout(conn)
+            await conn.execute(
+                self._q["notify_put"], self._namespace, queue, connector.channel, added
+            )
 
     async def _put_dedupe(self, queue: str, jobs: list[NewJob]) -> tuple[list[int], int]:
         """Jobs with dedupe keys: one statement (see ``put_dedupe`` in ``sql/queues.sql``).
@@ -159,7 +196,9 @@ class PostgresQueues(QueueBackend):
         if len(jobs) == 1:
             return await self._put_dedupe_on(None, queue, jobs)
         async with self._connector.transaction() as conn:
-            return await self._put_dedupe_on(conn, queue, jobs)
+            ids, added = await self._put_dedupe_on(conn, queue, jobs)
+            await self._notify_put(conn, queue, added)
+            return ids, added
 
     async def _put_dedupe_on(
         self, conn: Any, queue: str, jobs: list[NewJob]
@@ -169,6 +208,8 @@ class PostgresQueues(QueueBackend):
         resolved: dict[int, int] = {}  # position in jobs -> id
         added = 0
         pending = list(range(len(jobs)))
+        # Alone, each statement notifies for itself; in a transaction the caller does, once.
+        channel = connector.channel if conn is None else None
         for attempt in range(_RACE_TRIES + 1):
             batch = [jobs[i] for i in pending]
             args = (
@@ -176,7 +217,7 @@ class PostgresQueues(QueueBackend):
                 queue,
                 *_columns(batch),
                 [job.dedupe_key for job in batch],
-                connector.channel,
+                channel,
             )
             if conn is None:
                 rows = await self._run(FETCH, query, args, write=True)
@@ -353,9 +394,8 @@ class PostgresQueues(QueueBackend):
             query = self._q["retry_dead_ids"]
             args = (self._namespace, queue, self._connector.channel, row_ids)
         for attempt in range(_RACE_TRIES + 1):
-            # Claims that died of an expired lease move to 'dead' first, so that the retry
-            # sees them, and frees the keys they held.
-            await self._run(FETCH, self._q["bury"], (self._namespace, queue), write=True)
+            # One statement: its candidates include the claims that died of an expired lease
+            # (judged at its now(), like the rest of it).
             try:
                 row = await self._run(FETCHROW, query, args, write=True)
             except FleetmemError as exc:
@@ -381,15 +421,30 @@ class PostgresQueues(QueueBackend):
     # ---------------------------------------------------------------- wake-ups
 
     async def await_result(self, queue: str, job_id: str) -> None:
+        """Mark the job as awaited (a row of ``<table>_jobs_awaited``; its row is not written):
+        its ``ack`` or its death by ``nack`` then sends a ``NOTIFY``. Nothing for a job that is
+        not live (finished, dead, gone)."""
         row_id = _db_id(job_id)
-        if row_id is not None:
+        if row_id is None:
+            return
+        try:
             await self._run(
                 FETCH, self._q["await_result"], (self._namespace, queue, row_id), write=True
             )
+        except FleetmemError as exc:
+            if sqlstate(exc.__cause__) != _FOREIGN_KEY_VIOLATION:
+                raise
+            # Cancelled (deleted) while this marked it: nothing to wait for; result() says so.
 
     async def listen(self) -> None:
-        """Start the connector's ``LISTEN`` connection (shared with the leases) once; never
-        raises: without it waiters poll."""
+        """Start the connector's ``LISTEN`` connection (shared with the leases) once.
+
+        Connects the store first if it is not connected yet, and raises what
+        :meth:`PostgresConnector.connect` raises then (``StoreClosedError``,
+        ``BackendUnavailableError``, ``ConfigurationError``, ``SchemaVersionError``: the
+        error the waiting call's first statement would have raised). Once connected it never
+        raises: a ``LISTEN`` that cannot be opened or delivers nothing leaves the waiters to
+        poll (:attr:`poll_interval`)."""
         connector = self._connector
         if not connector.ready:
             await connector.connect()

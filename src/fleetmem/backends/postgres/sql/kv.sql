@@ -275,12 +275,35 @@ SELECT count(*) FROM gone
 
 -- name: sweep_results
 -- The background sweeper, for the work queues: done jobs whose result expired (invisible to
--- every call already), of every namespace, a bounded batch at a time.
-WITH doomed AS (
-    SELECT id FROM {jobs} WHERE state = 'done' AND due_at <= now()
-    LIMIT $1 FOR UPDATE SKIP LOCKED
+-- every call already), of every namespace, a bounded batch ($1) at a time. The done index is
+-- (namespace, queue, due_at): a loose index scan walks its queues (one descent each, produced
+-- only as far as `doomed` reads them) and reads per queue the range of expired results
+-- (due_at <= now(), a bound of the index scan), so held results are never read, however many.
+-- Marks of awaited jobs go with their rows (the foreign key of <table>_jobs_awaited).
+WITH RECURSIVE queues (namespace, queue) AS (
+    (SELECT namespace, queue FROM {jobs}
+     WHERE state = 'done'
+     ORDER BY namespace, queue
+     LIMIT 1)
+    UNION ALL
+    SELECT n.namespace, n.queue FROM queues q CROSS JOIN LATERAL (
+        SELECT j.namespace, j.queue FROM {jobs} j
+        WHERE j.state = 'done' AND (j.namespace, j.queue) > (q.namespace, q.queue)
+        ORDER BY j.namespace, j.queue
+        LIMIT 1
+    ) n
+), doomed AS MATERIALIZED (
+    SELECT d.id FROM queues q CROSS JOIN LATERAL (
+        SELECT j.id FROM {jobs} j
+        WHERE j.namespace = q.namespace AND j.queue = q.queue AND j.state = 'done'
+          AND j.due_at <= now()
+        ORDER BY j.due_at
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
+    ) d
+    LIMIT $1
 ), gone AS (
-    DELETE FROM {jobs} WHERE id IN (SELECT id FROM doomed) RETURNING 1
+    DELETE FROM {jobs} WHERE id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
 )
 SELECT count(*) FROM gone
 

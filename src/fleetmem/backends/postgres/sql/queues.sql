@@ -1,7 +1,9 @@
 -- Work queues, one named block each ("-- name: NAME").
--- {jobs} is the validated, double-quoted job table of migration 0004. $1 is always the
--- namespace, $2 the queue. Every statement runs alone, so now() is its start: the one clock of
--- every decision. A job's row says where it is through state and due_at:
+-- {jobs} is the validated, double-quoted job table of migration 0004, {jobs_awaited} its table
+-- of the jobs a result(wait=) waits for (a row per job, deleted with the job by its foreign
+-- key). $1 is always the namespace, $2 the queue. Every statement runs alone, so now() is its
+-- start: the one clock of every decision. A job's row says where it is through state and
+-- due_at:
 --
 --   state    due_at               effective state at now()
 --   waiting  ready_at             ready when due_at <= now(), else delayed
@@ -22,11 +24,14 @@
 -- them from a lease release "namespace:name"):
 --   '>' || count || ':' || namespace || ':' || queue   jobs became claimable (put, retry_dead)
 --   '!' || namespace || ':' || job id                  an awaited job finished (ack, nack)
+-- PostgreSQL delivers identical payloads of one transaction once: a transaction sends at most
+-- one notification per queue and job (a put of several statements, one at its end).
 
 -- name: put
 -- $3 payloads (jsonb[]), $4 priorities (int[]), $5 delays in ms (bigint[]), $6 max_attempts
--- (int[]), one element per job; $7 the NOTIFY channel. One INSERT for the whole call, ids taken
--- in the order of the arrays; one notification for all of them, sent at commit.
+-- (int[]), one element per job; $7 the NOTIFY channel, or NULL when the caller notifies once
+-- for several statements of its transaction (notify_put). One INSERT for the whole call, ids
+-- taken in the order of the arrays; one notification for all of them, sent at commit.
 WITH inserted AS (
     INSERT INTO {jobs} AS j
         (namespace, queue, state, priority, due_at, max_attempts, enqueued_at, ready_at, payload)
@@ -37,17 +42,25 @@ WITH inserted AS (
     ORDER BY i.ord
     RETURNING j.id
 )
-SELECT array_agg(id ORDER BY id), pg_notify($7, '>' || count(*) || ':' || $1 || ':' || $2)
+SELECT array_agg(id ORDER BY id),
+       CASE WHEN $7::text IS NOT NULL
+            THEN pg_notify($7, '>' || count(*) || ':' || $1 || ':' || $2) END
 FROM inserted
 
+-- name: notify_put
+-- $3 the channel, $4 how many jobs the transaction added: the one notification of a put that
+-- ran several statements (sent at its commit).
+SELECT pg_notify($3, '>' || $4::bigint || ':' || $1 || ':' || $2)
+
 -- name: put_dedupe
--- put with dedupe keys ($7 text[], NULL elements for jobs without one; $8 the channel). A key
--- held by a waiting or claimed job enqueues nothing (ON CONFLICT on the unique index of live
--- keys). A holder whose lease ran out on its last attempt is dead, so it first moves to 'dead'
--- (`buried`), which frees its key; `inserted` reads `buried` so that it runs after it. Rows:
--- (id, key, true) per job inserted, (id, key, false) per live holder this statement's snapshot
--- saw, (NULL, NULL, NULL) when a notification was sent. A key that neither names (a job put by
--- a concurrent transaction that committed after the snapshot) is the caller's to look up again.
+-- put with dedupe keys ($7 text[], NULL elements for jobs without one; $8 the channel, or NULL
+-- as in put). A key held by a waiting or claimed job enqueues nothing (ON CONFLICT on the
+-- unique index of live keys). A holder whose lease ran out on its last attempt is dead, so it
+-- first moves to 'dead' (`buried`), which frees its key; `inserted` reads `buried` so that it
+-- runs after it. Rows: (id, key, true) per job inserted, (id, key, false) per live holder this
+-- statement's snapshot saw, (NULL, NULL, NULL) when a notification was sent. A key that
+-- neither names (a job put by a concurrent transaction that committed after the snapshot) is
+-- the caller's to look up again.
 WITH buried AS (
     UPDATE {jobs} SET state = 'dead', finished_at = due_at
     WHERE namespace = $1 AND queue = $2 AND dedupe_key = ANY($7::text[])
@@ -70,7 +83,7 @@ WITH buried AS (
     RETURNING j.id, j.dedupe_key
 ), notified AS (
     SELECT pg_notify($8, '>' || count(*) || ':' || $1 || ':' || $2) FROM inserted
-    HAVING count(*) > 0
+    HAVING count(*) > 0 AND $8::text IS NOT NULL
 )
 SELECT id, dedupe_key, true FROM inserted
 UNION ALL
@@ -85,8 +98,9 @@ SELECT NULL, NULL, NULL FROM notified
 -- * `levels`: the distinct priorities of the queue's waiting and claimed jobs, highest first,
 --   one index descent each (a loose index scan), produced only as far as `picked` reads them;
 -- * `picked`: per priority, the ready jobs in (due_at, id) order -- a range of the claim index
---   ending at now(), so jobs not due yet are never read -- locked FOR UPDATE SKIP LOCKED (a row
---   another claimer holds is passed over, never waited for), at most $5 in all: the outer LIMIT
+--   ending at now(), so jobs not due yet are never read -- locked FOR NO KEY UPDATE SKIP LOCKED
+--   (a row another claimer holds is passed over, never waited for; the KEY SHARE lock that
+--   await_result's foreign key takes does not stop it), at most $5 in all: the outer LIMIT
 --   stops the nested loop, and MATERIALIZED runs it once, so no more rows are locked than are
 --   claimed;
 -- * `claimed`: stamps them (attempts + 1, token + 1, ready_at = the due_at they were ready at,
@@ -118,7 +132,7 @@ WITH RECURSIVE levels (priority) AS (
           AND j.priority = l.priority AND j.due_at <= now() AND j.attempts < j.max_attempts
         ORDER BY j.due_at, j.id
         LIMIT $5
-        FOR UPDATE SKIP LOCKED
+        FOR NO KEY UPDATE SKIP LOCKED
     ) p
     LIMIT $5
 ), claimed AS (
@@ -139,7 +153,7 @@ WITH RECURSIVE levels (priority) AS (
     WHERE namespace = $1 AND queue = $2 AND state = 'claimed' AND attempts >= max_attempts
       AND due_at <= now()
     LIMIT 100
-    FOR UPDATE SKIP LOCKED
+    FOR NO KEY UPDATE SKIP LOCKED
 ), buried AS (
     UPDATE {jobs} AS j SET state = 'dead', finished_at = j.due_at
     WHERE j.id = ANY(ARRAY(SELECT id FROM expired))
@@ -160,8 +174,12 @@ FROM levels l CROSS JOIN LATERAL (
 WHERE (SELECT count(*) FROM claimed) < $5
 
 -- name: extend
--- $3 id, $4 token, $5 lease in ms. The claim holds: its lease ends $5 ms from now().
+-- $3 id, $4 token, $5 lease in ms. The claim holds: its lease ends $5 ms from now(). A claim
+-- whose lease had run out (nobody claimed the job since) is live again, and the job's ready_at
+-- is when it became ready again, its old lease's expiry (the due_at the SET reads), as a claim
+-- would have reported.
 UPDATE {jobs} SET
+    ready_at = CASE WHEN due_at <= now() THEN due_at ELSE ready_at END,
     lease_expires_at = now() + $5::bigint * interval '1 millisecond',
     due_at = now() + $5::bigint * interval '1 millisecond'
 WHERE id = $3 AND namespace = $1 AND queue = $2 AND state = 'claimed' AND token = $4
@@ -172,10 +190,10 @@ RETURNING id, payload, priority, attempts, max_attempts, enqueued_at, ready_at, 
 -- name: ack
 -- $3 id, $4 token, $5 result (jsonb), $6 result TTL in ms, $7 the channel, $8 the job id in hex.
 -- The claim holds: done, its result held until due_at; a NOTIFY only if a result(wait=) marked
--- the job (await_result), so an ack nobody waits for does not take the lock PostgreSQL holds
--- while it commits a notifying transaction. Up to two results of the queue that expired are
--- deleted on the way (SKIP LOCKED: concurrent acks never wait for one another), so results do
--- not pile up while the queue is used.
+-- the job (a row of {jobs_awaited}, deleted here), so an ack nobody waits for does not take the
+-- lock PostgreSQL holds while it commits a notifying transaction. Up to two results of the
+-- queue that expired are deleted on the way (SKIP LOCKED: concurrent acks never wait for one
+-- another), so results do not pile up while the queue is used.
 WITH finished AS (
     UPDATE {jobs} SET
         state = 'done',
@@ -184,7 +202,10 @@ WITH finished AS (
         due_at = now() + $6::bigint * interval '1 millisecond'
     WHERE id = $3 AND namespace = $1 AND queue = $2 AND state = 'claimed' AND token = $4
       AND (due_at > now() OR attempts < max_attempts)
-    RETURNING awaited
+    RETURNING id
+), unmarked AS (
+    DELETE FROM {jobs_awaited} WHERE id = $3 AND EXISTS (SELECT 1 FROM finished)
+    RETURNING id
 ), expired AS MATERIALIZED (
     SELECT id FROM {jobs}
     WHERE namespace = $1 AND queue = $2 AND state = 'done' AND due_at <= now()
@@ -194,14 +215,15 @@ WITH finished AS (
 ), deleted AS (
     DELETE FROM {jobs} WHERE id = ANY(ARRAY(SELECT id FROM expired))
 )
-SELECT awaited, CASE WHEN awaited THEN pg_notify($7, '!' || $1 || ':' || $8) END
+SELECT CASE WHEN EXISTS (SELECT 1 FROM unmarked)
+            THEN pg_notify($7, '!' || $1 || ':' || $8) END
 FROM finished
 
 -- name: nack
 -- $3 id, $4 token, $5 retry delay in ms, $6 error (NULL clears last_error), $7 the channel, $8
 -- the job id in hex. The claim holds: waiting again $5 ms from now(), or dead now when its
--- attempts reached max_attempts (then a NOTIFY if a result(wait=) marked it). Returns whether
--- it died.
+-- attempts reached max_attempts (then a NOTIFY if a result(wait=) marked it, and the mark
+-- goes). Returns whether it died.
 WITH failed AS (
     UPDATE {jobs} SET
         last_error = $6,
@@ -213,15 +235,19 @@ WITH failed AS (
                       ELSE now() + $5::bigint * interval '1 millisecond' END
     WHERE id = $3 AND namespace = $1 AND queue = $2 AND state = 'claimed' AND token = $4
       AND (due_at > now() OR attempts < max_attempts)
-    RETURNING state = 'dead' AS died, awaited
+    RETURNING id, state = 'dead' AS died
+), unmarked AS (
+    DELETE FROM {jobs_awaited} WHERE id = $3 AND EXISTS (SELECT 1 FROM failed WHERE died)
+    RETURNING id
 )
-SELECT died, CASE WHEN died AND awaited THEN pg_notify($7, '!' || $1 || ':' || $8) END
+SELECT died, CASE WHEN EXISTS (SELECT 1 FROM unmarked)
+                  THEN pg_notify($7, '!' || $1 || ':' || $8) END
 FROM failed
 
 -- name: cancel
 -- $3 id. Only a job that is ready or delayed right now: waiting, or claimed with its lease run
 -- out and attempts left. A claim in flight holds the row: the DELETE waits for it and then sees
--- a live lease.
+-- a live lease. Its mark in {jobs_awaited}, if any, goes with it (the foreign key).
 DELETE FROM {jobs}
 WHERE id = $3 AND namespace = $1 AND queue = $2
   AND (state = 'waiting'
@@ -241,10 +267,17 @@ WHERE id = $3 AND namespace = $1 AND queue = $2
        OR (state = 'claimed' AND due_at <= now() AND attempts >= max_attempts))
 
 -- name: await_result
--- $3 id. Mark a waiting or claimed job so that its ack or its death is NOTIFYed.
-UPDATE {jobs} SET awaited = true
+-- $3 id. Mark a live job (waiting, or claimed and not dead) so that its ack or its death by
+-- nack is NOTIFYed. The job's row is read, not written: its only lock is the foreign key's
+-- KEY SHARE, which claims (FOR NO KEY UPDATE SKIP LOCKED), acks and nacks do not conflict with.
+-- A mark inserted while the job is being acked may come too late for that ack's statement to
+-- see it: the waiter then learns of the ack at its next poll, and the mark stays until the
+-- job's row is deleted (its result expired).
+INSERT INTO {jobs_awaited} (id)
+SELECT id FROM {jobs}
 WHERE id = $3 AND namespace = $1 AND queue = $2 AND state IN ('waiting', 'claimed')
-  AND NOT awaited
+  AND (due_at > now() OR attempts < max_attempts)
+ON CONFLICT (id) DO NOTHING
 
 -- name: stats
 -- Ready, delayed, claimed, dead, done right now: the queue's range of the claim index, of the
@@ -282,35 +315,49 @@ FROM (
 ORDER BY id
 LIMIT $4
 
--- name: bury
--- Every claim of the queue whose lease ran out on its last attempt goes to 'dead' (finished at
--- its lease's expiry). retry_dead runs it first, so that it sees every dead job in one state.
-UPDATE {jobs} SET state = 'dead', finished_at = due_at
-WHERE namespace = $1 AND queue = $2 AND state = 'claimed' AND attempts >= max_attempts
-  AND due_at <= now()
-
 -- name: retry_dead_all
 -- $3 the channel. Every dead job back to waiting, ready now, attempts 0 -- except one whose
--- dedupe key a waiting or claimed job holds, and of several dead jobs with one key all but the
--- lowest id (one live job per key). A put of the same key racing it may still take the key
--- first: the unique index refuses this statement then (23505) and the caller runs it again.
+-- dedupe key a live job holds (waiting, or claimed and not dead), and of several dead jobs with
+-- one key all but the lowest id (one live job per key). "Dead" includes the claims whose lease
+-- ran out on their last attempt (their row still says 'claimed'), judged at this statement's
+-- now() like everything else in it. Such a claim holds its key in the unique index of live
+-- keys: when another dead job of its key is chosen, `buried` moves it to 'dead' first (`moved`
+-- reads `buried`, so it runs after it), so that the index has let go of the key by the time
+-- `moved` gives it to the chosen one. A put of the same key racing this statement may still
+-- take the key first: the unique index refuses the statement then (23505) and the caller runs
+-- it again.
 WITH candidates AS (
     SELECT id, dedupe_key FROM {jobs}
     WHERE namespace = $1 AND queue = $2 AND state = 'dead'
-), chosen AS (
-    SELECT id FROM candidates WHERE dedupe_key IS NULL
     UNION ALL
-    SELECT min(c.id) FROM candidates c
+    SELECT id, dedupe_key FROM {jobs}
+    WHERE namespace = $1 AND queue = $2 AND state = 'claimed' AND attempts >= max_attempts
+      AND due_at <= now()
+), chosen AS MATERIALIZED (
+    SELECT id, dedupe_key FROM candidates WHERE dedupe_key IS NULL
+    UNION ALL
+    SELECT min(c.id), c.dedupe_key FROM candidates c
     WHERE c.dedupe_key IS NOT NULL
       AND NOT EXISTS (
           SELECT 1 FROM {jobs} h
           WHERE h.namespace = $1 AND h.queue = $2 AND h.dedupe_key = c.dedupe_key
-            AND h.state IN ('waiting', 'claimed'))
+            AND h.state IN ('waiting', 'claimed')
+            AND (h.due_at > now() OR h.attempts < h.max_attempts))
     GROUP BY c.dedupe_key
+), buried AS (
+    UPDATE {jobs} SET state = 'dead', finished_at = due_at
+    WHERE namespace = $1 AND queue = $2
+      AND dedupe_key = ANY(ARRAY(SELECT dedupe_key FROM chosen WHERE dedupe_key IS NOT NULL))
+      AND id <> ALL(ARRAY(SELECT id FROM chosen))
+      AND state = 'claimed' AND attempts >= max_attempts AND due_at <= now()
+    RETURNING id
 ), moved AS (
     UPDATE {jobs} SET
         state = 'waiting', attempts = 0, ready_at = now(), due_at = now(), finished_at = NULL
-    WHERE id = ANY(ARRAY(SELECT id FROM chosen)) AND state = 'dead'
+    WHERE id = ANY(ARRAY(SELECT id FROM chosen))
+      AND (state = 'dead'
+           OR (state = 'claimed' AND attempts >= max_attempts AND due_at <= now()))
+      AND (SELECT count(*) FROM buried) >= 0
     RETURNING id
 )
 SELECT count(*),
@@ -318,24 +365,38 @@ SELECT count(*),
 FROM moved
 
 -- name: retry_dead_ids
--- retry_dead_all for the dead jobs among the ids $4 (bigint[]).
+-- retry_dead_all for the dead jobs among the ids $4 (bigint[]); `buried` may move a claim dead
+-- of an expired lease outside $4 (it holds the key of one chosen): it is dead either way.
 WITH candidates AS (
     SELECT id, dedupe_key FROM {jobs}
-    WHERE id = ANY($4::bigint[]) AND namespace = $1 AND queue = $2 AND state = 'dead'
-), chosen AS (
-    SELECT id FROM candidates WHERE dedupe_key IS NULL
+    WHERE id = ANY($4::bigint[]) AND namespace = $1 AND queue = $2
+      AND (state = 'dead'
+           OR (state = 'claimed' AND attempts >= max_attempts AND due_at <= now()))
+), chosen AS MATERIALIZED (
+    SELECT id, dedupe_key FROM candidates WHERE dedupe_key IS NULL
     UNION ALL
-    SELECT min(c.id) FROM candidates c
+    SELECT min(c.id), c.dedupe_key FROM candidates c
     WHERE c.dedupe_key IS NOT NULL
       AND NOT EXISTS (
           SELECT 1 FROM {jobs} h
           WHERE h.namespace = $1 AND h.queue = $2 AND h.dedupe_key = c.dedupe_key
-            AND h.state IN ('waiting', 'claimed'))
+            AND h.state IN ('waiting', 'claimed')
+            AND (h.due_at > now() OR h.attempts < h.max_attempts))
     GROUP BY c.dedupe_key
+), buried AS (
+    UPDATE {jobs} SET state = 'dead', finished_at = due_at
+    WHERE namespace = $1 AND queue = $2
+      AND dedupe_key = ANY(ARRAY(SELECT dedupe_key FROM chosen WHERE dedupe_key IS NOT NULL))
+      AND id <> ALL(ARRAY(SELECT id FROM chosen))
+      AND state = 'claimed' AND attempts >= max_attempts AND due_at <= now()
+    RETURNING id
 ), moved AS (
     UPDATE {jobs} SET
         state = 'waiting', attempts = 0, ready_at = now(), due_at = now(), finished_at = NULL
-    WHERE id = ANY(ARRAY(SELECT id FROM chosen)) AND state = 'dead'
+    WHERE id = ANY(ARRAY(SELECT id FROM chosen))
+      AND (state = 'dead'
+           OR (state = 'claimed' AND attempts >= max_attempts AND due_at <= now()))
+      AND (SELECT count(*) FROM buried) >= 0
     RETURNING id
 )
 SELECT count(*),
@@ -343,17 +404,18 @@ SELECT count(*),
 FROM moved
 
 -- name: purge_dead
--- Delete the dead letter and the claims whose lease ran out on their last attempt.
-WITH dead AS (
-    DELETE FROM {jobs} WHERE namespace = $1 AND queue = $2 AND state = 'dead'
-    RETURNING 1
-), expired AS (
+-- Delete the dead letter and the claims whose lease ran out on their last attempt, in one
+-- DELETE with one condition: a row a concurrent claim is moving to 'dead' (read as 'claimed',
+-- re-checked as 'dead' once that claim committed) passes it either way. Marks in
+-- {jobs_awaited} go with their jobs (the foreign key).
+WITH gone AS (
     DELETE FROM {jobs}
-    WHERE namespace = $1 AND queue = $2 AND state = 'claimed' AND attempts >= max_attempts
-      AND due_at <= now()
+    WHERE namespace = $1 AND queue = $2
+      AND (state = 'dead'
+           OR (state = 'claimed' AND attempts >= max_attempts AND due_at <= now()))
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM dead) + (SELECT count(*) FROM expired)
+SELECT count(*) FROM gone
 
 -- name: list_queues
 -- The namespace's queues holding a waiting or claimed job, a dead one, or a result still held:
