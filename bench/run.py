@@ -27,7 +27,11 @@ servers:
   clears the namespaces bench, bench-hybrid and bench-ns-0000 to bench-ns-0999 (and
   aiocache's aio) and deletes the Redis keys raw:* and rawns:* it wrote; the leases
   section leaves the lease records of bench-leases and bench-leases-raw (a lease's last
-  token is kept for good, by design): give it servers you can spare.
+  token is kept for good, by design); the queues section creates and drops the table
+  bench_raw_queue and the schema bench_procrastinate, deletes the Redis keys rawq:*,
+  saq:*bench-saq*, arq:*bench-* and bench-arq* it wrote, and leaves the jobs of the
+  namespace bench-queues (an acked job's result is held for a day): give it servers you can
+  spare.
 
 needs: pip install -e '.[bench]' in the checkout (asyncpg, redis, the peers, matplotlib
 for --chart); --from-json needs none of them."""

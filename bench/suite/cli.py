@@ -23,6 +23,7 @@ from .hybrid import bench_hybrid
 from .leases import bench_leases, lease_steps
 from .postgres import bench_postgres
 from .primitives import bench_primitives
+from .queues import bench_queues, queue_steps
 from .redis import bench_redis
 from .report import chart, format_report, load_report, targets
 from .results import Progress, Report
@@ -73,6 +74,7 @@ async def run(args: argparse.Namespace) -> Report:
         + (1 if "namespaces" in only and "redis" not in only else 0)
         + (1 if "sync" in only and "redis" not in only else 0)
         + (lease_steps(pg=True, rs=True) if "leases" in only else 0)
+        + (queue_steps(pg=True, rs=True) if "queues" in only else 0)
     )
     progress = Progress(steps)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -86,8 +88,8 @@ async def run(args: argparse.Namespace) -> Report:
         # main thread (RuntimeError) keep the default SIGTERM; Ctrl-C still stops the servers.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    need_pg = bool(only & {"postgres", "hybrid", "namespaces", "leases"})
-    need_redis = bool(only & {"redis", "hybrid", "namespaces", "sync", "leases"})
+    need_pg = bool(only & {"postgres", "hybrid", "namespaces", "leases", "queues"})
+    need_redis = bool(only & {"redis", "hybrid", "namespaces", "sync", "leases", "queues"})
     async with _servers(need_pg, need_redis) as (pg, rs):
         if "postgres" in only and pg:
             await bench_postgres(bench, pg)
@@ -104,6 +106,8 @@ async def run(args: argparse.Namespace) -> Report:
         )
         if "leases" in only:
             await bench_leases(bench, pg, rs)
+        if "queues" in only:
+            await bench_queues(bench, pg, rs)
         await bench_scaling(
             bench, pg if "postgres" in only else None, rs if "redis" in only else None
         )
@@ -115,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetmem bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--only",
-        help="comma-separated: postgres,redis,hybrid,leases (the sections; all four by "
-        "default; leases runs on memory and SQLite too), namespaces, sync (the namespaces() "
+        help="comma-separated: postgres,redis,hybrid,leases,queues (the sections; the first "
+        "four by default, queues (about 20 minutes) only when named; leases and queues run on "
+        "memory and SQLite too), namespaces, sync (the "
+        "namespaces() "
         "and fleetmem.sync workloads alone, which the postgres and redis sections also run)",
     )
     parser.add_argument("--repetitions", "-r", type=int, default=5)
@@ -128,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         "end to end (its tests); the figures mean nothing",
     )
     parser.add_argument(
-        "--no-peers", action="store_true", help="skip LangGraph/aiocache/cashews/redis-py Lock"
+        "--no-peers",
+        action="store_true",
+        help="skip LangGraph/aiocache/cashews/redis-py Lock/procrastinate/saq/arq",
     )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")

@@ -12,6 +12,7 @@ on an idle 2-vCPU VM and 60-90 s with the other core busy, which timed out at 12
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Callable
@@ -78,7 +79,10 @@ def test_bench_measures_every_workload_and_computes_every_target(
     monkeypatch.setenv("FLEETMEM_BENCH_POSTGRES_URL", fleetmem_postgres_empty_database)
     monkeypatch.setenv("FLEETMEM_BENCH_REDIS_URL", fleetmem_redis_factory().url)
     out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = ["--smoke", "--repetitions", "1", "--json", str(out), "--chart", str(chart)]
+    # Every section but queues (the default's fifth): it has a test of its own below, and
+    # with it this run would take ~30 s more, near the suite's 120 s timeout on a busy machine.
+    sections = "postgres,redis,hybrid,leases"
+    args = ["--smoke", "-r", "1", "--only", sections, "--json", str(out), "--chart", str(chart)]
     assert bench_main(args) == 0
     printed = capsys.readouterr().out
     assert chart.read_bytes().startswith(b"\x89PNG")
@@ -200,3 +204,115 @@ def test_bench_only_namespaces_and_sync_runs_those_workloads_alone(
         assert leftover == []
     finally:
         client.close()
+
+
+#: The queue section's subjects per backend beside fleetmem (its two consumer loops): the raw
+#: loop and the peers. Subject ``arq`` (its default 0.5 s poll) runs the latency workload only.
+#: arq is measured only where it is installed (it is not in the ``bench`` extra: it declares
+#: ``redis<6``); without it the section says it skipped it.
+HAVE_ARQ = importlib.util.find_spec("arq") is not None
+QUEUE_SUBJECTS = {
+    "postgres": ("raw", "procrastinate"),
+    "redis": ("raw", "saq", *(("arq poll 10ms",) if HAVE_ARQ else ())),
+}
+QUEUE_FLEETMEM = ("fleetmem", "fleetmem claim_many")
+
+
+def test_bench_only_queues_measures_every_subject_exactly_once(
+    fleetmem_postgres_empty_database: str,
+    fleetmem_redis_factory: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    bench_main: Callable[[list[str] | None], int],
+) -> None:
+    """``--only queues``: both workloads for every subject on every backend whose queues are
+    built, every job of every run claimed and acked exactly once, the peers' versions and the
+    targets' verdicts in the notes, and nothing of the raw loops or the peers left behind."""
+    dsn = fleetmem_postgres_empty_database
+    monkeypatch.setenv("FLEETMEM_BENCH_POSTGRES_URL", dsn)
+    redis_url = fleetmem_redis_factory().url
+    monkeypatch.setenv("FLEETMEM_BENCH_REDIS_URL", redis_url)
+    out = tmp_path / "bench.json"
+    args = ["--smoke", "--repetitions", "1", "--only", "queues", "--json", str(out)]
+    assert bench_main(args) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows: dict[tuple[str, str], dict[str, Any]] = {
+        (row["workload"], row["subject"]): row for row in data["rows"]
+    }
+    notes = data["notes"]
+    joined = "\n".join(notes)
+
+    assert not [n for n in notes if "NOT exactly once" in n or "failed and was dropped" in n]
+    versions = next(n for n in notes if n.startswith("queues: ") and "versions: " in n)
+    assert all(f"{d} " in versions for d in ("procrastinate", "saq"))
+    if HAVE_ARQ:
+        assert "arq " in versions
+    else:
+        assert "queues: peer arq skipped" in joined
+    measured = set()
+    for backend in ("postgres", "redis", "sqlite", "memory", "hybrid"):
+        built = f"fleetmem on {backend} skipped" not in joined
+        assert built or backend not in ("memory",)
+        subjects = (QUEUE_FLEETMEM if built else ()) + QUEUE_SUBJECTS.get(backend, ())
+        if not subjects:
+            continue
+        measured.add(backend)
+        assert f"queues: {backend}: every subject claimed and acked each of its jobs" in joined
+        latency_subjects = subjects + (("arq",) if backend == "redis" and HAVE_ARQ else ())
+        for subject in subjects:
+            row = rows.get((f"{backend} queue 16 consumers", subject))
+            assert row is not None, (backend, subject)
+            assert row["unit"] == "jobs/s"
+        for subject in latency_subjects:
+            p50 = rows.get((f"{backend} queue put to claim p50", subject))
+            p99 = rows.get((f"{backend} queue put to claim p99", subject))
+            assert p50 is not None and p99 is not None, (backend, subject)
+            assert p50["unit"] == p99["unit"] == "ms"
+            assert p99["values"][0] >= p50["values"][0]
+        if built and backend in QUEUE_SUBJECTS:
+            floor = {"postgres": "2,000", "redis": "5,000"}[backend]
+            for mine in QUEUE_FLEETMEM:
+                for text in (
+                    "≥ 2x the best peer",
+                    "≥ 0.7x the raw loop",
+                    f"≥ {floor} jobs/s",
+                    "put to claim p50 ≤ 5 ms",
+                    "put to claim p99 ≤ 50 ms",
+                ):
+                    assert f"queue target {backend} {mine} {text}" in joined, (mine, text)
+    assert ("redis queue 16 consumers", "arq") not in rows
+    for (workload, _subject), row in rows.items():
+        assert workload.split()[0] in measured
+        values = row["values"]
+        assert len(values) == 1 and math.isfinite(values[0]) and values[0] > 0
+    assert "note: queues: " in printed
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # fleetmem's queues keep their held results (no API removes a done job): only its keys
+        # may remain; the raw loop's, saq's and arq's are gone.
+        leftover = [k for k in client.scan_iter(count=1000) if not k.startswith(b"fm:{")]
+        assert leftover == []
+    finally:
+        client.close()
+
+    import asyncio
+
+    import asyncpg
+
+    async def leftovers() -> list[str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT table_schema || '.' || table_name AS name FROM information_schema.tables "
+                "WHERE table_name = 'bench_raw_queue' OR table_schema = 'bench_procrastinate'"
+            )
+            return [r["name"] for r in rows]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(leftovers()) == []
