@@ -178,4 +178,7 @@ def test_demo_on_postgres_in_two_processes(
     report = json.loads(out)
     assert report["consistent"] is True
     assert report["processes"] == 2
-    assert report["inspect"][1].endswith("-n demo stats")
+    # Two processes worked one queue: every job acked once, none dead, none left.
+    assert (report["jobs_done"], report["jobs_dead"], report["jobs_left"]) == (8, 0, 0)
+    assert report["inspect"][1].endswith("-n demo queues")
+    assert report["inspect"][2].endswith("-n demo stats")
