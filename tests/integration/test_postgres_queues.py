@@ -1079,3 +1079,30 @@ async def test_the_least_privilege_grants_from_the_docs_cover_queues(
             assert await q.purge_dead() == 0
     finally:
         await _fetch(dsn, f'DROP OWNED BY "{role}"')
+
+
+async def test_the_single_job_claim_keeps_a_generic_plan(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """``claim()`` runs ``claim_one`` (a constant ``LIMIT 1``): with ``LIMIT $5`` PostgreSQL
+    costed the generic plan at a tenth of the queue and planned every call again, which cost
+    about 4x the statement's run time. Once prepared statements settle, the plan is reused."""
+    dsn, ns = fleetmem_postgres_database, fleetmem_namespace
+    async with PostgresStore.from_url(dsn, namespace=ns) as store:
+        await store.queue("plan").put_many(range(50))  # creates the tables, fills the queue
+    assert "$5" not in _Q["claim_one"] and "$5" in _Q["claim"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        await init_connection(conn)
+        stmt = await conn.prepare(_Q["claim_one"])
+        for _ in range(20):
+            rows = await stmt.fetch(ns, "plan", "planner", 60_000)
+            assert sum(1 for r in rows if r["id"] is not None) <= 1
+        plans = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+            _Q["claim_one"],
+        )
+        assert plans is not None
+        assert plans["generic_plans"] >= 10, dict(plans)
+    finally:
+        await conn.close()

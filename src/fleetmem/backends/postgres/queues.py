@@ -77,12 +77,19 @@ def queue_statements(schema: str, table: str) -> dict[str, str]:
     connector's (:func:`~fleetmem.backends.postgres.connector.statements`), with
     ``{jobs_awaited}`` replaced by the quoted mark table of migration 0004,
     ``<table>_jobs_awaited`` (a derived name, quoted whole: it may pass the 40 characters of a
-    checked identifier)."""
+    checked identifier). ``claim`` takes how many to claim as ``$5``; ``claim_one`` is the same
+    statement for one job, with the constant ``1`` in its place and no ``$5``: PostgreSQL keeps
+    a generic plan for it, where it plans ``claim`` anew at every call (a parameter ``LIMIT``
+    makes the generic plan look dearer than a custom one)."""
     awaited = f'{migrate.quote_ident(schema)}."{migrate.queue_table(table)}_awaited"'
-    return {
+    out = {
         name: sql.replace("{jobs_awaited}", awaited)
         for name, sql in statements("queues.sql", schema, table).items()
     }
+    claim = out["claim"]
+    out["claim"] = claim.replace("{limit}", "$5")
+    out["claim_one"] = claim.replace("{limit}", "1")
+    return out
 
 
 def _db_id(job_id: str) -> int | None:
@@ -265,12 +272,13 @@ class PostgresQueues(QueueBackend):
     async def claim(
         self, queue: str, consumer: str, lease_ms: int, limit: int
     ) -> tuple[list[Job], int | None]:
-        rows = await self._run(
-            FETCH,
-            self._q["claim"],
-            (self._namespace, queue, consumer, lease_ms, limit),
-            write=True,
-        )
+        # One job (claim(), the common call): the statement PostgreSQL keeps one plan for.
+        args: tuple[Any, ...]
+        if limit == 1:
+            query, args = self._q["claim_one"], (self._namespace, queue, consumer, lease_ms)
+        else:
+            query, args = self._q["claim"], (self._namespace, queue, consumer, lease_ms, limit)
+        rows = await self._run(FETCH, query, args, write=True)
         jobs: list[Job] = []
         next_ms: int | None = None
         for row in rows:

@@ -94,24 +94,28 @@ UNION ALL
 SELECT NULL, NULL, NULL FROM notified
 
 -- name: claim
--- $3 consumer, $4 lease in ms, $5 how many. One statement:
+-- $3 consumer, $4 lease in ms; {limit}, how many, is $5, or the constant 1 in `claim_one` (the
+-- same statement without $5; queue_statements builds both). With the constant PostgreSQL keeps
+-- one generic plan for the prepared statement; with a parameter LIMIT it costs the generic plan
+-- at 10% of the queue, finds it dearer than a custom one and plans anew at every call (several
+-- times the cost of running the statement). One statement:
 -- * `levels`: the distinct priorities of the queue's waiting and claimed jobs, highest first,
 --   one index descent each (a loose index scan), produced only as far as `picked` reads them;
 -- * `picked`: per priority, the ready jobs in (due_at, id) order -- a range of the claim index
 --   ending at now(), so jobs not due yet are never read -- locked FOR NO KEY UPDATE SKIP LOCKED
 --   (a row another claimer holds is passed over, never waited for; the KEY SHARE lock that
---   await_result's foreign key takes does not stop it), at most $5 in all: the outer LIMIT
+--   await_result's foreign key takes does not stop it), at most the limit in all: the outer LIMIT
 --   stops the nested loop, and MATERIALIZED runs it once, so no more rows are locked than are
 --   claimed;
 -- * `claimed`: stamps them (attempts + 1, token + 1, ready_at = the due_at they were ready at,
 --   lease from now()), found by primary key (`= ANY(ARRAY(...))`: a join could be planned as a
---   hash join over the whole table for a large $5);
+--   hash join over the whole table for a large limit);
 -- * `buried`: moves up to 100 claims whose lease ran out on their last attempt to 'dead' (the
 --   small last-attempt index; disjoint from `picked`, which needs attempts < max_attempts).
 -- The claimed jobs come back (in no particular order), then one row with a NULL id and, when
--- fewer than $5 were claimed, the milliseconds until the next waiting or claimed job of the
--- queue comes due (NULL: none; one descent per priority, skipped by a one-time filter when all
--- $5 were claimed).
+-- fewer than the limit were claimed, the milliseconds until the next waiting or claimed job of the
+-- queue comes due (NULL: none; one descent per priority, skipped by a one-time filter when the
+-- limit was reached).
 WITH RECURSIVE levels (priority) AS (
     (SELECT priority FROM {jobs}
      WHERE namespace = $1 AND queue = $2 AND state IN ('waiting', 'claimed')
@@ -131,10 +135,10 @@ WITH RECURSIVE levels (priority) AS (
         WHERE j.namespace = $1 AND j.queue = $2 AND j.state IN ('waiting', 'claimed')
           AND j.priority = l.priority AND j.due_at <= now() AND j.attempts < j.max_attempts
         ORDER BY j.due_at, j.id
-        LIMIT $5
+        LIMIT {limit}
         FOR NO KEY UPDATE SKIP LOCKED
     ) p
-    LIMIT $5
+    LIMIT {limit}
 ), claimed AS (
     UPDATE {jobs} AS j SET
         state = 'claimed',
@@ -171,7 +175,7 @@ FROM levels l CROSS JOIN LATERAL (
     ORDER BY j.due_at
     LIMIT 1
 ) n
-WHERE (SELECT count(*) FROM claimed) < $5
+WHERE (SELECT count(*) FROM claimed) < {limit}
 
 -- name: extend
 -- $3 id, $4 token, $5 lease in ms. The claim holds: its lease ends $5 ms from now(). A claim
