@@ -17,7 +17,6 @@ cancelled) passes the turn to the next one, so a wake-up is never lost with it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Hashable
 from types import TracebackType
 
@@ -40,8 +39,14 @@ class Watch:
         """Wait until notified or ``timeout`` seconds passed; ``True`` when notified. A
         notification that came before the call counts (once)."""
         if not self._event.is_set() and timeout > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout)
+            # Not asyncio.wait_for: before Python 3.12 it swallows a cancellation that arrives
+            # as the event is set (it returns the result instead), and the waiter goes on
+            # waiting after its task was cancelled. asyncio.wait never does.
+            waiting = asyncio.ensure_future(self._event.wait())
+            try:
+                await asyncio.wait((waiting,), timeout=timeout)
+            finally:
+                waiting.cancel()
         notified = self._event.is_set()
         self._event.clear()
         return notified

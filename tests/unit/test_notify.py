@@ -160,3 +160,23 @@ async def test_two_puts_wake_two_waiting_claims_at_once() -> None:
         assert sorted(j.payload for j in jobs if j is not None) == [1, 2]
         # Woken by the puts, not by the once-a-second poll.
         assert loop.time() - start < 0.9
+
+
+@pytest.mark.parametrize("ticks", [0, 1, 2])
+def test_a_cancellation_as_the_wake_up_arrives_is_not_lost(ticks: int) -> None:
+    """A waiter cancelled while its notification is being delivered ends cancelled (before
+    Python 3.12, asyncio.wait_for returned the result instead and the waiter went on)."""
+
+    async def run() -> None:
+        notifier = Notifier()
+        with notifier.watch("k") as watch:
+            task = asyncio.create_task(watch.wait(30))
+            await asyncio.sleep(0)
+            notifier.notify("k")
+            for _ in range(ticks):
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
