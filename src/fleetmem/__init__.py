@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from fleetmem.errors import (
     AgentGoneError,
     BackendUnavailableError,
+    ChangesExpiredError,
+    ChangesNotEnabledError,
     ConfigurationError,
     FleetmemError,
     InvalidArgumentError,
@@ -38,6 +40,8 @@ from fleetmem.errors import (
 from fleetmem.factory import open_store
 from fleetmem.protocol import (
     Agent,
+    Change,
+    ChangeBatch,
     Entry,
     Health,
     Job,
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     from fleetmem.backends.postgres import PostgresStore as PostgresStore
     from fleetmem.backends.redis import RedisStore as RedisStore
     from fleetmem.backends.sqlite import SQLiteStore
+    from fleetmem.changes import Changes
     from fleetmem.leases import HeldLease
     from fleetmem.queues import Queue
     from fleetmem.settings import FleetmemSettings
@@ -64,6 +69,11 @@ __all__ = [
     "Agent",
     "AgentGoneError",
     "BackendUnavailableError",
+    "Change",
+    "ChangeBatch",
+    "Changes",
+    "ChangesExpiredError",
+    "ChangesNotEnabledError",
     "ConfigurationError",
     "Entry",
     "FleetmemError",
@@ -102,6 +112,7 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "FleetmemSettings": ("fleetmem.settings", None, None),
     "HeldLease": ("fleetmem.leases", None, None),
     "Queue": ("fleetmem.queues", None, None),
+    "Changes": ("fleetmem.changes", None, None),
     "InMemoryStore": ("fleetmem.backends.memory", None, None),
     "SQLiteStore": ("fleetmem.backends.sqlite", None, None),
     "PostgresStore": ("fleetmem.backends.postgres", "asyncpg", "postgres"),

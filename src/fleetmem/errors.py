@@ -10,6 +10,8 @@ from __future__ import annotations
 __all__ = [
     "AgentGoneError",
     "BackendUnavailableError",
+    "ChangesExpiredError",
+    "ChangesNotEnabledError",
     "ConfigurationError",
     "FleetmemError",
     "InvalidArgumentError",
@@ -104,6 +106,28 @@ class BackendUnavailableError(FleetmemError, ConnectionError):
 
 class OutcomeUnknownError(BackendUnavailableError):
     """The connection died while a write was in flight: it may or may not have been applied."""
+
+
+class ChangesNotEnabledError(FleetmemError):
+    """The namespace's change feed is not enabled: call ``store.changes.enable()`` first."""
+
+
+class ChangesExpiredError(FleetmemError):
+    """The changes after this cursor were trimmed (past the feed's retention, or the feed was
+    disabled since): reading on would skip them. ``oldest`` is the oldest cursor still readable
+    (read or watch from it, after deciding what to do about the gap)."""
+
+    def __init__(self, oldest: str, message: str | None = None) -> None:
+        super().__init__(
+            message
+            if message is not None
+            else "the changes after this cursor were trimmed or the feed was disabled since; "
+            f"the oldest readable cursor is {oldest!r}"
+        )
+        self.oldest = oldest
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.oldest, str(self)))
 
 
 class StoreClosedError(FleetmemError):

@@ -80,12 +80,15 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # leases.py and agents.py import this module
     from fleetmem.agents import AgentRegistry
+    from fleetmem.changes import Changes
     from fleetmem.leases import HeldLease, Leases
     from fleetmem.queues import Queue
 
 __all__ = [
     "TTL",
     "Agent",
+    "Change",
+    "ChangeBatch",
     "Entry",
     "Health",
     "JSONValue",
@@ -133,6 +136,38 @@ class Agent:
     registered_at: datetime
     last_seen: datetime
     expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One recorded write of a namespace's change feed (see ``docs/changes.md``).
+
+    ``cursor`` is opaque; cursors of one namespace sort (as ``str``) in feed order. ``op`` is
+    ``"set"`` (``version`` and ``value`` are the new ones, ``value`` in its stored form, as
+    ``get`` returns it), ``"delete"`` (``version`` and ``value`` are ``None``), ``"ttl"`` (an
+    ``expire``/``persist``: ``version`` unchanged, ``value`` ``None``, ``expires_at`` the new
+    expiry) or ``"clear"`` (``key`` is ``None``; ``partition`` is the cleared partition, or
+    ``None`` for a whole-namespace ``clear()``). ``at`` is the server's time of the write; times
+    are timezone-aware UTC.
+    """
+
+    cursor: str
+    op: str
+    key: str | None
+    partition: str | None
+    version: int | None
+    value: Any
+    expires_at: datetime | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    """What ``store.changes.read`` returns: the changes, in feed order, and the cursor to pass
+    as the next ``since`` (an empty ``changes`` means the reader is at the head)."""
+
+    changes: list[Change]
+    cursor: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +335,11 @@ class MemoryStore(Protocol):
         @property
         def leases(self) -> Leases:
             """Named leases with fencing tokens in this namespace (no I/O until used)."""
+            ...
+
+        @property
+        def changes(self) -> Changes:
+            """The change feed of this namespace (no I/O until used; see docs/changes.md)."""
             ...
 
         @property

@@ -45,6 +45,7 @@ from fleetmem.backends.seam import (
     SetOp,
     health_report,
 )
+from fleetmem.changes import Changes
 from fleetmem.errors import (
     ConfigurationError,
     InvalidArgumentError,
@@ -120,6 +121,7 @@ class Store(Generic[_K]):
         self._leases: Leases | None = None
         self._agents: AgentRegistry | None = None
         self._queues: QueueBackend | None = None
+        self._changes: Changes | None = None
 
     @classmethod
     def from_backend(
@@ -210,6 +212,7 @@ class Store(Generic[_K]):
         view._leases = None
         view._agents = None
         view._queues = None
+        view._changes = None
         return view
 
     # ---------------------------------------------------------------- coordination
@@ -227,6 +230,13 @@ class Store(Generic[_K]):
         if self._agents is None:
             self._agents = AgentRegistry(self._kv.agents(), self._check_open, self._max_value_bytes)
         return self._agents
+
+    @property
+    def changes(self) -> Changes:
+        """The change feed of this store's namespace (no I/O until used)."""
+        if self._changes is None:
+            self._changes = Changes(self._kv.changes(), self._check_open, lambda: self.closed)
+        return self._changes
 
     def queue(self, name: str) -> Queue:
         """The durable work queue ``name`` of this store's namespace (no I/O until used)."""

@@ -69,7 +69,15 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -80,6 +88,8 @@ from fleetmem.leases import DEFAULT_LEASE_TTL, HeldLease, LeaseLock, Leases
 from fleetmem.protocol import (
     TTL,
     Agent,
+    Change,
+    ChangeBatch,
     Entry,
     Health,
     Job,
@@ -92,6 +102,7 @@ from fleetmem.protocol import (
 
 if TYPE_CHECKING:
     from fleetmem.agents import AgentRegistry
+    from fleetmem.changes import Changes
     from fleetmem.queues import Queue
     from fleetmem.settings import FleetmemSettings
     from fleetmem.store import Store
@@ -99,6 +110,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_CLOSE_TIMEOUT",
     "SyncAgents",
+    "SyncChanges",
     "SyncDeadlockError",
     "SyncLeaseLock",
     "SyncLeases",
@@ -494,6 +506,17 @@ class SyncStore:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.list_queues`."""
         return self._run(self._store.list_queues())
 
+    @property
+    def changes(self) -> SyncChanges:
+        """The change feed of this store's namespace: the blocking twin of
+        :attr:`fleetmem.store.Store.changes` (no I/O until used)."""
+        store = self._store
+
+        async def make() -> Changes:  # on the loop, where the store builds its backend
+            return store.changes
+
+        return SyncChanges(self, self._run(make()))
+
     def queue(self, name: str) -> SyncQueue:
         """The durable work queue ``name`` of this store's namespace: the blocking twin of
         :meth:`fleetmem.store.Store.queue` (no I/O until used; the name is checked here)."""
@@ -804,6 +827,88 @@ class SyncAgents(_Facet):
         return self._sync._run(
             _with_agents(self._sync._store, lambda ag: ag.list(prefix, limit=limit, after=after))
         )
+
+
+class SyncChanges:
+    """Blocking :class:`fleetmem.changes.Changes`: ``sync_store.changes``.
+
+    Each method runs the async method of the same name on the store's loop thread, with the same
+    arguments, guarantees and errors; :meth:`watch` is a blocking iterator. See
+    ``docs/changes.md``.
+    """
+
+    __slots__ = ("_changes", "_sync")
+
+    def __init__(self, sync: SyncStore, changes: Changes) -> None:
+        self._sync = sync
+        self._changes = changes
+
+    def __repr__(self) -> str:
+        return f"<SyncChanges namespace={self._changes.namespace!r}>"
+
+    def enable(self, retention: float | timedelta = 3600.0) -> None:
+        """Blocking :meth:`fleetmem.changes.Changes.enable`."""
+        self._sync._run(self._changes.enable(retention))
+
+    def disable(self) -> None:
+        """Blocking :meth:`fleetmem.changes.Changes.disable`."""
+        self._sync._run(self._changes.disable())
+
+    def enabled(self) -> bool:
+        """Blocking :meth:`fleetmem.changes.Changes.enabled`."""
+        return self._sync._run(self._changes.enabled())
+
+    def cursor(self) -> str:
+        """Blocking :meth:`fleetmem.changes.Changes.cursor`."""
+        return self._sync._run(self._changes.cursor())
+
+    def read(
+        self,
+        since: str | None = None,
+        limit: int = 1000,
+        pattern: str | None = None,
+        partition: str | None = None,
+    ) -> ChangeBatch:
+        """Blocking :meth:`fleetmem.changes.Changes.read`."""
+        return self._sync._run(self._changes.read(since, limit, pattern, partition))
+
+    def watch(
+        self,
+        pattern: str = "*",
+        partition: str | None = None,
+        since: str | None = None,
+        *,
+        reconnect_timeout: float = 30.0,
+    ) -> Iterator[Change]:
+        """Blocking :meth:`fleetmem.changes.Changes.watch`: each step waits on the store's loop
+        for the next change. The arguments are checked here; closing the iterator (or
+        leaving the ``for`` loop) ends the watch."""
+        changes = self._changes
+
+        async def start() -> AsyncIterator[Change]:
+            return changes.watch(pattern, partition, since, reconnect_timeout=reconnect_timeout)
+
+        agen = self._sync._run(start())
+        return self._steps(agen)
+
+    def _steps(self, agen: AsyncIterator[Change]) -> Iterator[Change]:
+        async def step() -> Change | None:
+            try:
+                return await agen.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        async def close() -> None:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+        try:
+            while (change := self._sync._run(step())) is not None:
+                yield change
+        finally:
+            with contextlib.suppress(Exception):
+                self._sync._run(close())
 
 
 class SyncQueue:

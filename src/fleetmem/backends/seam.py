@@ -31,7 +31,14 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from fleetmem._notify import Notifier, Watch
 from fleetmem._validate import GlobPattern
-from fleetmem.errors import AgentGoneError, ConfigurationError, LeaseLostError
+from fleetmem.errors import (
+    AgentGoneError,
+    ChangesExpiredError,
+    ChangesNotEnabledError,
+    ConfigurationError,
+    InvalidArgumentError,
+    LeaseLostError,
+)
 from fleetmem.protocol import Agent, Entry, Health, Job, JobResult, Lease, QueueStats, StoreStats
 
 __all__ = [
@@ -41,6 +48,9 @@ __all__ = [
     "MISSING",
     "RESERVED_NAMESPACE_PREFIX",
     "AgentBackend",
+    "ChangeBackend",
+    "ChangeEvent",
+    "ChangePage",
     "EntryMeta",
     "Fence",
     "KVBackend",
@@ -50,6 +60,8 @@ __all__ = [
     "SetOp",
     "agent_gone",
     "backoff_ms",
+    "decode_cursor",
+    "encode_cursor",
     "health_report",
     "job_lost",
     "lease_lost",
@@ -308,6 +320,10 @@ class KVBackend(abc.ABC):
     def queues(self) -> QueueBackend:
         """The work queues of this technology, bound to this namespace."""
         raise ConfigurationError(f"the {self.backend_name} backend has no work queues")
+
+    def changes(self) -> ChangeBackend:
+        """The change feed of this technology, bound to this namespace."""
+        raise ConfigurationError(f"the {self.backend_name} backend has no change feed")
 
     # ---------------------------------------------------------------- batches
     # Used to merge concurrent single-key calls. The defaults are correct but make one call per
@@ -637,6 +653,190 @@ class QueueBackend(abc.ABC):
         """Watch a :meth:`claim_key` or :meth:`result_key`; enter it *before* trying."""
         with self._notifier.watch(key) as w:
             yield w
+
+
+#: Change ops, as ``Change.op`` reports them.
+CHANGE_OPS = ("set", "delete", "ttl", "clear")
+
+
+class ChangeEvent(NamedTuple):
+    """One change as a backend returns it: ``pos`` orders the namespace's feed within one
+    epoch (strictly increasing, not necessarily gapless); the rest is ``fleetmem.Change``
+    without its cursor (``value`` decoded; ``None`` but for ``set``)."""
+
+    pos: int
+    op: str
+    key: str | None
+    partition: str | None
+    version: int | None
+    value: Any
+    expires_at: datetime | None
+    at: datetime
+
+
+class ChangePage(NamedTuple):
+    """What :meth:`ChangeBackend.read` returns: ``events`` in feed order, and ``last``, the
+    position the reader is at afterwards -- the last event's ``pos``, or when there is none
+    the ``after`` it was given (``after=None``: the position just before the oldest retained
+    change, which is the head when the feed is empty)."""
+
+    epoch: int
+    events: list[ChangeEvent]
+    last: int
+
+
+#: Hex digits of the namespace tag, the epoch and the position in a cursor.
+_TAG_DIGITS, _EPOCH_DIGITS, _POS_DIGITS = 10, 16, 20
+_CURSOR_LEN = _TAG_DIGITS + _EPOCH_DIGITS + _POS_DIGITS + 2
+_HEX = frozenset("0123456789abcdef")
+
+
+def _namespace_tag(namespace: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b(namespace.encode(), digest_size=8).hexdigest()[:_TAG_DIGITS]
+
+
+def encode_cursor(namespace: str, epoch: int, pos: int) -> str:
+    """The cursor string of position ``pos`` of ``namespace``'s feed in ``epoch``.
+
+    ``<tag>-<epoch>-<pos>`` in fixed-width lowercase hex, so that the cursors of one namespace
+    sort as ``str`` in feed order (an epoch begins with each ``enable()`` after a
+    ``disable()``); the tag (a hash of the namespace) lets a cursor of another namespace be
+    told apart."""
+    return f"{_namespace_tag(namespace)}-{epoch:0{_EPOCH_DIGITS}x}-{pos:0{_POS_DIGITS}x}"
+
+
+def decode_cursor(namespace: str, cursor: object) -> tuple[int, int]:
+    """``(epoch, pos)`` of a cursor of ``namespace``; ``InvalidArgumentError`` for anything
+    else (not a ``str``, garbage, a cursor of another namespace), before any I/O."""
+    if not isinstance(cursor, str):
+        raise InvalidArgumentError(
+            f"a change cursor must be a str returned by fleetmem, not {type(cursor).__name__}"
+        )
+    if (
+        len(cursor) != _CURSOR_LEN
+        or cursor[_TAG_DIGITS] != "-"
+        or cursor[_TAG_DIGITS + 1 + _EPOCH_DIGITS] != "-"
+        or not _HEX.issuperset(cursor.replace("-", ""))
+    ):
+        raise InvalidArgumentError(f"{cursor[:80]!r} is not a change cursor")
+    if cursor[:_TAG_DIGITS] != _namespace_tag(namespace):
+        raise InvalidArgumentError(
+            f"change cursor {cursor!r} belongs to another namespace than {namespace!r}"
+        )
+    epoch = int(cursor[_TAG_DIGITS + 1 : _TAG_DIGITS + 1 + _EPOCH_DIGITS], 16)
+    pos = int(cursor[-_POS_DIGITS:], 16)
+    return epoch, pos
+
+
+class ChangeBackend(abc.ABC):
+    """The change feed of one namespace (see ``CHANGES.md``).
+
+    **Recording** is done by the technology's :class:`KVBackend` writes, not here: each write
+    of a namespace whose feed is enabled (a server-side flag: writers that never called
+    :meth:`enable` record too) records its changes in the same statement, transaction or script
+    as the write, with op ``set`` (set, each key of set_many/set_batch, set_if_absent that
+    wrote, compare_and_set, incr), ``delete`` (each *live* key deleted), ``ttl`` (expire/persist
+    of a live key; the version is unchanged) or ``clear`` (clear/clear_partition that removed
+    at least one live entry; ``partition`` is the cleared one or ``None``). A write that changes
+    nothing records nothing; ``cleanup_expired`` and expiry record nothing.
+
+    **Positions**: within one epoch (a new epoch starts with each ``enable`` of a disabled
+    feed), ``pos`` values are integers >= 1 that strictly increase in the order the writes took
+    effect -- for one key the versions increase -- and a reader never sees a position appear
+    below one it has already been given (lossless). Position 0 is "before everything".
+
+    Arguments arrive valid: ``retention_ms`` > 0, ``limit`` in 1..10,000, ``epoch``/``after``
+    decoded from a cursor of this namespace (which may still be stale or forged: the backend
+    checks it against its state).
+    """
+
+    #: Seconds a :meth:`wait` sleeps at most when no notification comes (the fallback poll).
+    poll_interval: ClassVar[float] = 1.0
+
+    def __init__(self, *, namespace: str, notifier: Notifier) -> None:
+        self._namespace = namespace
+        self._notifier = notifier
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    def wake_key(self) -> tuple[str, str]:
+        """The :class:`Notifier` key of this namespace's waiting watchers."""
+        return ("changes", self._namespace)
+
+    def cursor(self, epoch: int, pos: int) -> str:
+        return encode_cursor(self._namespace, epoch, pos)
+
+    def not_enabled(self) -> ChangesNotEnabledError:
+        return ChangesNotEnabledError(
+            f"the change feed of namespace {self._namespace!r} is not enabled: call "
+            "store.changes.enable() first"
+        )
+
+    def expired(self, epoch: int, oldest: int) -> ChangesExpiredError:
+        """The error for a cursor whose successors are gone; ``oldest`` is the position just
+        before the oldest retained change of ``epoch`` (the current one)."""
+        return ChangesExpiredError(self.cursor(epoch, oldest))
+
+    def check_after(
+        self, epoch: int, after: int, current_epoch: int, floor: int, head: int
+    ) -> None:
+        """The common checks of a read from ``(epoch, after)`` against the feed's state
+        (``floor``: the position just before the oldest retained change; ``head``: the newest
+        position handed out): a cursor of an older epoch or below ``floor`` is expired, one of
+        a newer epoch or past ``head`` is not one this feed gave."""
+        if epoch < current_epoch or (epoch == current_epoch and after < floor):
+            raise self.expired(current_epoch, floor)
+        if epoch > current_epoch or after > head:
+            raise InvalidArgumentError(
+                f"change cursor {self.cursor(epoch, after)!r} was not given by the feed of "
+                f"namespace {self._namespace!r}"
+            )
+
+    @abc.abstractmethod
+    async def enable(self, retention_ms: int) -> None:
+        """Start recording (or, when enabled, only set the retention). Idempotent."""
+
+    @abc.abstractmethod
+    async def disable(self) -> None:
+        """Stop recording and drop the log; nothing when not enabled. The next ``enable``
+        starts a new, greater epoch (so every older cursor is expired)."""
+
+    @abc.abstractmethod
+    async def enabled(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def head(self) -> tuple[int, int]:
+        """``(epoch, pos)`` of the newest change recorded (``pos`` is the floor when none is
+        retained). ``ChangesNotEnabledError`` when not enabled."""
+
+    @abc.abstractmethod
+    async def read(self, epoch: int | None, after: int | None, limit: int) -> ChangePage:
+        """Up to ``limit`` changes after ``(epoch, after)`` in feed order (``after=None``:
+        from the oldest retained; ``epoch`` is then ``None``). Trims what is past retention
+        first. Raises ``ChangesNotEnabledError``; :meth:`expired` for a cursor of an older
+        epoch or whose successors were trimmed; ``InvalidArgumentError`` for one it never gave
+        (:meth:`check_after` does the three)."""
+
+    async def listen(self) -> None:  # noqa: B027 - embedded backends wake watchers directly
+        """Make sure changes recorded by other processes reach :attr:`_notifier` (or that
+        :meth:`wait` otherwise learns of them). Idempotent; raises only what connecting does."""
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[Watch]:
+        """Watch :meth:`wake_key`; enter it *before* reading, then :meth:`wait`."""
+        with self._notifier.watch(self.wake_key()) as w:
+            yield w
+
+    async def wait(self, watch: Watch, epoch: int, after: int, timeout: float) -> None:
+        """Return when a change after ``(epoch, after)`` may exist, or after ``timeout``
+        seconds. ``watch`` was entered before the read that found nothing more, so a wake-up in
+        between is not lost. The default waits for the watch; backends whose other processes
+        cannot wake it (no notification) poll instead."""
+        await watch.wait(timeout)
 
 
 async def health_report(kv: KVBackend) -> Health:

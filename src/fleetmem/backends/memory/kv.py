@@ -17,12 +17,14 @@ from typing import Any
 
 from fleetmem._codec import decode_value, encode_value, incremented
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
+from fleetmem.backends.memory.changes import FeedSpace, MemoryChanges
 from fleetmem.backends.memory.leases import Coordination, MemoryAgents, MemoryLeases, check_fence
 from fleetmem.backends.memory.queues import MemoryQueues, QueueSpace
 from fleetmem.backends.seam import (
     MISSING,
     RESERVED_NAMESPACE_PREFIX,
     AgentBackend,
+    ChangeBackend,
     EntryMeta,
     Fence,
     KVBackend,
@@ -62,6 +64,7 @@ class InMemoryKV(KVBackend):
         self._spaces: dict[str, dict[str, _Record]] = {}
         self._coord = Coordination()
         self._queue_space = QueueSpace()
+        self._feeds = FeedSpace()
         self._bind_namespace()
 
     def _bind_namespace(self) -> None:
@@ -257,6 +260,36 @@ class InMemoryKV(KVBackend):
     def queues(self) -> QueueBackend:
         return MemoryQueues(namespace=self._namespace, space=self._queue_space, clock=time.time)
 
+    def changes(self) -> ChangeBackend:
+        return MemoryChanges(namespace=self._namespace, space=self._feeds, clock=time.time)
+
+    def _recorded_set(self, key: str, record: _Record, now: float) -> None:
+        """Record a ``set`` change of ``key`` when the namespace has a feed."""
+        if self._namespace in self._feeds.feeds:
+            self._feeds.record(
+                self._namespace,
+                "set",
+                key,
+                record.partition,
+                record.version,
+                record.payload,
+                record.expires_at,
+                now,
+            )
+
+    def _recorded(
+        self,
+        op: str,
+        key: str | None,
+        partition: str | None,
+        version: int | None,
+        expires_at: float | None,
+        now: float,
+    ) -> None:
+        """Record a ``delete``, ``ttl`` or ``clear`` change when the namespace has a feed."""
+        if self._namespace in self._feeds.feeds:
+            self._feeds.record(self._namespace, op, key, partition, version, None, expires_at, now)
+
     def _fence(self, fence: Fence | None, now: float) -> None:
         if fence is not None:
             check_fence(self._coord, self._namespace, fence, now)
@@ -273,6 +306,7 @@ class InMemoryKV(KVBackend):
         now = time.time()
         self._fence(fence, now)
         record = self._write(key, payload, now, ttl_ms, partition, keep_ttl, self._live(key, now))
+        self._recorded_set(key, record, now)
         return self._meta(record)
 
     async def set_many(
@@ -289,7 +323,10 @@ class InMemoryKV(KVBackend):
         for chunk in chunks:
             now = time.time()
             for key, payload in chunk:
-                self._write(key, payload, now, ttl_ms, partition, False, self._live(key, now))
+                record = self._write(
+                    key, payload, now, ttl_ms, partition, False, self._live(key, now)
+                )
+                self._recorded_set(key, record, now)
             count += len(chunk)
         return count
 
@@ -305,7 +342,7 @@ class InMemoryKV(KVBackend):
         self._fence(fence, now)
         if self._live(key, now) is not None:
             return False
-        self._write(key, payload, now, ttl_ms, partition, False, None)
+        self._recorded_set(key, self._write(key, payload, now, ttl_ms, partition, False, None), now)
         return True
 
     async def compare_and_set(
@@ -324,6 +361,7 @@ class InMemoryKV(KVBackend):
         if current_version != version:
             raise VersionConflictError(key, version, current_version)
         record = self._write(key, payload, now, ttl_ms, partition, True, current)
+        self._recorded_set(key, record, now)
         return self._meta(record)
 
     async def incr(
@@ -339,15 +377,18 @@ class InMemoryKV(KVBackend):
         current = self._live(key, now)
         base: Any = 0 if current is None else decode_value(current.payload)
         result = incremented(key, base, amount)
-        self._write(key, encode_value(result), now, ttl_ms, partition, True, current)
+        record = self._write(key, encode_value(result), now, ttl_ms, partition, True, current)
+        self._recorded_set(key, record, now)
         return result
 
     async def delete(self, key: str, fence: Fence | None = None) -> bool:
         now = time.time()
         self._fence(fence, now)
-        if self._live(key, now) is None:
+        record = self._live(key, now)
+        if record is None:
             return False
         del self._data[key]
+        self._recorded("delete", key, record.partition, None, None, now)
         return True
 
     async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
@@ -355,8 +396,10 @@ class InMemoryKV(KVBackend):
         self._fence(fence, now)
         count = 0
         for key in keys:
-            if self._live(key, now) is not None:
+            record = self._live(key, now)
+            if record is not None:
                 del self._data[key]
+                self._recorded("delete", key, record.partition, None, None, now)
                 count += 1
         return count
 
@@ -366,6 +409,7 @@ class InMemoryKV(KVBackend):
         if record is None:
             return False
         record.expires_at = None if ttl_ms is None else now + ttl_ms / 1000.0
+        self._recorded("ttl", key, record.partition, record.version, record.expires_at, now)
         return True
 
     async def clear(self, partition: str | None) -> int:
@@ -376,6 +420,8 @@ class InMemoryKV(KVBackend):
             record = self._data.pop(key)
             if record.expires_at is None or record.expires_at > now:
                 live += 1
+        if live:
+            self._recorded("clear", None, partition, None, None, now)
         return live
 
     async def cleanup_expired(self) -> int:
@@ -394,3 +440,4 @@ class InMemoryKV(KVBackend):
         self._coord.notifier.notify_all()  # waiting acquires see the store closed
         self._queue_space.queues.clear()
         self._queue_space.notifier.notify_all()
+        self._feeds.close()
