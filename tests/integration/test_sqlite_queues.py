@@ -747,7 +747,7 @@ def _write_version_2_file(path: Path) -> None:
 
 
 async def test_version_2_file_is_upgraded_in_place(db_path: Path) -> None:
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     _write_version_2_file(db_path)
     # Two stores (two connections) opening it at once: one upgrades, the other sees it done.
     first = SQLiteStore(db_path, namespace=NS)
@@ -769,7 +769,7 @@ async def test_version_2_file_is_upgraded_in_place(db_path: Path) -> None:
         await second.close()
     raw = _raw(db_path)
     try:
-        assert raw.execute("SELECT value FROM fleetmem_meta").fetchall() == [("3",)]
+        assert raw.execute("SELECT value FROM fleetmem_meta").fetchall() == [(str(SCHEMA_VERSION),)]
         names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
         assert {
             "fleetmem_jobs",

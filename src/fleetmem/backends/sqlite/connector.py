@@ -4,8 +4,8 @@ Every SQLite call runs on one worker thread owned by the connector (and shared b
 ``with_namespace`` views), so blocking I/O never runs on the event loop and the connection is
 only ever used by one thread. The connector opens the file on first use, switches it to WAL,
 creates or checks the schema, and translates ``sqlite3`` errors at one place (:meth:`call`).
-A primitive's module (``kv.py``, ``leases.py``, ``agents.py``, ``queues.py``) runs each
-operation as one function on that thread; a write is one ``BEGIN IMMEDIATE`` transaction
+A primitive's module (``kv.py``, ``leases.py``, ``agents.py``, ``queues.py``, ``changes.py``) runs
+each operation as one function on that thread; a write is one ``BEGIN IMMEDIATE`` transaction
 (:class:`Transaction`), which takes SQLite's write lock up front, so read-modify-write operations
 stay exact across processes.
 
@@ -44,9 +44,9 @@ __all__ = [
 ]
 
 #: The version of the table layout this module reads and writes (kept in ``fleetmem_meta``).
-#: 1: entries. 2: + leases and agents. 3: + work queues. A file of an older version is upgraded
-#: in place when it is opened.
-SCHEMA_VERSION = 3
+#: 1: entries. 2: + leases and agents. 3: + work queues. 4: + change feeds. A file of an older
+#: version is upgraded in place when it is opened.
+SCHEMA_VERSION = 4
 
 #: RETURNING (3.35) and UPSERT are needed; so is the JSON1 extension (built in since 3.38).
 _MIN_SQLITE = (3, 35, 0)
@@ -65,9 +65,9 @@ def _load_sql(*files: str) -> dict[str, str]:
     return blocks
 
 
-#: Every named statement of ``sql/kv.sql``, ``sql/leases.sql``, ``sql/agents.sql`` and
-#: ``sql/queues.sql``.
-SQL = _load_sql("kv.sql", "leases.sql", "agents.sql", "queues.sql")
+#: Every named statement of ``sql/kv.sql``, ``sql/leases.sql``, ``sql/agents.sql``,
+#: ``sql/queues.sql`` and ``sql/changes.sql``.
+SQL = _load_sql("kv.sql", "leases.sql", "agents.sql", "queues.sql", "changes.sql")
 _SYNCHRONOUS = {"normal": SQL["synchronous_normal"], "full": SQL["synchronous_full"]}
 #: The values ``synchronous=`` accepts.
 SYNCHRONOUS_MODES = tuple(_SYNCHRONOUS)
@@ -96,10 +96,15 @@ class SQLiteConnector:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetmem-sqlite")
-        #: Waiters of this file, keyed ``(namespace, name)`` for a lease and by
-        #: ``QueueBackend.claim_key`` / ``result_key`` for a queue: a release, put or ack made
+        #: Waiters of this file, keyed ``(namespace, name)`` for a lease, by
+        #: ``QueueBackend.claim_key`` / ``result_key`` for a queue and by
+        #: ``ChangeBackend.wake_key`` for a change feed: a release, put, ack or KV write made
         #: through this connector (any view) wakes them at once; other processes are polled.
         self.notifier = Notifier()
+        #: ``time.monotonic()`` of this process's last trim of each namespace's change log by a
+        #: write (see ``changes.record``): a pacing of the trims only, never the feed's state,
+        #: which every write reads from the file.
+        self.feed_trims: dict[str, float] = {}
 
     # ------------------------------------------------------------ event-loop side
 
@@ -217,6 +222,7 @@ class SQLiteConnector:
                 conn.execute(SQL["create_expiry_index"])
                 self._create_coordination(conn)
                 self._create_queues(conn)
+                self._create_changes(conn)
                 conn.execute(SQL["write_schema_version"], (str(SCHEMA_VERSION),))
                 return
             version = self._check_version(row[0])  # another process may have upgraded it
@@ -224,7 +230,9 @@ class SQLiteConnector:
                 return
             if version < 2:
                 self._create_coordination(conn)
-            self._create_queues(conn)
+            if version < 3:
+                self._create_queues(conn)
+            self._create_changes(conn)
             conn.execute(SQL["update_schema_version"], (str(SCHEMA_VERSION),))
 
     @staticmethod
@@ -240,6 +248,14 @@ class SQLiteConnector:
         conn.execute(SQL["create_jobs_claim_index"])
         conn.execute(SQL["create_jobs_state_index"])
         conn.execute(SQL["create_jobs_dedupe_index"])
+
+    @staticmethod
+    def _create_changes(conn: sqlite3.Connection) -> None:
+        """Version 4: the change feeds' flags and their log (new objects only). No namespace
+        has a feed until ``enable()``, so an upgraded file records nothing until then."""
+        conn.execute(SQL["create_feeds"])
+        conn.execute(SQL["create_changes"])
+        conn.execute(SQL["create_changes_index"])
 
     def _check_version(self, stored: object) -> int:
         """The stored version if this module reads it (the current one, or an older one to

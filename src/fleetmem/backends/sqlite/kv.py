@@ -6,6 +6,11 @@ wall clock, in milliseconds. A fenced write checks its lease first inside that t
 (:func:`~fleetmem.backends.sqlite.leases.check_fence`), with the write's own ``now``: the
 write lock is held from the check to the commit, so a lost fence changes nothing and wins over
 anything else the write could decide (a version conflict, a value that is not a number).
+
+Every write that changed something also records its changes in the namespace's change feed,
+when that is enabled, inside the same transaction (``changes.py``): the write statement returns
+the feed's epoch as its last column (``NULL``: no feed), so the probe of the flag rides on it;
+nothing about the feed is cached between transactions. Then it wakes this process's watchers.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from fleetmem.backends.seam import (
     MISSING,
     RESERVED_NAMESPACE_PREFIX,
     AgentBackend,
+    ChangeBackend,
     EntryMeta,
     Fence,
     KVBackend,
@@ -32,6 +38,13 @@ from fleetmem.backends.seam import (
     QueueBackend,
 )
 from fleetmem.backends.sqlite.agents import SQLiteAgents
+from fleetmem.backends.sqlite.changes import (
+    ChangeRow,
+    SQLiteChanges,
+    feed_epoch,
+    record,
+    record_sets,
+)
 from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction, now_ms
 from fleetmem.backends.sqlite.leases import SQLiteLeases, check_fence
 from fleetmem.backends.sqlite.queues import SQLiteQueues, delete_expired_results
@@ -54,7 +67,7 @@ def _dt_or_none(ms: int | None) -> datetime | None:
 
 
 def _meta(row: tuple[Any, ...]) -> EntryMeta:
-    partition, version, created, updated, expires = row
+    partition, version, created, updated, expires = row[:5]
     return EntryMeta(partition, version, _dt(created), _dt(updated), _dt_or_none(expires))
 
 
@@ -74,6 +87,11 @@ class SQLiteKV(KVBackend):
     def __init__(self, connector: SQLiteConnector, *, namespace: str) -> None:
         super().__init__(namespace=namespace)
         self._db = connector
+
+    def _written(self) -> None:
+        """After a write: wake this process's watchers of the namespace's feed (a dict lookup
+        when nobody watches; a watcher woken by a write that recorded nothing reads nothing)."""
+        self._db.notifier.notify_every(("changes", self._namespace))
 
     @property
     def connector(self) -> SQLiteConnector:
@@ -258,6 +276,9 @@ class SQLiteKV(KVBackend):
     def queues(self) -> QueueBackend:
         return SQLiteQueues(self._db, namespace=self._namespace)
 
+    def changes(self) -> ChangeBackend:
+        return SQLiteChanges(self._db, namespace=self._namespace)
+
     async def set(
         self,
         key: str,
@@ -268,6 +289,7 @@ class SQLiteKV(KVBackend):
         fence: Fence | None = None,
     ) -> EntryMeta:
         ns = self._namespace
+        db = self._db
 
         def run(conn: sqlite3.Connection) -> EntryMeta:
             with Transaction(conn):
@@ -278,9 +300,13 @@ class SQLiteKV(KVBackend):
                 row = conn.execute(
                     _UPSERT_RETURNING, (ns, key, partition, payload, now, expires, keep_ttl)
                 ).fetchone()
+                change = ("set", key, row[0], row[1], payload, row[4])
+                record(db, conn, ns, row[5], now, [change])
             return _meta(row)
 
-        return await self._db.call(run)
+        meta = await db.call(run)
+        self._written()
+        return meta
 
     async def set_many(
         self,
@@ -290,25 +316,31 @@ class SQLiteKV(KVBackend):
         fence: Fence | None = None,
     ) -> int:
         ns = self._namespace
+        db = self._db
 
         # One transaction for the whole call: all or nothing, and one commit (so one fence
-        # check covers every chunk).
+        # check, and one probe of the feed, cover every chunk).
         def run(conn: sqlite3.Connection) -> int:
             count = 0
             with Transaction(conn):
                 now = now_ms()
                 if fence is not None:
                     check_fence(conn, ns, fence, now)
+                epoch = feed_epoch(db, conn, ns, now)
                 expires = None if ttl_ms is None else now + ttl_ms
                 for chunk in chunks:
                     conn.executemany(
                         SQL["upsert"],
                         [(ns, k, partition, p, now, expires, False) for k, p in chunk],
                     )
+                    if epoch is not None and chunk:
+                        record_sets(conn, ns, epoch, now, _json_keys([k for k, _ in chunk]))
                     count += len(chunk)
             return count
 
-        return await self._db.call(run)
+        count = await db.call(run)
+        self._written()
+        return count
 
     async def set_if_absent(
         self,
@@ -319,6 +351,7 @@ class SQLiteKV(KVBackend):
         fence: Fence | None = None,
     ) -> bool:
         ns = self._namespace
+        db = self._db
 
         def run(conn: sqlite3.Connection) -> bool:
             with Transaction(conn):
@@ -326,12 +359,20 @@ class SQLiteKV(KVBackend):
                 if fence is not None:
                     check_fence(conn, ns, fence, now)
                 expires = None if ttl_ms is None else now + ttl_ms
-                cursor = conn.execute(
+                row = conn.execute(
                     SQL["insert_if_absent"], (ns, key, partition, payload, now, expires)
-                )
-                return cursor.rowcount == 1
+                ).fetchone()
+                if row is None:
+                    return False
+                # A new entry: version 1, in the given partition or the default one.
+                stored = "default" if partition is None else partition
+                record(db, conn, ns, row[0], now, [("set", key, stored, 1, payload, expires)])
+                return True
 
-        return await self._db.call(run)
+        wrote = await db.call(run)
+        if wrote:
+            self._written()
+        return wrote
 
     async def compare_and_set(
         self,
@@ -343,6 +384,7 @@ class SQLiteKV(KVBackend):
         fence: Fence | None = None,
     ) -> EntryMeta:
         ns = self._namespace
+        db = self._db
 
         def run(conn: sqlite3.Connection) -> EntryMeta:
             with Transaction(conn):
@@ -358,9 +400,13 @@ class SQLiteKV(KVBackend):
                     _UPSERT_RETURNING,
                     (ns, key, partition, payload, now, expires, ttl_ms is None),
                 ).fetchone()
+                change = ("set", key, meta[0], meta[1], payload, meta[4])
+                record(db, conn, ns, meta[5], now, [change])
             return _meta(meta)
 
-        return await self._db.call(run)
+        result = await db.call(run)
+        self._written()
+        return result
 
     async def incr(
         self,
@@ -371,6 +417,7 @@ class SQLiteKV(KVBackend):
         fence: Fence | None = None,
     ) -> int | float:
         ns = self._namespace
+        db = self._db
 
         def run(conn: sqlite3.Connection) -> int | float:
             with Transaction(conn):
@@ -380,16 +427,22 @@ class SQLiteKV(KVBackend):
                 row = conn.execute(SQL["get_value"], (ns, key, now)).fetchone()
                 result = incremented(key, 0 if row is None else decode_value(row[0]), amount)
                 expires = None if ttl_ms is None else now + ttl_ms
-                conn.execute(
-                    SQL["upsert"],
-                    (ns, key, partition, encode_value(result), now, expires, ttl_ms is None),
-                )
+                stored = encode_value(result)
+                meta = conn.execute(
+                    _UPSERT_RETURNING,
+                    (ns, key, partition, stored, now, expires, ttl_ms is None),
+                ).fetchone()
+                change = ("set", key, meta[0], meta[1], stored, meta[4])
+                record(db, conn, ns, meta[5], now, [change])
             return result
 
-        return await self._db.call(run)
+        result = await db.call(run)
+        self._written()
+        return result
 
     async def delete(self, key: str, fence: Fence | None = None) -> bool:
         ns = self._namespace
+        db = self._db
 
         def run(conn: sqlite3.Connection) -> bool:
             with Transaction(conn):
@@ -397,12 +450,19 @@ class SQLiteKV(KVBackend):
                 if fence is not None:
                     check_fence(conn, ns, fence, now)
                 row = conn.execute(SQL["delete"], (ns, key)).fetchone()
-            return row is not None and _live(row[0], now)
+                if row is None or not _live(row[0], now):
+                    return False  # an expired row removed is no change
+                record(db, conn, ns, row[2], now, [("delete", key, row[1], None, None, None)])
+                return True
 
-        return await self._db.call(run)
+        deleted = await db.call(run)
+        if deleted:
+            self._written()
+        return deleted
 
     async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
         ns = self._namespace
+        db = self._db
 
         def run(conn: sqlite3.Connection) -> int:
             with Transaction(conn):
@@ -410,39 +470,62 @@ class SQLiteKV(KVBackend):
                 if fence is not None:
                     check_fence(conn, ns, fence, now)
                 rows = conn.execute(SQL["delete_many"], (ns, _json_keys(keys))).fetchall()
-            return sum(1 for row in rows if _live(row[0], now))
+                live = {row[1]: row[2] for row in rows if _live(row[0], now)}
+                if live:  # recorded in the order the keys were given
+                    changes: list[ChangeRow] = [
+                        ("delete", key, live[key], None, None, None) for key in keys if key in live
+                    ]
+                    record(db, conn, ns, rows[0][3], now, changes)
+            return len(live)
 
-        return await self._db.call(run)
+        count = await db.call(run)
+        if count:
+            self._written()
+        return count
 
     async def expire(self, key: str, ttl_ms: int | None) -> bool:
         ns = self._namespace
+        db = self._db
 
         def run(conn: sqlite3.Connection) -> bool:
             with Transaction(conn):
                 now = now_ms()
                 expires = None if ttl_ms is None else now + ttl_ms
-                cursor = conn.execute(SQL["set_expiry"], (ns, key, expires, now))
-                return cursor.rowcount == 1
+                row = conn.execute(SQL["set_expiry"], (ns, key, expires, now)).fetchone()
+                if row is None:
+                    return False
+                record(db, conn, ns, row[2], now, [("ttl", key, row[1], row[0], None, expires)])
+                return True
 
-        return await self._db.call(run)
+        changed = await db.call(run)
+        if changed:
+            self._written()
+        return changed
 
     async def clear(self, partition: str | None) -> int:
         ns = self._namespace
+        db = self._db
 
         def run(conn: sqlite3.Connection) -> int:
             with Transaction(conn):
                 now = now_ms()
                 if partition is None:
-                    live = conn.execute(SQL["count_live"], (ns, now)).fetchone()[0]
+                    live, epoch = conn.execute(SQL["count_live"], (ns, now)).fetchone()
                     conn.execute(SQL["delete_namespace"], (ns,))
                 else:
-                    live = conn.execute(
+                    live, epoch = conn.execute(
                         SQL["count_live_in_partition"], (ns, now, partition)
-                    ).fetchone()[0]
+                    ).fetchone()
                     conn.execute(SQL["delete_partition"], (ns, partition))
+                if live:  # one change for the call, however many entries went
+                    change: ChangeRow = ("clear", None, partition, None, None, None)
+                    record(db, conn, ns, epoch, now, [change])
             return int(live)
 
-        return await self._db.call(run)
+        count = await db.call(run)
+        if count:
+            self._written()
+        return count
 
     async def cleanup_expired(self) -> int:
         ns = self._namespace

@@ -4,6 +4,11 @@
 -- milliseconds since the Unix epoch on this process's wall clock; an entry is live while
 -- expires_at IS NULL OR expires_at > now. Keys compare with SQLite's BINARY collation, which on
 -- UTF-8 text is code-point order.
+--
+-- A write that may record a change in the namespace's change feed (sql/changes.sql) returns,
+-- as its last column, the feed's epoch: (SELECT epoch FROM fleetmem_feeds WHERE namespace =
+-- ?1), NULL when the feed is not enabled. Asked inside the write statement, under the write
+-- lock, that probe costs a B-tree seek and no round trip of its own.
 
 -- name: meta_table_exists
 SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fleetmem_meta';
@@ -160,11 +165,12 @@ ON CONFLICT (namespace, key) DO UPDATE SET
                       ELSE ?6 END
 
 -- name: returning_meta
-RETURNING partition, version, created_at, updated_at, expires_at;
+RETURNING partition, version, created_at, updated_at, expires_at,
+    (SELECT epoch FROM fleetmem_feeds WHERE namespace = ?1);
 
 -- name: insert_if_absent
 -- ?1 namespace, ?2 key, ?3 partition or NULL, ?4 payload, ?5 now, ?6 expires_at or NULL.
--- Writes only over a missing or expired row; changes() tells whether it wrote.
+-- Writes only over a missing or expired row; returns a row (the feed's epoch) when it wrote.
 INSERT INTO fleetmem_entries AS e
     (namespace, key, partition, value, version, created_at, updated_at, expires_at)
 VALUES (?1, ?2, coalesce(?3, 'default'), ?4, 1, ?5, ?5, ?6)
@@ -175,31 +181,35 @@ ON CONFLICT (namespace, key) DO UPDATE SET
     created_at = ?5,
     updated_at = ?5,
     expires_at = ?6
-WHERE e.expires_at <= ?5;
+WHERE e.expires_at <= ?5
+RETURNING (SELECT epoch FROM fleetmem_feeds WHERE namespace = ?1);
 
 -- name: delete
--- ?1 namespace, ?2 key; returns the deleted row's expiry (to tell a live row from an expired)
-DELETE FROM fleetmem_entries WHERE namespace = ?1 AND key = ?2 RETURNING expires_at;
+-- ?1 namespace, ?2 key; returns the deleted row's expiry (to tell a live row from an expired),
+-- its partition and the feed's epoch
+DELETE FROM fleetmem_entries WHERE namespace = ?1 AND key = ?2
+RETURNING expires_at, partition, (SELECT epoch FROM fleetmem_feeds WHERE namespace = ?1);
 
 -- name: delete_many
 -- ?1 namespace, ?2 JSON array of keys
 DELETE FROM fleetmem_entries
 WHERE namespace = ?1 AND key IN (SELECT value FROM json_each(?2))
-RETURNING expires_at;
+RETURNING expires_at, key, partition, (SELECT epoch FROM fleetmem_feeds WHERE namespace = ?1);
 
 -- name: set_expiry
--- ?1 namespace, ?2 key, ?3 new expires_at or NULL, ?4 now
+-- ?1 namespace, ?2 key, ?3 new expires_at or NULL, ?4 now; returns a row when the key was live
 UPDATE fleetmem_entries SET expires_at = ?3
-WHERE namespace = ?1 AND key = ?2 AND (expires_at IS NULL OR expires_at > ?4);
+WHERE namespace = ?1 AND key = ?2 AND (expires_at IS NULL OR expires_at > ?4)
+RETURNING version, partition, (SELECT epoch FROM fleetmem_feeds WHERE namespace = ?1);
 
 -- name: count_live
--- ?1 namespace, ?2 now
-SELECT count(*) FROM fleetmem_entries
+-- ?1 namespace, ?2 now; with the feed's epoch (clear)
+SELECT count(*), (SELECT epoch FROM fleetmem_feeds WHERE namespace = ?1) FROM fleetmem_entries
 WHERE namespace = ?1 AND (expires_at IS NULL OR expires_at > ?2);
 
 -- name: count_live_in_partition
--- ?1 namespace, ?2 now, ?3 partition
-SELECT count(*) FROM fleetmem_entries
+-- ?1 namespace, ?2 now, ?3 partition; with the feed's epoch (clear)
+SELECT count(*), (SELECT epoch FROM fleetmem_feeds WHERE namespace = ?1) FROM fleetmem_entries
 WHERE namespace = ?1 AND partition = ?3 AND (expires_at IS NULL OR expires_at > ?2);
 
 -- name: delete_namespace
