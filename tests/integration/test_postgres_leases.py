@@ -528,6 +528,8 @@ async def test_a_custom_schema_and_table_have_their_own_leases_and_agents(
         "alembic_version_kv",
         "kv",
         "kv_agents",
+        "kv_changes",
+        "kv_feeds",
         "kv_jobs",
         "kv_jobs_awaited",
         "kv_leases",
@@ -586,6 +588,9 @@ async def test_the_least_privilege_grants_from_the_docs_cover_leases_and_agents(
             "GRANT SELECT, INSERT, UPDATE ON fleetmem.entries_leases, fleetmem.entries_agents "
             f'TO "{role}"',
             f'GRANT EXECUTE ON FUNCTION fleetmem.entries_fence(text, text, bigint) TO "{role}"',
+            # Every write looks its namespace's change feed up (migration 0005).
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON fleetmem.entries_feeds, "
+            f'fleetmem.entries_changes TO "{role}"',
             f'GRANT SELECT ON fleetmem.alembic_version TO "{role}"',
             f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"',
         ):

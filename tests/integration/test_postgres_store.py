@@ -155,10 +155,14 @@ async def test_custom_schema_and_table_are_separate(
         "memory",
         "memory2",
         "memory2_agents",
+        "memory2_changes",
+        "memory2_feeds",
         "memory2_jobs",
         "memory2_jobs_awaited",
         "memory2_leases",
         "memory_agents",
+        "memory_changes",
+        "memory_feeds",
         "memory_jobs",
         "memory_jobs_awaited",
         "memory_leases",
@@ -668,6 +672,9 @@ async def test_least_privilege_role_from_the_docs_is_enough(
         for grant in (
             f'GRANT USAGE ON SCHEMA fleetmem TO "{role}"',
             f'GRANT SELECT, INSERT, UPDATE, DELETE ON fleetmem.entries TO "{role}"',
+            # Every write looks its namespace's change feed up (migration 0005).
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON fleetmem.entries_feeds, "
+            f'fleetmem.entries_changes TO "{role}"',
             f'GRANT SELECT ON fleetmem.alembic_version TO "{role}"',
             f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"',
         ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -130,6 +131,90 @@ _NO_JOBS: dict[str, Any] = {
 }
 
 
+# The change-feed tables of revision 0005, next to the entries table.
+EXPECTED_FEED_COLUMNS = [
+    ("namespace", "text", "NO", "C"),
+    ("epoch", "bigint", "NO", None),
+    ("retention_ms", "bigint", "NO", None),
+    ("head", "bigint", "NO", None),
+    ("floor", "bigint", "NO", None),
+    ("watched_until", "timestamp with time zone", "YES", None),
+]
+EXPECTED_CHANGE_COLUMNS = [
+    ("id", "bigint", "NO", None),
+    ("epoch", "bigint", "NO", None),
+    ("pos", "bigint", "YES", None),
+    ("version", "bigint", "YES", None),
+    ("at", "timestamp with time zone", "NO", None),
+    ("expires_at", "timestamp with time zone", "YES", None),
+    ("op", '"char"', "NO", None),
+    ("namespace", "text", "NO", "C"),
+    ("key", "text", "YES", "C"),
+    ("partition", "text", "YES", "C"),
+    ("value", "jsonb", "YES", None),
+]
+
+
+def _expected_feeds(schema: str, table: str) -> dict[str, Any]:
+    feeds, changes = f"{table}_feeds", f"{table}_changes"
+    on = f"ON {schema}.{changes} USING btree"
+    return {
+        "feeds": {
+            "columns": EXPECTED_FEED_COLUMNS,
+            "indexes": {
+                f"{feeds}_pkey": f"CREATE UNIQUE INDEX {feeds}_pkey ON {schema}.{feeds} "
+                "USING btree (namespace)"
+            },
+        },
+        "changes": {
+            "columns": EXPECTED_CHANGE_COLUMNS,
+            "indexes": {
+                f"{changes}_pos_idx": f"CREATE UNIQUE INDEX {changes}_pos_idx {on} "
+                "(namespace, epoch, pos) WHERE (pos IS NOT NULL)",
+                f"{changes}_pending_idx": f"CREATE INDEX {changes}_pending_idx {on} "
+                "(namespace, epoch, id) WHERE (pos IS NULL)",
+            },
+        },
+        "functions": [
+            (
+                f"{table}_changes_read",
+                "p_ns text, p_epoch bigint, p_after bigint, p_limit integer, p_trim boolean",
+                'TABLE(epoch bigint, pos bigint, op "char", key text, partition text, '
+                "version bigint, value jsonb, expires_at timestamp with time zone, "
+                "at timestamp with time zone)",
+                "v",
+            ),
+            (f"{table}_clear", "p_ns text, p_partition text", "bigint", "v"),
+        ],
+        # The change ids come from a sequence without a per-session cache (see 0005).
+        "id_cache": [(1,)],
+    }
+
+
+_NO_FEEDS: dict[str, Any] = {
+    "feeds": {"columns": [], "indexes": {}},
+    "changes": {"columns": [], "indexes": {}},
+    "functions": [],
+    "id_cache": [],
+}
+
+
+def _feeds_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict[str, Any]:
+    """The feed table, the change table and the functions of revision 0005 of ``schema.table``."""
+    feeds, changes = f"{table}_feeds", f"{table}_changes"
+    return {
+        "feeds": _schema_of(dsn, schema, feeds),
+        "changes": _schema_of(dsn, schema, changes),
+        "functions": _functions_of(dsn, schema, [f"{table}_changes_read", f"{table}_clear"]),
+        "id_cache": _query(
+            dsn,
+            "SELECT cache_size FROM pg_sequences WHERE schemaname = $1 AND sequencename = $2",
+            schema,
+            f"{changes}_id_seq",
+        ),
+    }
+
+
 def _jobs_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict[str, Any]:
     """The job table and the mark table of ``schema.table`` (revision 0004), and the foreign
     keys of the latter."""
@@ -152,18 +237,24 @@ def _jobs_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict
 def _coordination_of(dsn: str, schema: str = "fleetmem", table: str = "entries") -> dict[str, Any]:
     """The lease table, the agent table and the fence function of ``schema.table``."""
     leases, agents = f"{table}_leases", f"{table}_agents"
-    functions = _query(
-        dsn,
-        "SELECT p.proname, pg_get_function_identity_arguments(p.oid), "
-        "pg_get_function_result(p.oid), p.provolatile::text FROM pg_proc p "
-        "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 ORDER BY 1",
-        schema,
-    )
     return {
         "leases": _schema_of(dsn, schema, leases),
         "agents": _schema_of(dsn, schema, agents),
-        "functions": functions,
+        "functions": _functions_of(dsn, schema, [f"{table}_fence"]),
     }
+
+
+def _functions_of(dsn: str, schema: str, names: list[str]) -> list[tuple[Any, ...]]:
+    """Name, arguments, result and volatility of the functions ``names`` of ``schema``."""
+    return _query(
+        dsn,
+        "SELECT p.proname, pg_get_function_identity_arguments(p.oid), "
+        "pg_get_function_result(p.oid), p.provolatile::text FROM pg_proc p "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = $1 AND p.proname = ANY($2::text[]) ORDER BY 1",
+        schema,
+        names,
+    )
 
 
 def _expected_coordination(schema: str, table: str) -> dict[str, Any]:
@@ -248,6 +339,7 @@ def test_upgrade_on_an_empty_database_gives_the_declared_schema(
     assert found["indexes"] == _expected_indexes("fleetmem", "entries")
     assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
     assert _jobs_of(dsn) == _expected_jobs("fleetmem", "entries")
+    assert _feeds_of(dsn) == _expected_feeds("fleetmem", "entries")
     assert _query(dsn, "SELECT version_num FROM fleetmem.alembic_version") == [
         (migrate.HEAD_REVISION,)
     ]
@@ -263,8 +355,10 @@ def test_custom_schema_and_table(fleetmem_postgres_empty_database: str) -> None:
     assert found["indexes"] == _expected_indexes("mem_schema", "kv")
     assert _coordination_of(dsn, "mem_schema", "kv") == _expected_coordination("mem_schema", "kv")
     assert _jobs_of(dsn, "mem_schema", "kv") == _expected_jobs("mem_schema", "kv")
+    assert _feeds_of(dsn, "mem_schema", "kv") == _expected_feeds("mem_schema", "kv")
     assert _coordination_of(dsn) == _NO_COORDINATION
     assert _jobs_of(dsn) == _NO_JOBS
+    assert _feeds_of(dsn) == _NO_FEEDS
 
 
 def test_upgrading_twice_is_a_no_op(fleetmem_postgres_empty_database: str) -> None:
@@ -279,14 +373,15 @@ def test_upgrading_twice_is_a_no_op(fleetmem_postgres_empty_database: str) -> No
 def test_downgrade_then_upgrade_round_trips(fleetmem_postgres_empty_database: str) -> None:
     dsn = fleetmem_postgres_empty_database
     migrate.upgrade(dsn)
-    before = _schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn)
+    before = _schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn), _feeds_of(dsn)
     migrate.downgrade(dsn, "base")
     assert migrate.current(dsn) is None
     assert _query(dsn, "SELECT to_regclass('fleetmem.entries')") == [(None,)]
     assert _coordination_of(dsn) == _NO_COORDINATION
     assert _jobs_of(dsn) == _NO_JOBS
+    assert _feeds_of(dsn) == _NO_FEEDS
     migrate.upgrade(dsn)
-    assert (_schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn)) == before
+    assert (_schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn), _feeds_of(dsn)) == before
     assert migrate.current(dsn) == migrate.HEAD_REVISION
 
 
@@ -352,6 +447,7 @@ def test_offline_sql_applies_cleanly(fleetmem_postgres_empty_database: str) -> N
     assert _schema_of(dsn)["columns"] == EXPECTED_COLUMNS
     assert _coordination_of(dsn) == _expected_coordination("fleetmem", "entries")
     assert _jobs_of(dsn) == _expected_jobs("fleetmem", "entries")
+    assert _feeds_of(dsn) == _expected_feeds("fleetmem", "entries")
 
 
 def test_offline_sql_creates_the_coordination_tables() -> None:
@@ -552,7 +648,7 @@ def test_queue_upgrade_and_downgrade(fleetmem_postgres_empty_database: str) -> N
         "('n', 'l', 'o', 7, now(), now() + interval '1 hour', 3600000)",
     )
     before = _schema_of(dsn), _coordination_of(dsn)
-    migrate.upgrade(dsn)
+    migrate.upgrade(dsn, revision="0004")
     assert migrate.current(dsn) == "0004"
     assert _jobs_of(dsn) == _expected_jobs("fleetmem", "entries")
     assert (_schema_of(dsn), _coordination_of(dsn)) == before
@@ -680,7 +776,7 @@ async def test_a_schema_without_the_job_table_is_migrated_or_refused(
         job_id = await store.queue("q").put({"n": 1})
         job = await store.queue("q").claim()
         assert job is not None and job.id == job_id
-    assert await asyncio.to_thread(migrate.current, dsn) == "0004"
+    assert await asyncio.to_thread(migrate.current, dsn) == migrate.HEAD_REVISION
 
 
 async def test_a_newer_schema_than_this_fleetmem_knows_is_refused(
@@ -693,10 +789,146 @@ async def test_a_newer_schema_than_this_fleetmem_knows_is_refused(
     await asyncio.to_thread(migrate.upgrade, dsn)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("UPDATE fleetmem.alembic_version SET version_num = '0005'")
+        await conn.execute("UPDATE fleetmem.alembic_version SET version_num = '0006'")
     finally:
         await conn.close()
     store = PostgresStore.from_url(dsn)
-    with pytest.raises(SchemaVersionError, match=r"0005.*0004"):
+    with pytest.raises(SchemaVersionError, match=r"0006.*0005"):
         await store.connect()
     await store.close()
+
+
+# ------------------------------------------------------------------------ 0005: change feeds
+
+
+def test_feed_upgrade_and_downgrade(fleetmem_postgres_empty_database: str) -> None:
+    """0005 adds the feed and change tables and their two functions next to the others,
+    keeping every row; downgrading to 0004 drops exactly what it added."""
+    dsn = fleetmem_postgres_empty_database
+    migrate.upgrade(dsn, revision="0004")
+    assert _feeds_of(dsn) == _NO_FEEDS
+    _query(dsn, "INSERT INTO fleetmem.entries (namespace, key, value) VALUES ('n', 'k', '1')")
+    _query(
+        dsn,
+        "INSERT INTO fleetmem.entries_jobs (namespace, queue, state, priority, due_at, "
+        "max_attempts, enqueued_at, ready_at, payload) "
+        "VALUES ('n', 'q', 'waiting', 0, now(), 5, now(), now(), '{}')",
+    )
+    before = _schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn)
+    migrate.upgrade(dsn)
+    assert migrate.current(dsn) == "0005"
+    assert _feeds_of(dsn) == _expected_feeds("fleetmem", "entries")
+    assert (_schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn)) == before
+    _query(dsn, "INSERT INTO fleetmem.entries_feeds (namespace, retention_ms) VALUES ('n', 1000)")
+    migrate.downgrade(dsn, "0004")
+    assert migrate.current(dsn) == "0004"
+    assert _feeds_of(dsn) == _NO_FEEDS
+    assert (_schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn)) == before
+    assert _query(dsn, "SELECT key FROM fleetmem.entries") == [("k",)]
+    assert _query(dsn, "SELECT count(*) FROM fleetmem.entries_jobs") == [(1,)]
+    migrate.upgrade(dsn)
+    assert _feeds_of(dsn) == _expected_feeds("fleetmem", "entries")
+
+
+def test_a_long_table_name_keeps_every_feed_name_whole(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    """Every name 0005 derives from the longest table name the earlier revisions take (26
+    characters) fits PostgreSQL's 63 bytes whole."""
+    dsn = fleetmem_postgres_empty_database
+    table = "t" * 26
+    migrate.upgrade(dsn, table=table)
+    assert _feeds_of(dsn, "fleetmem", table) == _expected_feeds("fleetmem", table)
+    migrate.downgrade(dsn, "0004", table=table)
+    assert _feeds_of(dsn, "fleetmem", table) == _NO_FEEDS
+
+
+def test_offline_sql_creates_the_feed_tables() -> None:
+    text = migrate.sql(schema="ops", table="mem", from_revision="0004")
+    assert 'CREATE TABLE "ops"."mem_feeds"' in text
+    assert 'CREATE TABLE "ops"."mem_changes"' in text
+    assert "GENERATED ALWAYS AS IDENTITY (CACHE 1)" in text
+    for index in ("pos", "pending"):
+        assert f'"mem_changes_{index}_idx" ON "ops"."mem_changes"' in text
+    assert 'CREATE FUNCTION "ops"."mem_changes_read"' in text
+    assert 'CREATE FUNCTION "ops"."mem_clear"' in text
+    assert migrate.notify_channel("ops", "mem") in text
+    assert "UNLOGGED" not in text  # a change is as durable as its write
+    assert 'CREATE TABLE "ops"."mem_jobs"' not in text  # from 0004: it exists
+
+
+async def test_a_schema_without_the_feed_tables_is_migrated_or_refused(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    from fleetmem.backends.postgres import PostgresStore
+    from fleetmem.errors import SchemaVersionError
+
+    dsn = fleetmem_postgres_empty_database
+    await asyncio.to_thread(migrate.upgrade, dsn, revision="0004")
+    refusing = PostgresStore.from_url(dsn, auto_migrate=False)
+    with pytest.raises(SchemaVersionError, match="0004"):
+        await refusing.connect()
+    await refusing.close()
+    assert await asyncio.to_thread(migrate.current, dsn) == "0004"
+    async with PostgresStore.from_url(dsn, namespace="n") as store:
+        await store.set("before", 1)
+        await store.changes.enable(retention=60)
+        cursor = await store.changes.cursor()
+        await store.set("k", 1)
+        batch = await store.changes.read(since=cursor)
+        assert [(c.op, c.key, c.value) for c in batch.changes] == [("set", "k", 1)]
+    assert await asyncio.to_thread(migrate.current, dsn) == "0005"
+
+
+async def test_the_upgrade_gives_the_writers_of_the_entries_what_the_feed_needs(
+    fleetmem_postgres_empty_database: str,
+) -> None:
+    """A least-privilege role granted the entries before 0005 keeps writing after it (its
+    writes read the feed table, and record when a feed is enabled) and may use the feed; a
+    role that may only read gets nothing new."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from fleetmem.backends.postgres import PostgresStore
+
+    dsn = fleetmem_postgres_empty_database
+    database = urlsplit(dsn).path.lstrip("/")
+    await asyncio.to_thread(migrate.upgrade, dsn, revision="0004")
+    suffix = secrets.token_hex(4)  # roles are the server's: no other test may share them
+    writer, reader = f"fm_mig_writer_{suffix}", f"fm_mig_reader_{suffix}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        for role in (writer, reader):
+            await conn.execute(f"CREATE ROLE {role} LOGIN")
+            await conn.execute(f"GRANT USAGE ON SCHEMA fleetmem TO {role}")
+            await conn.execute(f"GRANT SELECT ON fleetmem.alembic_version TO {role}")
+        await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON fleetmem.entries TO {writer}")
+        await conn.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO {writer}')
+        await conn.execute(f"GRANT SELECT ON fleetmem.entries TO {reader}")
+        await asyncio.to_thread(migrate.upgrade, dsn)
+        granted = await conn.fetch(
+            "SELECT grantee, table_name, privilege_type FROM information_schema.table_privileges "
+            "WHERE table_schema = 'fleetmem' AND grantee = ANY($1::text[]) "
+            "AND table_name IN ('entries_feeds', 'entries_changes') ORDER BY 1, 2, 3",
+            [writer, reader],
+        )
+        assert [tuple(r) for r in granted] == [
+            (writer, table, privilege)
+            for table in ("entries_changes", "entries_feeds")
+            for privilege in ("DELETE", "INSERT", "SELECT", "UPDATE")
+        ]
+        parts = urlsplit(dsn)
+        app_dsn = urlunsplit(parts._replace(netloc=f"{writer}@{parts.hostname}:{parts.port}"))
+        async with PostgresStore.from_url(app_dsn, namespace="n", auto_migrate=False) as store:
+            await store.set("k", 1)
+            await store.changes.enable(retention=60)
+            cursor = await store.changes.cursor()
+            await store.set_many({"a": 1})
+            await store.clear()
+            batch = await store.changes.read(since=cursor)
+            assert [(c.op, c.key) for c in batch.changes] == [("set", "a"), ("clear", None)]
+            await store.changes.disable()
+    finally:
+        for role in (writer, reader):
+            await conn.execute(f"DROP OWNED BY {role}")
+            await conn.execute(f"DROP ROLE {role}")
+        await conn.close()

@@ -70,6 +70,7 @@ from fleetmem.backends.redis import RedisKV, pack_command
 from fleetmem.backends.seam import (
     MISSING,
     AgentBackend,
+    ChangeBackend,
     EntryMeta,
     Fence,
     KVBackend,
@@ -1599,6 +1600,11 @@ class HybridKV(KVBackend):
         never cached, so an acknowledged ``put`` is a committed PostgreSQL transaction and a
         Redis outage does not touch the queues."""
         return self._durable.queues()
+
+    def changes(self) -> ChangeBackend:
+        """The durable tier's change feed of this namespace (PostgreSQL's): every write
+        reaches PostgreSQL, which records it in the write's own statement."""
+        return self._durable.changes()
 
 
 def _timed_out(exc: BaseException) -> bool:

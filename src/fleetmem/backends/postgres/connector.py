@@ -6,7 +6,8 @@ older database when ``auto_migrate``. Each primitive loads its statements once f
 ``sql/<primitive>.sql`` file (:meth:`PostgresConnector.statements`), with ``{table}`` replaced
 by the quoted, validated table name (``{leases}``, ``{agents}`` and ``{fence}`` by the lease
 table, agent table and fence function of migration 0003, ``{jobs}`` by the job table of
-migration 0004), and runs them through
+migration 0004, ``{feeds}``, ``{changes}``, ``{changes_read}`` and ``{clear}`` by the change-feed
+objects of migration 0005), and runs them through
 :meth:`PostgresConnector.run` (one statement, retried where safe),
 :meth:`PostgresConnector.with_conn` or :meth:`PostgresConnector.transaction`.
 
@@ -105,16 +106,26 @@ def _blocks(block_file: str) -> dict[str, str]:
 def statements(block_file: str, schema: str, table: str) -> dict[str, str]:
     """The named statements of ``sql/<block_file>`` with ``{table}`` replaced by the quoted,
     validated table name, and ``{leases}``, ``{agents}``, ``{fence}`` and ``{jobs}`` by the
-    lease table, agent table, fence function and job table that belong to it (computed once per
-    file and table)."""
+    lease table, agent table, fence function and job table that belong to it, ``{feeds}``,
+    ``{changes}``, ``{changes_read}`` and ``{clear}`` by the feed table, change table, read
+    function and clear function (migration 0005), and ``{channel}`` by the table's ``NOTIFY``
+    channel (computed once per file and table)."""
     quoted = migrate.quote_ident(schema)
     leases, agents, fence = migrate.coordination_names(table)
+    feeds, changes, changes_read, clear = migrate.feed_names(table)
     names = {
         "{table}": f"{quoted}.{migrate.quote_ident(table)}",
         "{leases}": f"{quoted}.{migrate.quote_ident(leases)}",
         "{agents}": f"{quoted}.{migrate.quote_ident(agents)}",
         "{fence}": f"{quoted}.{migrate.quote_ident(fence)}",
         "{jobs}": f"{quoted}.{migrate.quote_ident(migrate.queue_table(table))}",
+        # Derived names of migration 0005, quoted whole (they may pass 40 characters).
+        "{feeds}": f'{quoted}."{feeds}"',
+        "{changes}": f'{quoted}."{changes}"',
+        "{changes_read}": f'{quoted}."{changes_read}"',
+        "{clear}": f'{quoted}."{clear}"',
+        # The table's NOTIFY channel, as a string literal's contents ([a-z0-9_] only).
+        "{channel}": migrate.notify_channel(schema, table),
     }
     out: dict[str, str] = {}
     for name, sql in _blocks(block_file).items():

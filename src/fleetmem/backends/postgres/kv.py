@@ -7,8 +7,10 @@ an optional sweeper deletes expired rows in bounded batches. Concurrent single-k
 merged into one statement per batch (``get_batch``, ``set_batch``, ``delete_batch``,
 ``exists_batch``). A write with ``fence=`` runs the fenced twin of its statement, which checks
 the lease in the same statement (:func:`fenced_statement`); fenced calls are never merged.
-Connections, retries, timeouts, error translation and migrations belong to the connector (see
-``connector.py``).
+Every write also records its changes in the namespace's change feed, when it has one, in the
+same statement (see the top of ``sql/kv.sql`` and ``changes.py``), and wakes this process's
+watchers once it returned. Connections, retries, timeouts, error translation and migrations
+belong to the connector (see ``connector.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fleetmem.backends.seam import (
     MISSING,
     RESERVED_NAMESPACE_PREFIX,
     AgentBackend,
+    ChangeBackend,
     EntryMeta,
     Fence,
     KVBackend,
@@ -90,7 +93,9 @@ _FENCED = (
 
 _PARAM_RE = re.compile(r"\$(\d+)")
 _NAMESPACE_PARAM_RE = re.compile(r"\$1(?!\d)")
-_WHERE_NAMESPACE = "WHERE namespace = $1 "
+#: Where the write of a statement begins: before it, only the feed lookup (``f``) reads.
+_WRITE_RE = re.compile(r"\b(?:INSERT INTO|UPDATE|DELETE FROM)\b")
+_WHERE_NAMESPACE = "WHERE namespace = "
 
 
 def fenced_statement(sql: str, fence_function: str) -> str:
@@ -100,16 +105,18 @@ def fenced_statement(sql: str, fence_function: str) -> str:
     The fence function (migration 0003) returns the namespace when the lease is live with that
     token -- locking its row ``FOR SHARE`` until the write commits -- and raises SQLSTATE
     ``FL001`` (``LeaseLostError``) otherwise. It is called as an uncorrelated scalar subquery,
-    which PostgreSQL runs once, as an InitPlan, where the statement first needs it:
+    which PostgreSQL runs once, as an InitPlan, where the statement first needs it. It takes the
+    place of the first namespace parameter ``$1`` of the write itself -- the first ``INSERT
+    INTO``, ``UPDATE`` or ``DELETE FROM`` of the text; the feed lookup before it (see
+    ``sql/kv.sql``) keeps its ``$1``:
 
     * an ``UPDATE`` or ``DELETE`` (``WHERE namespace = $1 ...``) gets the condition
       ``(SELECT fence(...)) IS NOT NULL``: it names no column, so it is a *one-time filter*,
       checked before the scan starts -- also when no row matches (an absent key, an empty
       table, a plan that never evaluates the scan's keys) -- while ``namespace = $1`` stays a
       plain key of the primary-key scan;
-    * an ``INSERT`` takes the namespace it writes from the subquery (``VALUES ((SELECT
-      fence(...)), $2, ...)``, or the first column of its ``SELECT``), computed before the row
-      is inserted or its conflict looked at.
+    * an ``INSERT`` takes the namespace it writes from the subquery (the first column of its
+      ``SELECT``), computed before the row is inserted or its conflict looked at.
 
     So a lost lease fails the statement before a version conflict or a non-number is decided,
     and the check and the write are one statement: one round trip, like the unfenced write.
@@ -120,11 +127,15 @@ def fenced_statement(sql: str, fence_function: str) -> str:
     """
     after = max(int(n) for n in _PARAM_RE.findall(sql)) + 1
     call = f"(SELECT {fence_function}($1, ${after}::text, ${after + 1}::bigint))"
-    if len(_NAMESPACE_PARAM_RE.findall(sql)) != 1:
-        raise ValueError("a fenced statement must use the namespace parameter $1 once")
-    if _WHERE_NAMESPACE in sql:
-        return sql.replace(_WHERE_NAMESPACE, f"WHERE {call} IS NOT NULL AND namespace = $1 ")
-    return _NAMESPACE_PARAM_RE.sub(lambda _: call, sql)
+    write = _WRITE_RE.search(sql)
+    found = None if write is None else _NAMESPACE_PARAM_RE.search(sql, write.end())
+    if found is None:
+        raise ValueError("a fenced statement must write, with the namespace parameter $1")
+    start, end = found.span()
+    if sql.endswith(_WHERE_NAMESPACE, 0, start):
+        head = sql[: start - len(_WHERE_NAMESPACE)]
+        return f"{head}WHERE {call} IS NOT NULL AND namespace = $1{sql[end:]}"
+    return f"{sql[:start]}{call}{sql[end:]}"
 
 
 class PostgresKV(KVBackend):
@@ -164,10 +175,18 @@ class PostgresKV(KVBackend):
         )
         self._qf = {name: fenced_statement(self._q[name], fence_function) for name in _FENCED}
         self._fence_check = connector.statements("leases.sql")["fence"]
+        # After a write that may have recorded a change, this process's watchers of the
+        # namespace's feed are woken directly (other processes' through NOTIFY, changes.py):
+        # a dict lookup when nobody watches.
+        self._notify_every = connector.notifier.notify_every
+        self._wake = ("changes", namespace)
         if sweeper_interval is not None:
             connector.keep_running(
                 "fleetmem-pg-sweeper", lambda: self._sweep_forever(sweeper_interval)
             )
+
+    def _bind_namespace(self) -> None:
+        self._wake = ("changes", self._namespace)
 
     @property
     def connector(self) -> PostgresConnector:
@@ -203,6 +222,11 @@ class PostgresKV(KVBackend):
         from fleetmem.backends.postgres.queues import PostgresQueues
 
         return PostgresQueues(self._connector, namespace=self._namespace)
+
+    def changes(self) -> ChangeBackend:
+        from fleetmem.backends.postgres.changes import PostgresChanges
+
+        return PostgresChanges(self._connector, namespace=self._namespace)
 
     def _write(self, name: str, args: tuple[Any, ...], fence: Fence | None) -> tuple[str, Any]:
         """Statement ``name`` and its arguments, fenced when ``fence`` is given."""
@@ -360,6 +384,7 @@ class PostgresKV(KVBackend):
             "set", (self._namespace, key, payload, partition, ttl_ms, keep_ttl), fence
         )
         row = await self._run(FETCHROW, query, args, write=True)
+        self._notify_every(self._wake)
         return EntryMeta(row[0], row[1], row[2], row[3], row[4])
 
     async def set_batch(self, ops: list[SetOp]) -> list[EntryMeta | BaseException]:
@@ -390,6 +415,7 @@ class PostgresKV(KVBackend):
         else:
             query, args = self._q["set_batch_plain"], (self._namespace, keys, payloads)
         rows = await self._run(FETCH, query, args, write=True)
+        self._notify_every(self._wake)
         metas = {row[0]: EntryMeta(row[1], row[2], row[3], row[4], row[5]) for row in rows}
         return [metas[key] for key in keys]
 
@@ -434,6 +460,7 @@ class PostgresKV(KVBackend):
             connector.arm_command_timeout(conn)
             query, args = self._write("set_many", (self._namespace, partition, ttl_ms), fence)
             await conn.execute(query, *args)
+        self._notify_every(self._wake)
         return count
 
     async def set_if_absent(
@@ -448,7 +475,10 @@ class PostgresKV(KVBackend):
             "set_if_absent", (self._namespace, key, payload, partition, ttl_ms), fence
         )
         row = await self._run(FETCHROW, query, args, write=True)
-        return row is not None
+        if row is None:
+            return False
+        self._notify_every(self._wake)
+        return True
 
     async def compare_and_set(
         self,
@@ -473,6 +503,7 @@ class PostgresKV(KVBackend):
                 )
             row = await self._run(FETCHROW, query, args, write=True)
             if row is not None:
+                self._notify_every(self._wake)
                 return EntryMeta(row[0], row[1], row[2], row[3], row[4])
             current = await self._run(FETCHVAL, self._q["current_version"], (ns, key), write=False)
             current = 0 if current is None else int(current)
@@ -506,6 +537,7 @@ class PostgresKV(KVBackend):
                     ) from cause
                 raise
             if row is not None:
+                self._notify_every(self._wake)
                 value, float_result = row[0], row[1]
                 return float(value) if float_result else int(value)
             # Nothing changed: say why from the current value.
@@ -518,32 +550,47 @@ class PostgresKV(KVBackend):
     async def delete(self, key: str, fence: Fence | None = None) -> bool:
         query, args = self._write("delete", (self._namespace, key), fence)
         value = await self._run(FETCHVAL, query, args, write=True)
-        return bool(value)
+        if not value:
+            return False
+        self._notify_every(self._wake)
+        return True
 
     async def delete_batch(self, keys: list[str]) -> list[bool | BaseException]:
         rows = await self._run(FETCH, self._q["delete_batch"], (self._namespace, keys), write=True)
         live = {row[0]: bool(row[1]) for row in rows}
+        if rows:
+            self._notify_every(self._wake)
         return [live.get(key, False) for key in keys]
 
     async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
         query, args = self._write("delete_many", (self._namespace, keys), fence)
-        value = await self._run(FETCHVAL, query, args, write=True)
-        return int(value)
+        count = int(await self._run(FETCHVAL, query, args, write=True))
+        if count:
+            self._notify_every(self._wake)
+        return count
 
     async def expire(self, key: str, ttl_ms: int | None) -> bool:
         value = await self._run(
             FETCHVAL, self._q["expire"], (self._namespace, key, ttl_ms), write=True
         )
-        return value is not None
+        if value is None:
+            return False
+        self._notify_every(self._wake)
+        return True
 
     async def clear(self, partition: str | None) -> int:
+        # The clear function of migration 0005 (one round trip): with a feed it waits for the
+        # recording writes in flight before it deletes, so that its change follows theirs.
         if partition is None:
             value = await self._run(FETCHVAL, self._q["clear"], (self._namespace,), write=True)
         else:
             value = await self._run(
                 FETCHVAL, self._q["clear_partition"], (self._namespace, partition), write=True
             )
-        return int(value)
+        count = int(value)
+        if count:
+            self._notify_every(self._wake)
+        return count
 
     async def cleanup_expired(self) -> int:
         value = await self._run(
@@ -568,6 +615,13 @@ class PostgresKV(KVBackend):
                     break
         return total
 
+    async def sweep_changes(self) -> int:
+        """Trim every change feed of this table past its retention, and delete the pending
+        changes of stale epochs (writes that raced a ``disable``): how many of those went."""
+        from fleetmem.backends.postgres.changes import sweep_changes
+
+        return await sweep_changes(self._connector, self._sweeper_batch)
+
     async def _sweep_forever(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -577,3 +631,7 @@ class PostgresKV(KVBackend):
                     _log.debug("sweeper removed %d expired entries", removed)
             except FleetmemError as exc:
                 _log.warning("expiry sweep failed: %s", exc)
+            try:
+                await self.sweep_changes()
+            except FleetmemError as exc:
+                _log.warning("change feed sweep failed: %s", exc)

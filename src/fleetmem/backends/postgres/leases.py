@@ -65,7 +65,9 @@ class Listener:
     * ``>count:namespace:queue`` -- ``count`` jobs became claimable: that many claim waiters of
       ``("queue", namespace, queue)`` (``QueueBackend.claim_key``);
     * ``!namespace:job_id`` -- an awaited job finished: every waiter of ``("result", namespace,
-      job_id)`` (``QueueBackend.result_key``).
+      job_id)`` (``QueueBackend.result_key``);
+    * ``~namespace`` -- changes were recorded while a watcher slept: every watcher of
+      ``("changes", namespace)`` (``ChangeBackend.wake_key``).
 
     Opened on the first waiting acquire, claim or result (:meth:`start`), on the pool's DSN,
     TLS and server settings but outside the pool, and held for as long as the store is open
@@ -145,6 +147,10 @@ class Listener:
             # "!namespace:job id": an awaited job finished.
             namespace, _, job_id = payload[1:].partition(":")
             self._notifier.notify_every(("result", namespace, job_id))
+            return
+        if head == "~":
+            # "~namespace": changes were recorded (see sql/kv.sql).
+            self._notifier.notify_every(("changes", payload[1:]))
             return
         namespace, colon, name = payload.partition(":")
         if colon:

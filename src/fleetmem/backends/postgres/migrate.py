@@ -42,6 +42,7 @@ __all__ = [
     "coordination_names",
     "current",
     "downgrade",
+    "feed_names",
     "migrations_dir",
     "notify_channel",
     "queue_table",
@@ -56,7 +57,7 @@ __all__ = [
 DEFAULT_SCHEMA = "fleetmem"
 DEFAULT_TABLE = "entries"
 #: Every revision this fleetmem knows, oldest first; the last is the head the store needs.
-REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004")
+REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005")
 HEAD_REVISION = REVISIONS[-1]
 
 # Lower-case ASCII identifiers only: no quoting surprises, and room for index-name suffixes
@@ -103,9 +104,18 @@ def queue_table(table: str) -> str:
     return f"{table}_jobs"
 
 
+def feed_names(table: str) -> tuple[str, str, str, str]:
+    """The change-feed objects that belong to entries table ``table`` (same schema, revision
+    0005): the feed table ``<table>_feeds``, the change table ``<table>_changes``, the read
+    function ``<table>_changes_read`` and the clear function ``<table>_clear``. Derived names,
+    up to 55 characters: quote them whole (they may pass the 40 of a checked identifier)."""
+    validate_identifier(table, "table name")
+    return f"{table}_feeds", f"{table}_changes", f"{table}_changes_read", f"{table}_clear"
+
+
 def notify_channel(schema: str, table: str) -> str:
-    """The ``NOTIFY`` channel of the leases and work queues of ``schema.table``: channels are
-    per database, so it names both (hashed, to stay within 63 bytes)."""
+    """The ``NOTIFY`` channel of the leases, work queues and change feeds of ``schema.table``:
+    channels are per database, so it names both (hashed, to stay within 63 bytes)."""
     digest = hashlib.blake2b(f"{schema}.{table}".encode(), digest_size=6).hexdigest()
     return f"fleetmem_leases_{digest}"
 

@@ -2,6 +2,22 @@
 -- {table} is replaced by the validated, double-quoted "schema"."table"; everything else is a
 -- parameter. $1 is always the namespace. An entry is live while
 -- expires_at IS NULL OR expires_at > now(); each statement runs alone, so now() is its clock.
+--
+-- The change feed (migration 0005). Every write records its changes in its own statement:
+-- * `f` looks up the namespace's feed once per statement (MATERIALIZED, uncorrelated): a
+--   namespace without a feed pays one primary-key probe of a small table. With a feed it also
+--   takes the namespace's transaction advisory lock in shared mode, which the clear function
+--   takes exclusively (see migration 0005: a clear comes after every write it did not see).
+-- * `w`, the write, reads `f` first -- `(SELECT count(*) FROM f) < 2`, always true, is a
+--   one-time filter checked before it writes anything -- so the lock is taken before any row
+--   lock (a clear waiting for it never waits for a row this write holds). The fenced twin
+--   (kv.py fenced_statement) changes the first $1 of `w`.
+-- * `c` inserts the changes (pos NULL: the reader's sequencer numbers them after commit) from
+--   w's RETURNING, only when `f` found a feed (a one-time filter again: no feed, no scan of w).
+-- * `f` also NOTIFYs the table's channel ('~' || namespace), sent at commit, but only while a
+--   watcher is asleep (watched_until in the future): a NOTIFY serialises commits, so writes do
+--   not send one otherwise. (A write that then changes nothing wakes the watchers for
+--   nothing; it costs them a read.)
 
 -- name: get
 SELECT value FROM {table}
@@ -102,22 +118,35 @@ ORDER BY partition
 -- name: set
 -- $3 value, $4 partition or NULL (keep), $5 ttl in ms or NULL, $6 keep_ttl.
 -- An expired row counts as absent: the upsert recreates it (version 1, new created_at).
-INSERT INTO {table} AS e
-    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
-VALUES ($1, $2, coalesce($4, 'default'), $3, 1, now(), now(),
-        now() + $5::bigint * interval '1 millisecond')
-ON CONFLICT (namespace, key) DO UPDATE SET
-    value = EXCLUDED.value,
-    partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition
-                     ELSE coalesce($4, e.partition) END,
-    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
-    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
-    updated_at = now(),
-    expires_at = CASE WHEN $5::bigint IS NOT NULL THEN EXCLUDED.expires_at
-                      WHEN $6::bool AND (e.expires_at IS NULL OR e.expires_at > now())
-                          THEN e.expires_at
-                      ELSE NULL END
-RETURNING partition, version, created_at, updated_at, expires_at
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    INSERT INTO {table} AS e
+        (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+    SELECT $1, $2::text, coalesce($4::text, 'default'), $3::jsonb, 1, now(), now(),
+           now() + $5::bigint * interval '1 millisecond'
+    WHERE (SELECT count(*) FROM f) < 2
+    ON CONFLICT (namespace, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition
+                         ELSE coalesce($4, e.partition) END,
+        version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+        created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+        updated_at = now(),
+        expires_at = CASE WHEN $5::bigint IS NOT NULL THEN EXCLUDED.expires_at
+                          WHEN $6::bool AND (e.expires_at IS NULL OR e.expires_at > now())
+                              THEN e.expires_at
+                          ELSE NULL END
+    RETURNING key, partition, version, created_at, updated_at, expires_at, value
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, value, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 's', key, partition, version, value, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT partition, version, created_at, updated_at, expires_at
+FROM w
 
 -- name: set_batch
 -- Many `set`s (distinct keys) in one statement: $2 keys, $3 values, $4 partitions (NULL: keep),
@@ -125,67 +154,120 @@ RETURNING partition, version, created_at, updated_at, expires_at
 -- $7 the keys written with keep_ttl. (ON CONFLICT DO UPDATE sees only the proposed row, whose
 -- partition is already 'default' and whose expiry is NULL for both flags; the two short
 -- arrays -- empty in the common case -- carry them.)
-INSERT INTO {table} AS e
-    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
-SELECT $1, b.key, coalesce(b.partition, 'default'), b.value, 1, now(), now(),
-       now() + b.ttl_ms * interval '1 millisecond'
-FROM unnest($2::text[], $3::jsonb[], $4::text[], $5::bigint[]) AS b(key, value, partition, ttl_ms)
--- Rows are locked in key order, so concurrent batches never wait on each other in a cycle.
-ORDER BY b.key COLLATE "C"
-ON CONFLICT (namespace, key) DO UPDATE SET
-    value = EXCLUDED.value,
-    partition = CASE WHEN e.expires_at <= now() OR EXCLUDED.key = ANY($6::text[])
-                     THEN EXCLUDED.partition ELSE e.partition END,
-    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
-    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
-    updated_at = now(),
-    expires_at = CASE WHEN EXCLUDED.expires_at IS NOT NULL THEN EXCLUDED.expires_at
-                      WHEN (e.expires_at IS NULL OR e.expires_at > now())
-                           AND EXCLUDED.key = ANY($7::text[])
-                          THEN e.expires_at
-                      ELSE NULL END
-RETURNING key, partition, version, created_at, updated_at, expires_at
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    INSERT INTO {table} AS e
+        (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+    SELECT $1, b.key, coalesce(b.partition, 'default'), b.value, 1, now(), now(),
+           now() + b.ttl_ms * interval '1 millisecond'
+    FROM unnest($2::text[], $3::jsonb[], $4::text[], $5::bigint[])
+        AS b(key, value, partition, ttl_ms)
+    WHERE (SELECT count(*) FROM f) < 2
+    -- Rows are locked in key order, so concurrent batches never wait on each other in a cycle.
+    ORDER BY b.key COLLATE "C"
+    ON CONFLICT (namespace, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        partition = CASE WHEN e.expires_at <= now() OR EXCLUDED.key = ANY($6::text[])
+                         THEN EXCLUDED.partition ELSE e.partition END,
+        version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+        created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+        updated_at = now(),
+        expires_at = CASE WHEN EXCLUDED.expires_at IS NOT NULL THEN EXCLUDED.expires_at
+                          WHEN (e.expires_at IS NULL OR e.expires_at > now())
+                               AND EXCLUDED.key = ANY($7::text[])
+                              THEN e.expires_at
+                          ELSE NULL END
+    RETURNING key, partition, version, created_at, updated_at, expires_at, value
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, value, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 's', key, partition, version, value, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT key, partition, version, created_at, updated_at, expires_at
+FROM w
 
 -- name: set_batch_plain
 -- set_batch when no call of the batch has a ttl, a partition or keep_ttl (the common case):
 -- two arrays to send instead of four, and no per-row test against the flag arrays.
-INSERT INTO {table} AS e
-    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
-SELECT $1, b.key, 'default', b.value, 1, now(), now(), NULL
-FROM unnest($2::text[], $3::jsonb[]) AS b(key, value)
-ORDER BY b.key COLLATE "C"  -- lock rows in key order (see set_batch)
-ON CONFLICT (namespace, key) DO UPDATE SET
-    value = EXCLUDED.value,
-    partition = CASE WHEN e.expires_at <= now() THEN 'default' ELSE e.partition END,
-    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
-    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
-    updated_at = now(),
-    expires_at = NULL
-RETURNING key, partition, version, created_at, updated_at, expires_at
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    INSERT INTO {table} AS e
+        (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+    SELECT $1, b.key, 'default', b.value, 1, now(), now(), NULL
+    FROM unnest($2::text[], $3::jsonb[]) AS b(key, value)
+    WHERE (SELECT count(*) FROM f) < 2
+    ORDER BY b.key COLLATE "C"  -- lock rows in key order (see set_batch)
+    ON CONFLICT (namespace, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        partition = CASE WHEN e.expires_at <= now() THEN 'default' ELSE e.partition END,
+        version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+        created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+        updated_at = now(),
+        expires_at = NULL
+    RETURNING key, partition, version, created_at, updated_at, expires_at, value
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, value, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 's', key, partition, version, value, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT key, partition, version, created_at, updated_at, expires_at
+FROM w
 
 -- name: set_if_absent
-INSERT INTO {table} AS e
-    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
-VALUES ($1, $2, coalesce($4, 'default'), $3, 1, now(), now(),
-        now() + $5::bigint * interval '1 millisecond')
-ON CONFLICT (namespace, key) DO UPDATE SET
-    value = EXCLUDED.value, partition = EXCLUDED.partition, version = 1,
-    created_at = now(), updated_at = now(), expires_at = EXCLUDED.expires_at
-WHERE e.expires_at <= now()
-RETURNING partition, version, created_at, updated_at, expires_at
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    INSERT INTO {table} AS e
+        (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+    SELECT $1, $2::text, coalesce($4::text, 'default'), $3::jsonb, 1, now(), now(),
+           now() + $5::bigint * interval '1 millisecond'
+    WHERE (SELECT count(*) FROM f) < 2
+    ON CONFLICT (namespace, key) DO UPDATE SET
+        value = EXCLUDED.value, partition = EXCLUDED.partition, version = 1,
+        created_at = now(), updated_at = now(), expires_at = EXCLUDED.expires_at
+    WHERE e.expires_at <= now()
+    RETURNING key, partition, version, created_at, updated_at, expires_at, value
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, value, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 's', key, partition, version, value, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT partition, version, created_at, updated_at, expires_at
+FROM w
 
 -- name: compare_and_set
 -- $6 the expected version (> 0); compare_and_set with version 0 uses set_if_absent.
-UPDATE {table} SET
-    value = $3,
-    partition = coalesce($4, partition),
-    version = version + 1,
-    updated_at = now(),
-    expires_at = CASE WHEN $5::bigint IS NULL THEN expires_at
-                      ELSE now() + $5::bigint * interval '1 millisecond' END
-WHERE namespace = $1 AND key = $2 AND version = $6
-  AND (expires_at IS NULL OR expires_at > now())
-RETURNING partition, version, created_at, updated_at, expires_at
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    UPDATE {table} SET
+        value = $3,
+        partition = coalesce($4, partition),
+        version = version + 1,
+        updated_at = now(),
+        expires_at = CASE WHEN $5::bigint IS NULL THEN expires_at
+                          ELSE now() + $5::bigint * interval '1 millisecond' END
+    WHERE namespace = $1 AND key = $2 AND version = $6
+      AND (expires_at IS NULL OR expires_at > now())
+      AND (SELECT count(*) FROM f) < 2
+    RETURNING key, partition, version, created_at, updated_at, expires_at, value
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, value, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 's', key, partition, version, value, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT partition, version, created_at, updated_at, expires_at
+FROM w
 
 -- name: current_version
 SELECT version FROM {table}
@@ -194,69 +276,132 @@ WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
 -- name: incr
 -- $3 the amount as text, $6 true when it is a float. Integers add as numeric and must stay in
 -- signed 64 bits; a float on either side adds as float8, printed shortest-exact and stored as
--- numeric with at least one decimal so that it reads back as a float. A live non-number or an out-of-range result matches no row: nothing changes and
--- the caller looks at the current value to say why.
-INSERT INTO {table} AS e
-    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
-VALUES ($1, $2, coalesce($4, 'default'),
-        to_jsonb(CASE WHEN $6::bool
-                      THEN round($3::text::float8::text::numeric,
-                                 greatest(scale($3::text::float8::text::numeric), 1))
-                      ELSE $3::text::numeric END),
-        1, now(), now(), now() + $5::bigint * interval '1 millisecond')
-ON CONFLICT (namespace, key) DO UPDATE SET
-    value = CASE
-        WHEN e.expires_at <= now() THEN EXCLUDED.value
-        WHEN $6::bool OR e.value::text !~ '^-?[0-9]+$'
-            THEN to_jsonb(round(((e.value::text)::float8 + $3::text::float8)::text::numeric,
-                                greatest(scale(((e.value::text)::float8
-                                                + $3::text::float8)::text::numeric), 1)))
-        ELSE to_jsonb((e.value::text)::numeric + $3::text::numeric) END,
-    partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition
-                     ELSE coalesce($4, e.partition) END,
-    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
-    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
-    updated_at = now(),
-    expires_at = CASE WHEN $5::bigint IS NOT NULL THEN EXCLUDED.expires_at
-                      WHEN e.expires_at <= now() THEN NULL
-                      ELSE e.expires_at END
-WHERE e.expires_at <= now()
-   OR (jsonb_typeof(e.value) = 'number'
-       AND ($6::bool OR e.value::text !~ '^-?[0-9]+$'
-            OR (e.value::text)::numeric + $3::text::numeric
-               BETWEEN -9223372036854775808 AND 9223372036854775807))
-RETURNING value, ($6::bool OR value::text !~ '^-?[0-9]+$') AS is_float
+-- numeric with at least one decimal so that it reads back as a float. A live non-number or an
+-- out-of-range result matches no row: nothing changes (nothing is recorded) and the caller
+-- looks at the current value to say why.
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    INSERT INTO {table} AS e
+        (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+    SELECT $1, $2::text, coalesce($4::text, 'default'),
+           to_jsonb(CASE WHEN $6::bool
+                         THEN round($3::text::float8::text::numeric,
+                                    greatest(scale($3::text::float8::text::numeric), 1))
+                         ELSE $3::text::numeric END),
+           1, now(), now(), now() + $5::bigint * interval '1 millisecond'
+    WHERE (SELECT count(*) FROM f) < 2
+    ON CONFLICT (namespace, key) DO UPDATE SET
+        value = CASE
+            WHEN e.expires_at <= now() THEN EXCLUDED.value
+            WHEN $6::bool OR e.value::text !~ '^-?[0-9]+$'
+                THEN to_jsonb(round(((e.value::text)::float8 + $3::text::float8)::text::numeric,
+                                    greatest(scale(((e.value::text)::float8
+                                                    + $3::text::float8)::text::numeric), 1)))
+            ELSE to_jsonb((e.value::text)::numeric + $3::text::numeric) END,
+        partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition
+                         ELSE coalesce($4, e.partition) END,
+        version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+        created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+        updated_at = now(),
+        expires_at = CASE WHEN $5::bigint IS NOT NULL THEN EXCLUDED.expires_at
+                          WHEN e.expires_at <= now() THEN NULL
+                          ELSE e.expires_at END
+    WHERE e.expires_at <= now()
+       OR (jsonb_typeof(e.value) = 'number'
+           AND ($6::bool OR e.value::text !~ '^-?[0-9]+$'
+                OR (e.value::text)::numeric + $3::text::numeric
+                   BETWEEN -9223372036854775808 AND 9223372036854775807))
+    RETURNING key, partition, version, expires_at, value,
+              ($6::bool OR value::text !~ '^-?[0-9]+$') AS is_float
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, value, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 's', key, partition, version, value, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT value, is_float
+FROM w
 
 -- name: delete
-DELETE FROM {table} WHERE namespace = $1 AND key = $2
-RETURNING expires_at IS NULL OR expires_at > now()
+-- Only a live entry deleted is a change: an expired row removed records nothing.
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    DELETE FROM {table} WHERE namespace = $1 AND key = $2 AND (SELECT count(*) FROM f) < 2
+    RETURNING key, partition, expires_at IS NULL OR expires_at > now() AS live
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, at)
+    SELECT $1, (SELECT epoch FROM f), 'd', key, partition, now()
+    FROM w WHERE live AND (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT live
+FROM w
 
 -- name: delete_batch
-DELETE FROM {table} WHERE namespace = $1 AND key = ANY($2::text[])
-RETURNING key, expires_at IS NULL OR expires_at > now()
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    DELETE FROM {table} WHERE namespace = $1 AND key = ANY($2::text[])
+      AND (SELECT count(*) FROM f) < 2
+    RETURNING key, partition, expires_at IS NULL OR expires_at > now() AS live
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, at)
+    SELECT $1, (SELECT epoch FROM f), 'd', key, partition, now()
+    FROM w WHERE live AND (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT key, live
+FROM w
 
 -- name: delete_many
-WITH gone AS (
-    DELETE FROM {table} WHERE namespace = $1 AND key = ANY($2::text[]) RETURNING expires_at
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    DELETE FROM {table} WHERE namespace = $1 AND key = ANY($2::text[])
+      AND (SELECT count(*) FROM f) < 2
+    RETURNING key, partition, expires_at IS NULL OR expires_at > now() AS live
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, at)
+    SELECT $1, (SELECT epoch FROM f), 'd', key, partition, now()
+    FROM w WHERE live AND (SELECT epoch FROM f) IS NOT NULL
 )
-SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now()) FROM gone
+SELECT count(*) FILTER (WHERE live)
+FROM w
 
 -- name: expire
--- $3 ttl in ms, or NULL to persist.
-UPDATE {table}
-SET expires_at = now() + $3::bigint * interval '1 millisecond'
-WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
-RETURNING 1
+-- $3 ttl in ms, or NULL to persist. A "ttl" change keeps the entry's version.
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    UPDATE {table}
+    SET expires_at = now() + $3::bigint * interval '1 millisecond'
+    WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
+      AND (SELECT count(*) FROM f) < 2
+    RETURNING key, partition, version, expires_at
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 't', key, partition, version, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT 1
+FROM w
 
 -- name: clear
-WITH gone AS (DELETE FROM {table} WHERE namespace = $1 RETURNING expires_at)
-SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now()) FROM gone
+-- The clear function of migration 0005: the entries of the namespace and, when it has a feed,
+-- one "clear" change if a live entry went (after waiting for the recording writes in flight).
+SELECT {clear}($1, NULL::text)
 
 -- name: clear_partition
-WITH gone AS (
-    DELETE FROM {table} WHERE namespace = $1 AND partition = $2 RETURNING expires_at
-)
-SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now()) FROM gone
+SELECT {clear}($1, $2::text)
 
 -- name: cleanup_expired
 WITH gone AS (
@@ -316,20 +461,34 @@ ON COMMIT DELETE ROWS
 
 -- name: set_many
 -- Upserts the staged rows; $2 partition or NULL (keep), $3 ttl in ms or NULL.
-INSERT INTO {table} AS e
-    (namespace, key, partition, value, version, created_at, updated_at, expires_at)
-SELECT $1, s.key, coalesce($2, 'default'), s.value, 1, now(), now(),
-       now() + $3::bigint * interval '1 millisecond'
-FROM fleetmem_stage_1 s
-ORDER BY s.key COLLATE "C"  -- lock rows in key order (see set_batch)
-ON CONFLICT (namespace, key) DO UPDATE SET
-    value = EXCLUDED.value,
-    partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition
-                     ELSE coalesce($2, e.partition) END,
-    version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
-    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
-    updated_at = now(),
-    expires_at = EXCLUDED.expires_at
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    INSERT INTO {table} AS e
+        (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+    SELECT $1, s.key, coalesce($2, 'default'), s.value, 1, now(), now(),
+           now() + $3::bigint * interval '1 millisecond'
+    FROM fleetmem_stage_1 s
+    WHERE (SELECT count(*) FROM f) < 2
+    ORDER BY s.key COLLATE "C"  -- lock rows in key order (see set_batch)
+    ON CONFLICT (namespace, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        partition = CASE WHEN e.expires_at <= now() THEN EXCLUDED.partition
+                         ELSE coalesce($2, e.partition) END,
+        version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+        created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+        updated_at = now(),
+        expires_at = EXCLUDED.expires_at
+    RETURNING key, partition, version, expires_at, value
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, value, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 's', key, partition, version, value, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+    RETURNING 1
+)
+SELECT count(*) FROM c
 
 -- name: ping
 SELECT 1
