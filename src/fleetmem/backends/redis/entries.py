@@ -36,6 +36,7 @@ __all__ = [
     "ms_datetime",
     "parse_entry",
     "partition_name",
+    "stored_value",
 ]
 
 #: Bytes of the binary header before the partition name.
@@ -55,6 +56,14 @@ def entry_value(raw: bytes) -> Any:
     if raw[start] == _EXACT:
         return decode_value(raw[start + 1 :])
     return orjson.loads(memoryview(raw)[start:])
+
+
+def stored_value(stored: bytes) -> Any:
+    """The value of a stored JSON (as ``mark_payload`` made it): the change feed keeps the
+    stored form of each value it records."""
+    if stored[:1] == b"!":
+        return decode_value(stored[1:])
+    return orjson.loads(stored)
 
 
 def entry_values(raws: Iterable[bytes | None], missing: Any) -> list[Any]:

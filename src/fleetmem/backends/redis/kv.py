@@ -15,6 +15,10 @@ script runs there; a ``{`` inside a user key comes after the tag and cannot move
   that Redis expired natively are found there and dropped from the index lazily (never for
   correctness: every read path checks that the entry key still exists).
 * ``fm:{ns}:c`` -- a hash of live entries per partition (exact once ``x`` is pruned).
+* ``fm:{ns}:f`` and ``fm:{ns}:s`` -- the change feed: its flag (a hash) and its log (a stream),
+  see ``changes.py``. Every write script gets both in ``KEYS`` and, when the flag is there,
+  records its changes in the log in the same script (``lua/changes/_feed.lua``); without a
+  feed a write pays one ``HMGET`` of a missing key.
 
 Every write is one Lua script (``lua/kv/``: a function called with ``FCALL`` on a standalone
 server, ``EVALSHA`` on a cluster; see ``scripts.py``), so value, version, index, counts and TTL
@@ -48,6 +52,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern, prefix_upper_bound
+from fleetmem.backends.redis.changes import BlockingReads, RedisChanges
 from fleetmem.backends.redis.connector import RedisConnector
 from fleetmem.backends.redis.entries import (
     entry_meta,
@@ -63,6 +68,7 @@ from fleetmem.backends.seam import (
     MISSING,
     RESERVED_NAMESPACE_PREFIX,
     AgentBackend,
+    ChangeBackend,
     EntryMeta,
     Fence,
     KVBackend,
@@ -208,6 +214,8 @@ class RedisKV(KVBackend):
         #: its registration (see :meth:`namespaces`).
         self._registered: dict[str, float] = {}
         connector.on_new_server_run(self._forget_registrations)
+        #: Shared by every view: the connections of the change feeds' blocking reads.
+        self._blocking = BlockingReads(connector)
         self._bind_namespace()
 
     @classmethod
@@ -228,11 +236,15 @@ class RedisKV(KVBackend):
         prefix = f"fm:{{{self._namespace}}}:"
         self._ep = prefix + "e:"
         # KEYS of every script call, encoded once: the namespace prefix (it routes the call to
-        # the namespace's slot; the scripts derive every key from it).
+        # the namespace's slot; the scripts derive every key from it); a write also declares
+        # the two keys of the change feed it may record in (same slot).
         self._keys = (prefix.encode(),)
+        self._wkeys = (*self._keys, *RedisChanges.feed_keys(self._namespace))
         # The constant head of the common ``set`` call, in both forms, and of a fenced one.
-        self._set_head = RedisConnector.prepare(_SET, self._keys)
-        self._fset_head = RedisConnector.prepare(_F_SET, self._keys)
+        self._set_head = RedisConnector.prepare(_SET, self._wkeys)
+        self._fset_head = RedisConnector.prepare(_F_SET, self._wkeys)
+        # The Notifier key of this namespace's change watchers, woken after every write.
+        self._wake = ("changes", self._namespace)
 
     def leases(self) -> LeaseBackend:
         """Leases of this namespace on the same connector (``leases.py``)."""
@@ -252,6 +264,11 @@ class RedisKV(KVBackend):
 
         return RedisQueues(self._connector, namespace=self._namespace)
 
+    def changes(self) -> ChangeBackend:
+        """The change feed of this namespace on the same connector (``changes.py``); this
+        backend's writes record in it."""
+        return RedisChanges(self._connector, namespace=self._namespace, blocking=self._blocking)
+
     def describe(self) -> str:
         return self._connector.describe()
 
@@ -261,6 +278,7 @@ class RedisKV(KVBackend):
         await self._connector.connect()
 
     async def aclose(self) -> None:
+        await self._blocking.aclose()
         await self._connector.aclose()
 
     # Plain functions returning the connector's coroutine: no coroutine layer of their own.
@@ -268,7 +286,13 @@ class RedisKV(KVBackend):
         return self._connector.execute(write, *args)
 
     def _script(self, write: bool, script: Script, *args: Any) -> Awaitable[Any]:
-        return self._connector.call(script, self._keys, *args, write=write)
+        keys = self._wkeys if write else self._keys  # every write may record a change
+        return self._connector.call(script, keys, *args, write=write)
+
+    def _changed(self) -> None:
+        """After a write: wake this process's watchers of the namespace's feed (a change
+        recorded by the write is theirs to read; without a feed nobody watches)."""
+        self._connector.notifier.notify_every(self._wake)
 
     # ---------------------------------------------------------------- reads
 
@@ -646,6 +670,7 @@ class RedisKV(KVBackend):
                 _part_arg(partition),
                 b"1" if keep_ttl else b"0",
             )
+        self._changed()
         if not self._trusted():
             await self._register_after()
         return entry_meta(*res)
@@ -678,6 +703,7 @@ class RedisKV(KVBackend):
             res = await connector.execute(True, *self._fset_head[form], *args)
         else:
             res = await self._script(True, _F_SET, *args)
+        self._changed()
         if not self._trusted():
             await self._register_after()
         return entry_meta(*res)
@@ -708,6 +734,7 @@ class RedisKV(KVBackend):
                         None if exp < 0 else ms_datetime(exp),
                     )
                 )
+        self._changed()
         if not self._trusted():
             await self._register_after()
         return out
@@ -731,6 +758,7 @@ class RedisKV(KVBackend):
                 part = chunk[start : start + _SET_MANY_SLICE]
                 args: list[Any] = [x for key, payload in part for x in (key, mark(payload))]
                 count += await self._script(True, _SET_MANY, ttl_ms or 0, parg, *args)
+                self._changed()
         if not self._trusted():
             await self._register_after()
         return count
@@ -746,6 +774,7 @@ class RedisKV(KVBackend):
             args: list[Any] = [x for key, payload in chunk for x in (key, mark_payload(payload))]
             try:
                 count += await self._script(True, _F_SET_MANY, ttl_ms, parg, *args, *fence)
+                self._changed()
             except LeaseLostError as exc:
                 if not count:
                     raise
@@ -772,6 +801,8 @@ class RedisKV(KVBackend):
         res = await self._script(
             True, script, key, mark_payload(payload), ttl_ms or 0, _part_arg(partition), *tail
         )
+        if res:
+            self._changed()
         if not self._trusted():
             await self._register_after()
         return bool(res)
@@ -798,6 +829,8 @@ class RedisKV(KVBackend):
             _part_arg(partition),
             *tail,
         )
+        if res[0]:
+            self._changed()
         if not self._trusted():
             await self._register_after()
         if not res[0]:
@@ -827,6 +860,7 @@ class RedisKV(KVBackend):
             _part_arg(partition),
             *tail,
         )
+        self._changed()
         if not self._trusted():
             await self._register_after()
         status = res[0]
@@ -847,6 +881,7 @@ class RedisKV(KVBackend):
             res: list[int] = await self._script(True, _DELETE_MANY, key)
         else:
             res = await self._script(True, _F_DELETE_MANY, key, *fence)
+        self._changed()
         return res[0] == 1
 
     async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int:
@@ -854,6 +889,7 @@ class RedisKV(KVBackend):
         if fence is None:
             for start in range(0, len(keys), _BATCH):
                 count += sum(await self._script(True, _DELETE_MANY, *keys[start : start + _BATCH]))
+                self._changed()
             return count
         # Fenced: one call per _BATCH (10,000) keys, each atomic with its fence check; a call
         # is made even with no key, so the fence is always checked.
@@ -861,6 +897,7 @@ class RedisKV(KVBackend):
             chunk = keys[start : start + _BATCH]
             try:
                 count += sum(await self._script(True, _F_DELETE_MANY, *chunk, *fence))
+                self._changed()
             except LeaseLostError as exc:
                 if not start:
                     raise
@@ -877,19 +914,26 @@ class RedisKV(KVBackend):
         for start in range(0, len(keys), _BATCH):
             res = await self._script(True, _DELETE_MANY, *keys[start : start + _BATCH])
             out += [flag == 1 for flag in res]
+        self._changed()
         return out
 
     async def expire(self, key: str, ttl_ms: int | None) -> bool:
-        return bool(await self._script(True, _EXPIRE, key, ttl_ms or 0))
+        live = bool(await self._script(True, _EXPIRE, key, ttl_ms or 0))
+        self._changed()
+        return live
 
     async def clear(self, partition: str | None) -> int:
         pf = "" if partition is None else _part_arg(partition)
         cursor: bytes | str = "-"
         count = 0
+        # The time of the one "clear" change this clear() recorded ("": none yet), handed from
+        # call to call: see lua/kv/clear.lua.
+        recorded: bytes | int = b""
         for _ in range(10_000_000):
-            res = await self._script(True, _CLEAR, pf, cursor, _SCAN_BUDGET)
+            res = await self._script(True, _CLEAR, pf, cursor, _SCAN_BUDGET, recorded)
             count += int(res[1])
-            cursor = res[0]
+            cursor, recorded = res[0], res[2]
+            self._changed()
             if not cursor:
                 break
         if partition is None:

@@ -1,10 +1,12 @@
 """The Lua scripts of the Redis backend: one library that several primitives join.
 
 Scripts come in named groups, one folder each: ``lua/kv/`` holds the key-value scripts,
-``lua/leases/`` the lease and agent scripts, ``lua/queues/`` the work queue scripts. A group
-is an optional prelude, ``_lib.lua`` (its key layout and shared helpers), and one file per
-script. A :class:`ScriptLibrary` is built from groups once, at import; the same code is then
-served two ways:
+``lua/leases/`` the lease and agent scripts, ``lua/queues/`` the work queue scripts,
+``lua/changes/`` the change feed's. A group is an optional prelude, ``_lib.lua`` (its key
+layout and shared helpers), followed by the files it shares with other groups (``shared``:
+``lua/changes/_feed.lua``, the feed's layout and recording, is in the key-value prelude too,
+since every write records its changes), and one file per script. A :class:`ScriptLibrary` is
+built from groups once, at import; the same code is then served two ways:
 
 * as ONE Redis 7 function library (``FCALL``), used on a standalone server: the library is
   compiled once per server, so a call does not rebuild the helpers (about 4 us less per call).
@@ -23,17 +25,19 @@ Both forms carry the same Redis 7 script flags (``FUNCTION`` flags in the librar
 under ``noeviction`` still runs:
 
 * ``no-writes``: pure reads (``get_entry``, ``get_entries``, ``exists_many``, ``ns_live``,
-  ``ns_ready``, ``ns_due``).
+  ``ns_ready``, ``ns_due``, the feed's ``head``).
   Redis runs them whatever the memory use (``no-writes`` implies ``allow-oom``) and refuses
   any write in them.
 * ``allow-oom``: calls whose writes only remove data (``delete_many``, ``clear``, and the
   reads that drop index members of natively expired entries on the way: ``scan`` behind
   ``keys`` / ``search``, ``prune`` behind ``partitions`` / ``stats`` / ``cleanup_expired``,
-  ``ns_forget`` dropping an empty namespace from the registry behind ``namespaces``), and
+  ``ns_forget`` dropping an empty namespace from the registry behind ``namespaces``; the
+  feed's ``read``, which trims its log, and ``disable``), and
   ``ns_backfill``, which adds to the registry the names of namespaces that already hold
   entries (a few bytes each, bounded by the data it describes), so that a listing still
   answers on a full server that lost its registry. A full store stays readable and can be
-  emptied.
+  emptied. ``delete_many`` and ``clear`` record their changes when the namespace's feed is
+  enabled: a small entry per key deleted (one per ``clear``), written even on a full server.
 * no flag: every call that may add data (``set``, ``set_many``, ``incr``, ``expire``, ...).
   A server over ``maxmemory`` refuses it before it runs (``OOM`` reply, nothing written). The
   plain scripts still get a bare ``#!lua`` shebang, so they are refused up front like the
@@ -67,6 +71,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 __all__ = [
+    "CHANGES_GROUP",
+    "CHANGE_FLAGS",
+    "CHANGE_SCRIPTS",
     "FENCED",
     "FLAGS",
     "GROUPS",
@@ -108,7 +115,9 @@ class ScriptGroup:
     ``flags`` gives the Redis script flags of a script (none when absent); ``bind`` replaces
     the prelude's ``<bind>`` lines in the function library. Each script named in ``fenced``
     also gets a fenced twin, ``fenced_<script>``: ``lua/<name>/_fence.lua`` followed by the
-    script's body, with the same flags (see :data:`FENCED`).
+    script's body, with the same flags (see :data:`FENCED`). ``shared`` names files of
+    ``lua/`` (``"<folder>/<file>.lua"``) appended to the prelude, in order: code that several
+    groups run (each group's prelude defines what that code uses).
     """
 
     name: str
@@ -116,6 +125,7 @@ class ScriptGroup:
     flags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     bind: bytes = b""
     fenced: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()
 
 
 class ScriptLibrary:
@@ -137,6 +147,8 @@ class ScriptLibrary:
             where = folder.joinpath(group.name)
             lib_file = where.joinpath("_lib.lua")
             lib = lib_file.read_bytes() if lib_file.is_file() else b""
+            for path in group.shared:
+                lib += folder.joinpath(*path.split("/")).read_bytes()
             bodies = {n: where.joinpath(f"{n}.lua").read_bytes() for n in group.scripts}
             flags_of = {n: tuple(group.flags.get(n, ())) for n in group.scripts}
             if group.fenced:
@@ -203,12 +215,13 @@ class ScriptLibrary:
         return self._sha_by_function[function]
 
 
-_BIND_KV = b"""local P, DIR, XZ, CNT, TMP, PENDING, EPFX, BPFX
+_BIND_KV = b"""local P, DIR, XZ, CNT, TMP, PENDING, EPFX, BPFX, FEED, LOG
 local function bind(keys)
   if keys[1] == P then return end -- the same namespace as the last call: names still bound
   P = keys[1]
   DIR, XZ, CNT, TMP, PENDING = P .. 'd', P .. 'x', P .. 'c', P .. 't', P .. 'g'
   EPFX, BPFX = P .. 'e:', P .. 'b:'
+  FEED, LOG = P .. 'f', P .. 's'
 end
 """
 
@@ -271,6 +284,7 @@ KV_GROUP = ScriptGroup(
     FLAGS,
     _BIND_KV,
     FENCED,
+    shared=("changes/_feed.lua",),
 )
 
 _BIND_LEASES = b"""local P
@@ -359,8 +373,35 @@ QUEUES_GROUP = ScriptGroup(
     _BIND_QUEUES,
 )
 
+_BIND_CHANGES = b"""local P, FEED, LOG
+local function bind(keys)
+  if keys[1] == P then return end -- the same namespace as the last call: names still bound
+  P = keys[1]
+  FEED, LOG = P .. 'f', P .. 's'
+end
+"""
+
+#: Redis 7 script flags of the change feed's scripts. ``read`` trims the log (it only removes
+#: changes and moves the floor) and ``disable`` drops it: both run on a full server, so a
+#: reader keeps reading; ``enable`` may add data.
+CHANGE_FLAGS: dict[str, tuple[str, ...]] = {
+    "head": ("no-writes",),
+    "read": ("allow-oom",),
+    "disable": ("allow-oom",),
+}
+
+#: The change feed's scripts (``lua/changes/``): ``RedisChanges``. The writes that record
+#: changes are the key-value scripts, whose prelude holds ``_feed.lua`` too.
+CHANGES_GROUP = ScriptGroup(
+    "changes",
+    ("enable", "disable", "head", "read"),
+    CHANGE_FLAGS,
+    _BIND_CHANGES,
+    shared=("changes/_feed.lua",),
+)
+
 #: Every group of the one library, in library order.
-GROUPS: tuple[ScriptGroup, ...] = (KV_GROUP, LEASES_GROUP, QUEUES_GROUP)
+GROUPS: tuple[ScriptGroup, ...] = (KV_GROUP, LEASES_GROUP, QUEUES_GROUP, CHANGES_GROUP)
 
 #: The one library of every primitive's scripts.
 SCRIPT_LIBRARY = ScriptLibrary(__package__ or "fleetmem.backends.redis", GROUPS)
@@ -370,4 +411,6 @@ SCRIPTS = SCRIPT_LIBRARY.group("kv")
 LEASE_SCRIPTS = SCRIPT_LIBRARY.group("leases")
 #: The work queue scripts by name.
 QUEUE_SCRIPTS = SCRIPT_LIBRARY.group("queues")
+#: The change feed's scripts by name.
+CHANGE_SCRIPTS = SCRIPT_LIBRARY.group("changes")
 LIBRARY = SCRIPT_LIBRARY.source

@@ -18,15 +18,20 @@
 --   fm:{ns}:t        STRING  scratch for exact 64-bit arithmetic, deleted before returning
 --   fm:{ns}:g        STRING  expired entries dropped from the index by a read, not yet
 --                            counted by cleanup_expired (stats().expired_pending)
+--   fm:{ns}:f, fm:{ns}:s     the change feed's flag and log (lua/changes/_feed.lua, appended
+--                            to this prelude): every write records its changes there when
+--                            the feed is enabled
 -- Keys and partitions never hold control characters, so "\0" and "\n" cannot be ambiguous.
 --
 -- KEYS[1] = "fm:{ns}:" (the namespace prefix: it routes the call to the namespace's slot;
--- every key a script touches starts with it). ARGV holds the script's own arguments.
+-- every key a script touches starts with it); the writes also get KEYS[2] = "fm:{ns}:f" and
+-- KEYS[3] = "fm:{ns}:s", the feed's keys they may touch. ARGV holds the script's own arguments.
 -- The lines between the "bind" markers are replaced in the function library (scripts.py).
 -- <bind>
 local P = KEYS[1]
 local DIR, XZ, CNT, TMP, PENDING = P .. 'd', P .. 'x', P .. 'c', P .. 't', P .. 'g'
 local EPFX, BPFX = P .. 'e:', P .. 'b:'
+local FEED, LOG = P .. 'f', P .. 's'
 -- </bind>
 
 local function now_ms()
@@ -232,7 +237,7 @@ local function write(key, payload, ttl, parg, keep, now)
   return put(key, ekey, ver, c, old, payload, ttl, parg, keep, now)
 end
 
--- Delete the live entry key; returns 1 if it was live.
+-- Delete the live entry key; returns 1 and its partition if it was live, else 0.
 local function remove(key)
   local ekey = EPFX .. key
   local ver, _, part = header(ekey)
@@ -244,6 +249,6 @@ local function remove(key)
   idx_rem(member(key, part))
   redis.call('ZREM', XZ, key)
   count(part, -1)
-  return 1
+  return 1, part
 end
 

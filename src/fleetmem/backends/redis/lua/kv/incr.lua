@@ -27,5 +27,11 @@ else
   end
   if not string.find(result, '[%.eE]') then result = result .. '.0' end
 end
-write(key, result, tonumber(ARGV[4]), ARGV[5], true, now_ms())
+local now = now_ms()
+local ver, _, part, exp = write(key, result, tonumber(ARGV[4]), ARGV[5], true, now)
+local feed = feed_open(now)
+if feed then
+  feed_add(feed, 's', key, part, ver, exp, result)
+  feed_close(feed)
+end
 return {'OK', result}

@@ -4,4 +4,9 @@ local ttl, parg, keep = 0, '', false
 if ARGV[3] then ttl, parg, keep = tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1' end
 local now = now_ms()
 local ver, c, part, exp = write(ARGV[1], ARGV[2], ttl, parg, keep, now)
+local feed = feed_open(now)
+if feed then
+  feed_add(feed, 's', ARGV[1], part, ver, exp, ARGV[2])
+  feed_close(feed)
+end
 return {ver, c, now, part, exp}

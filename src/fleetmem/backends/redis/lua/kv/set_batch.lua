@@ -4,6 +4,7 @@
 -- writes go out as one MSET per slice.
 local now = now_ms()
 local out, mset = {now}, {}
+local feed = feed_open(now)
 -- Every current header in one MGET (the keys are distinct).
 local ekeys = {}
 for i = 1, #ARGV, 3 do ekeys[#ekeys + 1] = EPFX .. ARGV[i] end
@@ -22,6 +23,7 @@ for i = 1, #ARGV, 3 do
   out[j], out[j + 1], out[j + 2], out[j + 3] = put(
     key, ekey, ver, c, old, ARGV[i + 1], ttl, parg, keep, now, mset
   )
+  if feed then feed_add(feed, 's', key, out[j + 2], out[j], out[j + 3], ARGV[i + 1]) end
   j = j + 4
   if #mset >= 1000 then
     redis.call('MSET', unpack(mset))
@@ -29,4 +31,5 @@ for i = 1, #ARGV, 3 do
   end
 end
 if #mset > 0 then redis.call('MSET', unpack(mset)) end
+if feed then feed_close(feed) end
 return out

@@ -1,8 +1,12 @@
 -- ARGV: 1 ttl_ms (0 none), 2 partition arg, then key, payload pairs (distinct keys).
 -- Returns the count written. Each item is written as set() would (keep_ttl off), but the
 -- writes go out in bulk: one MSET (no TTL), ZMSCORE, ZADD and HINCRBY per slice of items.
+-- With a feed, the changes go out as one XADD per 1000 items.
 local now = now_ms()
 local ttl, parg = tonumber(ARGV[1]), ARGV[2]
+local feed = feed_open(now)   -- records each item's change, in ARGV order
+local exp = -1
+if ttl > 0 then exp = now + ttl end
 local named = string.sub(parg, 2)
 local deltas = {}             -- partition -> change of its count
 local mset, nm = {}, 0        -- MSET arguments (ttl == 0)
@@ -58,6 +62,7 @@ for first = 3, #ARGV, 2 * READ do
     local part = old or ''
     if parg ~= '' then part = named end
     local value = entry(ver + 1, c, math.max(c, now), part, ARGV[i + 1])
+    if feed then feed_add(feed, 's', key, part, ver + 1, exp, ARGV[i + 1]) end
     if ttl > 0 then
       redis.call('SET', ekey, value, 'PXAT', now + ttl)
       xadd[nx + 1], xadd[nx + 2] = now + ttl, key
@@ -80,4 +85,5 @@ flush()
 for part, d in pairs(deltas) do
   if d ~= 0 then count(part, d) end
 end
+if feed then feed_close(feed) end
 return n
