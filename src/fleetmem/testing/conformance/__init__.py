@@ -3,7 +3,8 @@
 The contract is written in the docstrings of :mod:`fleetmem.protocol` (the module's rules and
 each :class:`~fleetmem.protocol.MemoryStore` method) and, for leases, fenced writes and the
 agent registry and work queues (``store.leases``, ``fence=``, ``store.agents``,
-``store.queue(name)``), in ``docs/coordination.md``; this suite is its executable form. Check
+``store.queue(name)``), in ``docs/coordination.md``, and for the change feed
+(``store.changes``) in ``docs/changes.md``; this suite is its executable form. Check
 any ``MemoryStore`` implementation by subclassing :class:`StoreConformance` in a test module
 where a ``store`` fixture yields a fresh, empty store in a namespace no other test uses::
 
@@ -30,10 +31,11 @@ Other namespaces may exist on the same server (other tests, other runs): no test
 alone there. The coordination tests leave lease and agent records and queued jobs in the
 fixture's namespace (``clear()`` keeps them, by contract); they are small, and no lease, agent
 or claim stays live longer than the longest TTL the tests grant (200 s).
-:class:`LeasesConformance`, :class:`FencedWritesConformance`, :class:`AgentsConformance` and
-:class:`QueueConformance` are part of :class:`StoreConformance` and can also be run on their
-own. Tolerances and optional capabilities are class attributes, documented on
-:class:`StoreConformance`; override them in the subclass.
+:class:`LeasesConformance`, :class:`FencedWritesConformance`, :class:`AgentsConformance`,
+:class:`QueueConformance` and :class:`ChangesConformance` are part of :class:`StoreConformance`
+and can also be run on their own. The change-feed tests enable the feed of the fixture's
+namespace and disable it again when they are done. Tolerances and optional capabilities are
+class attributes, documented on :class:`StoreConformance`; override them in the subclass.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import pytest
 
 from fleetmem.testing.conformance._agents import AgentsConformance
+from fleetmem.testing.conformance._changes import ChangesConformance
 from fleetmem.testing.conformance._concurrency import ConcurrencyConformance
 from fleetmem.testing.conformance._expiry import ExpiryConformance
 from fleetmem.testing.conformance._fences import FencedWritesConformance
@@ -55,6 +58,7 @@ from fleetmem.testing.conformance._writes import WriteConformance
 
 __all__ = [
     "AgentsConformance",
+    "ChangesConformance",
     "FencedWritesConformance",
     "LeasesConformance",
     "QueueConformance",
@@ -75,6 +79,7 @@ class StoreConformance(
     FencedWritesConformance,
     AgentsConformance,
     QueueConformance,
+    ChangesConformance,
 ):
     """Every rule of the store contract, as tests of the ``store`` fixture.
 
@@ -104,6 +109,13 @@ class StoreConformance(
     ``lease_wake_slack``
         The bound (seconds) on "a waiter is granted within 100 ms of a release"; keep it under
         one second, the fallback poll, so that passing proves a notification.
+    ``change_wake_slack``
+        The bound (seconds) on a watcher receiving a change written in this process.
+    ``change_retention``
+        The short retention (seconds) the change-feed retention test enables.
+    ``change_patience``
+        How long (seconds) a change-feed test waits for something due (a trim, which the
+        contract allows up to 10 s after the retention; a watch to end) before it fails.
     """
 
     pytestmark = [pytest.mark.asyncio]
