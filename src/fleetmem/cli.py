@@ -498,6 +498,67 @@ async def _cmd_dead(args: argparse.Namespace, out: _Output) -> int:
     return await _with_store(args, run)
 
 
+def _change_dict(change: Any) -> dict[str, Any]:
+    return {
+        "cursor": change.cursor,
+        "op": change.op,
+        "key": change.key,
+        "partition": change.partition,
+        "version": change.version,
+        "value": change.value,
+        "expires_at": change.expires_at,
+        "at": change.at,
+    }
+
+
+def _change_line(change: Any) -> str:
+    what = change.key if change.key is not None else f"(partition {_text(change.partition)})"
+    version = "" if change.version is None else f"  v{change.version}"
+    value = "" if change.op != "set" else f"  {_text(change.value)}"
+    return f"{change.cursor}  {change.op}  {what}{version}{value}"
+
+
+async def _cmd_changes(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: Any) -> int:
+        feed = store.changes
+        if args.changes_command == "enable":
+            await feed.enable(args.retention)
+            out.line({"enabled": True, "retention": args.retention}, "enabled")
+        elif args.changes_command == "disable":
+            await feed.disable()
+            out.line({"enabled": False}, "disabled")
+        elif args.changes_command == "status":
+            on = await feed.enabled()
+            data: dict[str, Any] = {"enabled": on}
+            if on:
+                data["cursor"] = await feed.cursor()
+            out.line(data, f"enabled, head {data['cursor']}" if on else "not enabled")
+        else:  # read
+            batch = await feed.read(args.since, args.limit, args.pattern, args.partition)
+            data = {"changes": [_change_dict(c) for c in batch.changes], "cursor": batch.cursor}
+            lines = [_change_line(c) for c in batch.changes] + [f"next: --since {batch.cursor}"]
+            out.lines(data, lines)
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
+async def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
+    async def run(store: Any) -> int:
+        seen = 0
+        async for change in store.changes.watch(args.pattern, args.partition, args.since):
+            if out.as_json:  # one JSON object per line, flushed: a stream to pipe on
+                print(_to_json(_change_dict(change), pretty=False), flush=True)
+            else:
+                print(_change_line(change), flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
 async def _cmd_stats(args: argparse.Namespace, out: _Output) -> int:
     where = _where(args)
 
@@ -944,6 +1005,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("queue", help="the queue name")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
     p.add_argument("--after", default=None, help="exclusive cursor: the last id of a page")
+    p = command(
+        "changes",
+        "the namespace's change feed: enable (server-side, for every writer), disable, status, "
+        "or read a page of changes",
+    )
+    changes_sub = p.add_subparsers(dest="changes_command", required=True, metavar="ACTION")
+    q = changes_sub.add_parser("enable", help="record every write of the namespace from now on")
+    q.add_argument(
+        "--retention",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="keep each change at least this long (default: 3600)",
+    )
+    changes_sub.add_parser("disable", help="stop recording and drop the log")
+    changes_sub.add_parser("status", help="whether the feed is enabled, and its head cursor")
+    q = changes_sub.add_parser("read", help="print a page of changes and the next cursor")
+    q.add_argument("--since", default=None, help="a cursor (default: the oldest retained)")
+    q.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
+    q.add_argument("--pattern", default=None, help="only keys matching this glob")
+    q.add_argument("--partition", default=None, help="only changes of this partition")
+    p = command(
+        "watch",
+        "print the namespace's changes as they happen (with --json one object per line), "
+        "until interrupted or --count",
+    )
+    p.add_argument("pattern", nargs="?", default="*", help="only keys matching this glob")
+    p.add_argument("--partition", default=None, help="only changes of this partition")
+    p.add_argument("--since", default=None, help="replay from this cursor first (default: now)")
+    p.add_argument("--count", type=int, default=None, help="stop after this many changes")
     command("stats", "counts and sizes of the namespace, and which store (file or URL) it is")
     command("health", "check the store: prints the report; exit 1 when not ok")
     p = command(
@@ -1026,6 +1117,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, _Output], Coroutine[Any, Any,
     "agents": _cmd_agents,
     "queues": _cmd_queues,
     "dead": _cmd_dead,
+    "changes": _cmd_changes,
+    "watch": _cmd_watch,
     "stats": _cmd_stats,
     "health": _cmd_health,
     "demo": _cmd_demo,

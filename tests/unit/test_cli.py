@@ -696,3 +696,35 @@ def test_queues_and_dead_list_what_the_queues_hold(
     assert json.loads(out) == []
     code, _, err = run(capsys, "--url", url, "-n", "fleet", "dead", "builds", "--after", "x")
     assert code == 2 and "job id" in err
+
+
+def test_changes_enable_read_watch_and_a_bad_cursor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    code, out, _ = run(capsys, "--url", url, "changes", "status")
+    assert (code, json.loads(out)) == (0, {"enabled": False})
+    code, _, err = run(capsys, "--url", url, "changes", "read")
+    assert code != 0 and "not enabled" in err
+    assert run(capsys, "--url", url, "changes", "enable", "--retention", "60")[0] == 0
+    head = json.loads(run(capsys, "--url", url, "changes", "status")[1])["cursor"]
+    run(capsys, "--url", url, "set", "results/a", '{"ok": true}')
+    run(capsys, "--url", url, "set", "logs/a", '"x"')
+    run(capsys, "--url", url, "del", "results/a")
+    code, out, _ = run(capsys, "--url", url, "changes", "read", "--pattern", "results/*")
+    page = json.loads(out)
+    assert [(c["op"], c["key"], c["version"]) for c in page["changes"]] == [
+        ("set", "results/a", 1),
+        ("delete", "results/a", None),
+    ]
+    code, out, _ = run(capsys, "--url", url, "changes", "read", "--since", page["cursor"])
+    assert json.loads(out)["changes"] == []
+    # watch replays from a cursor, one JSON object per line, and stops after --count.
+    code, out, _ = run(capsys, "--url", url, "--json", "watch", "--since", head, "--count", "2")
+    assert code == 0
+    assert [json.loads(line)["key"] for line in out.splitlines()] == ["results/a", "logs/a"]
+    code, _, err = run(capsys, "--url", url, "changes", "read", "--since", "nonsense")
+    assert code == 2 and "not a change cursor" in err
+    assert run(capsys, "--url", url, "changes", "disable")[0] == 0
+    code, out, _ = run(capsys, "--url", url, "changes", "status")
+    assert json.loads(out) == {"enabled": False}
