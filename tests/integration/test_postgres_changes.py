@@ -464,3 +464,24 @@ async def test_a_write_racing_a_disable_leaves_a_stale_change_the_sweeper_delete
     assert await store.kv.sweep_changes() == 1
     assert await _count(dsn, ns) == 1
     await store.changes.disable()
+
+
+async def test_the_read_function_plans_for_each_call(
+    store: PostgresStore, fleetmem_postgres_database: str
+) -> None:
+    """The read function numbers changes with plans made for each call's values: cached for
+    generic values (PostgreSQL's choice after five calls), the numbering of a 10,000-change
+    batch became a nested loop of 11 s instead of 25 ms, and a watcher lagged behind."""
+    rows = await _fetch(
+        fleetmem_postgres_database,
+        "SELECT p.proconfig FROM pg_proc p WHERE p.proname LIKE '%changes_read'",
+    )
+    assert rows and all("plan_cache_mode=force_custom_plan" in (r[0] or []) for r in rows)
+    await store.changes.enable()
+    start = await store.changes.cursor()
+    for i in range(8):  # past the five calls after which a generic plan may be cached
+        await store.set(f"k{i}", i)
+        await store.changes.read(since=start)
+    await store.set_many({f"m{i:05d}": i for i in range(10_000)})
+    changes, _ = await _read_all(store, start)
+    assert len(changes) == 10_008
