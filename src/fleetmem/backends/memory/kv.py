@@ -319,6 +319,8 @@ class InMemoryKV(KVBackend):
         # No await in here: the whole call is atomic for other coroutines, so one fence check
         # covers every chunk (as one transaction does on SQLite and PostgreSQL).
         self._fence(fence, time.time())
+        # Whether the feed is on, looked up once: nothing in here awaits, so it cannot change.
+        recording = self._namespace in self._feeds.feeds
         count = 0
         for chunk in chunks:
             now = time.time()
@@ -326,7 +328,8 @@ class InMemoryKV(KVBackend):
                 record = self._write(
                     key, payload, now, ttl_ms, partition, False, self._live(key, now)
                 )
-                self._recorded_set(key, record, now)
+                if recording:
+                    self._recorded_set(key, record, now)
             count += len(chunk)
         return count
 
