@@ -30,8 +30,13 @@ servers:
   token is kept for good, by design); the queues section creates and drops the table
   bench_raw_queue and the schema bench_procrastinate, deletes the Redis keys rawq:*,
   saq:*bench-saq*, arq:*bench-* and bench-arq* it wrote, and leaves the jobs of the
-  namespace bench-queues (an acked job's result is held for a day): give it servers you can
-  spare.
+  namespace bench-queues (an acked job's result is held for a day); the changes section
+  creates and drops the schemas bench_changes_base, bench_changes_head and
+  bench_changes_control (fleetmem before and after the change feed, each with its own
+  tables), clears the namespaces bench-changes-* and disables their feeds, and deletes
+  the Redis stream rawc:{bench}:changes: give it servers you can spare. The changes
+  section takes fleetmem before the change feed from the checkout's git history (git
+  archive, read-only).
 
 needs: pip install -e '.[bench]' in the checkout (asyncpg, redis, the peers, matplotlib
 for --chart); --from-json needs none of them."""

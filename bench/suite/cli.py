@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .changes import bench_changes, change_steps
 from .hybrid import bench_hybrid
 from .leases import bench_leases, lease_steps
 from .postgres import bench_postgres
@@ -75,6 +76,7 @@ async def run(args: argparse.Namespace) -> Report:
         + (1 if "sync" in only and "redis" not in only else 0)
         + (lease_steps(pg=True, rs=True) if "leases" in only else 0)
         + (queue_steps(pg=True, rs=True) if "queues" in only else 0)
+        + (change_steps(pg=True, rs=True) if "changes" in only else 0)
     )
     progress = Progress(steps)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -88,8 +90,10 @@ async def run(args: argparse.Namespace) -> Report:
         # main thread (RuntimeError) keep the default SIGTERM; Ctrl-C still stops the servers.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    need_pg = bool(only & {"postgres", "hybrid", "namespaces", "leases", "queues"})
-    need_redis = bool(only & {"redis", "hybrid", "namespaces", "sync", "leases", "queues"})
+    need_pg = bool(only & {"postgres", "hybrid", "namespaces", "leases", "queues", "changes"})
+    need_redis = bool(
+        only & {"redis", "hybrid", "namespaces", "sync", "leases", "queues", "changes"}
+    )
     async with _servers(need_pg, need_redis) as (pg, rs):
         if "postgres" in only and pg:
             await bench_postgres(bench, pg)
@@ -108,6 +112,8 @@ async def run(args: argparse.Namespace) -> Report:
             await bench_leases(bench, pg, rs)
         if "queues" in only:
             await bench_queues(bench, pg, rs)
+        if "changes" in only:
+            await bench_changes(bench, pg, rs)
         await bench_scaling(
             bench, pg if "postgres" in only else None, rs if "redis" in only else None
         )
@@ -119,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetmem bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--only",
-        help="comma-separated: postgres,redis,hybrid,leases,queues (the sections; the first "
-        "four by default, queues (about 20 minutes) only when named; leases and queues run on "
-        "memory and SQLite too), namespaces, sync (the "
+        help="comma-separated: postgres,redis,hybrid,leases,queues,changes (the sections; the "
+        "first four by default, queues (about 20 minutes) and changes (the change feed, about "
+        "5 minutes) only when named; leases, queues and changes run on memory and SQLite too), "
+        "namespaces, sync (the "
         "namespaces() "
         "and fleetmem.sync workloads alone, which the postgres and redis sections also run)",
     )

@@ -316,3 +316,117 @@ def test_bench_only_queues_measures_every_subject_exactly_once(
             await conn.close()
 
     assert asyncio.run(leftovers()) == []
+
+
+#: The change section's workloads per backend, by the subjects each is measured against beside
+#: fleetmem: the same writes without a feed by fleetmem before the change feed and by fleetmem
+#: in a third process (the control; a child process each), and with a feed (enabled, or
+#: enabled and watched) against none.
+CHANGE_NO_FEED = ("set no feed p50", "set no feed", "set_many 10k no feed")
+CHANGE_FEED = (
+    "set feed on p50",
+    "set feed on",
+    "set feed watched p50",
+    "set feed watched",
+    "set_many 10k feed on",
+    "set_many 10k feed watched",
+)
+
+
+def test_bench_only_changes_measures_the_feed_on_every_backend(
+    fleetmem_postgres_empty_database: str,
+    fleetmem_redis_factory: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    bench_main: Callable[[list[str] | None], int],
+) -> None:
+    """``--only changes``: every workload on every backend whose feed is built (the others
+    skipped with a note), each watcher seeing every change once and in order, the targets'
+    verdicts in the notes, and nothing of the run left on the servers."""
+    dsn = fleetmem_postgres_empty_database
+    monkeypatch.setenv("FLEETMEM_BENCH_POSTGRES_URL", dsn)
+    redis_url = fleetmem_redis_factory().url
+    monkeypatch.setenv("FLEETMEM_BENCH_REDIS_URL", redis_url)
+    out = tmp_path / "bench.json"
+    args = ["--smoke", "--repetitions", "1", "--only", "changes", "--json", str(out)]
+    assert bench_main(args) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows: dict[tuple[str, str], dict[str, Any]] = {
+        (row["workload"], row["subject"]): row for row in data["rows"]
+    }
+    notes = data["notes"]
+    joined = "\n".join(notes)
+
+    assert "NOT every" not in joined
+    # fleetmem before the change feed comes from the checkout's git history: a shallow clone
+    # may not have it, and the run says so.
+    compared = "changes: no comparison with fleetmem before #19" not in joined
+    measured = set()
+    for backend in ("memory", "sqlite", "postgres", "redis", "hybrid"):
+        if f"changes: {backend} stopped" in joined:  # a backend whose feed is being built
+            assert backend != "memory"
+            continue
+        measured.add(backend)
+        workloads = [(w, r) for w in CHANGE_NO_FEED for r in ("before #19", "control")]
+        workloads = workloads if compared else []
+        built = f"changes: {backend}: no change feed in this build" not in joined
+        assert built or backend != "memory"
+        if built:
+            workloads += [(w, "no feed") for w in CHANGE_FEED]
+            assert f"changes: {backend}: the watcher in " in joined
+            assert f"changes: {backend} watch latency: every subject received each write" in joined
+            assert f"changes target {backend} watch latency p99 ≤ 100 ms" in joined
+            assert f"changes target {backend} set with a feed ≤ 1.3x without" in joined
+            raw = ("raw",) if backend in ("postgres", "redis") else ()
+            for subject in ("fleetmem", *raw):
+                p50 = rows.get((f"{backend} watch latency p50", subject))
+                p99 = rows.get((f"{backend} watch latency p99", subject))
+                assert p50 is not None and p99 is not None, (backend, subject)
+                assert p50["unit"] == p99["unit"] == "ms"
+                assert p99["values"][0] >= p50["values"][0]
+        for workload, reference in workloads:
+            for subject in ("fleetmem", reference):
+                row = rows.get((f"{backend} {workload}", subject))
+                assert row is not None, (backend, workload, subject)
+    assert "memory" in measured
+    for (workload, _subject), row in rows.items():
+        assert workload.split()[0] in measured
+        values = row["values"]
+        assert values and all(math.isfinite(v) and v > 0 for v in values)
+    assert "note: changes: " in printed
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # The raw stream is gone; fleetmem's keys stay (its registry, and a disabled feed's
+        # last epoch, kept so that the cursors before it stay expired), its entries do not.
+        leftover = [k for k in client.scan_iter(count=1000) if not k.startswith(b"fm:{")]
+        assert leftover == []
+    finally:
+        client.close()
+
+    import asyncio
+
+    import asyncpg
+
+    from fleetmem.backends.redis import RedisStore
+
+    async def left_behind() -> tuple[list[str], list[str]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            found = await conn.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench_changes%'"
+            )
+        finally:
+            await conn.close()
+        entries = []
+        for suffix in ("base", "head", "control", "off", "on", "watched", "latency"):
+            store = RedisStore.from_url(redis_url, namespace=f"bench-changes-{suffix}")
+            async with store:
+                entries += [f"{suffix}: {key}" for key in await store.keys()]
+        return [r["nspname"] for r in found], entries
+
+    assert asyncio.run(left_behind()) == ([], [])
