@@ -4,9 +4,11 @@ A coordinator enqueues the work items in a durable work queue (``store.queue``, 
 run). Agents claim them under a lease, record results with a TTL in a partition of their own,
 count progress with ``incr``, keep a shared scoreboard with ``compare_and_set`` and ack each job.
 Some agents "crash" while holding a claim; its lease expires and the queue gives the job to
-another agent. At the end the demo checks that the shared state is consistent: each item has
-exactly one result, the counter equals the number of results, the scoreboard adds up, and the
-queue holds every job as done, none left, none dead.
+another agent. The coordinator follows the results as they are written through the namespace's
+change feed (``store.changes.watch``), whichever process writes them. At the end the demo checks
+that the shared state is consistent: each item has exactly one result, the counter equals the
+number of results, the scoreboard adds up, the queue holds every job as done, none left, none
+dead, and the change feed holds each result's write once, as the coordinator's watch saw it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ __all__ = ["DemoReport", "run_demo"]
 
 SCOREBOARD = "fleet/scoreboard"
 DONE_COUNTER = "fleet/done"
-#: How long the queue keeps the results of a run's jobs (seconds), for inspection.
+#: How long the queue keeps the results of a run's jobs (seconds), for inspection; the change
+#: feed keeps the run's changes as long.
 RESULT_TTL = 600.0
+#: Seconds the coordinator's watch may lag behind the last result before the run says so.
+FEED_PATIENCE = 30.0
 
 
 @dataclass
@@ -62,6 +67,9 @@ class DemoReport:
     jobs_done: int = 0
     jobs_dead: int = 0
     jobs_left: int = 0
+    feed_cursor: str = ""
+    feed_results: int = 0
+    watched_results: int = 0
     operations: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -207,12 +215,18 @@ async def run_demo(
         )
     async with open_store(url, namespace=namespace) as store:
         where = describe(resolved) if resolved is not None else store.backend
+        await store.changes.disable()  # an earlier run's log goes with its entries
         cleared = await store.clear()
         if cleared:
             say(f"cleared {cleared} entries left by an earlier run in namespace {namespace!r}")
         report = DemoReport(
             url=where, namespace=namespace, agents=agents, processes=processes, items=items
         )
+        # Server-side: the agents' writes are recorded whichever process makes them.
+        await store.changes.enable(retention=RESULT_TTL)
+        report.feed_cursor = await store.changes.cursor()
+        seen: set[str] = set()
+        follower = asyncio.create_task(_follow_results(store, report.feed_cursor, items, seen))
         report.queue = f"demo-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
         say(f"coordinator: enqueueing {items} items in queue {report.queue!r}")
         await store.queue(report.queue).put_many([{"item": f"item-{i:04d}"} for i in range(items)])
@@ -223,12 +237,17 @@ async def run_demo(
             tallies, ops = await _run_fleet(
                 store, url, namespace, agents, report.queue, processes, lease, crash_rate, seed
             )
+            report.seconds = time.perf_counter() - start
+            # The watch follows the writes of every process: let it catch up with the last.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(follower), FEED_PATIENCE)
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-        report.seconds = time.perf_counter() - start
+            for task in (watcher, follower):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        report.watched_results = len(seen)
         for t in tallies:
             for name in ("done", "lost_claims", "cas_conflicts", "crashes", "takeovers"):
                 setattr(report.tally, name, getattr(report.tally, name) + getattr(t, name))
@@ -237,6 +256,15 @@ async def run_demo(
         if on_items is not None:
             on_items(report.results, items)
     return report
+
+
+async def _follow_results(store: MemoryStore, since: str, items: int, seen: set[str]) -> None:
+    """The coordinator: follow the results as agents write them, until every item has one."""
+    async for change in store.changes.watch("results/*", since=since):
+        if change.op == "set" and change.key is not None:
+            seen.add(change.key)
+            if len(seen) >= items:
+                return
 
 
 async def _watch_items(
@@ -312,6 +340,24 @@ async def _verify(store: MemoryStore, report: DemoReport) -> None:
             f"queue {report.queue!r}: {report.jobs_done} jobs done of {report.items}, "
             f"{report.jobs_dead} dead, {report.jobs_left} not finished"
         )
+    feed: list[str] = []
+    since: str | None = report.feed_cursor
+    while True:
+        batch = await store.changes.read(since=since, pattern="results/*")
+        feed.extend(c.key for c in batch.changes if c.op == "set" and c.version == 1 and c.key)
+        if not batch.changes:
+            break
+        since = batch.cursor
+    report.feed_results = len(feed)
+    if len(feed) != report.results or set(feed) != set(results):
+        report.problems.append(
+            f"the change feed holds {len(feed)} result writes ({len(set(feed))} keys), "
+            f"the store {report.results} results"
+        )
+    if report.watched_results != report.results:
+        report.problems.append(
+            f"the coordinator's watch saw {report.watched_results} of {report.results} results"
+        )
     if report.tally.done != report.results:
         report.problems.append(f"agents recorded {report.tally.done}, store holds {report.results}")
     by_agent: dict[str, int] = {}
@@ -346,6 +392,8 @@ def format_report(report: DemoReport, inspect: list[str] | None = None) -> str:
         f"  items done     {report.results} / {report.items}",
         f"  queue          {report.queue!r}: {report.items} jobs put by the coordinator,"
         f" {report.jobs_done} acked, {report.jobs_dead} dead, {report.jobs_left} left",
+        f"  change feed    {report.feed_results} result writes recorded, each once; the"
+        f" coordinator's watch saw {report.watched_results} as they were written",
         f"  late acks      {t.lost_claims} refused (another agent had claimed the job since)",
         f"  conflicts      {t.cas_conflicts} compare_and_set conflicts resolved by retry",
         f"  crashes        {t.crashes} agents walked away holding a claim; {t.takeovers} jobs"
@@ -360,7 +408,7 @@ def format_report(report: DemoReport, inspect: list[str] | None = None) -> str:
     if report.consistent:
         lines.append(
             "  consistent     yes: one result per item; counter, scoreboard and results agree;"
-            " every job acked once, none dead, none left"
+            " every job acked once, none dead, none left; the feed holds each result once"
         )
     else:
         lines.append("  consistent     NO")
