@@ -874,6 +874,9 @@ class PostgresConnector:
         if self._own is not None:
             own, self._own = self._own, None
             await own.close(self.acquire_timeout)
+        # Waiters (a watch between two polls, a lease or a claim waiting) see the store closed
+        # now rather than at their next poll.
+        self.notifier.notify_all()
 
     # ---------------------------------------------------------------- the choke point
 
