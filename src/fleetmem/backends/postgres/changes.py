@@ -30,7 +30,12 @@ from typing import Any
 
 from fleetmem._notify import Watch
 from fleetmem.backends.postgres.connector import FETCH, FETCHROW, FETCHVAL, PostgresConnector
-from fleetmem.backends.postgres.leases import Listener
+from fleetmem.backends.postgres.leases import (
+    Listener,
+    counted_user,
+    shared_listener,
+    start_listener,
+)
 from fleetmem.backends.seam import ChangeBackend, ChangeEvent, ChangePage
 from fleetmem.errors import FleetmemError
 
@@ -108,13 +113,7 @@ class PostgresChanges(ChangeBackend):
 
         Connects the store first if it is not connected yet (and raises what connecting
         raises); once connected it never raises: without ``LISTEN``, :meth:`wait` polls."""
-        connector = self._connector
-        if not connector.ready:
-            await connector.connect()
-        listener: Listener | None = connector.listener
-        if listener is None:
-            listener = connector.listener = Listener(connector)
-        await listener.start()
+        await start_listener(self._connector)
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[Watch]:
@@ -122,18 +121,9 @@ class PostgresChanges(ChangeBackend):
         from an injected pool for ``LISTEN`` goes back with the last one. A watch is entered
         before its first :meth:`listen`, so the listener is made here (:meth:`listen` starts
         it): counted from the start, it is stopped when the last watch leaves."""
-        connector = self._connector
-        listener: Listener | None = connector.listener
-        if listener is None:
-            listener = connector.listener = Listener(connector)
-        listener.users += 1
-        try:
-            with self._notifier.watch(self.wake_key()) as w:
-                yield w
-        finally:
-            listener.users -= 1
-            if listener.users == 0 and listener.borrowed:
-                listener.stop_soon()
+        listener = shared_listener(self._connector)
+        with counted_user(listener), self._notifier.watch(self.wake_key()) as w:
+            yield w
 
     async def wait(self, watch: Watch, epoch: int, after: int, timeout: float) -> None:
         """Sleep until woken or for at most :attr:`poll_interval` (and ``timeout``). While

@@ -30,7 +30,7 @@ import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -257,6 +257,41 @@ def _quote(channel: str) -> str:
     return '"' + channel.replace('"', '""') + '"'
 
 
+def shared_listener(connector: PostgresConnector) -> Listener:
+    """The connector's ``LISTEN`` connection, shared by its leases, queues and change feeds
+    (made here, not started)."""
+    listener: Listener | None = connector.listener
+    if listener is None:
+        listener = connector.listener = Listener(connector)
+    return listener
+
+
+async def start_listener(connector: PostgresConnector) -> Listener:
+    """Connect the store if it is not yet (raising what connecting raises), then start the
+    shared ``LISTEN`` connection once. Once connected it never raises: a ``LISTEN`` that
+    cannot be opened or delivers nothing leaves the waiters to poll."""
+    if not connector.ready:
+        await connector.connect()
+    listener = shared_listener(connector)
+    await listener.start()
+    return listener
+
+
+@contextlib.contextmanager
+def counted_user(listener: Listener | None) -> Iterator[None]:
+    """Count a waiter of ``listener`` while inside: a connection borrowed from an injected pool
+    for ``LISTEN`` goes back with the last one."""
+    if listener is not None:
+        listener.users += 1
+    try:
+        yield
+    finally:
+        if listener is not None:
+            listener.users -= 1
+            if listener.users == 0 and listener.borrowed:
+                listener.stop_soon()
+
+
 class PostgresLeases(LeaseBackend):
     """The leases of one namespace, on the connector of the store's table."""
 
@@ -313,25 +348,12 @@ class PostgresLeases(LeaseBackend):
         await self._listener()
 
     async def _listener(self) -> Listener:
-        connector = self._connector
-        if not connector.ready:
-            await connector.connect()
-        listener: Listener | None = connector.listener
-        if listener is None:
-            listener = connector.listener = Listener(connector)
-        await listener.start()
-        return listener
+        return await start_listener(self._connector)
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str) -> AsyncIterator[Watch]:
         """Watch ``name`` for releases (entered before trying, so none is missed); counts the
         waiters so that a connection borrowed from an injected pool goes back with the last."""
         listener = await self._listener()
-        listener.users += 1
-        try:
-            with self._notifier.watch((self._namespace, name)) as w:
-                yield w
-        finally:
-            listener.users -= 1
-            if listener.users == 0 and listener.borrowed:
-                listener.stop_soon()
+        with counted_user(listener), self._notifier.watch((self._namespace, name)) as w:
+            yield w

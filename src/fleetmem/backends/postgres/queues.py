@@ -49,7 +49,7 @@ from fleetmem.backends.postgres.connector import (
     sqlstate,
     statements,
 )
-from fleetmem.backends.postgres.leases import Listener
+from fleetmem.backends.postgres.leases import counted_user, start_listener
 from fleetmem.backends.seam import NewJob, QueueBackend, job_lost
 from fleetmem.errors import FleetmemError
 from fleetmem.protocol import Job, JobResult, QueueStats
@@ -453,26 +453,11 @@ class PostgresQueues(QueueBackend):
         error the waiting call's first statement would have raised). Once connected it never
         raises: a ``LISTEN`` that cannot be opened or delivers nothing leaves the waiters to
         poll (:attr:`poll_interval`)."""
-        connector = self._connector
-        if not connector.ready:
-            await connector.connect()
-        listener: Listener | None = connector.listener
-        if listener is None:
-            listener = connector.listener = Listener(connector)
-        await listener.start()
+        await start_listener(self._connector)
 
     @contextlib.contextmanager
     def watch(self, key: tuple[str, str, str]) -> Iterator[Watch]:
         """Watch a claim or result key; counts the waiters so that a connection borrowed from
         an injected pool for ``LISTEN`` goes back with the last one."""
-        listener: Listener | None = self._connector.listener
-        if listener is not None:
-            listener.users += 1
-        try:
-            with self._notifier.watch(key) as w:
-                yield w
-        finally:
-            if listener is not None:
-                listener.users -= 1
-                if listener.users == 0 and listener.borrowed:
-                    listener.stop_soon()
+        with counted_user(self._connector.listener), self._notifier.watch(key) as w:
+            yield w
