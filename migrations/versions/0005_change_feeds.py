@@ -21,11 +21,13 @@ Next to the entries table ``T`` (same schema, names derived from ``T``, see
   sequenced rows) serves reads and trimming; ``T_changes_pending_idx`` (``(namespace, epoch,
   id)`` of rows not sequenced yet) serves the sequencer. A write touches only the second.
 * ``T_changes_read(ns, epoch, after, lim, trim)``: one round trip for a read (or ``head``,
-  with ``lim`` 0). It checks cheaply, without a lock, whether there is anything to trim or to
-  sequence; only then it locks the feed row ``FOR UPDATE`` (serialising sequencers), trims the
-  prefix of positions older than the retention (``floor`` becomes the highest trimmed), and in a
-  new statement -- a fresh READ COMMITTED snapshot -- gives every visible unsequenced change of
-  the current epoch ``pos = head + row_number() OVER (ORDER BY id)`` and advances ``head``.
+  with ``lim`` 0). It reads the feed row and checks cheaply, without a lock and in the same
+  statement (one snapshot, so that a head seen with nothing left to number is current),
+  whether there is anything to trim or to sequence; only then it locks the feed row ``FOR
+  UPDATE`` (serialising sequencers), trims the prefix of positions older than the retention
+  (``floor`` becomes the highest trimmed), and in a new statement -- a fresh READ COMMITTED
+  snapshot -- gives every visible unsequenced change of the current epoch ``pos = head +
+  row_number() OVER (ORDER BY id)`` and advances ``head``.
   It returns a header row (``epoch``, ``pos`` = head, ``version`` = floor, ``op`` NULL), then up
   to ``lim`` changes after ``after`` when that is a position of the current epoch between floor
   and head (or ``after`` is NULL: from the floor); the caller validates the cursor against the
@@ -159,19 +161,27 @@ def upgrade() -> None:
             fl bigint;
             upto bigint;
             ids bigint[];
+            busy boolean;
         BEGIN
-            SELECT f.epoch, f.retention_ms, f.head, f.floor INTO cur, keep_ms, hd, fl
+            -- Without a lock first: a read with nothing to trim or to sequence writes nothing.
+            -- The head and the checks come from ONE statement, hence one snapshot: when it
+            -- sees no unnumbered change, every change committed before it is numbered at or
+            -- below the head it sees (numbers and head are committed together). Read in two
+            -- statements, a sequencer committing between them made a stale head look current:
+            -- a read after acknowledged writes came back empty, "at the head".
+            SELECT f.epoch, f.retention_ms, f.head, f.floor,
+                   (p_trim AND (SELECT c.at FROM {changes_t} c
+                                WHERE c.namespace = p_ns AND c.epoch = f.epoch AND c.pos > f.floor
+                                ORDER BY c.pos LIMIT 1)
+                               < statement_timestamp() - f.retention_ms * interval '1 millisecond')
+                   OR EXISTS (SELECT FROM {changes_t} c
+                              WHERE c.namespace = p_ns AND c.epoch = f.epoch AND c.pos IS NULL)
+            INTO cur, keep_ms, hd, fl, busy
             FROM {feeds_t} f WHERE f.namespace = p_ns;
             IF NOT FOUND THEN
                 RETURN;
             END IF;
-            -- Without a lock first: a read with nothing to trim or to sequence writes nothing.
-            IF (p_trim AND (SELECT c.at FROM {changes_t} c
-                            WHERE c.namespace = p_ns AND c.epoch = cur AND c.pos > fl
-                            ORDER BY c.pos LIMIT 1)
-                           < statement_timestamp() - keep_ms * interval '1 millisecond')
-               OR EXISTS (SELECT FROM {changes_t} c
-                          WHERE c.namespace = p_ns AND c.epoch = cur AND c.pos IS NULL) THEN
+            IF busy THEN
                 SELECT f.epoch, f.retention_ms, f.head, f.floor INTO cur, keep_ms, hd, fl
                 FROM {feeds_t} f WHERE f.namespace = p_ns FOR UPDATE;
                 IF NOT FOUND THEN

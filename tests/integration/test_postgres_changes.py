@@ -76,6 +76,34 @@ async def _raw(dsn: str) -> Any:
 # ------------------------------------------------------------------------ order and loss
 
 
+async def test_a_read_after_an_acknowledged_write_sees_it_while_others_number(
+    store: PostgresStore,
+) -> None:
+    """Read-your-writes on the feed while other readers keep numbering changes: a read that
+    starts after a write was acknowledged returns it (or raises), never an empty batch "at
+    the head". The read function once took the head and the "nothing to number" check from
+    two snapshots: a sequencer committing between them made a stale head look current."""
+    await store.changes.enable()
+    stop = asyncio.Event()
+
+    async def number() -> None:
+        while not stop.is_set():
+            await store.changes.cursor()  # numbers whatever is committed
+
+    numberers = [asyncio.create_task(number()) for _ in range(3)]
+    try:
+        since = await store.changes.cursor()
+        for i in range(400):
+            await store.set("k", i)
+            batch = await store.changes.read(since=since)
+            assert [(c.key, c.value) for c in batch.changes] == [("k", i)], (i, batch)
+            since = batch.cursor
+    finally:
+        stop.set()
+        await asyncio.gather(*numberers)
+        await store.changes.disable()
+
+
 async def test_a_change_committed_late_is_read_once_after_the_later_ones(
     store: PostgresStore, fleetmem_postgres_database: str
 ) -> None:

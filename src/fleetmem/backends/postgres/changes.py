@@ -93,6 +93,15 @@ class PostgresChanges(ChangeBackend):
         )
         if not rows:
             raise self.not_enabled()
+        if len(rows) > 1 and after is not None and rows[1][1] != after + 1:
+            # Positions are contiguous: a first change above ``after + 1`` means a sequencer
+            # trimmed (or a disable deleted) between the function's first statement and its
+            # changes'. Read again: the header then says what happened (expired, not enabled).
+            rows = await self._run(
+                FETCH, self._q["read"], (self._namespace, epoch, after, limit), write=False
+            )
+            if not rows:
+                raise self.not_enabled()
         header = rows[0]
         current, head, floor = int(header[0]), int(header[1]), int(header[5])
         if after is None:
