@@ -40,6 +40,10 @@ from fleetmem.testing.servers import (
     start_local_redis_cluster,
 )
 
+# The conformance suite's asserts are rewritten as a test module's are, so that a failing
+# check says what it saw; registered here, before anything imports the package.
+pytest.register_assert_rewrite("fleetmem.testing.conformance")
+
 try:
     import pytest_asyncio
 
