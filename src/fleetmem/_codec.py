@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -297,7 +297,17 @@ def incremented(key: str, base: Any, amount: int | float) -> int | float:
     return total
 
 
+#: From the epoch up to this many milliseconds (about the year 2109), ``ms / 1000`` as a float
+#: still rounds to the right microsecond.
+_FLOAT_EXACT_MS = 2**42
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def utc_from_ms(ms: int) -> datetime:
     """A timestamp in milliseconds since the epoch as an aware UTC datetime (how SQLite and
-    Redis keep timestamps)."""
-    return datetime.fromtimestamp(ms / 1000.0, timezone.utc)
+    Redis keep timestamps), exact to the microsecond: the float division is exact enough
+    from 1970 until about the year 2109; elsewhere (far expiries, up to year 9999) it goes
+    through a ``timedelta``, which is exact."""
+    if 0 <= ms < _FLOAT_EXACT_MS:
+        return datetime.fromtimestamp(ms / 1000.0, timezone.utc)
+    return _EPOCH + timedelta(milliseconds=ms)
