@@ -25,7 +25,7 @@ import abc
 import contextlib
 import copy
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Container, Iterator
 from datetime import datetime, timezone
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -53,6 +53,8 @@ __all__ = [
     "ChangePage",
     "EntryMeta",
     "Fence",
+    "ImportOp",
+    "ImportTally",
     "KVBackend",
     "LeaseBackend",
     "NewJob",
@@ -104,6 +106,25 @@ class SetOp(NamedTuple):
     ttl_ms: int | None
     partition: str | None
     keep_ttl: bool
+
+
+class ImportOp(NamedTuple):
+    """One entry of an import, verified and encoded: written with its partition and absolute
+    expiry; its version and timestamps follow the target's write rules."""
+
+    key: str
+    payload: bytes
+    partition: str
+    expires_at: datetime | None  # tz-aware UTC; None: persistent
+
+
+class ImportTally(NamedTuple):
+    """What an import call did: entries written, skipped because their expiry had passed,
+    skipped because the key had a live entry (``missing_only``)."""
+
+    written: int
+    expired: int
+    existing: int
 
 
 class Fence(NamedTuple):
@@ -324,6 +345,118 @@ class KVBackend(abc.ABC):
     def changes(self) -> ChangeBackend:
         """The change feed of this technology, bound to this namespace."""
         raise ConfigurationError(f"the {self.backend_name} backend has no change feed")
+
+    # ---------------------------------------------------------------- portability
+    # Export and import (``fleetmem.portability``). The defaults are correct on any backend
+    # through the methods above; a technology overrides them for a consistent view, fewer
+    # round trips, or one transaction.
+
+    #: ``"snapshot"`` when :meth:`export_pages` reads one consistent point-in-time view,
+    #: ``"per-entry"`` when each entry is exact but writes during the export may or may not
+    #: be in it (the default below, and Redis).
+    export_consistency: ClassVar[str] = "per-entry"
+    #: True when :meth:`import_replace` is one transaction (nobody sees a half-replaced
+    #: namespace, and a failure changes nothing).
+    replace_is_atomic: ClassVar[bool] = False
+
+    async def server_time(self) -> datetime:
+        """Now (tz-aware UTC) on the clock that judges this backend's expiry: the server's
+        where there is one. An import skips, and a copy's verification excuses, entries whose
+        expiry has passed on this clock, not the caller's. The default is the local clock,
+        which is the right one for embedded backends (memory, SQLite)."""
+        return datetime.now(timezone.utc)
+
+    async def export_pages(
+        self, prefix: str, partition: str | None, page_size: int
+    ) -> AsyncGenerator[list[Entry], None]:
+        """The live entries whose key starts with ``prefix`` (of ``partition`` when given),
+        ascending by key (``str`` order, i.e. by code point), in pages of at most
+        ``page_size`` (> 0). The caller closes the iterator (``contextlib.aclosing``) when it
+        stops early, so a backend may hold a transaction open while it runs: an override is an
+        async generator too, annotated ``-> AsyncGenerator[list[Entry], None]``.
+
+        The default pages through :meth:`keys` and :meth:`get_entries` (``per-entry``)."""
+        after: str | None = None
+        while True:
+            keys = await self.keys(prefix, partition, page_size, after)
+            if not keys:
+                return
+            found = await self.get_entries(keys)
+            page = [found[k] for k in keys if k in found]
+            if page:
+                yield page
+            if len(keys) < page_size:
+                return
+            after = keys[-1]
+
+    async def import_batch(self, ops: list[ImportOp], missing_only: bool) -> ImportTally:
+        """Write ``ops`` (distinct keys): each entry's value, partition and absolute expiry,
+        as a ``set`` would (versions and timestamps follow the write rules; the change feed
+        records each write). An op whose ``expires_at`` has passed on this backend's clock is
+        skipped and counted ``expired`` (nothing is written for it); with ``missing_only``, an
+        op whose key has a live entry is skipped and counted ``existing``.
+
+        The default computes each TTL on the local clock and writes one key at a time."""
+        now = datetime.now(timezone.utc)
+        written = expired = existing = 0
+        for op in ops:
+            ttl_ms: int | None = None
+            if op.expires_at is not None:
+                ttl_ms = int((op.expires_at - now).total_seconds() * 1000)
+                if ttl_ms <= 0:
+                    expired += 1
+                    continue
+            if missing_only:
+                if await self.set_if_absent(op.key, op.payload, ttl_ms, op.partition):
+                    written += 1
+                else:
+                    existing += 1
+            else:
+                await self.set(op.key, op.payload, ttl_ms, op.partition, False)
+                written += 1
+        return ImportTally(written, expired, existing)
+
+    async def import_replace(self, pages: AsyncIterator[list[ImportOp]]) -> ImportTally:
+        """Make the namespace hold exactly the entries of ``pages`` (ascending by key within
+        and across pages): write each (as :meth:`import_batch` without ``missing_only``) and
+        delete every other key -- also a key whose op has expired (counted ``expired``).
+
+        The default is not atomic (:attr:`replace_is_atomic` False): it writes page by page and
+        deletes, between a page's first and last key, the keys not in it (a merge with
+        :meth:`keys`), then every key after the last page, holding one page of keys at a time.
+        A technology with transactions overrides it with one."""
+        total = ImportTally(0, 0, 0)
+        previous: str | None = None
+        async for page in pages:
+            if not page:
+                continue
+            tally = await self.import_batch(page, False)
+            total = ImportTally(
+                total.written + tally.written, total.expired + tally.expired, total.existing
+            )
+            # An op skipped as expired leaves its key to be deleted too: keep only the keys
+            # that were written, i.e. whose expiry is still ahead after the batch.
+            now = datetime.now(timezone.utc)
+            keep = {op.key for op in page if op.expires_at is None or op.expires_at > now}
+            await self._delete_between(previous, page[-1].key, keep)
+            previous = page[-1].key
+        await self._delete_between(previous, None, ())
+        return total
+
+    async def _delete_between(
+        self, after: str | None, upto: str | None, keep: Container[str]
+    ) -> None:
+        """Delete every key above ``after`` up to ``upto`` (inclusive; ``None``: no end) that
+        is not in ``keep``, a page of keys at a time."""
+        cursor = after
+        while True:
+            keys = await self.keys("", None, 1000, cursor)
+            doomed = [k for k in keys if (upto is None or k <= upto) and k not in keep]
+            if doomed:
+                await self.delete_batch(doomed)
+            if len(keys) < 1000 or (upto is not None and keys[-1] >= upto):
+                return
+            cursor = keys[-1]
 
     # ---------------------------------------------------------------- batches
     # Used to merge concurrent single-key calls. The defaults are correct but make one call per
