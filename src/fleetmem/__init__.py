@@ -23,6 +23,7 @@ from fleetmem.errors import (
     ConfigurationError,
     FleetmemError,
     InvalidArgumentError,
+    InvalidExportError,
     InvalidKeyError,
     InvalidPatternError,
     KeyNotFoundError,
@@ -35,6 +36,7 @@ from fleetmem.errors import (
     SerializationError,
     StoreClosedError,
     ValueTooLargeError,
+    VerificationError,
     VersionConflictError,
 )
 from fleetmem.factory import open_store
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
     from fleetmem.backends.sqlite import SQLiteStore
     from fleetmem.changes import Changes
     from fleetmem.leases import HeldLease
+    from fleetmem.portability import CopyReport, ExportReport, ImportReport, copy_namespace
     from fleetmem.queues import Queue
     from fleetmem.settings import FleetmemSettings
 
@@ -75,13 +78,17 @@ __all__ = [
     "ChangesExpiredError",
     "ChangesNotEnabledError",
     "ConfigurationError",
+    "CopyReport",
     "Entry",
+    "ExportReport",
     "FleetmemError",
     "FleetmemSettings",
     "Health",
     "HeldLease",
+    "ImportReport",
     "InMemoryStore",
     "InvalidArgumentError",
+    "InvalidExportError",
     "InvalidKeyError",
     "InvalidPatternError",
     "Job",
@@ -102,8 +109,10 @@ __all__ = [
     "StoreClosedError",
     "StoreStats",
     "ValueTooLargeError",
+    "VerificationError",
     "VersionConflictError",
     "__version__",
+    "copy_namespace",
     "open_store",
 ]
 
@@ -113,6 +122,10 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "HeldLease": ("fleetmem.leases", None, None),
     "Queue": ("fleetmem.queues", None, None),
     "Changes": ("fleetmem.changes", None, None),
+    "ExportReport": ("fleetmem.portability", None, None),
+    "ImportReport": ("fleetmem.portability", None, None),
+    "CopyReport": ("fleetmem.portability", None, None),
+    "copy_namespace": ("fleetmem.portability", None, None),
     "InMemoryStore": ("fleetmem.backends.memory", None, None),
     "SQLiteStore": ("fleetmem.backends.sqlite", None, None),
     "PostgresStore": ("fleetmem.backends.postgres", "asyncpg", "postgres"),

@@ -15,6 +15,7 @@ __all__ = [
     "ConfigurationError",
     "FleetmemError",
     "InvalidArgumentError",
+    "InvalidExportError",
     "InvalidKeyError",
     "InvalidPatternError",
     "KeyNotFoundError",
@@ -27,6 +28,7 @@ __all__ = [
     "SerializationError",
     "StoreClosedError",
     "ValueTooLargeError",
+    "VerificationError",
     "VersionConflictError",
 ]
 
@@ -128,6 +130,38 @@ class ChangesExpiredError(FleetmemError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.oldest, str(self)))
+
+
+class InvalidExportError(FleetmemError, ValueError):
+    """The input is not a valid fleetmem export: nothing was written.
+
+    Raised by ``import_from`` (and ``copy_namespace``) after checking the whole input and before
+    the first write. ``line`` is the number (from 1) of the line at fault -- for a count or
+    checksum mismatch the trailer's line, for an input that ends early ("no trailer",
+    "truncated") the line where it ended -- and the message begins with ``line N:``. ``line``
+    is ``None`` only for a problem that belongs to no line."""
+
+    def __init__(self, message: str | None = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.line))
+
+
+class VerificationError(FleetmemError):
+    """The destination of a copy does not hold what the source exported.
+
+    ``keys`` lists the first keys that differ (at most 10, ascending): missing from the
+    destination, holding another value, partition or expiry, or -- for a ``"replace"`` copy --
+    present in the destination but not in the source."""
+
+    def __init__(self, message: str | None = None, keys: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.keys: list[str] = list(keys or ())[:10]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.keys))
 
 
 class StoreClosedError(FleetmemError):

@@ -79,9 +79,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # leases.py and agents.py import this module
+    import os
+    from typing import BinaryIO
+
     from fleetmem.agents import AgentRegistry
     from fleetmem.changes import Changes
     from fleetmem.leases import HeldLease, Leases
+    from fleetmem.portability import ExportReport, ImportReport, Progress
     from fleetmem.queues import Queue
 
 __all__ = [
@@ -566,6 +570,33 @@ class MemoryStore(Protocol):
 
     async def list_queues(self) -> list[str]:
         """Names of this namespace's work queues holding a job or a held result, ascending."""
+        ...
+
+    async def export_to(
+        self,
+        dest: str | os.PathLike[str] | BinaryIO,
+        *,
+        prefix: str = "",
+        partition: str | None = None,
+        progress: Progress | None = None,
+    ) -> ExportReport:
+        """Write the live entries (of ``prefix``, ``partition``) to ``dest`` in the fleetmem
+        export format: header, entries ascending by key, count and SHA-256 trailer; gzip for
+        a ``.gz`` path. One point-in-time view where the backend has one (see
+        ``docs/portability.md``)."""
+        ...
+
+    async def import_from(
+        self,
+        src: str | os.PathLike[str] | BinaryIO,
+        *,
+        mode: str = "merge",
+        progress: Progress | None = None,
+    ) -> ImportReport:
+        """Check the whole export ``src`` first (any problem: ``InvalidExportError`` naming the
+        line, nothing written), then write its entries into this namespace with their
+        partition and absolute expiry; ``mode`` is ``"merge"``, ``"missing"`` or
+        ``"replace"``."""
         ...
 
     async def health(self) -> Health:

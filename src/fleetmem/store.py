@@ -10,9 +10,10 @@ a :class:`Store` that builds its backend from typed options or an injected clien
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, BinaryIO, ClassVar, Generic, TypeVar
 
 from fleetmem._coalesce import Coalescer
 from fleetmem._codec import (
@@ -53,6 +54,16 @@ from fleetmem.errors import (
     StoreClosedError,
 )
 from fleetmem.leases import HeldLease, Leases, fence_of
+from fleetmem.portability import (
+    ExportReport,
+    ImportReport,
+    Progress,
+    check_mode,
+    check_progress,
+    check_target,
+    export_entries,
+    import_entries,
+)
 from fleetmem.protocol import TTL, Entry, Health, JSONValue, Lease, StoreStats
 from fleetmem.queues import Queue
 
@@ -574,6 +585,79 @@ class Store(Generic[_K]):
     async def cleanup_expired(self) -> int:
         self._check_open()
         return await self._kv.cleanup_expired()
+
+    # ---------------------------------------------------------------- portability
+
+    async def export_to(
+        self,
+        dest: str | os.PathLike[str] | BinaryIO,
+        *,
+        prefix: str = "",
+        partition: str | None = None,
+        progress: Progress | None = None,
+    ) -> ExportReport:
+        """Write the namespace's live entries (those whose key starts with ``prefix``, of
+        ``partition`` when given) to ``dest`` in the fleetmem export format (see
+        :mod:`fleetmem.portability`): a path -- gzip-compressed when it ends in ``.gz`` -- or a
+        binary file object (written uncompressed, flushed, left open).
+
+        * Entries already expired are not exported; keys are strictly ascending.
+        * Consistency: one point-in-time view where the backend has one
+          (``ExportReport.consistency == "snapshot"``: memory, SQLite, PostgreSQL, the hybrid);
+          on Redis (``"per-entry"``) each entry is exact, but an entry written while the
+          export runs may or may not be in it.
+        * At most one page of entries (10,000) is held in memory.
+        * A path is written through a temporary file in its directory, renamed when complete:
+          a failed or cancelled export leaves no file (an existing file is replaced only by a
+          complete export).
+
+        ``prefix`` and ``partition`` follow the rules of :meth:`keys`; a bad argument raises
+        before any I/O. ``progress("export", done)`` is called after each page."""
+        if prefix != "" or not isinstance(prefix, str):
+            validate_key(prefix)
+        part = validate_optional_partition(partition)
+        target = check_target(dest, writing=True)
+        report = check_progress(progress)
+        self._check_open()
+        return await export_entries(self._kv, target, prefix, part, report)
+
+    async def import_from(
+        self,
+        src: str | os.PathLike[str] | BinaryIO,
+        *,
+        mode: str = "merge",
+        progress: Progress | None = None,
+    ) -> ImportReport:
+        """Check the whole export ``src`` (a path, gzip when it ends in ``.gz``, or a binary
+        file object read from its position to its end), then write its entries to this
+        store's namespace -- whatever namespace the header names.
+
+        **Checked first, then written**: every line is checked (the header, valid JSON, each
+        key under the key rules, each value under this store's value rules and
+        ``max_value_bytes``, partitions, datetimes, keys strictly ascending, nothing after the
+        trailer, its count and checksum) before the first write; any problem raises
+        :class:`~fleetmem.errors.InvalidExportError` naming the line, and nothing is written.
+        An unknown ``mode`` raises ``InvalidArgumentError`` before anything is opened.
+
+        **Written**: each entry's key, value, partition and absolute expiry (the remaining
+        TTL is computed on the target's clock when written); versions and timestamps follow
+        this store's write rules (a new key gets version 1); an entry whose expiry has passed
+        is skipped and counted. The change feed records each write (``set``) and each key a
+        replace deletes (``delete``).
+
+        * ``"merge"``: every entry is written, other keys are left alone.
+        * ``"missing"``: only keys with no live entry are written.
+        * ``"replace"``: the namespace ends up holding exactly the export's live entries (every
+          other key deleted, also one whose entry in the export has expired); one transaction
+          where ``kv.replace_is_atomic`` (memory, SQLite, PostgreSQL, the hybrid).
+
+        A missing file raises the ``OSError`` of opening it. ``progress`` sees ``"check"``
+        and ``"import"``."""
+        checked_mode = check_mode(mode)
+        source = check_target(src, writing=False)
+        report = check_progress(progress)
+        self._check_open()
+        return await import_entries(self._kv, source, checked_mode, self._max_value_bytes, report)
 
 
 def _chunks(

@@ -80,7 +80,7 @@ from collections.abc import (
 )
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from fleetmem.backends.seam import DEFAULT_JOB_LEASE, DEFAULT_RESULT_TTL
 from fleetmem.errors import FleetmemError, StoreClosedError
@@ -103,6 +103,7 @@ from fleetmem.protocol import (
 if TYPE_CHECKING:
     from fleetmem.agents import AgentRegistry
     from fleetmem.changes import Changes
+    from fleetmem.portability import ExportReport, ImportReport, Progress
     from fleetmem.queues import Queue
     from fleetmem.settings import FleetmemSettings
     from fleetmem.store import Store
@@ -640,6 +641,36 @@ class SyncStore:
     def cleanup_expired(self) -> int:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.cleanup_expired`."""
         return self._run(self._store.cleanup_expired())
+
+    # ------------------------------------------------------------ portability
+
+    def export_to(
+        self,
+        dest: str | os.PathLike[str] | BinaryIO,
+        *,
+        prefix: str = "",
+        partition: str | None = None,
+        progress: Progress | None = None,
+    ) -> ExportReport:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.export_to` (see
+        :meth:`fleetmem.store.Store.export_to`). The file is written, and
+        ``progress`` called, on the store's loop thread: a file object must not be used by
+        another thread meanwhile, and ``progress`` must not call this store."""
+        return self._run(
+            self._store.export_to(dest, prefix=prefix, partition=partition, progress=progress)
+        )
+
+    def import_from(
+        self,
+        src: str | os.PathLike[str] | BinaryIO,
+        *,
+        mode: str = "merge",
+        progress: Progress | None = None,
+    ) -> ImportReport:
+        """Blocking :meth:`fleetmem.protocol.MemoryStore.import_from` (see
+        :meth:`fleetmem.store.Store.import_from`): read, and ``progress`` called, on the
+        store's loop thread, as for :meth:`export_to`."""
+        return self._run(self._store.import_from(src, mode=mode, progress=progress))
 
 
 # ------------------------------------------------------------------- leases and agents

@@ -9,11 +9,14 @@ process's wall clock (there is no server clock).
 from __future__ import annotations
 
 import bisect
+import operator
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, MutableSet
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+
+import orjson
 
 from fleetmem._codec import decode_value, encode_value, incremented
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
@@ -27,6 +30,8 @@ from fleetmem.backends.seam import (
     ChangeBackend,
     EntryMeta,
     Fence,
+    ImportOp,
+    ImportTally,
     KVBackend,
     LeaseBackend,
     QueueBackend,
@@ -52,6 +57,53 @@ class _Record:
 
 def _dt(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+
+
+_DIGITS = b"0123456789"
+
+#: A record's fields as an export's snapshot copies them.
+_Row = tuple[str, bytes, str, int, float, float, float | None]
+
+
+def _entries(rows: list[_Row]) -> list[Entry]:
+    """``rows`` as entries. Entries written by one batch share their timestamps: the last
+    conversion of each is reused."""
+    out: list[Entry] = []
+    append = out.append
+    utc = timezone.utc
+    stamp = datetime.fromtimestamp
+    last_c = last_u = -1.0
+    c_dt = u_dt = _EPOCH
+    for key, payload, partition, version, created, updated, expires in rows:
+        if created != last_c:
+            last_c, c_dt = created, stamp(created, utc)
+        if updated == created:
+            u = c_dt
+        else:
+            if updated != last_u:
+                last_u, u_dt = updated, stamp(updated, utc)
+            u = u_dt
+        # A value holding 19 digits or more may hold an integer beyond 64 bits: the codec.
+        if len(payload) - len(payload.translate(None, _DIGITS)) < 19:
+            value = orjson.loads(payload)
+        else:
+            value = decode_value(payload)
+        append(
+            Entry(
+                key,
+                value,
+                partition,
+                version,
+                c_dt,
+                u,
+                None if expires is None else stamp(expires, utc),
+            )
+        )
+    return out
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_first = operator.itemgetter(0)
 
 
 class InMemoryKV(KVBackend):
@@ -435,6 +487,98 @@ class InMemoryKV(KVBackend):
         for key in doomed:
             del self._data[key]
         return len(doomed)
+
+    # ------------------------------------------------------------------ portability
+
+    #: The export is a sorted copy of the live records taken in one synchronous step.
+    export_consistency = "snapshot"
+    #: A replace is applied in one synchronous step once every page has arrived.
+    replace_is_atomic = True
+
+    async def export_pages(
+        self, prefix: str, partition: str | None, page_size: int
+    ) -> AsyncGenerator[list[Entry], None]:
+        """A snapshot: the matching live records are copied (their fields, not the mutable
+        records; payloads are shared, being immutable) and sorted without awaiting, so the
+        pages show one instant whatever is written while they are read."""
+        now = time.time()
+        snapshot = sorted(
+            [
+                (key, r.payload, r.partition, r.version, r.created_at, r.updated_at, r.expires_at)
+                for key, r in self._data.items()
+                if (r.expires_at is None or r.expires_at > now)
+                and key.startswith(prefix)
+                and (partition is None or r.partition == partition)
+            ],
+            key=_first,
+        )
+        for start in range(0, len(snapshot), page_size):
+            yield _entries(snapshot[start : start + page_size])
+
+    def _apply_import(
+        self, ops: list[ImportOp], missing_only: bool, now: float, keep: MutableSet[str] | None
+    ) -> ImportTally:
+        """Write ``ops`` without awaiting (as ``set`` with the op's absolute expiry), recording
+        a ``set`` change per write; with ``keep``, add each written key to it."""
+        data = self._data
+        recording = self._namespace in self._feeds.feeds
+        written = expired = existing = 0
+        for key, payload, partition, expires_dt in ops:
+            expires = None if expires_dt is None else expires_dt.timestamp()
+            if expires is not None and expires <= now:
+                expired += 1
+                continue
+            record = data.get(key)
+            if record is not None and record.expires_at is not None and record.expires_at <= now:
+                record = None
+            if record is None:
+                record = _Record(payload, partition, 1, now, now, expires)
+                data[key] = record
+            elif missing_only:
+                existing += 1
+                continue
+            else:
+                record.payload = payload
+                record.version += 1
+                record.updated_at = now
+                record.partition = partition
+                record.expires_at = expires
+            if recording:
+                self._recorded_set(key, record, now)
+            if keep is not None:
+                keep.add(key)
+            written += 1
+        return ImportTally(written, expired, existing)
+
+    async def import_batch(self, ops: list[ImportOp], missing_only: bool) -> ImportTally:
+        """One synchronous pass: atomic for other coroutines, expiry on one clock reading."""
+        return self._apply_import(ops, missing_only, time.time(), None)
+
+    async def import_replace(self, pages: AsyncIterator[list[ImportOp]]) -> ImportTally:
+        """Atomic: the pages are gathered first (the ops share their payloads with the records
+        they become), then written and the other keys deleted in one synchronous step, so no
+        coroutine sees a half-replaced namespace and a failure while reading the pages changes
+        nothing.
+
+        Memory: unlike every other import path, this holds *all* the pages of the input at
+        once (not one page), briefly next to the namespace's old records. A decision, not an
+        oversight: the memory backend holds the whole namespace in memory anyway, and the
+        payloads gathered are the very objects the new records keep, so the peak is about the
+        old namespace plus the new one -- what atomicity costs here."""
+        gathered: list[list[ImportOp]] = [page async for page in pages]
+        now = time.time()
+        keep: set[str] = set()
+        written = expired = 0
+        for page in gathered:
+            tally = self._apply_import(page, False, now, keep)
+            written += tally.written
+            expired += tally.expired
+        data = self._data
+        for key in [k for k in data if k not in keep]:
+            record = data.pop(key)
+            if record.expires_at is None or record.expires_at > now:
+                self._recorded("delete", key, record.partition, None, None, now)
+        return ImportTally(written, expired, 0)
 
     async def aclose(self) -> None:
         self._spaces.clear()
