@@ -9,6 +9,14 @@ each operation as one function on that thread; a write is one ``BEGIN IMMEDIATE`
 (:class:`Transaction`), which takes SQLite's write lock up front, so read-modify-write operations
 stay exact across processes.
 
+A transaction that must span awaits (an export's read snapshot, an atomic import's write
+transaction) runs in a :class:`Session` (:meth:`SQLiteConnector.reader`,
+:meth:`SQLiteConnector.writer`): a connection and thread of its own, so the store's connection
+keeps serving every other call meanwhile, as another process's would. A session opens the
+very file the store's connection opened -- its absolute path as that connection reports it,
+taken once when the store opens -- never the path as given (a relative path would follow the
+process's working directory), and opens it ``mode=rw``: it never creates a file.
+
 The SQL lives in ``sql/*.sql`` as named blocks. The schema carries a version in
 ``fleetmem_meta``; a file of an older version is upgraded in place when it is opened (one
 transaction), a file of a newer one is refused.
@@ -16,12 +24,14 @@ transaction), a file of a newer one is refused.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 from fleetmem._notify import Notifier
@@ -39,6 +49,7 @@ __all__ = [
     "SQL",
     "SYNCHRONOUS_MODES",
     "SQLiteConnector",
+    "Session",
     "Transaction",
     "now_ms",
 ]
@@ -71,6 +82,9 @@ SQL = _load_sql("kv.sql", "leases.sql", "agents.sql", "queues.sql", "changes.sql
 _SYNCHRONOUS = {"normal": SQL["synchronous_normal"], "full": SQL["synchronous_full"]}
 #: The values ``synchronous=`` accepts.
 SYNCHRONOUS_MODES = tuple(_SYNCHRONOUS)
+#: The file of a connection's main database as SQLite resolved it when opening it (absolute;
+#: empty for an in-memory database).
+_MAIN_FILE = "SELECT file FROM pragma_database_list WHERE name = 'main'"
 
 
 def now_ms() -> int:
@@ -89,7 +103,11 @@ class SQLiteConnector:
     """
 
     def __init__(self, path: str, busy_timeout: float, synchronous: str) -> None:
+        #: The path as given (what messages show).
         self.path = path
+        #: The file the store's connection opened, as SQLite reports it (absolute), set once
+        #: that connection is open; ``""`` for an in-memory database. Sessions open this file.
+        self.file: str | None = None
         self.busy_timeout = busy_timeout
         self.synchronous = synchronous
         self.journal_mode = ""
@@ -105,11 +123,64 @@ class SQLiteConnector:
         #: write (see ``changes.record``): a pacing of the trims only, never the feed's state,
         #: which every write reads from the file.
         self.feed_trims: dict[str, float] = {}
+        #: Set while a :class:`_HeldConnection` holds the connection (an in-memory database's
+        #: atomic import): every other call waits for it on the event loop.
+        self._gate: asyncio.Event | None = None
+        #: The open sessions, closed with the store.
+        self._sessions: set[Session] = set()
 
     # ------------------------------------------------------------ event-loop side
 
     async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn(connection)`` on the worker thread; translate sqlite3 errors (one place)."""
+        while self._gate is not None:
+            await self._gate.wait()
+        return await self._call_now(fn)
+
+    async def reader(self) -> Session:
+        """A session for one read transaction spanning awaits: a connection of its own
+        (``query_only``) on a thread of its own. In WAL mode its first ``SELECT`` after
+        ``BEGIN`` fixes a snapshot that writers -- this store's, other processes' -- never
+        wait for (without WAL, i.e. on a file system that refused it, they would wait for its
+        end). A private in-memory database has no second connection: the session reads a
+        copy of it (SQLite's backup, taken in one call on the store's thread, so at one
+        instant), which costs its size in memory for as long as the session is open."""
+        await self.call(_noop)  # opened, in WAL, with the current schema
+        if self._in_memory():
+            copy = await self.call(_copy_database)
+            return self._track(SideConnection(self, lambda: copy))
+        return self._track(SideConnection(self, lambda: self._connect_side(read_only=True)))
+
+    async def writer(self) -> Session:
+        """A session for one write transaction spanning awaits (the caller begins it with
+        ``BEGIN IMMEDIATE``): a connection of its own on a thread of its own, so this store's
+        other calls go on meanwhile as another process's would -- readers see the last commit,
+        writers wait for the lock (up to the busy timeout). A private in-memory database has
+        no second connection: the session holds the store's own, and every other call of the
+        store waits on the event loop until the session is closed."""
+        await self.call(_noop)
+        if self._in_memory():
+            while self._gate is not None:
+                await self._gate.wait()
+            self._gate = asyncio.Event()
+            return self._track(_HeldConnection(self))
+        return self._track(SideConnection(self, lambda: self._connect_side(read_only=False)))
+
+    def _in_memory(self) -> bool:
+        """Whether the store's database has no file (``:memory:``, or a URI naming an
+        in-memory database): a second connection could not reach it."""
+        return not self.file
+
+    def _track(self, session: Session) -> Session:
+        self._sessions.add(session)
+        return session
+
+    def _release_gate(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    async def _call_now(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         loop = asyncio.get_running_loop()
         try:
             future = loop.run_in_executor(self._executor, self._with_connection, fn)
@@ -121,6 +192,8 @@ class SQLiteConnector:
             raise self._translate(exc) from exc
 
     async def shutdown(self) -> None:
+        for session in list(self._sessions):
+            session.close()
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
         finally:
@@ -172,12 +245,7 @@ class SQLiteConnector:
             raise ConfigurationError(
                 f"SQLiteStore needs SQLite 3.35 or newer; this Python has {sqlite3.sqlite_version}"
             )
-        conn = sqlite3.connect(
-            self.path,
-            timeout=self.busy_timeout,
-            isolation_level=None,  # autocommit: transactions are explicit
-            check_same_thread=False,  # only the worker thread ever uses it
-        )
+        conn = self._connect()
         try:
             try:
                 conn.execute(SQL["check_json"]).fetchone()
@@ -190,6 +258,42 @@ class SQLiteConnector:
             self.journal_mode = str(conn.execute(SQL["journal_mode"]).fetchone()[0])
             conn.execute(_SYNCHRONOUS[self.synchronous])
             self._ensure_schema(conn)
+            row = conn.execute(_MAIN_FILE).fetchone()
+            self.file = str(row[0]) if row is not None and row[0] else ""
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,  # autocommit: transactions are explicit
+            check_same_thread=False,  # only one thread at a time ever uses it
+        )
+
+    def _connect_side(self, *, read_only: bool) -> sqlite3.Connection:
+        """A session's connection to the file (opened, in WAL and with its schema already).
+
+        It opens :attr:`file`, the absolute path the store's connection reported when it
+        opened, so a change of the working directory since then cannot lead it to another
+        file; and it opens it as a ``mode=rw`` URI (the path percent-quoted), so a file that
+        is gone is an error, never a new empty database.
+        """
+        if not self.file:  # pragma: no cover - reader()/writer() open the store first
+            raise RuntimeError("the SQLite store's file is not known before it is opened")
+        conn = sqlite3.connect(
+            Path(self.file).as_uri() + "?mode=rw",
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=True,
+        )
+        try:
+            conn.execute(_SYNCHRONOUS[self.synchronous])
+            if read_only:
+                conn.execute(SQL["query_only"])
         except BaseException:
             conn.close()
             raise
@@ -276,6 +380,129 @@ class SQLiteConnector:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+class Session(abc.ABC):
+    """A connection used by one task for a transaction that spans awaits (see
+    :meth:`SQLiteConnector.reader` and :meth:`SQLiteConnector.writer`).
+
+    :meth:`call` runs a function on the session's connection (errors translated as by
+    :meth:`SQLiteConnector.call`); the caller begins and commits the transaction itself.
+    :meth:`close` ends it: whatever was not committed is rolled back. It never blocks, so a
+    generator closed early or a cancelled task can call it from a ``finally``: the rollback
+    is queued behind a call still running on the connection (a cancelled caller's), and
+    releases SQLite's locks as soon as that call ends.
+    """
+
+    @abc.abstractmethod
+    async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn(connection)`` on the session's connection."""
+
+    @abc.abstractmethod
+    def close(self) -> Future[None]:
+        """Roll back what was not committed and give the connection up (idempotent, never
+        blocks); the future is done once that has happened."""
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then wait until it has happened (the locks are released)."""
+        await asyncio.shield(asyncio.wrap_future(self.close()))
+
+
+class SideConnection(Session):
+    """A connection of its own to the connector's file, used through a thread of its own."""
+
+    def __init__(
+        self, connector: SQLiteConnector, opener: Callable[[], sqlite3.Connection]
+    ) -> None:
+        self._connector = connector
+        self._opener = opener
+        self._conn: sqlite3.Connection | None = None
+        self._closing: Future[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetmem-sqlite")
+
+    async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        db = self._connector
+        if self._closing is not None:
+            raise StoreClosedError(f"this SQLite session on {db.path!r} is closed")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn)
+        try:
+            return await future
+        except sqlite3.Error as exc:
+            raise db._translate(exc) from exc
+
+    def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closing is not None:  # closed while this call waited for the thread
+            raise StoreClosedError(f"this SQLite session on {self._connector.path!r} is closed")
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._opener()
+        return fn(conn)
+
+    def close(self) -> Future[None]:
+        if self._closing is None:
+            self._connector._sessions.discard(self)
+            self._closing = self._executor.submit(self._release)
+            self._executor.shutdown(wait=False)
+        return self._closing
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                with contextlib.suppress(sqlite3.Error):  # closing rolls back anyway
+                    _rollback_open(conn)
+            finally:
+                conn.close()
+
+
+class _HeldConnection(Session):
+    """The store's own connection, held by one task while the connector's gate is closed (a
+    private in-memory database, which has no second connection)."""
+
+    def __init__(self, connector: SQLiteConnector) -> None:
+        self._connector = connector
+        self._closing: Future[None] | None = None
+
+    async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        db = self._connector
+        if self._closing is not None:
+            raise StoreClosedError(f"this SQLite session on {db.path!r} is closed")
+        return await db._call_now(fn)
+
+    def close(self) -> Future[None]:
+        if self._closing is None:
+            db = self._connector
+            db._sessions.discard(self)
+            # Queued before the gate opens: the store's thread runs jobs in order, so the
+            # rollback runs before any call that was waiting for the gate.
+            try:
+                self._closing = db._executor.submit(db._with_connection, _rollback_open)
+            except RuntimeError:  # the store is closed: closing its connection rolled back
+                self._closing = Future()
+                self._closing.set_result(None)
+            db._release_gate()
+        return self._closing
+
+
+def _noop(conn: sqlite3.Connection) -> None:
+    return None
+
+
+def _rollback_open(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute(SQL["rollback"])
+
+
+def _copy_database(conn: sqlite3.Connection) -> sqlite3.Connection:
+    """A private in-memory copy of the database of ``conn`` (in one step: one instant)."""
+    copy = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    try:
+        conn.backup(copy)
+        copy.execute(SQL["query_only"])
+    except BaseException:
+        copy.close()
+        raise
+    return copy
 
 
 class Transaction:

@@ -11,6 +11,14 @@ Every write that changed something also records its changes in the namespace's c
 when that is enabled, inside the same transaction (``changes.py``): the write statement returns
 the feed's epoch as its last column (``NULL``: no feed), so the probe of the flag rides on it;
 nothing about the feed is cached between transactions. Then it wakes this process's watchers.
+
+Export and import (``fleetmem.portability``): an export reads every page inside one read
+transaction of a session of its own (:meth:`SQLiteConnector.reader`): one snapshot, which no
+writer waits for in WAL mode; an import writes each batch in one ``BEGIN IMMEDIATE``, and a
+``replace`` holds one ``BEGIN IMMEDIATE`` for the whole import in a writing session
+(:meth:`SQLiteConnector.writer`): nobody sees a half-replaced namespace, and any failure --
+also of the caller's pages, or a cancellation -- rolls everything back. Both record their
+changes exactly as ``set_many`` and ``delete_many`` do.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from collections.abc import Iterator
-from datetime import datetime
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from operator import itemgetter
+from typing import Any, ClassVar
 
 import orjson
 
@@ -33,6 +43,8 @@ from fleetmem.backends.seam import (
     ChangeBackend,
     EntryMeta,
     Fence,
+    ImportOp,
+    ImportTally,
     KVBackend,
     LeaseBackend,
     QueueBackend,
@@ -49,6 +61,7 @@ from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction
 from fleetmem.backends.sqlite.leases import SQLiteLeases, check_fence
 from fleetmem.backends.sqlite.queues import SQLiteQueues, delete_expired_results
 from fleetmem.errors import (
+    InvalidArgumentError,
     KeyNotFoundError,
     VersionConflictError,
 )
@@ -77,6 +90,45 @@ def _live(expires_at: int | None, now: int) -> bool:
 
 def _json_keys(keys: list[str]) -> str:
     return orjson.dumps(keys).decode("utf-8")
+
+
+def _entries(rows: Iterable[tuple[Any, ...]]) -> list[Entry]:
+    """Entries from rows of (key, value, partition, version, created, updated, expires)."""
+    return [
+        Entry(
+            key,
+            decode_value(value),
+            partition,
+            version,
+            _dt(created),
+            _dt(updated),
+            _dt_or_none(expires),
+        )
+        for key, value, partition, version, created, updated, expires in rows
+    ]
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_MS = timedelta(milliseconds=1)
+
+#: An :class:`ImportOp` as the import statements take it: key, payload, partition, expiry in
+#: milliseconds (rounded down: an imported entry never outlives its source).
+_ImportRow = tuple[str, bytes, str, int | None]
+
+#: Keys a replace deletes per statement (and holds in memory, with their changes).
+_DELETE_CHUNK = 1000
+
+
+def _import_rows(ops: list[ImportOp]) -> list[_ImportRow]:
+    return [
+        (
+            op.key,
+            op.payload,
+            op.partition,
+            None if op.expires_at is None else (op.expires_at - _EPOCH) // _ONE_MS,
+        )
+        for op in ops
+    ]
 
 
 class SQLiteKV(KVBackend):
@@ -129,6 +181,19 @@ class SQLiteKV(KVBackend):
             if row is None:
                 return None
             return Entry(key, decode_value(row[0]), *_meta(row[1:]))
+
+        return await self._db.call(run)
+
+    async def get_entries(self, keys: list[str]) -> dict[str, Entry]:
+        """One statement for all ``keys`` (distinct); in the order of ``keys``."""
+        if not keys:
+            return {}
+        ns = self._namespace
+
+        def run(conn: sqlite3.Connection) -> dict[str, Entry]:
+            rows = conn.execute(SQL["get_entries"], (ns, _json_keys(keys), now_ms()))
+            found = {entry.key: entry for entry in _entries(rows)}
+            return {key: found[key] for key in keys if key in found}
 
         return await self._db.call(run)
 
@@ -527,6 +592,109 @@ class SQLiteKV(KVBackend):
             self._written()
         return count
 
+    # ------------------------------------------------------------------ portability
+
+    #: One read transaction for a whole export (see :meth:`export_pages`).
+    export_consistency: ClassVar[str] = "snapshot"
+    #: One write transaction for a whole replace (see :meth:`import_replace`).
+    replace_is_atomic: ClassVar[bool] = True
+
+    async def export_pages(
+        self, prefix: str, partition: str | None, page_size: int
+    ) -> AsyncGenerator[list[Entry], None]:
+        """Keyset pages (ascending by key: SQLite's BINARY order on UTF-8 is code-point
+        order) read in **one** read transaction of a session of its own: every page comes from
+        the snapshot its first ``SELECT`` fixed, and liveness is judged against one ``now``
+        taken at the start. In WAL mode no writer waits for it (this store's writes go on
+        through the store's own connection); the WAL cannot be checkpointed past the snapshot
+        meanwhile, so it grows with what is written during a long export. Closing the
+        generator early (or cancelling its consumer) ends the transaction and gives the
+        connection up, without blocking the event loop."""
+        ns = self._namespace
+        high = prefix_upper_bound(prefix)
+        now = now_ms()
+        session = await self._db.reader()
+        try:
+            low = prefix
+            begin = True
+            while True:
+                page = await session.call(
+                    partial(_export_page, ns, low, high, now, page_size, partition, begin)
+                )
+                begin = False
+                if page:
+                    yield page
+                if len(page) < page_size:
+                    return
+                low = page[-1].key + "\x00"  # the smallest string above it (no key holds U+0000)
+        finally:
+            session.close()
+
+    async def import_batch(self, ops: list[ImportOp], missing_only: bool) -> ImportTally:
+        """One ``BEGIN IMMEDIATE`` for the batch, on one ``now``: an op expiring at or before
+        it is skipped (``expired``); with ``missing_only`` a key with a live entry is skipped
+        (``existing``; an expired row counts as absent: recreated at version 1); every other
+        op is upserted as ``set`` does (its own partition and absolute expiry; version + 1 and
+        ``created_at`` kept for a live entry, version 1 otherwise), and each written key is
+        recorded as a ``set`` in the change feed, as ``set_many`` records its keys. Keys must
+        be distinct (``InvalidArgumentError`` before any I/O)."""
+        if not ops:
+            return ImportTally(0, 0, 0)
+        rows = _import_rows(ops)
+        if len({row[0] for row in rows}) != len(rows):
+            raise InvalidArgumentError("an import batch must not repeat a key")
+        ns = self._namespace
+        db = self._db
+
+        def run(conn: sqlite3.Connection) -> ImportTally:
+            with Transaction(conn):
+                now = now_ms()
+                epoch = feed_epoch(db, conn, ns, now)
+                written, expired, existing = _write_imports(
+                    conn, ns, rows, now, epoch, missing_only
+                )
+            return ImportTally(len(written), expired, existing)
+
+        tally = await db.call(run)
+        if tally.written:
+            self._written()
+        return tally
+
+    async def import_replace(self, pages: AsyncIterator[list[ImportOp]]) -> ImportTally:
+        """One ``BEGIN IMMEDIATE`` for the whole import, in a writing session: per page, the
+        upserts of :meth:`import_batch` and the deletion of every key above the previous
+        page's last key, up to this page's last, that this page did not write (also a key
+        whose op had expired); after the last page, of every key above it. A deleted live
+        entry is recorded as a ``delete``, in key order, as ``delete_many`` records it (an
+        expired row removed is no change). Other writers wait for the commit (up to their busy
+        timeout) and readers see the namespace as it was until then; any exception -- also
+        one raised by ``pages``, or a cancellation -- rolls everything back. Keys must be
+        strictly ascending within and across pages (``InvalidArgumentError``, rolled back):
+        the deletions depend on it. Holds one page of ops (and of deleted keys) at a time."""
+        ns = self._namespace
+        db = self._db
+        written = expired = 0
+        session = await db.writer()
+        try:
+            epoch = await session.call(partial(_begin_replace, db, ns))
+            previous: str | None = None
+            async for page in pages:
+                if not page:
+                    continue
+                rows = _import_rows(page)
+                _check_ascending(rows, previous)
+                done, gone = await session.call(
+                    partial(_replace_page, db, ns, epoch, rows, previous)
+                )
+                written += done
+                expired += gone
+                previous = rows[-1][0]
+            await session.call(partial(_finish_replace, db, ns, epoch, previous))
+        finally:
+            await session.aclose()
+        self._written()
+        return ImportTally(written, expired, 0)
+
     async def cleanup_expired(self) -> int:
         ns = self._namespace
 
@@ -543,3 +711,131 @@ class SQLiteKV(KVBackend):
 
 def _noop(conn: sqlite3.Connection) -> None:
     return None
+
+
+# ---------------------------------------------------------------------- export and import
+# Run on a session's thread (or the store's), inside the caller's transaction.
+
+
+def _export_page(
+    ns: str,
+    low: str,
+    high: str,
+    now: int,
+    limit: int,
+    partition: str | None,
+    begin: bool,
+    conn: sqlite3.Connection,
+) -> list[Entry]:
+    if begin:  # the SELECT below fixes the snapshot every later page reads
+        conn.execute(SQL["begin"])
+    if partition is None:
+        rows = conn.execute(SQL["export_page"], (ns, low, high, now, limit))
+    else:
+        rows = conn.execute(SQL["export_page_in_partition"], (ns, low, high, now, limit, partition))
+    return _entries(rows)
+
+
+def _write_imports(
+    conn: sqlite3.Connection,
+    ns: str,
+    rows: list[_ImportRow],
+    now: int,
+    epoch: int | None,
+    missing_only: bool,
+) -> tuple[list[str], int, int]:
+    """Upsert the ops of ``rows`` that are still live at ``now`` (with ``missing_only``, only
+    over keys without a live entry) and record a ``set`` of each in the feed of ``epoch``.
+    Returns the keys written, the count skipped as expired and as existing."""
+    live = [row for row in rows if row[3] is None or row[3] > now]
+    expired = len(rows) - len(live)
+    existing = 0
+    if missing_only and live:
+        keys_json = _json_keys([row[0] for row in live])
+        present = {r[0] for r in conn.execute(SQL["live_keys_among"], (ns, keys_json, now))}
+        if present:  # under the write lock: still true when the upsert below runs
+            existing = len(present)
+            live = [row for row in live if row[0] not in present]
+    if not live:
+        return [], expired, existing
+    # The upsert of set(): the op's partition, its absolute expiry (keep_ttl off); over a live
+    # entry version + 1 and created_at kept, over a missing or expired one version 1.
+    conn.executemany(
+        SQL["upsert"],
+        [(ns, key, part, payload, now, expires, False) for key, payload, part, expires in live],
+    )
+    keys = [row[0] for row in live]
+    if epoch is not None:
+        record_sets(conn, ns, epoch, now, _json_keys(keys))
+    return keys, expired, existing
+
+
+def _check_ascending(rows: list[_ImportRow], previous: str | None) -> None:
+    last = previous
+    for row in rows:
+        if last is not None and row[0] <= last:
+            raise InvalidArgumentError(
+                f"import_replace needs keys strictly ascending: {row[0]!r} after {last!r}"
+            )
+        last = row[0]
+
+
+def _begin_replace(db: SQLiteConnector, ns: str, conn: sqlite3.Connection) -> int | None:
+    """Take the write lock for the whole replace; the feed's epoch (the lock keeps it)."""
+    conn.execute(SQL["begin_immediate"])
+    return feed_epoch(db, conn, ns, now_ms())
+
+
+def _replace_page(
+    db: SQLiteConnector,
+    ns: str,
+    epoch: int | None,
+    rows: list[_ImportRow],
+    previous: str | None,
+    conn: sqlite3.Connection,
+) -> tuple[int, int]:
+    now = now_ms()
+    keys, expired, _ = _write_imports(conn, ns, rows, now, epoch, False)
+    low = "" if previous is None else previous + "\x00"
+    high = rows[-1][0] + "\x00"  # the page's last key included
+    _delete_range(db, conn, ns, epoch, now, low, high, _json_keys(keys))
+    return len(keys), expired
+
+
+def _finish_replace(
+    db: SQLiteConnector, ns: str, epoch: int | None, previous: str | None, conn: sqlite3.Connection
+) -> None:
+    now = now_ms()
+    low = "" if previous is None else previous + "\x00"
+    _delete_range(db, conn, ns, epoch, now, low, prefix_upper_bound(""), "[]")
+    conn.execute(SQL["commit"])
+
+
+def _delete_range(
+    db: SQLiteConnector,
+    conn: sqlite3.Connection,
+    ns: str,
+    epoch: int | None,
+    now: int,
+    low: str,
+    high: str,
+    keep_json: str,
+) -> None:
+    """Delete the keys in ``[low, high)`` not in ``keep_json``, recording a ``delete`` of
+    each live one, in key order, a chunk at a time (memory stays bounded however many go)."""
+    while True:
+        rows = conn.execute(
+            SQL["replace_delete_range"], (ns, low, high, keep_json, _DELETE_CHUNK)
+        ).fetchall()
+        if not rows:
+            return
+        rows.sort(key=itemgetter(1))  # RETURNING has no order; str order is BINARY's
+        changes: list[ChangeRow] = [
+            ("delete", key, partition, None, None, None)
+            for expires, key, partition in rows
+            if _live(expires, now)
+        ]
+        record(db, conn, ns, epoch, now, changes)
+        if len(rows) < _DELETE_CHUNK:
+            return
+        low = rows[-1][1] + "\x00"

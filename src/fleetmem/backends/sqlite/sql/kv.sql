@@ -67,6 +67,9 @@ PRAGMA synchronous = NORMAL;
 -- name: synchronous_full
 PRAGMA synchronous = FULL;
 
+-- name: query_only
+PRAGMA query_only = ON;
+
 -- name: begin_immediate
 BEGIN IMMEDIATE;
 
@@ -88,6 +91,18 @@ WHERE namespace = ?1 AND key = ?2 AND (expires_at IS NULL OR expires_at > ?3);
 -- ?1 namespace, ?2 key, ?3 now
 SELECT value, partition, version, created_at, updated_at, expires_at FROM fleetmem_entries
 WHERE namespace = ?1 AND key = ?2 AND (expires_at IS NULL OR expires_at > ?3);
+
+-- name: get_entries
+-- ?1 namespace, ?2 JSON array of keys, ?3 now
+SELECT key, value, partition, version, created_at, updated_at, expires_at FROM fleetmem_entries
+WHERE namespace = ?1 AND key IN (SELECT value FROM json_each(?2))
+  AND (expires_at IS NULL OR expires_at > ?3);
+
+-- name: live_keys_among
+-- ?1 namespace, ?2 JSON array of keys, ?3 now: those with a live entry
+SELECT key FROM fleetmem_entries
+WHERE namespace = ?1 AND key IN (SELECT value FROM json_each(?2))
+  AND (expires_at IS NULL OR expires_at > ?3);
 
 -- name: get_many
 -- ?1 namespace, ?2 JSON array of keys, ?3 now
@@ -245,3 +260,32 @@ WHERE name IS NOT NULL AND name NOT GLOB ?6
        OR EXISTS (SELECT 1 FROM fleetmem_entries e
                   WHERE e.namespace = ns.name AND e.expires_at IS NULL))
 LIMIT ?5;
+
+-- ---------------------------------------------------------------- export and import
+-- Exports read in a session of their own (one read transaction: one snapshot), keyset pages.
+
+-- name: export_page
+-- ?1 namespace, ?2 inclusive lower bound, ?3 exclusive upper bound, ?4 now, ?5 limit
+SELECT key, value, partition, version, created_at, updated_at, expires_at FROM fleetmem_entries
+WHERE namespace = ?1 AND key >= ?2 AND key < ?3 AND (expires_at IS NULL OR expires_at > ?4)
+ORDER BY key LIMIT ?5;
+
+-- name: export_page_in_partition
+-- as export_page, ?6 partition
+SELECT key, value, partition, version, created_at, updated_at, expires_at FROM fleetmem_entries
+WHERE namespace = ?1 AND partition = ?6 AND key >= ?2 AND key < ?3
+  AND (expires_at IS NULL OR expires_at > ?4)
+ORDER BY key LIMIT ?5;
+
+-- name: replace_delete_range
+-- ?1 namespace, ?2 inclusive lower bound, ?3 exclusive upper bound, ?4 JSON array of keys to
+-- keep (those the replace just wrote), ?5 limit: delete the first ?5 other keys of the range,
+-- in key order (one walk of the primary key from ?2, never past ?3). Returns each deleted
+-- row's expiry (a live row is a change, an expired one is not), key and partition.
+DELETE FROM fleetmem_entries
+WHERE namespace = ?1 AND key IN (
+    SELECT key FROM fleetmem_entries
+    WHERE namespace = ?1 AND key >= ?2 AND key < ?3
+      AND key NOT IN (SELECT value FROM json_each(?4))
+    ORDER BY key LIMIT ?5)
+RETURNING expires_at, key, partition;
