@@ -41,8 +41,8 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -76,6 +76,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("fleetmem.postgres")
+
+_T = TypeVar("_T")
 
 #: Backoff between tries to open a connection while the server refuses new ones (too many
 #: clients): from 10 ms, doubling (with jitter) up to 250 ms.
@@ -400,18 +402,42 @@ class _ConnectionPool:
             self.idle.append(conn)
 
     async def open(self, timeout: float) -> Any:
+        """A new connection (counted in ``size`` while it opens). The open runs as a task of
+        its own that a cancelled caller does not cancel: asyncpg leaves a future with an
+        exception nobody retrieves when its SSL negotiation is cancelled ("Future exception
+        was never retrieved: ConnectionError('unexpected connection_lost() call')"). The
+        connection a cancelled caller leaves behind joins the idle ones once open (or is
+        closed, when the pool is closing); a failure to open is retrieved and dropped."""
         self.size += 1
+        task = asyncio.ensure_future(self._connect(timeout))
         try:
-            conn = await asyncpg.connect(self.dsn, timeout=timeout, **self.connect_kwargs)
-            try:
-                await init_connection(conn)
-            except BaseException:
-                conn.terminate()
-                raise
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                task.add_done_callback(self._adopt)
+            else:
+                self.size -= 1
+            raise
         except BaseException:
             self.size -= 1
             raise
+
+    async def _connect(self, timeout: float) -> Any:
+        conn = await asyncpg.connect(self.dsn, timeout=timeout, **self.connect_kwargs)
+        try:
+            await init_connection(conn)
+        except BaseException:
+            conn.terminate()
+            raise
         return conn
+
+    def _adopt(self, task: asyncio.Future[Any]) -> None:
+        """The outcome of an open whose caller was cancelled (see :meth:`open`)."""
+        if task.cancelled() or task.exception() is not None:
+            self.size -= 1
+            self.wake_one()
+            return
+        self.put(task.result())
 
     async def get(self, deadline: float) -> Any:
         """An idle connection, else a new one; if the server refuses it (too many clients),
@@ -531,7 +557,7 @@ class _ConnectionPool:
         if conn.is_closed():
             self.size -= 1
         elif self.closing or conn.is_in_transaction():
-            conn.terminate()
+            _terminate_after_cancels(conn, self.timeout)
             self.size -= 1
         else:
             waiters = self.waiters
@@ -559,6 +585,30 @@ class _ConnectionPool:
             except (Exception, asyncio.TimeoutError):
                 conn.terminate()
             self.size -= 1
+
+
+def _terminate_after_cancels(conn: Any, grace: float) -> None:
+    """Terminate ``conn`` once asyncpg's cancel requests for it are done (at most ``grace``
+    seconds): terminating cancels them, and a cancel request cancelled during its SSL
+    negotiation leaves a future with an exception nobody retrieves (asyncpg's, logged as
+    "Future exception was never retrieved"). Those tasks are asyncpg's ``_cancellations``;
+    without that attribute the connection is terminated at once."""
+    pending = [task for task in getattr(conn, "_cancellations", ()) if not task.done()]
+    if not pending:
+        _terminate(conn)
+        return
+    handle = asyncio.get_running_loop().call_later(grace, _terminate, conn)
+    left = len(pending)
+
+    def one_done(_: object) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            handle.cancel()
+            _terminate(conn)
+
+    for task in pending:
+        task.add_done_callback(one_done)
 
 
 def _wake_waiter(waiter: asyncio.Future[Any]) -> None:
@@ -1056,24 +1106,80 @@ class PostgresConnector:
             await self._release(conn)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Any]:
-        """A connection in a transaction, for multi-statement writes (never retried); call
-        :meth:`arm_command_timeout` before each statement after the first."""
+    async def transaction(
+        self, *, isolation: str | None = None, readonly: bool = False
+    ) -> AsyncIterator[Any]:
+        """A connection in a transaction, for multi-statement work (never retried); call
+        :meth:`arm_command_timeout` before each statement after the first, and
+        :meth:`disarm_command_timeout` after a statement when the connection will wait for the
+        caller (an export handing out a page) longer than a statement may run.
+
+        ``isolation`` (asyncpg's names: ``"read_committed"``, ``"repeatable_read"``,
+        ``"serializable"``; ``None``: the server's default) and ``readonly`` are those of the
+        transaction. Errors are translated; a lost connection or a timeout before the COMMIT
+        was sent rolled the transaction back (nothing was applied:
+        :class:`~fleetmem.errors.BackendUnavailableError`); only one while the COMMIT of a
+        writing transaction is in flight is an :class:`~fleetmem.errors.OutcomeUnknownError`.
+        An exception of the caller's own work awaited through :meth:`untranslated` rolls the
+        transaction back and leaves as it was raised."""
         if not self._ready:
             await self.connect()
         conn = await self._acquire()
+        committing = False
+        own: BaseException | None = None
         try:
             try:
                 self.arm_command_timeout(conn)
-                async with conn.transaction():
+                async with conn.transaction(isolation=isolation, readonly=readonly):
                     yield conn
+                    committing = True
                     self.arm_command_timeout(conn)  # COMMIT
+            except _CallerError as wrapped:
+                own = wrapped.error
             except Exception as exc:
                 if isinstance(exc, _LOST):
                     _terminate(conn)
-                err = _translate(self._failure(conn, exc), write=True, sent=True, can_retry=False)
+                err = _translate(
+                    self._failure(conn, exc),
+                    write=committing and not readonly,
+                    sent=True,
+                    can_retry=False,
+                )
                 if err is exc:
                     raise
                 raise err from exc
         finally:
             await self._release(conn)
+        if own is not None:
+            # Raised here, out of the handler, the error keeps the context it was raised with.
+            context = own.__context__
+            try:
+                raise own
+            finally:
+                own.__context__ = context
+
+    def disarm_command_timeout(self, conn: Any) -> None:
+        """Stop the command_timeout clock of ``conn`` (inside :meth:`transaction`), which then
+        waits for its holder: the next statement arms it again."""
+        deadlines = self._deadlines
+        if deadlines is not None:
+            deadlines.pop(conn, None)
+
+    @staticmethod
+    async def untranslated(work: Awaitable[_T]) -> _T:
+        """``await work`` -- the caller's own work inside :meth:`transaction`, not the
+        driver's (reading the next page of an import): an exception it raises rolls the
+        transaction back and leaves :meth:`transaction` untranslated, as it was raised."""
+        try:
+            return await work
+        except Exception as exc:
+            raise _CallerError(exc) from None
+
+
+class _CallerError(Exception):
+    """Carries an exception of the caller's own work out of :meth:`PostgresConnector.transaction`
+    past the translation of driver errors (see :meth:`PostgresConnector.untranslated`)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error

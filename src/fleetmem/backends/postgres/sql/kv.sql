@@ -493,6 +493,10 @@ SELECT count(*) FROM c
 -- name: ping
 SELECT 1
 
+-- name: server_time
+-- The server's clock now (not the transaction's start: this runs on its own, outside any).
+SELECT clock_timestamp()
+
 -- name: namespaces
 -- Unlike the others, no namespace parameter: $1 inclusive lower bound (the prefix), $2
 -- exclusive upper bound, $3 exclusive cursor ('' for none), $4 limit (NULL: none), $5 the
@@ -520,3 +524,136 @@ WHERE name IS NOT NULL AND NOT starts_with(name, $5)
        OR (SELECT 1 FROM {table} e
            WHERE e.namespace = ns.name AND e.expires_at IS NULL LIMIT 1) IS NOT NULL)
 LIMIT $4
+
+-- Export and import (fleetmem.portability; kv.py export_pages, import_batch, import_replace).
+
+-- name: export_page
+-- One page of an export: the live entries above $4 (exclusive; '' for the first page) in the
+-- prefix range [$2, $3), ascending, at most $5. Every page of an export runs in one REPEATABLE
+-- READ READ ONLY transaction: they read one snapshot, and now() -- the transaction's start --
+-- judges expiry in all of them, so the export is one instant.
+SELECT key, value, partition, version, created_at, updated_at, expires_at FROM {table}
+WHERE namespace = $1 AND key >= $2 AND key < $3 AND key > $4
+  AND (expires_at IS NULL OR expires_at > now())
+ORDER BY key
+LIMIT $5
+
+-- name: export_page_partition
+SELECT key, value, partition, version, created_at, updated_at, expires_at FROM {table}
+WHERE namespace = $1 AND partition = $6 AND key >= $2 AND key < $3 AND key > $4
+  AND (expires_at IS NULL OR expires_at > now())
+ORDER BY key
+LIMIT $5
+
+-- name: import_batch
+-- Imported entries (distinct keys): $2 keys, $3 values, $4 partitions, $5 absolute expiries
+-- (NULL: persistent); $6 true: only keys without a live entry ("missing"). An op whose expiry
+-- has passed (<= now()) is skipped. The others are written as `set` writes, with the op's
+-- partition and expiry: a live entry gets version + 1 and keeps created_at; an absent or
+-- expired one is (re)created at version 1. Each write records a "set" change (the f/c pattern
+-- above). Returns the entries written and the ops skipped as expired; with $6 the rest had a
+-- live entry.
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    INSERT INTO {table} AS e
+        (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+    SELECT $1, b.key, b.partition, b.value, 1, now(), now(), b.expires_at
+    FROM unnest($2::text[], $3::jsonb[], $4::text[], $5::timestamptz[])
+        AS b(key, value, partition, expires_at)
+    WHERE (b.expires_at IS NULL OR b.expires_at > now())
+      AND (SELECT count(*) FROM f) < 2
+    ORDER BY b.key COLLATE "C"  -- lock rows in key order (see set_batch)
+    ON CONFLICT (namespace, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        partition = EXCLUDED.partition,
+        version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+        created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+        updated_at = now(),
+        expires_at = EXCLUDED.expires_at
+    WHERE NOT $6::bool OR e.expires_at <= now()
+    RETURNING key, partition, version, expires_at, value
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, value, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 's', key, partition, version, value, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT (SELECT count(*) FROM w) AS written,
+       (SELECT count(*) FROM unnest($5::timestamptz[]) AS x(at) WHERE x.at <= now()) AS expired
+
+-- name: import_replace_page
+-- One page of a replace, a statement of its transaction (kv.py import_replace): the page
+-- written as by import_batch (all of it but the expired ops), and the namespace's keys above
+-- $6 (the previous page's last key; '' before the first page) up to $7 (this page's last key)
+-- that the write did not write deleted -- the keys between the file's, and the key of an op
+-- skipped as expired. Records a "set" change per entry written and a "delete" change per live
+-- entry deleted. Every statement of the transaction has the same now(): an op is expired (and
+-- its key deleted) the same way in every page. Returns the counts written, expired, deleted.
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), w AS (
+    INSERT INTO {table} AS e
+        (namespace, key, partition, value, version, created_at, updated_at, expires_at)
+    SELECT $1, b.key, b.partition, b.value, 1, now(), now(), b.expires_at
+    FROM unnest($2::text[], $3::jsonb[], $4::text[], $5::timestamptz[])
+        AS b(key, value, partition, expires_at)
+    WHERE (b.expires_at IS NULL OR b.expires_at > now())
+      AND (SELECT count(*) FROM f) < 2
+    ORDER BY b.key COLLATE "C"
+    ON CONFLICT (namespace, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        partition = EXCLUDED.partition,
+        version = CASE WHEN e.expires_at <= now() THEN 1 ELSE e.version + 1 END,
+        created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END,
+        updated_at = now(),
+        expires_at = EXCLUDED.expires_at
+    RETURNING key, partition, version, expires_at, value
+), d AS (
+    -- Rows w wrote are not deleted (a row is never modified twice by one statement). The keys
+    -- to delete are computed once, before the delete scans, by an InitPlan: the range's keys
+    -- EXCEPT w's (a set operation -- hashed or sorted, never a nested loop -- which reads w's
+    -- RETURNING in full first); the delete then probes the primary key per key of that array.
+    -- A join of the range with w instead was planned as a Nested Loop Anti Join whenever the
+    -- range was estimated at one row (stale statistics of freshly written keys): quadratic in
+    -- the page, ~100 ms for a page of 1,000 keys.
+    DELETE FROM {table} t
+    WHERE t.namespace = $1
+      AND t.key = ANY(ARRAY(
+          SELECT r.key FROM {table} r WHERE r.namespace = $1 AND r.key > $6 AND r.key <= $7
+          EXCEPT ALL
+          SELECT w.key FROM w))
+      AND (SELECT count(*) FROM f) < 2
+    RETURNING t.key, t.partition, t.expires_at IS NULL OR t.expires_at > now() AS live
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, version, value, expires_at, at)
+    SELECT $1, (SELECT epoch FROM f), 's', key, partition, version, value, expires_at, now()
+    FROM w WHERE (SELECT epoch FROM f) IS NOT NULL
+    UNION ALL
+    SELECT $1, (SELECT epoch FROM f), 'd', key, partition, NULL, NULL, NULL, now()
+    FROM d WHERE live AND (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT (SELECT count(*) FROM w) AS written,
+       (SELECT count(*) FROM unnest($5::timestamptz[]) AS x(at) WHERE x.at <= now()) AS expired,
+       (SELECT count(*) FROM d WHERE live) AS deleted
+
+-- name: import_replace_rest
+-- The end of a replace: the namespace's keys above $2 (the last page's last key; '' when the
+-- import had no entry) deleted, a "delete" change recorded per live entry.
+WITH f AS MATERIALIZED (
+    SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
+           CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
+    FROM {feeds} WHERE namespace = $1
+), d AS (
+    DELETE FROM {table} t
+    WHERE t.namespace = $1 AND t.key > $2 AND (SELECT count(*) FROM f) < 2
+    RETURNING t.key, t.partition, t.expires_at IS NULL OR t.expires_at > now() AS live
+), c AS (
+    INSERT INTO {changes} (namespace, epoch, op, key, partition, at)
+    SELECT $1, (SELECT epoch FROM f), 'd', key, partition, now()
+    FROM d WHERE live AND (SELECT epoch FROM f) IS NOT NULL
+)
+SELECT count(*) FILTER (WHERE live) FROM d
