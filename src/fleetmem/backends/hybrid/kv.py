@@ -40,6 +40,9 @@ How it stays coherent (see docs/backends/hybrid.md for the guarantees):
   circuit breaker stops paying it on every call, and reads fall back to PostgreSQL.
 * **Single flight**: concurrent reads of one key in one process share one cache read and at
   most one PostgreSQL read.
+* **Export and import** go through PostgreSQL: an export is its snapshot (the cache is neither
+  read nor filled), an import batch is retired from the cache as any write is, and a replace
+  is PostgreSQL's one transaction followed by the retiring ``clear()`` does (``import_replace``).
 * **Leases, fences, agents** live in PostgreSQL alone (``leases()``, ``agents()`` are the
   durable tier's). A fenced write carries its fence to the durable write, which checks it
   atomically; around it the protocol is the unfenced one. A refused write changed nothing in
@@ -56,10 +59,10 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import orjson
 
@@ -73,6 +76,8 @@ from fleetmem.backends.seam import (
     ChangeBackend,
     EntryMeta,
     Fence,
+    ImportOp,
+    ImportTally,
     KVBackend,
     LeaseBackend,
     QueueBackend,
@@ -1580,6 +1585,95 @@ class HybridKV(KVBackend):
         return await self._durable_call(  # type: ignore[no-any-return]
             self._durable.cleanup_expired()
         )
+
+    # ------------------------------------------------------------------ portability
+    # Export reads the durable tier; imports write through it and retire the cache as every
+    # other write does. With PostgreSQL as the durable tier (what HybridStore is built for)
+    # an export is one snapshot and a replace one transaction; the two flags below say so.
+
+    #: The export is the durable tier's (PostgreSQL: one ``REPEATABLE READ`` snapshot); the
+    #: cache is neither read nor filled by it.
+    export_consistency: ClassVar[str] = "snapshot"
+    #: ``import_replace`` is the durable tier's one transaction (PostgreSQL), followed by the
+    #: retiring of the namespace's cache as ``clear()`` retires it.
+    replace_is_atomic: ClassVar[bool] = True
+
+    async def server_time(self) -> datetime:
+        """The durable tier's clock (PostgreSQL's ``now()``): it judges every expiry here --
+        an import's, a read's -- the cache only holds copies of what it decided."""
+        return await self._durable_call(self._durable.server_time())  # type: ignore[no-any-return]
+
+    async def export_pages(
+        self, prefix: str, partition: str | None, page_size: int
+    ) -> AsyncGenerator[list[Entry], None]:
+        """The durable tier's export pages (its consistency: PostgreSQL's snapshot), read from
+        PostgreSQL alone: the cache holds copies of the truth, not the truth."""
+        pages = self._durable.export_pages(prefix, partition, page_size)
+        try:
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    yield page
+        except BackendUnavailableError:
+            self._state.durable_down = True
+            raise
+
+    async def import_batch(self, ops: list[ImportOp], missing_only: bool) -> ImportTally:
+        """The durable tier's ``import_batch`` (PostgreSQL: one statement, which records the
+        changes in its feed), then the cached copies of the batch's keys are retired as
+        ``set_batch`` retires them: deleted from Redis after the COMMIT, or, when Redis cannot
+        be reached, the namespace bypassed and its epoch bumped before this returns (see
+        ``_missed_invalidation``). So once it returns no process reads a value the import
+        replaced, and it works while Redis is down.
+
+        Every key of the batch is retired, the skipped ones too: the tally does not name the
+        keys written, and retiring a key the import left alone costs a miss, never a stale
+        read. Nothing is retired when nothing was written. A failure retires them all the
+        same, in a task no cancellation stops: part of the batch may have been written (an
+        outcome unknown, a cancelled caller, a durable tier that writes key by key)."""
+        keys = [op.key for op in ops]
+        try:
+            tally: ImportTally = await self._durable_call(
+                self._durable.import_batch(ops, missing_only)
+            )
+        except BaseException:
+            self._retiring(keys)
+            raise
+        if tally.written:
+            await asyncio.shield(self._retiring(keys))
+        return tally
+
+    async def import_replace(self, pages: AsyncIterator[list[ImportOp]]) -> ImportTally:
+        """The durable tier's ``import_replace`` -- on PostgreSQL one transaction: no reader of
+        PostgreSQL sees the namespace half replaced, and a failure changes nothing -- then the
+        namespace's cache is retired as ``clear()`` retires it (``_remove_cleared``): the
+        published epoch is deleted first, then every copy and lease.
+
+        While the transaction runs, readers keep reading (and filling the cache with) the
+        namespace as it was, which is the truth until the COMMIT; every such copy carries the
+        published epoch of its lease, and a fill is applied only while that epoch is still the
+        published one (``fill.lua``). Deleting the published epoch after the COMMIT therefore
+        kills every copy taken before it, and voids every fill still in flight from a read of
+        the old rows: the next publication must raise the durable epoch first and carries a
+        new nonce, and a lease taken under it is taken after the COMMIT, so its read of
+        PostgreSQL sees the replaced namespace. Redis unreachable at that step: the bypass of
+        a missed invalidation, as for any write. So once this returns no process reads a value
+        from before the replace.
+
+        A failure retires every copy of the namespace too (a new epoch), in a task of its own:
+        a COMMIT whose outcome is unknown, or a cancelled caller, may have replaced it. A
+        durable tier whose replace is not atomic (not PostgreSQL) gets the seam's page-by-page
+        replace through this backend's :meth:`import_batch` and ``delete_batch``, each
+        retiring the keys it wrote."""
+        durable = self._durable
+        if not durable.replace_is_atomic:
+            return await super().import_replace(pages)
+        try:
+            tally: ImportTally = await self._durable_call(durable.import_replace(pages))
+        except BaseException:
+            self._retiring(None)
+            raise
+        await asyncio.shield(self._retiring_task(self._remove_cleared()))
+        return tally
 
     # ------------------------------------------------------------------ coordination
 

@@ -25,6 +25,13 @@ server, ``EVALSHA`` on a cluster; see ``scripts.py``), so value, version, index,
 change atomically; timestamps come from the server's ``TIME``. Concurrent single-key calls beyond
 ``coalesce_max_inflight`` are merged into one ``MGET`` or one script call per batch.
 
+Export and import (``fleetmem.portability``): an export reads one page per ``scan`` call (the
+key index walked, each live entry read with its expiry in the same script), so each entry is
+exact but the export is not one point-in-time view (``export_consistency = "per-entry"``); an
+import writes a batch per ``import`` script call (``lua/kv/import.lua``), every expiry judged
+on the server's ``TIME``; a replace is those calls page by page plus deletes between the pages,
+not one transaction (``replace_is_atomic = False``).
+
 The driver is :class:`~fleetmem.backends.redis.connector.RedisConnector`, shared by a backend
 and its views: the client, the eviction-policy check, script calls, and the one place where
 redis-py errors are translated. Failure handling: each call runs under a deadline (``timeout``,
@@ -48,18 +55,21 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any, ClassVar
 
 from fleetmem._validate import DEFAULT_PARTITION, GlobPattern, prefix_upper_bound
 from fleetmem.backends.redis.changes import BlockingReads, RedisChanges
 from fleetmem.backends.redis.connector import RedisConnector
 from fleetmem.backends.redis.entries import (
+    datetime_ms,
     entry_meta,
     entry_value,
     entry_values,
     mark_payload,
     ms_datetime,
+    parse_entries,
     parse_entry,
     partition_name,
 )
@@ -71,6 +81,8 @@ from fleetmem.backends.seam import (
     ChangeBackend,
     EntryMeta,
     Fence,
+    ImportOp,
+    ImportTally,
     KVBackend,
     LeaseBackend,
     QueueBackend,
@@ -101,6 +113,7 @@ _SET, _SET_IF_ABSENT, _CAS, _INCR = (
 _GET_ENTRY, _GET_ENTRIES = SCRIPTS["get_entry"], SCRIPTS["get_entries"]
 _EXISTS_MANY, _SET_MANY = SCRIPTS["exists_many"], SCRIPTS["set_many"]
 _SET_BATCH, _DELETE_MANY = SCRIPTS["set_batch"], SCRIPTS["delete_many"]
+_IMPORT = SCRIPTS["import"]
 _EXPIRE, _SCAN = SCRIPTS["expire"], SCRIPTS["scan"]
 _CLEAR, _PRUNE = SCRIPTS["clear"], SCRIPTS["prune"]
 _NS_LIVE, _NS_REGISTER = SCRIPTS["ns_live"], SCRIPTS["ns_register"]
@@ -168,6 +181,13 @@ _BATCH = 10_000
 _SET_MANY_SLICE = 2000
 #: Merged ``set`` calls per script call (five arguments each).
 _OPS_BATCH = 1000
+#: Import ops per ``import`` script call (four arguments each), and the stored bytes after
+#: which a call goes out with fewer (values may be up to ``max_value_bytes`` each: a call
+#: stays far below Redis's query buffer limit).
+_IMPORT_OPS = 1000
+_IMPORT_BYTES = 16 * 1024 * 1024
+#: Modes of the ``import`` script (``lua/kv/import.lua``).
+_MERGE, _MISSING, _REPLACE = b"m", b"a", b"r"
 #: Index members a ``scan`` / ``clear`` / ``prune`` call looks at before handing back a cursor.
 _SCAN_BUDGET = 5000
 _KIND = {b'"': "str", b"{": "dict", b"[": "list", b"t": "bool", b"f": "bool", b"n": "NoneType"}
@@ -942,3 +962,133 @@ class RedisKV(KVBackend):
 
     async def cleanup_expired(self) -> int:
         return int((await self._prune("cleanup"))[2])
+
+    # ---------------------------------------------------------------- portability
+
+    #: Each exported entry is exact (read with its metadata in one script call), but the
+    #: export is not one point-in-time view: a write made while it runs may or may not be in
+    #: it (Redis has no snapshot a reader could hold open; a script holding the whole
+    #: namespace would block the server for its length).
+    export_consistency: ClassVar[str] = "per-entry"
+    #: ``import_replace`` is page by page, not one transaction (see there).
+    replace_is_atomic: ClassVar[bool] = False
+
+    async def server_time(self) -> datetime:
+        """The server's ``TIME`` (one round trip, a read: retried and translated as every
+        call), to the microsecond: the clock that expires this backend's entries and that its
+        scripts write by. On a Cluster it is the time of the node the client sends keyless
+        commands to; Redis Cluster expects its nodes' clocks to agree (each expires its own
+        keys on its own)."""
+        seconds, micros = await self._connector.execute(False, "TIME")
+        return datetime.fromtimestamp(int(seconds), timezone.utc) + timedelta(
+            microseconds=int(micros)
+        )
+
+    async def export_pages(
+        self, prefix: str, partition: str | None, page_size: int
+    ) -> AsyncGenerator[list[Entry], None]:
+        """Pages of the live entries, ascending: ``scan`` calls in entries mode, each walking
+        the key index from where the last one stopped and returning every live key with its
+        entry string and expiry (one ``MGET`` in the script, ``PEXPIRETIME`` for the keys of
+        the expiry index; at most ``_SCAN_BUDGET`` index members looked at per call),
+        dropping the members of natively expired entries as ``keys`` does. ``per-entry``:
+        each entry is read whole in one atomic call, the calls one after the other.
+
+        One round trip per page instead of the seam's two (``keys`` then ``get_entries``),
+        the entries parsed in one pass (:func:`parse_entries`). (Sending the next call before
+        parsing a reply was measured slower, not faster: the parsing and the server compete
+        for the same cores.)"""
+        lo, hi = self._range(prefix, None)
+        pf = "" if partition is None else _part_arg(partition)
+        page: list[Entry] = []
+        while True:
+            want = min(page_size - len(page), 5000)
+            res = await self._script(False, _SCAN, lo, hi, want, _SCAN_BUDGET, pf, b"1")
+            page += parse_entries(res, 1)
+            if len(page) >= page_size or (not res[0] and page):
+                yield page
+                page = []
+            if not res[0]:
+                return
+            lo = res[0]
+
+    async def import_batch(self, ops: list[ImportOp], missing_only: bool) -> ImportTally:
+        """One ``import`` script call per 1,000 ops (``lua/kv/import.lua``): on the server's
+        ``TIME``, an op whose expiry has passed is skipped (``expired``); with
+        ``missing_only`` an op whose key has a live entry is skipped (``existing``); every
+        other op is written as ``set`` writes (version + 1 of a live entry, 1 otherwise;
+        created kept, updated now) with its partition and its absolute expiry (``PXAT``: the
+        remaining life is measured on the server's clock, to the millisecond, rounded down),
+        index, counts and expiry index kept, and a "set" recorded in the namespace's change
+        feed when it is enabled, all in the script. A batch of more calls is not atomic as a
+        whole: a failure leaves the calls before it written."""
+        return await self._import(ops, _MISSING if missing_only else _MERGE)
+
+    async def import_replace(self, pages: AsyncIterator[list[ImportOp]]) -> ImportTally:
+        """The seam's merge-delete, not atomic (:attr:`replace_is_atomic` False): each page is
+        written by ``import`` script calls (as :meth:`import_batch`), then the keys between
+        the previous page's last key and this page's last key that are not in the page are
+        deleted (``delete_batch``: one ``delete_many`` call per 10,000 keys, each recording a
+        "delete" change), then every key after the last page. Readers meanwhile see a
+        namespace partly replaced; a failure leaves it so (the pages before it written, the
+        keys before it deleted); all of it lives in the namespace's slot, so it runs on a
+        Cluster as on one server.
+
+        An op whose expiry has passed on the server's clock is skipped, and the script deletes
+        its key's live entry (recording a "delete") in the same call: that the file's entry
+        expired is decided once, on the clock that decides everything else here.
+
+        Keys must ascend strictly within and across pages (the deletes between pages rely on
+        it): a page that does not is refused with ``InvalidArgumentError`` before anything of
+        it is written."""
+        total = ImportTally(0, 0, 0)
+        previous: str | None = None
+        async for page in pages:
+            if not page:
+                continue
+            last = previous
+            for op in page:
+                if last is not None and op.key <= last:
+                    raise InvalidArgumentError(
+                        "import_replace needs keys strictly ascending across pages: "
+                        f"{op.key!r} after {last!r}"
+                    )
+                last = op.key
+            tally = await self._import(page, _REPLACE)
+            total = ImportTally(total.written + tally.written, total.expired + tally.expired, 0)
+            await self._delete_between(previous, page[-1].key, {op.key for op in page})
+            previous = page[-1].key
+        await self._delete_between(previous, None, ())
+        return total
+
+    async def _import(self, ops: list[ImportOp], mode: bytes) -> ImportTally:
+        """``ops`` through the ``import`` script in ``mode``: calls of at most
+        ``_IMPORT_OPS`` ops and (past the first op) ``_IMPORT_BYTES`` stored bytes."""
+        if not ops:
+            return ImportTally(0, 0, 0)
+        if not self._trusted():
+            await self._register()
+        written = expired = existing = 0
+        args: list[Any] = []
+        size = 0
+        last = len(ops) - 1
+        for i, (key, payload, partition, expires_at) in enumerate(ops):
+            args += (
+                key,
+                mark_payload(payload),
+                "" if partition == DEFAULT_PARTITION else partition,
+                b"" if expires_at is None else b"%d" % datetime_ms(expires_at),
+            )
+            size += len(payload)
+            if i == last or len(args) >= 4 * _IMPORT_OPS or size >= _IMPORT_BYTES:
+                res = await self._script(True, _IMPORT, mode, *args)
+                self._changed()
+                written, expired, existing = (
+                    written + int(res[0]),
+                    expired + int(res[1]),
+                    existing + int(res[2]),
+                )
+                args, size = [], 0
+        if not self._trusted():
+            await self._register_after()
+        return ImportTally(written, expired, existing)

@@ -38,7 +38,8 @@ under ``noeviction`` still runs:
   answers on a full server that lost its registry. A full store stays readable and can be
   emptied. ``delete_many`` and ``clear`` record their changes when the namespace's feed is
   enabled: a small entry per key deleted (one per ``clear``), written even on a full server.
-* no flag: every call that may add data (``set``, ``set_many``, ``incr``, ``expire``, ...).
+* no flag: every call that may add data (``set``, ``set_many``, ``import``, ``incr``,
+  ``expire``, ...).
   A server over ``maxmemory`` refuses it before it runs (``OOM`` reply, nothing written). The
   plain scripts still get a bare ``#!lua`` shebang, so they are refused up front like the
   functions instead of at their first memory-growing command (which a script that first
@@ -268,6 +269,7 @@ KV_GROUP = ScriptGroup(
         "exists_many",
         "set_many",
         "set_batch",
+        "import",
         "delete_many",
         "expire",
         "scan",
