@@ -4,7 +4,9 @@ The contract is written in the docstrings of :mod:`fleetmem.protocol` (the modul
 each :class:`~fleetmem.protocol.MemoryStore` method) and, for leases, fenced writes and the
 agent registry and work queues (``store.leases``, ``fence=``, ``store.agents``,
 ``store.queue(name)``), in ``docs/coordination.md``, and for the change feed
-(``store.changes``) in ``docs/changes.md``; this suite is its executable form. Check
+(``store.changes``) in ``docs/changes.md``, and for export, import and copy
+(``store.export_to``, ``store.import_from``, ``fleetmem.copy_namespace``) in
+``docs/portability.md``; this suite is its executable form. Check
 any ``MemoryStore`` implementation by subclassing :class:`StoreConformance` in a test module
 where a ``store`` fixture yields a fresh, empty store in a namespace no other test uses::
 
@@ -32,9 +34,12 @@ alone there. The coordination tests leave lease and agent records and queued job
 fixture's namespace (``clear()`` keeps them, by contract); they are small, and no lease, agent
 or claim stays live longer than the longest TTL the tests grant (200 s).
 :class:`LeasesConformance`, :class:`FencedWritesConformance`, :class:`AgentsConformance`,
-:class:`QueueConformance` and :class:`ChangesConformance` are part of :class:`StoreConformance`
-and can also be run on their own. The change-feed tests enable the feed of the fixture's
-namespace and disable it again when they are done. Tolerances and optional capabilities are
+:class:`QueueConformance`, :class:`ChangesConformance` and :class:`PortabilityConformance` are
+part of :class:`StoreConformance` and can also be run on their own. The change-feed tests
+enable the feed of the fixture's namespace (or of a sibling) and disable it again when they are
+done. The portability tests use the store's ``export_to`` and ``import_from`` and pytest's
+``tmp_path`` for the files they write; they import into the fixture's namespace and into
+siblings of it, which they clear afterwards. Tolerances and optional capabilities are
 class attributes, documented on :class:`StoreConformance`; override them in the subclass.
 """
 
@@ -51,6 +56,7 @@ from fleetmem.testing.conformance._keys import KeyConformance
 from fleetmem.testing.conformance._leases import LeasesConformance
 from fleetmem.testing.conformance._lifecycle import LifecycleConformance
 from fleetmem.testing.conformance._namespaces import NamespacesConformance
+from fleetmem.testing.conformance._portability import PortabilityConformance
 from fleetmem.testing.conformance._queues import QueueConformance
 from fleetmem.testing.conformance._search import SearchConformance
 from fleetmem.testing.conformance._values import ValueConformance
@@ -61,6 +67,7 @@ __all__ = [
     "ChangesConformance",
     "FencedWritesConformance",
     "LeasesConformance",
+    "PortabilityConformance",
     "QueueConformance",
     "StoreConformance",
 ]
@@ -80,6 +87,7 @@ class StoreConformance(
     AgentsConformance,
     QueueConformance,
     ChangesConformance,
+    PortabilityConformance,
 ):
     """Every rule of the store contract, as tests of the ``store`` fixture.
 
@@ -116,6 +124,11 @@ class StoreConformance(
     ``change_patience``
         How long (seconds) a change-feed test waits for something due (a trim, which the
         contract allows up to 10 s after the retention; a watch to end) before it fails.
+    ``portability_slack``
+        Seconds of tolerance on an imported entry's absolute expiry (the export's instant,
+        blurred by the store's clock and the write's duration).
+    ``portability_ttl``
+        The TTL (seconds) of the entries the export test lets expire before it exports.
     """
 
     pytestmark = [pytest.mark.asyncio]
