@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from fleetmem.errors import FleetmemError
     from fleetmem.protocol import Entry, MemoryStore
+    from fleetmem.store import Store
 
 __all__ = ["EXIT_CONFLICT", "EXIT_FAILED", "EXIT_OK", "EXIT_PIPE", "EXIT_USAGE", "main"]
 
@@ -63,9 +64,11 @@ output: a table on a terminal, JSON when piped; --json or --table forces one.
 exit status:
   0    done
   1    not found, false or a conflict: get/ttl/del/expire/persist of a missing key,
-       set --if-version on another version, health not ok, demo not consistent
+       set --if-version on another version, health not ok, demo not consistent, a
+       copy whose destination does not hold what was copied
   2    usage error: the command line, a value that is not JSON, an invalid key or
-       pattern, a URL or setting fleetmem cannot use, a missing extra
+       pattern, a URL or setting fleetmem cannot use, a missing extra, an import file
+       that is missing or not a valid export (nothing written)
   3    the backend failed: unreachable, timed out, a write whose outcome is unknown,
        a schema to upgrade, any other store error
   130  interrupted (Ctrl-C)
@@ -229,7 +232,7 @@ def _where(args: argparse.Namespace) -> str:
     return describe(effective_url(args.url))
 
 
-_StoreAction = Callable[["MemoryStore"], Coroutine[Any, Any, int]]
+_StoreAction = Callable[["Store[Any]"], Coroutine[Any, Any, int]]
 
 
 async def _with_store(args: argparse.Namespace, action: _StoreAction) -> int:
@@ -630,6 +633,290 @@ async def _cmd_health(args: argparse.Namespace, out: _Output) -> int:
         + [(k, v if isinstance(v, str) else _text(v)) for k, v in data["details"].items()],
     )
     return EXIT_OK if data["ok"] else EXIT_CONFLICT
+
+
+# ------------------------------------------------------------------------ export, import, copy
+
+#: What each phase of an export, import or copy is called on its progress bar.
+_PHASES = {"export": "export", "check": "check", "import": "import", "verify": "verify"}
+
+
+def _rich_rate_columns() -> list[Any]:
+    """rich columns for a count of entries: ``12,000/40,000`` (or ``12,000`` while the total
+    is unknown) and the rate over rich's recent samples, ``8,512 entries/s``."""
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    class CountColumn(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            done = int(task.completed)
+            if task.total is None:
+                return Text(f"{done:,}")
+            return Text(f"{done:,}/{int(task.total):,}")
+
+    class RateColumn(ProgressColumn):
+        """The recent rate while a phase runs, its average once it is done."""
+
+        def render(self, task: Task) -> Text:
+            seconds = task.finished_time if task.finished else task.elapsed
+            speed = None if task.finished else task.speed
+            if speed is None and seconds:
+                speed = task.completed / seconds
+            return Text("" if speed is None else f"{speed:,.0f} entries/s")
+
+    return [CountColumn(), RateColumn()]
+
+
+class _TransferProgress:
+    """The ``progress=`` callback of an export, import or copy: on a terminal (stderr) with
+    rich installed (the ``cli`` extra), one rich progress bar per phase with its count and
+    rate; otherwise nothing (piped, the command prints its JSON summary only). rich is
+    imported only when the bar is shown.
+
+    A phase's total is the count the previous phase ended with (an import's check pass counts
+    the entries it then writes; a copy's export counts what it checks), so only the first
+    phase runs without one. Called with ``(phase, entries done so far)``.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar: Any = None
+        self.phases: dict[str, Any] = {}
+        self._last = 0
+
+    def __enter__(self) -> _TransferProgress:
+        if not self.enabled:
+            return self
+        try:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:
+            return self
+        self.bar = Progress(
+            TextColumn("{task.description:<7}"),
+            BarColumn(),
+            *_rich_rate_columns(),
+            TimeElapsedColumn(),
+            console=_rich_console(stderr=True),
+        )
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self._finish_phases()
+            self.bar.__exit__(None, None, None)
+
+    def _finish_phases(self) -> None:
+        for task in self.phases.values():
+            done = self.bar.tasks[task].completed
+            self.bar.update(task, total=done, completed=done)
+
+    def __call__(self, phase: str, done: int) -> None:
+        if self.bar is None:
+            return
+        task = self.phases.get(phase)
+        if task is None:
+            self._finish_phases()
+            total = self._last if self.phases and self._last else None
+            task = self.bar.add_task(_PHASES.get(phase, phase), total=total)
+            self.phases[phase] = task
+        self.bar.update(task, completed=done)
+        self._last = done
+
+
+def _summary(out: _Output, data: dict[str, Any], rows: list[tuple[str, Any]]) -> None:
+    """A command's summary on stdout, as every command prints: JSON when piped or --json,
+    readable rows on a terminal."""
+    out.rows(data, [(k, v if isinstance(v, str) else _text(v)) for k, v in rows])
+
+
+def _summary_on_stderr(
+    args: argparse.Namespace, data: dict[str, Any], rows: list[tuple[str, Any]]
+) -> None:
+    """The summary of an export written to stdout: on stderr, one JSON line unless stderr is
+    a terminal (readable rows there) or --json / --table says otherwise."""
+    as_json = args.fmt == "json" or (args.fmt is None and not sys.stderr.isatty())
+    if as_json:
+        print(_to_json(data), file=sys.stderr, flush=True)
+    else:
+        text = [(k, v if isinstance(v, str) else _text(v)) for k, v in rows]
+        print(_plain_rows(text), file=sys.stderr, flush=True)
+
+
+def _file_error(exc: OSError, verb: str, name: str) -> Exception:
+    """An ``OSError`` on the export file as a one-line error: a file that cannot be found,
+    opened or created is a usage error (exit 2); anything else (a full disk) a failure."""
+    usage = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+    text = f"cannot {verb} {name}: {exc.strerror or exc}"
+    return _UsageError(text) if isinstance(exc, usage) else _FileFailed(text)
+
+
+class _FileFailed(Exception):
+    """The export file failed while it was read or written (exit 3)."""
+
+
+def _portability_failure(out: _Output, exc: Exception) -> int:
+    """An import whose input is not a valid export (exit 2) or a copy that did not verify
+    (exit 1): one line on stderr naming the line or the keys, and as JSON on stdout when the
+    output is JSON."""
+    from fleetmem.errors import InvalidExportError
+
+    _say(f"{type(exc).__name__}: {_error_text(exc)}")
+    if out.as_json:
+        data: dict[str, Any] = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+        if isinstance(exc, InvalidExportError):
+            data["line"] = exc.line
+        else:
+            data["keys"] = list(getattr(exc, "keys", []))
+        out.json(data)
+    return EXIT_USAGE if isinstance(exc, InvalidExportError) else EXIT_CONFLICT
+
+
+def _error_text(exc: Exception) -> str:
+    """``str(exc)``, sure to name the line of an ``InvalidExportError`` and the keys of a
+    ``VerificationError``."""
+    text = str(exc)
+    line = getattr(exc, "line", None)
+    if isinstance(line, int) and f"line {line}" not in text:
+        text = f"line {line}: {text}"
+    keys = getattr(exc, "keys", None)
+    if isinstance(keys, list) and keys and not all(str(k) in text for k in keys):
+        text = f"{text} (keys: {', '.join(map(str, keys))})"
+    return text
+
+
+async def _cmd_export(args: argparse.Namespace, out: _Output) -> int:
+    to_stdout = args.output in (None, "-")
+    target = "-" if to_stdout else str(args.output)
+
+    async def run(store: Store[Any]) -> int:
+        # The bar would be drawn over an export printed on the same terminal.
+        with _TransferProgress(enabled=not (to_stdout and sys.stdout.isatty())) as progress:
+            try:
+                if to_stdout:
+                    sys.stdout.flush()
+                    report = await store.export_to(
+                        sys.stdout.buffer,
+                        prefix=args.prefix,
+                        partition=args.partition,
+                        progress=progress,
+                    )
+                    sys.stdout.buffer.flush()
+                else:
+                    report = await store.export_to(
+                        target, prefix=args.prefix, partition=args.partition, progress=progress
+                    )
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                raise _file_error(exc, "write", target) from None
+        data = {
+            "namespace": report.namespace,
+            "file": target,
+            "count": report.count,
+            "sha256": report.sha256,
+            "exported_at": report.exported_at,
+            "consistency": report.consistency,
+        }
+        rows = [
+            ("exported", f"{report.count:,} entries of namespace {report.namespace}"),
+            ("to", "stdout" if to_stdout else target),
+            ("consistency", report.consistency),
+            ("sha256", report.sha256),
+            ("exported at", report.exported_at.isoformat()),
+        ]
+        if to_stdout:
+            _summary_on_stderr(args, data, rows)
+        else:
+            _summary(out, data, rows)
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
+async def _cmd_import(args: argparse.Namespace, out: _Output) -> int:
+    from fleetmem.errors import InvalidExportError
+
+    source = str(args.file)
+
+    async def run(store: Store[Any]) -> int:
+        with _TransferProgress() as progress:
+            try:
+                src: Any = sys.stdin.buffer if source == "-" else source
+                report = await store.import_from(src, mode=args.mode, progress=progress)
+            except InvalidExportError as exc:
+                return _portability_failure(out, exc)
+            except OSError as exc:
+                raise _file_error(exc, "read", "stdin" if source == "-" else source) from None
+        data = {
+            "namespace": store.namespace,
+            "file": source,
+            "mode": args.mode,
+            "written": report.written,
+            "skipped_expired": report.skipped_expired,
+            "skipped_existing": report.skipped_existing,
+        }
+        rows = [
+            ("imported", f"{report.written:,} entries into namespace {store.namespace}"),
+            ("from", "stdin" if source == "-" else source),
+            ("mode", args.mode),
+            ("skipped, expired", f"{report.skipped_expired:,}"),
+            ("skipped, existing", f"{report.skipped_existing:,}"),
+        ]
+        _summary(out, data, rows)
+        return EXIT_OK
+
+    return await _with_store(args, run)
+
+
+async def _cmd_copy(args: argparse.Namespace, out: _Output) -> int:
+    from fleetmem import copy_namespace
+    from fleetmem._where import describe, effective_url
+    from fleetmem.errors import InvalidExportError, VerificationError
+    from fleetmem.factory import open_store
+
+    source_url = args.from_url if args.from_url is not None else _store_url(args)
+    namespace = _namespace(args)
+    to_namespace = args.to_namespace or namespace
+    shown_from = describe(args.from_url if args.from_url is not None else effective_url(args.url))
+    if source_url == args.to_url and to_namespace == namespace:
+        raise _UsageError(
+            f"copy --from and --to name the same namespace of the same store ({shown_from}): "
+            "give --to-namespace NS2 to copy into another namespace"
+        )
+    async with (
+        open_store(source_url, namespace=namespace) as src,
+        open_store(args.to_url, namespace=to_namespace) as dst,
+    ):
+        with _TransferProgress() as progress:
+            try:
+                report = await copy_namespace(
+                    src, dst, mode=args.mode, verify=not args.no_verify, progress=progress
+                )
+            except (InvalidExportError, VerificationError) as exc:
+                return _portability_failure(out, exc)
+            except OSError as exc:  # the spooled copy of the export, in the temporary directory
+                raise _FileFailed(f"copy's temporary file: {exc.strerror or exc}") from None
+        data = {
+            "from": shown_from,
+            "to": describe(args.to_url),
+            "namespace": src.namespace,
+            "to_namespace": dst.namespace,
+            "mode": args.mode,
+            "copied": report.copied,
+            "skipped_expired": report.skipped_expired,
+            "verified": report.verified,
+        }
+        rows = [
+            ("copied", f"{report.copied:,} entries"),
+            ("from", f"{shown_from}, namespace {src.namespace}"),
+            ("to", f"{data['to']}, namespace {dst.namespace}"),
+            ("mode", args.mode),
+            ("skipped, expired", f"{report.skipped_expired:,}"),
+            ("verified", "yes" if report.verified else "no (--no-verify)"),
+        ]
+        _summary(out, data, rows)
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------ demo
@@ -1035,6 +1322,58 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None, help="only changes of this partition")
     p.add_argument("--since", default=None, help="replay from this cursor first (default: now)")
     p.add_argument("--count", type=int, default=None, help="stop after this many changes")
+    p = command(
+        "export",
+        "write the namespace's live entries to FILE (gzip when it ends in .gz), ascending by "
+        "key, in fleetmem's export format; without -o (or -o -) to stdout, the summary then "
+        "on stderr",
+    )
+    p.add_argument(
+        "-o", "--output", default=None, metavar="FILE", help="the file (default, or -: stdout)"
+    )
+    p.add_argument("--prefix", default="", help="only keys that start with this")
+    p.add_argument("--partition", default=None, help="only entries of this partition")
+    mode_help = (
+        "merge: write every entry, leave other keys alone (default); missing: write only keys "
+        "with no live entry; replace: afterwards the namespace holds exactly the entries imported"
+    )
+    p = command(
+        "import",
+        "check a whole export, then write its entries into the namespace (-n, whatever "
+        "namespace the file came from); exit 2 naming the line when it is not a valid export, "
+        "with nothing written",
+    )
+    p.add_argument("file", metavar="FILE", help="an export (gzip when it ends in .gz); - : stdin")
+    p.add_argument(
+        "--mode", choices=("merge", "missing", "replace"), default="merge", help=mode_help
+    )
+    p = command(
+        "copy",
+        "copy a namespace from one store to another (any two backends), then check that the "
+        "destination holds every entry copied; exit 1 naming the keys that differ",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_url",
+        default=None,
+        metavar="URL",
+        help="the source store (default: the store --url or $FLEETMEM_URL names)",
+    )
+    p.add_argument("--to", dest="to_url", required=True, metavar="URL", help="the destination")
+    p.add_argument(
+        "--to-namespace",
+        default=None,
+        metavar="NS2",
+        help="the destination's namespace (default: the source's, -n)",
+    )
+    p.add_argument(
+        "--mode", choices=("merge", "missing", "replace"), default="merge", help=mode_help
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the check of the destination after the copy",
+    )
     command("stats", "counts and sizes of the namespace, and which store (file or URL) it is")
     command("health", "check the store: prints the report; exit 1 when not ok")
     p = command(
@@ -1119,6 +1458,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, _Output], Coroutine[Any, Any,
     "dead": _cmd_dead,
     "changes": _cmd_changes,
     "watch": _cmd_watch,
+    "export": _cmd_export,
+    "import": _cmd_import,
+    "copy": _cmd_copy,
     "stats": _cmd_stats,
     "health": _cmd_health,
     "demo": _cmd_demo,
@@ -1191,9 +1533,12 @@ def exit_status(exc: FleetmemError) -> int:
     """The exit status of a command that raised ``exc`` (see ``fleetmem --help``)."""
     from fleetmem import errors
 
-    if isinstance(exc, (errors.KeyNotFoundError, errors.VersionConflictError)):
+    if isinstance(
+        exc, (errors.KeyNotFoundError, errors.VersionConflictError, errors.VerificationError)
+    ):
         return EXIT_CONFLICT
     usage = (
+        errors.InvalidExportError,
         errors.ConfigurationError,
         errors.MissingDependencyError,
         errors.InvalidKeyError,
@@ -1231,8 +1576,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         _say(str(exc))
         return EXIT_USAGE
+    except _FileFailed as exc:
+        _say(str(exc))
+        return EXIT_FAILED
     except FleetmemError as exc:
-        _say(f"{type(exc).__name__}: {exc}")
+        _say(f"{type(exc).__name__}: {_error_text(exc)}")
         return exit_status(exc)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
