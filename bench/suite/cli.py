@@ -22,6 +22,7 @@ from typing import Any
 from .changes import bench_changes, change_steps
 from .hybrid import bench_hybrid
 from .leases import bench_leases, lease_steps
+from .portability import bench_portability, portability_steps
 from .postgres import bench_postgres
 from .primitives import bench_primitives
 from .queues import bench_queues, queue_steps
@@ -57,6 +58,13 @@ async def _servers(need_pg: bool, need_redis: bool) -> AsyncIterator[tuple[str |
             server.close()
 
 
+def _bench_arguments(argv: list[str]) -> list[str]:
+    """The arguments of the run: after ``bench`` for ``fleetmem [global options] bench ARGS``,
+    all of them for ``python bench/run.py ARGS``."""
+    rest = argv[1:]
+    return rest[rest.index("bench") + 1 :] if "bench" in rest else rest
+
+
 async def run(args: argparse.Namespace) -> Report:
     """Run the selected workloads and return the report."""
     only = set(args.only.split(",")) if args.only else {"postgres", "redis", "hybrid", "leases"}
@@ -64,7 +72,7 @@ async def run(args: argparse.Namespace) -> Report:
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, Python "
         f"{platform.python_version()}",
-        command="fleetmem bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
+        command="fleetmem bench " + " ".join(_bench_arguments(sys.argv)),
     )
     # Workloads of each section; each prefix-scaling section also has two loading steps.
     steps = (
@@ -77,6 +85,7 @@ async def run(args: argparse.Namespace) -> Report:
         + (lease_steps(pg=True, rs=True) if "leases" in only else 0)
         + (queue_steps(pg=True, rs=True) if "queues" in only else 0)
         + (change_steps(pg=True, rs=True) if "changes" in only else 0)
+        + (portability_steps(pg=True, rs=True) if "portability" in only else 0)
     )
     progress = Progress(steps)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -90,9 +99,12 @@ async def run(args: argparse.Namespace) -> Report:
         # main thread (RuntimeError) keep the default SIGTERM; Ctrl-C still stops the servers.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    need_pg = bool(only & {"postgres", "hybrid", "namespaces", "leases", "queues", "changes"})
+    need_pg = bool(
+        only & {"postgres", "hybrid", "namespaces", "leases", "queues", "changes", "portability"}
+    )
     need_redis = bool(
-        only & {"redis", "hybrid", "namespaces", "sync", "leases", "queues", "changes"}
+        only
+        & {"redis", "hybrid", "namespaces", "sync", "leases", "queues", "changes", "portability"}
     )
     async with _servers(need_pg, need_redis) as (pg, rs):
         if "postgres" in only and pg:
@@ -114,6 +126,8 @@ async def run(args: argparse.Namespace) -> Report:
             await bench_queues(bench, pg, rs)
         if "changes" in only:
             await bench_changes(bench, pg, rs)
+        if "portability" in only:
+            await bench_portability(bench, pg, rs)
         await bench_scaling(
             bench, pg if "postgres" in only else None, rs if "redis" in only else None
         )
@@ -125,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetmem bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--only",
-        help="comma-separated: postgres,redis,hybrid,leases,queues,changes (the sections; the "
-        "first four by default, queues (about 20 minutes) and changes (the change feed, about "
-        "5 minutes) only when named; leases, queues and changes run on memory and SQLite too), "
+        help="comma-separated: postgres,redis,hybrid,leases,queues,changes,portability (the "
+        "sections; the first four by default, queues (about 20 minutes), changes (the change "
+        "feed, about 5 minutes) and portability (export and import, about 10 minutes) only "
+        "when named; leases, queues, changes and portability run on memory and SQLite too), "
         "namespaces, sync (the "
         "namespaces() "
         "and fleetmem.sync workloads alone, which the postgres and redis sections also run)",
