@@ -368,7 +368,7 @@ async def export_entries(
 ) -> ExportReport:
     """Export ``kv``'s live entries (arguments already checked) to ``dest``.
 
-    A path is written through a temporary file in the same directory (``.NAME.XXXX.tmp``),
+    A path is written through a temporary file in the same directory (``.NAME.<8 hex digits>.tmp``),
     flushed to disk and renamed over ``dest`` when the export succeeded: an export that fails or
     is cancelled removes it, so no file -- and never a partial one -- appears under the target
     name (an existing file there is replaced only by a complete export). A file object is
