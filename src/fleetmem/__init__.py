@@ -34,6 +34,8 @@ from fleetmem.errors import (
     OutcomeUnknownError,
     SchemaVersionError,
     SerializationError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
     StoreClosedError,
     ValueTooLargeError,
     VerificationError,
@@ -51,6 +53,8 @@ from fleetmem.protocol import (
     Lease,
     MemoryStore,
     QueueStats,
+    Snapshot,
+    SnapshotDiff,
     StoreStats,
 )
 
@@ -65,6 +69,7 @@ if TYPE_CHECKING:
     from fleetmem.portability import CopyReport, ExportReport, ImportReport, copy_namespace
     from fleetmem.queues import Queue
     from fleetmem.settings import FleetmemSettings
+    from fleetmem.snapshots import Snapshots
 
 __version__ = "0.1.0"
 
@@ -106,6 +111,11 @@ __all__ = [
     "SQLiteStore",
     "SchemaVersionError",
     "SerializationError",
+    "Snapshot",
+    "SnapshotDiff",
+    "SnapshotExistsError",
+    "SnapshotNotFoundError",
+    "Snapshots",
     "StoreClosedError",
     "StoreStats",
     "ValueTooLargeError",
@@ -122,6 +132,7 @@ _LAZY: dict[str, tuple[str, str | None, str | None]] = {
     "HeldLease": ("fleetmem.leases", None, None),
     "Queue": ("fleetmem.queues", None, None),
     "Changes": ("fleetmem.changes", None, None),
+    "Snapshots": ("fleetmem.snapshots", None, None),
     "ExportReport": ("fleetmem.portability", None, None),
     "ImportReport": ("fleetmem.portability", None, None),
     "CopyReport": ("fleetmem.portability", None, None),

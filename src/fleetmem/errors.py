@@ -26,6 +26,8 @@ __all__ = [
     "OutcomeUnknownError",
     "SchemaVersionError",
     "SerializationError",
+    "SnapshotExistsError",
+    "SnapshotNotFoundError",
     "StoreClosedError",
     "ValueTooLargeError",
     "VerificationError",
@@ -188,3 +190,12 @@ class MissingDependencyError(FleetmemError, ImportError):
 
 class SchemaVersionError(FleetmemError):
     """The database schema is newer or older than this version of fleetmem can use."""
+
+
+class SnapshotExistsError(FleetmemError):
+    """``snapshots.create`` was given the name of a snapshot the namespace already holds."""
+
+
+class SnapshotNotFoundError(KeyNotFoundError):
+    """The namespace holds no snapshot of that name (``restore``, ``diff``, or ``export_to``
+    with ``snapshot=``)."""

@@ -318,6 +318,7 @@ async def _write_export(
     prefix: str,
     partition: str | None,
     progress: Progress | None,
+    snapshot: str | None,
 ) -> ExportReport:
     started = datetime.now(timezone.utc)
     header = {
@@ -327,12 +328,19 @@ async def _write_export(
         "backend": kv.backend_name,
         "exported_at": format_time(started),
     }
+    if snapshot is not None:
+        header["snapshot"] = snapshot
+        source = kv.snapshots().pages(snapshot, prefix, partition, EXPORT_PAGE)
+        consistency = "snapshot"
+    else:
+        source = kv.export_pages(prefix, partition, EXPORT_PAGE)
+        consistency = kv.export_consistency
     write(orjson.dumps(header, option=_NEWLINE))
     digest = hashlib.sha256()
     count = 0
     last: str | None = None
     line = _entry_line
-    async with contextlib.aclosing(kv.export_pages(prefix, partition, EXPORT_PAGE)) as pages:
+    async with contextlib.aclosing(source) as pages:
         async for page in pages:
             if not page:
                 continue
@@ -356,7 +364,7 @@ async def _write_export(
     sha256 = digest.hexdigest()
     write(orjson.dumps({"end": True, "count": count, "sha256": sha256}, option=_NEWLINE))
     _notify(progress, "export", count)
-    return ExportReport(kv.namespace, count, sha256, started, kv.export_consistency)
+    return ExportReport(kv.namespace, count, sha256, started, consistency)
 
 
 async def export_entries(
@@ -365,8 +373,11 @@ async def export_entries(
     prefix: str,
     partition: str | None,
     progress: Progress | None,
+    snapshot: str | None = None,
 ) -> ExportReport:
-    """Export ``kv``'s live entries (arguments already checked) to ``dest``.
+    """Export ``kv``'s live entries -- or, with ``snapshot``, every entry that snapshot holds
+    (also one whose expiry has passed since; an import skips it), with ``"snapshot": NAME`` in
+    the header -- (arguments already checked) to ``dest``.
 
     A path is written through a temporary file in the same directory (``.NAME.<8 hex digits>.tmp``),
     flushed to disk and renamed over ``dest`` when the export succeeded: an export that fails or
@@ -375,7 +386,7 @@ async def export_entries(
     written as is, flushed, and left open; an export that fails leaves in it what was written
     so far, which has no trailer (``import_from`` refuses it: "no trailer")."""
     if not isinstance(dest, Path):
-        report = await _write_export(kv, dest.write, prefix, partition, progress)
+        report = await _write_export(kv, dest.write, prefix, partition, progress, snapshot)
         flush = getattr(dest, "flush", None)
         if flush is not None:
             flush()
@@ -387,9 +398,11 @@ async def export_entries(
                 with gzip.GzipFile(
                     filename="", mode="wb", fileobj=raw, compresslevel=_GZIP_LEVEL
                 ) as packed:
-                    report = await _write_export(kv, packed.write, prefix, partition, progress)
+                    report = await _write_export(
+                        kv, packed.write, prefix, partition, progress, snapshot
+                    )
             else:
-                report = await _write_export(kv, raw.write, prefix, partition, progress)
+                report = await _write_export(kv, raw.write, prefix, partition, progress, snapshot)
             raw.flush()
             os.fsync(raw.fileno())
         tmp[0].replace(dest)

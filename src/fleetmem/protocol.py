@@ -87,6 +87,7 @@ if TYPE_CHECKING:  # leases.py and agents.py import this module
     from fleetmem.leases import HeldLease, Leases
     from fleetmem.portability import ExportReport, ImportReport, Progress
     from fleetmem.queues import Queue
+    from fleetmem.snapshots import Snapshots
 
 __all__ = [
     "TTL",
@@ -101,6 +102,8 @@ __all__ = [
     "Lease",
     "MemoryStore",
     "QueueStats",
+    "Snapshot",
+    "SnapshotDiff",
     "StoreStats",
 ]
 
@@ -172,6 +175,33 @@ class ChangeBatch:
 
     changes: list[Change]
     cursor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A named snapshot of a namespace (``store.snapshots``), as it was taken.
+
+    ``created_at`` is timezone-aware UTC on the backend's clock; ``keys`` is the number of
+    entries it holds (the namespace's live entries at that instant); ``bytes`` approximates
+    what it stored beyond what it shared with the namespace's earlier snapshots when it was
+    taken (each new or changed entry's key, value and partition plus a fixed overhead), and is
+    not recomputed later."""
+
+    name: str
+    created_at: datetime
+    keys: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDiff:
+    """What ``store.snapshots.diff(a, b)`` found, each list ascending by key: ``added`` (in
+    ``b``, or the live namespace, and not in ``a``), ``removed`` (in ``a``, not in ``b``),
+    ``changed`` (in both, with another value -- compared as JSON -- or partition)."""
+
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +374,12 @@ class MemoryStore(Protocol):
         @property
         def changes(self) -> Changes:
             """The change feed of this namespace (no I/O until used; see docs/changes.md)."""
+            ...
+
+        @property
+        def snapshots(self) -> Snapshots:
+            """The named, incremental snapshots of this namespace (no I/O until used; see
+            docs/snapshots.md)."""
             ...
 
         @property
@@ -578,12 +614,13 @@ class MemoryStore(Protocol):
         *,
         prefix: str = "",
         partition: str | None = None,
+        snapshot: str | None = None,
         progress: Progress | None = None,
     ) -> ExportReport:
-        """Write the live entries (of ``prefix``, ``partition``) to ``dest`` in the fleetmem
-        export format: header, entries ascending by key, count and SHA-256 trailer; gzip for
-        a ``.gz`` path. One point-in-time view where the backend has one (see
-        ``docs/portability.md``)."""
+        """Write the live entries (of ``prefix``, ``partition``) -- or those snapshot
+        ``snapshot`` holds -- to ``dest`` in the fleetmem export format: header, entries
+        ascending by key, count and SHA-256 trailer; gzip for a ``.gz`` path. One point-in-time
+        view where the backend has one (see ``docs/portability.md``)."""
         ...
 
     async def import_from(

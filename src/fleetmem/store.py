@@ -66,6 +66,7 @@ from fleetmem.portability import (
 )
 from fleetmem.protocol import TTL, Entry, Health, JSONValue, Lease, StoreStats
 from fleetmem.queues import Queue
+from fleetmem.snapshots import Snapshots, check_snapshot_name
 
 __all__ = ["RESERVED_NAMESPACE_PREFIX", "SET_MANY_CHUNK", "Store"]
 
@@ -133,6 +134,7 @@ class Store(Generic[_K]):
         self._agents: AgentRegistry | None = None
         self._queues: QueueBackend | None = None
         self._changes: Changes | None = None
+        self._snapshots: Snapshots | None = None
 
     @classmethod
     def from_backend(
@@ -224,6 +226,7 @@ class Store(Generic[_K]):
         view._agents = None
         view._queues = None
         view._changes = None
+        view._snapshots = None
         return view
 
     # ---------------------------------------------------------------- coordination
@@ -248,6 +251,14 @@ class Store(Generic[_K]):
         if self._changes is None:
             self._changes = Changes(self._kv.changes(), self._check_open, lambda: self.closed)
         return self._changes
+
+    @property
+    def snapshots(self) -> Snapshots:
+        """The named, incremental snapshots of this store's namespace (``docs/snapshots.md``):
+        ``create``, ``list``, ``get``, ``diff``, ``restore``, ``delete``. No I/O until used."""
+        if self._snapshots is None:
+            self._snapshots = Snapshots(self._kv, self._check_open)
+        return self._snapshots
 
     def queue(self, name: str) -> Queue:
         """The durable work queue ``name`` of this store's namespace (no I/O until used)."""
@@ -594,6 +605,7 @@ class Store(Generic[_K]):
         *,
         prefix: str = "",
         partition: str | None = None,
+        snapshot: str | None = None,
         progress: Progress | None = None,
     ) -> ExportReport:
         """Write the namespace's live entries (those whose key starts with ``prefix``, of
@@ -611,15 +623,24 @@ class Store(Generic[_K]):
           a failed or cancelled export leaves no file (an existing file is replaced only by a
           complete export).
 
+        With ``snapshot=NAME``, the entries snapshot ``NAME`` of this namespace holds are
+        written instead (of ``prefix`` and ``partition`` likewise), as they were taken -- also
+        an entry whose expiry has passed since, which an import then skips -- and the header
+        names the snapshot; an unknown name raises
+        :class:`~fleetmem.errors.SnapshotNotFoundError` before the file is opened.
+
         ``prefix`` and ``partition`` follow the rules of :meth:`keys`; a bad argument raises
         before any I/O. ``progress("export", done)`` is called after each page."""
         if prefix != "" or not isinstance(prefix, str):
             validate_key(prefix)
         part = validate_optional_partition(partition)
+        name = None if snapshot is None else check_snapshot_name(snapshot)
         target = check_target(dest, writing=True)
         report = check_progress(progress)
         self._check_open()
-        return await export_entries(self._kv, target, prefix, part, report)
+        if name is not None:
+            await self.snapshots.require(name)
+        return await export_entries(self._kv, target, prefix, part, report, name)
 
     async def import_from(
         self,

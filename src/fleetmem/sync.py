@@ -97,6 +97,8 @@ from fleetmem.protocol import (
     JSONValue,
     Lease,
     QueueStats,
+    Snapshot,
+    SnapshotDiff,
     StoreStats,
 )
 
@@ -106,6 +108,7 @@ if TYPE_CHECKING:
     from fleetmem.portability import ExportReport, ImportReport, Progress
     from fleetmem.queues import Queue
     from fleetmem.settings import FleetmemSettings
+    from fleetmem.snapshots import Snapshots
     from fleetmem.store import Store
 
 __all__ = [
@@ -116,6 +119,7 @@ __all__ = [
     "SyncLeaseLock",
     "SyncLeases",
     "SyncQueue",
+    "SyncSnapshots",
     "SyncStore",
     "open_store",
 ]
@@ -518,6 +522,17 @@ class SyncStore:
 
         return SyncChanges(self, self._run(make()))
 
+    @property
+    def snapshots(self) -> SyncSnapshots:
+        """The named snapshots of this store's namespace: the blocking twin of
+        :attr:`fleetmem.store.Store.snapshots` (no I/O until used)."""
+        store = self._store
+
+        async def make() -> Snapshots:  # on the loop, where the store builds its backend
+            return store.snapshots
+
+        return SyncSnapshots(self, self._run(make()))
+
     def queue(self, name: str) -> SyncQueue:
         """The durable work queue ``name`` of this store's namespace: the blocking twin of
         :meth:`fleetmem.store.Store.queue` (no I/O until used; the name is checked here)."""
@@ -650,6 +665,7 @@ class SyncStore:
         *,
         prefix: str = "",
         partition: str | None = None,
+        snapshot: str | None = None,
         progress: Progress | None = None,
     ) -> ExportReport:
         """Blocking :meth:`fleetmem.protocol.MemoryStore.export_to` (see
@@ -657,7 +673,9 @@ class SyncStore:
         ``progress`` called, on the store's loop thread: a file object must not be used by
         another thread meanwhile, and ``progress`` must not call this store."""
         return self._run(
-            self._store.export_to(dest, prefix=prefix, partition=partition, progress=progress)
+            self._store.export_to(
+                dest, prefix=prefix, partition=partition, snapshot=snapshot, progress=progress
+            )
         )
 
     def import_from(
@@ -858,6 +876,47 @@ class SyncAgents(_Facet):
         return self._sync._run(
             _with_agents(self._sync._store, lambda ag: ag.list(prefix, limit=limit, after=after))
         )
+
+
+class SyncSnapshots:
+    """Blocking :class:`fleetmem.snapshots.Snapshots`: ``sync_store.snapshots``.
+
+    Each method runs the async method of the same name on the store's loop thread, with the
+    same arguments, guarantees and errors. See ``docs/snapshots.md``.
+    """
+
+    __slots__ = ("_snapshots", "_sync")
+
+    def __init__(self, sync: SyncStore, snapshots: Snapshots) -> None:
+        self._sync = sync
+        self._snapshots = snapshots
+
+    def __repr__(self) -> str:
+        return f"<SyncSnapshots namespace={self._snapshots.namespace!r}>"
+
+    def create(self, name: str) -> Snapshot:
+        """Blocking :meth:`fleetmem.snapshots.Snapshots.create`."""
+        return self._sync._run(self._snapshots.create(name))
+
+    def list(self) -> list[Snapshot]:
+        """Blocking :meth:`fleetmem.snapshots.Snapshots.list`."""
+        return self._sync._run(self._snapshots.list())
+
+    def get(self, name: str) -> Snapshot | None:
+        """Blocking :meth:`fleetmem.snapshots.Snapshots.get`."""
+        return self._sync._run(self._snapshots.get(name))
+
+    def diff(self, a: str, b: str | None = None) -> SnapshotDiff:
+        """Blocking :meth:`fleetmem.snapshots.Snapshots.diff`."""
+        return self._sync._run(self._snapshots.diff(a, b))
+
+    def restore(self, name: str) -> int:
+        """Blocking :meth:`fleetmem.snapshots.Snapshots.restore`."""
+        return self._sync._run(self._snapshots.restore(name))
+
+    def delete(self, name: str) -> bool:
+        """Blocking :meth:`fleetmem.snapshots.Snapshots.delete`."""
+        return self._sync._run(self._snapshots.delete(name))
 
 
 class SyncChanges:

@@ -38,6 +38,8 @@ from fleetmem.errors import (
     ConfigurationError,
     InvalidArgumentError,
     LeaseLostError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
 )
 from fleetmem.protocol import Agent, Entry, Health, Job, JobResult, Lease, QueueStats, StoreStats
 
@@ -60,6 +62,8 @@ __all__ = [
     "NewJob",
     "QueueBackend",
     "SetOp",
+    "SnapshotBackend",
+    "SnapshotRow",
     "agent_gone",
     "backoff_ms",
     "decode_cursor",
@@ -67,6 +71,9 @@ __all__ = [
     "health_report",
     "job_lost",
     "lease_lost",
+    "record_bytes",
+    "snapshot_exists",
+    "snapshot_not_found",
 ]
 
 
@@ -345,6 +352,10 @@ class KVBackend(abc.ABC):
     def changes(self) -> ChangeBackend:
         """The change feed of this technology, bound to this namespace."""
         raise ConfigurationError(f"the {self.backend_name} backend has no change feed")
+
+    def snapshots(self) -> SnapshotBackend:
+        """The snapshots of this technology, bound to this namespace."""
+        raise ConfigurationError(f"the {self.backend_name} backend has no snapshots")
 
     # ---------------------------------------------------------------- portability
     # Export and import (``fleetmem.portability``). The defaults are correct on any backend
@@ -970,6 +981,116 @@ class ChangeBackend(abc.ABC):
         between is not lost. The default waits for the watch; backends whose other processes
         cannot wake it (no notification) poll instead."""
         await watch.wait(timeout)
+
+
+class SnapshotRow(NamedTuple):
+    """A snapshot as its catalog holds it. ``seq`` orders the namespace's snapshots by
+    creation (greater is newer); it is the backend's, never shown to users."""
+
+    name: str
+    seq: int
+    created_at: datetime  # tz-aware UTC, the backend's clock
+    keys: int
+    bytes: int
+
+
+#: The bytes a snapshot record counts beyond its key, value and partition (its version, three
+#: timestamps, two sequence numbers): a round figure for :attr:`SnapshotRow.bytes`.
+RECORD_OVERHEAD = 48
+
+
+def record_bytes(key: str, payload_len: int, partition: str) -> int:
+    """The bytes a snapshot record counts in :attr:`SnapshotRow.bytes`: its key and
+    partition (UTF-8), its value's compact JSON length ``payload_len``, and
+    :data:`RECORD_OVERHEAD`. Every technology counts the same way, so the figure is
+    comparable across backends."""
+    return len(key.encode()) + payload_len + len(partition.encode()) + RECORD_OVERHEAD
+
+
+def snapshot_exists(namespace: str, name: str) -> SnapshotExistsError:
+    return SnapshotExistsError(f"namespace {namespace!r} already has a snapshot {name!r}")
+
+
+def snapshot_not_found(namespace: str, name: str) -> SnapshotNotFoundError:
+    return SnapshotNotFoundError(f"namespace {namespace!r} has no snapshot {name!r}")
+
+
+class SnapshotBackend(abc.ABC):
+    """The named snapshots of one namespace (``PORTABILITY.md``, "Snapshots"), stored in the
+    technology itself next to -- never among -- the namespace's entries: no ``keys``,
+    ``search``, ``stats``, ``namespaces``, export, ``clear`` or change feed sees them.
+
+    **Storage is incremental.** A snapshot has a sequence number ``seq`` (1, 2, ... per
+    namespace; greater is newer). Entries are kept as *records* ``(key, from_seq, to_seq,
+    value, partition, version, created_at, updated_at, expires_at)``; the snapshot ``s`` holds
+    the records with ``from_seq <= s`` and (``to_seq`` NULL or ``s < to_seq``). Records whose
+    ``to_seq`` is NULL are *open*: they hold the newest snapshot's entries.
+
+    * :meth:`create` ``s = newest + 1``: take the namespace's live entries at one instant (the
+      consistency of :meth:`KVBackend.export_pages`); close (``to_seq = s``) every open record
+      whose key is no longer live or whose live entry differs in any field (value, partition,
+      version, created_at, updated_at, expires_at); insert a record ``from_seq = s`` for every
+      live entry without an equal open record; then write the catalog row (``keys`` = live
+      entries, ``bytes`` = the sum of :func:`record_bytes` over the inserted records). A second
+      snapshot after 1% of the entries changed therefore stores about 1% more.
+    * :meth:`delete` of ``s``, with ``p`` the greatest remaining seq below it (0 if none) and
+      ``n`` the least above it (none if ``s`` was the newest): delete the records held by
+      ``s`` that neither ``p`` nor ``n`` holds (``p < from_seq`` and, when ``n`` exists,
+      ``to_seq <= n``); remove the catalog row; when ``s`` was the newest, reopen
+      (``to_seq = NULL``) every record with ``to_seq > p`` -- closed at ``s``, or at a seq
+      deleted earlier, which the next create will reuse: each record left is held by a
+      remaining snapshot, so such a record is held by ``p``, the newest now. What another
+      snapshot holds is never freed.
+    * Creates and deletes of one namespace are serialised (across processes for durable
+      backends); each is atomic where the technology has transactions. A technology without
+      them makes every later :meth:`create` repair what a crashed one left: before it starts,
+      records with ``from_seq`` above the newest catalog seq are deleted and ``to_seq`` above
+      it reset to NULL (neither is visible to any snapshot meanwhile).
+
+    Names arrive valid (the key rules). The front end (:class:`fleetmem.snapshots.Snapshots`)
+    builds ``diff``, ``restore`` and exports by name on :meth:`pages`."""
+
+    def __init__(self, *, namespace: str) -> None:
+        self._namespace = namespace
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @abc.abstractmethod
+    async def create(self, name: str) -> SnapshotRow:
+        """Take a snapshot named ``name`` (see the class). Raises
+        :class:`SnapshotExistsError` (:func:`snapshot_exists`) when the name is taken, having
+        changed nothing."""
+
+    @abc.abstractmethod
+    async def get(self, name: str) -> SnapshotRow | None: ...
+
+    @abc.abstractmethod
+    async def delete(self, name: str) -> bool:
+        """Delete the snapshot (see the class); False when there was none."""
+
+    @abc.abstractmethod
+    def pages(
+        self, name: str, prefix: str, partition: str | None, page_size: int
+    ) -> AsyncGenerator[list[Entry], None]:
+        """The entries snapshot ``name`` holds whose key starts with ``prefix`` (of
+        ``partition`` when given), as they were taken -- also those whose expiry has passed
+        since -- ascending by key, in pages of at most ``page_size``. Raises
+        :class:`SnapshotNotFoundError` (:func:`snapshot_not_found`) on the first iteration
+        when there is no such snapshot. An async generator; the caller closes it. The pages
+        are one consistent reading of the snapshot where the technology can hold one (a
+        snapshot's records change only when it is deleted)."""
+
+    @abc.abstractmethod
+    async def usage(self) -> tuple[int, int]:
+        """``(records, bytes)`` stored for the namespace's snapshots now, bytes counted as
+        :func:`record_bytes`: what a delete frees shows here (tests and ``bench/``)."""
+
+    @abc.abstractmethod
+    async def list(self) -> list[SnapshotRow]:
+        """Every snapshot of the namespace, ascending by ``created_at`` (then ``seq``).
+        (Declared last: below it, ``list`` in the class body names this method.)"""
 
 
 async def health_report(kv: KVBackend) -> Health:

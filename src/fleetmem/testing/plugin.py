@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from fleetmem.testing import delete_snapshots
 from fleetmem.testing.proxy import TcpProxy
 from fleetmem.testing.servers import (
     PostgresServer,
@@ -287,6 +288,7 @@ class GivenServersCleaner:
             view = store.with_namespace(namespace)
             try:
                 await view.clear()
+                await delete_snapshots(view)
             finally:
                 await view.close()
 

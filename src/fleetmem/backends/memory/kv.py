@@ -23,6 +23,7 @@ from fleetmem._validate import DEFAULT_PARTITION, GlobPattern
 from fleetmem.backends.memory.changes import FeedSpace, MemoryChanges
 from fleetmem.backends.memory.leases import Coordination, MemoryAgents, MemoryLeases, check_fence
 from fleetmem.backends.memory.queues import MemoryQueues, QueueSpace
+from fleetmem.backends.memory.snapshots import MemorySnapshots, SnapshotSpace
 from fleetmem.backends.seam import (
     MISSING,
     RESERVED_NAMESPACE_PREFIX,
@@ -35,6 +36,7 @@ from fleetmem.backends.seam import (
     KVBackend,
     LeaseBackend,
     QueueBackend,
+    SnapshotBackend,
 )
 from fleetmem.errors import (
     KeyNotFoundError,
@@ -117,6 +119,7 @@ class InMemoryKV(KVBackend):
         self._coord = Coordination()
         self._queue_space = QueueSpace()
         self._feeds = FeedSpace()
+        self._snapshot_space = SnapshotSpace()
         self._bind_namespace()
 
     def _bind_namespace(self) -> None:
@@ -314,6 +317,15 @@ class InMemoryKV(KVBackend):
 
     def changes(self) -> ChangeBackend:
         return MemoryChanges(namespace=self._namespace, space=self._feeds, clock=time.time)
+
+    def snapshots(self) -> SnapshotBackend:
+        return MemorySnapshots(
+            namespace=self._namespace,
+            space=self._snapshot_space,
+            data=self._data,
+            clock=time.time,
+            entries=_entries,
+        )
 
     def _recorded_set(self, key: str, record: _Record, now: float) -> None:
         """Record a ``set`` change of ``key`` when the namespace has a feed."""

@@ -1,0 +1,209 @@
+"""``store.snapshots``: named, incremental snapshots of a store's namespace (see
+``docs/snapshots.md``).
+
+A snapshot holds the namespace's live entries at one instant -- the consistency of an export
+-- and is stored in the backend itself, beside the namespace's entries but never among them: no
+``keys``, ``search``, ``stats``, ``namespaces``, export (unless by name), ``clear`` or change
+feed sees it. Storage is incremental: a snapshot stores only the entries that changed since the
+namespace's previous snapshot (:class:`fleetmem.backends.seam.SnapshotBackend` describes the
+record model every technology shares), and deleting one frees only what no other snapshot
+holds.
+
+The front end checks every name before any I/O and builds :meth:`Snapshots.diff` (a merge of
+two key-ordered streams) and :meth:`Snapshots.restore` (the backend's ``import_replace``: one
+transaction on memory, SQLite, PostgreSQL and the hybrid; recorded in the change feed; versions
+keep growing) on the backend's :meth:`~fleetmem.backends.seam.SnapshotBackend.pages`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+from fleetmem._codec import encode_value
+from fleetmem._validate import validate_name
+from fleetmem.backends.seam import (
+    ImportOp,
+    KVBackend,
+    SnapshotBackend,
+    SnapshotRow,
+    snapshot_not_found,
+)
+from fleetmem.portability import same_json
+from fleetmem.protocol import Entry, Snapshot, SnapshotDiff
+
+__all__ = ["MAX_SNAPSHOT_NAME_BYTES", "Snapshots", "check_snapshot_name"]
+
+#: The longest snapshot name, in UTF-8 bytes.
+MAX_SNAPSHOT_NAME_BYTES = 255
+#: Entries per page read from a snapshot (diff, restore).
+_PAGE = 5000
+#: The largest value a restore re-encodes: the snapshot's values were checked when written.
+_UNBOUNDED = 1 << 62
+
+
+def check_snapshot_name(name: object) -> str:
+    """``name`` if it is a valid snapshot name (the key rules, at most 255 UTF-8 bytes), else
+    :class:`~fleetmem.errors.InvalidKeyError`."""
+    return validate_name(name, "snapshot name", MAX_SNAPSHOT_NAME_BYTES)
+
+
+def _public(row: SnapshotRow) -> Snapshot:
+    return Snapshot(row.name, row.created_at, row.keys, row.bytes)
+
+
+async def _entries(pages: AsyncIterator[list[Entry]]) -> AsyncGenerator[Entry, None]:
+    async for page in pages:
+        for entry in page:
+            yield entry
+
+
+class Snapshots:
+    """The named snapshots of a store's namespace: ``store.snapshots``.
+
+    Every name is checked before any I/O (the key rules, at most 255 UTF-8 bytes; a bad name
+    raises :class:`~fleetmem.errors.InvalidKeyError`). Creates and deletes of one namespace are
+    serialised by the backend (across processes on durable backends).
+    """
+
+    __slots__ = ("_check_open", "_kv", "_snapshots")
+
+    def __init__(self, kv: KVBackend, check_open: Callable[[], None]) -> None:
+        self._kv = kv
+        self._snapshots: SnapshotBackend | None = None
+        self._check_open = check_open
+
+    def __repr__(self) -> str:
+        return f"<Snapshots namespace={self._kv.namespace!r}>"
+
+    @property
+    def namespace(self) -> str:
+        return self._kv.namespace
+
+    @property
+    def backend(self) -> SnapshotBackend:
+        """The technology's :class:`~fleetmem.backends.seam.SnapshotBackend` (built on first
+        use)."""
+        if self._snapshots is None:
+            self._snapshots = self._kv.snapshots()
+        return self._snapshots
+
+    async def create(self, name: str) -> Snapshot:
+        """Take a snapshot of the namespace's live entries, named ``name``.
+
+        It holds each live entry's value, partition, absolute expiry, version and timestamps
+        at one instant (the consistency of ``export_to``: one point-in-time view on memory,
+        SQLite, PostgreSQL and the hybrid, per-entry exact on Redis). It stores only what
+        changed since the namespace's previous snapshot (``Snapshot.bytes``). Raises
+        :class:`~fleetmem.errors.SnapshotExistsError` when the namespace already has a
+        snapshot of that name, having changed nothing."""
+        checked = check_snapshot_name(name)
+        self._check_open()
+        return _public(await self.backend.create(checked))
+
+    async def list(self) -> list[Snapshot]:
+        """The namespace's snapshots, ascending by ``created_at``."""
+        self._check_open()
+        return [_public(row) for row in await self.backend.list()]
+
+    async def get(self, name: str) -> Snapshot | None:
+        """The snapshot named ``name``, or ``None``."""
+        checked = check_snapshot_name(name)
+        self._check_open()
+        row = await self.backend.get(checked)
+        return None if row is None else _public(row)
+
+    async def delete(self, name: str) -> bool:
+        """Delete the snapshot named ``name``: True if it existed. Frees what no other
+        snapshot of the namespace holds; the others are unchanged."""
+        checked = check_snapshot_name(name)
+        self._check_open()
+        return await self.backend.delete(checked)
+
+    async def require(self, name: str) -> SnapshotRow:
+        """The catalog row of snapshot ``name`` (already checked), or
+        :class:`~fleetmem.errors.SnapshotNotFoundError`."""
+        row = await self.backend.get(name)
+        if row is None:
+            raise snapshot_not_found(self._kv.namespace, name)
+        return row
+
+    async def diff(self, a: str, b: str | None = None) -> SnapshotDiff:
+        """The keys that differ between snapshot ``a`` and snapshot ``b`` -- or, when ``b`` is
+        ``None``, the live namespace -- each list ascending: ``added`` (in ``b``/live, not in
+        ``a``), ``removed`` (in ``a``, not in ``b``/live), ``changed`` (in both, with another
+        value, compared as JSON, or partition).
+
+        A snapshot's entries count as they were taken, also those whose expiry has passed
+        since; the live namespace counts its live entries. An unknown name raises
+        :class:`~fleetmem.errors.SnapshotNotFoundError`."""
+        first = check_snapshot_name(a)
+        second = None if b is None else check_snapshot_name(b)
+        self._check_open()
+        await self.require(first)
+        if second is not None:
+            await self.require(second)
+        snaps = self.backend
+        right = (
+            self._kv.export_pages("", None, _PAGE)
+            if second is None
+            else snaps.pages(second, "", None, _PAGE)
+        )
+        added: list[str] = []
+        removed: list[str] = []
+        changed: list[str] = []
+        async with (
+            contextlib.aclosing(snaps.pages(first, "", None, _PAGE)) as left_pages,
+            contextlib.aclosing(right) as right_pages,
+        ):
+            lefts = _entries(left_pages)
+            rights = _entries(right_pages)
+            left = await anext(lefts, None)
+            right_entry = await anext(rights, None)
+            while left is not None or right_entry is not None:
+                if right_entry is None or (left is not None and left.key < right_entry.key):
+                    assert left is not None
+                    removed.append(left.key)
+                    left = await anext(lefts, None)
+                elif left is None or right_entry.key < left.key:
+                    added.append(right_entry.key)
+                    right_entry = await anext(rights, None)
+                else:
+                    if left.partition != right_entry.partition or not same_json(
+                        left.value, right_entry.value
+                    ):
+                        changed.append(left.key)
+                    left = await anext(lefts, None)
+                    right_entry = await anext(rights, None)
+        return SnapshotDiff(added, removed, changed)
+
+    async def restore(self, name: str) -> int:
+        """Make the namespace hold exactly snapshot ``name``'s entries whose expiry has not
+        passed (each with its value, partition and absolute expiry) and delete every other key;
+        returns the number of entries restored.
+
+        Versions keep growing: a restored key that exists gets its version + 1 (a new key gets
+        1), so a ``compare_and_set`` against a version read before the restore fails;
+        timestamps follow the write rules (``updated_at`` is the restore's). One transaction on
+        memory, SQLite, PostgreSQL and the hybrid (nobody sees a half-restored namespace, and a
+        failure changes nothing); on Redis, key by key (as ``import_from(mode="replace")``).
+        The change feed records each write and each deletion. An unknown name raises
+        :class:`~fleetmem.errors.SnapshotNotFoundError` before anything is written."""
+        checked = check_snapshot_name(name)
+        self._check_open()
+        await self.require(checked)
+        snaps = self.backend
+
+        async def ops() -> AsyncGenerator[list[ImportOp], None]:
+            async with contextlib.aclosing(snaps.pages(checked, "", None, _PAGE)) as pages:
+                async for page in pages:
+                    yield [
+                        ImportOp(
+                            e.key, encode_value(e.value, _UNBOUNDED), e.partition, e.expires_at
+                        )
+                        for e in page
+                    ]
+
+        async with contextlib.aclosing(ops()) as stream:
+            tally = await self._kv.import_replace(stream)
+        return tally.written
