@@ -572,7 +572,7 @@ def _schema(path: Path) -> set[tuple[str, str]]:
 
 
 async def test_version_3_file_is_upgraded_in_place(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     fresh = tmp_path / "fresh.db"
     async with SQLiteStore(fresh, namespace=NS) as store:
         await store.connect()
@@ -608,6 +608,8 @@ async def test_version_3_file_is_upgraded_in_place(tmp_path: Path) -> None:
     finally:
         await first.close()
         await second.close()
-    assert _rows(old, "SELECT value FROM fleetmem_meta WHERE name = 'schema_version'") == [("4",)]
-    # The upgraded file has exactly the objects of a file created at version 4.
+    assert _rows(old, "SELECT value FROM fleetmem_meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+    # The upgraded file has exactly the objects of a file created at the current version.
     assert _schema(old) == _schema(fresh)

@@ -396,7 +396,7 @@ def _write_version_1_file(path: Path) -> None:
 
 
 async def test_version_1_file_is_upgraded_in_place(db_path: Path) -> None:
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     _write_version_1_file(db_path)
     # Two stores (two connections) opening it at once: one upgrades, the other sees it done.
     first = SQLiteStore(db_path, namespace=NS)

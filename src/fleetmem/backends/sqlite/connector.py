@@ -4,10 +4,10 @@ Every SQLite call runs on one worker thread owned by the connector (and shared b
 ``with_namespace`` views), so blocking I/O never runs on the event loop and the connection is
 only ever used by one thread. The connector opens the file on first use, switches it to WAL,
 creates or checks the schema, and translates ``sqlite3`` errors at one place (:meth:`call`).
-A primitive's module (``kv.py``, ``leases.py``, ``agents.py``, ``queues.py``, ``changes.py``) runs
-each operation as one function on that thread; a write is one ``BEGIN IMMEDIATE`` transaction
-(:class:`Transaction`), which takes SQLite's write lock up front, so read-modify-write operations
-stay exact across processes.
+A primitive's module (``kv.py``, ``leases.py``, ``agents.py``, ``queues.py``, ``changes.py``,
+``snapshots.py``) runs each operation as one function on that thread; a write is one ``BEGIN
+IMMEDIATE`` transaction (:class:`Transaction`), which takes SQLite's write lock up front, so
+read-modify-write operations stay exact across processes.
 
 A transaction that must span awaits (an export's read snapshot, an atomic import's write
 transaction) runs in a :class:`Session` (:meth:`SQLiteConnector.reader`,
@@ -55,9 +55,9 @@ __all__ = [
 ]
 
 #: The version of the table layout this module reads and writes (kept in ``fleetmem_meta``).
-#: 1: entries. 2: + leases and agents. 3: + work queues. 4: + change feeds. A file of an older
-#: version is upgraded in place when it is opened.
-SCHEMA_VERSION = 4
+#: 1: entries. 2: + leases and agents. 3: + work queues. 4: + change feeds. 5: + snapshots. A
+#: file of an older version is upgraded in place when it is opened.
+SCHEMA_VERSION = 5
 
 #: RETURNING (3.35) and UPSERT are needed; so is the JSON1 extension (built in since 3.38).
 _MIN_SQLITE = (3, 35, 0)
@@ -77,8 +77,8 @@ def _load_sql(*files: str) -> dict[str, str]:
 
 
 #: Every named statement of ``sql/kv.sql``, ``sql/leases.sql``, ``sql/agents.sql``,
-#: ``sql/queues.sql`` and ``sql/changes.sql``.
-SQL = _load_sql("kv.sql", "leases.sql", "agents.sql", "queues.sql", "changes.sql")
+#: ``sql/queues.sql``, ``sql/changes.sql`` and ``sql/snapshots.sql``.
+SQL = _load_sql("kv.sql", "leases.sql", "agents.sql", "queues.sql", "changes.sql", "snapshots.sql")
 _SYNCHRONOUS = {"normal": SQL["synchronous_normal"], "full": SQL["synchronous_full"]}
 #: The values ``synchronous=`` accepts.
 SYNCHRONOUS_MODES = tuple(_SYNCHRONOUS)
@@ -327,6 +327,7 @@ class SQLiteConnector:
                 self._create_coordination(conn)
                 self._create_queues(conn)
                 self._create_changes(conn)
+                self._create_snapshots(conn)
                 conn.execute(SQL["write_schema_version"], (str(SCHEMA_VERSION),))
                 return
             version = self._check_version(row[0])  # another process may have upgraded it
@@ -336,7 +337,9 @@ class SQLiteConnector:
                 self._create_coordination(conn)
             if version < 3:
                 self._create_queues(conn)
-            self._create_changes(conn)
+            if version < 4:
+                self._create_changes(conn)
+            self._create_snapshots(conn)
             conn.execute(SQL["update_schema_version"], (str(SCHEMA_VERSION),))
 
     @staticmethod
@@ -360,6 +363,14 @@ class SQLiteConnector:
         conn.execute(SQL["create_feeds"])
         conn.execute(SQL["create_changes"])
         conn.execute(SQL["create_changes_index"])
+
+    @staticmethod
+    def _create_snapshots(conn: sqlite3.Connection) -> None:
+        """Version 5: the snapshots' catalog and records (new objects only, entries
+        untouched). An upgraded file has no snapshot until one is created."""
+        conn.execute(SQL["create_snapshots"])
+        conn.execute(SQL["create_snapshot_records"])
+        conn.execute(SQL["create_snapshot_records_index"])
 
     def _check_version(self, stored: object) -> int:
         """The stored version if this module reads it (the current one, or an older one to

@@ -48,6 +48,7 @@ from fleetmem.backends.seam import (
     KVBackend,
     LeaseBackend,
     QueueBackend,
+    SnapshotBackend,
 )
 from fleetmem.backends.sqlite.agents import SQLiteAgents
 from fleetmem.backends.sqlite.changes import (
@@ -60,6 +61,7 @@ from fleetmem.backends.sqlite.changes import (
 from fleetmem.backends.sqlite.connector import SQL, SQLiteConnector, Transaction, now_ms
 from fleetmem.backends.sqlite.leases import SQLiteLeases, check_fence
 from fleetmem.backends.sqlite.queues import SQLiteQueues, delete_expired_results
+from fleetmem.backends.sqlite.snapshots import SQLiteSnapshots
 from fleetmem.errors import (
     InvalidArgumentError,
     KeyNotFoundError,
@@ -343,6 +345,9 @@ class SQLiteKV(KVBackend):
 
     def changes(self) -> ChangeBackend:
         return SQLiteChanges(self._db, namespace=self._namespace)
+
+    def snapshots(self) -> SnapshotBackend:
+        return SQLiteSnapshots(self._db, namespace=self._namespace)
 
     async def set(
         self,
