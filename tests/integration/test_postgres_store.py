@@ -160,12 +160,16 @@ async def test_custom_schema_and_table_are_separate(
         "memory2_jobs",
         "memory2_jobs_awaited",
         "memory2_leases",
+        "memory2_snapshot_records",
+        "memory2_snapshots",
         "memory_agents",
         "memory_changes",
         "memory_feeds",
         "memory_jobs",
         "memory_jobs_awaited",
         "memory_leases",
+        "memory_snapshot_records",
+        "memory_snapshots",
     ]
 
 

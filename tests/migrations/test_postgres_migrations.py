@@ -789,11 +789,11 @@ async def test_a_newer_schema_than_this_fleetmem_knows_is_refused(
     await asyncio.to_thread(migrate.upgrade, dsn)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("UPDATE fleetmem.alembic_version SET version_num = '0006'")
+        await conn.execute("UPDATE fleetmem.alembic_version SET version_num = '0007'")
     finally:
         await conn.close()
     store = PostgresStore.from_url(dsn)
-    with pytest.raises(SchemaVersionError, match=r"0006.*0005"):
+    with pytest.raises(SchemaVersionError, match=r"0007.*0006"):
         await store.connect()
     await store.close()
 
@@ -816,7 +816,7 @@ def test_feed_upgrade_and_downgrade(fleetmem_postgres_empty_database: str) -> No
     )
     before = _schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn)
     migrate.upgrade(dsn)
-    assert migrate.current(dsn) == "0005"
+    assert migrate.current(dsn) == migrate.HEAD_REVISION
     assert _feeds_of(dsn) == _expected_feeds("fleetmem", "entries")
     assert (_schema_of(dsn), _coordination_of(dsn), _jobs_of(dsn)) == before
     _query(dsn, "INSERT INTO fleetmem.entries_feeds (namespace, retention_ms) VALUES ('n', 1000)")
@@ -877,7 +877,7 @@ async def test_a_schema_without_the_feed_tables_is_migrated_or_refused(
         await store.set("k", 1)
         batch = await store.changes.read(since=cursor)
         assert [(c.op, c.key, c.value) for c in batch.changes] == [("set", "k", 1)]
-    assert await asyncio.to_thread(migrate.current, dsn) == "0005"
+    assert await asyncio.to_thread(migrate.current, dsn) == migrate.HEAD_REVISION
 
 
 async def test_the_upgrade_gives_the_writers_of_the_entries_what_the_feed_needs(

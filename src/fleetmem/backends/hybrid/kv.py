@@ -82,6 +82,7 @@ from fleetmem.backends.seam import (
     LeaseBackend,
     QueueBackend,
     SetOp,
+    SnapshotBackend,
     health_report,
 )
 from fleetmem.errors import (
@@ -1699,6 +1700,13 @@ class HybridKV(KVBackend):
         """The durable tier's change feed of this namespace (PostgreSQL's): every write
         reaches PostgreSQL, which records it in the write's own statement."""
         return self._durable.changes()
+
+    def snapshots(self) -> SnapshotBackend:
+        """The durable tier's snapshots of this namespace (PostgreSQL's: its tables, its
+        transactions, its clock). Redis carries nothing of them: a snapshot reads and stores
+        the truth, and a restore goes through this backend's own ``import_replace``, which
+        retires the namespace's cached copies."""
+        return self._durable.snapshots()
 
 
 def _timed_out(exc: BaseException) -> bool:

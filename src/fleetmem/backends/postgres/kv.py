@@ -55,6 +55,7 @@ from fleetmem.backends.seam import (
     LeaseBackend,
     QueueBackend,
     SetOp,
+    SnapshotBackend,
     lease_lost,
 )
 from fleetmem.errors import (
@@ -244,6 +245,12 @@ class PostgresKV(KVBackend):
         from fleetmem.backends.postgres.changes import PostgresChanges
 
         return PostgresChanges(self._connector, namespace=self._namespace)
+
+    def snapshots(self) -> SnapshotBackend:
+        """The namespace's snapshots, in the tables of migration 0006 (``snapshots.py``)."""
+        from fleetmem.backends.postgres.snapshots import PostgresSnapshots
+
+        return PostgresSnapshots(self._connector, namespace=self._namespace)
 
     def _write(self, name: str, args: tuple[Any, ...], fence: Fence | None) -> tuple[str, Any]:
         """Statement ``name`` and its arguments, fenced when ``fence`` is given."""

@@ -48,6 +48,7 @@ __all__ = [
     "queue_table",
     "quote_ident",
     "run_db_command",
+    "snapshot_names",
     "sql",
     "upgrade",
     "validate_identifier",
@@ -57,7 +58,7 @@ __all__ = [
 DEFAULT_SCHEMA = "fleetmem"
 DEFAULT_TABLE = "entries"
 #: Every revision this fleetmem knows, oldest first; the last is the head the store needs.
-REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005")
+REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005", "0006")
 HEAD_REVISION = REVISIONS[-1]
 
 # Lower-case ASCII identifiers only: no quoting surprises, and room for index-name suffixes
@@ -111,6 +112,15 @@ def feed_names(table: str) -> tuple[str, str, str, str]:
     up to 55 characters: quote them whole (they may pass the 40 of a checked identifier)."""
     validate_identifier(table, "table name")
     return f"{table}_feeds", f"{table}_changes", f"{table}_changes_read", f"{table}_clear"
+
+
+def snapshot_names(table: str) -> tuple[str, str]:
+    """The snapshot tables that belong to entries table ``table`` (same schema, revision
+    0006): the catalog ``<table>_snapshots`` and the record table ``<table>_snapshot_records``.
+    Derived names, up to 57 characters: quote them whole (they may pass the 40 of a checked
+    identifier)."""
+    validate_identifier(table, "table name")
+    return f"{table}_snapshots", f"{table}_snapshot_records"
 
 
 def notify_channel(schema: str, table: str) -> str:
