@@ -87,6 +87,7 @@ from fleetmem.backends.seam import (
     LeaseBackend,
     QueueBackend,
     SetOp,
+    SnapshotBackend,
     lease_lost,
 )
 from fleetmem.errors import (
@@ -288,6 +289,14 @@ class RedisKV(KVBackend):
         """The change feed of this namespace on the same connector (``changes.py``); this
         backend's writes record in it."""
         return RedisChanges(self._connector, namespace=self._namespace, blocking=self._blocking)
+
+    def snapshots(self) -> SnapshotBackend:
+        """The named snapshots of this namespace on the same connector (``snapshots.py``):
+        under the namespace's hash tag, out of sight of every key-value read, count and
+        ``clear``."""
+        from fleetmem.backends.redis.snapshots import RedisSnapshots
+
+        return RedisSnapshots(self._connector, namespace=self._namespace)
 
     def describe(self) -> str:
         return self._connector.describe()

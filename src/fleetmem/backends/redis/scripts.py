@@ -2,11 +2,12 @@
 
 Scripts come in named groups, one folder each: ``lua/kv/`` holds the key-value scripts,
 ``lua/leases/`` the lease and agent scripts, ``lua/queues/`` the work queue scripts,
-``lua/changes/`` the change feed's. A group is an optional prelude, ``_lib.lua`` (its key
-layout and shared helpers), followed by the files it shares with other groups (``shared``:
-``lua/changes/_feed.lua``, the feed's layout and recording, is in the key-value prelude too,
-since every write records its changes), and one file per script. A :class:`ScriptLibrary` is
-built from groups once, at import; the same code is then served two ways:
+``lua/changes/`` the change feed's, ``lua/snapshots/`` the named snapshots'. A group is an
+optional prelude, ``_lib.lua`` (its key layout and shared helpers), followed by the files it
+shares with other groups (``shared``: ``lua/changes/_feed.lua``, the feed's layout and
+recording, is in the key-value prelude too, since every write records its changes), and one
+file per script. A :class:`ScriptLibrary` is built from groups once, at import; the same code
+is then served two ways:
 
 * as ONE Redis 7 function library (``FCALL``), used on a standalone server: the library is
   compiled once per server, so a call does not rebuild the helpers (about 4 us less per call).
@@ -88,6 +89,9 @@ __all__ = [
     "QUEUE_SCRIPTS",
     "SCRIPTS",
     "SCRIPT_LIBRARY",
+    "SNAPSHOTS_GROUP",
+    "SNAPSHOT_FLAGS",
+    "SNAPSHOT_SCRIPTS",
     "Script",
     "ScriptGroup",
     "ScriptLibrary",
@@ -402,8 +406,43 @@ CHANGES_GROUP = ScriptGroup(
     shared=("changes/_feed.lua",),
 )
 
+_BIND_SNAPSHOTS = b"""local P, CAT, KIDX, HIST, USE, LOCK
+local function bind(keys)
+  if keys[1] == P then return end -- the same namespace as the last call: names still bound
+  P = keys[1]
+  CAT, KIDX, HIST, USE, LOCK = P .. 'Sc', P .. 'Sk', P .. 'Sh', P .. 'Su', P .. 'Sl'
+end
+"""
+
+#: Redis 7 script flags of the snapshot scripts. ``read`` only reads; the lock's scripts only
+#: set or drop one small string, ``shrink`` drops or rewrites records in place and ``catalog``
+#: marks or removes a catalog row: a full server still deletes snapshots (freeing memory).
+#: ``write`` and ``finish`` (a create's records and its catalog row) may add data.
+SNAPSHOT_FLAGS: dict[str, tuple[str, ...]] = {
+    "read": ("no-writes",),
+    "lock": ("allow-oom",),
+    "renew": ("allow-oom",),
+    "unlock": ("allow-oom",),
+    "shrink": ("allow-oom",),
+    "catalog": ("allow-oom",),
+}
+
+#: The snapshot scripts (``lua/snapshots/``): ``RedisSnapshots``.
+SNAPSHOTS_GROUP = ScriptGroup(
+    "snapshots",
+    ("lock", "renew", "unlock", "read", "write", "shrink", "finish", "catalog"),
+    SNAPSHOT_FLAGS,
+    _BIND_SNAPSHOTS,
+)
+
 #: Every group of the one library, in library order.
-GROUPS: tuple[ScriptGroup, ...] = (KV_GROUP, LEASES_GROUP, QUEUES_GROUP, CHANGES_GROUP)
+GROUPS: tuple[ScriptGroup, ...] = (
+    KV_GROUP,
+    LEASES_GROUP,
+    QUEUES_GROUP,
+    CHANGES_GROUP,
+    SNAPSHOTS_GROUP,
+)
 
 #: The one library of every primitive's scripts.
 SCRIPT_LIBRARY = ScriptLibrary(__package__ or "fleetmem.backends.redis", GROUPS)
@@ -415,4 +454,6 @@ LEASE_SCRIPTS = SCRIPT_LIBRARY.group("leases")
 QUEUE_SCRIPTS = SCRIPT_LIBRARY.group("queues")
 #: The change feed's scripts by name.
 CHANGE_SCRIPTS = SCRIPT_LIBRARY.group("changes")
+#: The snapshot scripts by name.
+SNAPSHOT_SCRIPTS = SCRIPT_LIBRARY.group("snapshots")
 LIBRARY = SCRIPT_LIBRARY.source
