@@ -5,8 +5,9 @@ each :class:`~fleetmem.protocol.MemoryStore` method) and, for leases, fenced wri
 agent registry and work queues (``store.leases``, ``fence=``, ``store.agents``,
 ``store.queue(name)``), in ``docs/coordination.md``, and for the change feed
 (``store.changes``) in ``docs/changes.md``, and for export, import and copy
-(``store.export_to``, ``store.import_from``, ``fleetmem.copy_namespace``) in
-``docs/portability.md``; this suite is its executable form. Check
+(``store.export_to``, ``store.import_from``, ``fleetmem.copy_namespace``) and for named
+snapshots (``store.snapshots``) in ``docs/portability.md`` and ``docs/snapshots.md``; this suite
+is its executable form. Check
 any ``MemoryStore`` implementation by subclassing :class:`StoreConformance` in a test module
 where a ``store`` fixture yields a fresh, empty store in a namespace no other test uses::
 
@@ -34,12 +35,16 @@ alone there. The coordination tests leave lease and agent records and queued job
 fixture's namespace (``clear()`` keeps them, by contract); they are small, and no lease, agent
 or claim stays live longer than the longest TTL the tests grant (200 s).
 :class:`LeasesConformance`, :class:`FencedWritesConformance`, :class:`AgentsConformance`,
-:class:`QueueConformance`, :class:`ChangesConformance` and :class:`PortabilityConformance` are
-part of :class:`StoreConformance` and can also be run on their own. The change-feed tests
+:class:`QueueConformance`, :class:`ChangesConformance`, :class:`PortabilityConformance` and
+:class:`SnapshotConformance` are part of :class:`StoreConformance` and can also be run on their
+own. The change-feed tests
 enable the feed of the fixture's namespace (or of a sibling) and disable it again when they are
 done. The portability tests use the store's ``export_to`` and ``import_from`` and pytest's
 ``tmp_path`` for the files they write; they import into the fixture's namespace and into
-siblings of it, which they clear afterwards. Tolerances and optional capabilities are
+siblings of it, which they clear afterwards. The snapshot tests create snapshots of the
+fixture's namespace and of siblings of it and delete every one of them afterwards (``clear()``
+keeps snapshots, by contract); they read the snapshots' storage through
+``store.kv.snapshots().usage()``. Tolerances and optional capabilities are
 class attributes, documented on :class:`StoreConformance`; override them in the subclass.
 """
 
@@ -59,6 +64,7 @@ from fleetmem.testing.conformance._namespaces import NamespacesConformance
 from fleetmem.testing.conformance._portability import PortabilityConformance
 from fleetmem.testing.conformance._queues import QueueConformance
 from fleetmem.testing.conformance._search import SearchConformance
+from fleetmem.testing.conformance._snapshots import SnapshotConformance
 from fleetmem.testing.conformance._values import ValueConformance
 from fleetmem.testing.conformance._writes import WriteConformance
 
@@ -69,6 +75,7 @@ __all__ = [
     "LeasesConformance",
     "PortabilityConformance",
     "QueueConformance",
+    "SnapshotConformance",
     "StoreConformance",
 ]
 
@@ -88,6 +95,7 @@ class StoreConformance(
     QueueConformance,
     ChangesConformance,
     PortabilityConformance,
+    SnapshotConformance,
 ):
     """Every rule of the store contract, as tests of the ``store`` fixture.
 
@@ -129,6 +137,11 @@ class StoreConformance(
         blurred by the store's clock and the write's duration).
     ``portability_ttl``
         The TTL (seconds) of the entries the export test lets expire before it exports.
+    ``snapshot_slack``
+        Seconds of tolerance on a restored entry's absolute expiry.
+    ``snapshot_patience``
+        How long (seconds) a snapshot test waits for a short-TTL entry to expire before it
+        fails.
     """
 
     pytestmark = [pytest.mark.asyncio]
