@@ -12,16 +12,17 @@ quick ``fleetmem get`` do not pay for them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from fleetmem.errors import FleetmemError
-    from fleetmem.protocol import Entry, MemoryStore
+    from fleetmem.protocol import Entry, MemoryStore, Snapshot
     from fleetmem.store import Store
 
 __all__ = ["EXIT_CONFLICT", "EXIT_FAILED", "EXIT_OK", "EXIT_PIPE", "EXIT_USAGE", "main"]
@@ -65,10 +66,12 @@ exit status:
   0    done
   1    not found, false or a conflict: get/ttl/del/expire/persist of a missing key,
        set --if-version on another version, health not ok, demo not consistent, a
-       copy whose destination does not hold what was copied
-  2    usage error: the command line, a value that is not JSON, an invalid key or
-       pattern, a URL or setting fleetmem cannot use, a missing extra, an import file
-       that is missing or not a valid export (nothing written)
+       copy whose destination does not hold what was copied; a snapshot that does
+       not exist (snapshot diff/restore/delete, export --snapshot) or, for snapshot
+       create, already exists
+  2    usage error: the command line, a value that is not JSON, an invalid key,
+       pattern or snapshot name, a URL or setting fleetmem cannot use, a missing
+       extra, an import file that is missing or not a valid export (nothing written)
   3    the backend failed: unreachable, timed out, a write whose outcome is unknown,
        a schema to upgrade, any other store error
   130  interrupted (Ctrl-C)
@@ -147,6 +150,42 @@ class _Output:
         table.add_column(overflow="fold")
         for key, value in rows:
             table.add_row(Text(key), Text(value))
+        console.print(table)
+
+    def table(
+        self,
+        data: Any,
+        header: Sequence[str],
+        rows: Sequence[Sequence[str]],
+        numeric: Sequence[int] = (),
+    ) -> None:
+        """Rows of several columns under a header: rich on a terminal when installed, plain
+        aligned columns otherwise (values never cut; the ``numeric`` columns right-aligned),
+        ``(none)`` without rows."""
+        if self.as_json:
+            self.json(data)
+            return
+        if not rows:
+            print("(none)")
+            return
+        console = _rich_console() if sys.stdout.isatty() else None
+        if console is None:
+            widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+            for row in [header, *rows]:
+                cells = [
+                    c.rjust(w) if i in numeric else c.ljust(w)
+                    for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                ]
+                print("  ".join(cells).rstrip())
+            return
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for i, name in enumerate(header):
+            table.add_column(name, overflow="fold", justify="right" if i in numeric else "left")
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
         console.print(table)
 
     def lines(self, data: Any, lines: Sequence[str]) -> None:
@@ -799,12 +838,17 @@ async def _cmd_export(args: argparse.Namespace, out: _Output) -> int:
                         sys.stdout.buffer,
                         prefix=args.prefix,
                         partition=args.partition,
+                        snapshot=args.snapshot,
                         progress=progress,
                     )
                     sys.stdout.buffer.flush()
                 else:
                     report = await store.export_to(
-                        target, prefix=args.prefix, partition=args.partition, progress=progress
+                        target,
+                        prefix=args.prefix,
+                        partition=args.partition,
+                        snapshot=args.snapshot,
+                        progress=progress,
                     )
             except BrokenPipeError:
                 raise
@@ -812,14 +856,18 @@ async def _cmd_export(args: argparse.Namespace, out: _Output) -> int:
                 raise _file_error(exc, "write", target) from None
         data = {
             "namespace": report.namespace,
+            "snapshot": args.snapshot,
             "file": target,
             "count": report.count,
             "sha256": report.sha256,
             "exported_at": report.exported_at,
             "consistency": report.consistency,
         }
+        what = f"namespace {report.namespace}"
+        if args.snapshot is not None:
+            what = f"snapshot {args.snapshot} of {what}"
         rows = [
-            ("exported", f"{report.count:,} entries of namespace {report.namespace}"),
+            ("exported", f"{report.count:,} entries of {what}"),
             ("to", "stdout" if to_stdout else target),
             ("consistency", report.consistency),
             ("sha256", report.sha256),
@@ -917,6 +965,98 @@ async def _cmd_copy(args: argparse.Namespace, out: _Output) -> int:
         ]
         _summary(out, data, rows)
     return EXIT_OK
+
+
+# ------------------------------------------------------------------------ snapshots
+
+
+@contextlib.contextmanager
+def _working(text: str) -> Iterator[None]:
+    """Show ``text`` while a snapshot command runs, on stderr when it is a terminal: a rich
+    spinner (gone when the work is done), one plain line without rich; nothing when stderr is
+    not a terminal. rich is imported only then."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    try:
+        from rich.text import Text
+    except ImportError:
+        print(f"{text} ...", file=sys.stderr, flush=True)
+        yield
+        return
+    console = _rich_console(stderr=True)
+    with console.status(Text(text)):
+        yield
+
+
+def _snapshot_dict(snap: Snapshot) -> dict[str, Any]:
+    return {
+        "name": snap.name,
+        "created_at": snap.created_at,
+        "keys": snap.keys,
+        "bytes": snap.bytes,
+    }
+
+
+async def _cmd_snapshot(args: argparse.Namespace, out: _Output) -> int:
+    action = args.snapshot_command
+
+    async def run(store: Store[Any]) -> int:
+        snaps = store.snapshots
+        ns = store.namespace
+        if action == "create":
+            with _working(f"creating snapshot {args.snapshot} of namespace {ns}"):
+                snap = await snaps.create(args.snapshot)
+            rows: list[tuple[str, Any]] = [
+                ("created", f"snapshot {snap.name} of namespace {ns}"),
+                ("keys", f"{snap.keys:,}"),
+                ("bytes", f"{snap.bytes:,} stored beyond the earlier snapshots"),
+                ("created at", snap.created_at.isoformat()),
+            ]
+            _summary(out, _snapshot_dict(snap), rows)
+        elif action == "list":
+            found = await snaps.list()
+            out.table(
+                [_snapshot_dict(s) for s in found],
+                ("NAME", "CREATED AT", "KEYS", "BYTES"),
+                [(s.name, s.created_at.isoformat(), f"{s.keys:,}", f"{s.bytes:,}") for s in found],
+                numeric=(2, 3),
+            )
+        elif action == "diff":
+            target = f"namespace {ns}" if args.other is None else f"snapshot {args.other}"
+            with _working(f"comparing snapshot {args.snapshot} with {target}"):
+                diff = await snaps.diff(args.snapshot, args.other)
+            data = {"added": diff.added, "removed": diff.removed, "changed": diff.changed}
+            marked = sorted(
+                [(k, "+") for k in diff.added]
+                + [(k, "-") for k in diff.removed]
+                + [(k, "~") for k in diff.changed]
+            )
+            lines = [f"{mark} {key}" for key, mark in marked]
+            lines.append(
+                f"{len(diff.added):,} added, {len(diff.removed):,} removed, "
+                f"{len(diff.changed):,} changed from snapshot {args.snapshot} to {target}"
+            )
+            out.lines(data, lines)
+        elif action == "restore":
+            with _working(f"restoring snapshot {args.snapshot} into namespace {ns}"):
+                restored = await snaps.restore(args.snapshot)
+            out.line(
+                {"restored": restored},
+                f"restored {restored:,} entries of snapshot {args.snapshot} into namespace {ns}",
+            )
+        else:  # delete
+            deleted = await snaps.delete(args.snapshot)
+            if not deleted:
+                _say(f"namespace {ns!r} has no snapshot {args.snapshot!r}")
+            out.line(
+                {"deleted": deleted},
+                f"deleted snapshot {args.snapshot}" if deleted else "not found",
+            )
+            return EXIT_OK if deleted else EXIT_CONFLICT
+        return EXIT_OK
+
+    return await _with_store(args, run)
 
 
 # ------------------------------------------------------------------------ demo
@@ -1298,7 +1438,17 @@ def _parser() -> argparse.ArgumentParser:
         "or read a page of changes",
     )
     changes_sub = p.add_subparsers(dest="changes_command", required=True, metavar="ACTION")
-    q = changes_sub.add_parser("enable", help="record every write of the namespace from now on")
+
+    def action(
+        actions: Any, name: str, text: str, description: str | None = None
+    ) -> argparse.ArgumentParser:
+        q: argparse.ArgumentParser = actions.add_parser(
+            name, help=text, description=description or text
+        )
+        _add_global_options(q)
+        return q
+
+    q = action(changes_sub, "enable", "record every write of the namespace from now on")
     q.add_argument(
         "--retention",
         type=float,
@@ -1306,9 +1456,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep each change at least this long (default: 3600)",
     )
-    changes_sub.add_parser("disable", help="stop recording and drop the log")
-    changes_sub.add_parser("status", help="whether the feed is enabled, and its head cursor")
-    q = changes_sub.add_parser("read", help="print a page of changes and the next cursor")
+    action(changes_sub, "disable", "stop recording and drop the log")
+    action(changes_sub, "status", "whether the feed is enabled, and its head cursor")
+    q = action(changes_sub, "read", "print a page of changes and the next cursor")
     q.add_argument("--since", default=None, help="a cursor (default: the oldest retained)")
     q.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
     q.add_argument("--pattern", default=None, help="only keys matching this glob")
@@ -1324,15 +1474,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None, help="stop after this many changes")
     p = command(
         "export",
-        "write the namespace's live entries to FILE (gzip when it ends in .gz), ascending by "
-        "key, in fleetmem's export format; without -o (or -o -) to stdout, the summary then "
-        "on stderr",
+        "write the namespace's live entries (with --snapshot, those a snapshot holds) to FILE "
+        "(gzip when it ends in .gz), ascending by key, in fleetmem's export format; without -o "
+        "(or -o -) to stdout, the summary then on stderr",
     )
     p.add_argument(
         "-o", "--output", default=None, metavar="FILE", help="the file (default, or -: stdout)"
     )
     p.add_argument("--prefix", default="", help="only keys that start with this")
     p.add_argument("--partition", default=None, help="only entries of this partition")
+    p.add_argument(
+        "--snapshot",
+        default=None,
+        metavar="NAME",
+        help="export the entries snapshot NAME holds, as they were taken, instead of the live "
+        "ones (exit 1 when there is no such snapshot)",
+    )
     mode_help = (
         "merge: write every entry, leave other keys alone (default); missing: write only keys "
         "with no live entry; replace: afterwards the namespace holds exactly the entries imported"
@@ -1374,6 +1531,55 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the check of the destination after the copy",
     )
+    p = command(
+        "snapshot",
+        "named, incremental snapshots of the namespace, kept in the store: create, list, diff, "
+        "restore, delete",
+    )
+    snapshot_sub = p.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    q = action(
+        snapshot_sub,
+        "create",
+        "take a snapshot of the namespace's live entries, named NAME (exit 1 when the "
+        "namespace already has one of that name)",
+    )
+    q.add_argument("snapshot", metavar="NAME", help="the snapshot's name (the key rules)")
+    action(
+        snapshot_sub,
+        "list",
+        "list the namespace's snapshots, oldest first, with their keys and the bytes each stored",
+    )
+    q = action(
+        snapshot_sub,
+        "diff",
+        "list the keys added, removed and changed from snapshot A to snapshot B, or to the "
+        "live namespace without B (exit 1 when a snapshot does not exist)",
+    )
+    q.add_argument("snapshot", metavar="A", help="the snapshot to compare from")
+    q.add_argument(
+        "other",
+        metavar="B",
+        nargs="?",
+        default=None,
+        help="the snapshot to compare to (default: the live namespace)",
+    )
+    q = action(
+        snapshot_sub,
+        "restore",
+        "make the namespace hold exactly snapshot NAME's entries, other keys deleted (exit 1 "
+        "when there is no such snapshot)",
+        "make the namespace hold exactly snapshot NAME's entries whose expiry has not passed, "
+        "and delete every other key (in one transaction, except on Redis); versions keep "
+        "growing and the change feed records each write (exit 1 when there is no such "
+        "snapshot, with nothing changed)",
+    )
+    q.add_argument("snapshot", metavar="NAME", help="the snapshot to restore")
+    q = action(
+        snapshot_sub,
+        "delete",
+        "delete snapshot NAME, freeing what no other snapshot holds (exit 1 when there is none)",
+    )
+    q.add_argument("snapshot", metavar="NAME", help="the snapshot to delete")
     command("stats", "counts and sizes of the namespace, and which store (file or URL) it is")
     command("health", "check the store: prints the report; exit 1 when not ok")
     p = command(
@@ -1461,6 +1667,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, _Output], Coroutine[Any, Any,
     "export": _cmd_export,
     "import": _cmd_import,
     "copy": _cmd_copy,
+    "snapshot": _cmd_snapshot,
     "stats": _cmd_stats,
     "health": _cmd_health,
     "demo": _cmd_demo,
@@ -1533,9 +1740,13 @@ def exit_status(exc: FleetmemError) -> int:
     """The exit status of a command that raised ``exc`` (see ``fleetmem --help``)."""
     from fleetmem import errors
 
-    if isinstance(
-        exc, (errors.KeyNotFoundError, errors.VersionConflictError, errors.VerificationError)
-    ):
+    conflict = (
+        errors.KeyNotFoundError,  # also SnapshotNotFoundError
+        errors.VersionConflictError,
+        errors.VerificationError,
+        errors.SnapshotExistsError,
+    )
+    if isinstance(exc, conflict):
         return EXIT_CONFLICT
     usage = (
         errors.InvalidExportError,
