@@ -18,9 +18,11 @@ keep growing) on the backend's :meth:`~fleetmem.backends.seam.SnapshotBackend.pa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncGenerator, Callable, Iterator
+from typing import IO
 
-from fleetmem._codec import encode_value
+from fleetmem._codec import decode_value, encode_value
 from fleetmem._validate import validate_name
 from fleetmem.backends.seam import (
     ImportOp,
@@ -29,8 +31,8 @@ from fleetmem.backends.seam import (
     SnapshotRow,
     snapshot_not_found,
 )
-from fleetmem.portability import same_json
-from fleetmem.protocol import Entry, Snapshot, SnapshotDiff
+from fleetmem.portability import _spool_page, _spooled_pages, same_json
+from fleetmem.protocol import Snapshot, SnapshotDiff
 
 __all__ = ["MAX_SNAPSHOT_NAME_BYTES", "Snapshots", "check_snapshot_name"]
 
@@ -38,6 +40,8 @@ __all__ = ["MAX_SNAPSHOT_NAME_BYTES", "Snapshots", "check_snapshot_name"]
 MAX_SNAPSHOT_NAME_BYTES = 255
 #: Entries per page read from a snapshot (diff, restore).
 _PAGE = 5000
+#: Bytes of a diff's or a restore's spool held in memory before it moves to a temporary file.
+_SPOOL_MEMORY = 16 * 1024 * 1024
 #: The largest value a restore re-encodes: the snapshot's values were checked when written.
 _UNBOUNDED = 1 << 62
 
@@ -52,10 +56,23 @@ def _public(row: SnapshotRow) -> Snapshot:
     return Snapshot(row.name, row.created_at, row.keys, row.bytes)
 
 
-async def _entries(pages: AsyncIterator[list[Entry]]) -> AsyncGenerator[Entry, None]:
-    async for page in pages:
-        for entry in page:
-            yield entry
+async def _spool_snapshot(snaps: SnapshotBackend, name: str, spool: IO[bytes]) -> None:
+    """Write snapshot ``name``'s entries to ``spool`` as the import's spool pages (key, compact
+    JSON value, partition, absolute expiry), ascending by key."""
+    async with contextlib.aclosing(snaps.pages(name, "", None, _PAGE)) as pages:
+        async for page in pages:
+            _spool_page(
+                spool,
+                [
+                    (e.key, encode_value(e.value, _UNBOUNDED), e.partition, e.expires_at)
+                    for e in page
+                ],
+            )
+
+
+def _spooled_ops(spool: IO[bytes]) -> Iterator[ImportOp]:
+    for page in _spooled_pages(spool):
+        yield from page
 
 
 class Snapshots:
@@ -144,37 +161,39 @@ class Snapshots:
         if second is not None:
             await self.require(second)
         snaps = self.backend
-        right = (
-            self._kv.export_pages("", None, _PAGE)
-            if second is None
-            else snaps.pages(second, "", None, _PAGE)
-        )
         added: list[str] = []
         removed: list[str] = []
         changed: list[str] = []
-        async with (
-            contextlib.aclosing(snaps.pages(first, "", None, _PAGE)) as left_pages,
-            contextlib.aclosing(right) as right_pages,
-        ):
-            lefts = _entries(left_pages)
-            rights = _entries(right_pages)
-            left = await anext(lefts, None)
-            right_entry = await anext(rights, None)
-            while left is not None or right_entry is not None:
-                if right_entry is None or (left is not None and left.key < right_entry.key):
-                    assert left is not None
-                    removed.append(left.key)
-                    left = await anext(lefts, None)
-                elif left is None or right_entry.key < left.key:
-                    added.append(right_entry.key)
-                    right_entry = await anext(rights, None)
-                else:
-                    if left.partition != right_entry.partition or not same_json(
-                        left.value, right_entry.value
-                    ):
-                        changed.append(left.key)
-                    left = await anext(lefts, None)
-                    right_entry = await anext(rights, None)
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEMORY) as spool:
+            # ``a`` is read whole first, into a spool (in memory up to 16 MiB), and the other
+            # side after it: one connection at a time, so a pool of one serves a diff too.
+            await _spool_snapshot(snaps, first, spool)
+            spool.seek(0)
+            lefts = _spooled_ops(spool)
+            right = (
+                self._kv.export_pages("", None, _PAGE)
+                if second is None
+                else snaps.pages(second, "", None, _PAGE)
+            )
+            left = next(lefts, None)
+            async with contextlib.aclosing(right) as right_pages:
+                async for page in right_pages:
+                    for entry in page:
+                        key = entry.key
+                        while left is not None and left.key < key:
+                            removed.append(left.key)
+                            left = next(lefts, None)
+                        if left is not None and left.key == key:
+                            if left.partition != entry.partition or not same_json(
+                                decode_value(left.payload), entry.value
+                            ):
+                                changed.append(key)
+                            left = next(lefts, None)
+                        else:
+                            added.append(key)
+            while left is not None:
+                removed.append(left.key)
+                left = next(lefts, None)
         return SnapshotDiff(added, removed, changed)
 
     async def restore(self, name: str) -> int:
@@ -193,17 +212,16 @@ class Snapshots:
         self._check_open()
         await self.require(checked)
         snaps = self.backend
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEMORY) as spool:
+            # The snapshot is read whole (one consistent reading) into a spool, then written:
+            # reading it while the replace writes would hold two connections at once.
+            await _spool_snapshot(snaps, checked, spool)
+            spool.seek(0)
 
-        async def ops() -> AsyncGenerator[list[ImportOp], None]:
-            async with contextlib.aclosing(snaps.pages(checked, "", None, _PAGE)) as pages:
-                async for page in pages:
-                    yield [
-                        ImportOp(
-                            e.key, encode_value(e.value, _UNBOUNDED), e.partition, e.expires_at
-                        )
-                        for e in page
-                    ]
+            async def ops() -> AsyncGenerator[list[ImportOp], None]:
+                for page in _spooled_pages(spool):
+                    yield page
 
-        async with contextlib.aclosing(ops()) as stream:
-            tally = await self._kv.import_replace(stream)
+            async with contextlib.aclosing(ops()) as stream:
+                tally = await self._kv.import_replace(stream)
         return tally.written
