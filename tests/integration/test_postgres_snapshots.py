@@ -692,3 +692,68 @@ async def test_the_hybrid_store_restores_through_its_own_replace(
         async with PostgresStore.from_url(pg.dsn, namespace=ns) as direct:
             assert await direct.kv.snapshots().get("s") == await snaps.get("s")
             assert (await direct.kv.snapshots().get("s")).keys == taken.keys  # type: ignore[union-attr]
+
+
+async def test_a_pool_of_one_connection_serves_diff_and_restore(
+    fleetmem_postgres_database: str, fleetmem_namespace: str
+) -> None:
+    """diff and restore hold one connection at a time (the snapshot is spooled first): with
+    a pool of one they would otherwise wait for themselves until the pool's timeout."""
+    async with PostgresStore.from_url(
+        fleetmem_postgres_database, namespace=fleetmem_namespace, max_size=1
+    ) as single:
+        await single.set_many({"a": 1, "b": 2})
+        await single.snapshots.create("s1")
+        await single.set("a", 10)
+        await single.snapshots.create("s2")
+        assert (await single.snapshots.diff("s1")).changed == ["a"]
+        assert (await single.snapshots.diff("s1", "s2")).changed == ["a"]
+        assert await single.snapshots.restore("s1") == 2
+        assert await single.get("a") == 1
+
+
+async def test_a_create_longer_than_the_command_timeout_completes(
+    store: PostgresStore, fleetmem_postgres_database: str
+) -> None:
+    """A create's and a delete's one statement reads or frees the whole namespace: they run
+    without the command_timeout (which bounds the statements of single operations), so a
+    namespace of any size can be taken and dropped."""
+    for start in range(0, 100_000, 10_000):
+        await store.set_many({f"k{i:06}": {"i": i} for i in range(start, start + 10_000)})
+    async with PostgresStore.from_url(
+        fleetmem_postgres_database, namespace=store.namespace, command_timeout=0.1
+    ) as hurried:
+        taken = await hurried.snapshots.create("whole")
+        assert taken.keys == 100_000
+        assert await hurried.snapshots.delete("whole") is True
+
+
+async def test_a_create_waits_for_the_lock_up_to_lock_wait(
+    store: PostgresStore, fleetmem_postgres_database: str
+) -> None:
+    """Behind another holder of the namespace's snapshot lock, a create waits past its
+    command_timeout (the lock is held for as long as a large create runs) and proceeds when
+    the lock is released; after ``lock_wait`` it gives up with BackendUnavailableError."""
+    ns = store.namespace
+    holder = await asyncpg.connect(fleetmem_postgres_database)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT pg_advisory_xact_lock(1718382963, hashtext($1))", ns)
+        async with PostgresStore.from_url(
+            fleetmem_postgres_database, namespace=ns, command_timeout=0.2
+        ) as waiting:
+            backend = waiting.snapshots.backend
+            assert isinstance(backend, PostgresSnapshots)
+            backend.lock_wait = 0.5
+            with pytest.raises(BackendUnavailableError, match="lock"):
+                await waiting.snapshots.create("late")
+            backend.lock_wait = 600.0
+            creating = asyncio.ensure_future(waiting.snapshots.create("late"))
+            await asyncio.sleep(1.0)  # well past the command_timeout
+            assert not creating.done()
+            await tx.rollback()
+            assert (await asyncio.wait_for(creating, 60)).name == "late"
+            assert await waiting.snapshots.delete("late") is True
+    finally:
+        await holder.close()

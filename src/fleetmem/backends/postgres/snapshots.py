@@ -36,6 +36,8 @@ from collections.abc import AsyncGenerator
 from datetime import timezone
 from typing import Any
 
+import asyncpg
+
 from fleetmem._validate import prefix_upper_bound
 from fleetmem.backends.postgres import migrate
 from fleetmem.backends.postgres.connector import FETCH, FETCHROW, PostgresConnector, statements
@@ -45,6 +47,7 @@ from fleetmem.backends.seam import (
     snapshot_exists,
     snapshot_not_found,
 )
+from fleetmem.errors import BackendUnavailableError
 from fleetmem.protocol import Entry
 
 __all__ = ["PostgresSnapshots"]
@@ -89,20 +92,45 @@ class PostgresSnapshots(SnapshotBackend):
         self._run = connector.run
         self._q = _statements(connector.schema, connector.table)
 
+    async def _lock(self, conn: Any) -> None:
+        """Take the namespace's snapshot lock in ``conn``'s transaction, waiting behind another
+        create or delete for up to :attr:`lock_wait` seconds (the server's ``lock_timeout``,
+        then ``BackendUnavailableError``) rather than the command_timeout: a create of a large
+        namespace may hold the lock longer than one statement of another kind may run."""
+        connector = self._connector
+        await conn.execute(f"SET LOCAL lock_timeout = {int(self.lock_wait * 1000)}")
+        connector.disarm_command_timeout(conn)
+        try:
+            await conn.execute(self._q["lock"], self._namespace)
+        except asyncpg.LockNotAvailableError:
+            raise BackendUnavailableError(
+                f"another create or delete of namespace {self._namespace!r}'s snapshots held "
+                f"their lock for more than {self.lock_wait:g} s"
+            ) from None
+
+    #: Seconds a create or delete waits for another one of the namespace to finish.
+    lock_wait = 600.0
+
     async def create(self, name: str) -> SnapshotRow:
+        """One transaction at READ COMMITTED: the lock (:meth:`_lock`), the name check, then
+        the whole snapshot in one statement. That statement runs without the command_timeout
+        -- it reads the whole namespace, about a second per 100,000 entries -- so a namespace
+        of any size can be snapshotted; the lock and the statement wait on the server, which
+        ends them if the connection is lost."""
         connector = self._connector
         ns = self._namespace
         q = self._q
         # READ COMMITTED whatever the server's default: each statement after the lock takes a
         # snapshot of its own, later than the commit of the lock's previous holder.
         async with connector.transaction(isolation="read_committed") as conn:
-            await conn.execute(q["lock"], ns)
+            await self._lock(conn)
             connector.arm_command_timeout(conn)
             head = await conn.fetchrow(q["head"], ns, name)
             if head[1]:
                 raise snapshot_exists(ns, name)
-            connector.arm_command_timeout(conn)
+            connector.disarm_command_timeout(conn)
             row = await conn.fetchrow(q["create"], ns, int(head[0]) + 1, name)
+            connector.arm_command_timeout(conn)  # the COMMIT
         return _row(row)
 
     async def delete(self, name: str) -> bool:
@@ -110,17 +138,20 @@ class PostgresSnapshots(SnapshotBackend):
         ns = self._namespace
         q = self._q
         async with connector.transaction(isolation="read_committed") as conn:
-            await conn.execute(q["lock"], ns)
+            await self._lock(conn)
             connector.arm_command_timeout(conn)
             bounds = await conn.fetchrow(q["bounds"], ns, name)
             if bounds is None:
                 return False
             seq, below, above = int(bounds[0]), int(bounds[1]), bounds[2]
-            connector.arm_command_timeout(conn)
+            # Like a create's, the one statement may touch every record of the namespace: no
+            # command_timeout.
+            connector.disarm_command_timeout(conn)
             if above is None:
                 await conn.execute(q["delete_newest"], ns, seq, below)
             else:
                 await conn.execute(q["delete_between"], ns, seq, below, int(above))
+            connector.arm_command_timeout(conn)  # the COMMIT
         return True
 
     async def pages(
