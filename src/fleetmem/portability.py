@@ -35,8 +35,10 @@ Reading
     field: then it is the trailer, and nothing may follow it.
 
 Decisions
-    * **Export** asks the backend for pages of 10,000 entries (``KVBackend.export_pages``,
-      closed with ``contextlib.aclosing`` however the export ends) and holds one page and its
+    * **Export** asks the backend for pages of 10,000 entries as lines
+      (``KVBackend.export_lines``: by default :meth:`~fleetmem.backends.seam.KVBackend.export_pages`
+      rendered here; Redis writes the lines from its scan replies, byte for byte the same),
+      closed with ``contextlib.aclosing`` however the export ends, and holds one page and its
       lines at a time; a backend returning keys out of order fails the export rather than
       write a file its own import would refuse. gzip uses level 1: JSON lines still shrink
       several times, at a fraction of the CPU of the default level 9.
@@ -81,7 +83,7 @@ import pickle
 import secrets
 import tempfile
 import zlib
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -312,6 +314,25 @@ def _entry_line(entry: Entry) -> bytes:
         return b'{"key":' + key + b',"value":' + value + b"," + rest[1:]
 
 
+async def _rendered(
+    source: AsyncGenerator[list[Entry], None], render: Callable[[Entry], bytes]
+) -> AsyncGenerator[tuple[list[str], bytearray], None]:
+    """Pages of entries as :meth:`KVBackend.export_lines
+    <fleetmem.backends.seam.KVBackend.export_lines>` gives them: each page's keys and lines
+    (``source`` closed with this iterator)."""
+    async with contextlib.aclosing(source) as pages:
+        async for page in pages:
+            if not page:
+                continue
+            # Each line is appended as soon as it is made: an orjson result keeps its whole
+            # output buffer, and holding a page of them (``b"".join`` makes a list first)
+            # costs ten times as much in page faults.
+            blob = bytearray()
+            for entry in page:
+                blob += render(entry)
+            yield [entry.key for entry in page], blob
+
+
 async def _write_export(
     kv: KVBackend,
     write: Callable[[bytes | bytearray], object],
@@ -328,38 +349,34 @@ async def _write_export(
         "backend": kv.backend_name,
         "exported_at": format_time(started),
     }
+    source: AsyncGenerator[tuple[list[str], bytearray], None]
     if snapshot is not None:
         header["snapshot"] = snapshot
-        source = kv.snapshots().pages(snapshot, prefix, partition, EXPORT_PAGE)
+        pages = kv.snapshots().pages(snapshot, prefix, partition, EXPORT_PAGE)
+        source = _rendered(pages, _entry_line)
         consistency = "snapshot"
     else:
-        source = kv.export_pages(prefix, partition, EXPORT_PAGE)
+        # The backend's own lines where it has a faster way to them (Redis: from the scan
+        # script's replies), byte for byte those of _entry_line.
+        source = kv.export_lines(prefix, partition, EXPORT_PAGE, _entry_line)
         consistency = kv.export_consistency
     write(orjson.dumps(header, option=_NEWLINE))
     digest = hashlib.sha256()
     count = 0
     last: str | None = None
-    line = _entry_line
-    async with contextlib.aclosing(source) as pages:
-        async for page in pages:
-            if not page:
+    async with contextlib.aclosing(source) as lines:
+        async for keys, blob in lines:
+            if not keys:
                 continue
-            keys = [entry.key for entry in page]
             if (last is not None and keys[0] <= last) or any(map(str.__ge__, keys, keys[1:])):
                 raise FleetmemError(
                     f"the {kv.backend_name} backend returned the keys of an export out of "
                     "ascending order; nothing usable was written"
                 )
             last = keys[-1]
-            # Each line is appended as soon as it is made: an orjson result keeps its whole
-            # output buffer, and holding a page of them (``b"".join`` makes a list first)
-            # costs ten times as much in page faults.
-            blob = bytearray()
-            for entry in page:
-                blob += line(entry)
             digest.update(blob)
             write(blob)
-            count += len(page)
+            count += len(keys)
             _notify(progress, "export", count)
     sha256 = digest.hexdigest()
     write(orjson.dumps({"end": True, "count": count, "sha256": sha256}, option=_NEWLINE))

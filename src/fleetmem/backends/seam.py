@@ -25,7 +25,7 @@ import abc
 import contextlib
 import copy
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Container, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Container, Iterator
 from datetime import datetime, timezone
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -399,6 +399,28 @@ class KVBackend(abc.ABC):
             if len(keys) < page_size:
                 return
             after = keys[-1]
+
+    async def export_lines(
+        self, prefix: str, partition: str | None, page_size: int, render: Callable[[Entry], bytes]
+    ) -> AsyncGenerator[tuple[list[str], bytearray], None]:
+        """The entries of :meth:`export_pages` as export lines: per page, its keys (ascending)
+        and the lines of its entries, each ``render(entry)``, one after the other (the
+        caller checks the order, and closes the iterator with ``contextlib.aclosing`` as for
+        :meth:`export_pages`).
+
+        A technology may override it to go from what its server answers to the lines without
+        building an :class:`~fleetmem.protocol.Entry` per entry; the bytes must then be
+        exactly ``render``'s for every entry (it may call ``render`` for the entries it does
+        not write itself). The default renders :meth:`export_pages`."""
+        async with contextlib.aclosing(self.export_pages(prefix, partition, page_size)) as pages:
+            async for page in pages:
+                if not page:
+                    continue
+                # Each line appended as it is made (an orjson result keeps its whole buffer).
+                blob = bytearray()
+                for entry in page:
+                    blob += render(entry)
+                yield [entry.key for entry in page], blob
 
     async def import_batch(self, ops: list[ImportOp], missing_only: bool) -> ImportTally:
         """Write ``ops`` (distinct keys): each entry's value, partition and absolute expiry,

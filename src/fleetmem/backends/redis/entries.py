@@ -17,7 +17,7 @@ expires), which :func:`entry_meta` turns into an ``EntryMeta``.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -34,12 +34,14 @@ __all__ = [
     "entry_meta",
     "entry_value",
     "entry_values",
+    "export_lines",
     "mark_payload",
     "ms_datetime",
     "parse_entries",
     "parse_entry",
     "partition_name",
     "stored_value",
+    "verbatim_json",
 ]
 
 #: Bytes of the binary header before the partition name.
@@ -180,3 +182,115 @@ def parse_entries(flat: list[Any], start: int) -> list[Entry]:
             )
         )
     return out
+
+
+# An export's lines straight from the scan script's replies (``RedisKV.export_lines``).
+
+#: An export line (``fleetmem.portability``'s format), its fields in ``_entry_line``'s order.
+_EXPORT_LINE = (
+    b'{"key":%b,"value":%b,"partition":%b,"version":%d,'
+    b'"created_at":%b,"updated_at":%b,"expires_at":%b}\n'
+)
+#: First bytes of a stored JSON written as is: an object, an array, a string, true, false,
+#: null. A bare number may be ``incr``'s (Lua's formatting, ``1e+15``): rendered by orjson.
+_VERBATIM = frozenset(b'{["tfn')
+#: Digits in a row from which a stored JSON may hold a float the codec wrote as a plain
+#: decimal (``10000000000000000.0``: 1e16 or more), which orjson writes otherwise (``1e16``).
+_LONG_RUN = 17
+_DIGITS = b"0123456789"
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_ZEROS = b"0" * _LONG_RUN
+_DEFAULT_PART = orjson.dumps(DEFAULT_PARTITION)
+#: Entries between clearings of the caches of formatted times (their size bound).
+_TIME_CACHE = 65_536
+
+
+def verbatim_json(payload: bytes) -> bool:
+    """Whether the stored JSON ``payload`` (after the header and partition, ``"!"`` marker
+    included) is byte for byte what orjson writes for the value it decodes to -- so an export
+    line may carry it as is.
+
+    Every value is stored as :func:`~fleetmem._codec.encode_value` writes it: orjson's compact
+    JSON, except a value holding an integer beyond 64 bits (``"!"``-marked: 19+ digits in a
+    row) or a float of 1e16 or more (a plain decimal with ``.0``), and ``incr``'s results (a
+    bare number formatted by Lua). Those, and anything holding 17 digits in a row, answer
+    False (a few values orjson would write the same way included: a false answer only costs
+    the slower rendering)."""
+    if not payload or payload[0] not in _VERBATIM:
+        return False
+    return len(payload) - len(payload.translate(None, _DIGITS)) < _LONG_RUN or (
+        payload.translate(_DIGITS_TO_ZERO).find(_ZEROS) < 0
+    )
+
+
+def _second_text(second: int) -> bytes:
+    """``"YYYY-MM-DDTHH:MM:SS.`` of a second since the epoch (UTC, the opening quote)."""
+    moment = _EPOCH + timedelta(seconds=second)
+    return b'"' + moment.isoformat()[:19].encode() + b"."
+
+
+def export_lines(
+    flat: list[Any],
+    start: int,
+    keys: list[str],
+    out: bytearray,
+    render: Callable[[Entry], bytes],
+    times: dict[int, bytes],
+) -> None:
+    """Append to ``keys`` and ``out`` the keys and the export lines of the ``key, entry string,
+    PEXPIRETIME`` triples of a ``scan`` reply from ``flat[start]`` on (what
+    :func:`parse_entries` reads): exactly ``render(parse_entry(...))`` for each entry, without
+    building the ``Entry`` or its datetimes when the stored JSON can be written as is
+    (:func:`verbatim_json`); ``render`` writes the others.
+
+    A time (ms since the epoch) is written as ``_entry_line`` writes its datetime:
+    ``YYYY-MM-DDTHH:MM:SS.mmm000Z``, quoted; ``times`` caches them, by millisecond and by
+    second (negative keys), across the calls of one export."""
+    append = keys.append
+    unpack = _HEADER.unpack_from
+    dumps = orjson.dumps
+    known = times.get
+    parts: dict[bytes, bytes] = {}
+    line = _EXPORT_LINE
+    if len(times) > _TIME_CACHE:
+        times.clear()
+    for i in range(start, len(flat), 3):
+        key = flat[i].decode()
+        append(key)
+        raw = flat[i + 1]
+        plen, v_hi, v_lo, c_hi, c_lo, u_hi, u_lo = unpack(raw)
+        at = 19 + plen
+        payload = raw[at:]
+        if not verbatim_json(payload):
+            out += render(parse_entry(key, raw, flat[i + 2]))
+            continue
+        if plen:
+            name = raw[19:at]
+            part = parts.get(name)
+            if part is None:
+                part = parts[name] = dumps(name.decode())
+        else:
+            part = _DEFAULT_PART
+        c = c_hi << 32 | c_lo
+        created = known(c)
+        if created is None:
+            created = times[c] = _time_text(c, times)
+        u = u_hi << 32 | u_lo
+        updated = created if u == c else known(u)
+        if updated is None:
+            updated = times[u] = _time_text(u, times)
+        ms = flat[i + 2]
+        expires = b"null" if ms < 0 else known(ms)
+        if expires is None:
+            expires = times[ms] = _time_text(ms, times)
+        out += line % (dumps(key), payload, part, v_hi << 32 | v_lo, created, updated, expires)
+
+
+def _time_text(ms: int, times: dict[int, bytes]) -> bytes:
+    """``ms`` as ``"YYYY-MM-DDTHH:MM:SS.mmm000Z"`` (quoted), its second cached in ``times``
+    under ``-1 - second``."""
+    second, milli = divmod(ms, 1000)
+    head = times.get(-1 - second)
+    if head is None:
+        head = times[-1 - second] = _second_text(second)
+    return b'%b%03d000Z"' % (head, milli)
