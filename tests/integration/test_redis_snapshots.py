@@ -162,6 +162,7 @@ async def test_snapshot_keys_sit_in_the_namespace_slot_out_of_sight(
     assert await backend.usage() == (0, 0)
     assert await client.hlen(f"fm:{{{ns}}}:Sh") == 0
     assert await client.zcard(f"fm:{{{ns}}}:Sk") == 0
+    assert await client.exists(f"fm:{{{ns}}}:Su") == 0  # no hash of zeros left behind
 
 
 async def test_pages_read_by_prefix_and_partition_in_key_order(store: RedisStore) -> None:

@@ -40,6 +40,12 @@ local function put_records(argv)
       redis.call('ZADD', KIDX, 0, key)
     end
   end
-  if argv[2] ~= '0' then redis.call('HINCRBY', USE, 'records', argv[2]) end
+  if argv[2] ~= '0' then
+    -- The last record gone: no hash of zeros is left behind.
+    if redis.call('HINCRBY', USE, 'records', argv[2]) == 0 then
+      redis.call('DEL', USE)
+      return
+    end
+  end
   if argv[3] ~= '0' then redis.call('HINCRBY', USE, 'bytes', argv[3]) end
 end
