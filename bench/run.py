@@ -34,7 +34,9 @@ servers:
   creates and drops the schemas bench_changes_base, bench_changes_head and
   bench_changes_control (fleetmem before and after the change feed, each with its own
   tables), clears the namespaces bench-changes-* and disables their feeds, and deletes
-  the Redis stream rawc:{bench}:changes: give it servers you can spare. The changes
+  the Redis stream rawc:{bench}:changes; the snapshots section creates and drops the
+  schema bench_snapshots, and clears the namespaces bench-snap-* and deletes their
+  snapshots: give it servers you can spare. The changes
   section takes fleetmem before the change feed from the checkout's git history (git
   archive, read-only).
 

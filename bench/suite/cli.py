@@ -30,6 +30,7 @@ from .redis import bench_redis
 from .report import chart, format_report, load_report, targets
 from .results import Progress, Report
 from .scaling import bench_scaling
+from .snapshots import bench_snapshots, snapshot_steps
 from .workloads import FULL, QUICK, SMOKE, Bench
 
 
@@ -86,6 +87,7 @@ async def run(args: argparse.Namespace) -> Report:
         + (queue_steps(pg=True, rs=True) if "queues" in only else 0)
         + (change_steps(pg=True, rs=True) if "changes" in only else 0)
         + (portability_steps(pg=True, rs=True) if "portability" in only else 0)
+        + (snapshot_steps(pg=True, rs=True) if "snapshots" in only else 0)
     )
     progress = Progress(steps)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -101,10 +103,12 @@ async def run(args: argparse.Namespace) -> Report:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     need_pg = bool(
         only & {"postgres", "hybrid", "namespaces", "leases", "queues", "changes", "portability"}
+        or "snapshots" in only
     )
     need_redis = bool(
         only
         & {"redis", "hybrid", "namespaces", "sync", "leases", "queues", "changes", "portability"}
+        or "snapshots" in only
     )
     async with _servers(need_pg, need_redis) as (pg, rs):
         if "postgres" in only and pg:
@@ -128,6 +132,8 @@ async def run(args: argparse.Namespace) -> Report:
             await bench_changes(bench, pg, rs)
         if "portability" in only:
             await bench_portability(bench, pg, rs)
+        if "snapshots" in only:
+            await bench_snapshots(bench, pg, rs)
         await bench_scaling(
             bench, pg if "postgres" in only else None, rs if "redis" in only else None
         )
@@ -139,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetmem bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--only",
-        help="comma-separated: postgres,redis,hybrid,leases,queues,changes,portability (the "
-        "sections; the first four by default, queues (about 20 minutes), changes (the change "
-        "feed, about 5 minutes) and portability (export and import, about 10 minutes) only "
-        "when named; leases, queues, changes and portability run on memory and SQLite too), "
+        help="comma-separated: postgres,redis,hybrid,leases,queues,changes,portability,"
+        "snapshots (the sections; the first four by default, queues (about 20 minutes), changes "
+        "(the change feed, about 5 minutes), portability (export and import, about 10 minutes) "
+        "and snapshots (create, restore and the bytes stored) only when named; leases, queues, "
+        "changes, portability and snapshots run on memory and SQLite too), "
         "namespaces, sync (the "
         "namespaces() "
         "and fleetmem.sync workloads alone, which the postgres and redis sections also run)",
