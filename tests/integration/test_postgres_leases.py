@@ -533,6 +533,8 @@ async def test_a_custom_schema_and_table_have_their_own_leases_and_agents(
         "kv_jobs",
         "kv_jobs_awaited",
         "kv_leases",
+        "kv_snapshot_records",
+        "kv_snapshots",
     ]
     rows = await _fetch(dsn, "SELECT owner, token FROM coord.kv_leases")
     assert [tuple(r) for r in rows] == [("custom", 1)]
