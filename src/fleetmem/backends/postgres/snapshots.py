@@ -41,6 +41,7 @@ import asyncpg
 from fleetmem._validate import prefix_upper_bound
 from fleetmem.backends.postgres import migrate
 from fleetmem.backends.postgres.connector import FETCH, FETCHROW, PostgresConnector, statements
+from fleetmem.backends.postgres.kv import KEY_ORDER_PLANS
 from fleetmem.backends.seam import (
     SnapshotBackend,
     SnapshotRow,
@@ -174,6 +175,7 @@ class PostgresSnapshots(SnapshotBackend):
         limit = max(1, min(page_size, _PAGE_ROWS))
         after = ""
         async with connector.transaction(isolation="repeatable_read", readonly=True) as conn:
+            await conn.execute(KEY_ORDER_PLANS)  # pages walk the primary key, as an export's
             seq = await conn.fetchval(self._q["seq"], ns, name)
             if seq is None:
                 raise snapshot_not_found(ns, name)
