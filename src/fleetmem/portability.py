@@ -100,7 +100,7 @@ from fleetmem._validate import (
     validate_key,
     validate_partition,
 )
-from fleetmem.backends.seam import ImportOp, ImportTally, KVBackend
+from fleetmem.backends.seam import ImportOp, ImportTally, KVBackend, rendered_pages
 from fleetmem.errors import (
     FleetmemError,
     InvalidArgumentError,
@@ -314,25 +314,6 @@ def _entry_line(entry: Entry) -> bytes:
         return b'{"key":' + key + b',"value":' + value + b"," + rest[1:]
 
 
-async def _rendered(
-    source: AsyncGenerator[list[Entry], None], render: Callable[[Entry], bytes]
-) -> AsyncGenerator[tuple[list[str], bytearray], None]:
-    """Pages of entries as :meth:`KVBackend.export_lines
-    <fleetmem.backends.seam.KVBackend.export_lines>` gives them: each page's keys and lines
-    (``source`` closed with this iterator)."""
-    async with contextlib.aclosing(source) as pages:
-        async for page in pages:
-            if not page:
-                continue
-            # Each line is appended as soon as it is made: an orjson result keeps its whole
-            # output buffer, and holding a page of them (``b"".join`` makes a list first)
-            # costs ten times as much in page faults.
-            blob = bytearray()
-            for entry in page:
-                blob += render(entry)
-            yield [entry.key for entry in page], blob
-
-
 async def _write_export(
     kv: KVBackend,
     write: Callable[[bytes | bytearray], object],
@@ -353,7 +334,7 @@ async def _write_export(
     if snapshot is not None:
         header["snapshot"] = snapshot
         pages = kv.snapshots().pages(snapshot, prefix, partition, EXPORT_PAGE)
-        source = _rendered(pages, _entry_line)
+        source = rendered_pages(pages, _entry_line)
         consistency = "snapshot"
     else:
         # The backend's own lines where it has a faster way to them (Redis: from the scan
