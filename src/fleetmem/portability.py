@@ -773,7 +773,7 @@ def _check_lines(
                 append((key, payload, partition, moment))
             if count % IMPORT_PAGE == 0:
                 if spool is not None and page:
-                    _spool_page(spool, page)
+                    spool_page(spool, page)
                 page.clear()
                 horizon = datetime.now(_UTC) + _MAX_AHEAD
                 lines.number = number
@@ -784,18 +784,21 @@ def _check_lines(
     if lines.next() is not None:
         raise _Problem("something follows the trailer")
     if spool is not None and page:
-        _spool_page(spool, page)
+        spool_page(spool, page)
     yield count
 
 
-def _spool_page(spool: IO[bytes], page: list[tuple[str, bytes, str, datetime | None]]) -> None:
+def spool_page(spool: IO[bytes], page: list[tuple[str, bytes, str, datetime | None]]) -> None:
+    """Append ``page`` -- (key, compact JSON value, partition, absolute expiry) per entry -- to
+    ``spool``, to be read back in order by :func:`spooled_pages` (the import's spool, and a
+    snapshot's diff and restore)."""
     data = pickle.dumps(page, protocol=pickle.HIGHEST_PROTOCOL)
     spool.write(len(data).to_bytes(8, "little"))
     spool.write(data)
 
 
-def _spooled_pages(spool: IO[bytes]) -> Iterator[list[ImportOp]]:
-    """The pages :func:`_spool_page` wrote (this process's own data, so unpickling is safe)."""
+def spooled_pages(spool: IO[bytes]) -> Iterator[list[ImportOp]]:
+    """The pages :func:`spool_page` wrote (this process's own data, so unpickling is safe)."""
     make = ImportOp._make
     while True:
         size = spool.read(8)
@@ -866,7 +869,7 @@ async def import_entries(
             finally:
                 steps.close()
         spool.seek(0)
-        tally = await _write_pages(kv, _spooled_pages(spool), mode, progress)
+        tally = await _write_pages(kv, spooled_pages(spool), mode, progress)
     return ImportReport(tally.written, tally.expired, tally.existing)
 
 

@@ -31,7 +31,7 @@ from fleetmem.backends.seam import (
     SnapshotRow,
     snapshot_not_found,
 )
-from fleetmem.portability import _spool_page, _spooled_pages, same_json
+from fleetmem.portability import same_json, spool_page, spooled_pages
 from fleetmem.protocol import Snapshot, SnapshotDiff
 
 __all__ = ["MAX_SNAPSHOT_NAME_BYTES", "Snapshots", "check_snapshot_name"]
@@ -61,7 +61,7 @@ async def _spool_snapshot(snaps: SnapshotBackend, name: str, spool: IO[bytes]) -
     JSON value, partition, absolute expiry), ascending by key."""
     async with contextlib.aclosing(snaps.pages(name, "", None, _PAGE)) as pages:
         async for page in pages:
-            _spool_page(
+            spool_page(
                 spool,
                 [
                     (e.key, encode_value(e.value, _UNBOUNDED), e.partition, e.expires_at)
@@ -71,7 +71,7 @@ async def _spool_snapshot(snaps: SnapshotBackend, name: str, spool: IO[bytes]) -
 
 
 def _spooled_ops(spool: IO[bytes]) -> Iterator[ImportOp]:
-    for page in _spooled_pages(spool):
+    for page in spooled_pages(spool):
         yield from page
 
 
@@ -219,7 +219,7 @@ class Snapshots:
             spool.seek(0)
 
             async def ops() -> AsyncGenerator[list[ImportOp], None]:
-                for page in _spooled_pages(spool):
+                for page in spooled_pages(spool):
                     yield page
 
             async with contextlib.aclosing(ops()) as stream:
