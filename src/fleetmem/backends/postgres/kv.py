@@ -18,6 +18,7 @@ Connections, retries, timeouts, error translation and migrations belong to the c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
@@ -67,7 +68,7 @@ from fleetmem.errors import (
 )
 from fleetmem.protocol import Entry, StoreStats
 
-__all__ = ["PostgresKV", "init_connection"]
+__all__ = ["KEY_ORDER_PLANS", "PostgresKV", "init_connection", "key_pages"]
 
 #: Set at the start of a transaction that reads keyset pages (an export, a snapshot): the
 #: planner may then only walk the primary key, in key order. asyncpg prepares each page's
@@ -123,6 +124,30 @@ _NAMESPACE_PARAM_RE = re.compile(r"\$1(?!\d)")
 #: Where the write of a statement begins: before it, only the feed lookup (``f``) reads.
 _WRITE_RE = re.compile(r"\b(?:INSERT INTO|UPDATE|DELETE FROM)\b")
 _WHERE_NAMESPACE = "WHERE namespace = "
+
+
+async def key_pages(
+    connector: PostgresConnector,
+    conn: Any,
+    query: str,
+    head: tuple[Any, ...],
+    limit: int,
+    tail: tuple[Any, ...],
+) -> AsyncGenerator[list[Entry], None]:
+    """Keyset pages of ``query`` on ``conn`` (inside ``connector.transaction``): each run as
+    ``query(*head, after, limit, *tail)`` from the previous page's last key ('' first) until
+    a page comes back short; the statement's columns are Entry's fields, in order. The
+    connection waits for the caller between pages without a command_timeout clock."""
+    after = ""
+    while True:
+        connector.arm_command_timeout(conn)
+        rows = await conn.fetch(query, *head, after, limit, *tail)
+        connector.disarm_command_timeout(conn)
+        if rows:
+            yield [Entry(*row) for row in rows]
+        if len(rows) < limit:
+            return
+        after = rows[-1][0]
 
 
 def fenced_statement(sql: str, fence_function: str) -> str:
@@ -441,19 +466,12 @@ class PostgresKV(KVBackend):
         else:
             query, extra = self._q["export_page_partition"], (partition,)
         limit = min(page_size, _EXPORT_ROWS)
-        after = ""
         async with connector.transaction(isolation="repeatable_read", readonly=True) as conn:
             await conn.execute(KEY_ORDER_PLANS)
-            while True:
-                connector.arm_command_timeout(conn)
-                rows = await conn.fetch(query, ns, prefix, upper, after, limit, *extra)
-                connector.disarm_command_timeout(conn)
-                if rows:
-                    # The statement's columns are Entry's fields, in order.
-                    yield [Entry(*row) for row in rows]
-                if len(rows) < limit:
-                    break
-                after = rows[-1][0]
+            pages = key_pages(connector, conn, query, (ns, prefix, upper), limit, extra)
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    yield page
             connector.arm_command_timeout(conn)  # the COMMIT that ends the snapshot
 
     @staticmethod

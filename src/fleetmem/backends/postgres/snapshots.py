@@ -31,6 +31,7 @@ count, up to ``jsonb``'s normal form (object keys sorted and deduplicated, numbe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import AsyncGenerator
 from datetime import timezone
@@ -41,7 +42,7 @@ import asyncpg
 from fleetmem._validate import prefix_upper_bound
 from fleetmem.backends.postgres import migrate
 from fleetmem.backends.postgres.connector import FETCH, FETCHROW, PostgresConnector, statements
-from fleetmem.backends.postgres.kv import KEY_ORDER_PLANS
+from fleetmem.backends.postgres.kv import KEY_ORDER_PLANS, key_pages
 from fleetmem.backends.seam import (
     SnapshotBackend,
     SnapshotRow,
@@ -173,22 +174,15 @@ class PostgresSnapshots(SnapshotBackend):
         else:
             query, extra = self._q["page_partition"], (partition,)
         limit = max(1, min(page_size, _PAGE_ROWS))
-        after = ""
         async with connector.transaction(isolation="repeatable_read", readonly=True) as conn:
             await conn.execute(KEY_ORDER_PLANS)  # pages walk the primary key, as an export's
             seq = await conn.fetchval(self._q["seq"], ns, name)
             if seq is None:
                 raise snapshot_not_found(ns, name)
-            while True:
-                connector.arm_command_timeout(conn)
-                rows = await conn.fetch(query, ns, prefix, upper, after, limit, seq, *extra)
-                connector.disarm_command_timeout(conn)
-                if rows:
-                    # The statement's columns are Entry's fields, in order.
-                    yield [Entry(*row) for row in rows]
-                if len(rows) < limit:
-                    break
-                after = rows[-1][0]
+            pages = key_pages(connector, conn, query, (ns, prefix, upper), limit, (seq, *extra))
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    yield page
             connector.arm_command_timeout(conn)  # the COMMIT that ends the snapshot
 
     async def usage(self) -> tuple[int, int]:
