@@ -20,6 +20,7 @@ import reprlib
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from typing import ClassVar, Protocol
 
 from fleetmem._validate import GlobPattern, compile_glob, validate_optional_partition
 from fleetmem.backends.seam import ChangeBackend, ChangeEvent, decode_cursor
@@ -123,6 +124,12 @@ def _filter(pattern: object, partition: object) -> _Filter:
     return _Filter(glob, validate_optional_partition(partition))
 
 
+class WatchObserver(Protocol):
+    """What :attr:`Changes._watch_observer` is told."""
+
+    def delivered(self, feed: Changes, change: Change) -> None: ...
+
+
 class Changes:
     """The change feed of one namespace: ``store.changes``.
 
@@ -132,6 +139,10 @@ class Changes:
     """
 
     __slots__ = ("_backend", "_check_open", "_closed")
+
+    #: Told of each change :meth:`watch` delivers (``fleetmem.observability`` sets it on an
+    #: instrumented store's feed to measure the watchers' lag); None costs one test.
+    _watch_observer: ClassVar[WatchObserver | None] = None
 
     def __init__(
         self,
@@ -281,6 +292,9 @@ class Changes:
                 for event in page.events:
                     position = (page.epoch, event.pos)
                     if flt.passes(event):
-                        yield self._change(page.epoch, event)
+                        change = self._change(page.epoch, event)
+                        if self._watch_observer is not None:
+                            self._watch_observer.delivered(self, change)
+                        yield change
                 if page.events:
                     position = (page.epoch, page.last)

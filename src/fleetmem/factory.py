@@ -118,6 +118,7 @@ async def _open(
                 # FLEETMEM_CACHE_TTL applies to a hybrid FLEETMEM_URL too; the URL's own wins.
                 options.setdefault("cache_ttl", cfg.cache_ttl)
     ns = namespace if namespace is not None else "default"
+    metrics = options.pop("metrics", False)
     if hybrid is not None:
         if not (isinstance(hybrid, tuple) and len(hybrid) == 2):
             raise ConfigurationError("hybrid must be a (postgres_url, redis_url) tuple")
@@ -132,6 +133,12 @@ async def _open(
         except TypeError as exc:
             raise ConfigurationError(f"invalid option for {cls.__name__}: {exc}") from None
     try:
+        if metrics:
+            # Imported here: the metrics extra is optional, and ``import fleetmem`` loads
+            # neither prometheus_client nor opentelemetry.
+            from fleetmem.observability import instrument
+
+            instrument(store)
         await store.connect()
     except BaseException:
         await store.close()
@@ -181,8 +188,11 @@ def open_store(
     opens the embedded default, ``sqlite:///./fleetmem.db``: a file in the current working
     directory. ``hybrid=(postgres_url, redis_url)`` is the other way to open a
     :class:`~fleetmem.HybridStore`. ``options`` go to the backend's constructor (and win over
-    the URL's parameters); every backend takes ``max_value_bytes``. An unknown scheme or
-    option, or a hybrid URL without a Redis ``cache=``, raises :class:`ConfigurationError`; a
-    missing driver raises :class:`MissingDependencyError` naming the extra to install.
+    the URL's parameters); every backend takes ``max_value_bytes``. ``metrics=True``
+    instruments the store (:func:`fleetmem.observability.instrument` with its defaults:
+    Prometheus's default registry, the global OpenTelemetry providers; see
+    ``docs/observability.md``). An unknown scheme or option, or a hybrid URL without a Redis
+    ``cache=``, raises :class:`ConfigurationError`; a missing driver raises
+    :class:`MissingDependencyError` naming the extra to install.
     """
     return _OpenStore((url, namespace, hybrid, settings, dict(options)))

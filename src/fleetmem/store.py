@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, BinaryIO, ClassVar, Generic, TypeVar
@@ -108,12 +109,16 @@ def _op_key(op: SetOp) -> str:
 
 
 class _Shared:
-    """State shared by a store and its ``with_namespace`` views."""
+    """State shared by a store and its ``with_namespace`` views.
 
-    __slots__ = ("closed",)
+    ``views`` holds the live views weakly, so that ``fleetmem.observability.instrument`` can
+    reach the views made before it was called."""
+
+    __slots__ = ("closed", "views")
 
     def __init__(self) -> None:
         self.closed = False
+        self.views: weakref.WeakSet[Store[Any]] = weakref.WeakSet()
 
 
 class Store(Generic[_K]):
@@ -227,6 +232,7 @@ class Store(Generic[_K]):
         view._queues = None
         view._changes = None
         view._snapshots = None
+        self._shared.views.add(view)
         return view
 
     # ---------------------------------------------------------------- coordination
