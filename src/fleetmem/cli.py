@@ -1216,6 +1216,55 @@ _BENCH_HINT = (
 )
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP service until SIGTERM/SIGINT."""
+    from fleetmem.service.context import ServiceSettings
+
+    try:
+        from fleetmem.service.server import serve
+    except ImportError as exc:
+        from fleetmem.errors import MissingDependencyError
+
+        raise MissingDependencyError(exc.name or "litestar", "service") from None
+    serve(
+        _store_url(args),
+        namespace=_namespace(args),
+        host=args.host,
+        port=args.port,
+        tokens=args.tokens,
+        workers=args.workers,
+        settings=ServiceSettings(
+            request_timeout=args.request_timeout,
+            max_in_flight=args.max_in_flight,
+            max_body_bytes=args.max_body_bytes,
+            max_import_bytes=args.max_import_bytes,
+        ),
+        metrics=not args.no_metrics,
+        access_log=args.access_log,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+    )
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    """``token new``: a fresh token on stdout's first line, its digest into the file."""
+    from fleetmem.service.auth import append_entry, entry_text, make_entry, new_token
+
+    token = new_token()
+    globs = [g.strip() for g in args.namespaces.split(",") if g.strip()]
+    entry = make_entry(token, globs, args.scope, args.name)
+    if args.file is not None:
+        append_entry(args.file, entry)
+    print(token)
+    if args.file is None:
+        print(entry_text(entry), end="")
+    else:
+        _say(f"added the token's SHA-256 to {args.file}; the token is shown only now")
+    return 0
+
+
 def _bench_dir() -> Path:
     """The ``bench/`` directory of the source checkout this package runs from (an editable
     install: ``<checkout>/src/fleetmem/cli.py``); a wheel's site-packages has none."""
@@ -1598,6 +1647,77 @@ def _parser() -> argparse.ArgumentParser:
         help="operating-system processes the agents are spread over, all on the same store "
         "(default: 1; memory:// and in-memory SQLite live in one process only)",
     )
+    p = command(
+        "serve",
+        "run the HTTP service (the 'service' extra): the whole store contract as JSON over "
+        "HTTP, with tokens, /metrics and /docs; see docs/service.md",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    p.add_argument(
+        "--tokens",
+        default=os.environ.get("FLEETMEM_TOKENS"),
+        metavar="FILE",
+        help="the tokens file (TOML or JSON; default: $FLEETMEM_TOKENS). Without one the "
+        "server answers everyone and listens on loopback only",
+    )
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time limit of a request, streams excepted (default: 30)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="requests served at once before answering 503 + Retry-After (default: 1024)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        metavar="N",
+        help="largest batch or queue body (default: 16 MiB)",
+    )
+    p.add_argument(
+        "--max-import-bytes",
+        type=int,
+        default=1024 * 1024 * 1024,
+        metavar="N",
+        help="largest import body (default: 1 GiB)",
+    )
+    p.add_argument("--no-metrics", action="store_true", help="no /metrics, no instrumentation")
+    p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
+    p.add_argument("--ssl-certfile", default=None, metavar="FILE", help="serve HTTPS with it")
+    p.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="the certificate's key")
+    p.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="IPS",
+        help="behind a reverse proxy: trust X-Forwarded-* from these addresses",
+    )
+    p = command("token", "manage the service's tokens file")
+    token_sub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    q = token_sub.add_parser(
+        "new",
+        help="print a new token (alone on the first line) and add its SHA-256 to the file",
+        description="print a new token, alone on the first line of stdout (it is shown once: "
+        "the file keeps only its SHA-256), and append its entry to --file (created if "
+        "needed); without --file, print the entry to add after the token",
+    )
+    q.add_argument(
+        "--namespaces",
+        required=True,
+        metavar="GLOB[,GLOB...]",
+        help="namespaces the token may use; * and ? match whole names ('fleet-*')",
+    )
+    q.add_argument("--scope", required=True, choices=("read", "write", "admin"))
+    q.add_argument("--file", default=None, help="the tokens file to append to")
+    q.add_argument("--name", default="", help="a label for people (kept in the file)")
     sub.add_parser(
         "bench",
         help="benchmarks against the raw drivers, from a source checkout "
@@ -1728,6 +1848,10 @@ def _run(argv: list[str]) -> int:
             setattr(args, name, None)
     if args.command == "db":
         return _cmd_db(args, _Output(as_json=args.fmt == "json"))
+    if args.command == "serve":
+        return _cmd_serve(args)
+    if args.command == "token":
+        return _cmd_token(args)
     # The demo prints its readable summary unless --json; other commands print JSON when piped.
     piped = not sys.stdout.isatty() and args.command != "demo"
     out = _Output(as_json=args.fmt == "json" or (args.fmt is None and piped))
