@@ -370,3 +370,80 @@ def test_cli_serve_refuses_public_address_without_tokens(tmp_path: Path) -> None
     done = _cli("--url", "memory://", "serve", "--host", "0.0.0.0", "--port", "1", cwd=tmp_path)
     assert done.returncode == 2
     assert "without a tokens file" in done.stderr
+
+
+_SCRIPT: list[tuple[str, str, dict[str, str], bytes]] = [
+    ("GET", "/v1/ns/team-a/kv/missing", {}, b""),
+    ("PUT", "/v1/ns/team-a/kv/a%2Fb/c", {}, b'{"value": {"n": 123456789012345678901234567890}}'),
+    ("GET", "/v1/ns/team-a/kv/a/b/c", {}, b""),
+    ("PUT", "/v1/ns/team-a/kv/a/b/c", {"If-Match": '"7"'}, b'{"value": 2}'),
+    ("PUT", "/v1/ns/team-a/kv/a/b/c", {"If-Match": '"1"'}, b'{"value": 2, "ttl": 60}'),
+    ("PUT", "/v1/ns/team-a/kv/a/b/c", {"If-None-Match": "*"}, b'{"value": 3}'),
+    ("PUT", "/v1/ns/team-a/kv/x", {}, b'{"value": 1, "ttl": -1}'),
+    ("PUT", "/v1/ns/team-a/kv/x", {}, b"{nope"),
+    ("PUT", "/v1/ns/team-a/kv/x", {}, b'{"value": 1, "extra": 1}'),
+    ("PUT", "/v1/ns/team-a/kv/x", {"Fleetmem-Fence": "nolease; token=3"}, b'{"value": 1}'),
+    ("PUT", "/v1/ns/team-a/kv/x", {"Fleetmem-Fence": "garbage"}, b'{"value": 1}'),
+    ("PUT", "/v1/ns/kv/kv/kv", {}, b'{"value": "ns kv"}'),  # a namespace called kv
+    ("GET", "/v1/ns/kv/kv/kv", {}, b""),
+    ("GET", "/v1/ns/team-a/kv/%FF", {}, b""),
+    ("GET", "/v1/ns/other/kv/x", {}, b""),
+    ("GET", "/v1/ns/bad%20ns/kv/x", {}, b""),
+    ("GET", "/v1/ns/team-a/kv/x", {"Authorization": "Bearer wrong"}, b""),
+    ("GET", "/v1/ns/team-a/kv/x", {"Authorization": ""}, b""),
+]
+
+
+def _comparable(r: httpx.Response) -> tuple[Any, ...]:
+    body: Any = r.json()
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k not in ("created_at", "updated_at")}
+        if "expires_at" in body:
+            body["expires_at"] = body["expires_at"] is not None
+    headers = {k: r.headers.get(k) for k in ("content-type", "etag", "www-authenticate")}
+    return r.status_code, body, headers
+
+
+async def test_fast_path_answers_exactly_as_the_framework_routes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GET and PUT of one entry skip the framework; every answer must be the routes' own."""
+    import fleetmem.service.app as app_module
+
+    answered = 0
+    real = app_module.fast_kv  # type: ignore[attr-defined]
+
+    async def counting(*args: Any) -> bool:
+        nonlocal answered
+        done = await real(*args)
+        answered += done
+        return done
+
+    monkeypatch.setattr(app_module, "fast_kv", counting)
+    token = new_token()
+    table = TokenTable([make_entry(token, ["team-*", "kv"], "write")])
+    answers: list[list[tuple[Any, ...]]] = []
+    for fast in (True, False):
+        async with serving(tokens=table) as client:
+            _state(client).fast_path = fast
+            got = []
+            for method, path, headers, body in _SCRIPT:
+                sent = {"Authorization": f"Bearer {token}", **headers}
+                if sent["Authorization"] == "":
+                    del sent["Authorization"]
+                r = await client.request(method, path, headers=sent, content=body)
+                got.append(_comparable(r))
+            answers.append(got)
+        if fast:
+            # every request but the one with a percent-encoded namespace took the fast path
+            assert answered == len(_SCRIPT) - 1
+    assert answered == len(_SCRIPT) - 1  # and none with it off
+    for (method, path, _, _), fast, routed in zip(_SCRIPT, *answers, strict=True):
+        assert fast[0] == routed[0], (method, path, fast, routed)
+        if fast[0] < 400:
+            assert fast == routed, (method, path)
+        else:  # same problem type and fields; the wording of a 400 may differ
+            assert fast[1]["type"] == routed[1]["type"], (method, path, fast, routed)
+            assert fast[2] == routed[2]
+    statuses = [a[0] for a in answers[0]]
+    assert statuses[:3] == [404, 201, 200] and statuses[11:13] == [201, 200]

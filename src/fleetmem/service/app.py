@@ -40,7 +40,8 @@ from fleetmem.service.context import (
     ServiceState,
     state_of,
 )
-from fleetmem.service.problems import PROBLEM_JSON, Problem, problem_for
+from fleetmem.service.kv import fast_kv
+from fleetmem.service.problems import PROBLEM_JSON, Problem, problem_for, send_problem
 from fleetmem.store import Store
 
 if sys.version_info >= (3, 11):
@@ -303,17 +304,6 @@ class _BodyTooLarge(Problem):
         super().__init__(413, "body-too-large", f"the request body is larger than {cap} bytes")
 
 
-async def _send_problem(send: Send, problem: Problem) -> None:
-    body = msgspec.json.encode(problem.body())
-    headers = [
-        (b"content-type", PROBLEM_JSON.encode()),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    headers += [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()]
-    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 def _limits(app: ASGIApp, state: ServiceState) -> ASGIApp:
     settings = state.settings
 
@@ -327,7 +317,7 @@ def _limits(app: ASGIApp, state: ServiceState) -> ASGIApp:
         store = state._store
         cap = _cap(method, path, settings, store.max_value_bytes if store is not None else 0)
         if counted and state.in_flight >= settings.max_in_flight:
-            await _send_problem(
+            await send_problem(
                 send,
                 Problem(
                     503,
@@ -340,7 +330,7 @@ def _limits(app: ASGIApp, state: ServiceState) -> ASGIApp:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > cap:
-                    await _send_problem(
+                    await send_problem(
                         send,
                         Problem(
                             413 if value.isdigit() else 400,
@@ -377,17 +367,21 @@ def _limits(app: ASGIApp, state: ServiceState) -> ASGIApp:
                 await app(scope, counting_receive, tracking_send)
             else:
                 async with _timeout(timeout):
-                    await app(scope, counting_receive, tracking_send)
+                    if not (
+                        state.fast_path
+                        and await fast_kv(state, scope, counting_receive, tracking_send)
+                    ):
+                        await app(scope, counting_receive, tracking_send)
         except _BodyTooLarge as exc:
             if not started:
-                await _send_problem(send, exc)
+                await send_problem(send, exc)
         except TimeoutError:
             if not started:
                 detail = "the request timed out"
                 fields = {} if method in ("GET", "HEAD") else {"outcome": "unknown"}
                 if fields:
                     detail += "; the write may or may not have been applied"
-                await _send_problem(
+                await send_problem(
                     send,
                     Problem(
                         503,
@@ -397,6 +391,10 @@ def _limits(app: ASGIApp, state: ServiceState) -> ASGIApp:
                         **fields,
                     ),
                 )
+        except Exception as exc:  # a bug: a bare 500, the type name in the log, no trace
+            log.error("internal error in %s: %s", method, type(exc).__name__)
+            if not started:
+                await send_problem(send, Problem(500, "internal-error", "internal error"))
         finally:
             if counted:
                 state.in_flight -= 1

@@ -43,6 +43,7 @@ __all__ = [
 MAX_WAIT_SECONDS = 60.0
 _VIEW_CACHE = 4096
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_PREFIX = b"/v1/ns/"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ class ServiceState:
         self.in_flight = 0
         self.shutting_down = asyncio.Event()
         self.instrumentation: Any = None
+        # Single-entry GET and PUT answered without the framework (kv.fast_kv); the framework's
+        # routes answer the same (tests compare the two with this off).
+        self.fast_path = True
 
     @property
     def store(self) -> Store[Any]:
@@ -131,10 +135,13 @@ class ServiceState:
         return found
 
     def authenticate(self, request: Request[Any, Any, Any]) -> Principal:
+        return self.principal(request.headers.get("authorization"))
+
+    def principal(self, header: str | None) -> Principal:
+        """The principal of an ``Authorization`` header's value; ``401`` without a valid one."""
         tokens = self.tokens
         if tokens is None:
             return OPEN_ACCESS
-        header = request.headers.get("authorization")
         if header is None:
             raise Problem(
                 401,
@@ -152,6 +159,13 @@ class ServiceState:
                 headers={"WWW-Authenticate": 'Bearer realm="fleetmem", error="invalid_token"'},
             )
         return principal
+
+    def allowed(self, principal: Principal, namespace: str, scope: Scope) -> Store[Any]:
+        """The store view of ``namespace`` if ``principal`` may use it at ``scope``, else
+        ``403`` (the same answer whether the namespace exists, or is a valid name, or not)."""
+        if not principal.allows(namespace, scope):
+            raise Problem(403, "forbidden", f"this token may not {_VERBS[scope]} that namespace")
+        return self.view(namespace)
 
     @contextlib.asynccontextmanager
     async def hold(self, principal: Principal, kind: str) -> AsyncIterator[None]:
@@ -206,14 +220,7 @@ def access(request: Request[Any, Any, Any], namespace: str, scope: Scope) -> Sto
     not (and whether it is a valid name or not: the answer does not depend on the store); a
     token whose globs allow the namespace but whose scope is too low is ``403`` too."""
     state: ServiceState = request.app.state["fleetmem"]
-    principal = state.authenticate(request)
-    if not principal.allows(namespace, scope):
-        raise Problem(
-            403,
-            "forbidden",
-            f"this token may not {_VERBS[scope]} that namespace",
-        )
-    return state.view(namespace)
+    return state.allowed(state.authenticate(request), namespace, scope)
 
 
 def principal_of(request: Request[Any, Any, Any]) -> Principal:
@@ -228,9 +235,16 @@ def path_rest(request: Request[Any, Any, Any], marker: str) -> str:
     once as UTF-8. Working from the raw path means a key is exactly what the client encoded:
     ``%2F`` is a ``/`` inside the key, ``..`` and ``//`` are kept, nothing is normalised."""
     raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode("utf-8")
-    at = raw.find(marker.encode("ascii"))
+    return raw_rest(raw, marker)
+
+
+def raw_rest(raw: bytes, marker: str) -> str:
+    """:func:`path_rest` of a raw ``/v1/ns/{namespace}/…`` path: the marker is looked for after
+    the namespace segment (a namespace may itself be called ``kv`` or ``leases``)."""
+    start = raw.find(b"/", len(_PREFIX)) if raw.startswith(_PREFIX) else 0
+    at = raw.find(marker.encode("ascii"), max(start, 0))
     if at < 0:  # pragma: no cover - the router matched the marker
-        raise InvalidKeyError("the path holds no key")
+        raise InvalidKeyError("the path holds no name")
     rest = raw[at + len(marker) :]
     try:
         return unquote_to_bytes(rest).decode("utf-8")
@@ -239,11 +253,15 @@ def path_rest(request: Request[Any, Any, Any], marker: str) -> str:
 
 
 def fence_header(request: Request[Any, Any, Any], namespace: str) -> Lease | None:
+    """:func:`parse_fence` of the request's ``Fleetmem-Fence`` header."""
+    return parse_fence(request.headers.get("fleetmem-fence"), namespace)
+
+
+def parse_fence(header: str | None, namespace: str) -> Lease | None:
     """The lease named by a ``Fleetmem-Fence: <name>; token=<n>`` header, or ``None``.
 
     The lease name is percent-decoded (so any lease name can be written); only the name and
     the token count: the write succeeds only while that token is the lease's current one."""
-    header = request.headers.get("fleetmem-fence")
     if header is None:
         return None
     name, sep, params = header.partition(";")

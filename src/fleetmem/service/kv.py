@@ -13,6 +13,7 @@ current version); a weak ETag (``W/"3"``) is read as ``"3"``.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -28,10 +29,24 @@ from litestar.params import (
     QueryParameter,
 )
 
-from fleetmem.errors import InvalidArgumentError, KeyNotFoundError, VersionConflictError
-from fleetmem.protocol import Entry
+from fleetmem.errors import (
+    FleetmemError,
+    InvalidArgumentError,
+    KeyNotFoundError,
+    VersionConflictError,
+)
+from fleetmem.protocol import Entry, Lease
 from fleetmem.service.auth import Scope
-from fleetmem.service.context import access, fence_header, path_rest
+from fleetmem.service.context import (
+    ServiceState,
+    access,
+    fence_header,
+    parse_fence,
+    path_rest,
+    raw_rest,
+)
+from fleetmem.service.problems import Problem, problem_for, send_problem
+from fleetmem.store import Store
 
 __all__ = ["ROUTES", "EntryOut"]
 
@@ -163,6 +178,139 @@ def _key(request: Request[Any, Any, Any], suffix: str = "") -> str:
 _KEY_DOC = "the key: the rest of the path, percent-decoded once"
 
 
+async def read_entry(store: Store[Any], name: str) -> Entry:
+    entry = await store.get_entry(name)
+    if entry is None:
+        raise KeyNotFoundError(f"no entry {name!r}")
+    return entry
+
+
+async def write_entry(
+    store: Store[Any],
+    name: str,
+    data: PutIn,
+    if_match: str | None,
+    if_none_match: str | None,
+    fence: Lease | None,
+) -> Entry:
+    """``PUT kv/{key}``: a ``set``, or with ``If-Match``/``If-None-Match`` a
+    ``compare_and_set``."""
+    expected: int | None = None
+    exists_only = False
+    if if_none_match is not None:
+        if if_none_match.strip() != "*":
+            raise InvalidArgumentError("If-None-Match takes only * (create only)")
+        expected = 0
+    if if_match is not None:
+        if expected is not None:
+            raise InvalidArgumentError("send If-Match or If-None-Match, not both")
+        expected = _version_of(if_match, "If-Match")
+        exists_only = expected is None
+    if exists_only:
+        current = await store.get_entry(name)
+        if current is None:
+            raise VersionConflictError(name, 0, 0)
+        expected = current.version
+    if expected is None:
+        return await store.set(
+            name,
+            data.value,
+            ttl=data.ttl,
+            partition=data.partition,
+            keep_ttl=data.keep_ttl,
+            fence=fence,
+        )
+    if data.keep_ttl:
+        raise InvalidArgumentError("keep_ttl cannot be combined with If-Match")
+    return await store.compare_and_set(
+        name, data.value, version=expected, ttl=data.ttl, partition=data.partition, fence=fence
+    )
+
+
+# ------------------------------------------------------------------ the fast path
+
+_JSON = b"application/json"
+_PUT_DECODER = msgspec.json.Decoder(PutIn)
+_ENCODER = msgspec.json.Encoder()
+
+
+async def fast_kv(
+    state: ServiceState,
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+) -> bool:
+    """Answer ``GET`` and ``PUT kv/{key}`` without the framework, or return ``False`` to let
+    the framework's routes (:func:`get_entry`, :func:`put_entry`, which document these in the
+    OpenAPI) answer. Same checks, same statuses, same bodies and headers: the framework costs
+    about as much CPU per request as everything else together, and these two are most of a
+    fleet's traffic (``docs/benchmarks.md#service``)."""
+    method = scope["method"]
+    if (method != "GET" and method != "PUT") or scope.get("query_string"):
+        return False
+    raw: bytes | None = scope.get("raw_path")
+    if raw is None or not raw.startswith(b"/v1/ns/"):
+        return False
+    end = raw.find(b"/", 7)
+    if end < 0 or raw[end : end + 4] != b"/kv/" or len(raw) == end + 4 or b"%" in raw[7:end]:
+        return False
+    namespace = raw[7:end].decode("latin-1")
+    authorization = if_match = if_none_match = fence_text = None
+    for header, value in scope["headers"]:
+        if header == b"authorization":
+            authorization = value.decode("latin-1")
+        elif header == b"if-match":
+            if_match = value.decode("latin-1")
+        elif header == b"if-none-match":
+            if_none_match = value.decode("latin-1")
+        elif header == b"fleetmem-fence":
+            fence_text = value.decode("latin-1")
+    try:
+        principal = state.principal(authorization)
+        if method == "GET":
+            store = state.allowed(principal, namespace, Scope.READ)
+            entry = await read_entry(store, raw_rest(raw, "/kv/"))
+            status = 200
+        else:
+            store = state.allowed(principal, namespace, Scope.WRITE)
+            name = raw_rest(raw, "/kv/")
+            chunks = []
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return True  # the client went away
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            try:
+                data = _PUT_DECODER.decode(b"".join(chunks))
+            except msgspec.DecodeError as exc:  # also a ValidationError
+                raise Problem(400, "invalid-argument", f"body: {exc}"[:500]) from None
+            fence = parse_fence(fence_text, store.namespace)
+            entry = await write_entry(store, name, data, if_match, if_none_match, fence)
+            status = 201 if entry.version == 1 else 200
+    except Problem as problem:
+        await send_problem(send, problem)
+        return True
+    except FleetmemError as exc:
+        await send_problem(send, problem_for(exc))
+        return True
+    body = _ENCODER.encode(_out(entry))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", _JSON),
+                (b"content-length", str(len(body)).encode()),
+                (b"etag", b'"%d"' % entry.version),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+    return True
+
+
 @get(f"{_NS}/kv/{{key:path}}", tags=_TAGS, summary="Read an entry")
 async def get_entry(
     request: Request[Any, Any, Any],
@@ -171,11 +319,7 @@ async def get_entry(
 ) -> Response[EntryOut]:
     """The entry (value and metadata); ``404`` if missing or expired."""
     store = access(request, namespace, Scope.READ)
-    name = _key(request)
-    entry = await store.get_entry(name)
-    if entry is None:
-        raise KeyNotFoundError(f"no entry {name!r}")
-    return _entry_response(entry)
+    return _entry_response(await read_entry(store, _key(request)))
 
 
 @put(
@@ -205,37 +349,7 @@ async def put_entry(
     store = access(request, namespace, Scope.WRITE)
     name = _key(request)
     fence = fence_header(request, store.namespace)
-    expected: int | None = None
-    exists_only = False
-    if if_none_match is not None:
-        if if_none_match.strip() != "*":
-            raise InvalidArgumentError("If-None-Match takes only * (create only)")
-        expected = 0
-    if if_match is not None:
-        if expected is not None:
-            raise InvalidArgumentError("send If-Match or If-None-Match, not both")
-        expected = _version_of(if_match, "If-Match")
-        exists_only = expected is None
-    if exists_only:
-        current = await store.get_entry(name)
-        if current is None:
-            raise VersionConflictError(name, 0, 0)
-        expected = current.version
-    if expected is None:
-        entry = await store.set(
-            name,
-            data.value,
-            ttl=data.ttl,
-            partition=data.partition,
-            keep_ttl=data.keep_ttl,
-            fence=fence,
-        )
-    else:
-        if data.keep_ttl:
-            raise InvalidArgumentError("keep_ttl cannot be combined with If-Match")
-        entry = await store.compare_and_set(
-            name, data.value, version=expected, ttl=data.ttl, partition=data.partition, fence=fence
-        )
+    entry = await write_entry(store, name, data, if_match, if_none_match, fence)
     return _entry_response(entry, 201 if entry.version == 1 else 200)
 
 

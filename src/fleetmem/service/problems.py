@@ -16,7 +16,10 @@ streams is ``429`` with ``Retry-After``; load shed by the whole server is ``503`
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+import msgspec
 
 from fleetmem.errors import (
     AgentGoneError,
@@ -43,7 +46,7 @@ from fleetmem.errors import (
     VersionConflictError,
 )
 
-__all__ = ["PROBLEM_JSON", "Problem", "problem_for", "status_for"]
+__all__ = ["PROBLEM_JSON", "Problem", "problem_for", "send_problem", "status_for"]
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 1
@@ -154,3 +157,17 @@ def problem_for(exc: FleetmemError) -> Problem:
     elif status == 500:
         detail = "internal error"
     return Problem(status, _kebab(type(exc).__name__), detail, headers=headers, **fields)
+
+
+async def send_problem(
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]], problem: Problem
+) -> None:
+    """Answer ``problem`` on a raw ASGI ``send`` (the limits layer and the fast path)."""
+    body = msgspec.json.encode(problem.body())
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers += [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()]
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
