@@ -110,8 +110,37 @@ def serve(
         "ssl_certfile": ssl_certfile,
         "ssl_keyfile": ssl_keyfile,
         "server_header": False,
+        "proxy_headers": False,
     }
     if forwarded_allow_ips is not None:
         options["proxy_headers"] = True
         options["forwarded_allow_ips"] = forwarded_allow_ips
-    uvicorn.run("fleetmem.service.server:app_from_environment", **options)
+    config = uvicorn.Config("fleetmem.service.server:app_from_environment", **options)
+    if config.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    server = _server_class()(config)
+    server.run()
+    if not server.started:
+        raise ConfigurationError("the service did not start (its log above says why)")
+
+
+def _server_class() -> type[Any]:
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):  # type: ignore[misc,unused-ignore]
+        """uvicorn's server, but a stop on SIGTERM/SIGINT that shut down gracefully exits 0
+        instead of re-raising the signal at the end (as ``systemd`` and ``docker stop``
+        expect of a server that handles SIGTERM)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return Server
