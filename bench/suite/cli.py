@@ -22,6 +22,7 @@ from typing import Any
 from .changes import bench_changes, change_steps
 from .hybrid import bench_hybrid
 from .leases import bench_leases, lease_steps
+from .metrics import bench_metrics, metrics_steps
 from .portability import bench_portability, portability_steps
 from .postgres import bench_postgres
 from .primitives import bench_primitives
@@ -30,6 +31,7 @@ from .redis import bench_redis
 from .report import chart, format_report, load_report, targets
 from .results import Progress, Report
 from .scaling import bench_scaling
+from .service import bench_service, service_steps
 from .snapshots import bench_snapshots, snapshot_steps
 from .workloads import FULL, QUICK, SMOKE, Bench
 
@@ -88,6 +90,8 @@ async def run(args: argparse.Namespace) -> Report:
         + (change_steps(pg=True, rs=True) if "changes" in only else 0)
         + (portability_steps(pg=True, rs=True) if "portability" in only else 0)
         + (snapshot_steps(pg=True, rs=True) if "snapshots" in only else 0)
+        + (service_steps(pg=True, rs=True) if "service" in only else 0)
+        + (metrics_steps(pg=True, rs=True) if "metrics" in only else 0)
     )
     progress = Progress(steps)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -103,12 +107,12 @@ async def run(args: argparse.Namespace) -> Report:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     need_pg = bool(
         only & {"postgres", "hybrid", "namespaces", "leases", "queues", "changes", "portability"}
-        or "snapshots" in only
+        or bool(only & {"snapshots", "service", "metrics"})
     )
     need_redis = bool(
         only
         & {"redis", "hybrid", "namespaces", "sync", "leases", "queues", "changes", "portability"}
-        or "snapshots" in only
+        or bool(only & {"snapshots", "service", "metrics"})
     )
     async with _servers(need_pg, need_redis) as (pg, rs):
         if "postgres" in only and pg:
@@ -134,6 +138,10 @@ async def run(args: argparse.Namespace) -> Report:
             await bench_portability(bench, pg, rs)
         if "snapshots" in only:
             await bench_snapshots(bench, pg, rs)
+        if "service" in only:
+            await bench_service(bench, pg, rs)
+        if "metrics" in only:
+            await bench_metrics(bench, pg, rs)
         await bench_scaling(
             bench, pg if "postgres" in only else None, rs if "redis" in only else None
         )
@@ -146,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         help="comma-separated: postgres,redis,hybrid,leases,queues,changes,portability,"
-        "snapshots (the sections; the first four by default, queues (about 20 minutes), changes "
-        "(the change feed, about 5 minutes), portability (export and import, about 10 minutes) "
-        "and snapshots (create, restore and the bytes stored) only when named; leases, queues, "
-        "changes, portability and snapshots run on memory and SQLite too), "
+        "snapshots,service (the sections; the first four by default, queues (about 20 minutes), "
+        "changes (the change feed, about 5 minutes), portability (export and import, about 10 "
+        "minutes), snapshots (create, restore and the bytes stored) and service (the HTTP "
+        "service's KV GET/PUT against the library, about 6 minutes) only when named; leases, "
+        "queues, changes, portability, snapshots and service run on memory and SQLite too), "
+        "metrics (the cost of instrumentation on a get, every backend; only when named), "
         "namespaces, sync (the "
         "namespaces() "
         "and fleetmem.sync workloads alone, which the postgres and redis sections also run)",
