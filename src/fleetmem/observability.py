@@ -109,6 +109,10 @@ DURATION_BUCKETS = (
     10.0,
 )
 #: The boundaries the semantic conventions recommend for ``db.client.operation.duration``.
+#: How many namespaces :meth:`Instrumentation.collect` reads (the store's own and the most
+#: recently made views'); a queue or agent gauge of an older one is no longer refreshed.
+COLLECTED_NAMESPACES = 256
+
 OTEL_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 
 _STORE_OPERATIONS = (
@@ -657,7 +661,9 @@ class Instrumentation:
         self._attrs: dict[tuple[str, str], dict[str, Any]] = {}
         self._classes: dict[type, type] = {}
         self._plain: dict[type, type] = {}
-        self._namespaces: set[str] = {store.namespace}
+        # The namespaces collect() reads, most recently used last, at most COLLECTED_NAMESPACES
+        # (a service answering any number of namespaces must not make every scrape slower).
+        self._namespaces: dict[str, None] = {store.namespace: None}
         self._seams: dict[str, tuple[Any, Any]] = {}
         self._watch_lag = _WatchLag(self._counts, self._namespace_label)
         self.active = False
@@ -684,7 +690,8 @@ class Instrumentation:
 
     @property
     def namespaces(self) -> list[str]:
-        """The namespaces :meth:`collect` reads: the store's and its views'."""
+        """The namespaces :meth:`collect` reads: the store's and its views' (the most recently
+        made :data:`COLLECTED_NAMESPACES` of them)."""
         return sorted(self._namespaces)
 
     async def collect(self) -> None:
@@ -745,6 +752,20 @@ class Instrumentation:
 
     # -------------------------------------------------------------- setup
 
+    def _note(self, namespace: str) -> None:
+        """Remember ``namespace`` for :meth:`collect`, forgetting the least recently used one
+        beyond :data:`COLLECTED_NAMESPACES` (never the store's own)."""
+        known = self._namespaces
+        known.pop(namespace, None)
+        known[namespace] = None
+        if len(known) > COLLECTED_NAMESPACES:
+            own = self._store.namespace
+            for old in known:
+                if old != own:
+                    del known[old]
+                    self._seams.pop(old, None)
+                    break
+
     def _start(self) -> None:
         if self._registry is not None:
             self._collector = _collector_for(self._registry, self._namespace_label)
@@ -752,7 +773,7 @@ class Instrumentation:
             return  # nothing configured: nothing to do, and the store is left as it was
         self.active = True
         for obj in self._reachable():
-            self._namespaces.add(obj.namespace)
+            self._note(obj.namespace)
             self._swap(obj)
             for attr in _CACHED_FRONT_ENDS:
                 front = obj.__dict__.get(attr)
@@ -810,7 +831,7 @@ class Instrumentation:
         def with_namespace(self: Any, namespace: str) -> Any:
             view = plain_with_namespace(self, namespace)
             if inst.active:
-                inst._namespaces.add(view.namespace)
+                inst._note(view.namespace)
             return view
 
         attrs["with_namespace"] = with_namespace

@@ -225,12 +225,15 @@ def _wait_healthy(service: ServiceProcess, timeout: float) -> bool:
     return False
 
 
-def stop_service(service: ServiceProcess, *, timeout: float = 30.0) -> int:
-    """SIGTERM, then wait up to ``timeout`` seconds for the exit status (killed and reported
-    as a failure when it does not exit)."""
+def stop_service(service: ServiceProcess, *, timeout: float = 30.0, signal_it: bool = True) -> int:
+    """SIGTERM (unless ``signal_it`` is false: the caller sent it already, and a second one
+    during the last steps of a graceful stop would kill the process), then wait up to
+    ``timeout`` seconds for the exit status (killed and reported as a failure when it does not
+    exit)."""
     process = service.process
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        if signal_it:
+            process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:

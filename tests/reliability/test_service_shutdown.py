@@ -210,7 +210,9 @@ async def _scenario(service: ServiceProcess) -> None:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"{service.base_url}/healthz")
 
-    status = await asyncio.to_thread(stop_service, service, timeout=SHUTDOWN_GRACE + MARGIN)
+    status = await asyncio.to_thread(
+        stop_service, service, timeout=SHUTDOWN_GRACE + MARGIN, signal_it=False
+    )
     elapsed = time.monotonic() - started
     assert elapsed < SHUTDOWN_GRACE + MARGIN, elapsed
     assert status == 0, f"exit status {status} after SIGTERM:\n{service.log_tail()}"

@@ -447,3 +447,99 @@ async def test_fast_path_answers_exactly_as_the_framework_routes(
             assert fast[2] == routed[2]
     statuses = [a[0] for a in answers[0]]
     assert statuses[:3] == [404, 201, 200] and statuses[11:13] == [201, 200]
+
+
+# ------------------------------------------------------------------ review findings
+
+
+@pytest.mark.parametrize(
+    ("path", "area"),
+    [
+        ("/v1/ns/a/kv/x", ("kv", "x")),
+        ("/v1/ns//import/kv/x", ("kv", "x")),  # the router reads ns "import", area kv
+        ("//v1/ns/a/kv/x", ("kv", "x")),
+        ("/v1/ns/a/changes/watch/", ("changes", "watch")),
+        ("/v1/ns/export/kv/import", ("kv", "import")),
+        ("/healthz", ("", "")),
+    ],
+)
+def test_limits_read_the_path_as_the_router_does(path: str, area: tuple[str, str]) -> None:
+    from fleetmem.service.app import _area
+
+    assert _area(path) == area
+
+
+async def test_a_namespace_named_import_gets_the_value_cap() -> None:
+    async with serving() as client:
+        cap = _state(client).store.max_value_bytes + 64 * 1024
+        r = await client.put("/v1/ns//import/kv/x", content=b"x" * (cap + 10))
+        assert r.status_code == 413
+
+
+@pytest.mark.parametrize("path", ["/v1/ns/a/kv/k", "/v1/ns/a/kv/k?via=framework"])
+async def test_a_non_ascii_digit_in_a_fence_is_400(path: str) -> None:
+    async with serving() as client:
+        r = await client.put(
+            path, content=b'{"value": 1}', headers=[(b"Fleetmem-Fence", b"x; token=\xb2")]
+        )
+        assert r.status_code == 400, r.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/ns/a/kv/d", b'{"value": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        ("/v1/ns/a/kv/d?via=framework", b'{"value": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        ("/v1/ns/a/batch/set", b'{"items": {"k": ' + b"[" * 5000 + b"]" * 5000 + b"}}"),
+    ],
+)
+async def test_deeply_nested_bodies_are_400(path: str, body: bytes) -> None:
+    async with serving() as client:
+        method = "POST" if "batch" in path else "PUT"
+        r = await client.request(method, path, content=body)
+        assert r.status_code == 400, r.text
+        assert (await client.get("/v1/ns/a/kv/d")).status_code == 404
+
+
+async def test_delete_refuses_if_match_and_keeps_the_entry() -> None:
+    async with serving() as client:
+        await client.put("/v1/ns/a/kv/k", json={"value": 1})
+        r = await client.delete("/v1/ns/a/kv/k", headers={"If-Match": '"999"'})
+        assert r.status_code == 400
+        assert (await client.get("/v1/ns/a/kv/k")).status_code == 200
+
+
+async def test_exports_and_imports_count_as_streams_of_their_token() -> None:
+    async with serving(ServiceSettings(max_streams_per_token=1)) as client:
+        state = _state(client)
+        state.streams["-"] = 1  # the open server's principal already holds its one stream
+        assert (await client.get("/v1/ns/a/export")).status_code == 429
+        r = await client.post("/v1/ns/a/import", content=b"")
+        assert r.status_code == 429
+        del state.streams["-"]
+        assert (await client.get("/v1/ns/a/export")).status_code == 200
+        assert not state.streams  # released once the export was sent
+
+
+async def test_metrics_read_a_bounded_number_of_namespaces() -> None:
+    from fleetmem.observability import COLLECTED_NAMESPACES
+
+    store = InMemoryStore(namespace="default")
+    app = create_app(store, metrics=True)
+    try:
+        async with (
+            app.lifespan(),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=cast(Any, app)), base_url="http://t"
+            ) as client,
+        ):
+            for i in range(COLLECTED_NAMESPACES + 50):
+                assert (await client.get(f"/v1/ns/n{i}/kv/x")).status_code == 404
+            inst = _state(client).instrumentation
+            assert len(inst.namespaces) == COLLECTED_NAMESPACES
+            assert (
+                "default" in inst.namespaces and f"n{COLLECTED_NAMESPACES + 49}" in inst.namespaces
+            )
+            assert (await client.get("/metrics")).status_code == 200
+    finally:
+        await store.close()

@@ -141,6 +141,8 @@ def _exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respo
         return problem_response(_http_problem(exc))
     if isinstance(exc, msgspec.ValidationError):  # a body converted inside a handler
         return problem_response(Problem(400, "invalid-argument", str(exc)[:500]))
+    if isinstance(exc, RecursionError):  # a JSON body nested too deeply to decode
+        return problem_response(_TOO_DEEP)
     # Never a trace or a message in a response or a log line: the type names the bug.
     log.error(
         "internal error in %s %s: %s",
@@ -150,6 +152,8 @@ def _exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respo
     )
     return problem_response(Problem(500, "internal-error", "internal error"))
 
+
+_TOO_DEEP = Problem(400, "serialization", "the JSON body is nested too deeply to be read")
 
 # ------------------------------------------------------------------ operations routes
 
@@ -240,6 +244,13 @@ def _document_problems(app: Litestar) -> None:
                 del responses[code]
             responses["4XX"] = problem
             responses["5XX"] = problem
+            ok = responses.get("200")
+            if operation.operation_id == "ReadyzReadyz" and isinstance(ok, OpenAPIResponse):
+                # Not ready is the readiness body itself, with 503.
+                responses["503"] = OpenAPIResponse(
+                    description="the store is not healthy (or the server is stopping)",
+                    content=ok.content,
+                )
             operation.responses = responses
 
 
@@ -262,13 +273,13 @@ def _schema_args(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _area(path: str) -> tuple[str, str]:
-    """``(area, last segment)`` of a ``/v1/ns/{ns}/{area}/…`` path (``("", "")`` otherwise)."""
-    if not path.startswith("/v1/ns/"):
+    """``(area, last segment)`` of a ``/v1/ns/{ns}/{area}/…`` path (``("", "")`` otherwise),
+    reading the path as the router does: empty segments (``//``, a trailing ``/``) do not count,
+    so that no spelling of a route can get another route's limits."""
+    parts = [part for part in path.split("/") if part]
+    if len(parts) < 4 or parts[0] != "v1" or parts[1] != "ns":
         return "", ""
-    parts = path.split("/", 5)
-    if len(parts) < 5:
-        return "", ""
-    return parts[4], path.rsplit("/", 1)[-1]
+    return parts[3], parts[-1]
 
 
 def _budget(method: str, path: str, settings: ServiceSettings) -> tuple[float | None, bool]:
@@ -277,8 +288,10 @@ def _budget(method: str, path: str, settings: ServiceSettings) -> tuple[float | 
     area, last = _area(path)
     if area in ("kv", ""):
         return settings.request_timeout, True
-    if (area == "changes" and last == "watch") or area in ("export", "import"):
+    if area == "changes" and last == "watch":
         return None, False
+    if area in ("export", "import"):
+        return settings.transfer_timeout, False
     if (area == "queues" and last in ("claim", "result")) or (
         area == "leases" and last == "acquire"
     ):

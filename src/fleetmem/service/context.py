@@ -52,8 +52,10 @@ class ServiceSettings:
 
     ``max_body_bytes`` caps a request body (a batch, a queue put) and ``max_import_bytes`` an
     import's; a single value's body may hold the store's ``max_value_bytes`` plus 64 KiB of
-    envelope. ``request_timeout`` bounds every request but the streams (watch, export, import),
-    and a long poll gets its ``wait`` on top. ``max_in_flight`` requests run at once; beyond it
+    envelope. ``request_timeout`` bounds every request but the transfers and the event stream,
+    and a long poll gets its ``wait`` on top; an export or an import (which count as streams of
+    their token) is bounded by ``transfer_timeout``; an event stream has no end but the
+    client's, the server's shutdown, or a failure. ``max_in_flight`` requests run at once; beyond it
     the server answers ``503`` with ``Retry-After`` at once instead of queueing (streams and long
     polls are not counted there: they are capped per token by ``max_streams_per_token`` and
     ``max_polls_per_token``, beyond which a token gets ``429``). ``shutdown_grace`` is how long
@@ -69,6 +71,7 @@ class ServiceSettings:
     retry_after: int = 1
     shutdown_grace: float = 10.0
     sse_heartbeat: float = 15.0
+    transfer_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -82,7 +85,7 @@ class ServiceSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be a positive integer, not {value!r}")
-        for name in ("request_timeout", "shutdown_grace", "sse_heartbeat"):
+        for name in ("request_timeout", "shutdown_grace", "sse_heartbeat", "transfer_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise InvalidArgumentError(f"{name} must be a positive number, not {value!r}")
@@ -270,7 +273,7 @@ def parse_fence(header: str | None, namespace: str) -> Lease | None:
         field, _, value = param.strip().partition("=")
         if field.strip().lower() == "token":
             token_text = value.strip()
-    if not sep or not name.strip() or not token_text.isdigit():
+    if not sep or not name.strip() or not (token_text.isascii() and token_text.isdigit()):
         raise InvalidArgumentError(
             "Fleetmem-Fence must be '<lease name>; token=<fencing token>', e.g. "
             "'Fleetmem-Fence: deploy; token=42'"

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post, put
+from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import (
     FromPath,
@@ -33,7 +34,6 @@ from fleetmem.errors import (
     FleetmemError,
     InvalidArgumentError,
     KeyNotFoundError,
-    VersionConflictError,
 )
 from fleetmem.protocol import Entry, Lease
 from fleetmem.service.auth import Scope
@@ -209,7 +209,12 @@ async def write_entry(
     if exists_only:
         current = await store.get_entry(name)
         if current is None:
-            raise VersionConflictError(name, 0, 0)
+            raise Problem(
+                412,
+                "version-conflict",
+                f"no entry {name!r}: If-Match: * needs one",
+                current_version=0,
+            )
         expected = current.version
     if expected is None:
         return await store.set(
@@ -230,7 +235,9 @@ async def write_entry(
 # ------------------------------------------------------------------ the fast path
 
 _JSON = b"application/json"
-_PUT_DECODER = msgspec.json.Decoder(PutIn)
+# Lax like the framework's own body decoding ("5" is read as 5 for a number field), so that
+# the same body gets the same answer on both paths.
+_PUT_DECODER = msgspec.json.Decoder(PutIn, strict=False)
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -286,6 +293,10 @@ async def fast_kv(
                 data = _PUT_DECODER.decode(b"".join(chunks))
             except msgspec.DecodeError as exc:  # also a ValidationError
                 raise Problem(400, "invalid-argument", f"body: {exc}"[:500]) from None
+            except RecursionError:
+                raise Problem(
+                    400, "serialization", "the JSON body is nested too deeply to be read"
+                ) from None
             fence = parse_fence(fence_text, store.namespace)
             entry = await write_entry(store, name, data, if_match, if_none_match, fence)
             status = 201 if entry.version == 1 else 200
@@ -311,7 +322,16 @@ async def fast_kv(
     return True
 
 
-@get(f"{_NS}/kv/{{key:path}}", tags=_TAGS, summary="Read an entry")
+_ETAG = [
+    ResponseHeader(
+        name="ETag",
+        description='the entry\'s version as an entity tag, e.g. "3"',
+        documentation_only=True,
+    )
+]
+
+
+@get(f"{_NS}/kv/{{key:path}}", tags=_TAGS, summary="Read an entry", response_headers=_ETAG)
 async def get_entry(
     request: Request[Any, Any, Any],
     namespace: FromPath[str],
@@ -327,6 +347,7 @@ async def get_entry(
     tags=_TAGS,
     summary="Write an entry",
     status_code=200,
+    response_headers=_ETAG,
     responses={201: ResponseSpec(data_container=EntryOut, description="the entry was created")},
 )
 async def put_entry(
@@ -360,8 +381,14 @@ async def delete_entry(
     key: Annotated[str, PathParameter(description=_KEY_DOC)],
     fleetmem_fence: Annotated[str | None, HeaderParameter(name="Fleetmem-Fence")] = None,
 ) -> DeletedOut:
-    """``{"deleted": true}``; ``404`` if there was nothing to delete."""
+    """``{"deleted": true}``; ``404`` if there was nothing to delete. ``If-Match`` is refused
+    (``400``): the store has no compare-and-delete, and ignoring the header would delete
+    whatever version is there."""
     store = access(request, namespace, Scope.WRITE)
+    if request.headers.get("if-match") is not None:
+        raise InvalidArgumentError(
+            "DELETE does not take If-Match: the store has no compare-and-delete"
+        )
     name = _key(request)
     fence = fence_header(request, store.namespace)
     if not await store.delete(name, fence=fence):

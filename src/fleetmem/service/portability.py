@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -63,7 +64,7 @@ from fleetmem.portability import check_mode
 from fleetmem.protocol import Snapshot
 from fleetmem.service.auth import Scope
 from fleetmem.service.changes import ClosingStream, finish
-from fleetmem.service.context import access, path_rest
+from fleetmem.service.context import access, path_rest, principal_of, state_of
 
 __all__ = ["ROUTES", "SnapshotOut"]
 
@@ -252,6 +253,10 @@ async def export(
     those snapshot ``snapshot`` holds (``404`` if unknown). A body without its trailer line
     means the export failed after it started (an import refuses it)."""
     store = access(request, namespace, Scope.READ)
+    # An export counts as a stream of its token while it runs (a read token cannot open any
+    # number of them), and the app bounds it by transfer_timeout.
+    release = contextlib.AsyncExitStack()
+    await release.enter_async_context(state_of(request).hold(principal_of(request), "stream"))
     buffer = SpillBuffer()
     task = asyncio.ensure_future(
         store.export_to(
@@ -259,14 +264,21 @@ async def export(
         )
     )
     running = _Export(task, buffer)
+
+    async def close() -> None:
+        try:
+            await running.close()
+        finally:
+            await release.aclose()
+
     try:
         await running.started()
     except BaseException:
-        await running.close()
+        await close()
         raise
     return ClosingStream(
         running.body(),
-        close=running.close,
+        close=close,
         media_type=EXPORT_MEDIA_TYPE,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -315,12 +327,14 @@ async def import_(
     an invalid file is ``400`` with ``line`` and nothing is written."""
     store = access(request, namespace, Scope.ADMIN)
     checked = check_mode(mode)
-    with tempfile.SpooledTemporaryFile(max_size=IMPORT_SPOOL_MEMORY) as spool:
-        async for chunk in request.stream():
-            if chunk:
-                spool.write(chunk)
-        spool.seek(0)
-        report = await store.import_from(cast(BinaryIO, spool), mode=checked)
+    # An import counts as a stream of its token while it runs; transfer_timeout bounds it.
+    async with state_of(request).hold(principal_of(request), "stream"):
+        with tempfile.SpooledTemporaryFile(max_size=IMPORT_SPOOL_MEMORY) as spool:
+            async for chunk in request.stream():
+                if chunk:
+                    spool.write(chunk)
+            spool.seek(0)
+            report = await store.import_from(cast(BinaryIO, spool), mode=checked)
     return ImportOut(report.written, report.skipped_expired, report.skipped_existing)
 
 
