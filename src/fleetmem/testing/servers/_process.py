@@ -200,6 +200,7 @@ class _LocalProcess:
         base_dir: Path,
         ready: Callable[[int], bool],
         stop_signals: Mapping[str, signal.Signals],
+        owns: Callable[[int, int], bool] | None = None,
         run_as: _RunAs | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
@@ -209,6 +210,7 @@ class _LocalProcess:
         self.log_path = base_dir / "server.log"
         self._argv = argv
         self._ready = ready
+        self._owns = owns
         self._stop_signals = stop_signals
         self._run_as = run_as
         self._startup_timeout = startup_timeout
@@ -272,7 +274,7 @@ class _LocalProcess:
                     f"the {self.kind} server exited with code {self._proc.returncode} "
                     f"while starting on port {self.port}; its log ends with:\n{tail}"
                 )
-            if self._ready(self.port):
+            if self._ready(self.port) and self._answers_itself():
                 return
             time.sleep(0.05)
         self._hard_kill()
@@ -280,6 +282,18 @@ class _LocalProcess:
             f"the {self.kind} server did not accept connections on port {self.port} within "
             f"{self._startup_timeout:.0f}s; its log ends with:\n{_log_tail(self.log_path)}"
         )
+
+    def _answers_itself(self) -> bool:
+        """Whether the server answering on the port is this process, not another one.
+
+        A free port can be taken by another server (a parallel test run's, or another test's
+        restarted server) between ``find_free_port`` and the bind; the probe would then reach
+        that server while this one is still starting, about to exit with "Address already in
+        use". Until this process is the one that answers, the start goes on waiting (and ends
+        in ``_PortInUseError`` when the process exits).
+        """
+        assert self._proc is not None
+        return self._owns is None or self._owns(self.port, self._proc.pid)
 
     def kill(self) -> None:
         if not self.running:

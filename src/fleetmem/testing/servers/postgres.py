@@ -135,6 +135,25 @@ def postgres_accepts(host: str, port: int, user: str, database: str, timeout: fl
     return False
 
 
+def _postmaster_answers(datadir: Path, port: int, pid: int) -> bool:
+    """Whether postmaster ``pid`` of ``datadir`` is up and listening on ``port``.
+
+    Read from the data directory's ``postmaster.pid`` (PostgreSQL 10+): its pid, its port, and
+    its status ``ready``, which the postmaster writes once its sockets are bound and it accepts
+    connections. A postmaster that could not bind the port never gets there.
+    """
+    try:
+        lines = (datadir / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return False
+    return (
+        len(lines) >= 8
+        and lines[0].strip() == str(pid)
+        and lines[3].strip() == str(port)
+        and lines[7].strip() == "ready"
+    )
+
+
 def _postgres_search_dirs() -> list[Path]:
     dirs = [Path(entry) for entry in os.environ.get("PATH", "").split(os.pathsep) if entry]
     for pattern in POSTGRES_BIN_GLOBS:
@@ -234,6 +253,7 @@ def start_local_postgres(
             argv=argv,
             base_dir=base,
             ready=lambda port: postgres_accepts(_LOCALHOST, port, "postgres", "postgres"),
+            owns=lambda port, pid: _postmaster_answers(datadir, port, pid),
             stop_signals=_POSTGRES_STOP_SIGNALS,
             run_as=run_as,
             startup_timeout=startup_timeout,

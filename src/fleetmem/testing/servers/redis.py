@@ -132,6 +132,16 @@ def _redis_answers(host: str, port: int) -> bool:
         return False
 
 
+def _redis_is_process(host: str, port: int, pid: int) -> bool:
+    """Whether the Redis answering on ``port`` is process ``pid`` (``INFO server``)."""
+    try:
+        info = redis_command(host, port, "INFO", "server", timeout=1.0)
+    except (OSError, HarnessError):
+        return False
+    lines = info.decode(errors="replace").splitlines()
+    return any(line.strip() == f"process_id:{pid}" for line in lines)
+
+
 def find_redis_binary(
     name: str = "redis-server", search_dirs: Sequence[str | os.PathLike[str]] | None = None
 ) -> Path:
@@ -176,6 +186,7 @@ def _start_redis_process(
             argv=lambda port: [str(server_bin), "--port", str(port), *fixed_args],
             base_dir=base,
             ready=lambda port: _redis_answers(_LOCALHOST, port),
+            owns=lambda port, pid: _redis_is_process(_LOCALHOST, port, pid),
             stop_signals=_REDIS_STOP_SIGNALS,
             startup_timeout=startup_timeout,
         )
