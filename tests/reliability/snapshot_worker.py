@@ -27,7 +27,9 @@ Run as ``python snapshot_worker.py '<json spec>'``: the store is the one the spe
     in the spec, short) so that the lock the killed process leaves expires soon.
 
 ``"mode": "churn"``
-    Prints ``{"event": "ready"}`` once connected and waits for ``go`` on stdin. Then rounds
+    Prints ``{"event": "ready"}`` once connected and waits for ``go`` on stdin; after its
+    first create it waits for ``on`` (so that the test can make the workers' creates overlap
+    for certain, whatever the machine's load). Then rounds
     ``r = 1 .. rounds`` of: set the worker's own keys ``<id>/k<r % 5>`` and ``m<id>`` to ``r``
     (no other process writes them), create the snapshot ``<id>-<r>`` and print what it saw of
     them (``{"event": "created", "name", "own", "keys", "began", "ended"}``: the create's
@@ -203,6 +205,8 @@ async def churn(spec: dict[str, Any]) -> None:
                 began=began,
                 ended=time.monotonic(),
             )
+            if r == 1 and (await asyncio.to_thread(sys.stdin.readline)).strip() != "on":
+                return  # the test holds every worker after its first create, then says on
             doomed = [f"{me}-{r - 2:03d}"] if r > 2 else []
             if r % 3 == 0:
                 listed = await snaps.list()

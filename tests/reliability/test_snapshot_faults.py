@@ -302,6 +302,11 @@ async def test_creates_and_deletes_from_two_processes_leave_every_snapshot_exact
                 await worker.until("ready")
             for worker in workers:
                 await worker.send("go")
+            # Each has created once before any creates again: their creates overlap for sure.
+            for worker in workers:
+                await worker.until("created")
+            for worker in workers:
+                await worker.send("on")
             for worker in workers:
                 await worker.finish()
                 assert worker.of("done"), worker.events
