@@ -5,6 +5,9 @@
 # Arguments go to pytest. Without a Docker engine the container tests (marker 'docker') are
 # deselected: a marker expression given here (-m EXPR, -mEXPR, -m=EXPR, or after other flags
 # as in -xm EXPR; the last one counts, as in pytest) becomes '(EXPR) and not docker'.
+# The whole suite (no test path given) runs in parallel worker processes (pytest-xdist):
+# FLEETMEM_TEST_WORKERS of them, by default as many as there are CPUs, at most 2; 0 or 1 runs
+# in one process. Naming a test path, or choosing -n / --dist / -p no:xdist, runs as given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -59,6 +62,48 @@ without_docker_tests() {
         printf '%s\0' "${out[@]}"
     fi
 }
+
+# How many pytest-xdist workers run the whole suite: FLEETMEM_TEST_WORKERS, by default the CPU
+# count, at most 2 (each worker starts its own PostgreSQL and Redis servers).
+if [[ -n ${FLEETMEM_TEST_WORKERS-} ]]; then
+    workers=$FLEETMEM_TEST_WORKERS
+else
+    workers=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
+    if ((workers > 2)); then
+        workers=2
+    fi
+fi
+if ! [[ $workers =~ ^[0-9]+$ ]]; then
+    echo "FLEETMEM_TEST_WORKERS must be a number of workers, not '$workers'" >&2
+    exit 2
+fi
+
+# Succeed when the pytest arguments "$@" ask for the whole suite in a way workers can run: no
+# test path (an existing file or directory, a node id such as tests/x.py::test_y, anything
+# after --), and no choice of their own (-n, --numprocesses, --dist, --pdb, --trace, or a -p
+# naming xdist, as in -p no:xdist).
+whole_suite() {
+    local arg
+    while (($#)); do
+        arg=$1
+        shift
+        case $arg in
+            -- | -n* | --numprocesses* | --dist* | --pdb* | --trace*) return 1 ;;
+            -p)
+                [[ ${1-} == *xdist* ]] && return 1
+                (($#)) && shift
+                ;;
+            -p*) [[ $arg == *xdist* ]] && return 1 ;;
+            -*) ;;
+            *) [[ -e ${arg%%::*} ]] && return 1 ;;
+        esac
+    done
+    return 0
+}
+
+if ((workers >= 2)) && whole_suite "$@"; then
+    set -- -n "$workers" "$@"
+fi
 
 echo "== ruff format --check"; "$PY" -m ruff format --check src tests bench migrations
 echo "== ruff check";          "$PY" -m ruff check src tests bench migrations
