@@ -342,13 +342,21 @@ SELECT live
 FROM w
 
 -- name: delete_batch
+-- Rows are locked in key order before they are deleted (see l).
 WITH f AS MATERIALIZED (
     SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
            CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
     FROM {feeds} WHERE namespace = $1
-), w AS (
-    DELETE FROM {table} WHERE namespace = $1 AND key = ANY($2::text[])
+), l AS MATERIALIZED (
+    -- Lock the rows in key order first, as every multi-row write does (set_batch, set_many):
+    -- a DELETE by an array locks in its scan's order, which a bitmap scan makes heap order,
+    -- and two writers locking in different orders deadlock.
+    SELECT key FROM {table} WHERE namespace = $1 AND key = ANY($2::text[])
       AND (SELECT count(*) FROM f) < 2
+    ORDER BY key COLLATE "C"
+    FOR UPDATE
+), w AS (
+    DELETE FROM {table} WHERE namespace = $1 AND key = ANY(ARRAY(SELECT key FROM l))
     RETURNING key, partition, expires_at IS NULL OR expires_at > now() AS live
 ), c AS (
     INSERT INTO {changes} (namespace, epoch, op, key, partition, at)
@@ -359,13 +367,21 @@ SELECT key, live
 FROM w
 
 -- name: delete_many
+-- Rows are locked in key order before they are deleted (see l).
 WITH f AS MATERIALIZED (
     SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
            CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
     FROM {feeds} WHERE namespace = $1
-), w AS (
-    DELETE FROM {table} WHERE namespace = $1 AND key = ANY($2::text[])
+), l AS MATERIALIZED (
+    -- Lock the rows in key order first, as every multi-row write does (set_batch, set_many):
+    -- a DELETE by an array locks in its scan's order, which a bitmap scan makes heap order,
+    -- and two writers locking in different orders deadlock.
+    SELECT key FROM {table} WHERE namespace = $1 AND key = ANY($2::text[])
       AND (SELECT count(*) FROM f) < 2
+    ORDER BY key COLLATE "C"
+    FOR UPDATE
+), w AS (
+    DELETE FROM {table} WHERE namespace = $1 AND key = ANY(ARRAY(SELECT key FROM l))
     RETURNING key, partition, expires_at IS NULL OR expires_at > now() AS live
 ), c AS (
     INSERT INTO {changes} (namespace, epoch, op, key, partition, at)
