@@ -968,9 +968,11 @@ async def test_the_event_loop_keeps_running_while_a_large_import_is_checked() ->
     assert report == ImportReport(40_000, 0, 0)
     assert checked[-1] == 40_000 and len(checked) >= 40
     assert took >= 1.0
-    # Generous: a loop held by the check would show one gap of the whole check.
-    assert max(gaps) < 0.5, max(gaps)
-    assert len(gaps) >= took / 0.5
+    # A loop held by the check would show one gap of about the whole check (over a second).
+    # Relative to the import's own time, so that a busy machine starving the process for a
+    # while (another test run beside this one) cannot fail it: every gap well under half of it.
+    assert max(gaps) < took / 2, (max(gaps), took)
+    assert len(gaps) >= 4, gaps
     assert threading.get_ident() not in reader.threads  # read off the loop
     assert progress_threads == {threading.get_ident()}  # progress in the caller's thread
 
