@@ -282,10 +282,9 @@ def _area(path: str) -> tuple[str, str]:
     return parts[3], parts[-1]
 
 
-def _budget(method: str, path: str, settings: ServiceSettings) -> tuple[float | None, bool]:
+def _budget(area: str, last: str, settings: ServiceSettings) -> tuple[float | None, bool]:
     """``(timeout, counted)``: the request's time budget (``None``: a stream, unbounded) and
-    whether it counts against ``max_in_flight``."""
-    area, last = _area(path)
+    whether it counts against ``max_in_flight``, by the path's :func:`_area`."""
     if area in ("kv", ""):
         return settings.request_timeout, True
     if area == "changes" and last == "watch":
@@ -299,8 +298,7 @@ def _budget(method: str, path: str, settings: ServiceSettings) -> tuple[float | 
     return settings.request_timeout, True
 
 
-def _cap(method: str, path: str, settings: ServiceSettings, max_value_bytes: int) -> int:
-    area, _ = _area(path)
+def _cap(method: str, area: str, settings: ServiceSettings, max_value_bytes: int) -> int:
     if area == "import" or (area == "snapshots" and method == "POST"):
         return settings.max_import_bytes
     if area == "kv":
@@ -326,9 +324,10 @@ def _limits(app: ASGIApp, state: ServiceState) -> ASGIApp:
             return
         method: str = scope["method"]
         path: str = scope["path"]
-        timeout, counted = _budget(method, path, settings)
+        area, last = _area(path)  # once per request, for both the budget and the cap
+        timeout, counted = _budget(area, last, settings)
         store = state._store
-        cap = _cap(method, path, settings, store.max_value_bytes if store is not None else 0)
+        cap = _cap(method, area, settings, store.max_value_bytes if store is not None else 0)
         if counted and state.in_flight >= settings.max_in_flight:
             await send_problem(
                 send,
