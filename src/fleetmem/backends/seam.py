@@ -419,6 +419,20 @@ class KVBackend(abc.ABC):
                 return
             after = keys[-1]
 
+    async def entries_page(self, prefix: str, after: str | None, limit: int) -> list[Entry]:
+        """At most ``limit`` (> 0) live entries whose key starts with ``prefix`` and is above
+        ``after`` (exclusive; ``None``: from the start), ascending by key: one page of a
+        keyset walk that holds nothing between pages (each page is its own read, so a walk
+        of several pages is not one instant, unlike :meth:`export_pages`).
+
+        The default reads :meth:`keys` then :meth:`get_entries` (a key deleted in between is
+        left out); a technology that can answer in one statement overrides it."""
+        keys = await self.keys(prefix, None, limit, after)
+        if not keys:
+            return []
+        found = await self.get_entries(keys)
+        return [found[k] for k in keys if k in found]
+
     async def export_lines(
         self, prefix: str, partition: str | None, page_size: int, render: Callable[[Entry], bytes]
     ) -> AsyncGenerator[tuple[list[str], bytearray], None]:

@@ -441,6 +441,17 @@ class PostgresKV(KVBackend):
     #: A replace is one transaction (see :meth:`import_replace`).
     replace_is_atomic = True
 
+    async def entries_page(self, prefix: str, after: str | None, limit: int) -> list[Entry]:
+        """One statement (``sql/kv.sql`` ``export_page``, outside any transaction): a walk
+        of the primary key from ``after``, expiry judged by the statement's ``now()``."""
+        rows = await self._run(
+            FETCH,
+            self._q["export_page"],
+            (self._namespace, prefix, prefix_upper_bound(prefix), after or "", limit),
+            write=False,
+        )
+        return [Entry(*row) for row in rows]
+
     async def export_pages(
         self, prefix: str, partition: str | None, page_size: int
     ) -> AsyncGenerator[list[Entry], None]:
