@@ -533,12 +533,14 @@ class FleetmemStore(BaseStore):
         return asyncio.run_coroutine_threadsafe(make(), home).result()
 
     async def _open(self) -> Store[Any]:
+        if self._closed:
+            raise StoreClosedError("this FleetmemStore is closed")
         store = self._store
         if store is not None:
             if store.closed:
                 raise StoreClosedError("the fleetmem store under this FleetmemStore is closed")
             return store
-        if self._closed or self._opener is None:
+        if self._opener is None:  # pragma: no cover - an adopted store is never None
             raise StoreClosedError("this FleetmemStore is closed")
         if self._opening is None:
             url, namespace, options = self._opener
@@ -935,7 +937,10 @@ class FleetmemStore(BaseStore):
         """The item ``(namespace, key)``, or ``None`` (missing or expired)."""
         get = self._plan_get(0, GetOp(namespace, str(key), self._refresh(refresh_ttl)))
         if self._home() is None:
-            return await self._get(await self._open(), get)
+            store = self._store
+            if store is None or store.closed or self._closed:
+                store = await self._open()  # opens it, or raises StoreClosedError
+            return await self._get(store, get)
         return await self._on_home(lambda: self._run_get(get))
 
     async def _run_get(self, get: _Get) -> Item | None:
@@ -956,7 +961,10 @@ class FleetmemStore(BaseStore):
         put = self._plan_put(PutOp(namespace, str(key), value, index, minutes))
         assert put is not None  # a value is written, never skipped
         if self._home() is None:
-            await self._write(await self._open(), [put])
+            store = self._store
+            if store is None or store.closed or self._closed:
+                store = await self._open()  # opens it, or raises StoreClosedError
+            await self._write(store, [put])
             return
         await self._on_home(lambda: self._run_write([put]))
 
