@@ -520,6 +520,8 @@ class FleetmemStore(BaseStore):
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
+        if self._loop is None and self._closed:
+            raise StoreClosedError("this FleetmemStore is closed")
         home = self._loop if self._loop is not None else self._private_loop()
         if home is running:
             raise asyncio.InvalidStateError(
@@ -589,9 +591,18 @@ class FleetmemStore(BaseStore):
             await asyncio.to_thread(self._stop_thread)
 
     def close(self) -> None:
-        """:meth:`aclose` for synchronous code (not on the adapter's event loop)."""
+        """:meth:`aclose` for synchronous code (not on the adapter's event loop).
+
+        Close the adapter before the event loop it runs on ends: once that loop is closed,
+        an owned store is closed here on a loop of its own, which frees an embedded store
+        (memory, SQLite) but cannot end connections opened on the dead loop (PostgreSQL,
+        Redis), whose sockets the process then drops when it exits."""
         if self._loop is not None and not self._loop.is_closed():
             self._sync(self._close_here)
+        elif self._owned and self._store is not None and not self._store.closed:
+            store = self._store
+            with contextlib.suppress(Exception):
+                asyncio.run(store.close())
         self._closed = True
         self._stop_thread()
 
