@@ -40,7 +40,8 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast
 
-from fleetmem._validate import KEY_CEILING, validate_namespace
+from fleetmem._codec import encode_value
+from fleetmem._validate import KEY_CEILING, validate_key, validate_namespace
 from fleetmem.errors import (
     InvalidArgumentError,
     InvalidKeyError,
@@ -140,6 +141,12 @@ def _write_namespace(namespace: object) -> tuple[str, ...]:
     if labels[0] == "langgraph":
         raise InvalidNamespaceError(f"the root label cannot be 'langgraph': {labels!r}")
     return labels
+
+
+def _checked(full: str) -> str:
+    """``full`` if it is within fleetmem's key limit (checked for every op of a batch before
+    any of them runs, so an over-long key cannot fail halfway through the writes)."""
+    return validate_key(full)
 
 
 def _item_key_str(key: object) -> str:
@@ -667,7 +674,7 @@ class FleetmemStore(BaseStore):
     def _plan_get(self, index: int, op: GetOp) -> _Get:
         labels = _labels(op.namespace)
         key = _item_key_str(op.key)
-        full = _prefix(labels) + "/" + key.translate(_KEY_TABLE) if labels else None
+        full = _checked(_prefix(labels) + "/" + key.translate(_KEY_TABLE)) if labels else None
         return _Get(index, labels, key, full, bool(op.refresh_ttl))
 
     def _plan_put(self, op: PutOp) -> _Put | None:
@@ -679,10 +686,11 @@ class FleetmemStore(BaseStore):
             key = _item_key_str(op.key)
             if not labels:
                 return None
-            return _Put(labels, key, _prefix(labels) + "/" + key.translate(_KEY_TABLE), None, None)
+            full = _checked(_prefix(labels) + "/" + key.translate(_KEY_TABLE))
+            return _Put(labels, key, full, None, None)
         labels = _write_namespace(op.namespace)
         key = _item_key_str(op.key)
-        full = _prefix(labels) + "/" + key.translate(_KEY_TABLE)
+        full = _checked(_prefix(labels) + "/" + key.translate(_KEY_TABLE))
         if not isinstance(value, Mapping):
             raise InvalidArgumentError(
                 f"an item's value is a mapping (None deletes it), not {type(value).__name__}"
@@ -770,6 +778,13 @@ class FleetmemStore(BaseStore):
     async def _execute(self, plan: tuple[int, list[_Read], dict[str, _Put]]) -> list[Result]:
         count, reads, puts = plan
         store = await self._open()
+        if puts and (reads or len(puts) > 1):
+            # One write alone is checked by the store before its I/O; with more, every value
+            # is checked before the first read or write, so none can fail halfway.
+            limit = store.max_value_bytes
+            for put in puts.values():
+                if put.value is not None:
+                    encode_value(put.value, limit)
         results: list[Result] = [None] * count
         if len(reads) == 1:
             results[reads[0].slot] = await self._read(store, reads[0])
@@ -956,6 +971,102 @@ class FleetmemStore(BaseStore):
 
     async def _run_get(self, get: _Get) -> Item | None:
         return await self._get(await self._open(), get)
+
+    def get(
+        self,
+        namespace: tuple[str, ...],
+        key: str,
+        *,
+        refresh_ttl: bool | None = None,
+    ) -> Item | None:
+        """:meth:`aget` from synchronous code."""
+        get = self._plan_get(0, GetOp(namespace, str(key), self._refresh(refresh_ttl)))
+        return self._sync(lambda: self._run_get(get))
+
+    def _search_op(
+        self,
+        namespace_prefix: tuple[str, ...],
+        query: str | None,
+        filter: dict[str, Any] | None,
+        limit: int,
+        offset: int,
+        refresh_ttl: bool | None,
+    ) -> list[Op]:
+        return [
+            SearchOp(namespace_prefix, filter, limit, offset, query, self._refresh(refresh_ttl))
+        ]
+
+    async def asearch(
+        self,
+        namespace_prefix: tuple[str, ...],
+        /,
+        *,
+        query: str | None = None,
+        filter: dict[str, Any] | None = None,
+        limit: int = 10,
+        offset: int = 0,
+        refresh_ttl: bool | None = None,
+    ) -> list[SearchItem]:
+        """The items under ``namespace_prefix`` matching ``filter``, newest first (see the
+        module docstring and ``docs/langgraph.md``)."""
+        ops = self._search_op(namespace_prefix, query, filter, limit, offset, refresh_ttl)
+        return cast("list[SearchItem]", (await self.abatch(ops))[0])
+
+    def search(
+        self,
+        namespace_prefix: tuple[str, ...],
+        /,
+        *,
+        query: str | None = None,
+        filter: dict[str, Any] | None = None,
+        limit: int = 10,
+        offset: int = 0,
+        refresh_ttl: bool | None = None,
+    ) -> list[SearchItem]:
+        """:meth:`asearch` from synchronous code."""
+        ops = self._search_op(namespace_prefix, query, filter, limit, offset, refresh_ttl)
+        return cast("list[SearchItem]", self.batch(ops)[0])
+
+    @staticmethod
+    def _list_op(
+        prefix: tuple[str, ...] | None,
+        suffix: tuple[str, ...] | None,
+        max_depth: int | None,
+        limit: int,
+        offset: int,
+    ) -> list[Op]:
+        conditions = []
+        if prefix:
+            conditions.append(MatchCondition(match_type="prefix", path=prefix))
+        if suffix:
+            conditions.append(MatchCondition(match_type="suffix", path=suffix))
+        return [ListNamespacesOp(tuple(conditions), max_depth, limit, offset)]
+
+    async def alist_namespaces(
+        self,
+        *,
+        prefix: tuple[str, ...] | None = None,
+        suffix: tuple[str, ...] | None = None,
+        max_depth: int | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[tuple[str, ...]]:
+        """The namespaces holding a live item, matched, cut and paged (see ``docs``)."""
+        ops = self._list_op(prefix, suffix, max_depth, limit, offset)
+        return cast("list[tuple[str, ...]]", (await self.abatch(ops))[0])
+
+    def list_namespaces(
+        self,
+        *,
+        prefix: tuple[str, ...] | None = None,
+        suffix: tuple[str, ...] | None = None,
+        max_depth: int | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[tuple[str, ...]]:
+        """:meth:`alist_namespaces` from synchronous code."""
+        ops = self._list_op(prefix, suffix, max_depth, limit, offset)
+        return cast("list[tuple[str, ...]]", self.batch(ops)[0])
 
     async def aput(
         self,
