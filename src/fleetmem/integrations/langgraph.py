@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import math
 import threading
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from operator import attrgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast
 
@@ -95,6 +95,7 @@ LIST_PAGE = 64
 #: The longest TTL in minutes (fleetmem's longest, 100 years).
 _MAX_TTL_MINUTES = 100 * 365 * 24 * 60
 
+_UPDATED_AT = attrgetter("updated_at")
 _OPERATORS = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte"})
 _CONTROL = [chr(c) for c in range(0x20)] + ["\x7f"]
 _LABEL_TABLE = str.maketrans({c: f"%{ord(c):02X}" for c in [*_CONTROL, "%", "/"]})
@@ -365,23 +366,6 @@ def _matches(condition: MatchCondition, labels: tuple[str, ...]) -> bool:
         else zip(reversed(labels), reversed(path), strict=False)
     )
     return all(p == "*" or k == p for k, p in pairs)
-
-
-class _Desc:
-    """A key that sorts in reverse (for the search heap: later key = worse)."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def __lt__(self, other: _Desc) -> bool:
-        return self.key > other.key
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Desc) and self.key == other.key
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------------------- store
@@ -852,44 +836,54 @@ class FleetmemStore(BaseStore):
             raise StoreClosedError("the fleetmem store under this FleetmemStore is closed")
         kv = store.kv
         matches = search.matches
-        # The best ``want`` matches, newest first: a heap whose root is the worst kept.
-        heap: list[tuple[float, _Desc, Entry, tuple[str, ...], str]] = []
+        # The best ``want`` matches, newest first, then by key: pages come in key order and
+        # the sort is stable, so equal timestamps keep their key order across pages.
+        kept: list[Entry] = []
         after: str | None = None
         while True:
             page = await kv.entries_page(search.prefix, after, SEARCH_PAGE)
-            for entry in page:
-                if matches is not None and not matches(entry.value):
-                    continue
-                parsed = split_item_key(entry.key)
-                if parsed is None:
-                    continue
-                node = (entry.updated_at.timestamp(), _Desc(entry.key), entry, *parsed)
-                if len(heap) < want:
-                    heapq.heappush(heap, node)
-                elif heap[0] < node:
-                    heapq.heapreplace(heap, node)
+            found = [
+                entry
+                for entry in page
+                if entry.key.find("//") > 0 and (matches is None or matches(entry.value))
+            ]
+            if found:
+                kept = sorted(kept + found, key=_UPDATED_AT, reverse=True)[:want]
             if len(page) < SEARCH_PAGE:
                 break
             after = page[-1].key
-        kept = sorted(heap, reverse=True)[search.offset :]
+        kept = kept[search.offset :]
         if search.refresh:
             refreshes = [
                 (entry.key, minutes * 60)
-                for _, _, entry, _, _ in kept
+                for entry in kept
                 if (minutes := _ttl_of(entry)) is not None
             ]
             if refreshes:
                 await asyncio.gather(*[store.expire(key, ttl) for key, ttl in refreshes])
-        return [
-            SearchItem(
-                namespace=labels,
-                key=key,
-                value=entry.value,
-                created_at=entry.created_at,
-                updated_at=entry.updated_at,
+        items: list[SearchItem] = []
+        namespaces: dict[str, tuple[str, ...]] = {}
+        for entry in kept:
+            full = entry.key
+            end = full.find("//")
+            head = full[:end]
+            try:
+                labels = namespaces.get(head)
+                if labels is None:
+                    labels = namespaces[head] = tuple([_unescape(p) for p in head.split("/")])
+                key = _unescape(full[end + 2 :])
+            except ValueError:  # not written by the adapter: a stray '%'
+                continue
+            items.append(
+                SearchItem(
+                    namespace=labels,
+                    key=key,
+                    value=entry.value,
+                    created_at=entry.created_at,
+                    updated_at=entry.updated_at,
+                )
             )
-            for _, _, entry, labels, key in kept
-        ]
+        return items
 
     async def _list(self, store: Store[Any], plan: _List) -> list[tuple[str, ...]]:
         """Namespaces from the key index: one key per namespace is read, then the walk
@@ -1010,6 +1004,12 @@ class FleetmemStore(BaseStore):
         """The items under ``namespace_prefix`` matching ``filter``, newest first (see the
         module docstring and ``docs/langgraph.md``)."""
         ops = self._search_op(namespace_prefix, query, filter, limit, offset, refresh_ttl)
+        if self._home() is None:
+            plan = self._plan_search(0, cast(SearchOp, ops[0]))
+            store = self._store
+            if store is None or store.closed or self._closed:
+                store = await self._open()  # opens it, or raises StoreClosedError
+            return await self._search(store, plan)
         return cast("list[SearchItem]", (await self.abatch(ops))[0])
 
     def search(
