@@ -40,12 +40,14 @@ from operator import attrgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast
 
+from fleetmem._coalesce import Coalescer
 from fleetmem._codec import encode_value
 from fleetmem._validate import KEY_CEILING, validate_key, validate_namespace
 from fleetmem.errors import (
     InvalidArgumentError,
     InvalidKeyError,
     MissingDependencyError,
+    SerializationError,
     StoreClosedError,
 )
 
@@ -422,6 +424,7 @@ class FleetmemStore(BaseStore):
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._closed = False
+        self._merger: Coalescer[_Put, None] | None = None
 
     @staticmethod
     def _check_ttl_config(ttl: object) -> TTLConfig | None:
@@ -811,6 +814,46 @@ class FleetmemStore(BaseStore):
             updated_at=entry.updated_at,
         )
 
+    async def _put(self, store: Store[Any], put: _Put) -> None:
+        """One ``aput``: concurrent ones are merged into one write per TTL (see
+        :meth:`_put_batch`) on a store that merges calls; alone, it is one ``set``."""
+        merger = self._merger
+        if merger is None:
+            if not store.coalescing:
+                await self._write(store, [put])
+                return
+            merger = self._merger = Coalescer(
+                lambda one: self._write(store, [one]),
+                lambda puts: self._put_batch(store, puts),
+                key=None,
+                max_inflight=store.kv.coalesce_max_inflight or 1,
+            )
+        await merger.call(put)
+
+    async def _put_batch(self, store: Store[Any], puts: list[_Put]) -> list[BaseException | None]:
+        """The ``aput`` calls of one event-loop tick as one write, the last call of a key
+        winning -- LangGraph's rule for the puts of a batch, and a valid order: the calls
+        were concurrent (each returns once its batch is written, so calls one after the
+        other never share one). A batch refused for a bad value is written call by call, so
+        that only the bad call's caller sees the error."""
+        last: dict[str, _Put] = {}
+        for put in puts:
+            last.pop(put.full, None)
+            last[put.full] = put
+        try:
+            await self._write(store, list(last.values()))
+            return [None] * len(puts)
+        except (SerializationError, InvalidArgumentError, InvalidKeyError):
+            pass
+        results: list[BaseException | None] = []
+        for put in puts:
+            try:
+                await self._write(store, [put])
+                results.append(None)
+            except Exception as exc:  # its own caller's error
+                results.append(exc)
+        return results
+
     async def _write(self, store: Store[Any], puts: list[_Put]) -> None:
         deletes = [put.full for put in puts if put.value is None]
         groups: dict[float | None, dict[str, Any]] = {}
@@ -1086,9 +1129,12 @@ class FleetmemStore(BaseStore):
             store = self._store
             if store is None or store.closed or self._closed:
                 store = await self._open()  # opens it, or raises StoreClosedError
-            await self._write(store, [put])
+            await self._put(store, put)
             return
-        await self._on_home(lambda: self._run_write([put]))
+        await self._on_home(lambda: self._run_put(put))
+
+    async def _run_put(self, put: _Put) -> None:
+        await self._put(await self._open(), put)
 
     async def _run_write(self, puts: list[_Put]) -> None:
         await self._write(await self._open(), puts)
@@ -1112,7 +1158,7 @@ class FleetmemStore(BaseStore):
         minutes = self._default_ttl if isinstance(ttl, NotProvided) else ttl
         put = self._plan_put(PutOp(namespace, str(key), value, index, minutes))
         assert put is not None  # a value is written, never skipped
-        self._sync(lambda: self._run_write([put]))
+        self._sync(lambda: self._run_put(put))
 
     def delete(self, namespace: tuple[str, ...], key: str) -> None:
         """:meth:`adelete` from synchronous code."""
