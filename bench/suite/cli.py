@@ -21,6 +21,7 @@ from typing import Any
 
 from .changes import bench_changes, change_steps
 from .hybrid import bench_hybrid
+from .langgraph import bench_langgraph, langgraph_steps
 from .leases import bench_leases, lease_steps
 from .metrics import bench_metrics, metrics_steps
 from .portability import bench_portability, portability_steps
@@ -92,6 +93,7 @@ async def run(args: argparse.Namespace) -> Report:
         + (snapshot_steps(pg=True, rs=True) if "snapshots" in only else 0)
         + (service_steps(pg=True, rs=True) if "service" in only else 0)
         + (metrics_steps(pg=True, rs=True) if "metrics" in only else 0)
+        + (langgraph_steps() if "langgraph" in only else 0)
     )
     progress = Progress(steps)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -107,7 +109,7 @@ async def run(args: argparse.Namespace) -> Report:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     need_pg = bool(
         only & {"postgres", "hybrid", "namespaces", "leases", "queues", "changes", "portability"}
-        or bool(only & {"snapshots", "service", "metrics"})
+        or bool(only & {"snapshots", "service", "metrics", "langgraph"})
     )
     need_redis = bool(
         only
@@ -142,6 +144,8 @@ async def run(args: argparse.Namespace) -> Report:
             await bench_service(bench, pg, rs)
         if "metrics" in only:
             await bench_metrics(bench, pg, rs)
+        if "langgraph" in only:
+            await bench_langgraph(bench, pg)
         await bench_scaling(
             bench, pg if "postgres" in only else None, rs if "redis" in only else None
         )
@@ -160,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         "service's KV GET/PUT against the library, about 6 minutes) only when named; leases, "
         "queues, changes, portability, snapshots and service run on memory and SQLite too), "
         "metrics (the cost of instrumentation on a get, every backend; only when named), "
+        "langgraph (FleetmemStore against LangGraph's AsyncPostgresStore and the adapter's "
+        "overhead, PostgreSQL; only when named), "
         "namespaces, sync (the "
         "namespaces() "
         "and fleetmem.sync workloads alone, which the postgres and redis sections also run)",
