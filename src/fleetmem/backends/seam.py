@@ -425,13 +425,25 @@ class KVBackend(abc.ABC):
         keyset walk that holds nothing between pages (each page is its own read, so a walk
         of several pages is not one instant, unlike :meth:`export_pages`).
 
-        The default reads :meth:`keys` then :meth:`get_entries` (a key deleted in between is
-        left out); a technology that can answer in one statement overrides it."""
-        keys = await self.keys(prefix, None, limit, after)
-        if not keys:
-            return []
-        found = await self.get_entries(keys)
-        return [found[k] for k in keys if k in found]
+        A page shorter than ``limit`` is the end of the range: a walk stops at the first one.
+
+        The default reads :meth:`keys` then :meth:`get_entries`; a key deleted or expired in
+        between is left out and the page is filled up from the keys after it, so that it
+        comes back short only at the end. A technology that can answer in one statement
+        overrides it."""
+        out: list[Entry] = []
+        cursor = after
+        while len(out) < limit:
+            want = limit - len(out)
+            keys = await self.keys(prefix, None, want, cursor)
+            if not keys:
+                break
+            found = await self.get_entries(keys)
+            out.extend(found[k] for k in keys if k in found)
+            if len(keys) < want:
+                break
+            cursor = keys[-1]
+        return out
 
     async def export_lines(
         self, prefix: str, partition: str | None, page_size: int, render: Callable[[Entry], bytes]
