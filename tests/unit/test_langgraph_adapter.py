@@ -549,3 +549,200 @@ async def test_search_and_list_do_not_cross_label_prefixes() -> None:
         [("a", "b"), ("a", "bc"), ("a", "b/c"), ("a", "b%")]
     )
     await adapter.aclose()
+
+
+# ----------------------------------------------------------------- review fixes
+
+
+def _deleting_keys(store: Store[Any]) -> list[str]:
+    """Make the store's ``kv.keys`` delete the second key of its first answer right after
+    answering -- a delete landing between the seam's ``keys`` and ``get_entries`` calls."""
+    kv = store.kv
+    original = kv.keys
+    deleted: list[str] = []
+
+    async def keys(
+        prefix: str, partition: str | None, limit: int | None, after: str | None
+    ) -> list[str]:
+        found: list[str] = await original(prefix, partition, limit, after)
+        if not deleted and len(found) > 1:
+            deleted.append(found[1])
+            await kv.delete(found[1])
+        return found
+
+    kv.keys = keys
+    return deleted
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_a_delete_between_keys_and_entries_does_not_end_a_search(
+    tmp_path: Path, backend: str
+) -> None:
+    """The seam's default entries_page fills a page a concurrent delete shortened: a short
+    page means the end, so a walk over 1,500 items must still reach all 1,499 left."""
+    store: Store[Any] = (
+        InMemoryStore(namespace="lg") if backend == "memory" else await _sqlite(tmp_path)
+    )
+    try:
+        adapter = FleetmemStore(store)
+        await adapter.abatch([PutOp(("n",), f"k{i:04}", {"i": i}) for i in range(1500)])
+        deleted = _deleting_keys(store)
+        found = await adapter.asearch(("n",), limit=2000)
+        assert len(deleted) == 1
+        assert len(found) == 1499
+        assert {item.key for item in found} == {f"k{i:04}" for i in range(1500)} - {
+            split_item_key(deleted[0])[1]  # type: ignore[index]
+        }
+    finally:
+        await store.close()
+
+
+async def test_entries_page_comes_back_short_only_at_the_end() -> None:
+    store = InMemoryStore(namespace="lg")
+    await store.set_many({f"p/{i:04}": i for i in range(30)})
+    _deleting_keys(store)
+    page = await store.kv.entries_page("p/", None, 10)
+    assert [e.key for e in page] == [f"p/{i:04}" for i in (0, *range(2, 11))]
+
+
+async def test_a_ttl_below_a_millisecond_is_refused_before_any_write() -> None:
+    store = InMemoryStore(namespace="lg")
+    adapter = FleetmemStore(store)
+    await adapter.aput(("a",), "old", {"v": 1})
+    with pytest.raises(InvalidArgumentError):
+        await adapter.abatch(
+            [PutOp(("a",), "old", None), PutOp(("a",), "new", {"v": 2}, ttl=0.001 / 60 / 2)]
+        )
+    assert (await adapter.aget(("a",), "old")) is not None
+    assert (await adapter.aget(("a",), "new")) is None
+    await adapter.aput(("a",), "edge", {"v": 3}, ttl=0.001 / 60)  # exactly one millisecond
+
+
+@pytest.mark.parametrize("ttl", [1e-6, 10**400, float("inf")])
+def test_ttls_fleetmem_cannot_hold_are_refused_when_built(ttl: Any) -> None:
+    with pytest.raises(InvalidArgumentError):
+        FleetmemStore(InMemoryStore(namespace="lg"), ttl=cast(TTLConfig, {"default_ttl": ttl}))
+    with pytest.raises(InvalidArgumentError):
+        FleetmemStore(InMemoryStore(namespace="lg")).put(("a",), "k", {"v": 1}, ttl=ttl)
+
+
+async def test_integers_beyond_a_float_filter_exactly() -> None:
+    adapter = FleetmemStore(InMemoryStore(namespace="lg"))
+    await adapter.aput(("a",), "big", {"n": 10**400})
+    await adapter.aput(("a",), "bigger", {"n": 10**400 + 1})
+    found = await adapter.asearch(("a",), filter={"n": {"$gt": 10**400}})
+    assert [item.key for item in found] == ["bigger"]
+    assert [i.key for i in await adapter.asearch(("a",), filter={"n": {"$lt": 10**401}})] != []
+
+
+async def test_a_lone_surrogate_in_a_label_is_an_invalid_namespace() -> None:
+    from fleetmem.integrations.langgraph import InvalidNamespaceError
+
+    adapter = FleetmemStore(InMemoryStore(namespace="lg"))
+    with pytest.raises(InvalidNamespaceError):
+        await adapter.aput(("d\ud800",), "k", {"v": 1})
+    with pytest.raises(InvalidNamespaceError):
+        await adapter.asearch(("d\udfff",))
+
+
+async def test_keys_with_escapes_the_adapter_never_writes_are_not_items() -> None:
+    store = InMemoryStore(namespace="lg")
+    adapter = FleetmemStore(store)
+    await adapter.aput(("a/b",), "k", {"v": 1})
+    await store.set("x%41//k", {"v": 2})  # '%41' is 'A', which the adapter writes as is
+    await store.set("a%2fb//k", {"v": 3})  # lowercase hex
+    assert await adapter.alist_namespaces() == [("a/b",)]
+    assert [(i.namespace, i.key) for i in await adapter.asearch(())] == [(("a/b",), "k")]
+
+
+def test_a_call_handed_to_a_stopped_loop_raises_instead_of_hanging() -> None:
+    home = asyncio.new_event_loop()
+    try:
+        adapter = home.run_until_complete(_adopt(InMemoryStore(namespace="lg")))
+        home.run_until_complete(adapter.aput(("a",), "k", {"v": 1}))
+
+        async def elsewhere() -> None:
+            await asyncio.wait_for(adapter.aget(("a",), "k"), timeout=60)
+
+        with pytest.raises(StoreClosedError):
+            asyncio.run(elsewhere())
+        with pytest.raises(StoreClosedError):
+            adapter.get(("a",), "k")
+    finally:
+        home.close()
+
+
+async def _adopt(store: Store[Any]) -> FleetmemStore:
+    return FleetmemStore(store)
+
+
+def test_close_while_threads_call_leaves_no_thread_waiting(tmp_path: Path) -> None:
+    adapter = FleetmemStore.from_url(f"sqlite:///{tmp_path}/x.db", namespace="lg")
+    adapter.put(("a",), "k", {"v": 1})
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def caller() -> None:
+        while not stop.is_set():
+            try:
+                adapter.get(("a",), "k")
+            except StoreClosedError:
+                outcomes.append("closed")
+                return
+        outcomes.append("stopped")
+
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    adapter.close()
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(outcomes) == 3
+
+
+def test_a_from_url_adapter_moves_to_the_next_asyncio_run(tmp_path: Path) -> None:
+    """A script (or a test per event loop) calling asyncio.run twice: the store opened on
+    the first loop is closed and a new one opens on the second; the file keeps the data."""
+    adapter = FleetmemStore.from_url(f"sqlite:///{tmp_path}/x.db", namespace="lg")
+    asyncio.run(adapter.aput(("a",), "k", {"v": 1}))
+    first = adapter.store
+    item = asyncio.run(adapter.aget(("a",), "k"))
+    assert item is not None and item.value == {"v": 1}
+    assert first is not None and first.closed
+    assert adapter.store is not first
+    asyncio.run(adapter.aclose())
+    assert adapter.store is not None and adapter.store.closed
+
+
+def test_aclose_on_a_later_loop_closes_the_owned_store(tmp_path: Path) -> None:
+    adapter = FleetmemStore.from_url(f"sqlite:///{tmp_path}/x.db", namespace="lg")
+    asyncio.run(adapter.aput(("a",), "k", {"v": 1}))
+    asyncio.run(adapter.aclose())
+    assert adapter.store is not None and adapter.store.closed
+
+
+def test_an_adopted_store_does_not_move_to_another_loop() -> None:
+    home = asyncio.new_event_loop()
+    adapter = home.run_until_complete(_adopt(InMemoryStore(namespace="lg")))
+    home.close()
+    with pytest.raises(StoreClosedError):
+        asyncio.run(adapter.aget(("a",), "k"))
+
+
+def test_a_dropped_sync_adapter_stops_its_thread(tmp_path: Path) -> None:
+    import gc
+    import time
+
+    before = _loop_threads()
+    adapter: FleetmemStore | None = FleetmemStore.from_url("memory://", namespace="lg")
+    assert adapter is not None
+    adapter.put(("a",), "k", {"v": 1})
+    assert len(_loop_threads() - before) == 1
+    adapter = None
+    deadline = time.monotonic() + 30
+    while _loop_threads() - before and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert not _loop_threads() - before

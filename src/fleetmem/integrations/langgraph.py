@@ -31,10 +31,13 @@ limit, a non-positive TTL -- is refused before any I/O, so nothing of the batch 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import math
+import re
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from operator import attrgetter
 from types import TracebackType
@@ -96,8 +99,11 @@ SEARCH_PAGE = 1000
 LIST_PAGE = 64
 #: The longest TTL in minutes (fleetmem's longest, 100 years).
 _MAX_TTL_MINUTES = 100 * 365 * 24 * 60
+#: The shortest TTL in minutes (fleetmem's shortest, one millisecond).
+_MIN_TTL_MINUTES = 0.001 / 60
 
 _UPDATED_AT = attrgetter("updated_at")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _OPERATORS = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte"})
 _CONTROL = [chr(c) for c in range(0x20)] + ["\x7f"]
 _LABEL_TABLE = str.maketrans({c: f"%{ord(c):02X}" for c in [*_CONTROL, "%", "/"]})
@@ -133,6 +139,11 @@ def _labels(namespace: object) -> tuple[str, ...]:
         if "." in label or "\x00" in label:
             raise InvalidNamespaceError(
                 f"namespace labels cannot hold '.' or NUL: {label!r} in {namespace!r}"
+            )
+        if _SURROGATE.search(label) is not None:
+            raise InvalidNamespaceError(
+                f"namespace labels cannot hold a lone surrogate (no UTF-8 text can): "
+                f"{label!r} in {namespace!r}"
             )
     return namespace
 
@@ -185,9 +196,12 @@ def split_item_key(full: str) -> tuple[tuple[str, ...], str] | None:
         return None
     try:
         labels = tuple([_unescape(part) for part in full[:end].split("/")])
-        return labels, _unescape(full[end + 2 :])
+        key = _unescape(full[end + 2 :])
     except ValueError:
         return None
+    if "%" in full and _prefix(labels) + "/" + key.translate(_KEY_TABLE) != full:
+        return None  # escapes the adapter never writes ('%41', lowercase hex): not an item
+    return labels, key
 
 
 # ---------------------------------------------------------------------------- filters
@@ -233,7 +247,10 @@ def _condition(field: str, operator: str, operand: Any) -> Callable[[Any], bool]
         return lambda v: v is not _MISSING and _json_equal(v, operand)
     if operator == "$ne":
         return lambda v: v is _MISSING or not _json_equal(v, operand)
-    if not (isinstance(operand, str) or (_is_number(operand) and math.isfinite(operand))):
+    if not (
+        isinstance(operand, str)
+        or (_is_number(operand) and (isinstance(operand, int) or math.isfinite(operand)))
+    ):
         raise InvalidArgumentError(
             f"filter {field!r}: {operator} compares with a finite number or a string, "
             f"not {operand!r}"
@@ -302,12 +319,14 @@ def _ttl_minutes(ttl: object) -> float | None:
         return None
     if not _is_number(ttl):
         raise InvalidArgumentError(f"ttl is a number of minutes or None, not {ttl!r}")
-    minutes = float(ttl)  # type: ignore[arg-type]
-    if not (math.isfinite(minutes) and 0 < minutes <= _MAX_TTL_MINUTES):
+    # fleetmem's TTLs run from one millisecond to 100 years (compared before any float
+    # conversion, which an int beyond a float's range would overflow).
+    if not (_MIN_TTL_MINUTES <= ttl <= _MAX_TTL_MINUTES):  # type: ignore[operator]
         raise InvalidArgumentError(
-            f"ttl must be more than 0 and at most {_MAX_TTL_MINUTES} minutes, not {ttl!r}"
+            f"ttl must be at least one millisecond ({_MIN_TTL_MINUTES:.3g} minutes) and at "
+            f"most {_MAX_TTL_MINUTES} minutes, not {ttl!r}"
         )
-    return minutes
+    return float(ttl)  # type: ignore[arg-type]
 
 
 def _ttl_of(entry: Entry) -> float | None:
@@ -370,6 +389,66 @@ def _matches(condition: MatchCondition, labels: tuple[str, ...]) -> bool:
     return all(p == "*" or k == p for k, p in pairs)
 
 
+# ------------------------------------------------------------------------------- loops
+
+#: How often a caller waiting for a call handed to another loop checks that loop still runs.
+_POLL_SECONDS = 0.5
+
+
+async def _handed_over(
+    home: asyncio.AbstractEventLoop, make: Callable[[], Coroutine[Any, Any, _T]]
+) -> _T:
+    """``make()`` run on ``home`` (another thread's loop), awaited here; a
+    :class:`~fleetmem.errors.StoreClosedError` when ``home`` is not running or stops before
+    the call ends, never a wait for good."""
+    if home.is_closed() or not home.is_running():
+        raise StoreClosedError("the event loop this FleetmemStore runs on is closed or not running")
+    future = asyncio.run_coroutine_threadsafe(make(), home)
+    waiter = asyncio.wrap_future(future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=_POLL_SECONDS)
+            if done:
+                return waiter.result()
+            if not home.is_running():
+                future.cancel()
+                raise StoreClosedError(
+                    "the event loop this FleetmemStore runs on stopped during the call"
+                )
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The adapter's own loop thread: runs until stopped, lets calls submitted just before
+    the stop finish (they refuse, the adapter being closed), then closes the loop."""
+    try:
+        loop.run_forever()
+    finally:
+        try:
+            for _ in range(3):
+                loop.run_until_complete(asyncio.sleep(0))
+        finally:
+            loop.close()
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    if loop.is_closed():
+        return
+    with contextlib.suppress(RuntimeError):  # closed meanwhile
+        loop.call_soon_threadsafe(loop.stop)
+    if thread is not threading.current_thread():
+        thread.join()
+
+
+def _close_on_a_loop_of_its_own(store: Store[Any]) -> None:
+    """Close ``store`` whose event loop has ended (best effort: it frees what an embedded
+    store holds; a server connection of the dead loop cannot be ended from another)."""
+    with contextlib.suppress(Exception):
+        asyncio.run(store.close())
+
+
 # ------------------------------------------------------------------------------- store
 
 
@@ -421,10 +500,11 @@ class FleetmemStore(BaseStore):
         self._owned = False
         self._loop = None
         self._thread = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._warned: set[str] = set()
         self._closed = False
         self._merger: Coalescer[_Put, None] | None = None
+        self._left_behind: Store[Any] | None = None
 
     @staticmethod
     def _check_ttl_config(ttl: object) -> TTLConfig | None:
@@ -480,33 +560,42 @@ class FleetmemStore(BaseStore):
     # ---------------------------------------------------------------- loops
 
     def _home(self) -> asyncio.AbstractEventLoop | None:
-        """The loop the fleetmem store runs on, binding the running one if none yet."""
+        """The loop the fleetmem store runs on, or ``None`` when it is the running one
+        (bound here when the adapter has none yet). A store :meth:`from_url` opened on a
+        loop that has since closed (an ``asyncio.run`` that returned) is left behind and a
+        new one is opened on the running loop; an adopted store cannot be, and refuses."""
         loop = asyncio.get_running_loop()
         home = self._loop
-        if home is None:
-            with self._lock:
-                if self._loop is None:
-                    self._loop = loop
-                home = self._loop
+        if home is loop:
+            return None
+        with self._lock:
+            home = self._loop
+            if home is None:
+                self._loop = home = loop
+            elif home.is_closed() and self._owned and self._thread is None and not self._closed:
+                self._left_behind, self._store = self._store, None
+                self._opening = None
+                self._merger = None
+                self._loop = home = loop
         return None if home is loop else home
 
     async def _on_home(self, make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         home = self._home()
         if home is None:
             return await make()
-        if home.is_closed():
-            raise StoreClosedError("the event loop this FleetmemStore runs on is closed")
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(make(), home))
+        return await _handed_over(home, make)
 
     def _private_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(
-                    target=loop.run_forever, name="fleetmem-langgraph", daemon=True
+                    target=_run_loop, args=(loop,), name="fleetmem-langgraph", daemon=True
                 )
                 thread.start()
                 self._loop, self._thread = loop, thread
+                # An adapter dropped without close() must not leave its thread running.
+                weakref.finalize(self, _stop_loop, loop, thread)
             return self._loop
 
     def _sync(self, make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
@@ -514,19 +603,33 @@ class FleetmemStore(BaseStore):
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if self._loop is None and self._closed:
-            raise StoreClosedError("this FleetmemStore is closed")
-        home = self._loop if self._loop is not None else self._private_loop()
-        if home is running:
-            raise asyncio.InvalidStateError(
-                "a synchronous FleetmemStore call on the event loop it runs on would block "
-                "that loop: use the async methods there (aget, aput, asearch, abatch, ...)"
-            )
-        if home.is_closed() or not home.is_running():
-            raise StoreClosedError(
-                "the event loop this FleetmemStore runs on is closed or not running"
-            )
-        return asyncio.run_coroutine_threadsafe(make(), home).result()
+        with self._lock:
+            # Checked and submitted under the lock close() takes before it stops the
+            # adapter's thread, so no call is submitted to a loop that is going away.
+            if self._closed:
+                raise StoreClosedError("this FleetmemStore is closed")
+            home = self._loop if self._loop is not None else self._private_loop()
+            if home is running:
+                raise asyncio.InvalidStateError(
+                    "a synchronous FleetmemStore call on the event loop it runs on would block "
+                    "that loop: use the async methods there (aget, aput, asearch, abatch, ...)"
+                )
+            if home.is_closed() or not home.is_running():
+                raise StoreClosedError(
+                    "the event loop this FleetmemStore runs on is closed or not running"
+                )
+            future = asyncio.run_coroutine_threadsafe(make(), home)
+        while True:
+            try:
+                return future.result(timeout=_POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if future.done():
+                    raise  # the call's own TimeoutError
+                if not home.is_running():
+                    future.cancel()
+                    raise StoreClosedError(
+                        "the event loop this FleetmemStore runs on stopped during the call"
+                    ) from None
 
     async def _open(self) -> Store[Any]:
         if self._closed:
@@ -536,21 +639,27 @@ class FleetmemStore(BaseStore):
             if store.closed:
                 raise StoreClosedError("the fleetmem store under this FleetmemStore is closed")
             return store
-        if self._opener is None:  # pragma: no cover - an adopted store is never None
-            raise StoreClosedError("this FleetmemStore is closed")
+        if self._opener is None:
+            raise StoreClosedError(
+                "the event loop this FleetmemStore's store runs on is closed: an adopted "
+                "store cannot move to another loop"
+            )
         if self._opening is None:
             url, namespace, options = self._opener
             self._opening = asyncio.ensure_future(self._connect(url, namespace, options))
         try:
             return await asyncio.shield(self._opening)
         except BaseException:
-            if self._opening.done():
+            if self._opening is not None and self._opening.done():
                 self._opening = None
             raise
 
     async def _connect(self, url: str | None, namespace: str, options: dict[str, Any]) -> Any:
         from fleetmem.factory import open_store
 
+        left, self._left_behind = self._left_behind, None
+        if left is not None and not left.closed:
+            await asyncio.to_thread(_close_on_a_loop_of_its_own, left)
         store = await open_store(url, namespace=namespace, **options)
         self._store = store
         return store
@@ -567,19 +676,30 @@ class FleetmemStore(BaseStore):
             await store.close()
 
     def _stop_thread(self) -> None:
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
-        self._thread = None
+        with self._lock:
+            self._closed = True
+            thread, loop = self._thread, self._loop
+            self._thread = None
+        if thread is not None and loop is not None:
+            _stop_loop(loop, thread)
+
+    def _stranded(self) -> list[Store[Any]]:
+        """Owned stores whose loop has closed: they can only be closed on a loop of their
+        own (see :meth:`close`)."""
+        if not self._owned:
+            return []
+        stores = [self._left_behind]
+        if self._loop is not None and self._loop.is_closed():
+            stores.append(self._store)
+        return [s for s in stores if s is not None and not s.closed]
 
     async def aclose(self) -> None:
         """Close the fleetmem store if this adapter opened it (:meth:`from_url`), and stop
-        the adapter's own loop thread if it started one. Idempotent."""
-        if self._loop is not None and not self._loop.is_closed():
+        the adapter's own loop thread if it started one. Idempotent; see :meth:`close`."""
+        if self._loop is not None and not self._loop.is_closed() and not self._closed:
             await self._on_home(self._close_here)
+        for store in self._stranded():
+            await asyncio.to_thread(_close_on_a_loop_of_its_own, store)
         self._closed = True
         if self._thread is not None:
             await asyncio.to_thread(self._stop_thread)
@@ -588,15 +708,13 @@ class FleetmemStore(BaseStore):
         """:meth:`aclose` for synchronous code (not on the adapter's event loop).
 
         Close the adapter before the event loop it runs on ends: once that loop is closed,
-        an owned store is closed here on a loop of its own, which frees an embedded store
+        an owned store is closed on a loop of its own, which frees an embedded store
         (memory, SQLite) but cannot end connections opened on the dead loop (PostgreSQL,
         Redis), whose sockets the process then drops when it exits."""
-        if self._loop is not None and not self._loop.is_closed():
+        if self._loop is not None and not self._loop.is_closed() and not self._closed:
             self._sync(self._close_here)
-        elif self._owned and self._store is not None and not self._store.closed:
-            store = self._store
-            with contextlib.suppress(Exception):
-                asyncio.run(store.close())
+        for store in self._stranded():
+            _close_on_a_loop_of_its_own(store)
         self._closed = True
         self._stop_thread()
 
@@ -917,6 +1035,8 @@ class FleetmemStore(BaseStore):
                 key = _unescape(full[end + 2 :])
             except ValueError:  # not written by the adapter: a stray '%'
                 continue
+            if "%" in full and _prefix(labels) + "/" + key.translate(_KEY_TABLE) != full:
+                continue  # escapes the adapter never writes: not an item
             items.append(
                 SearchItem(
                     namespace=labels,
