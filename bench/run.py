@@ -36,7 +36,9 @@ servers:
   tables), clears the namespaces bench-changes-* and disables their feeds, and deletes
   the Redis stream rawc:{bench}:changes; the snapshots section creates and drops the
   schema bench_snapshots, and clears the namespaces bench-snap-* and deletes their
-  snapshots: give it servers you can spare. The changes
+  snapshots; the langgraph section runs LangGraph's AsyncPostgresStore.setup() (its
+  tables store and store_migrations stay), deletes the rows memories.bench-user-* it
+  wrote there and clears the namespace bench-langgraph: give it servers you can spare. The changes
   section takes fleetmem before the change feed from the checkout's git history (git
   archive, read-only).
 

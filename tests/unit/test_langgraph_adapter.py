@@ -746,3 +746,21 @@ def test_a_dropped_sync_adapter_stops_its_thread(tmp_path: Path) -> None:
         gc.collect()
         time.sleep(0.05)
     assert not _loop_threads() - before
+
+
+def test_search_items_are_built_as_langgraph_builds_them() -> None:
+    """The search's item builder skips ``Item.__init__`` only while LangGraph's items have
+    the slots it sets; the items must equal those LangGraph's constructor makes."""
+    import datetime as dt
+
+    from langgraph.store.base import SearchItem
+
+    from fleetmem.integrations import langgraph as adapter_module
+
+    when = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    entry = Entry("a/b//k", {"v": 1}, "default", 1, when, when, None)
+    made = adapter_module._search_item(("a", "b"), "k", entry)
+    expected = SearchItem(("a", "b"), "k", {"v": 1}, when, when)
+    assert made == expected
+    assert made.score is None and made.dict() == expected.dict()
+    assert adapter_module._search_item is adapter_module._search_item_fast
