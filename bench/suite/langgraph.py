@@ -318,13 +318,26 @@ async def _concurrent(bench: Bench, items: _Items, adapter: Any, peer: Any) -> N
 
         return op
 
+    store = adapter.store
+
+    def bare_set(k: int) -> Awaitable[Any]:
+        u, j = picks[k]
+        return store.set(  # type: ignore[no-any-return]
+            items.full[(u, j)], items.values[(u, j)], partition="default"
+        )
+
     for name, make in (
         ("aget", aget),
         ("aput", aput),
         ("asearch", asearch),
         ("asearch filter", asearch_filter),
     ):
-        await bench.concurrent(f"langgraph {COROUTINES} coroutines {name}", subjects(make))
+        chosen = subjects(make)
+        if name == "aput":
+            # The bare fleetmem write under the same load, for what the adapter costs and
+            # what fleetmem's own write does against LangGraph's.
+            chosen["set"] = call(bare_set)
+        await bench.concurrent(f"langgraph {COROUTINES} coroutines {name}", chosen)
 
 
 # --------------------------------------------------------------------------- one at a time
