@@ -764,3 +764,46 @@ def test_search_items_are_built_as_langgraph_builds_them() -> None:
     assert made == expected
     assert made.score is None and made.dict() == expected.dict()
     assert adapter_module._search_item is adapter_module._search_item_fast
+
+
+class _WriteAfterRead(InMemoryStore):
+    """Every get_entry is followed by a write of the same key: it lands between the
+    adapter's read and its TTL refresh."""
+
+    write_value: Any = None
+    write_ttl: float | None = None
+
+    async def get_entry(self, key: str) -> Entry | None:
+        entry = await super().get_entry(key)
+        if self.write_value is not None:
+            await self.set(key, self.write_value, ttl=self.write_ttl, partition="default")
+        return entry
+
+
+async def test_a_refresh_keeps_the_expiry_of_a_write_after_the_read() -> None:
+    """The read returns the version it saw; its refresh must not touch the later write: a
+    persistent write stays persistent, a write with a shorter TTL keeps it."""
+    store = _WriteAfterRead(namespace="lg")
+    adapter = FleetmemStore(store)
+    full = item_key(("a",), "k")
+    await adapter.aput(("a",), "k", {"v": 1}, ttl=10)
+    store.write_value, store.write_ttl = {"v": 2}, None
+    item = await adapter.aget(("a",), "k")
+    assert item is not None and item.value == {"v": 1}
+    assert await store.ttl(full) is None
+
+    store.write_value = None
+    await adapter.aput(("a",), "k", {"v": 3}, ttl=10)
+    kv = store.kv
+    original = kv.entries_page
+
+    async def page_then_write(prefix: str, after: str | None, limit: int) -> list[Entry]:
+        page: list[Entry] = await original(prefix, after, limit)
+        await store.set(full, {"v": 4}, ttl=3, partition="default")
+        return page
+
+    kv.entries_page = page_then_write  # type: ignore[method-assign]
+    found = await adapter.asearch(("a",))
+    assert [i.value for i in found] == [{"v": 3}]
+    left = await store.ttl(full)
+    assert left is not None and left <= 3  # the search's refresh did not push it to 10 min

@@ -338,8 +338,10 @@ class KVBackend(abc.ABC):
     async def delete_many(self, keys: list[str], fence: Fence | None = None) -> int: ...
 
     @abc.abstractmethod
-    async def expire(self, key: str, ttl_ms: int | None) -> bool:
-        """Set (``ttl_ms``) or remove (``None``) the expiry of a live key."""
+    async def expire(self, key: str, ttl_ms: int | None, version: int | None = None) -> bool:
+        """Set (``ttl_ms``) or remove (``None``) the expiry of a live key; with ``version``,
+        only while the live entry's version is ``version`` (atomically: a write that lands
+        first makes it a no-op returning ``False``)."""
 
     @abc.abstractmethod
     async def clear(self, partition: str | None) -> int:

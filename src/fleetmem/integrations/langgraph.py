@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast
 
 from fleetmem._codec import encode_value
-from fleetmem._validate import KEY_CEILING, validate_key, validate_namespace
+from fleetmem._validate import KEY_CEILING, validate_key, validate_namespace, validate_ttl
 from fleetmem.errors import (
     InvalidArgumentError,
     InvalidKeyError,
@@ -336,6 +336,13 @@ def _ttl_of(entry: Entry) -> float | None:
     except ValueError:
         return None
     return minutes if math.isfinite(minutes) and minutes > 0 else None
+
+
+async def _refresh(store: Store[Any], entry: Entry, minutes: float) -> None:
+    """Give a read item its TTL again -- only while it is the version that was read, so a
+    write landing between the read and the refresh keeps the expiry it set (a put without a
+    TTL stays persistent). The version check is atomic on every backend."""
+    await store.kv.expire(entry.key, validate_ttl(minutes * 60), entry.version)
 
 
 class _Get(NamedTuple):
@@ -957,7 +964,7 @@ class FleetmemStore(BaseStore):
         if get.refresh:
             minutes = _ttl_of(entry)
             if minutes is not None:
-                await store.expire(get.full, minutes * 60)
+                await _refresh(store, entry, minutes)
         return Item(
             value=entry.value,
             key=get.key,
@@ -1028,12 +1035,12 @@ class FleetmemStore(BaseStore):
         kept = kept[search.offset :]
         if search.refresh:
             refreshes = [
-                (entry.key, minutes * 60)
+                _refresh(store, entry, minutes)
                 for entry in kept
                 if (minutes := _ttl_of(entry)) is not None
             ]
             if refreshes:
-                await asyncio.gather(*[store.expire(key, ttl) for key, ttl in refreshes])
+                await asyncio.gather(*refreshes)
         items: list[SearchItem] = []
         namespaces: dict[str, tuple[str, ...]] = {}
         for entry in kept:

@@ -1498,8 +1498,8 @@ class HybridKV(KVBackend):
             keys,
         )
 
-    async def expire(self, key: str, ttl_ms: int | None) -> bool:
-        return await self._write(self._durable.expire(key, ttl_ms), [key], bool)
+    async def expire(self, key: str, ttl_ms: int | None, version: int | None = None) -> bool:
+        return await self._write(self._durable.expire(key, ttl_ms, version), [key], bool)
 
     async def clear(self, partition: str | None) -> int:
         if partition is not None:

@@ -470,10 +470,10 @@ class InMemoryKV(KVBackend):
                 count += 1
         return count
 
-    async def expire(self, key: str, ttl_ms: int | None) -> bool:
+    async def expire(self, key: str, ttl_ms: int | None, version: int | None = None) -> bool:
         now = time.time()
         record = self._live(key, now)
-        if record is None:
+        if record is None or (version is not None and record.version != version):
             return False
         record.expires_at = None if ttl_ms is None else now + ttl_ms / 1000.0
         self._recorded("ttl", key, record.partition, record.version, record.expires_at, now)

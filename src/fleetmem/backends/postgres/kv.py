@@ -770,9 +770,9 @@ class PostgresKV(KVBackend):
             self._notify_every(self._wake)
         return count
 
-    async def expire(self, key: str, ttl_ms: int | None) -> bool:
+    async def expire(self, key: str, ttl_ms: int | None, version: int | None = None) -> bool:
         value = await self._run(
-            FETCHVAL, self._q["expire"], (self._namespace, key, ttl_ms), write=True
+            FETCHVAL, self._q["expire"], (self._namespace, key, ttl_ms, version), write=True
         )
         if value is None:
             return False

@@ -947,8 +947,10 @@ class RedisKV(KVBackend):
         self._changed()
         return out
 
-    async def expire(self, key: str, ttl_ms: int | None) -> bool:
-        live = bool(await self._script(True, _EXPIRE, key, ttl_ms or 0))
+    async def expire(self, key: str, ttl_ms: int | None, version: int | None = None) -> bool:
+        live = bool(
+            await self._script(True, _EXPIRE, key, ttl_ms or 0, "" if version is None else version)
+        )
         self._changed()
         return live
 

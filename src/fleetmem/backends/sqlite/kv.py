@@ -553,7 +553,7 @@ class SQLiteKV(KVBackend):
             self._written()
         return count
 
-    async def expire(self, key: str, ttl_ms: int | None) -> bool:
+    async def expire(self, key: str, ttl_ms: int | None, version: int | None = None) -> bool:
         ns = self._namespace
         db = self._db
 
@@ -561,7 +561,7 @@ class SQLiteKV(KVBackend):
             with Transaction(conn):
                 now = now_ms()
                 expires = None if ttl_ms is None else now + ttl_ms
-                row = conn.execute(SQL["set_expiry"], (ns, key, expires, now)).fetchone()
+                row = conn.execute(SQL["set_expiry"], (ns, key, expires, now, version)).fetchone()
                 if row is None:
                     return False
                 record(db, conn, ns, row[2], now, [("ttl", key, row[1], row[0], None, expires)])

@@ -567,6 +567,25 @@ class LangGraphConformance(ConformanceBase):
         await lg.aget(NS, "none")
         assert await store.ttl(item_key(NS, "none")) is None
 
+    async def test_a_refresh_never_outlives_a_write_after_the_read(self, store: Store[Any]) -> None:
+        """A read's TTL refresh applies only to the version it read: an item rewritten
+        without a TTL between the read and the refresh stays persistent. The adapter's
+        refresh is the backend's ``expire`` with the version read
+        (``store.kv.expire(key, ttl_ms, version)``), which checks it atomically; the unit
+        tests show the adapter passes the version it read."""
+        lg = self.adapter(store)
+        full = item_key(NS, "k")
+        await lg.aput(NS, "k", {"v": 1}, ttl=10)
+        old = await store.get_entry(full)
+        assert old is not None
+        await lg.aput(NS, "k", {"v": 2})  # persistent now, version + 1
+        assert await store.kv.expire(full, 600_000, old.version) is False
+        assert await store.ttl(full) is None
+        assert await store.kv.expire(full, 5_000, old.version + 1) is True
+        await self.assert_ttl_at_most(store, full, 5)
+        assert await store.kv.expire(full, None, old.version + 1) is True
+        assert await store.ttl(full) is None
+
     async def test_reads_refresh_the_ttl(self, store: Store[Any]) -> None:
         """aget, asearch and a GetOp give an item its whole TTL again by default; with
         refresh_ttl=False they leave its expiry alone; a persistent item stays persistent."""

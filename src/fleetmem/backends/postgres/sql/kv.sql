@@ -392,7 +392,8 @@ SELECT count(*) FILTER (WHERE live)
 FROM w
 
 -- name: expire
--- $3 ttl in ms, or NULL to persist. A "ttl" change keeps the entry's version.
+-- $3 ttl in ms, or NULL to persist; $4 the version the entry must have (NULL: any). A "ttl"
+-- change keeps the entry's version.
 WITH f AS MATERIALIZED (
     SELECT epoch, pg_advisory_xact_lock_shared(1718382950, hashtext($1)),
            CASE WHEN watched_until > now() THEN pg_notify('{channel}', '~' || $1) END
@@ -401,6 +402,7 @@ WITH f AS MATERIALIZED (
     UPDATE {table}
     SET expires_at = now() + $3::bigint * interval '1 millisecond'
     WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())
+      AND ($4::bigint IS NULL OR version = $4::bigint)
       AND (SELECT count(*) FROM f) < 2
     RETURNING key, partition, version, expires_at
 ), c AS (

@@ -212,9 +212,11 @@ WHERE namespace = ?1 AND key IN (SELECT value FROM json_each(?2))
 RETURNING expires_at, key, partition, (SELECT epoch FROM fleetmem_feeds WHERE namespace = ?1);
 
 -- name: set_expiry
--- ?1 namespace, ?2 key, ?3 new expires_at or NULL, ?4 now; returns a row when the key was live
+-- ?1 namespace, ?2 key, ?3 new expires_at or NULL, ?4 now, ?5 the version the entry must have
+-- (NULL: any); returns a row when the key was live (at that version)
 UPDATE fleetmem_entries SET expires_at = ?3
 WHERE namespace = ?1 AND key = ?2 AND (expires_at IS NULL OR expires_at > ?4)
+  AND (?5 IS NULL OR version = ?5)
 RETURNING version, partition, (SELECT epoch FROM fleetmem_feeds WHERE namespace = ?1);
 
 -- name: count_live

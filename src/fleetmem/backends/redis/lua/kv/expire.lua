@@ -1,7 +1,9 @@
--- ARGV: 1 key, 2 ttl_ms (0 = persist). Returns 1 if the entry is live. Version unchanged.
+-- ARGV: 1 key, 2 ttl_ms (0 = persist), 3 the version the entry must have ('' = any). Returns
+-- 1 if the entry is live (at that version). Version unchanged.
 local key = ARGV[1]
 local ekey = EPFX .. key
 if redis.call('EXISTS', ekey) == 0 then return 0 end
+if ARGV[3] ~= '' and header(ekey) ~= tonumber(ARGV[3]) then return 0 end
 local ttl = tonumber(ARGV[2])
 local now = now_ms()
 local exp = -1
