@@ -48,13 +48,11 @@ expect).
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .timing import interleaved_latency, sequential_latency
 from .workloads import Bench, Op1, Op2
 
 NAMESPACE = "bench-langgraph"
@@ -375,14 +373,16 @@ async def _overhead(bench: Bench, items: _Items, adapter: Any, store: Any) -> No
     async def bare_search(i: int) -> Any:
         return await store.search(items.prefix[at(i)[0]] + "*")
 
-    await _interleaved(
-        bench, "langgraph adapter aget", {"fleetmem": adapter_get, "get_entry": bare_get}
+    await bench.single(
+        "langgraph adapter aget", {"fleetmem": adapter_get, "get_entry": bare_get}, paired=False
     )
-    await _interleaved(bench, "langgraph adapter aput", {"fleetmem": adapter_put, "set": bare_put})
-    await _interleaved(
-        bench,
+    await bench.single(
+        "langgraph adapter aput", {"fleetmem": adapter_put, "set": bare_put}, paired=False
+    )
+    await bench.single(
         "langgraph adapter asearch",
         {"fleetmem": adapter_search, "entries_page": bare_page, "search": bare_search},
+        paired=False,
     )
 
 
@@ -417,26 +417,7 @@ async def _one_coroutine(bench: Bench, items: _Items, adapter: Any, peer: Any) -
         return op
 
     for name, make in (("aget", aget), ("aput", aput), ("asearch", asearch)):
-        await _interleaved(bench, f"langgraph 1 coroutine {name}", subjects(make))
-
-
-async def _interleaved(bench: Bench, workload: str, subjects: dict[str, Op1]) -> None:
-    """One call at a time, the subjects taking turns call by call in a random order each turn,
-    :attr:`Bench.n_single` calls each per repetition after a warm-up: rows ``<workload> p50``
-    (µs) and ``<workload>`` (ops/s of each subject's own time)."""
-    bench.progress.step(workload)
-    n = bench.n_single
-    for op in subjects.values():  # warm up: connections, prepared statements
-        await sequential_latency(op, min(n, bench.sizes.warm_single))
-    lat: dict[str, list[float]] = {name: [] for name in subjects}
-    rate: dict[str, list[float]] = {name: [] for name in subjects}
-    for rep in range(bench.reps):
-        gc.collect()
-        for name, (p50, ops) in (await interleaved_latency(subjects, n, seed=rep)).items():
-            lat[name].append(p50)
-            rate[name].append(ops)
-    bench.record(workload + " p50", "us", lat)
-    bench.record(workload, "ops/s", rate)
+        await bench.single(f"langgraph 1 coroutine {name}", subjects(make), paired=False)
 
 
 # --------------------------------------------------------------------------- verdicts

@@ -97,10 +97,12 @@ class Bench:
         ``SCAN``); ``paired=False`` makes one pass of every subject, under ``workload``."""
         self.progress.step(workload)
         n = self.n_single if calls is None else calls
-        pair = {name: subjects[name] for name in ("raw", "fleetmem")}
-        passes = [(workload, pair if paired else subjects)]
-        if paired and len(subjects) > len(pair):
-            passes.append((f"{workload} (with peers)", subjects))
+        passes = [(workload, subjects)]
+        if paired:
+            pair = {name: subjects[name] for name in ("raw", "fleetmem")}
+            passes = [(workload, pair)]
+            if len(subjects) > len(pair):
+                passes.append((f"{workload} (with peers)", subjects))
         for name in subjects:  # warm up (prepared statements, connections, scripts)
             await sequential_latency(subjects[name], min(n, self.sizes.warm_single))
         for label, group in passes:
