@@ -65,7 +65,7 @@ import orjson
 
 from fleetmem.errors import ConfigurationError, FleetmemError
 
-from .timing import interleaved_latency, sequential_latency
+from .timing import interleaved_latency, load_average, sequential_latency
 from .workloads import SMOKE, VALUE, Bench
 
 #: fleetmem before the change feed (issue #19): what "a namespace without a feed pays nothing"
@@ -564,7 +564,7 @@ async def bench_changes(bench: Bench, dsn: str | None, url: str | None) -> None:
     import fleetmem
 
     notes = bench.report.notes
-    before = _load_average()
+    before = load_average()
     sizes = change_sizes(bench)
     with tempfile.TemporaryDirectory(prefix="fleetmem-bench-changes-") as tmp:
         folder = Path(tmp)
@@ -604,7 +604,7 @@ async def bench_changes(bench: Bench, dsn: str | None, url: str | None) -> None:
     notes.append("changes: time per backend: " + ", ".join(took))
     if before:
         notes.append(
-            f"changes: 1-minute load average {before} before the section, {_load_average()} after"
+            f"changes: 1-minute load average {before} before the section, {load_average()} after"
         )
     _verdicts(bench)
 
@@ -1044,13 +1044,6 @@ async def _raw_redis_latency(
 
 
 # --------------------------------------------------------------------------- verdicts
-
-
-def _load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return ""
 
 
 def _verdicts(bench: Bench) -> None:

@@ -48,11 +48,11 @@ expect).
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .timing import load_average
 from .workloads import Bench, Op1, Op2
 
 NAMESPACE = "bench-langgraph"
@@ -128,7 +128,7 @@ async def bench_langgraph(bench: Bench, dsn: str | None) -> None:
         notes.append(f"langgraph skipped: {exc} (pip install -e '.[bench,langgraph]')")
         return
     items = _Items(item_key)
-    load_before = _load_average()
+    load_before = load_average()
     store = await PostgresStore.from_url(dsn, namespace=NAMESPACE).connect()
     try:
         adapter = FleetmemStore(store)
@@ -158,7 +158,7 @@ async def bench_langgraph(bench: Bench, dsn: str | None) -> None:
     if load_before:
         notes.append(
             f"langgraph: 1-minute load average {load_before} before the section, "
-            f"{_load_average()} after"
+            f"{load_average()} after"
         )
 
 
@@ -477,10 +477,3 @@ def _verdicts(bench: Bench) -> None:
                 f"langgraph 1 coroutine {op} p50: fleetmem {mine:,.1f} µs, LangGraph "
                 f"{theirs:,.1f} µs (LangGraph's / fleetmem's: {theirs / mine:.2f}x)"
             )
-
-
-def _load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return ""

@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from .results import Measurement
-from .timing import alternate, concurrent_load, interleaved_latency, sequential_latency
+from .timing import (
+    alternate,
+    concurrent_load,
+    interleaved_latency,
+    load_average,
+    sequential_latency,
+)
 from .workloads import VALUE, Bench, Op1, Op2
 
 #: The namespace fleetmem's side uses; the raw side uses LEASE_RAW_NAMESPACE.
@@ -87,7 +93,7 @@ async def bench_leases(bench: Bench, dsn: str | None, url: str | None) -> None:
     """Run the three lease workloads on memory and SQLite, and on PostgreSQL, Redis and the
     hybrid when their servers are given."""
     # The contended figures are absolute, not ratios: say how busy the machine was.
-    before = _load_average()
+    before = load_average()
     for name in BACKENDS:
         if name in ("postgres", "hybrid") and dsn is None:
             continue
@@ -102,17 +108,9 @@ async def bench_leases(bench: Bench, dsn: str | None, url: str | None) -> None:
             bench.report.notes.append(f"{name} leases skipped: {exc}")
     if before:
         bench.report.notes.append(
-            f"leases: 1-minute load average {before} before the section, {_load_average()} after"
+            f"leases: 1-minute load average {before} before the section, {load_average()} after"
         )
     _verdicts(bench)
-
-
-def _load_average() -> str:
-    """The 1-minute load average, formatted; empty where the system has none."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return ""
 
 
 @contextlib.asynccontextmanager

@@ -68,6 +68,7 @@ import orjson
 from fleetmem.errors import FleetmemError
 
 from .changes import open_store
+from .timing import load_average
 from .workloads import SMOKE, VALUE, Bench
 
 #: The PostgreSQL schema of the section (its own tables; dropped at the end).
@@ -327,7 +328,7 @@ async def bench_portability(bench: Bench, dsn: str | None, url: str | None) -> N
     servers are given."""
     notes = bench.report.notes
     sizes = portability_sizes(bench)
-    load_before = _load_average()
+    load_before = load_average()
     notes.append(
         f"portability: {sizes.entries:,} entries of a ~200-byte JSON value, one partition, no "
         f"TTL; by hand: pages of {PAGE:,} keys()+get_many() as JSON lines / set_many per "
@@ -357,16 +358,9 @@ async def bench_portability(bench: Bench, dsn: str | None, url: str | None) -> N
     if load_before:
         notes.append(
             f"portability: 1-minute load average {load_before} before the section, "
-            f"{_load_average()} after"
+            f"{load_average()} after"
         )
     _verdicts(bench)
-
-
-def _load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return ""
 
 
 async def _bench_backend(bench: Bench, backend: str, env: _Env) -> None:

@@ -52,7 +52,6 @@ import gc
 import importlib
 import importlib.metadata
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -67,6 +66,7 @@ import orjson
 
 from fleetmem.errors import ConfigurationError
 
+from .timing import load_average
 from .workloads import SMOKE, VALUE, Bench
 
 #: fleetmem's namespace; the raw loops and the peers have tables, schemas and keys of their own.
@@ -1117,7 +1117,7 @@ async def bench_queues(bench: Bench, dsn: str | None, url: str | None) -> None:
     their servers are given, and on SQLite, memory and the hybrid (fleetmem alone)."""
     sizes = queue_sizes(bench)
     notes = bench.report.notes
-    before = _load_average()
+    before = load_average()
     notes.append(
         f"queues: {sizes.jobs:,} jobs a repetition ({sizes.samples} for the put-to-claim "
         f"latency, one put every {INTERVAL * 1000:.0f} ms), {CONSUMERS} consumers, ~"
@@ -1146,16 +1146,9 @@ async def bench_queues(bench: Bench, dsn: str | None, url: str | None) -> None:
             await _bench_backend(bench, backend, subjects)
     if before:
         notes.append(
-            f"queues: 1-minute load average {before} before the section, {_load_average()} after"
+            f"queues: 1-minute load average {before} before the section, {load_average()} after"
         )
     _verdicts(bench)
-
-
-def _load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return ""
 
 
 def _verdicts(bench: Bench) -> None:

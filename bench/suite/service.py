@@ -84,6 +84,7 @@ import orjson
 
 from fleetmem.errors import FleetmemError
 
+from .timing import load_average
 from .workloads import FULL, SMOKE, VALUE, Bench
 
 BACKENDS = ("memory", "sqlite", "postgres", "redis", "hybrid")
@@ -594,7 +595,7 @@ async def bench_service(bench: Bench, dsn: str | None, url: str | None) -> None:
         "database servers alone for company"
     )
     profile_dir = os.environ.get(PROFILE_ENV)
-    load_before = _load_average()
+    load_before = load_average()
     took: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fleetmem-bench-service-") as tmp:
         folder = Path(tmp)
@@ -631,7 +632,7 @@ async def bench_service(bench: Bench, dsn: str | None, url: str | None) -> None:
     if load_before:
         notes.append(
             f"service: 1-minute load average {load_before} before the section, "
-            f"{_load_average()} after"
+            f"{load_average()} after"
         )
 
 
@@ -870,13 +871,6 @@ def _notes(bench: Bench, backend: str, f: _Figures) -> None:
     if f.errors:
         shown = ", ".join(f"{k} x{v}" for k, v in sorted(f.errors.items()))
         notes.append(f"service: {backend}: answers other than 2xx or failed requests: {shown}")
-
-
-def _load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return ""
 
 
 def _main(argv: list[str]) -> int:

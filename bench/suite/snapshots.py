@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import statistics
 import tempfile
 import time
@@ -61,6 +60,7 @@ from fleetmem.errors import FleetmemError
 
 from .changes import open_store
 from .portability import BACKENDS, PAGE, _key, _label
+from .timing import load_average
 from .workloads import SMOKE, VALUE, Bench
 
 #: The PostgreSQL schema of the section (its own tables; dropped at the end).
@@ -199,7 +199,7 @@ async def bench_snapshots(bench: Bench, dsn: str | None, url: str | None) -> Non
     servers are given."""
     notes = bench.report.notes
     n = snapshot_entries(bench)
-    load_before = _load_average()
+    load_before = load_average()
     notes.append(
         f"snapshots: {n:,} entries of a ~200-byte JSON value, one partition, no TTL; "
         f"{n // CHANGED_EVERY:,} of them (every {CHANGED_EVERY}th key) rewritten with a value "
@@ -236,7 +236,7 @@ async def bench_snapshots(bench: Bench, dsn: str | None, url: str | None) -> Non
     if load_before:
         notes.append(
             f"snapshots: 1-minute load average {load_before} before the section, "
-            f"{_load_average()} after"
+            f"{load_average()} after"
         )
 
 
@@ -340,10 +340,3 @@ def _notes(
         f"snapshots target {backend} nothing stored after deleting both: "
         f"{'met' if empty else 'NOT met: ' + str(f.usage_after_both)}"
     )
-
-
-def _load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return ""
